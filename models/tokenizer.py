@@ -1,0 +1,152 @@
+"""Byte-level BPE tokenizer and the chat template used everywhere a conversation becomes tokens.
+
+Special tokens (Qwen names, so a Qwen ``tokenizer.json`` works with the same template):
+``<|endoftext|>`` ends a document, ``<|pad|>`` pads batches, ``<|im_start|>`` opens a turn,
+``<|im_end|>`` ends a turn (the end-of-turn token generation stops at), and ``<mask>`` fills
+the drafter's prediction slots; ``<mask>`` never occurs in the training data.
+
+Template (Qwen ChatML)::
+
+    <|im_start|>user\\n{content}<|im_end|>\\n<|im_start|>assistant\\n{reply}<|im_end|>
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+ENDOFTEXT = "<|endoftext|>"
+PAD = "<|pad|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+MASK = "<mask>"
+SPECIAL_TOKENS = (ENDOFTEXT, PAD, IM_START, IM_END, MASK)
+ROLES = ("system", "user", "assistant")
+
+
+class TokenizerError(ValueError):
+    """The tokenizer file is missing, corrupt or lacks a required special token."""
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"message role must be one of {ROLES}, got {self.role!r}")
+        if not isinstance(self.content, str):
+            raise ValueError(f"message content must be a string, got {type(self.content).__name__}")
+
+
+class Tokenizer:
+    """Wraps a ``tokenizers.Tokenizer``; special tokens inside user text stay plain text."""
+
+    def __init__(self, inner: HFTokenizer) -> None:
+        self.inner = inner
+        # NOTE: text that merely spells "<|im_end|>" must not become the special token,
+        # or a user could forge turns; special ids are only inserted by the template.
+        self.inner.encode_special_tokens = True
+        vocab = inner.get_vocab(with_added_tokens=True)
+        for required in (IM_START, IM_END, ENDOFTEXT):
+            if required not in vocab:
+                raise TokenizerError(f"tokenizer lacks the special token {required!r}")
+        self.im_start_id = vocab[IM_START]
+        self.im_end_id = vocab[IM_END]
+        self.endoftext_id = vocab[ENDOFTEXT]
+        self.pad_id = vocab.get(PAD, self.endoftext_id)
+        self.mask_id = vocab.get(MASK)
+        self.special_ids = frozenset(
+            tok_id for tok_id, tok in inner.get_added_tokens_decoder().items() if tok.special
+        )
+        self.vocab_size = inner.get_vocab_size(with_added_tokens=True)
+        self._newline = self.encode("\n")
+        self._role_headers = {role: self.encode(role + "\n") for role in ROLES}
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Tokens that end a generated reply."""
+        return (self.im_end_id, self.endoftext_id)
+
+    # ------------------------------------------------------------------ files
+    @classmethod
+    def from_file(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise TokenizerError(f"tokenizer file {path} does not exist")
+        try:
+            inner = HFTokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises plain Exception on bad JSON
+            raise TokenizerError(f"{path} is not a valid tokenizer.json: {exc}") from exc
+        return cls(inner)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.suffix != ".json":
+            path = path / "tokenizer.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.inner.save(str(path))
+
+    # ------------------------------------------------------------------ text <-> ids
+    def encode(self, text: str) -> list[int]:
+        return self.inner.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.inner.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------ chat template
+    def render_chat(
+        self, messages: Sequence[Message | dict], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of a conversation; ends with the assistant header when asked."""
+        ids, _ = self.encode_conversation(messages, add_generation_prompt)
+        return ids
+
+    def encode_conversation(
+        self, messages: Sequence[Message | dict], add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[int]]:
+        """Ids and a loss mask: 1 on each assistant reply and its ``<|im_end|>``, else 0."""
+        if not messages:
+            raise ValueError("a conversation needs at least one message")
+        ids: list[int] = []
+        mask: list[int] = []
+        for raw in messages:
+            msg = raw if isinstance(raw, Message) else Message(**raw)
+            header = [self.im_start_id, *self._role_headers[msg.role]]
+            body = [*self.encode(msg.content), self.im_end_id]
+            ids += header + body + self._newline
+            weight = 1 if msg.role == "assistant" else 0
+            mask += [0] * len(header) + [weight] * len(body) + [0] * len(self._newline)
+        if add_generation_prompt:
+            header = [self.im_start_id, *self._role_headers["assistant"]]
+            ids += header
+            mask += [0] * len(header)
+        return ids, mask
+
+    def chat_prompt(self, user_text: str) -> list[int]:
+        """The ids a model continues to answer one user turn."""
+        return self.render_chat([Message("user", user_text)], add_generation_prompt=True)
+
+
+class StreamDecoder:
+    """Turns a growing list of ids into text increments without splitting UTF-8 characters."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""  # an incomplete multi-byte character; wait for the next token
+        new = text[len(self.emitted) :]
+        self.emitted = text
+        return new

