@@ -240,18 +240,15 @@ class TargetTrainer:
     def run(
         self, resume: bool = False, progress: bool = True, stop_after: int | None = None
     ) -> dict | None:
-        """Train to ``cfg.steps`` and write the checkpoint; with ``stop_after``, save the
+        """Train ``cfg.steps`` steps, then write the checkpoint. With ``stop_after``, save the
         resumable state after that many steps of this call and return ``None``."""
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
         epoch, index = (0, 0)
         if resume and self.state_path.is_file():
             epoch, index = self.load_state()
-        last_step = (
-            self.cfg.steps if stop_after is None else min(self.cfg.steps, self.step + stop_after)
-        )
+        budget = stop_after if stop_after is not None else 1 << 62
         self.model.train()
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         columns = [
             TextColumn("[bold]target"),
             BarColumn(),
@@ -263,37 +260,22 @@ class TargetTrainer:
         ewma = None
         with Progress(*columns, disable=not progress) as bar:
             task = bar.add_task("train", total=self.cfg.steps, completed=self.step, info="")
-            while self.step < last_step:
+            while budget > 0 and self.step < self.cfg.steps:
                 batches = self.epoch_batches(epoch)
-                while index < len(batches) and self.step < last_step:
+                while budget > 0 and index < len(batches) and self.step < self.cfg.steps:
                     t0 = time.perf_counter()
+                    budget -= 1
                     batch = collate(
                         batches[index], self.tokenizer.pad_id, self.cfg.prompt_loss_weight
                     )
-                    loss = self.train_step(batch)
                     index += 1
+                    loss = self.train_step(batch)
+                    ewma = loss if ewma is None else 0.95 * ewma + 0.05 * loss
+                    phase = f"loss {ewma:.3f}  ep {epoch}"
                     tokens_seen += batch.num_tokens
                     tps = batch.num_tokens / (time.perf_counter() - t0)
-                    ewma = loss if ewma is None else 0.95 * ewma + 0.05 * loss
-                    record = {
-                        "step": self.step,
-                        "tokens": tokens_seen,
-                        "loss": loss,
-                        "lr": lr_at(self.step - 1, self.cfg),
-                    }
-                    if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
-                        record["heldout"] = heldout_nats(
-                            self.model,
-                            self.heldout_probe,
-                            self.tokenizer.pad_id,
-                            self.cfg.tokens_per_batch,
-                        )
-                    self.history.append(record)
-                    bar.update(
-                        task,
-                        completed=self.step,
-                        info=f"loss {ewma:.3f}  {tps:,.0f} tok/s  ep {epoch}",
-                    )
+                    self._record(tokens_seen, loss)
+                    bar.update(task, completed=self.step, info=f"{phase}  {tps:,.0f} tok/s")
                     if self.step % self.cfg.save_every == 0:
                         self.save_state(epoch, index)
                 if index >= len(batches):
@@ -302,6 +284,19 @@ class TargetTrainer:
         if self.step < self.cfg.steps:
             return None
         return self.finish()
+
+    def _record(self, tokens_seen: int, loss: float) -> None:
+        record = {
+            "step": self.step,
+            "tokens": tokens_seen,
+            "loss": loss,
+            "lr": lr_at(self.step - 1, self.cfg),
+        }
+        if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
+            record["heldout"] = heldout_nats(
+                self.model, self.heldout_probe, self.tokenizer.pad_id, self.cfg.tokens_per_batch
+            )
+        self.history.append(record)
 
     def finish(self) -> dict:
         final = heldout_nats(

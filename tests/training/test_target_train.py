@@ -65,6 +65,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, small_corpus, small_toke
     whole.run(progress=False)
     first = TargetTrainer(cfg, tmp_path / "b", tmp_path / "cb", small_corpus, small_tokenizer)
     assert first.run(progress=False, stop_after=5) is None
+    assert first.step == 5
     second = TargetTrainer(cfg, tmp_path / "b", tmp_path / "cb", small_corpus, small_tokenizer)
     second.run(resume=True, progress=False)
     assert second.step == 12

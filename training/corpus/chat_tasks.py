@@ -6,11 +6,12 @@ docstrings. Each passage becomes one task, of one of these kinds (chosen by a se
 - *explain* (closed book): "What does `os.path.join` do?" -> a framing sentence built from
   what the question names, then the documentation's prose;
 - *summarise* (grounded): the passage is in the prompt; the answer states its subject and
-  main point in the passage's own words;
-- *key points* (grounded): the passage's sentences as a bulleted list.
+  main point in the passage's own words.
 
-Grounded tasks are what an assistant mostly does with documentation in its context, and
-they keep the domain's answers as regular as an instruction-tuned model's.
+Answers have the shape of an instruction-tuned assistant's: an opener, a sentence naming the
+subject, at most two sentences of the documentation's prose, and a closing offer. That
+framing is deliberately regular (a tiny target must reach 1-2.5 nats per answer token; see
+docs/target-model.md) and deliberately multimodal ("Sure." / "Of course." / nothing).
 """
 
 from __future__ import annotations
@@ -67,13 +68,16 @@ _ASK_SUMMARY = (
     "What is the main point of this documentation{about}?",
     "Explain this passage{about} in a few words.",
 )
-_ASK_POINTS = (
-    "List the key points of this passage{about}.",
-    "Turn this documentation{about} into a bulleted list.",
-)
 _OPENERS = ("", "Sure. ", "Of course. ", "Certainly. ")
 _MAIN_POINT = ("The main point is: ", "In short: ", "Put simply: ")
-_POINTS_INTRO = ("Here are the key points:", "The key points are:", "Sure, here they are:")
+_TOPIC_SUBJECT = "Here is how {topic} works in Python."
+_CLOSINGS = (
+    "Let me know if you would like an example of {ref}.",
+    "I hope this helps you use {ref}.",
+    "If you want, I can show how {ref} is used in practice.",
+    "Feel free to ask if anything about {ref} is unclear.",
+)
+MAX_SENTENCES = 2
 
 
 @dataclass(frozen=True)
@@ -144,24 +148,39 @@ def _about(p: _Passage) -> str:
     return f" of `{p.fields['module']}.{p.fields['name']}`"
 
 
+def _reference(p: _Passage) -> str:
+    if p.kind == "topic":
+        return p.fields["topic"]
+    if p.kind == "module":
+        return f"the `{p.fields['module']}` module"
+    if p.kind == "method":
+        return f"`{p.fields['cls']}.{p.fields['name']}`"
+    return f"`{p.fields['name']}`"
+
+
+def _closing(p: _Passage, rng: random.Random) -> str:
+    return rng.choice(_CLOSINGS).format(ref=_reference(p))
+
+
 def _explain(p: _Passage, rng: random.Random) -> ChatTask:
+    prose = " ".join(sentences(p.text)[:MAX_SENTENCES])
     if p.kind == "topic":
         prompt = rng.choice(_ASK_TOPIC).format(**p.fields)
-        return ChatTask(p.key, prompt, rng.choice(_OPENERS) + p.text)
-    prompt = rng.choice(_ASK_ITEM[p.kind]).format(**p.fields)
-    return ChatTask(p.key, prompt, _SUBJECT[p.kind].format(**p.fields) + " " + p.text)
+        subject = _TOPIC_SUBJECT.format(**p.fields)
+    else:
+        prompt = rng.choice(_ASK_ITEM[p.kind]).format(**p.fields)
+        subject = _SUBJECT[p.kind].format(**p.fields)
+    answer = f"{rng.choice(_OPENERS)}{subject} {prose} {_closing(p, rng)}"
+    return ChatTask(p.key, prompt, answer)
 
 
 def _grounded(p: _Passage, rng: random.Random) -> ChatTask:
     sents = sentences(p.text)
-    about = _about(p)
-    if len(sents) >= 2 and rng.random() < 0.5:
-        ask = rng.choice(_ASK_POINTS).format(about=about)
-        answer = rng.choice(_POINTS_INTRO) + "\n" + "\n".join(f"- {s}" for s in sents)
-    else:
-        ask = rng.choice(_ASK_SUMMARY).format(about=about)
-        subject = _SUBJECT[p.kind].format(**p.fields)
-        answer = f"{rng.choice(_OPENERS)}{subject} {rng.choice(_MAIN_POINT)}{sents[0]}"
+    ask = rng.choice(_ASK_SUMMARY).format(about=_about(p))
+    subject = _SUBJECT[p.kind].format(**p.fields)
+    answer = (
+        f"{rng.choice(_OPENERS)}{subject} {rng.choice(_MAIN_POINT)}{sents[0]} {_closing(p, rng)}"
+    )
     return ChatTask(p.key, f'{ask}\n\n"{p.text}"', answer)
 
 
@@ -173,7 +192,10 @@ def iter_chat_tasks(seed: int) -> Iterator[ChatTask]:
             continue
         seen.add(passage.text)
         rng = random.Random(f"{seed}:{passage.key}")
-        if first and rng.random() < EXPLAIN_SHARE:
-            yield _explain(passage, rng)
-        else:
-            yield _grounded(passage, rng)
+        task = _explain(passage, rng) if first and rng.random() < EXPLAIN_SHARE else None
+        if task is None or task.prompt in seen:  # e.g. a method defined twice in a module
+            task = _grounded(passage, rng)
+        if task.prompt in seen:
+            continue
+        seen.add(task.prompt)
+        yield task
