@@ -1,5 +1,6 @@
 """The ``dspark`` console script, run as a user runs it, against the committed demo target."""
 
+import ast
 import os
 import re
 import subprocess
@@ -36,7 +37,12 @@ def test_code_prompt_gets_code(demo_target_dir):
         '    """Return the number of whitespace-separated words in text."""\n```'
     )
     out = _dspark("generate", "--chat", prompt, "--checkpoint", str(demo_target_dir)).stdout
-    assert "```python" in out and "def count_words(text):" in out and "return" in out, out
+    assert "```python\n" in out, out
+    code = out.split("```python\n", 1)[1].split("```", 1)[0]
+    tree = ast.parse(code)  # a real Python function, not prose
+    assert isinstance(tree.body[0], ast.FunctionDef), code
+    # NOTE: the 7.5M-parameter demo target does not copy names from its prompt (see
+    # docs/target-model.md), so the function it writes need not be called count_words.
 
 
 def test_sampling_with_a_seed_reproduces(demo_target_dir):

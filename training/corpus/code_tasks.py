@@ -7,7 +7,8 @@ Two kinds, one per function (so no function's body leaks across splits):
   its docstring added (an editing task: most of the answer is grounded in the prompt).
 
 Code is canonicalised with ``ast.unparse`` (comments dropped, one formatting style) and kept
-short, so the answers are as regular as an instruction-tuned model's.
+short, and framed the way a coding assistant frames it (an intro line, the code block, a
+closing line), so the answers are as regular as an instruction-tuned model's.
 """
 
 from __future__ import annotations
@@ -35,7 +36,18 @@ _ASK_METHOD = (
     "Complete this method of the class `{cls}`.",
     "Implement this method of `{cls}` from the `{module}` module.",
 )
-_INTRO = ("", "", "Here is the implementation:\n", "Here is the completed function:\n")
+_INTRO = (
+    "Here is the implementation:\n",
+    "Here is the completed function:\n",
+    "Sure, here is the function:\n",
+    "Here is one way to write it:\n",
+)
+_CLOSING = (
+    "Let me know if you would like tests for it.",
+    "I hope this helps.",
+    "Let me know if you have any questions about it.",
+    "Feel free to ask if anything is unclear.",
+)
 _ASK_DOC = (
     "Add a docstring to this Python function.",
     "Document this function from the `{module}` module with a short docstring.",
@@ -97,7 +109,7 @@ def _task_of(item: SourceItem, rng: random.Random) -> CodeTask | None:
     else:
         ask = rng.choice(_ASK).format(module=item.module)
     prompt = f"{ask}\n\n```python\n{stub}\n```"
-    answer = f"{rng.choice(_INTRO)}```python\n{impl}\n```"
+    answer = f"{rng.choice(_INTRO)}```python\n{impl}\n```\n{rng.choice(_CLOSING)}"
     return CodeTask(key=f"{item.module}:{item.qualname}", prompt=prompt, answer=answer)
 
 
