@@ -16,7 +16,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     tgt = which.add_parser("target", help="train the demo MoE target on CPU")
     tgt.add_argument("--out", default="checkpoints/target", help="final checkpoint directory")
     tgt.add_argument("--work-dir", default="runs/target", help="corpus, state, curves")
-    tgt.add_argument("--steps", type=int, default=1200)
+    tgt.add_argument("--steps", type=int, default=1150)
     tgt.add_argument("--tokens-per-batch", type=int, default=4096)
     tgt.add_argument("--lr", type=float, default=2e-3)
     tgt.add_argument("--seed", type=int, default=0)

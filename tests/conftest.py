@@ -85,6 +85,28 @@ def small_tokenizer(corpus):
     return train_tokenizer(texts, vocab_size=600)
 
 
+@pytest.fixture
+def write_qwen_tokenizer():
+    """Writes a Qwen-style tokenizer.json (byte-level BPE; no <|pad|>, no <mask>) into a dir."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    def write(directory: Path, vocab_size: int = 290) -> Path:
+        inner = HFTokenizer(models.BPE())
+        inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        inner.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        inner.train_from_iterator(["hello world, hello tokens"] * 20, trainer=trainer)
+        inner.save(str(directory / "tokenizer.json"))
+        return directory / "tokenizer.json"
+
+    return write
+
+
 @pytest.fixture(scope="session")
 def demo_target_dir() -> Path:
     if not (DEMO_TARGET / "model.safetensors").is_file():

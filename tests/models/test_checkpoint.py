@@ -15,7 +15,7 @@ from dspark.models.checkpoint import CheckpointError, load_target, save_target
 transformers = pytest.importorskip("transformers")
 
 HF_COMMON = dict(
-    vocab_size=101,
+    vocab_size=300,
     hidden_size=32,
     intermediate_size=48,
     num_hidden_layers=3,
@@ -59,7 +59,7 @@ def test_hugging_face_checkpoint_loads_unchanged(tmp_path, build):
     _randomise(hf, 1)
     hf.save_pretrained(tmp_path)
     ours = load_target(tmp_path)
-    ids = torch.randint(0, 101, (2, 17))
+    ids = torch.randint(0, 300, (2, 17))
     with torch.no_grad():
         want = hf(ids).logits
         got = ours(ids).logits
@@ -118,3 +118,20 @@ def test_missing_and_corrupt_checkpoints_are_clear(tmp_path, make_model):
     (tmp_path / "config.json").write_text(json.dumps({"num_experts": 4, "hidden_sise": 3}))
     with pytest.raises(CheckpointError, match="unknown config key"):
         load_target(tmp_path)
+
+
+def test_hf_directory_with_qwen_tokenizer_generates(tmp_path, write_qwen_tokenizer):
+    """config.json + model.safetensors + a Qwen-style tokenizer.json: the whole family layout."""
+    from dspark.models.generation import SamplingParams, generate_text, load_for_generation
+
+    hf = _hf_moe()
+    hf.save_pretrained(tmp_path)
+    write_qwen_tokenizer(tmp_path)
+    model, tokenizer = load_for_generation(tmp_path)
+    text = generate_text(model, tokenizer, "hello", SamplingParams(max_tokens=5, ignore_eos=True))
+    assert isinstance(text, str)
+    ids = tokenizer.chat_prompt("hello")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(torch.tensor([ids])).logits, hf(torch.tensor([ids])).logits, atol=2e-4, rtol=2e-4
+        )

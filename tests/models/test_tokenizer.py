@@ -1,6 +1,4 @@
 import pytest
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from dspark.models.tokenizer import (
     IM_END,
@@ -77,17 +75,8 @@ def test_stream_decoder_never_splits_characters(small_tokenizer):
     assert all("\ufffd" not in p for p in pieces)
 
 
-def test_qwen_style_tokenizer_without_pad_or_mask_loads(tmp_path):
-    inner = HFTokenizer(models.BPE())
-    inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    inner.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    inner.train_from_iterator(["hello world"] * 10, trainer=trainer)
-    inner.save(str(tmp_path / "tokenizer.json"))
+def test_qwen_style_tokenizer_without_pad_or_mask_loads(tmp_path, write_qwen_tokenizer):
+    write_qwen_tokenizer(tmp_path, vocab_size=300)
     tok = Tokenizer.from_file(tmp_path)
     assert tok.pad_id == tok.endoftext_id and tok.mask_id is None
     assert tok.decode(tok.chat_prompt("hello"), skip_special_tokens=False).startswith(IM_START)

@@ -61,6 +61,12 @@ def _split_items(items: list[tuple[str, str]], seed: int, frac: float) -> dict[s
     cal = [items[i] for i in order[:n_eval]]
     held = [items[i] for i in order[n_eval : 2 * n_eval]]
     train = [items[i] for i in order[2 * n_eval :]]
+    # NOTE: the same stub can occur in two modules; an evaluation prompt that also occurs in
+    # an earlier split is dropped (after the shuffle, so the train split does not move).
+    seen = {prompt for prompt, _ in train}
+    cal = [it for it in cal if it[0] not in seen]
+    seen.update(prompt for prompt, _ in cal)
+    held = [it for it in held if it[0] not in seen]
     return {"train": train, "calibration": cal, "heldout": held}
 
 
