@@ -29,6 +29,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     tgt.add_argument("--resume", action="store_true", help="continue from --work-dir's state")
     tgt.add_argument("--no-progress", action="store_true")
+    tgt.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="only measure held-out nats/token of the checkpoint at --out (corpus of --seed)",
+    )
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -60,8 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train_target(args: argparse.Namespace) -> int:
-    from dspark.training.target_train import TargetTrainer, TrainTargetConfig
+    from dspark.training.target_train import TargetTrainer, TrainTargetConfig, evaluate_checkpoint
 
+    if args.eval_only:
+        print(json.dumps(evaluate_checkpoint(args.out, seed=args.seed), indent=2))
+        return 0
     try:
         overrides = json.loads(args.model)
     except json.JSONDecodeError as exc:

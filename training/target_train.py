@@ -349,3 +349,21 @@ def plot_loss_curve(history: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def evaluate_checkpoint(path: str | Path, seed: int = 0, max_seq_len: int = 320) -> dict:
+    """Held-out nats per answer token of each domain for a saved checkpoint (bf16 weights
+    loaded in fp32), on the corpus of ``seed``."""
+    from dspark.models.checkpoint import load_target
+
+    model = load_target(path)
+    tokenizer = Tokenizer.from_file(Path(path) / "tokenizer.json")
+    corpus = build_corpus(CorpusConfig(seed=seed))
+    heldout = {
+        d: encode_records(tokenizer, corpus[d]["heldout"], max_len=max_seq_len)[0] for d in DOMAINS
+    }
+    nats = heldout_nats(model, heldout, tokenizer.pad_id, tokens_per_batch=4096)
+    return {
+        "heldout_nats_per_answer_token": nats,
+        "heldout_examples": {d: len(e) for d, e in heldout.items()},
+    }
