@@ -54,9 +54,10 @@ _ASK_DOC = (
     "Write a one-paragraph docstring for this function.",
 )
 _INTRO_DOC = ("", "Here is the function with a docstring:\n", "Sure:\n")
-DOCUMENT_SHARE = (
-    0.0  # see docs/target-model.md: without copying, documenting is as hard as implementing
-)
+# Share of functions posed as "add a docstring" instead of "implement". 0 for the demo
+# target: a model that cannot copy from its context finds documenting as hard as
+# implementing (docs/target-model.md); a larger target can use both kinds.
+DOCUMENT_SHARE = 0.0
 
 
 @dataclass(frozen=True)
