@@ -73,10 +73,21 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def _check_state(model: TargetModel, tensors: dict[str, torch.Tensor], path: Path) -> None:
     expected = model.state_dict()
+    problems = []
     if model.config.tie_word_embeddings:
         expected.pop("lm_head.weight")
-        tensors.pop("lm_head.weight", None)
-    problems = []
+        head = tensors.pop("lm_head.weight", None)
+        embed = tensors.get("model.embed_tokens.weight")
+        if head is not None and (
+            embed is None or head.shape != embed.shape or not torch.equal(head, embed)
+        ):
+            problems.append(
+                "tie_word_embeddings is true but lm_head.weight differs from "
+                "model.embed_tokens.weight"
+            )
+    not_float = sorted(name for name, t in tensors.items() if not t.is_floating_point())
+    if not_float:
+        problems.append(f"non-floating-point tensors: {_abbrev(not_float)}")
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing:

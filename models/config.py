@@ -150,10 +150,18 @@ class TargetConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if not isinstance(self.num_experts, int) or self.num_experts < 0:
+        for name in ("norm_topk_prob", "tie_word_embeddings", "attention_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if (
+            not isinstance(self.num_experts, int)
+            or isinstance(self.num_experts, bool)
+            or self.num_experts < 0
+        ):
             raise ConfigError(f"num_experts must be an integer >= 0, got {self.num_experts!r}")
         if self.num_experts > 0:
             positive("moe_intermediate_size")
+            positive("num_experts_per_tok")
             if not 1 <= self.num_experts_per_tok <= self.num_experts:
                 raise ConfigError(
                     f"num_experts_per_tok must be in [1, num_experts={self.num_experts}], "
@@ -161,8 +169,17 @@ class TargetConfig:
                 )
         if self.has_dense_layers():
             positive("intermediate_size")
-        if self.shared_expert_intermediate_size < 0:
-            raise ConfigError("shared_expert_intermediate_size must be >= 0")
+        shared = self.shared_expert_intermediate_size
+        if not isinstance(shared, int) or isinstance(shared, bool) or shared < 0:
+            raise ConfigError(
+                f"shared_expert_intermediate_size must be an integer >= 0, got {shared!r}"
+            )
+        if not isinstance(self.mlp_only_layers, tuple) or not all(
+            isinstance(i, int) for i in self.mlp_only_layers
+        ):
+            raise ConfigError(
+                f"mlp_only_layers must be a list of layer indices, got {self.mlp_only_layers!r}"
+            )
         for layer in self.mlp_only_layers:
             if not 0 <= layer < self.num_hidden_layers:
                 raise ConfigError(
@@ -224,6 +241,8 @@ class TargetConfig:
             if key in known:
                 values[key] = value
             elif key == "dspark":
+                if not isinstance(value, dict):
+                    raise ConfigError(f"dspark must be an object, got {value!r}")
                 values["extra"] = dict(value)
             elif key in ("architectures",) or key in _IGNORED_HF_KEYS:
                 continue
@@ -237,7 +256,12 @@ class TargetConfig:
                 f"{sorted(known)} plus Hugging Face bookkeeping keys"
             )
         if "mlp_only_layers" in values:
-            values["mlp_only_layers"] = tuple(values["mlp_only_layers"] or ())
+            layers = values["mlp_only_layers"] or ()
+            if not isinstance(layers, list | tuple):
+                raise ConfigError(
+                    f"mlp_only_layers must be a list of layer indices, got {layers!r}"
+                )
+            values["mlp_only_layers"] = tuple(layers)
         if isinstance(values.get("eos_token_id"), list):
             values["eos_token_id"] = tuple(values["eos_token_id"])
         if values.get("model_type") == "qwen3":
@@ -246,7 +270,9 @@ class TargetConfig:
             raise ConfigError("num_experts is required for model_type 'qwen3_moe'")
         try:
             return cls(**values)
-        except TypeError as exc:  # wrong value types surface here
+        except (TypeError, ValueError) as exc:  # wrong value types surface here
+            if isinstance(exc, ConfigError):
+                raise
             raise ConfigError(str(exc)) from exc
 
     def to_hf_dict(self, include_extra: bool = True) -> dict[str, Any]:

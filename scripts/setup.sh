@@ -7,13 +7,15 @@ PY=${PYTHON:-python3}
 DEV=0
 [[ "${1:-}" == "--dev" ]] && DEV=1
 
-if [[ ! -x .venv/bin/python ]]; then
-  "$PY" -m venv .venv
+if [[ ! -x .venv/bin/python ]] || ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+  rm -rf .venv
+  "$PY" -m venv .venv || { rm -rf .venv; echo "python3 -m venv failed (install python3-venv)" >&2; exit 1; }
 fi
 stamp=".venv/.dspark-installed-$(sha256sum pyproject.toml | cut -c1-12)-dev$DEV"
 if [[ ! -f "$stamp" ]]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  # torch is pinned exactly (torch==2.13.0, CPU wheel); see pyproject.toml.
+  # torch is pinned exactly (torch==2.13.0); machines of this project's kind carry its CPU
+  # wheel locally, elsewhere pip resolves the pin from the package index.
   if [[ $DEV == 1 ]]; then
     .venv/bin/python -m pip install -q -e '.[dev]'
   else

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from dspark.models.checkpoint import save_target
-from dspark.models.config import TargetConfig
+from dspark.models.config import ConfigError, TargetConfig
 from dspark.models.target import TargetModel
 from dspark.models.tokenizer import Tokenizer
 from dspark.training.corpus.build import DOMAINS, CorpusConfig, build_corpus, write_corpus
@@ -72,6 +72,16 @@ class TrainTargetConfig:
             raise ValueError(f"lr must be in (0, 1), got {self.lr}")
         if not 0 <= self.warmup_frac < 1:
             raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        # validate the model overrides now, not after the corpus and tokenizer are built
+        try:
+            probe = TargetConfig(**self.model)
+        except TypeError as exc:
+            raise ConfigError(f"model overrides: {exc}") from exc
+        if self.max_seq_len > probe.max_position_embeddings:
+            raise ValueError(
+                f"max_seq_len ({self.max_seq_len}) must be <= max_position_embeddings "
+                f"({probe.max_position_embeddings})"
+            )
 
 
 def lr_at(step: int, cfg: TrainTargetConfig) -> float:

@@ -135,3 +135,21 @@ def test_hf_directory_with_qwen_tokenizer_generates(tmp_path, write_qwen_tokeniz
         torch.testing.assert_close(
             model(torch.tensor([ids])).logits, hf(torch.tensor([ids])).logits, atol=2e-4, rtol=2e-4
         )
+
+
+def test_integer_weights_and_untied_head_under_tied_config_are_rejected(tmp_path, make_model):
+    from safetensors.torch import load_file, save_file
+
+    save_target(make_model(), tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="lm_head.weight differs from model.embed_tokens"):
+        load_target(tmp_path)
+    cfg["tie_word_embeddings"] = False
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int8)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"non-floating-point tensors: model\.norm\.weight"):
+        load_target(tmp_path)

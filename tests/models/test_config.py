@@ -27,6 +27,12 @@ def test_defaults_are_valid_and_describe_the_demo_moe():
         ({"eos_token_id": 99999}, "eos_token_id 99999 outside [0, vocab_size=4096)"),
         ({"model_type": "llama"}, "model_type must be one of"),
         ({"hidden_size": "wide"}, "hidden_size must be a positive integer"),
+        ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
+        ({"num_experts_per_tok": 1.5}, "num_experts_per_tok must be a positive integer"),
+        (
+            {"shared_expert_intermediate_size": 1.5},
+            "shared_expert_intermediate_size must be an integer >= 0",
+        ),
     ],
 )
 def test_invalid_values_name_the_field_and_range(overrides, fragment):
@@ -38,6 +44,19 @@ def test_invalid_values_name_the_field_and_range(overrides, fragment):
 def test_unknown_key_is_named():
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['hiden_size'\]"):
         TargetConfig.from_dict({"hiden_size": 64, "num_experts": 4})
+
+
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        ({"num_experts": 4, "mlp_only_layers": 5}, "mlp_only_layers must be a list"),
+        ({"num_experts": 4, "dspark": 5}, "dspark must be an object"),
+        ({"num_experts": 4, "head_dim": None}, "head_dim must be a positive integer"),
+    ],
+)
+def test_wrongly_typed_json_values_are_config_errors(raw, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        TargetConfig.from_dict(raw)
 
 
 def test_hf_dict_round_trip_moe_and_dense():

@@ -48,6 +48,11 @@ def test_stops_at_stop_token_and_at_context_end(make_model):
     assert len(full) == 6  # 10 prompt + 6 new fill the 16-token context
 
 
+def test_tiny_temperature_behaves_like_greedy():
+    logits = torch.tensor([40.0, 3.0, 1.0])
+    torch.testing.assert_close(sampling_probs(logits, 1e-40, 1.0), torch.tensor([1.0, 0.0, 0.0]))
+
+
 def test_top_p_keeps_the_smallest_nucleus():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     probs = sampling_probs(logits, 1.0, 0.8)
@@ -65,6 +70,7 @@ def test_top_p_keeps_the_smallest_nucleus():
         ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
         ({"max_tokens": 0}, "max_tokens must be >= 1, got 0"),
         ({"max_tokens": 2.5}, "max_tokens must be an integer"),
+        ({"seed": 10**23}, r"seed must be in \[0, 2\*\*63\)"),
     ],
 )
 def test_bad_sampling_params_name_the_field(kwargs, fragment):

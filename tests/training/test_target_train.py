@@ -93,3 +93,7 @@ def test_bad_recipe_values_are_named():
         TrainTargetConfig(steps=0)
     with pytest.raises(ValueError, match=r"lr must be in \(0, 1\)"):
         TrainTargetConfig(lr=2.0)
+    with pytest.raises(ValueError, match="model overrides: .*hidden_sizee"):
+        TrainTargetConfig(model={"hidden_sizee": 3})
+    with pytest.raises(ValueError, match=r"max_seq_len \(320\) must be <= max_position_embeddings"):
+        TrainTargetConfig(model={"max_position_embeddings": 32})
