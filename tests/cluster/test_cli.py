@@ -87,3 +87,13 @@ def test_prompt_longer_than_context_is_rejected(demo_target_dir):
     proc = _dspark("generate", "word " * 2000, "--checkpoint", str(demo_target_dir), check=False)
     assert proc.returncode == 2
     assert "but the model's context is" in proc.stderr
+
+
+def test_eval_only_reports_the_documented_heldout_loss(demo_target_dir):
+    """The command docs/target-model.md quotes; the committed target stays in its band."""
+    import json
+
+    proc = _dspark("train", "target", "--eval-only", "--out", str(demo_target_dir), "--seed", "0")
+    nats = json.loads(proc.stdout)["heldout_nats_per_answer_token"]
+    assert set(nats) == {"math", "code", "chat"}
+    assert nats["math"] < 1.0 and nats["code"] < 2.5 and nats["chat"] < 2.5, nats
