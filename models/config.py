@@ -270,9 +270,9 @@ class TargetConfig:
             raise ConfigError("num_experts is required for model_type 'qwen3_moe'")
         try:
             return cls(**values)
+        except ConfigError:
+            raise
         except (TypeError, ValueError) as exc:  # wrong value types surface here
-            if isinstance(exc, ConfigError):
-                raise
             raise ConfigError(str(exc)) from exc
 
     def to_hf_dict(self, include_extra: bool = True) -> dict[str, Any]:

@@ -281,11 +281,11 @@ class TargetTrainer:
                     index += 1
                     loss = self.train_step(batch)
                     ewma = loss if ewma is None else 0.95 * ewma + 0.05 * loss
-                    phase = f"loss {ewma:.3f}  ep {epoch}"
                     tokens_seen += batch.num_tokens
                     tps = batch.num_tokens / (time.perf_counter() - t0)
                     self._record(tokens_seen, loss)
-                    bar.update(task, completed=self.step, info=f"{phase}  {tps:,.0f} tok/s")
+                    info = f"loss {ewma:.3f}  {tps:,.0f} tok/s  ep {epoch}"
+                    bar.update(task, completed=self.step, info=info)
                     if self.step % self.cfg.save_every == 0:
                         self.save_state(epoch, index)
                 if index >= len(batches):
@@ -364,10 +364,9 @@ def plot_loss_curve(history: list[dict], path: Path) -> None:
 def evaluate_checkpoint(path: str | Path, seed: int = 0, max_seq_len: int = 320) -> dict:
     """Held-out nats per answer token of each domain for a saved checkpoint (bf16 weights
     loaded in fp32), on the corpus of ``seed``."""
-    from dspark.models.checkpoint import load_target
+    from dspark.models.generation import load_for_generation
 
-    model = load_target(path)
-    tokenizer = Tokenizer.from_file(Path(path) / "tokenizer.json")
+    model, tokenizer = load_for_generation(path)
     corpus = build_corpus(CorpusConfig(seed=seed))
     heldout = {
         d: encode_records(tokenizer, corpus[d]["heldout"], max_len=max_seq_len)[0] for d in DOMAINS
