@@ -99,6 +99,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,  # [B, 1, T, head_dim]
         sin: torch.Tensor,
         kv_cache: KVCache | None,
+        key_mask: torch.Tensor | None = None,  # [B, S] bool, False = padding key
     ) -> torch.Tensor:
         bsz, num_new, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(bsz, num_new, self.num_heads, self.head_dim))
@@ -109,7 +110,16 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # [B, kv_heads, S, head_dim]
         num_total = k.shape[2]
-        if num_total == num_new:
+        if key_mask is not None:
+            mask = key_mask[:, None, None, :num_total]  # [B, 1, 1, S]
+            causal = causal_mask(num_new, num_total, x.device)
+            if causal is not None:
+                mask = mask & causal
+            # NOTE: a padding query may see no key at all; an all-False row would give NaN
+            # outputs that poison later tokens through V (0 * NaN), so let it see everything.
+            mask = mask | ~mask.any(-1, keepdim=True)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        elif num_total == num_new:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=num_new > 1, enable_gqa=True)
         else:
             mask = causal_mask(num_new, num_total, x.device)
@@ -215,8 +225,8 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, kv_cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)
+    def forward(self, x, cos, sin, kv_cache, key_mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, key_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -286,7 +296,13 @@ class TargetModel(nn.Module):
         kv_cache: KVCache | None = None,
         feature_layers: Sequence[int] = (),
         compute_logits: bool = True,
+        key_mask: torch.Tensor | None = None,  # [B, cache length + T] bool; False = padding
     ) -> TargetOutput:
+        """One forward over ``input_ids``.
+
+        ``key_mask`` lets left-padded rows of a batch ignore their padding keys (batched
+        generation); pass per-row ``positions`` that start at 0 on each row's first real token.
+        """
         cfg = self.config
         bsz, num_new = input_ids.shape
         start = kv_cache.length if kv_cache is not None else 0
@@ -307,7 +323,7 @@ class TargetModel(nn.Module):
         if -1 in feature_layers:
             captured[-1] = x
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, kv_cache)
+            x = layer(x, cos, sin, kv_cache, key_mask)
             if i in feature_layers:
                 captured[i] = x
         if kv_cache is not None:

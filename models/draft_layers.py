@@ -1,0 +1,169 @@
+"""Building blocks shared by the drafters: attention with injected context K/V, draft
+decoder layers, the Markov heads and the confidence head.
+
+Vocabulary:
+- *context K/V*: keys and values projected from the fused target features of positions
+  before the anchor; context tokens are never queries.
+- *block*: the draft slots of one round (anchor + ``<mask>`` slots), the queries.
+- *Markov bias*: a low-rank first-order correction ``W2(W1[x_{k-1}])`` added to slot k's
+  logits so that parallel drafts agree with the token sampled just before them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dspark.models.drafter_config import DrafterConfig
+from dspark.models.target import RMSNorm, SwiGLU, apply_rope
+
+
+class InjectedAttention(nn.Module):
+    """GQA + QK-norm attention whose keys/values are ``[context ; block]``.
+
+    The same W_k / W_v project the fused context and the block (paper Eq. 3); only block
+    tokens are queries. The mask alone decides visibility (no causal flag).
+    """
+
+    def __init__(self, cfg: DrafterConfig, in_dim: int | None = None) -> None:
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        in_dim = in_dim or d
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            hd,
+        )
+        self.q_proj = nn.Linear(in_dim, self.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(in_dim, self.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(in_dim, self.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+
+    def project_kv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, S, in] -> k, v: [B, kv_heads, S, head_dim] (k normed and rotated)."""
+        bsz, num, _ = x.shape
+        k = self.k_norm(self.k_proj(x).view(bsz, num, self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).view(bsz, num, self.num_kv_heads, self.head_dim)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        return apply_rope(k, cos, sin), v
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, Q, in] block inputs (already normed)
+        cos: torch.Tensor,  # [B, 1, Q, head_dim] block positions
+        sin: torch.Tensor,
+        ctx_kv: tuple[torch.Tensor, torch.Tensor] | None,  # [B, kv_heads, S, head_dim] each
+        mask: torch.Tensor | None,  # [B or 1, 1, Q, S + Q] bool, True = visible
+    ) -> torch.Tensor:
+        bsz, num_q, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(bsz, num_q, self.num_heads, self.head_dim))
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, H, Q, hd]
+        k, v = self.project_kv(x, cos, sin)  # [B, kv, Q, hd]
+        if ctx_kv is not None:
+            k = torch.cat([ctx_kv[0], k], dim=2)
+            v = torch.cat([ctx_kv[1], v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, num_q, -1))
+
+
+class DraftLayer(nn.Module):
+    """Pre-norm block ``x + Attn(norm(x), ctx)``, then ``x + MLP(norm(x))`` (dense SwiGLU)."""
+
+    def __init__(self, cfg: DrafterConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = InjectedAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, ctx_kv, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx_kv, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MarkovHead(nn.Module):
+    """Sequential correction of parallel draft logits (vanilla, gated or RNN).
+
+    ``logits_k = U_k + bias_k``; the bias depends on the token before slot k (the anchor for
+    slot 0) and, for gated/RNN heads, on the backbone hidden ``h_k``.
+    """
+
+    def __init__(self, kind: str, vocab: int, rank: int, hidden: int) -> None:
+        super().__init__()
+        self.kind, self.rank = kind, rank
+        self.w1 = nn.Embedding(vocab, rank)
+        self.w2 = nn.Linear(rank, vocab, bias=False)
+        if kind == "gated":
+            self.gate_proj = nn.Linear(hidden + rank, rank)
+        if kind == "rnn":
+            self.joint = nn.Linear(2 * rank + hidden, 3 * rank)
+
+    def init_state(self, batch: int, like: torch.Tensor) -> torch.Tensor | None:
+        return like.new_zeros(batch, self.rank) if self.kind == "rnn" else None
+
+    def step(
+        self, prev_ids: torch.Tensor, h: torch.Tensor, state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """prev_ids: [B], h: [B, d], state: [B, r] -> bias [B, V], next state."""
+        e = self.w1(prev_ids)  # [B, r]
+        if self.kind == "vanilla":
+            return self.w2(e), state
+        if self.kind == "gated":
+            gate = torch.sigmoid(self.gate_proj(torch.cat([h, e], -1)))
+            return self.w2(gate * e), state
+        gate, cand, out = self.joint(torch.cat([state, e, h], -1)).chunk(3, -1)
+        gate = torch.sigmoid(gate)
+        state = gate * state + (1 - gate) * torch.tanh(cand)
+        return self.w2(torch.tanh(out)), state
+
+    def block_bias(self, prev_ids: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced bias of whole blocks: prev_ids [..., K], h [..., K, d] -> [..., K, V]."""
+        if self.kind != "rnn":
+            lead = prev_ids.shape
+            bias, _ = self.step(prev_ids.reshape(-1), h.reshape(-1, h.shape[-1]), None)
+            return bias.view(*lead, -1)
+        flat_ids = prev_ids.reshape(-1, prev_ids.shape[-1])  # [N, K]
+        flat_h = h.reshape(-1, *h.shape[-2:])  # [N, K, d]
+        state = self.init_state(flat_ids.shape[0], flat_h)
+        out = []
+        for k in range(flat_ids.shape[1]):
+            bias, state = self.step(flat_ids[:, k], flat_h[:, k], state)
+            out.append(bias)
+        return torch.stack(out, 1).view(*prev_ids.shape, -1)
+
+
+class ConfidenceHead(nn.Module):
+    """``c_k = w·[h_k ; W1[x_{k-1}]] + b``: logit of P(draft k accepted | 1..k-1 accepted)."""
+
+    def __init__(self, hidden: int, rank: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(hidden + rank, 1)
+
+    def forward(self, h: torch.Tensor, prev_embed: torch.Tensor | None) -> torch.Tensor:
+        # h: [..., d], prev_embed: [..., r] -> [...]
+        x = h if prev_embed is None else torch.cat([h, prev_embed], -1)
+        return self.proj(x).squeeze(-1)
+
+
+def frozen_copy(weight: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(weight.detach().clone().float(), requires_grad=False)
+
+
+def init_trainable(module: nn.Module, seed: int, std: float = 0.02) -> None:
+    """Normal(0, std) matrices, unit norms, zero biases; frozen parameters are left alone."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)

@@ -1,0 +1,238 @@
+"""DSpark and DFlash: a parallel draft backbone fed with fused target features.
+
+Vocabulary:
+- *anchor*: the last token the target produced, not yet run through the target; it sits in
+  slot 0 of the block at its own position ``a``. Slots 1..γ-1 hold ``<mask>``.
+- *slot k* predicts the token at ``a + k + 1``; its target distribution is the target's
+  next-token distribution at ``a + k``, and its "previous token" (Markov and confidence
+  heads) is ``x[a + k]`` (the anchor for slot 0).
+- *context*: fused target features of positions strictly before the anchor; they supply
+  keys and values to every draft layer and are never queries.
+
+DSpark adds the Markov head (sequential correction, sampled left to right) and the
+confidence head; DFlash samples every slot independently from the backbone logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dspark.models.draft_layers import (
+    ConfidenceHead,
+    DraftLayer,
+    MarkovHead,
+    frozen_copy,
+)
+from dspark.models.drafter_config import DrafterConfig
+from dspark.models.target import RMSNorm, RotaryEmbedding
+
+
+@dataclass
+class Proposal:
+    """One round's drafts: tokens, the distribution each was sampled from, confidences."""
+
+    tokens: list[int]  # m draft tokens
+    probs: torch.Tensor  # [m, V] draft distribution of each token (one-hot when greedy)
+    conf_logits: torch.Tensor | None = None  # [m] raw confidence logits, or None
+
+
+def draft_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(logits / T), or the argmax one-hot at T = 0; logits: [..., V]."""
+    if temperature <= 0.0:
+        idx = logits.argmax(-1, keepdim=True)
+        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, idx, 1.0)
+    logits = logits.float()
+    return torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, -1)
+
+
+def sample_token(probs: torch.Tensor, temperature: float, gen: torch.Generator | None) -> int:
+    # probs: [V]
+    if temperature <= 0.0:
+        return int(probs.argmax())
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def block_attention_mask(
+    anchors: torch.Tensor, keep: torch.Tensor, ctx_len: int, block: int
+) -> torch.Tensor:
+    """Anchor-bounded packing mask ``[B, 1, N*K, S + N*K]`` (True = visible).
+
+    A query of block j sees context key i iff ``i < anchors[j]`` and the block is kept, and
+    every slot of its own block (bidirectional); never another block. Dummy blocks see only
+    themselves, so no row is empty.
+    """
+    bsz, num = anchors.shape  # anchors: [B, N]
+    ctx_pos = torch.arange(ctx_len, device=anchors.device)
+    ctx_vis = (ctx_pos[None, None, :] < anchors[..., None]) & keep[..., None]  # [B, N, S]
+    ctx_vis = ctx_vis[:, :, None, :].expand(bsz, num, block, ctx_len)
+    blk = torch.arange(num, device=anchors.device).repeat_interleave(block)  # [N*K]
+    same = (blk[:, None] == blk[None, :]).expand(bsz, -1, -1)  # [B, N*K, N*K]
+    mask = torch.cat([ctx_vis.reshape(bsz, num * block, ctx_len), same], dim=-1)
+    return mask[:, None]
+
+
+class ParallelDrafter(nn.Module):
+    """DSpark (Markov + confidence heads) or DFlash (neither) over a shared backbone."""
+
+    def __init__(self, cfg: DrafterConfig, embed_weight: torch.Tensor, head_weight: torch.Tensor):
+        super().__init__()
+        if not cfg.is_parallel:
+            raise ValueError(f"ParallelDrafter serves dspark/dflash, not {cfg.method}")
+        d = cfg.hidden_size
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
+        self.embed_tokens.weight = frozen_copy(embed_weight)
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.lm_head.weight = frozen_copy(head_weight)
+        self.fc = nn.Linear(cfg.feature_dim, d, bias=False)
+        self.hidden_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.markov = (
+            MarkovHead(cfg.markov_type, cfg.vocab_size, cfg.markov_rank, d)
+            if cfg.markov_rank > 0
+            else None
+        )
+        self.confidence = ConfidenceHead(d, cfg.markov_rank) if cfg.confidence_head else None
+
+    # -- backbone -------------------------------------------------------------------------
+
+    def context_kv(
+        self, features: torch.Tensor, positions: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Fuse features [B, S, F] (paper Eq. 2) and project them per layer at ``positions``."""
+        fused = self.hidden_norm(self.fc(features.float()))  # [B, S, d]
+        cos, sin = self.rotary_emb(positions)
+        return [layer.self_attn.project_kv(fused, cos, sin) for layer in self.layers]
+
+    def run_blocks(
+        self,
+        block_ids: torch.Tensor,  # [B, Q]
+        block_pos: torch.Tensor,  # [B, Q]
+        ctx_kvs: list[tuple[torch.Tensor, torch.Tensor]],
+        mask: torch.Tensor | None,  # [B, 1, Q, S + Q]
+    ) -> torch.Tensor:
+        x = self.embed_tokens(block_ids)
+        cos, sin = self.rotary_emb(block_pos)
+        for layer, kv in zip(self.layers, ctx_kvs):
+            x = layer(x, cos, sin, kv, mask)
+        return self.norm(x)  # [B, Q, d]
+
+    def train_hidden(
+        self,
+        input_ids: torch.Tensor,  # [B, S]
+        features: torch.Tensor,  # [B, S, F]
+        anchors: torch.Tensor,  # [B, N] anchor positions (ascending)
+        keep: torch.Tensor,  # [B, N] bool, False for dummy blocks
+    ) -> torch.Tensor:
+        """Backbone hidden of every slot of every block: [B, N, K, d]."""
+        cfg = self.config
+        bsz, seq = input_ids.shape
+        num, block = anchors.shape[1], cfg.block_size
+        positions = torch.arange(seq, device=input_ids.device).expand(bsz, seq)
+        ctx_kvs = self.context_kv(features, positions)
+        block_ids = torch.full((bsz, num, block), cfg.mask_token_id, device=input_ids.device)
+        anchor_ids = input_ids.gather(1, anchors)
+        block_ids[:, :, 0] = torch.where(keep, anchor_ids, cfg.mask_token_id)
+        offsets = torch.arange(block, device=input_ids.device)
+        block_pos = (anchors[..., None] + offsets).reshape(bsz, num * block)
+        mask = block_attention_mask(anchors, keep, seq, block)
+        h = self.run_blocks(block_ids.reshape(bsz, -1), block_pos, ctx_kvs, mask)
+        return h.view(bsz, num, block, -1)
+
+    # -- heads ----------------------------------------------------------------------------
+
+    def teacher_forced_heads(
+        self, h: torch.Tensor, prev_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """h: [..., K, d], prev_ids: [..., K] (anchor, labels[:-1]) -> logits [..., K, V], conf."""
+        logits = self.lm_head(h)
+        if self.markov is not None:
+            logits = logits + self.markov.block_bias(prev_ids, h)
+        conf = None
+        if self.confidence is not None:
+            prev_embed = self.markov.w1(prev_ids) if self.markov is not None else None
+            conf = self.confidence(h, prev_embed)
+        return logits, conf
+
+    def sample_block(
+        self, h: torch.Tensor, anchor: int, temperature: float, gen: torch.Generator | None
+    ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """Left-to-right sampling through the Markov head; h: [K, d].
+
+        Returns the tokens, the corrected logits [K, V] and their draft distribution [K, V].
+        """
+        base = self.lm_head(h)  # [K, V]
+        if self.markov is None:
+            probs = draft_probs(base, temperature)
+            return [sample_token(p, temperature, gen) for p in probs], base, probs
+        # NOTE: order matters: sample x_k, then compute the bias of slot k+1 from x_k.
+        prev = torch.tensor([anchor], device=h.device)
+        state = self.markov.init_state(1, h)
+        tokens, rows, prob_rows = [], [], []
+        for k in range(h.shape[0]):
+            bias, state = self.markov.step(prev, h[k : k + 1], state)
+            logits_k = base[k] + bias[0]
+            probs_k = draft_probs(logits_k, temperature)
+            token = sample_token(probs_k, temperature, gen)
+            tokens.append(token)
+            rows.append(logits_k)
+            prob_rows.append(probs_k)
+            prev = torch.tensor([token], device=h.device)
+        return tokens, torch.stack(rows), torch.stack(prob_rows)
+
+    def new_session(self) -> ParallelSession:
+        return ParallelSession(self)
+
+
+class ParallelSession:
+    """Per-request drafting state: the context K/V of every draft layer.
+
+    NOTE: block K/V are never stored; after a round only verified target features extend
+    the context, so the cache holds exactly the positions before the next anchor.
+    """
+
+    def __init__(self, drafter: ParallelDrafter) -> None:
+        self.drafter = drafter
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.length = 0
+
+    @torch.no_grad()
+    def extend(self, features: torch.Tensor, next_tokens: list[int]) -> None:
+        """Append target features [n, F] of the next n positions (``next_tokens`` unused)."""
+        del next_tokens
+        num = features.shape[0]
+        pos = torch.arange(self.length, self.length + num, device=features.device)[None]
+        new = self.drafter.context_kv(features[None], pos)
+        if self.kv is None:
+            self.kv = new
+        else:
+            self.kv = [
+                (torch.cat([k, nk], 2), torch.cat([v, nv], 2))
+                for (k, v), (nk, nv) in zip(self.kv, new)
+            ]
+        self.length += num
+
+    @torch.no_grad()
+    def propose(
+        self, anchor: int, temperature: float, gen: torch.Generator | None, max_tokens: int
+    ) -> Proposal:
+        """Draft up to ``max_tokens`` (≤ γ) tokens after ``anchor`` (at position ``length``)."""
+        drafter, cfg = self.drafter, self.drafter.config
+        device = drafter.lm_head.weight.device
+        block_ids = torch.full((1, cfg.block_size), cfg.mask_token_id, device=device)
+        block_ids[0, 0] = anchor
+        block_pos = torch.arange(self.length, self.length + cfg.block_size, device=device)[None]
+        h = drafter.run_blocks(block_ids, block_pos, self.kv, None)[0]  # [K, d]
+        h = h[:max_tokens]
+        tokens, _, probs = drafter.sample_block(h, anchor, temperature, gen)
+        conf = None
+        if drafter.confidence is not None:
+            prev = torch.tensor([anchor] + tokens[:-1], device=device)
+            prev_embed = drafter.markov.w1(prev) if drafter.markov is not None else None
+            conf = drafter.confidence(h, prev_embed)
+        return Proposal(tokens=tokens, probs=probs, conf_logits=conf)
