@@ -8,11 +8,13 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_TARGET = Path(__file__).resolve().parent.parent / "checkpoints" / "target"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TARGET = REPO_ROOT / "checkpoints" / "target"
+DEFAULT_DRAFTERS = REPO_ROOT / "checkpoints" / "drafters"
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    train = sub.add_parser("train", help="train the demo target (and, later, drafters)")
+    train = sub.add_parser("train", help="train the demo target or a drafter")
     which = train.add_subparsers(dest="what", required=True)
     tgt = which.add_parser("target", help="train the demo MoE target on CPU")
     tgt.add_argument("--out", default="checkpoints/target", help="final checkpoint directory")
@@ -35,6 +37,58 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="only measure held-out nats/token of the checkpoint at --out (corpus of --seed)",
     )
+    _add_train_drafter(which)
+
+
+def _add_train_drafter(which: argparse._SubParsersAction) -> None:
+    dr = which.add_parser("drafter", help="train a drafter from target-regenerated data")
+    dr.add_argument("--method", required=True, choices=["dspark", "dflash", "eagle3", "mtp"])
+    dr.add_argument("--name", default="", help="variant name (default: the method)")
+    dr.add_argument("--target", default=str(DEFAULT_TARGET))
+    dr.add_argument("--out", default=None, help="default: checkpoints/drafters/<name>")
+    dr.add_argument("--work-dir", default="runs/drafters", help="shared data cache, states")
+    dr.add_argument("--epochs", type=int, default=3)
+    dr.add_argument("--batch-size", type=int, default=16)
+    dr.add_argument("--lr", type=float, default=1e-3)
+    dr.add_argument("--num-layers", type=int, default=3)
+    dr.add_argument("--num-anchors", type=int, default=64)
+    dr.add_argument("--markov-type", default="vanilla", choices=["vanilla", "gated", "rnn"])
+    dr.add_argument("--markov-rank", type=int, default=64)
+    dr.add_argument("--alpha-ce", type=float, default=None)
+    dr.add_argument("--alpha-l1", type=float, default=None)
+    dr.add_argument("--alpha-conf", type=float, default=None)
+    dr.add_argument("--block-size", type=int, default=7)
+    dr.add_argument("--prompts-per-domain", type=int, default=1000)
+    dr.add_argument("--calibration-prompts", type=int, default=60, help="per domain, for STS")
+    dr.add_argument("--no-calibrate", action="store_true")
+    dr.add_argument("--seed", type=int, default=0)
+    dr.add_argument("--resume", action="store_true")
+    dr.add_argument("--no-progress", action="store_true")
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser("eval", help="offline acceptance table of the drafters (paper Table 1)")
+    ev.add_argument("--target", default=str(DEFAULT_TARGET))
+    ev.add_argument(
+        "--drafters",
+        default=str(DEFAULT_DRAFTERS),
+        help="a directory of drafter checkpoints, or NAME=PATH pairs separated by commas",
+    )
+    ev.add_argument("--sets", default="math,code,chat,gsm8k,math500,humaneval,mbpp,mt-bench")
+    ev.add_argument("--prompts", default=None, help='JSONL file of {"turns": [...]} records')
+    ev.add_argument("--num-prompts", type=int, default=50, help="prompts per set")
+    ev.add_argument("--max-new-tokens", type=int, default=128)
+    ev.add_argument("--temperature", type=float, default=1.0)
+    ev.add_argument("--seed", type=int, default=980406)
+    ev.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
+    ev.add_argument("--out", default="runs/eval", help="JSON, markdown table and PNGs")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument(
+        "--write-subsets",
+        default=None,
+        metavar="SRC_DIR",
+        help="re-pick the committed benchmark subsets from full JSONL files and exit",
+    )
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +100,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--max-tokens", type=int, default=200)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument(
+        "--drafter",
+        default=None,
+        help="speculative decoding with a drafter: dspark, dflash, eagle3, mtp or a path",
+    )
 
 
 def _add_corpus(sub: argparse._SubParsersAction) -> None:
@@ -62,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_train(sub)
     _add_corpus(sub)
+    _add_eval(sub)
     return parser
 
 
@@ -99,6 +159,18 @@ def _cmd_train_target(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resolve_drafter(value: str) -> Path:
+    path = Path(value)
+    if path.is_dir():
+        return path
+    if (DEFAULT_DRAFTERS / value).is_dir():
+        return DEFAULT_DRAFTERS / value
+    raise ValueError(
+        f"--drafter {value!r} is neither a directory nor one of "
+        f"{sorted(p.name for p in DEFAULT_DRAFTERS.glob('*') if p.is_dir())}"
+    )
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from dspark.models.generation import SamplingParams, generate_stream, load_for_generation
 
@@ -109,10 +181,143 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     ids = tokenizer.chat_prompt(args.prompt) if args.chat else tokenizer.encode(args.prompt)
     if not args.chat:
         sys.stdout.write(args.prompt)
+    if args.drafter:
+        return _generate_speculative(args, model, tokenizer, ids, params)
     for piece in generate_stream(model, tokenizer, ids, params):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def _generate_speculative(args, model, tokenizer, ids, params) -> int:
+    """Stream the text; after each round print the round's accepted length on stderr."""
+    from dspark.models.drafter_checkpoint import load_drafter
+    from dspark.models.speculative import speculative_generate
+    from dspark.models.tokenizer import StreamDecoder
+
+    drafter = load_drafter(_resolve_drafter(args.drafter), model)
+    rounds: list = []
+    decoder = StreamDecoder(tokenizer)
+
+    def on_round(rec) -> None:
+        rounds.append(rec)
+        tau = sum(r.committed for r in rounds) / len(rounds)
+        sys.stderr.write(f"[{rec.committed}/{rec.proposed + 1} τ={tau:.2f}]")
+        sys.stderr.flush()
+
+    stops = tokenizer.stop_ids
+    for token in speculative_generate(model, drafter, ids, params, stops, on_round=on_round):
+        if token in stops and not params.ignore_eos:
+            break
+        piece = decoder.push(token)
+        if piece:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    if rounds:
+        tau = sum(r.committed for r in rounds) / len(rounds)
+        sys.stderr.write(
+            f"\n{drafter.config.method}: {len(rounds)} rounds, accepted length τ = {tau:.2f} "
+            "tokens per target forward (bonus included)\n"
+        )
+    return 0
+
+
+def _cmd_train_drafter(args: argparse.Namespace) -> int:
+    from dspark.models.generation import load_for_generation
+    from dspark.training.calibrate import calibrate_drafter
+    from dspark.training.drafter_data import DrafterDataConfig, prepare_drafter_data
+    from dspark.training.drafter_train import DrafterTrainer, TrainDrafterConfig
+
+    cfg = TrainDrafterConfig(
+        method=args.method,
+        name=args.name,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        num_layers=args.num_layers,
+        num_anchors=args.num_anchors,
+        markov_type=args.markov_type,
+        markov_rank=args.markov_rank,
+        alpha_ce=args.alpha_ce,
+        alpha_l1=args.alpha_l1,
+        alpha_conf=args.alpha_conf,
+        block_size=args.block_size,
+    )
+    data_cfg = DrafterDataConfig(prompts_per_domain=args.prompts_per_domain, seed=args.seed)
+    progress = not args.no_progress
+    cache = prepare_drafter_data(args.target, args.work_dir, data_cfg, progress=progress)
+    target, tokenizer = load_for_generation(args.target)
+    if tokenizer.mask_id is None:
+        raise ValueError(
+            f"the tokenizer of {args.target} has no <mask> token; parallel drafters need a "
+            "reserved id that never occurs in the data"
+        )
+    out = Path(args.out) if args.out else DEFAULT_DRAFTERS / cfg.variant
+    work = Path(args.work_dir) / cfg.variant
+    trainer = DrafterTrainer(cfg, target, cache, tokenizer.mask_id, work, out)
+    drafter_cfg = trainer.run(resume=args.resume, progress=progress)
+    print(f"{cfg.variant}: {trainer.step} steps on {cache.num_samples} samples -> {out}")
+    if drafter_cfg is not None and drafter_cfg.confidence_head and not args.no_calibrate:
+        summary = calibrate_drafter(
+            args.target, out, args.calibration_prompts, seed=args.seed, progress=progress
+        )
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _parse_drafters(value: str) -> dict[str, str]:
+    if "=" in value:
+        pairs = [item.split("=", 1) for item in value.split(",") if item]
+        return {k.strip(): v.strip() for k, v in pairs}
+    root = Path(value)
+    if not root.is_dir():
+        raise ValueError(f"--drafters {value!r} is not a directory of drafter checkpoints")
+    from dspark.bench.eval_table import DRAFTER_ORDER
+
+    found = {p.name: str(p) for p in root.iterdir() if (p / "config.json").is_file()}
+    if not found:
+        raise ValueError(f"--drafters {value!r} holds no drafter checkpoints")
+    rank = {n: i for i, n in enumerate(DRAFTER_ORDER)}
+    return dict(sorted(found.items(), key=lambda kv: (rank.get(kv[0], 99), kv[0])))
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from dspark.bench.acceptance import EvalConfig
+    from dspark.bench.eval_report import build_report, markdown
+    from dspark.bench.eval_table import load_prompt_sets, run_jobs, write_benchmark_subsets
+    from dspark.models.drafter_checkpoint import read_drafter_config
+    from dspark.models.generation import load_for_generation
+
+    cfg = EvalConfig(
+        temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed
+    )
+    if args.num_prompts < 1:
+        raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
+    target, tokenizer = load_for_generation(args.target)
+    context = target.config.max_position_embeddings
+    if args.write_subsets:
+        for path in write_benchmark_subsets(args.write_subsets, tokenizer, context, 64, cfg):
+            print(path)
+        return 0
+    drafters = _parse_drafters(args.drafters)
+    configs = {name: read_drafter_config(path) for name, path in drafters.items()}
+    for cfg_d in configs.values():
+        cfg_d.check_target(target.config)
+    names = [] if args.prompts else [s for s in args.sets.split(",") if s]
+    sets = load_prompt_sets(tokenizer, context, cfg, names, args.num_prompts, args.prompts)
+    raw = run_jobs(args.target, drafters, sets, cfg, args.jobs, progress=not args.no_progress)
+    command = (
+        "dspark eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else "dspark eval"
+    )
+    report = build_report(raw, configs, vars(args) | {"eval": cfg.__dict__}, args.out, command)
+    table = markdown(report)
+    (Path(args.out) / "acceptance.md").write_text(table)
+    print(table)
+    print(json.dumps(report["ratios"], indent=2))
+    print(f"results in {args.out}/acceptance.json and {args.out}/*.png")
     return 0
 
 
@@ -131,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         ("generate", None): _cmd_generate,
         ("train", "target"): _cmd_train_target,
         ("corpus", "build"): _cmd_corpus_build,
+        ("train", "drafter"): _cmd_train_drafter,
+        ("eval", None): _cmd_eval,
     }
     handler = handlers[(args.command, getattr(args, "what", None))]
     try:

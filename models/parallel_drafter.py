@@ -200,6 +200,10 @@ class ParallelSession:
         self.drafter = drafter
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.length = 0
+        self.report_base_probs = False
+        """Report the uncorrected backbone distribution instead of the one the tokens were
+        sampled from. Never set in serving: it exists so a test can show that this breaks
+        losslessness (method digest §12.10)."""
 
     @torch.no_grad()
     def extend(self, features: torch.Tensor, next_tokens: list[int]) -> None:
@@ -230,6 +234,8 @@ class ParallelSession:
         h = drafter.run_blocks(block_ids, block_pos, self.kv, None)[0]  # [K, d]
         h = h[:max_tokens]
         tokens, _, probs = drafter.sample_block(h, anchor, temperature, gen)
+        if self.report_base_probs:
+            probs = draft_probs(drafter.lm_head(h), temperature)
         conf = None
         if drafter.confidence is not None:
             prev = torch.tensor([anchor] + tokens[:-1], device=device)

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_TARGET = REPO_ROOT / "checkpoints" / "target"
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny test models: one thread beats two
 
 
 def tiny_moe_kwargs(**overrides) -> dict:

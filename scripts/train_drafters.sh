@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Retrain every drafter from scratch on the committed target, then rebuild the acceptance
+# table. Same data (target replies regenerated at T=1) and same epochs for every method.
+#   bash scripts/train_drafters.sh            # ~70 min on 2 CPU cores
+# Env: WORK (default runs/drafters), OUT (checkpoints/drafters), EPOCHS (3), RESULTS (docs/results)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+WORK=${WORK:-runs/drafters}
+OUT=${OUT:-checkpoints/drafters}
+EPOCHS=${EPOCHS:-3}
+RESULTS=${RESULTS:-docs/results}
+mkdir -p "$WORK"
+common=(--work-dir "$WORK" --epochs "$EPOCHS" --no-progress)
+
+# MTP-1 first: its call also regenerates the replies and builds the shared feature cache.
+dspark train drafter --method mtp --out "$OUT/mtp" "${common[@]}"
+
+# Two queues of one thread each (two cores).
+queue_a() {
+  dspark train drafter --method dspark --out "$OUT/dspark" "${common[@]}"
+  dspark train drafter --method dflash --name dflash-l1 --alpha-ce 0.1 --alpha-l1 0.9 \
+    --out "$OUT/dflash-l1" "${common[@]}"
+}
+queue_b() {
+  dspark train drafter --method dflash --out "$OUT/dflash" "${common[@]}"
+  dspark train drafter --method dspark --name dspark-ce --alpha-ce 1.0 --alpha-l1 0.0 \
+    --out "$OUT/dspark-ce" "${common[@]}"
+  dspark train drafter --method eagle3 --out "$OUT/eagle3" "${common[@]}"
+}
+OMP_NUM_THREADS=1 queue_a > "$WORK/queue_a.log" 2>&1 &
+a=$!
+OMP_NUM_THREADS=1 queue_b > "$WORK/queue_b.log" 2>&1 &
+b=$!
+wait $a
+wait $b
+
+dspark eval --drafters "$OUT" --out "$RESULTS" --jobs 2 --no-progress
