@@ -64,13 +64,17 @@ def build_report(
         }
     report = {"command": command, "config": eval_config, "drafters": table}
     report["ratios"] = _ratios(table)
+    present = {s for per_set in rounds.values() for s in per_set}
+    groups = {g: [s for s in members if s in present] for g, members in GROUPS.items()}
+    groups["other prompts"] = sorted(present - set(DOMAIN_SETS + BENCHMARKS))
     report["conditional_acceptance"] = {
         g: {
             d: pooled(rounds[d], members).metrics(7)["conditional_acceptance"]
             for d in rounds
             if configs[d].block_size > 1
         }
-        for g, members in GROUPS.items()
+        for g, members in groups.items()
+        if members
     }
     report["calibration"], report["threshold_sweep"] = _confidence(rounds, configs, out_dir)
     _figures(report, out_dir)
@@ -116,8 +120,9 @@ def _confidence(rounds, configs, out_dir: Path) -> tuple[dict, dict]:
 
 
 def _figures(report: dict, out_dir: Path) -> None:
+    slugs = {"held-out (ours)": "heldout", "benchmarks": "benchmarks", "other prompts": "other"}
     for g, curves in report["conditional_acceptance"].items():
-        slug = "heldout" if g.startswith("held") else "benchmarks"
+        slug = slugs[g]
         if curves:
             plot_conditional_acceptance(
                 curves,

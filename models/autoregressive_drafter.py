@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dspark.models.draft_layers import InjectedAttention, frozen_copy
+from dspark.models.draft_layers import DrafterBase, InjectedAttention
 from dspark.models.drafter_config import DrafterConfig
 from dspark.models.parallel_drafter import Proposal, draft_probs, sample_token
 from dspark.models.target import RMSNorm, RotaryEmbedding, SwiGLU, apply_rope
@@ -46,20 +46,14 @@ class FusedInputLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class AutoregressiveDrafter(nn.Module):
+class AutoregressiveDrafter(DrafterBase):
     """EAGLE-3 (fused layer features, TTT over the block) or MTP-1 (last hidden, 1 token)."""
 
     def __init__(self, cfg: DrafterConfig, embed_weight: torch.Tensor, head_weight: torch.Tensor):
-        super().__init__()
         if cfg.is_parallel:
             raise ValueError(f"AutoregressiveDrafter serves eagle3/mtp, not {cfg.method}")
+        super().__init__(cfg, embed_weight, head_weight)
         d = cfg.hidden_size
-        self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
-        self.embed_tokens.weight = frozen_copy(embed_weight)
-        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
-        self.lm_head.weight = frozen_copy(head_weight)
-        self.fc = nn.Linear(cfg.feature_dim, d, bias=False)
         self.layer = FusedInputLayer(cfg)
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)

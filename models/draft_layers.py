@@ -150,6 +150,21 @@ class ConfidenceHead(nn.Module):
         return self.proj(x).squeeze(-1)
 
 
+class DrafterBase(nn.Module):
+    """What every drafter has first: frozen copies of the target's embedding and LM head,
+    and ``fc``, the projection of the target features it reads to the hidden size."""
+
+    def __init__(self, cfg: DrafterConfig, embed_weight: torch.Tensor, head_weight: torch.Tensor):
+        super().__init__()
+        d = cfg.hidden_size
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
+        self.embed_tokens.weight = frozen_copy(embed_weight)
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.lm_head.weight = frozen_copy(head_weight)
+        self.fc = nn.Linear(cfg.feature_dim, d, bias=False)
+
+
 def frozen_copy(weight: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(weight.detach().clone().float(), requires_grad=False)
 

@@ -22,9 +22,9 @@ from torch import nn
 
 from dspark.models.draft_layers import (
     ConfidenceHead,
+    DrafterBase,
     DraftLayer,
     MarkovHead,
-    frozen_copy,
 )
 from dspark.models.drafter_config import DrafterConfig
 from dspark.models.target import RMSNorm, RotaryEmbedding
@@ -74,20 +74,14 @@ def block_attention_mask(
     return mask[:, None]
 
 
-class ParallelDrafter(nn.Module):
+class ParallelDrafter(DrafterBase):
     """DSpark (Markov + confidence heads) or DFlash (neither) over a shared backbone."""
 
     def __init__(self, cfg: DrafterConfig, embed_weight: torch.Tensor, head_weight: torch.Tensor):
-        super().__init__()
         if not cfg.is_parallel:
             raise ValueError(f"ParallelDrafter serves dspark/dflash, not {cfg.method}")
+        super().__init__(cfg, embed_weight, head_weight)
         d = cfg.hidden_size
-        self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
-        self.embed_tokens.weight = frozen_copy(embed_weight)
-        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
-        self.lm_head.weight = frozen_copy(head_weight)
-        self.fc = nn.Linear(cfg.feature_dim, d, bias=False)
         self.hidden_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(d, cfg.rms_norm_eps)

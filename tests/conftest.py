@@ -65,6 +65,25 @@ def make_model(make_config):
     return build
 
 
+@pytest.fixture
+def make_drafter():
+    """Factory of randomly initialised drafters: ``make_drafter(target, "dspark", ...)``."""
+    from dspark.models.draft_layers import init_trainable
+    from dspark.models.drafter_checkpoint import build_drafter
+    from dspark.models.drafter_config import DrafterConfig
+
+    def build(target, method, seed=1, std=0.2, **overrides):
+        if method == "dspark":
+            overrides.setdefault("markov_rank", 8)
+        overrides.setdefault("mask_token_id", 4)
+        cfg = DrafterConfig.for_target(target.config, method, **overrides)
+        drafter = build_drafter(cfg, target)
+        init_trainable(drafter, seed, std)
+        return drafter.eval()
+
+    return build
+
+
 @pytest.fixture(scope="session")
 def corpus():
     """The full corpus at seed 0 (walks the standard library once per session)."""

@@ -5,21 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dspark.models.draft_layers import init_trainable
-from dspark.models.drafter_checkpoint import build_drafter, load_drafter, save_drafter
+from dspark.models.drafter_checkpoint import load_drafter, save_drafter
 from dspark.models.drafter_config import DrafterConfig, DrafterConfigError
 from dspark.models.parallel_drafter import block_attention_mask
 
 MASK_ID = 4
-
-
-def make_drafter(target, method, seed=1, std=0.2, **overrides):
-    if method == "dspark":
-        overrides.setdefault("markov_rank", 8)
-    cfg = DrafterConfig.for_target(target.config, method, mask_token_id=MASK_ID, **overrides)
-    drafter = build_drafter(cfg, target)
-    init_trainable(drafter, seed, std)
-    return drafter.eval()
 
 
 def test_default_configs_follow_the_method(make_model):
@@ -62,7 +52,7 @@ def test_unknown_config_keys_are_refused(make_model):
 
 
 @pytest.mark.parametrize("method", ["dspark", "dflash", "eagle3", "mtp"])
-def test_checkpoint_round_trip_and_target_binding(make_model, tmp_path, method):
+def test_checkpoint_round_trip_and_target_binding(make_drafter, make_model, tmp_path, method):
     target = make_model(seed=0)
     drafter = make_drafter(target, method)
     save_drafter(drafter, tmp_path / method, dtype=torch.float32)
@@ -74,7 +64,7 @@ def test_checkpoint_round_trip_and_target_binding(make_model, tmp_path, method):
         load_drafter(tmp_path / method, other)
 
 
-def test_frozen_embedding_and_head_are_not_stored(make_model, tmp_path):
+def test_frozen_embedding_and_head_are_not_stored(make_drafter, make_model, tmp_path):
     from safetensors.torch import load_file
 
     target = make_model()
@@ -99,7 +89,7 @@ def test_block_attention_mask_is_anchor_bounded_and_block_local():
 
 
 @pytest.mark.parametrize("markov", ["vanilla", "gated", "rnn"])
-def test_training_forward_matches_inference_proposal(make_model, markov):
+def test_training_forward_matches_inference_proposal(make_drafter, make_model, markov):
     """The packed training forward and the cached inference forward give the same slot
     hiddens, logits and confidences for the same anchor."""
     target = make_model(seed=3)
@@ -129,7 +119,7 @@ def test_training_forward_matches_inference_proposal(make_model, markov):
         assert logits_train.shape == (7, 97) and conf_train.shape == (7,)
 
 
-def test_ttt_step_matches_inference_drafting(make_model):
+def test_ttt_step_matches_inference_drafting(make_drafter, make_model):
     """EAGLE-3: TTT step s at position t equals drafting from pairs <= t with tokens
     x[t+2..t+s+1] fed back (ground-truth tokens, self-generated hiddens)."""
     target = make_model(seed=4)

@@ -7,8 +7,6 @@ import itertools
 import pytest
 import torch
 
-from dspark.models.draft_layers import init_trainable
-from dspark.models.drafter_checkpoint import build_drafter
 from dspark.models.drafter_config import DrafterConfig
 from dspark.models.generation import SamplingParams, generate_tokens
 from dspark.models.parallel_drafter import Proposal, draft_probs
@@ -17,15 +15,6 @@ from dspark.models.speculative import rejection_sample, speculative_generate
 MASK_ID = 4
 # 0.999 quantile of the chi-square distribution with 11 degrees of freedom
 CHI2_11_999 = 31.26
-
-
-def drafter_for(target, method, seed=1, std=0.2, **overrides):
-    if method == "dspark":
-        overrides.setdefault("markov_rank", 8)
-    cfg = DrafterConfig.for_target(target.config, method, mask_token_id=MASK_ID, **overrides)
-    drafter = build_drafter(cfg, target)
-    init_trainable(drafter, seed, std)
-    return drafter.eval()
 
 
 def prompts(num, vocab, seed=0):
@@ -48,9 +37,9 @@ def prompts(num, vocab, seed=0):
         ("mtp", {}),
     ],
 )
-def test_greedy_equals_plain_decoding_on_20_prompts(make_model, method, overrides):
+def test_greedy_equals_plain_decoding_on_20_prompts(make_drafter, make_model, method, overrides):
     target = make_model(seed=0)
-    drafter = drafter_for(target, method, **overrides)
+    drafter = make_drafter(target, method, **overrides)
     stops = (7,)
     for ids in prompts(20, target.config.vocab_size):
         params = SamplingParams(temperature=0.0, max_tokens=30)
@@ -153,11 +142,11 @@ def chi_square(counts, probs):
     return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
 
 
-def test_t1_distribution_is_exact_and_fails_with_uncorrected_draft_probs(make_model):
+def test_t1_distribution_is_exact_and_fails_with_uncorrected_draft_probs(make_drafter, make_model):
     """Third generated token (the 2nd draft slot of the first round): chi-square against
     the exact target marginal over a 12-token vocabulary."""
     target = make_model(seed=6, vocab_size=12, max_position_embeddings=32)
-    drafter = drafter_for(target, "dspark", seed=3, std=0.4, markov_rank=4, num_layers=1)
+    drafter = make_drafter(target, "dspark", seed=3, std=0.4, markov_rank=4, num_layers=1)
     with torch.no_grad():  # a strong Markov head: corrected and base logits differ a lot
         drafter.markov.w1.weight.normal_(0, 3.0, generator=torch.Generator().manual_seed(0))
         drafter.markov.w2.weight.normal_(0, 3.0, generator=torch.Generator().manual_seed(1))
