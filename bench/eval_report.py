@@ -156,3 +156,50 @@ def markdown(report: dict) -> str:
         cells += [f"{m:.2f}" if m is not None else "–" for m in macro]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _fmt(x, pct: bool = False) -> str:
+    if x is None:
+        return "–"
+    return f"{100 * x:.1f}%" if pct else f"{x:.2f}"
+
+
+def markdown_details(report: dict) -> str:
+    """Ratios, per-position conditional acceptance, calibration and the threshold sweep."""
+    out = ["", "### Ratios of macro-average τ", ""]
+    for group, entry in report["ratios"].items():
+        pairs = ", ".join(f"{k} = {v:.3f}" for k, v in entry.items() if k != "above_mtp")
+        above = entry.get("above_mtp", {})
+        beaten = [d for d, ok in above.items() if not ok]
+        tail = "every drafter above MTP-1" if not beaten else f"not above MTP-1: {beaten}"
+        out.append(f"- {group}: {pairs}; {tail}")
+    for group, curves in report["conditional_acceptance"].items():
+        out += ["", f"### Conditional acceptance per position, {group}", ""]
+        out.append("| drafter | " + " | ".join(str(k) for k in range(1, 8)) + " |")
+        out.append("|---" * 8 + "|")
+        for d, vals in curves.items():
+            out.append(f"| {d} | " + " | ".join(_fmt(v) for v in vals) + " |")
+    for d, entry in report["calibration"].items():
+        out += ["", f"### Confidence head of {d}: raw vs STS (all evaluation rounds pooled)", ""]
+        out.append(
+            "| position | rounds | ECE raw | ECE STS | AUC raw | AUC STS | Brier raw | Brier STS |"
+        )
+        out.append("|---" * 8 + "|")
+        sts = {p["position"]: p for p in entry.get("sts", {}).get("positions", [])}
+        for p in entry["raw"]["positions"]:
+            q = sts.get(p["position"], {})
+            out.append(
+                f"| {p['position']} | {p['count']} | {_fmt(p['ece'], True)} | "
+                f"{_fmt(q.get('ece'), True)} | {_fmt(p['auc'])} | {_fmt(q.get('auc'))} | "
+                f"{_fmt(p['brier'])} | {_fmt(q.get('brier'))} |"
+            )
+    for d, points in report["threshold_sweep"].items():
+        out += ["", f"### Static confidence threshold sweep, {d} (STS-calibrated σ)", ""]
+        out.append("| θ | verified tokens / round | τ | τ / verified |")
+        out.append("|---|---|---|---|")
+        for pt in points:
+            out.append(
+                f"| {pt['threshold']:.2f} | {pt['verified_per_round']:.2f} | {pt['tau']:.2f} | "
+                f"{pt['efficiency']:.3f} |"
+            )
+    return "\n".join(out) + "\n"

@@ -286,7 +286,7 @@ def _parse_drafters(value: str) -> dict[str, str]:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from dspark.bench.acceptance import EvalConfig
-    from dspark.bench.eval_report import build_report, markdown
+    from dspark.bench.eval_report import build_report, markdown, markdown_details
     from dspark.bench.eval_table import load_prompt_sets, run_jobs, write_benchmark_subsets
     from dspark.models.drafter_checkpoint import read_drafter_config
     from dspark.models.generation import load_for_generation
@@ -314,7 +314,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     )
     report = build_report(raw, configs, vars(args) | {"eval": cfg.__dict__}, args.out, command)
     table = markdown(report)
-    (Path(args.out) / "acceptance.md").write_text(table)
+    details = markdown_details(report)
+    header = f"Command: `{command}`\n\nAccepted length τ per round (T={cfg.temperature}, block 7, bonus counted, pooled over rounds)\n\n"
+    (Path(args.out) / "acceptance.md").write_text(header + table + details)
     print(table)
     print(json.dumps(report["ratios"], indent=2))
     print(f"results in {args.out}/acceptance.json and {args.out}/*.png")
