@@ -20,16 +20,16 @@ def demo(demo_target_dir, corpus):
 
 
 @pytest.mark.parametrize("name", ["dspark", "dflash", "eagle3", "mtp"])
-def test_committed_drafter_greedy_equals_plain_decoding_on_21_prompts(demo, demo_target_dir,
-                                                                       name):
+def test_committed_drafter_greedy_equals_plain_decoding_on_21_prompts(demo, demo_target_dir, name):
     target, tokenizer, prompts = demo
     drafter = load_drafter(demo_target_dir.parent / "drafters" / name, target)
     params = SamplingParams(temperature=0.0, max_tokens=32)
     rounds = []
     for ids in prompts:
         plain = list(generate_tokens(target, ids, params, tokenizer.stop_ids))
-        spec = list(speculative_generate(target, drafter, ids, params, tokenizer.stop_ids,
-                                         rounds.append))
+        spec = list(
+            speculative_generate(target, drafter, ids, params, tokenizer.stop_ids, rounds.append)
+        )
         assert spec == plain
     tau = sum(r.committed for r in rounds) / len(rounds)
     assert tau > 1.0  # a trained drafter gets some drafts accepted
