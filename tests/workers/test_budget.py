@@ -1,0 +1,103 @@
+"""Verification budgets, and the paper's Appendix A: a retrospective search biases the
+output distribution; Algorithm 1 with its early stop does not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dspark.workers.budget import (
+    StepCostTable,
+    algorithm1,
+    capacity_from_stale,
+    fixed_budget,
+    survival,
+    threshold_budget,
+    topk_budget,
+)
+from dspark.workers.rejection_sampler import rejection_sample_batch
+
+FLAT = StepCostTable((1, 64), (10.0, 10.0))  # verifying more never costs more
+
+
+def test_step_cost_table_interpolates_and_validates():
+    cost = StepCostTable((1, 5, 9), (10.0, 6.0, 2.0))
+    assert cost.sps(1) == 10.0 and cost.sps(3) == 8.0 and cost.sps(100) == 2.0
+    with pytest.raises(ValueError, match="increasing"):
+        StepCostTable((4, 2), (1.0, 1.0))
+
+
+def test_fixed_and_threshold_budgets():
+    assert fixed_budget([7, 3, 0], 5) == [5, 3, 0]
+    conf = [[0.9, 0.8, 0.3, 0.9], [0.2, 0.9], []]
+    assert threshold_budget(conf, 0.5) == [2, 0, 0]
+
+
+def test_algorithm1_admits_everything_when_verification_is_free():
+    surv = survival([[0.9, 0.5, 0.5], [0.2]])
+    assert algorithm1(surv, FLAT) == [3, 1]
+
+
+def test_algorithm1_verify_budget_shrinks_as_steps_get_expensive():
+    conf = [[0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]] * 4
+    cheap = StepCostTable((1, 64), (100.0, 90.0))
+    steep = StepCostTable((1, 8, 64), (100.0, 40.0, 5.0))
+    assert sum(algorithm1(survival(conf), cheap)) > sum(algorithm1(survival(conf), steep))
+
+
+def test_algorithm1_budget_per_request_shrinks_with_concurrency():
+    # memory-bound (flat) up to 16 tokens per step, compute-bound (1/B) beyond
+    sizes = (1, 16, 32, 64, 128, 256)
+    cost = StepCostTable(sizes, tuple(100.0 * min(1.0, 16 / b) for b in sizes))
+    row = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
+    per_request = []
+    for num in (1, 4, 16, 32):
+        lengths = algorithm1(survival([row] * num), cost)
+        per_request.append(sum(lengths) / num)
+    assert per_request == sorted(per_request, reverse=True)
+    assert per_request[0] > per_request[-1]
+
+
+def test_topk_takes_the_most_likely_prefixes_and_capacity_comes_from_stale_values():
+    surv = survival([[0.9, 0.9, 0.9], [0.5, 0.5]])
+    assert topk_budget(surv, 3) == [3, 0]
+    assert topk_budget(surv, 4) == [3, 1]
+    assert capacity_from_stale(surv, FLAT) == 5
+
+
+def retrospective_search(surv, cost):
+    """The biased alternative: for one request, pick the ℓ with the best expected
+    throughput over all prefixes (it looks at later positions before deciding earlier ones)."""
+    row = surv[0]
+    best, best_len, expected = cost.sps(1), 0, 1.0
+    for j, a in enumerate(row):
+        expected += a
+        if expected * cost.sps(j + 2) > best:
+            best, best_len = expected * cost.sps(j + 2), j + 1
+    return [best_len]
+
+
+def first_token_frequency(policy, runs=4000):
+    """Target (0.7, 0.3) over tokens {0, 1} at draft position 1; a perfect drafter; the
+    confidence of position 2 depends on the sampled draft (high after 0, low after 1)."""
+    cost = StepCostTable((1, 2, 3), (1.0, 0.6, 0.55))
+    p = torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.5, 0.5]])  # positions 1, 2 and the bonus
+    hits = 0
+    for seed in range(runs):
+        gen = torch.Generator().manual_seed(seed)
+        x1 = int(torch.multinomial(p[0], 1, generator=gen))
+        x2 = int(torch.multinomial(p[1], 1, generator=gen))
+        conf = [[0.5, 0.95 if x1 == 0 else 0.05]]
+        length = policy(survival(conf), cost)[0]
+        drafts = torch.tensor([x1, x2][:length], dtype=torch.long)
+        out = rejection_sample_batch(
+            drafts, torch.tensor([0, length]), p[:length], p[: length + 1], [False], [gen]
+        )
+        hits += out.output_ids[0][0] == 0
+    return hits / runs
+
+
+def test_appendix_a_retrospective_search_is_biased_algorithm1_is_not():
+    assert first_token_frequency(algorithm1) == pytest.approx(0.7, abs=0.025)
+    biased = first_token_frequency(retrospective_search)
+    assert biased == pytest.approx(0.7 + 0.3 * 0.7, abs=0.025)  # 0.91, not 0.7
