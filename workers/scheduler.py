@@ -1,0 +1,232 @@
+"""The step scheduler: who runs this step and how many tokens each (no tensors here).
+
+Vocabulary:
+- *scheduled tokens* of a request this step: a prefill chunk of its prompt, or, while
+  decoding, its anchor plus up to γ draft tokens (lookahead slots). All count against the
+  same per-step token budget; the scheduler counts tokens, not phases.
+- *num_computed_tokens*: tokens whose KV is committed; rejected drafts roll back to it.
+- *preemption by recomputation*: when KV blocks run out, the most recently admitted running
+  request gives back all its blocks and waits again; its prompt and committed output are
+  recomputed when it is readmitted.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+from dspark.workers.block_manager import BlockManager
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    req_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    stop_ids: tuple[int, ...] = ()
+    output_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_prefill(self) -> bool:
+        # the last known token (prompt end or newest output) is not yet through the target
+        return self.num_computed_tokens < self.num_tokens - 1
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 32
+    """Most requests in one step."""
+    max_num_batched_tokens: int = 512
+    """Token budget of one step (prefill chunks + anchors + draft tokens)."""
+    num_lookahead: int = 7
+    """Draft slots reserved per decoding request (γ)."""
+    max_model_len: int = 512
+    """Context length: prompt + output never exceeds it."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_lookahead < 0:
+            raise ValueError(f"num_lookahead must be >= 0, got {self.num_lookahead}")
+
+
+@dataclass
+class ScheduledRequest:
+    req_id: str
+    num_new_tokens: int
+    """Known tokens fed this step (a prefill chunk, or 1 for the anchor)."""
+    num_lookahead: int
+    """Draft slots reserved after them (0 during prefill)."""
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    preempted: list[str]
+    num_scheduled_tokens: int
+
+
+@dataclass
+class RequestResult:
+    """What the runner and rejection sampler produced for one scheduled request."""
+
+    req_id: str
+    new_token_ids: list[int]
+    """Committed this step: accepted drafts + the recovered/bonus token (empty for a
+    prefill chunk that did not reach the prompt's end)."""
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, blocks: BlockManager) -> None:
+        self.cfg, self.blocks = cfg, blocks
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+
+    # ------------------------------------------------------------------ requests
+    def add(self, request: Request) -> None:
+        if not request.prompt_ids:
+            raise ValueError("prompt is empty: it must contain at least one token")
+        if request.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        if len(request.prompt_ids) >= self.cfg.max_model_len:
+            raise ValueError(
+                f"prompt has {len(request.prompt_ids)} tokens; the context is "
+                f"{self.cfg.max_model_len} tokens (at most {self.cfg.max_model_len - 1})"
+            )
+        if request.req_id in self.requests:
+            raise ValueError(f"request id {request.req_id!r} is already in use")
+        self.requests[request.req_id] = request
+        self.waiting.append(request)
+
+    def cancel(self, req_id: str) -> None:
+        """Drop a request wherever it is and free all its KV at once."""
+        request = self.requests.get(req_id)
+        if request is None or request.status is Status.FINISHED:
+            return
+        self._finish(request, "cancelled")
+
+    # ------------------------------------------------------------------ schedule
+    def schedule(self) -> SchedulerOutput:
+        budget = self.cfg.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[str] = []
+        for request in list(self.running):
+            if request.status is not Status.RUNNING:
+                continue
+            item = self._plan(request, budget)
+            if item is None:
+                continue  # no budget left this step; it keeps its blocks
+            while not self._reserve(request, item):
+                victim = self.running[-1]  # the most recently admitted
+                self._preempt(victim)
+                preempted.append(victim.req_id)
+                if victim is request:
+                    break
+            if request.status is not Status.RUNNING:
+                continue
+            scheduled.append(item)
+            budget -= item.num_new_tokens + item.num_lookahead
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            request = self.waiting[0]
+            if self.blocks.allocate(request.req_id, request.all_ids) is None:
+                break
+            cached = self.blocks.table(request.req_id).num_committed
+            request.num_computed_tokens = cached
+            item = self._plan(request, budget)
+            if item is None or not self._reserve(request, item):
+                self.blocks.free(request.req_id)
+                request.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            request.status = Status.RUNNING
+            self.running.append(request)
+            scheduled.append(item)
+            budget -= item.num_new_tokens + item.num_lookahead
+        used = self.cfg.max_num_batched_tokens - budget
+        return SchedulerOutput(scheduled, preempted, used)
+
+    def _plan(self, request: Request, budget: int) -> ScheduledRequest | None:
+        if budget <= 0:
+            return None
+        if request.is_prefill:
+            remaining = request.num_tokens - request.num_computed_tokens
+            return ScheduledRequest(request.req_id, min(remaining, budget), 0)
+        room = self.cfg.max_model_len - request.num_tokens
+        lookahead = max(0, min(self.cfg.num_lookahead, budget - 1, room))
+        return ScheduledRequest(request.req_id, 1, lookahead)
+
+    def _reserve(self, request: Request, item: ScheduledRequest) -> bool:
+        total = request.num_computed_tokens + item.num_new_tokens + item.num_lookahead
+        return self.blocks.ensure_slots(request.req_id, total)
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.blocks.free(request.req_id)
+        request.num_computed_tokens = 0
+        request.status = Status.WAITING
+        self.waiting.appendleft(request)
+
+    # ------------------------------------------------------------------ update
+    def update(self, output: SchedulerOutput, results: Sequence[RequestResult]) -> list[Request]:
+        """Commit what each request verified, roll back rejected slots, finish requests."""
+        by_id = {r.req_id: r for r in results}
+        finished = []
+        for item in output.scheduled:
+            request = self.requests[item.req_id]
+            if request.status is not Status.RUNNING:
+                continue  # cancelled during the step
+            result = by_id.get(item.req_id)
+            new = result.new_token_ids if result is not None else []
+            # NOTE: the fed tokens are now computed; the newest committed token is the next
+            # anchor and is not (its KV is written when it is fed).
+            request.num_computed_tokens += item.num_new_tokens + max(0, len(new) - 1)
+            request.output_ids += new
+            self.blocks.commit(request.req_id, request.all_ids[: request.num_computed_tokens])
+            self.blocks.truncate(request.req_id, request.num_computed_tokens)
+            reason = self._stop_reason(request, new)
+            if reason is not None:
+                self._finish(request, reason)
+                finished.append(request)
+        return finished
+
+    def _stop_reason(self, request: Request, new: list[int]) -> str | None:
+        if any(t in request.stop_ids for t in new):
+            cut = next(i for i, t in enumerate(request.output_ids) if t in request.stop_ids)
+            del request.output_ids[cut + 1 :]
+            return "stop"
+        if len(request.output_ids) >= request.max_tokens:
+            del request.output_ids[request.max_tokens :]
+            return "length"
+        if request.num_tokens >= self.cfg.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, request: Request, reason: str) -> None:
+        if request.status is Status.RUNNING:
+            self.running.remove(request)
+            self.blocks.free(request.req_id)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = Status.FINISHED
+        request.finish_reason = reason
