@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dspark.kernels.accept import accepted_lengths
+
 
 @dataclass
 class RejectionOutput:
@@ -44,31 +46,31 @@ def rejection_sample_batch(
     target_row = torch.arange(draft_ids.numel()) + req_of
     p_draft = target_probs[target_row, draft_ids]
     q_draft = draft_probs[torch.arange(draft_ids.numel()), draft_ids]
-    ratio = torch.clamp(p_draft / q_draft.clamp_min(1e-8), max=1.0).tolist()
-    argmax = target_probs.argmax(-1).tolist()
-    draft_list = draft_ids.tolist()
+    ratio = torch.clamp(p_draft / q_draft.clamp_min(1e-8), max=1.0)  # [num_draft_tokens]
+    argmax = target_probs.argmax(-1)  # [num_draft_tokens + R]
+    is_greedy = torch.tensor(list(greedy), dtype=torch.bool)[req_of]
+    # greedy requests: accept iff the draft is the argmax (uniform 0 < ratio 1)
+    ratio = torch.where(is_greedy, (draft_ids == argmax[target_row]).float(), ratio)
+    uniforms = [
+        torch.zeros(n) if greedy[r] else torch.rand(n, generator=generators[r])
+        for r, n in enumerate(lens)
+    ]
+    accepted = accepted_lengths(ratio, torch.cat(uniforms), cu_num_draft).tolist()
+    draft_list, argmax_list = draft_ids.tolist(), argmax.tolist()
     out_accepted, out_ids = [], []
     for r in range(num_req):
-        first, n, t0 = int(cu_num_draft[r]), lens[r], target_start[r]
+        first, n, t0, a = int(cu_num_draft[r]), lens[r], target_start[r], accepted[r]
         drafts = draft_list[first : first + n]
         if greedy[r]:
-            a = 0
-            while a < n and drafts[a] == argmax[t0 + a]:
-                a += 1
-            out_accepted.append(a)
-            out_ids.append(drafts[:a] + [argmax[t0 + a]])
-            continue
-        uniforms = torch.rand(n, generator=generators[r]).tolist()
-        a = 0
-        while a < n and uniforms[a] < ratio[first + a]:
-            a += 1
-        if a == n:
-            dist = target_probs[t0 + n]
+            token = argmax_list[t0 + a]
         else:
-            dist = (target_probs[t0 + a] - draft_probs[first + a]).clamp_min(0.0)
-            if float(dist.sum()) <= 1e-8:
-                dist = target_probs[t0 + a]
-        token = int(torch.multinomial(dist / dist.sum(), 1, generator=generators[r]))
+            if a == n:
+                dist = target_probs[t0 + n]
+            else:
+                dist = (target_probs[t0 + a] - draft_probs[first + a]).clamp_min(0.0)
+                if float(dist.sum()) <= 1e-8:
+                    dist = target_probs[t0 + a]
+            token = int(torch.multinomial(dist / dist.sum(), 1, generator=generators[r]))
         out_accepted.append(a)
         out_ids.append(drafts[:a] + [token])
     return RejectionOutput(out_accepted, out_ids)
