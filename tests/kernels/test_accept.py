@@ -41,13 +41,22 @@ def test_torch_twin_matches_the_definition(lens):
         )
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# compiled on a GPU (run with TRITON_INTERPRET=0 there), interpreted on CPU tensors here
+DEVICE = "cpu" if INTERPRETED else "cuda"
+
+
+@pytest.mark.skipif(
+    not INTERPRETED and not torch.cuda.is_available(),
+    reason="needs TRITON_INTERPRET=1 or a GPU",
+)
 @pytest.mark.parametrize("lens", [[7, 0, 3, 5, 1], [7] * 4, [15, 2]])
 def test_triton_kernel_matches_the_twin(lens):
     for seed in range(5):
         ratio, uniforms, cu = random_case(seed, lens)
         expected = accepted_lengths_torch(ratio, uniforms, cu)
-        assert torch.equal(accepted_lengths_triton(ratio, uniforms, cu), expected)
+        got = accepted_lengths_triton(ratio.to(DEVICE), uniforms.to(DEVICE), cu.to(DEVICE))
+        assert torch.equal(got.cpu(), expected)
 
 
 def test_greedy_encoding_accepts_the_matching_prefix():
