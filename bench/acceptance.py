@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,20 +67,27 @@ def read_turns(path: str | Path) -> list[str]:
     return prompts
 
 
-def fitting_prompts(
+def fitting_texts(
     texts: Sequence[str], tokenizer: Tokenizer, max_prompt_tokens: int, limit: int, seed: int
-) -> list[list[int]]:
+) -> list[str]:
     """A seeded shuffle of ``texts``, keeping the first ``limit`` whose chat prompt fits."""
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     out = []
     for i in order:
-        ids = tokenizer.chat_prompt(texts[i])
-        if len(ids) <= max_prompt_tokens:
-            out.append(ids)
+        if len(tokenizer.chat_prompt(texts[i])) <= max_prompt_tokens:
+            out.append(texts[i])
         if len(out) == limit:
             break
     return out
+
+
+def fitting_prompts(
+    texts: Sequence[str], tokenizer: Tokenizer, max_prompt_tokens: int, limit: int, seed: int
+) -> list[list[int]]:
+    """Chat-prompt ids of ``fitting_texts``."""
+    chosen = fitting_texts(texts, tokenizer, max_prompt_tokens, limit, seed)
+    return [tokenizer.chat_prompt(t) for t in chosen]
 
 
 def threshold_sweep(
@@ -116,12 +123,3 @@ def threshold_sweep(
             }
         )
     return out
-
-
-def save_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def config_dict(cfg: EvalConfig) -> dict:
-    return asdict(cfg)

@@ -20,6 +20,7 @@ from dspark.bench.acceptance import (
     PROMPT_DIR,
     EvalConfig,
     fitting_prompts,
+    fitting_texts,
     read_turns,
 )
 
@@ -71,13 +72,9 @@ def write_benchmark_subsets(
     written = []
     for name in BENCHMARKS:
         texts = read_turns(Path(src_dir) / f"{name}.jsonl")
-        import random
-
-        order = list(range(len(texts)))
-        random.Random(cfg.seed).shuffle(order)
-        kept = [texts[i] for i in order if len(tokenizer.chat_prompt(texts[i])) <= limit]
+        kept = fitting_texts(texts, tokenizer, limit, per_set, cfg.seed)
         path = PROMPT_DIR / f"{name}.jsonl"
-        path.write_text("".join(json.dumps({"turns": [t]}) + "\n" for t in kept[:per_set]))
+        path.write_text("".join(json.dumps({"turns": [t]}) + "\n" for t in kept))
         written.append(path)
     return written
 

@@ -27,6 +27,7 @@ from dspark.models.draft_layers import (
     MarkovHead,
 )
 from dspark.models.drafter_config import DrafterConfig
+from dspark.models.generation import sampling_probs
 from dspark.models.target import RMSNorm, RotaryEmbedding
 
 
@@ -44,8 +45,7 @@ def draft_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     if temperature <= 0.0:
         idx = logits.argmax(-1, keepdim=True)
         return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, idx, 1.0)
-    logits = logits.float()
-    return torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, -1)
+    return sampling_probs(logits, temperature, 1.0)
 
 
 def sample_token(probs: torch.Tensor, temperature: float, gen: torch.Generator | None) -> int:

@@ -24,6 +24,7 @@ import torch
 
 from dspark.models.drafter_checkpoint import Drafter
 from dspark.models.generation import SamplingParams, check_prompt, sampling_probs
+from dspark.models.parallel_drafter import draft_probs
 from dspark.models.target import TargetModel, TargetOutput
 
 
@@ -47,8 +48,7 @@ def drafter_features(out: TargetOutput, drafter: Drafter) -> torch.Tensor:
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     # logits: [n, V] -> [n, V] (one-hot at temperature 0)
     if params.temperature == 0.0:
-        idx = logits.argmax(-1, keepdim=True)
-        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, idx, 1.0)
+        return draft_probs(logits, 0.0)
     return sampling_probs(logits, params.temperature, params.top_p)
 
 

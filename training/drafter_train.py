@@ -121,6 +121,7 @@ class DrafterTrainer:
         init_trainable(self.drafter, cfg.seed)
         params = [p for p in self.drafter.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        self._batches: tuple[int | None, list[list[int]]] = (None, [])
         self.steps_per_epoch = len(self.epoch_batches(0))
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.step = 0
@@ -128,7 +129,7 @@ class DrafterTrainer:
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """Length-bucketed batches (sorted within chunks of 8 batches), shuffled, drop_last."""
-        if getattr(self, "_batches", (None,))[0] != epoch:
+        if self._batches[0] != epoch:
             self._batches = (epoch, self._make_batches(epoch))
         return self._batches[1]
 
