@@ -21,6 +21,7 @@ candidates before deciding earlier ones does not (paper Appendix A).
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -127,3 +128,27 @@ def capacity_from_stale(
 ) -> int:
     """§5.2: the capacity K for this step, from survival estimates of an earlier step."""
     return sum(algorithm1(stale_surv, cost, other_tokens))
+
+
+class OnlineCostTable:
+    """A profiled ``StepCostTable`` kept up to date with the step times the engine sees.
+
+    Each observation (B, seconds) moves the EWMA of the bucket nearest to B (log scale);
+    the table is rebuilt with step time non-decreasing in B. Profiling at start-up alone
+    misjudges the running engine (a tight profiling loop keeps caches and threads warm).
+    """
+
+    def __init__(self, table: StepCostTable, alpha: float = 0.1) -> None:
+        self.sizes = list(table.batch_sizes)
+        self.times = [1.0 / s for s in table.steps_per_second]
+        self.alpha = alpha
+        self.table = table
+
+    def observe(self, batch: int, seconds: float) -> None:
+        nearest = min(range(len(self.sizes)), key=lambda i: abs(math.log(self.sizes[i] / batch)))
+        self.times[nearest] += self.alpha * (seconds - self.times[nearest])
+        monotone, worst = [], 0.0
+        for t in self.times:
+            worst = max(worst, t)
+            monotone.append(worst)
+        self.table = StepCostTable(tuple(self.sizes), tuple(1.0 / t for t in monotone))

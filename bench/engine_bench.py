@@ -1,0 +1,299 @@
+"""`dspark bench engine`: an in-process closed-loop load benchmark of the engine.
+
+For each configuration (no speculation, MTP-1, DFlash γ=7, DSpark γ=7, DSpark + Algorithm 1,
+DSpark + async top-K), temperature and concurrency C, C requests are kept in flight: when
+one finishes the next prompt enters. Prompts are the held-out math, code and chat prompts,
+interleaved, the same list for every configuration.
+
+- *per-user tokens/s*: a request's output tokens over the time from its arrival to its
+  last token, averaged over requests;
+- *aggregate tokens/s*: all output tokens over the wall time of the cell;
+- ratios are taken against no speculation and against MTP-1 at the same C and temperature,
+  all measured in one run, one configuration after another on the same machine.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from dspark.models.drafter_checkpoint import load_drafter
+from dspark.models.generation import SamplingParams
+from dspark.models.target import TargetModel
+from dspark.workers.engine import Engine, EngineConfig
+from dspark.workers.stats import StepStats
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    concurrencies: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    temperatures: tuple[float, ...] = (0.0, 1.0)
+    max_tokens: int = 64
+    """Output tokens per request (requests may stop earlier at end of turn)."""
+    min_requests: int = 8
+    """Requests finished per cell: max(min_requests, 2 * C)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.concurrencies or min(self.concurrencies) < 1:
+            raise ValueError("concurrencies must be >= 1")
+        if any(t < 0 for t in self.temperatures):
+            raise ValueError("temperatures must be >= 0")
+        if self.max_tokens < 1 or self.min_requests < 1:
+            raise ValueError("max_tokens and min_requests must be >= 1")
+
+
+@dataclass(frozen=True)
+class System:
+    label: str
+    drafter: str | None  # subdirectory of the drafters directory
+    budget: str = "fixed"
+    gamma: int | None = None
+
+
+SYSTEMS = (
+    System("no-spec", None),
+    System("mtp-1", "mtp"),
+    System("dflash-g7", "dflash", "fixed", 7),
+    System("dspark-g7", "dspark", "fixed", 7),
+    System("dspark-alg1", "dspark", "algorithm1"),
+    System("dspark-topk", "dspark", "topk"),
+)
+
+
+@dataclass
+class Cell:
+    system: str
+    temperature: float
+    concurrency: int
+    num_requests: int
+    output_tokens: int
+    wall_time: float
+    per_user_tps: float
+    aggregate_tps: float
+    mean_tau: float
+    mean_budget_per_request: float
+    """Mean ℓ_r over drafted request-steps."""
+    step_time_ms: float
+    schedule_and_sampling_frac: float
+    """Share of step time in the scheduler, the budget and rejection sampling."""
+    phase_ms: dict = field(default_factory=dict)
+
+
+def run_cell(
+    engine: Engine,
+    prompts: Sequence[list[int]],
+    stop_ids: Sequence[int],
+    concurrency: int,
+    num_requests: int,
+    params_for: Callable[[int], SamplingParams],
+) -> tuple[list[float], int, float, list[StepStats]]:
+    """Closed loop: keep ``concurrency`` requests in flight until ``num_requests`` finish."""
+    arrival: dict[str, float] = {}
+    tokens: dict[str, int] = {}
+    per_user: list[float] = []
+    stats: list[StepStats] = []
+    issued = 0
+    start = time.perf_counter()
+
+    def issue() -> None:
+        nonlocal issued
+        req_id = engine.add_request(prompts[issued % len(prompts)], params_for(issued), stop_ids)
+        arrival[req_id], tokens[req_id] = time.perf_counter(), 0
+        issued += 1
+
+    for _ in range(min(concurrency, num_requests)):
+        issue()
+    while engine.has_unfinished():
+        result = engine.step()
+        now = time.perf_counter()
+        if result.stats is not None:
+            stats.append(result.stats)
+        for out in result.outputs:
+            tokens[out.req_id] += len(out.new_token_ids)
+            if out.finished:
+                per_user.append(tokens[out.req_id] / max(now - arrival[out.req_id], 1e-9))
+                if issued < num_requests:
+                    issue()
+    return per_user, sum(tokens.values()), time.perf_counter() - start, stats
+
+
+def summarize(system, temperature, concurrency, per_user, num_tokens, wall, stats) -> Cell:
+    drafted = sum(s.num_drafts for s in stats)
+    step_time = sum(s.step_time for s in stats)
+    overhead = sum(s.time_schedule + s.time_budget + s.time_sample for s in stats)
+    phases = {
+        name: 1000 * sum(getattr(s, f"time_{name}") for s in stats) / max(len(stats), 1)
+        for name in ("schedule", "draft", "budget", "verify", "sample", "update")
+    }
+    return Cell(
+        system=system,
+        temperature=temperature,
+        concurrency=concurrency,
+        num_requests=len(per_user),
+        output_tokens=num_tokens,
+        wall_time=wall,
+        per_user_tps=sum(per_user) / max(len(per_user), 1),
+        aggregate_tps=num_tokens / wall,
+        mean_tau=(sum(s.num_accepted_tokens for s in stats) + drafted) / drafted if drafted else 1.0,
+        mean_budget_per_request=sum(s.verify_budget for s in stats) / drafted if drafted else 0.0,
+        step_time_ms=1000 * step_time / max(len(stats), 1),
+        schedule_and_sampling_frac=overhead / step_time if step_time else 0.0,
+        phase_ms=phases,
+    )
+
+
+def run_benchmark(
+    target: TargetModel,
+    drafters_dir: str | Path,
+    prompts: Sequence[list[int]],
+    stop_ids: Sequence[int],
+    cfg: BenchConfig,
+    systems: Sequence[System] = SYSTEMS,
+    engine_config: EngineConfig | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    base = engine_config or EngineConfig()
+    cells: list[Cell] = []
+    tables = {}
+    for system in systems:
+        drafter = load_drafter(Path(drafters_dir) / system.drafter, target) if system.drafter else None
+        ecfg = EngineConfig(**{**asdict(base), "budget": system.budget,
+                               "num_speculative_tokens": system.gamma})
+        engine = Engine(target, drafter, ecfg)
+        tables[system.label] = asdict(engine.cost_table)
+        for temp in cfg.temperatures:
+            for conc in cfg.concurrencies:
+                num = max(cfg.min_requests, 2 * conc)
+
+                def params_for(i: int, temp=temp) -> SamplingParams:
+                    return SamplingParams(temperature=temp, max_tokens=cfg.max_tokens,
+                                          seed=cfg.seed + i)
+
+                result = run_cell(engine, prompts, stop_ids, conc, num, params_for)
+                cell = summarize(system.label, temp, conc, *result)
+                cells.append(cell)
+                log(
+                    f"{system.label:12s} T={temp:g} C={conc:2d}  per-user {cell.per_user_tps:7.1f}"
+                    f"  aggregate {cell.aggregate_tps:7.1f} tok/s  tau {cell.mean_tau:.2f}"
+                    f"  budget {cell.mean_budget_per_request:.2f}"
+                )
+    return {"cells": [asdict(c) for c in cells], "cost_tables": tables,
+            "ratios": ratios(cells), "config": asdict(cfg)}
+
+
+def ratios(cells: Sequence[Cell]) -> list[dict]:
+    """Per cell: per-user and aggregate ratios against no-spec and MTP-1 (same T and C)."""
+    index = {(c.system, c.temperature, c.concurrency): c for c in cells}
+    out = []
+    for c in cells:
+        row = {"system": c.system, "temperature": c.temperature, "concurrency": c.concurrency}
+        for ref in ("no-spec", "mtp-1"):
+            base = index.get((ref, c.temperature, c.concurrency))
+            if base is not None:
+                row[f"per_user_vs_{ref}"] = c.per_user_tps / base.per_user_tps
+                row[f"aggregate_vs_{ref}"] = c.aggregate_tps / base.aggregate_tps
+        out.append(row)
+    return out
+
+
+def domain_prompts(tokenizer, context: int, max_tokens: int, per_domain: int, seed: int):
+    """Held-out math, code and chat prompts, interleaved, that fit the context."""
+    from dspark.bench.acceptance import fitting_prompts
+    from dspark.training.corpus.build import CorpusConfig, build_corpus
+
+    corpus = build_corpus(CorpusConfig(seed=0))
+    limit = context - max_tokens - 9
+    per = []
+    for domain in ("math", "code", "chat"):
+        texts = [r["messages"][0]["content"] for r in corpus[domain]["heldout"]]
+        per.append(fitting_prompts(texts, tokenizer, limit, per_domain, seed))
+    return [p for group in zip(*per) for p in group]
+
+
+def markdown(result: dict) -> str:
+    cells = result["cells"]
+    ratio = {(r["system"], r["temperature"], r["concurrency"]): r for r in result["ratios"]}
+    lines = []
+    for temp in result["config"]["temperatures"]:
+        lines += [f"### T = {temp:g}", "",
+                  "| system | C | per-user tok/s | aggregate tok/s | × no-spec (user / agg) "
+                  "| × MTP-1 (user / agg) | τ | mean ℓ | step ms | sched+budget+sample |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for c in cells:
+            if c["temperature"] != temp:
+                continue
+            r = ratio[(c["system"], temp, c["concurrency"])]
+            lines.append(
+                f"| {c['system']} | {c['concurrency']} | {c['per_user_tps']:.1f} | "
+                f"{c['aggregate_tps']:.1f} | {r.get('per_user_vs_no-spec', 0):.2f} / "
+                f"{r.get('aggregate_vs_no-spec', 0):.2f} | {r.get('per_user_vs_mtp-1', 0):.2f} / "
+                f"{r.get('aggregate_vs_mtp-1', 0):.2f} | {c['mean_tau']:.2f} | "
+                f"{c['mean_budget_per_request']:.2f} | {c['step_time_ms']:.1f} | "
+                f"{100 * c['schedule_and_sampling_frac']:.1f}% |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(result: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = result["cells"]
+    systems = list(dict.fromkeys(c["system"] for c in cells))
+    temps = result["config"]["temperatures"]
+    paths = []
+    fig, axes = plt.subplots(1, len(temps), figsize=(6 * len(temps), 4.5), squeeze=False)
+    for ax, temp in zip(axes[0], temps):
+        for name in systems:
+            pts = [c for c in cells if c["system"] == name and c["temperature"] == temp]
+            ax.plot([c["per_user_tps"] for c in pts], [c["aggregate_tps"] for c in pts],
+                    marker="o", label=name)
+            for c in pts:
+                ax.annotate(str(c["concurrency"]), (c["per_user_tps"], c["aggregate_tps"]),
+                            fontsize=7)
+        ax.set_xlabel("per-user tokens/s")
+        ax.set_ylabel("aggregate tokens/s")
+        ax.set_title(f"Throughput vs per-user speed, T={temp:g} (labels: concurrency)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / "engine-pareto.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name in systems:
+        for temp in temps:
+            pts = [c for c in cells if c["system"] == name and c["temperature"] == temp]
+            if not any(c["mean_budget_per_request"] for c in pts):
+                continue
+            ax.plot([c["concurrency"] for c in pts], [c["mean_budget_per_request"] for c in pts],
+                    marker="o", label=f"{name} T={temp:g}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrency")
+    ax.set_ylabel("mean verified drafts per request per step (ℓ)")
+    ax.set_title("Verification budget vs concurrency")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / "engine-budget.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def write_results(result: dict, out_dir: str | Path, command: str) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = dict(result, command=command, torch_threads=torch.get_num_threads())
+    (out_dir / "engine.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out_dir / "engine.md").write_text(f"Command: `{command}`\n\n" + markdown(result))
+    return [out_dir / "engine.json", out_dir / "engine.md", *plot(result, out_dir)]

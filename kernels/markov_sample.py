@@ -1,0 +1,170 @@
+"""The drafting loop of a parallel drafter: left-to-right sampling through the Markov head.
+
+For each request r and slot k = 0..K-1 (``prev`` is the anchor for k = 0, then the token
+just sampled)::
+
+    logits[r, k] = base[r, k] + W2 @ W1[prev]        (no bias for DFlash: W1 = None)
+    probs[r, k]  = softmax(logits[r, k] / T_r)       (one-hot argmax when T_r = 0)
+    token[r, k]  = inverse CDF of probs[r, k] at uniforms[r, k]  (argmax when T_r = 0)
+
+``probs`` is the draft distribution q the rejection sampler needs (Markov-corrected, which
+is what keeps DSpark lossless). Uniforms come from each request's own generator, so the
+draw does not depend on the rest of the batch.
+
+``markov_sample_torch`` is the oracle and CPU path; ``markov_sample_triton`` runs one
+program per request, loops over slots, and streams the vocabulary in chunks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+
+def sample_rows(
+    logits: torch.Tensor,  # [R, V]
+    temperatures: torch.Tensor,  # [R] (0 = greedy)
+    uniforms: torch.Tensor,  # [R] in [0, 1)
+) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [R], probs [R, V]
+    logits = logits.float()
+    greedy = temperatures <= 0  # [R]
+    argmax = logits.argmax(-1)  # [R]
+    one_hot = torch.zeros_like(logits).scatter_(-1, argmax[:, None], 1.0)
+    num_greedy = int(greedy.sum())
+    if num_greedy == logits.shape[0]:  # all greedy: no softmax needed
+        return argmax, one_hot
+    temp = torch.where(greedy, torch.ones_like(temperatures), temperatures).float()
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temp[:, None], -1)
+    cdf = probs.cumsum(-1)  # [R, V]
+    drawn = (cdf <= uniforms[:, None]).sum(-1).clamp_max(logits.shape[-1] - 1)  # [R]
+    if num_greedy == 0:
+        return drawn, probs
+    tokens = torch.where(greedy, argmax, drawn)
+    return tokens, torch.where(greedy[:, None], one_hot, probs)
+
+
+def markov_sample_torch(
+    base: torch.Tensor,  # [R, K, V] backbone logits of each slot
+    anchors: torch.Tensor,  # [R]
+    w1: torch.Tensor | None,  # [V, rank] Markov embedding, None for DFlash
+    w2: torch.Tensor | None,  # [V, rank] Markov output projection (nn.Linear weight)
+    temperatures: torch.Tensor,  # [R]
+    uniforms: torch.Tensor,  # [R, K]
+) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [R, K], probs [R, K, V]
+    prev = anchors
+    tokens, probs = [], []
+    for k in range(base.shape[1]):
+        logits = base[:, k].float()
+        if w1 is not None:
+            logits = logits + w1[prev].float() @ w2.float().T  # [R, V]
+        token, prob = sample_rows(logits, temperatures, uniforms[:, k])
+        tokens.append(token)
+        probs.append(prob)
+        prev = token
+    return torch.stack(tokens, 1), torch.stack(probs, 1)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _markov_kernel(
+        base_ptr, anchor_ptr, w1_ptr, w2_ptr, temp_ptr, u_ptr, tok_ptr, prob_ptr,
+        K, V, RANK,
+        HAS_MARKOV: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        req = tl.program_id(0)
+        temp = tl.load(temp_ptr + req)
+        greedy = temp <= 0.0
+        inv_t = 1.0 / tl.where(greedy, 1.0, temp)
+        prev = tl.load(anchor_ptr + req)
+        offs_r = tl.arange(0, BLOCK_R)
+        for k in range(K):
+            row = req * K + k
+            if HAS_MARKOV:
+                e = tl.load(w1_ptr + prev * RANK + offs_r, mask=offs_r < RANK, other=0.0)
+            # pass 1: corrected logits into the probs buffer; running max and argmax
+            best = float("-inf")
+            best_idx = 0
+            for v0 in range(0, V, BLOCK_V):
+                offs = v0 + tl.arange(0, BLOCK_V)
+                inside = offs < V
+                logit = tl.load(base_ptr + row * V + offs, mask=inside, other=float("-inf"))
+                if HAS_MARKOV:
+                    w2 = tl.load(
+                        w2_ptr + offs[:, None] * RANK + offs_r[None, :],
+                        mask=inside[:, None] & (offs_r[None, :] < RANK),
+                        other=0.0,
+                    )
+                    logit = logit + tl.sum(w2 * e[None, :], axis=1)
+                    logit = tl.where(inside, logit, float("-inf"))
+                tl.store(prob_ptr + row * V + offs, logit, mask=inside)
+                chunk_max = tl.max(logit, axis=0)
+                chunk_idx = v0 + tl.argmax(logit, axis=0)
+                better = chunk_max > best
+                best_idx = tl.where(better, chunk_idx, best_idx)
+                best = tl.where(better, chunk_max, best)
+            # pass 2: normaliser of softmax(logits / T)
+            total = 0.0
+            for v0 in range(0, V, BLOCK_V):
+                offs = v0 + tl.arange(0, BLOCK_V)
+                inside = offs < V
+                logit = tl.load(prob_ptr + row * V + offs, mask=inside, other=float("-inf"))
+                total += tl.sum(tl.where(inside, tl.exp((logit - best) * inv_t), 0.0), axis=0)
+            # pass 3: probabilities and the inverse-CDF draw
+            u = tl.load(u_ptr + row)
+            carry = 0.0
+            below = 0
+            for v0 in range(0, V, BLOCK_V):
+                offs = v0 + tl.arange(0, BLOCK_V)
+                inside = offs < V
+                logit = tl.load(prob_ptr + row * V + offs, mask=inside, other=float("-inf"))
+                p = tl.where(inside, tl.exp((logit - best) * inv_t) / total, 0.0)
+                cdf = carry + tl.cumsum(p, axis=0)
+                below += tl.sum(tl.where(inside & (cdf <= u), 1, 0), axis=0)
+                carry += tl.sum(p, axis=0)
+                p = tl.where(greedy, tl.where(offs == best_idx, 1.0, 0.0), p)
+                tl.store(prob_ptr + row * V + offs, p, mask=inside)
+            token = tl.where(greedy, best_idx, tl.minimum(below, V - 1))
+            tl.store(tok_ptr + row, token)
+            prev = token
+
+
+def markov_sample_triton(base, anchors, w1, w2, temperatures, uniforms, block_v: int = 1024):
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    num_req, num_slots, vocab = base.shape
+    tokens = torch.empty(num_req, num_slots, dtype=torch.int64, device=base.device)
+    probs = torch.empty(num_req, num_slots, vocab, dtype=torch.float32, device=base.device)
+    if num_req == 0:
+        return tokens, probs
+    rank = w1.shape[1] if w1 is not None else 1
+    dummy = base.new_zeros(1, dtype=torch.float32)
+    _markov_kernel[(num_req,)](
+        base.float().contiguous(),
+        anchors.to(torch.int64).contiguous(),
+        w1.float().contiguous() if w1 is not None else dummy,
+        w2.float().contiguous() if w2 is not None else dummy,
+        temperatures.float().contiguous(),
+        uniforms.float().contiguous(),
+        tokens,
+        probs,
+        num_slots,
+        vocab,
+        rank,
+        HAS_MARKOV=w1 is not None,
+        BLOCK_V=min(block_v, triton.next_power_of_2(vocab)),
+        BLOCK_R=triton.next_power_of_2(rank),
+    )
+    return tokens, probs
+
+
+def markov_sample(base, anchors, w1, w2, temperatures, uniforms):
+    """The kernel on CUDA tensors, the torch twin elsewhere."""
+    if base.is_cuda and triton is not None:
+        return markov_sample_triton(base, anchors, w1, w2, temperatures, uniforms)
+    return markov_sample_torch(base, anchors, w1, w2, temperatures, uniforms)

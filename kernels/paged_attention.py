@@ -1,0 +1,70 @@
+"""Attention of a flattened, variable-length batch over paged K/V (the verify forward).
+
+Vocabulary:
+- *slot*: one position of the paged cache, ``block_id * block_size + offset``; the cache
+  tensors are ``[num_slots, kv_heads, head_dim]`` per layer.
+- *slot table* of request r: the slot of each of its positions 0..S-1, from its block table.
+- *flattened batch*: every request's query tokens contiguous, ``cu_q[r]..cu_q[r+1]``, each
+  with its absolute position; query i of request r sees r's keys at positions <= its own.
+
+NOTE: the new keys of this forward must already be written to their slots; a query sees
+them exactly like older ones, which is what makes verify causal among the drafts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def slot_table(block_tables: torch.Tensor, num_positions: int, block_size: int) -> torch.Tensor:
+    """block_tables [R, max_blocks] -> slots [R, num_positions] of positions 0.."""
+    pos = torch.arange(num_positions, device=block_tables.device)
+    return block_tables[:, pos // block_size] * block_size + pos % block_size
+
+
+def gather_kv(
+    cache: torch.Tensor,  # [num_slots, kv_heads, head_dim]
+    slots: torch.Tensor,  # [R, S]
+) -> torch.Tensor:  # [R, kv_heads, S, head_dim]
+    return cache[slots].transpose(1, 2)
+
+
+def paged_attention_torch(
+    q: torch.Tensor,  # [N, H, head_dim] queries (normed and rotated)
+    k_cache: torch.Tensor,  # [num_slots, kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_slots, kv_heads, head_dim]
+    slots: torch.Tensor,  # [R, S] slot of each position of each request
+    seq_lens: torch.Tensor,  # [R] keys of request r: positions < seq_lens[r]
+    cu_q: torch.Tensor,  # [R + 1] query offsets
+    q_pos: torch.Tensor,  # [N] absolute position of each query
+    max_q: int,  # longest query run of one request
+) -> torch.Tensor:  # [N, H, head_dim]
+    num_req, width = slots.shape
+    num_tokens = q.shape[0]
+    q_lens = cu_q[1:] - cu_q[:-1]  # [R]
+    req_of = torch.repeat_interleave(torch.arange(num_req, device=q.device), q_lens)  # [N]
+    col = torch.arange(num_tokens, device=q.device) - cu_q[:-1][req_of]  # [N]
+    padded_q = q.new_zeros(num_req, max_q, *q.shape[1:])  # [R, Q, H, hd]
+    padded_q[req_of, col] = q
+    qpos = torch.full((num_req, max_q), -1, dtype=torch.long, device=q.device)
+    qpos[req_of, col] = q_pos
+    keys = torch.arange(width, device=q.device)
+    visible = (keys[None, None, :] <= qpos[..., None]) & (
+        keys[None, None, :] < seq_lens[:, None, None]
+    )  # [R, Q, S]
+    # NOTE: padding queries (qpos = -1) see nothing; let them see key 0 so no row is NaN
+    visible[..., 0] |= qpos < 0
+    out = F.scaled_dot_product_attention(
+        padded_q.transpose(1, 2),  # [R, H, Q, hd]
+        gather_kv(k_cache, slots),
+        gather_kv(v_cache, slots),
+        attn_mask=visible[:, None],
+        enable_gqa=True,
+    )  # [R, H, Q, hd]
+    return out.transpose(1, 2)[req_of, col]
+
+
+def paged_attention(*args, **kwargs) -> torch.Tensor:
+    """The one entry point the runners call (the torch twin on every device for now)."""
+    return paged_attention_torch(*args, **kwargs)

@@ -1,0 +1,57 @@
+"""The paged, flattened verify forward equals the plain forward; SPS(B) is profiled."""
+
+from __future__ import annotations
+
+import torch
+
+from dspark.workers.block_manager import BlockManager
+from dspark.workers.model_runner import ModelRunner, VerifyBatch, profile_step_costs
+
+
+def run(runner, blocks, seqs, spans):
+    ids, pos, cu, seq_lens = [], [], [0], []
+    for s, (a, b) in zip(seqs, spans):
+        ids += s[a:b]
+        pos += range(a, b)
+        cu.append(cu[-1] + b - a)
+        seq_lens.append(b)
+    tables = [blocks.table(str(i)).block_ids for i in range(len(seqs))]
+    width = max(len(t) for t in tables)
+    return runner.forward(VerifyBatch(
+        input_ids=torch.tensor(ids),
+        positions=torch.tensor(pos),
+        cu_q=torch.tensor(cu),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+        seq_lens=torch.tensor(seq_lens),
+        max_q=max(b - a for a, b in spans),
+        logit_rows=torch.arange(len(ids)),
+    ))
+
+
+def test_chunked_paged_forward_equals_the_plain_forward(make_model):
+    target = make_model()
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(5, 97, (n,), generator=gen).tolist() for n in (5, 13, 9, 1)]
+    blocks = BlockManager(64, 4)
+    for i, s in enumerate(seqs):
+        blocks.allocate(str(i), s)
+    runner = ModelRunner(target, 64, 4, feature_layers=(0, 1))
+    cut = [min(3, len(s) - 1) for s in seqs]
+    run(runner, blocks, seqs, [(0, c) if c else (0, 1) for c in cut])
+    spans = [(c, len(s)) if c else (0, 1) for s, c in zip(seqs, cut)]
+    out = run(runner, blocks, seqs, spans)
+    row = 0
+    for s, (a, b) in zip(seqs, spans):
+        ref = target(torch.tensor([s]), feature_layers=(0, 1))
+        n = b - a
+        torch.testing.assert_close(out.logits[row:row + n], ref.logits[0, a:b])
+        torch.testing.assert_close(out.features[row:row + n], ref.layer_features[0, a:b])
+        row += n
+
+
+def test_profile_gives_a_table_for_each_fitting_size(make_model):
+    runner = ModelRunner(make_model(), 64, 4)
+    table = profile_step_costs(runner, (1, 4, 16, 64, 4096), max_requests=8, context=8,
+                               num_blocks=64, repeats=1)
+    assert table.batch_sizes == (1, 4, 16, 64)  # 4096 tokens do not fit in 64 blocks
+    assert all(rate > 0 for rate in table.steps_per_second)

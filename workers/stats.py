@@ -1,0 +1,96 @@
+"""Step and request statistics: plain data the engine emits; exporters only read them.
+
+Vocabulary:
+- *verify budget* of a step: ``sum_r ℓ_r``, the draft tokens the target verifies;
+- *ℓ histogram*: how many decoding requests got ℓ = 0, 1, ..., γ this step;
+- *accepted per position*: how many requests had draft k accepted (k = 1..γ).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StepStats:
+    step: int
+    num_running: int
+    """Requests holding KV after the step."""
+    num_waiting: int
+    num_scheduled_requests: int
+    num_prefill_tokens: int
+    num_decode_requests: int
+    num_drafts: int
+    """Decoding requests the drafter proposed for."""
+    num_draft_tokens: int
+    """Draft tokens proposed (before the budget)."""
+    verify_budget: int
+    """Draft tokens kept for verification, sum of ℓ_r."""
+    num_accepted_tokens: int
+    num_output_tokens: int
+    """Tokens committed this step (accepted + recovered/bonus + first tokens)."""
+    num_verify_tokens: int
+    """Rows of the target forward (prefill chunks + anchors + kept drafts)."""
+    num_scheduled_tokens: int
+    """Tokens the scheduler reserved (prefill chunks + anchors + lookahead slots)."""
+    ell_histogram: list[int]
+    accepted_per_position: list[int]
+    num_preempted: int
+    num_finished: int
+    num_errors: int
+    free_blocks: int
+    step_time: float
+    """Seconds, whole step."""
+    time_schedule: float
+    time_draft: float
+    time_budget: float
+    time_verify: float
+    time_sample: float
+    time_update: float
+    """Seconds in each phase (schedule, draft, budget, target forward, rejection sampling,
+    drafter extension + commit)."""
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        if self.num_drafts == 0:
+            return 0.0
+        return (self.num_accepted_tokens + self.num_drafts) / self.num_drafts
+
+
+@dataclass
+class SpecStats:
+    """One request's speculative-decoding counts (the vLLM per-request metrics shape)."""
+
+    num_spec_tokens: int
+    num_spec_steps: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_draft_tokens: int = 0
+    acceptance_histogram: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.acceptance_histogram:
+            self.acceptance_histogram = [0] * (self.num_spec_tokens + 1)
+
+    def record(self, num_draft: int, num_accepted: int) -> None:
+        self.num_spec_steps += 1
+        self.num_draft_tokens += num_draft
+        self.num_accepted_draft_tokens += num_accepted
+        self.acceptance_histogram[num_accepted] += 1
+
+    def to_dict(self) -> dict:
+        steps = self.num_spec_steps
+        return {
+            "num_spec_tokens": self.num_spec_tokens,
+            "num_spec_steps": steps,
+            "num_draft_tokens": self.num_draft_tokens,
+            "num_accepted_draft_tokens": self.num_accepted_draft_tokens,
+            "acceptance_histogram": list(self.acceptance_histogram),
+            "mean_acceptance_length": (
+                1.0 + self.num_accepted_draft_tokens / steps if steps else 0.0
+            ),
+            "draft_acceptance_rate": (
+                self.num_accepted_draft_tokens / self.num_draft_tokens
+                if self.num_draft_tokens
+                else 0.0
+            ),
+        }
