@@ -83,6 +83,7 @@ class Cell:
     schedule_and_sampling_frac: float
     """Share of step time in the scheduler, the budget and rejection sampling."""
     phase_ms: dict = field(default_factory=dict)
+    num_errors: int = 0
 
 
 def run_cell(
@@ -159,30 +160,46 @@ def run_benchmark(
     log: Callable[[str], None] = print,
 ) -> dict:
     base = engine_config or EngineConfig()
-    cells: list[Cell] = []
+    engines: dict[str, Engine] = {}
     tables = {}
     for system in systems:
         drafter = load_drafter(Path(drafters_dir) / system.drafter, target) if system.drafter else None
         ecfg = EngineConfig(**{**asdict(base), "budget": system.budget,
                                "num_speculative_tokens": system.gamma})
         engine = Engine(target, drafter, ecfg)
-        tables[system.label] = asdict(engine.cost_table)
-        for temp in cfg.temperatures:
-            for conc in cfg.concurrencies:
-                num = max(cfg.min_requests, 2 * conc)
+        tables[system.label] = {"profiled": asdict(engine.profiled_cost_table)}
+        # warm-up, not measured
+        run_cell(engine, prompts, stop_ids, 2, 2, lambda i: SamplingParams(max_tokens=8))
+        engines[system.label] = engine
+    cells: list[Cell] = []
+    # NOTE: systems take turns within each (T, C) so that drift of the machine's speed
+    # during the run hits every system alike
+    for temp in cfg.temperatures:
+        for conc in cfg.concurrencies:
+            num = max(cfg.min_requests, 2 * conc)
 
-                def params_for(i: int, temp=temp) -> SamplingParams:
-                    return SamplingParams(temperature=temp, max_tokens=cfg.max_tokens,
-                                          seed=cfg.seed + i)
+            def params_for(i: int, temp=temp) -> SamplingParams:
+                return SamplingParams(temperature=temp, max_tokens=cfg.max_tokens,
+                                      seed=cfg.seed + i)
 
+            for system in systems:
+                engine = engines[system.label]
                 result = run_cell(engine, prompts, stop_ids, conc, num, params_for)
                 cell = summarize(system.label, temp, conc, *result)
+                cell.num_errors = engine.num_errors
                 cells.append(cell)
                 log(
                     f"{system.label:12s} T={temp:g} C={conc:2d}  per-user {cell.per_user_tps:7.1f}"
                     f"  aggregate {cell.aggregate_tps:7.1f} tok/s  tau {cell.mean_tau:.2f}"
                     f"  budget {cell.mean_budget_per_request:.2f}"
                 )
+    for label, engine in engines.items():
+        tables[label]["online"] = asdict(engine.cost_table)
+        if engine.draft_costs is not None:
+            tables[label]["draft_online"] = asdict(engine.draft_costs.table)
+    errors = {label: e.num_errors for label, e in engines.items() if e.num_errors}
+    if errors:
+        raise RuntimeError(f"engine steps failed during the benchmark: {errors}")
     return {"cells": [asdict(c) for c in cells], "cost_tables": tables,
             "ratios": ratios(cells), "config": asdict(cfg)}
 
@@ -229,11 +246,15 @@ def markdown(result: dict) -> str:
             if c["temperature"] != temp:
                 continue
             r = ratio[(c["system"], temp, c["concurrency"])]
+
+            def x(key: str, r=r) -> str:
+                return f"{r[key]:.2f}" if key in r else "–"
+
             lines.append(
                 f"| {c['system']} | {c['concurrency']} | {c['per_user_tps']:.1f} | "
-                f"{c['aggregate_tps']:.1f} | {r.get('per_user_vs_no-spec', 0):.2f} / "
-                f"{r.get('aggregate_vs_no-spec', 0):.2f} | {r.get('per_user_vs_mtp-1', 0):.2f} / "
-                f"{r.get('aggregate_vs_mtp-1', 0):.2f} | {c['mean_tau']:.2f} | "
+                f"{c['aggregate_tps']:.1f} | {x('per_user_vs_no-spec')} / "
+                f"{x('aggregate_vs_no-spec')} | {x('per_user_vs_mtp-1')} / "
+                f"{x('aggregate_vs_mtp-1')} | {c['mean_tau']:.2f} | "
                 f"{c['mean_budget_per_request']:.2f} | {c['step_time_ms']:.1f} | "
                 f"{100 * c['schedule_and_sampling_frac']:.1f}% |"
             )
@@ -296,4 +317,9 @@ def write_results(result: dict, out_dir: str | Path, command: str) -> list[Path]
     result = dict(result, command=command, torch_threads=torch.get_num_threads())
     (out_dir / "engine.json").write_text(json.dumps(result, indent=1) + "\n")
     (out_dir / "engine.md").write_text(f"Command: `{command}`\n\n" + markdown(result))
-    return [out_dir / "engine.json", out_dir / "engine.md", *plot(result, out_dir)]
+    written = [out_dir / "engine.json", out_dir / "engine.md"]
+    try:
+        written += plot(result, out_dir)
+    except ImportError:  # the GPU machine has no matplotlib: the JSON holds everything
+        pass
+    return written

@@ -91,6 +91,39 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _int_list(value: str, name: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError as exc:
+        raise ValueError(f"{name} must be comma-separated integers, got {value!r}") from exc
+    if not out or min(out) < 1:
+        raise ValueError(f"{name} must list integers >= 1, got {value!r}")
+    return out
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="load benchmarks")
+    which = bench.add_subparsers(dest="what", required=True)
+    eng = which.add_parser(
+        "engine", help="in-process closed-loop engine benchmark (all systems in one run)"
+    )
+    eng.add_argument("--target", default=str(DEFAULT_TARGET))
+    eng.add_argument("--drafters", default=str(DEFAULT_DRAFTERS))
+    eng.add_argument("--concurrency", default="1,2,4,8,16,32")
+    eng.add_argument("--temperatures", default="0,1")
+    eng.add_argument("--max-tokens", type=int, default=64)
+    eng.add_argument("--min-requests", type=int, default=8, help="finished per cell: max(this, 2C)")
+    eng.add_argument("--prompts-per-domain", type=int, default=24)
+    eng.add_argument(
+        "--systems",
+        default="no-spec,mtp-1,dflash-g7,dspark-g7,dspark-alg1,dspark-topk",
+        help="a subset of the systems, comma-separated",
+    )
+    eng.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    eng.add_argument("--device", default="cpu")
+    eng.add_argument("--out", default="runs/bench-engine")
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="stream text from the target model")
     gen.add_argument("prompt")
@@ -122,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_corpus(sub)
     _add_eval(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -323,6 +357,46 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_engine(args: argparse.Namespace) -> int:
+    import torch
+
+    from dspark.bench.engine_bench import (
+        SYSTEMS,
+        BenchConfig,
+        domain_prompts,
+        run_benchmark,
+        write_results,
+    )
+    from dspark.models.generation import load_for_generation
+
+    temps = tuple(float(t) for t in args.temperatures.split(",") if t.strip())
+    cfg = BenchConfig(
+        concurrencies=_int_list(args.concurrency, "--concurrency"),
+        temperatures=temps,
+        max_tokens=args.max_tokens,
+        min_requests=args.min_requests,
+    )
+    known = {s.label: s for s in SYSTEMS}
+    wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in known]
+    if unknown or not wanted:
+        raise ValueError(f"--systems: unknown {unknown}; choose from {list(known)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target, tokenizer = load_for_generation(args.target)
+    target = target.to(args.device).eval()
+    context = target.config.max_position_embeddings
+    prompts = domain_prompts(tokenizer, context, cfg.max_tokens, args.prompts_per_domain, 0)
+    result = run_benchmark(
+        target, args.drafters, prompts, tokenizer.stop_ids, cfg, [known[s] for s in wanted]
+    )
+    command = "dspark bench engine " + " ".join(sys.argv[3:]) if sys.argv[1:3] == [
+        "bench", "engine"] else "dspark bench engine"
+    for path in write_results(result, args.out, command.strip()):
+        print(path)
+    return 0
+
+
 def _cmd_corpus_build(args: argparse.Namespace) -> int:
     from dspark.training.corpus.build import CorpusConfig, build_corpus, write_corpus
 
@@ -340,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         ("corpus", "build"): _cmd_corpus_build,
         ("train", "drafter"): _cmd_train_drafter,
         ("eval", None): _cmd_eval,
+        ("bench", "engine"): _cmd_bench_engine,
     }
     handler = handlers[(args.command, getattr(args, "what", None))]
     try:

@@ -64,6 +64,10 @@ class DraftWorker:
         )
         self.last_h: dict[str, torch.Tensor] = {}  # autoregressive: [d] per request
 
+    def ready(self, req_id: str) -> bool:
+        """Can propose for this request (autoregressive drafters need its last output)."""
+        return not self.autoregressive or req_id in self.last_h
+
     def forget(self, req_id: str) -> None:
         self.last_h.pop(req_id, None)
 

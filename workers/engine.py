@@ -16,6 +16,7 @@ SPS(B)), ``topk`` (§5.2: capacity from the confidences of two steps earlier).
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -47,6 +48,8 @@ from dspark.workers.scheduler import (
     SchedulerConfig,
 )
 from dspark.workers.stats import SpecStats, StepStats
+
+logger = logging.getLogger(__name__)
 
 BUDGET_MODES = ("fixed", "threshold", "algorithm1", "topk")
 CONFIDENCE_MODES = ("threshold", "algorithm1", "topk")
@@ -280,6 +283,8 @@ class Engine:
             return self._run(out, plans, t0, t_sched)
         except Exception as exc:  # NOTE: fail the step's requests, keep the engine alive
             self.num_errors += 1
+            logger.exception("engine step %d failed; failing its %d requests",
+                             self.step_count, len(plans))
             outputs = []
             for plan in plans:
                 self.scheduler.cancel(plan.request.req_id)
@@ -331,7 +336,12 @@ class Engine:
         caps = []
         for p in decoding:
             remaining = p.request.max_tokens - len(p.request.output_ids)
-            caps.append(max(0, min(p.item.num_lookahead, remaining - 1)))
+            cap = max(0, min(p.item.num_lookahead, remaining - 1))
+            if not self.draft_worker.ready(p.request.req_id):
+                # NOTE: a prefix-cache hit can leave a request decoding before the drafter
+                # has seen any of its rows; it drafts from the next step on
+                cap = 0
+            caps.append(cap)
         chosen = [p for p, cap in zip(decoding, caps) if cap > 0]
         if not chosen:
             return None
@@ -625,9 +635,11 @@ def target_probs_batch(
     ``softmax(logits / T)`` restricted to the top-p nucleus otherwise."""
     logits = logits.float()
     greedy = temperatures <= 0
+    one_hot = torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    if bool(greedy.all()):
+        return one_hot
     temp = torch.where(greedy, torch.ones_like(temperatures), temperatures)
     probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temp[:, None], -1)
-    one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     probs = torch.where(greedy[:, None], one_hot, probs)
     start = 0
     for top_p, n in zip(top_ps, rows_per):

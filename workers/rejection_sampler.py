@@ -38,24 +38,29 @@ def rejection_sample_batch(
     num_req = cu_num_draft.numel() - 1
     if len(greedy) != num_req or len(generators) != num_req:
         raise ValueError("greedy and generators need one entry per request")
+    device = target_probs.device
     lens = (cu_num_draft[1:] - cu_num_draft[:-1]).tolist()
     # target rows of request r start at cu_num_draft[r] + r
-    target_start = (cu_num_draft[:-1] + torch.arange(num_req)).tolist()
+    target_start = [int(c) + r for r, c in enumerate(cu_num_draft[:-1].tolist())]
     # p(d_k) and q(d_k) for every draft at once: [num_draft_tokens]
-    req_of = torch.repeat_interleave(torch.arange(num_req), torch.tensor(lens, dtype=torch.long))
-    target_row = torch.arange(draft_ids.numel()) + req_of
+    req_of = torch.repeat_interleave(
+        torch.arange(num_req, device=device), torch.tensor(lens, dtype=torch.long, device=device)
+    )
+    target_row = torch.arange(draft_ids.numel(), device=device) + req_of
     p_draft = target_probs[target_row, draft_ids]
-    q_draft = draft_probs[torch.arange(draft_ids.numel()), draft_ids]
+    q_draft = draft_probs[torch.arange(draft_ids.numel(), device=device), draft_ids]
     ratio = torch.clamp(p_draft / q_draft.clamp_min(1e-8), max=1.0)  # [num_draft_tokens]
     argmax = target_probs.argmax(-1)  # [num_draft_tokens + R]
-    is_greedy = torch.tensor(list(greedy), dtype=torch.bool)[req_of]
+    is_greedy = torch.tensor(list(greedy), dtype=torch.bool, device=device)[req_of]
     # greedy requests: accept iff the draft is the argmax (uniform 0 < ratio 1)
     ratio = torch.where(is_greedy, (draft_ids == argmax[target_row]).float(), ratio)
+    # NOTE: every request draws from its own CPU generator, in a fixed order
     uniforms = [
         torch.zeros(n) if greedy[r] else torch.rand(n, generator=generators[r])
         for r, n in enumerate(lens)
     ]
-    accepted = accepted_lengths(ratio, torch.cat(uniforms), cu_num_draft).tolist()
+    uniforms = torch.cat(uniforms).to(device) if uniforms else torch.zeros(0, device=device)
+    accepted = accepted_lengths(ratio, uniforms, cu_num_draft.to(device)).tolist()
     draft_list, argmax_list = draft_ids.tolist(), argmax.tolist()
     out_accepted, out_ids = [], []
     for r in range(num_req):
@@ -70,6 +75,7 @@ def rejection_sample_batch(
                 dist = (target_probs[t0 + a] - draft_probs[first + a]).clamp_min(0.0)
                 if float(dist.sum()) <= 1e-8:
                     dist = target_probs[t0 + a]
+            dist = dist.float().cpu()
             token = int(torch.multinomial(dist / dist.sum(), 1, generator=generators[r]))
         out_accepted.append(a)
         out_ids.append(drafts[:a] + [token])

@@ -193,3 +193,19 @@ def test_step_stats_add_up(make_model, make_drafter):
         assert stats.num_verify_tokens == (stats.num_prefill_tokens + stats.num_decode_requests
                                            + stats.verify_budget)
     assert produced == sum(len(r.output_ids) for r in eng.scheduler.requests.values())
+
+
+@pytest.mark.parametrize("method", ["eagle3", "mtp", "dspark"])
+def test_prefix_cache_hits_reuse_target_and_drafter_kv(make_model, make_drafter, method):
+    """A later prompt that extends an earlier one by one token starts decoding straight from
+    cached blocks (no prefill row): output stays exact and drafting resumes."""
+    target = make_model()
+    eng = engine(target, make_drafter(target, method))
+    base = [11, 12, 13, 14, 15, 16, 17, 18]
+    params = SamplingParams(max_tokens=12)
+    for prompt in (base, base + [19], base + [19, 20, 21, 22, 23]):
+        free = eng.blocks.num_free_blocks
+        got = eng.generate([prompt], params)[0]
+        assert got == list(generate_tokens(target, prompt, params))
+        assert eng.blocks.num_free_blocks == free
+    assert eng.blocks.cached, "the prompts' full blocks must be in the prefix cache"

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The GPU checks of the engine, in one run (see ../shared/docs/GPU.md): no install, no Ray.
+#   1. kernel tests compiled by Triton for the GPU (TRITON_INTERPRET=0);
+#   2. the step-cost curve SPS(B) of a larger randomly initialised MoE target;
+#   3. `dspark bench engine` on the demo checkpoints on the GPU.
+# Results go to $OUT (default runs/gpu-check). Usage: bash bench/gpu_check.sh [cpu]
+# ("cpu" runs a tiny version of the same steps here, to check the script itself).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu-check}
+DEVICE=${1:-cuda}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] && [ "$DEVICE" = cpu ] && PY=.venv/bin/python
+# the package layout without installing: dspark.<folder> -> <folder>
+PKG=$(mktemp -d)
+mkdir -p "$PKG/dspark"
+for d in models workers kernels bench training cluster router; do
+    [ -d "$d" ] && ln -s "$PWD/$d" "$PKG/dspark/$d"
+done
+export PYTHONPATH="$PKG" RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
+"$PY" -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), file=sys.stderr)"
+
+if [ "$DEVICE" = cuda ]; then
+    echo "== kernel tests, compiled" | tee "$OUT/kernels.txt"
+    TRITON_INTERPRET=0 "$PY" -P -m pytest -q -p no:cacheprovider --import-mode=importlib \
+        --rootdir="$PWD" tests/kernels 2>&1 | tee -a "$OUT/kernels.txt"
+    SIZES="1,2,4,8,16,32,64,128,256,512,1024"; CONC="1,2,4,8,16,32"; TOKENS=128
+else
+    SIZES="1,4,16"; CONC="1,2"; TOKENS=8
+fi
+
+echo "== SPS(B) of a larger random MoE target"
+"$PY" -P - "$DEVICE" "$SIZES" "$OUT/sps-large.json" <<'PY'
+import json, sys, torch
+from dspark.models.config import TargetConfig
+from dspark.models.target import TargetModel
+from dspark.workers.model_runner import ModelRunner, profile_step_costs
+device, sizes, out = sys.argv[1], [int(s) for s in sys.argv[2].split(",")], sys.argv[3]
+big = device == "cuda"
+cfg = TargetConfig(
+    vocab_size=32000 if big else 512, hidden_size=2048 if big else 64,
+    num_hidden_layers=16 if big else 2, num_attention_heads=16 if big else 4,
+    num_key_value_heads=4 if big else 2, head_dim=128 if big else 16,
+    intermediate_size=5632 if big else 128, num_experts=64 if big else 4,
+    num_experts_per_tok=8 if big else 2, moe_intermediate_size=768 if big else 32,
+    max_position_embeddings=4096 if big else 256,
+)
+dtype = torch.bfloat16 if big else torch.float32
+model = TargetModel(cfg)
+model.init_weights(0)
+model = model.to(device=device, dtype=dtype).eval()
+blocks = 4096 if big else 256
+runner = ModelRunner(model, blocks, 16)
+table = profile_step_costs(runner, sizes, max_requests=64, context=512 if big else 32,
+                           num_blocks=blocks, repeats=5)
+rows = [{"B": b, "steps_per_s": s, "ms": 1000 / s} for b, s in
+        zip(table.batch_sizes, table.steps_per_second)]
+print(json.dumps({"params_M": model.num_parameters() / 1e6, "dtype": str(dtype), "rows": rows},
+                 indent=1))
+json.dump({"params_M": model.num_parameters() / 1e6, "dtype": str(dtype), "rows": rows},
+          open(out, "w"), indent=1)
+PY
+
+echo "== engine benchmark on the demo checkpoints ($DEVICE)"
+"$PY" -P -m dspark.cluster.cli bench engine --device "$DEVICE" --concurrency "$CONC" \
+    --max-tokens "$TOKENS" --out "$OUT/engine" 2>&1 | tee "$OUT/engine.txt"
+rm -rf "$PKG"
