@@ -38,14 +38,16 @@ class BenchConfig:
     min_requests: int = 8
     """Requests finished per cell: max(min_requests, 2 * C)."""
     seed: int = 0
+    rounds: int = 3
+    """Times the whole sweep is repeated; each cell reports the median over rounds."""
 
     def __post_init__(self) -> None:
         if not self.concurrencies or min(self.concurrencies) < 1:
             raise ValueError("concurrencies must be >= 1")
         if any(t < 0 for t in self.temperatures):
             raise ValueError("temperatures must be >= 0")
-        if self.max_tokens < 1 or self.min_requests < 1:
-            raise ValueError("max_tokens and min_requests must be >= 1")
+        if self.max_tokens < 1 or self.min_requests < 1 or self.rounds < 1:
+            raise ValueError("max_tokens, min_requests and rounds must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -171,28 +173,31 @@ def run_benchmark(
         # warm-up, not measured
         run_cell(engine, prompts, stop_ids, 2, 2, lambda i: SamplingParams(max_tokens=8))
         engines[system.label] = engine
-    cells: list[Cell] = []
-    # NOTE: systems take turns within each (T, C) so that drift of the machine's speed
-    # during the run hits every system alike
-    for temp in cfg.temperatures:
-        for conc in cfg.concurrencies:
-            num = max(cfg.min_requests, 2 * conc)
+    raw: list[Cell] = []
+    # NOTE: systems take turns within each (T, C), and the sweep repeats, so that drift of
+    # the machine's speed during the run hits every system alike
+    for rnd in range(cfg.rounds):
+        for temp in cfg.temperatures:
+            for conc in cfg.concurrencies:
+                num = max(cfg.min_requests, 2 * conc)
 
-            def params_for(i: int, temp=temp) -> SamplingParams:
-                return SamplingParams(temperature=temp, max_tokens=cfg.max_tokens,
-                                      seed=cfg.seed + i)
+                def params_for(i: int, temp=temp) -> SamplingParams:
+                    return SamplingParams(temperature=temp, max_tokens=cfg.max_tokens,
+                                          seed=cfg.seed + i)
 
-            for system in systems:
-                engine = engines[system.label]
-                result = run_cell(engine, prompts, stop_ids, conc, num, params_for)
-                cell = summarize(system.label, temp, conc, *result)
-                cell.num_errors = engine.num_errors
-                cells.append(cell)
-                log(
-                    f"{system.label:12s} T={temp:g} C={conc:2d}  per-user {cell.per_user_tps:7.1f}"
-                    f"  aggregate {cell.aggregate_tps:7.1f} tok/s  tau {cell.mean_tau:.2f}"
-                    f"  budget {cell.mean_budget_per_request:.2f}"
-                )
+                for system in systems:
+                    engine = engines[system.label]
+                    result = run_cell(engine, prompts, stop_ids, conc, num, params_for)
+                    cell = summarize(system.label, temp, conc, *result)
+                    cell.num_errors = engine.num_errors
+                    raw.append(cell)
+                    log(
+                        f"[{rnd + 1}/{cfg.rounds}] {system.label:12s} T={temp:g} C={conc:2d}"
+                        f"  per-user {cell.per_user_tps:7.1f}  aggregate "
+                        f"{cell.aggregate_tps:7.1f} tok/s  tau {cell.mean_tau:.2f}"
+                        f"  budget {cell.mean_budget_per_request:.2f}"
+                    )
+    cells = median_cells(raw)
     for label, engine in engines.items():
         tables[label]["online"] = asdict(engine.cost_table)
         if engine.draft_costs is not None:
@@ -201,7 +206,34 @@ def run_benchmark(
     if errors:
         raise RuntimeError(f"engine steps failed during the benchmark: {errors}")
     return {"cells": [asdict(c) for c in cells], "cost_tables": tables,
-            "ratios": ratios(cells), "config": asdict(cfg)}
+            "ratios": ratios(cells), "config": asdict(cfg),
+            "rounds": [asdict(c) for c in raw]}
+
+
+def median_cells(raw: Sequence[Cell]) -> list[Cell]:
+    """One cell per (system, T, C): the median of every measured number over rounds."""
+    groups: dict[tuple, list[Cell]] = {}
+    for c in raw:
+        groups.setdefault((c.system, c.temperature, c.concurrency), []).append(c)
+    out = []
+    for runs in groups.values():
+        def med(values):
+            values = sorted(values)
+            mid = len(values) // 2
+            return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+        first = runs[0]
+        fields = {name: med([getattr(r, name) for r in runs]) for name in (
+            "wall_time", "per_user_tps", "aggregate_tps", "mean_tau", "mean_budget_per_request",
+            "step_time_ms", "schedule_and_sampling_frac")}
+        phases = {k: med([r.phase_ms[k] for r in runs]) for k in first.phase_ms}
+        out.append(Cell(
+            system=first.system, temperature=first.temperature,
+            concurrency=first.concurrency, num_requests=sum(r.num_requests for r in runs),
+            output_tokens=sum(r.output_tokens for r in runs), phase_ms=phases,
+            num_errors=max(r.num_errors for r in runs), **fields,
+        ))
+    return out
 
 
 def ratios(cells: Sequence[Cell]) -> list[dict]:

@@ -114,6 +114,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     eng.add_argument("--max-tokens", type=int, default=64)
     eng.add_argument("--min-requests", type=int, default=8, help="finished per cell: max(this, 2C)")
     eng.add_argument("--prompts-per-domain", type=int, default=24)
+    eng.add_argument("--rounds", type=int, default=3, help="repeat the sweep; report medians")
     eng.add_argument(
         "--systems",
         default="no-spec,mtp-1,dflash-g7,dspark-g7,dspark-alg1,dspark-topk",
@@ -375,6 +376,7 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
         temperatures=temps,
         max_tokens=args.max_tokens,
         min_requests=args.min_requests,
+        rounds=args.rounds,
     )
     known = {s.label: s for s in SYSTEMS}
     wanted = [s.strip() for s in args.systems.split(",") if s.strip()]

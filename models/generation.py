@@ -63,6 +63,15 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> to
     return probs
 
 
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Draw one token per row by inverting the CDF at ``uniforms``: probs [R, V] (need not
+    be normalised), uniforms [R] in [0, 1) -> token ids [R]. A zero-probability token is
+    never drawn."""
+    cdf = probs.float().cumsum(-1)  # [R, V]
+    drawn = (cdf <= uniforms[:, None].to(cdf.device) * cdf[:, -1:]).sum(-1)
+    return drawn.clamp_max(probs.shape[-1] - 1)
+
+
 def sample_next(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
     # logits: [V]
     if params.temperature == 0.0:

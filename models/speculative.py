@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from dspark.models.drafter_checkpoint import Drafter
-from dspark.models.generation import SamplingParams, check_prompt, sampling_probs
+from dspark.models.generation import SamplingParams, check_prompt, inverse_cdf, sampling_probs
 from dspark.models.parallel_drafter import draft_probs
 from dspark.models.target import TargetModel, TargetOutput
 
@@ -81,7 +81,7 @@ def rejection_sample(
         dist = (probs[accepted] - draft_probs[accepted]).clamp_min(0.0)
         if float(dist.sum()) <= 1e-8:  # p == q up to rounding: nothing left to correct
             dist = probs[accepted]
-    return accepted, int(torch.multinomial(dist / dist.sum(), 1, generator=gen))
+    return accepted, int(inverse_cdf(dist[None], torch.rand(1, generator=gen))[0])
 
 
 def _cut_after_stop(tokens: list[int], stop_ids: Sequence[int]) -> int:

@@ -16,6 +16,7 @@ K/V of a position depends only on the tokens up to it.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ class DraftWorker:
             param.dtype, param.device,
         )
         self.last_h: dict[str, torch.Tensor] = {}  # autoregressive: [d] per request
+        self._buffers: dict[str, torch.Tensor] = {}
 
     def ready(self, req_id: str) -> bool:
         """Can propose for this request (autoregressive drafters need its last output)."""
@@ -142,16 +144,12 @@ class DraftWorker:
         block_ids = torch.full((num_req, block), cfg.mask_token_id, device=anchors.device)
         block_ids[:, 0] = anchors
         block_pos = context_lens[:, None] + torch.arange(block, device=anchors.device)
-        ctx_kvs = [
-            (gather_kv(self.kv.k[i], table), gather_kv(self.kv.v[i], table))
-            for i in range(cfg.num_layers)
-        ]  # each [R, kv, S, hd]
         # queries see the context before their anchor and every slot of their block
         mask = torch.cat(
             [ctx_visible[:, None, :].expand(-1, block, -1),
              torch.ones(num_req, block, block, dtype=torch.bool, device=anchors.device)], -1
         )[:, None]  # [R, 1, K, S + K]
-        h = d.run_blocks(block_ids, block_pos, ctx_kvs, mask)[:, :num]  # [R, n, d]
+        h = self._run_blocks(block_ids, block_pos, table, mask)[:, :num]  # [R, n, d]
         base = d.lm_head(h)  # [R, n, V]
         markov = d.markov
         if markov is None or markov.kind == "vanilla":
@@ -166,6 +164,61 @@ class DraftWorker:
             prev_embed = markov.w1(prev) if markov is not None else None
             conf = d.confidence(h, prev_embed)  # [R, n]
         return DraftOutput(tokens, probs, conf)
+
+    def _run_blocks(self, block_ids, block_pos, table, mask) -> torch.Tensor:
+        """The draft backbone over the blocks, with each layer's keys/values gathered from
+        the paged cache straight into one buffer whose tail takes the block's own K/V (the
+        same computation as ``ParallelDrafter.run_blocks`` without concatenating)."""
+        d = self.drafter
+        num_req, block = block_ids.shape
+        width = table.shape[1]
+        x = d.embed_tokens(block_ids)  # [R, K, d]
+        cos, sin = d.rotary_emb(block_pos)
+        for i, layer in enumerate(d.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_norm(attn.q_proj(h).view(num_req, block, attn.num_heads, attn.head_dim))
+            q = apply_rope(q.transpose(1, 2), cos, sin)  # [R, H, K, hd]
+            k, v = attn.project_kv(h, cos, sin)  # [R, kv, K, hd]
+            keys = self._buffer("k", num_req, width + block, k)
+            values = self._buffer("v", num_req, width + block, v)
+            torch.index_select(self.kv.k[i], 0, table.reshape(-1),
+                               out=self._flat("k", num_req, width))
+            torch.index_select(self.kv.v[i], 0, table.reshape(-1),
+                               out=self._flat("v", num_req, width))
+            keys[:, :, :width] = self._flat("k", num_req, width).view(
+                num_req, width, *k.shape[1:2], k.shape[-1]).transpose(1, 2)
+            values[:, :, :width] = self._flat("v", num_req, width).view(
+                num_req, width, *v.shape[1:2], v.shape[-1]).transpose(1, 2)
+            keys[:, :, width:] = k
+            values[:, :, width:] = v
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, enable_gqa=True
+            )
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(num_req, block, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return d.norm(x)
+
+    def _buffer(self, name, num_req, length, like) -> torch.Tensor:
+        """A reusable [R, kv, length, hd] buffer (grown on demand)."""
+        key = f"buf_{name}"
+        shape = (num_req, like.shape[1], length, like.shape[-1])
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < math.prod(shape):
+            buf = like.new_empty(math.prod(shape) * 2)
+            self._buffers[key] = buf
+        return buf[: math.prod(shape)].view(shape)
+
+    def _flat(self, name, num_req, width) -> torch.Tensor:
+        """A reusable [R * S, kv, hd] gather target."""
+        key = f"flat_{name}"
+        kv_shape = self.kv.k.shape[2:]
+        numel = num_req * width * math.prod(kv_shape)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = self.kv.k.new_empty(numel * 2)
+            self._buffers[key] = buf
+        return buf[:numel].view(num_req * width, *kv_shape)
 
     def _sample_stateful(self, base, h, anchors, temps, uniforms):
         """Gated and RNN Markov heads: the same loop through ``MarkovHead.step``."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from dspark.kernels.accept import accepted_lengths
+from dspark.models.generation import inverse_cdf
 
 
 @dataclass
@@ -60,23 +61,28 @@ def rejection_sample_batch(
         for r, n in enumerate(lens)
     ]
     uniforms = torch.cat(uniforms).to(device) if uniforms else torch.zeros(0, device=device)
-    accepted = accepted_lengths(ratio, uniforms, cu_num_draft.to(device)).tolist()
-    draft_list, argmax_list = draft_ids.tolist(), argmax.tolist()
-    out_accepted, out_ids = [], []
-    for r in range(num_req):
-        first, n, t0, a = int(cu_num_draft[r]), lens[r], target_start[r], accepted[r]
-        drafts = draft_list[first : first + n]
-        if greedy[r]:
-            token = argmax_list[t0 + a]
-        else:
-            if a == n:
-                dist = target_probs[t0 + n]
-            else:
-                dist = (target_probs[t0 + a] - draft_probs[first + a]).clamp_min(0.0)
-                if float(dist.sum()) <= 1e-8:
-                    dist = target_probs[t0 + a]
-            dist = dist.float().cpu()
-            token = int(torch.multinomial(dist / dist.sum(), 1, generator=generators[r]))
-        out_accepted.append(a)
-        out_ids.append(drafts[:a] + [token])
-    return RejectionOutput(out_accepted, out_ids)
+    accepted_t = accepted_lengths(ratio, uniforms, cu_num_draft.to(device))  # [R]
+    # the recovered (first rejection) or bonus (all accepted) token of every request
+    starts = torch.tensor(target_start, dtype=torch.long, device=device)
+    dist = target_probs[starts + accepted_t].float()  # [R, V]
+    rejected = accepted_t < torch.tensor(lens, device=device)  # [R]
+    if draft_ids.numel():
+        q_rows = (cu_num_draft[:-1].to(device) + accepted_t).clamp_max(draft_ids.numel() - 1)
+        residual = (dist - draft_probs[q_rows].float()).clamp_min(0.0)
+        # p == q up to rounding leaves nothing to correct: draw from p
+        usable = residual.sum(-1, keepdim=True) > 1e-8
+        dist = torch.where(rejected[:, None] & usable, residual, dist)
+    # NOTE: one uniform per sampled request, after its ℓ_r acceptance uniforms
+    draws = torch.stack([
+        torch.zeros(()) if greedy[r] else torch.rand((), generator=generators[r])
+        for r in range(num_req)
+    ]) if num_req else torch.zeros(0)
+    tokens = torch.where(
+        torch.tensor(list(greedy), dtype=torch.bool, device=device),
+        argmax[starts + accepted_t],
+        inverse_cdf(dist, draws.to(device)),
+    ).tolist()
+    accepted = accepted_t.tolist()
+    draft_list, cu = draft_ids.tolist(), cu_num_draft.tolist()
+    out_ids = [draft_list[cu[r] : cu[r] + accepted[r]] + [tokens[r]] for r in range(num_req)]
+    return RejectionOutput(accepted, out_ids)

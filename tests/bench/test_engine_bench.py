@@ -1,0 +1,32 @@
+"""`dspark bench engine` machinery on the demo checkpoints, at a tiny size: every system runs,
+ratios are taken against the right baseline, and the report files are written."""
+
+from __future__ import annotations
+
+import json
+
+from dspark.bench.engine_bench import SYSTEMS, BenchConfig, run_benchmark, write_results
+
+
+def test_tiny_benchmark_writes_a_consistent_report(demo_target_dir, tmp_path):
+    from dspark.models.generation import load_for_generation
+
+    target, tok = load_for_generation(demo_target_dir)
+    prompts = [tok.chat_prompt(t) for t in ("What is 2 + 3?", "Write hello world in Python.")]
+    systems = [s for s in SYSTEMS if s.label in ("no-spec", "mtp-1", "dspark-alg1")]
+    cfg = BenchConfig(concurrencies=(1, 2), temperatures=(0.0,), max_tokens=6, min_requests=2,
+                      rounds=1)
+    result = run_benchmark(target, demo_target_dir.parent / "drafters", prompts, tok.stop_ids,
+                           cfg, systems, log=lambda _: None)
+    cells = {(c["system"], c["concurrency"]): c for c in result["cells"]}
+    assert len(cells) == 6 and all(c["output_tokens"] > 0 for c in cells.values())
+    for row in result["ratios"]:
+        mine = cells[(row["system"], row["concurrency"])]
+        base = cells[("no-spec", row["concurrency"])]
+        assert abs(row["aggregate_vs_no-spec"] - mine["aggregate_tps"] / base["aggregate_tps"]) < 1e-9
+    assert cells[("mtp-1", 1)]["mean_budget_per_request"] == 1.0  # MTP-1 proposes one token
+    paths = write_results(result, tmp_path, "dspark bench engine --test")
+    assert {p.name for p in paths} >= {"engine.json", "engine.md", "engine-pareto.png",
+                                       "engine-budget.png"}
+    assert json.loads((tmp_path / "engine.json").read_text())["command"].endswith("--test")
+    assert "| dspark-alg1 | 2 |" in (tmp_path / "engine.md").read_text()
