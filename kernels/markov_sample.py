@@ -81,7 +81,7 @@ if triton is not None:
         temp = tl.load(temp_ptr + req)
         greedy = temp <= 0.0
         inv_t = 1.0 / tl.where(greedy, 1.0, temp)
-        prev = tl.load(anchor_ptr + req)
+        prev = tl.load(anchor_ptr + req).to(tl.int32)  # loop-carried: keep one dtype
         offs_r = tl.arange(0, BLOCK_R)
         for k in range(K):
             row = req * K + k
@@ -129,7 +129,7 @@ if triton is not None:
                 carry += tl.sum(p, axis=0)
                 p = tl.where(greedy, tl.where(offs == best_idx, 1.0, 0.0), p)
                 tl.store(prob_ptr + row * V + offs, p, mask=inside)
-            token = tl.where(greedy, best_idx, tl.minimum(below, V - 1))
+            token = tl.where(greedy, best_idx, tl.minimum(below, V - 1)).to(tl.int32)
             tl.store(tok_ptr + row, token)
             prev = token
 
