@@ -125,6 +125,32 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     eng.add_argument("--out", default="runs/bench-engine")
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    srv = sub.add_parser("serve", help="serve the OpenAI API on a local Ray cluster")
+    srv.add_argument("--config", default=None, help="YAML file of serve settings")
+    srv.add_argument("--drafter", default=None, help="dspark, dflash, eagle3, mtp, none or a path")
+    srv.add_argument("--budget", default=None, help="fixed, threshold, algorithm1 or topk")
+    srv.add_argument("--replicas", type=int, default=None)
+    srv.add_argument("--redis-url", default=None, help="external Redis (default: embedded)")
+    srv.add_argument("--host", default=None)
+    srv.add_argument("--port", type=int, default=None)
+    srv.add_argument("--model-name", default=None)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from dspark.cluster.config import ServeConfig
+    from dspark.cluster.serve import main as serve_main
+
+    base = ServeConfig.from_yaml(args.config).to_dict() if args.config else {}
+    overrides = {
+        "drafter": args.drafter, "budget": args.budget, "replicas": args.replicas,
+        "redis_url": args.redis_url, "host": args.host, "port": args.port,
+        "model_name": args.model_name,
+    }
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return serve_main(ServeConfig.from_dict(base))
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="stream text from the target model")
     gen.add_argument("prompt")
@@ -157,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_corpus(sub)
     _add_eval(sub)
     _add_bench(sub)
+    _add_serve(sub)
     return parser
 
 
@@ -417,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         ("train", "drafter"): _cmd_train_drafter,
         ("eval", None): _cmd_eval,
         ("bench", "engine"): _cmd_bench_engine,
+        ("serve", None): _cmd_serve,
     }
     handler = handlers[(args.command, getattr(args, "what", None))]
     try:

@@ -131,3 +131,40 @@ def demo_target_dir() -> Path:
     if not (DEMO_TARGET / "model.safetensors").is_file():
         pytest.fail(f"the committed demo checkpoint is missing at {DEMO_TARGET}")
     return DEMO_TARGET
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One real Redis server on a free loopback port for the whole suite."""
+    from dspark.router.redis_server import EmbeddedRedis
+
+    server = EmbeddedRedis().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The one local Ray cluster of the suite (loopback only, no dashboard)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    yield ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def served_app(ray_cluster, redis_server):
+    """The demo app (DSpark + Algorithm 1) on a free port, with the suite's Redis."""
+    from dspark.cluster.config import ServeConfig
+    from dspark.cluster.serve import start
+    from dspark.router.redis_server import free_port
+
+    cfg = ServeConfig(port=free_port(), redis_url=redis_server.url, cluster="suite",
+                      max_num_seqs=8, num_blocks=256, threads=1, replica_cpus=0.5)
+    cfg, _ = start(cfg)
+    yield cfg

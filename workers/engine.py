@@ -46,6 +46,7 @@ from dspark.workers.scheduler import (
     ScheduledRequest,
     Scheduler,
     SchedulerConfig,
+    Status,
 )
 from dspark.workers.stats import SpecStats, StepStats
 
@@ -111,6 +112,8 @@ class RequestOutput:
     new_token_ids: list[int]
     finished: bool
     finish_reason: str | None = None
+    spec_stats: dict | None = None
+    """On the finishing output of a speculative request: its ``SpecStats.to_dict()``."""
 
 
 @dataclass
@@ -191,6 +194,7 @@ class Engine:
         self.step_count = 0
         self.num_errors = 0
         self._ids = itertools.count()
+        self._seeds = itertools.count()
         self._stale_surv: deque[torch.Tensor] = deque(maxlen=2)
         if cost_table is None:
             sizes = [b for b in cfg.profile_batch_sizes if b <= cfg.max_num_batched_tokens]
@@ -250,7 +254,7 @@ class Engine:
         req_id = req_id if req_id is not None else f"req-{next(self._ids)}"
         stops = () if params.ignore_eos else tuple(stop_ids)
         self.scheduler.add(Request(req_id, list(prompt_ids), params.max_tokens, stops))
-        seed = params.seed if params.seed is not None else self.config.seed + len(self.states)
+        seed = params.seed if params.seed is not None else self.config.seed + next(self._seeds)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         self.states[req_id] = _State(params, gen, SpecStats(max(self.gamma, 1)))
         return req_id
@@ -266,6 +270,17 @@ class Engine:
     def spec_stats(self, req_id: str) -> SpecStats | None:
         state = self.states.get(req_id)
         return state.spec if state is not None else None
+
+    def release(self, req_id: str) -> None:
+        """Drop a finished request's bookkeeping (a long-running server calls this once the
+        final output is delivered); unfinished requests are aborted first."""
+        request = self.scheduler.requests.get(req_id)
+        if request is None:
+            return
+        if request.status is not Status.FINISHED:
+            self.abort(req_id)
+        del self.scheduler.requests[req_id]
+        self.states.pop(req_id, None)
 
     def _forget(self, req_id: str) -> None:
         if self.draft_worker is not None:
@@ -560,8 +575,11 @@ class Engine:
             req = p.request
             new = req.output_ids[before[req.req_id]:]
             if new or req.req_id in done:
+                spec = None
+                if req.req_id in done and self.draft_worker is not None:
+                    spec = self.states[req.req_id].spec.to_dict()
                 outputs.append(RequestOutput(req.req_id, new, req.req_id in done,
-                                             req.finish_reason))
+                                             req.finish_reason, spec))
             if req.req_id in done:
                 self._forget(req.req_id)
         return outputs, finished

@@ -1,0 +1,101 @@
+"""`dspark serve` configuration: one frozen dataclass, loadable from YAML, validated with
+errors that name the field and its allowed values."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUDGETS = ("fixed", "threshold", "algorithm1", "topk")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model_name: str = "dspark-demo"
+    """The name clients put in ``model``."""
+    target: str = str(REPO_ROOT / "checkpoints" / "target")
+    """Target checkpoint directory."""
+    drafter: str = "dspark"
+    """A drafter under checkpoints/drafters (dspark, dflash, eagle3, mtp), a path, or none."""
+    budget: str = "algorithm1"
+    """Verification budget: fixed, threshold, algorithm1 or topk."""
+    num_speculative_tokens: int | None = None
+    replicas: int = 1
+    """TargetShard replicas (ep_size ranks each form one expert-parallel group)."""
+    ep_size: int = 1
+    """Expert-parallel ranks per group."""
+    router: str = "board"
+    """Replica choice: board (expected service rate from the load board, falling back to
+    queue length) or pow2 (Ray Serve's default power-of-two choices)."""
+    redis_url: str | None = None
+    """Load board; None starts an embedded Redis on a free loopback port."""
+    cluster: str = "default"
+    """Key prefix on the load board (one cluster = one prefix)."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_num_seqs: int = 32
+    num_blocks: int = 1024
+    max_ongoing_requests: int = 64
+    """Requests one replica accepts at once (Ray Serve's cap)."""
+    max_queued_requests: int = 256
+    """Requests waiting in the ingress's handle; beyond it clients get 503 + Retry-After."""
+    max_waiting_per_replica: int = 128
+    """Requests waiting inside one engine; beyond it the replica answers 429."""
+    replica_cpus: float = 0.5
+    threads: int = 0
+    """Torch threads per replica (0: torch's default)."""
+
+    def __post_init__(self) -> None:
+        if self.router not in ("board", "pow2"):
+            raise ValueError(f"router must be board or pow2, got {self.router!r}")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
+        for name in ("replicas", "ep_size", "max_num_seqs", "num_blocks",
+                     "max_ongoing_requests", "max_waiting_per_replica"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.max_queued_requests < -1 or self.max_queued_requests == 0:
+            raise ValueError(f"max_queued_requests must be >= 1 or -1, got {self.max_queued_requests}")
+        if self.ep_size != 1:
+            raise ValueError(
+                f"ep_size must be 1 for now (got {self.ep_size}); expert-parallel groups are "
+                "not implemented yet"
+            )
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not 0 < self.replica_cpus <= 64:
+            raise ValueError(f"replica_cpus must be in (0, 64], got {self.replica_cpus}")
+        if not self.model_name:
+            raise ValueError("model_name must be non-empty")
+
+    @property
+    def drafter_path(self) -> str | None:
+        if self.drafter in ("", "none", "None"):
+            return None
+        named = REPO_ROOT / "checkpoints" / "drafters" / self.drafter
+        return str(named) if named.is_dir() else self.drafter
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ServeConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown serve config keys {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ServeConfig:
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of serve config keys")
+        return cls.from_dict(data)

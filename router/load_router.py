@@ -1,0 +1,144 @@
+"""The global router: a Ray Serve ``RequestRouter`` that ranks replicas by the expected
+service rate the load board reports, with prefix affinity as the tie-breaker, and falls back
+to queue length when the board is stale or Redis is down.
+
+Vocabulary:
+- *expected service rate* of replica r for one more request:
+  ``tau_r / (1 + load_r)``, tokens per step the new request can expect, where ``tau_r`` is
+  the replica's acceptance length (committed tokens per request per step, >= 1) and
+  ``load_r`` the requests it already holds (board running + queued, or the router's own
+  count of requests in flight to it if that is higher: the board lags by up to 100 ms);
+  a replica without free KV blocks ranks last;
+- *prefix affinity*: among replicas within ``affinity_slack`` of the best rate, the one a
+  hash of the prompt's first characters picks, so that repeated prefixes meet their
+  cached KV blocks.
+
+NOTE: with no fresh board entry for a candidate (stale, missing, or Redis unreachable) the
+router returns all candidates as one tier, and Serve picks the shortest local queue: the
+default behaviour, never an error. ``fallbacks`` counts those decisions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import redis
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+
+from dspark.router.board import BoardConfig, BoardReader, ReplicaLoad
+
+
+def router_key(cluster: str, router_id: str) -> str:
+    return f"dspark:{cluster}:router:{router_id}"
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Ranked:
+    replica_id: str
+    rate: float
+    has_board: bool
+
+
+def prefix_key(pending: PendingRequest | None, chars: int = 256) -> str | None:
+    """The routing prefix of a shard request: its prompt or first messages' text."""
+    if pending is None or not pending.args:
+        return None
+    request = pending.args[0]
+    if not isinstance(request, dict):
+        return None
+    if request.get("chat"):
+        text = "".join(m.get("content", "") for m in request.get("messages") or [])
+    else:
+        text = request.get("prompt") or ""
+    return text[:chars] or None
+
+
+def service_rate(load: ReplicaLoad, in_flight: int) -> float:
+    if load.total_blocks and load.free_blocks <= 0:
+        return 0.0
+    tau = max(1.0, load.acceptance_length)
+    return tau / (1 + max(load.running + load.queued, in_flight))
+
+
+def rank(
+    replica_ids: Sequence[str],
+    board: dict[str, ReplicaLoad],
+    in_flight: Callable[[str], int],
+    prefix: str | None,
+    affinity_slack: float = 0.1,
+) -> list[list[str]] | None:
+    """Tiers of replica ids, best first; None when any candidate lacks a board entry."""
+    if not replica_ids or any(rid not in board for rid in replica_ids):
+        return None
+    scored = sorted(
+        ((service_rate(board[rid], in_flight(rid)), rid) for rid in replica_ids),
+        key=lambda x: (-x[0], x[1]),
+    )
+    best = scored[0][0]
+    near = [rid for rate, rid in scored if rate >= best * (1 - affinity_slack) and rate > 0]
+    if prefix and len(near) > 1:
+        pick = int(hashlib.sha1(prefix.encode()).hexdigest(), 16) % len(near)
+        first = sorted(near)[pick]
+    else:
+        first = scored[0][1]
+    return [[first]] + [[rid] for _, rid in scored if rid != first]
+
+
+class LoadBoardRouter(FIFOMixin, RequestRouter):
+    """Request router for ``TargetShard`` handles (``request_router_config``)."""
+
+    def initialize_state(self, redis_url: str, cluster: str = "default", ttl_s: float = 2.0,
+                         affinity_slack: float = 0.1, **_: object) -> None:
+        self.reader = BoardReader(BoardConfig(redis_url, cluster=cluster, ttl_s=ttl_s))
+        self.affinity_slack = affinity_slack
+        self.board_decisions = 0
+        self.fallbacks = 0
+        self._was_fallback = False
+        # the counters are metrics: written next to the board (with a TTL) by a thread, so
+        # that an unreachable Redis never stalls routing
+        self._key = router_key(cluster, f"{os.getpid()}-{id(self):x}")
+        self._stop = threading.Event()
+        threading.Thread(target=self._export, args=(redis_url, ttl_s), daemon=True,
+                         name="dspark-router-metrics").start()
+
+    def _export(self, redis_url: str, ttl_s: float) -> None:
+        client = redis.Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        while not self._stop.wait(0.25):
+            try:
+                pipe = client.pipeline()
+                pipe.hset(self._key, mapping={"board_decisions": self.board_decisions,
+                                              "fallbacks": self.fallbacks})
+                pipe.pexpire(self._key, int(max(ttl_s, 1.0) * 5000))
+                pipe.execute()
+            except redis.RedisError:
+                continue
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        board = self.reader.fresh() if self.reader.reachable else {}
+
+        def in_flight(rid: str) -> int:
+            return self.replica_queue_len_cache.get(by_id[rid].replica_id) or 0
+
+        tiers = rank(list(by_id), board, in_flight, prefix_key(pending_request),
+                     self.affinity_slack)
+        if tiers is None:
+            self.fallbacks += 1
+            if not self._was_fallback:
+                logger.warning("load board stale or unreachable: routing by queue length")
+            self._was_fallback = True
+            return [candidate_replicas]
+        self.board_decisions += 1
+        self._was_fallback = False
+        return [[by_id[rid] for rid in tier] for tier in tiers]

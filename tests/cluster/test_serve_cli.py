@@ -1,0 +1,62 @@
+"""`dspark serve` as a user runs it: it prints a URL and a curl; the pasted curl streams a
+completion; Ctrl-C stops Ray, Redis and the HTTP server and leaves no process behind."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dspark.router.redis_server import free_port
+
+DSPARK = Path(sys.executable).parent / "dspark"
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_serve_prints_a_working_curl_and_ctrl_c_leaves_nothing_running(tmp_path):
+    port = free_port()
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.Popen(
+        [str(DSPARK), "serve", "--port", str(port)], stdout=subprocess.PIPE,
+        stderr=open(tmp_path / "stderr.txt", "w"), text=True, env=env, start_new_session=True,
+    )
+    try:
+        lines = []
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("curl "):
+                break
+        assert lines and lines[-1].startswith("curl "), (lines, (tmp_path / "stderr.txt").read_text())
+        assert f"http://127.0.0.1:{port}" in lines[0]
+        redis_port = int(lines[0].split("redis://127.0.0.1:")[1].split("/")[0])
+        out = subprocess.run(shlex.split(lines[-1]), capture_output=True, text=True, timeout=120)
+        events = [ln for ln in out.stdout.splitlines() if ln.startswith("data: ")]
+        assert len(events) > 3 and events[-1] == "data: [DONE]"
+        assert '"object":"chat.completion.chunk"' in events[0]
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        code = proc.wait(timeout=120)
+    assert code == 0
+    assert not port_open(port) and not port_open(redis_port)
+    time.sleep(1.0)
+    try:  # nothing of the server's session survives it
+        os.killpg(proc.pid, 0)
+        survivors = subprocess.run(["ps", "-o", "pid,cmd", "--no-headers", "-s", str(proc.pid)],
+                                   capture_output=True, text=True).stdout
+        raise AssertionError(f"processes left behind:\n{survivors}")
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,186 @@
+"""The engine behind an asyncio front: one background thread runs the step loop; callers
+get an async stream of outputs per request.
+
+Vocabulary:
+- *submission*: a request handed to the loop thread (the engine is only ever touched by
+  that thread, so no lock is held while a step runs);
+- *stream*: the per-request ``asyncio.Queue`` the loop thread feeds through the caller's
+  event loop (``call_soon_threadsafe``);
+- *step listeners*: callables given every ``StepStats`` (load board, metrics); they run on
+  the loop thread after the step, never inside it.
+
+NOTE: cancelling a stream (client disconnect) aborts the request at the next step
+boundary, which frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from dspark.models.generation import SamplingParams
+from dspark.workers.engine import Engine, RequestOutput
+from dspark.workers.stats import StepStats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Submission:
+    req_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop_ids: tuple[int, ...]
+    loop: asyncio.AbstractEventLoop
+    stream: asyncio.Queue
+
+
+class AsyncEngine:
+    """Runs ``engine`` on a daemon thread; ``generate`` is safe to call from any event loop."""
+
+    def __init__(self, engine: Engine, idle_wait_s: float = 0.05) -> None:
+        self.engine = engine
+        self.idle_wait_s = idle_wait_s
+        self.listeners: list[Callable[[StepStats], None]] = []
+        self.last_stats: StepStats | None = None
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[str, _Submission] = {}
+        self._ids = itertools.count()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dspark-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ caller side
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """The checks ``add_request`` makes, without queueing anything (so a caller can
+        answer 400 before streaming starts)."""
+        limit = self.engine.scheduler.cfg.max_model_len
+        vocab = self.engine.target.config.vocab_size
+        if not prompt_ids:
+            raise ValueError("prompt is empty: it must contain at least one token")
+        if len(prompt_ids) >= limit:
+            raise ValueError(
+                f"prompt has {len(prompt_ids)} tokens; the context is {limit} tokens "
+                f"(at most {limit - 1})"
+            )
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} outside [0, {vocab})")
+        del params  # SamplingParams validated itself on construction
+
+    async def generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        stop_ids: Iterable[int] = (),
+        req_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs as steps commit them; the last one has
+        ``finished=True``. Cancelling the iteration aborts the request."""
+        self.validate(prompt_ids, params)
+        req_id = req_id or f"async-{next(self._ids)}"
+        stream: asyncio.Queue = asyncio.Queue()
+        sub = _Submission(req_id, list(prompt_ids), params, tuple(stop_ids),
+                          asyncio.get_running_loop(), stream)
+        self._inbox.put(("add", sub))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(req_id)
+
+    def abort(self, req_id: str) -> None:
+        self._inbox.put(("abort", req_id))
+        self._wake.set()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------------ loop thread
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain_inbox()
+            if not self.engine.has_unfinished():
+                self._wake.wait(self.idle_wait_s)
+                self._wake.clear()
+                continue
+            try:
+                result = self.engine.step()
+            except Exception as exc:  # the engine already fails requests; this is a bug
+                logger.exception("engine step raised")
+                for req_id in list(self._streams):
+                    self._deliver(req_id, exc)
+                    self.engine.abort(req_id)
+                continue
+            for out in result.outputs:
+                self._deliver(out.req_id, out)
+            if result.stats is not None:
+                self.last_stats = result.stats
+                for listener in self.listeners:
+                    try:
+                        listener(result.stats)
+                    except Exception:  # NOTE: an exporter never stops the loop
+                        logger.exception("step listener failed")
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                sub: _Submission = payload
+                try:
+                    self.engine.add_request(sub.prompt_ids, sub.params, sub.stop_ids, sub.req_id)
+                except Exception as exc:
+                    sub.loop.call_soon_threadsafe(sub.stream.put_nowait, exc)
+                    continue
+                self._streams[sub.req_id] = sub
+            else:
+                self.engine.release(payload)
+                self._streams.pop(payload, None)
+
+    def _deliver(self, req_id: str, item) -> None:
+        sub = self._streams.get(req_id)
+        if sub is None:
+            return
+        if isinstance(item, BaseException) or item.finished:
+            del self._streams[req_id]
+            self.engine.release(req_id)
+        try:
+            sub.loop.call_soon_threadsafe(sub.stream.put_nowait, item)
+        except RuntimeError:  # the caller's loop is gone: nobody is listening
+            self.engine.abort(req_id)
+
+    # ------------------------------------------------------------------ load
+    def load(self) -> dict:
+        """A snapshot of this engine's load (read by the load board and the router)."""
+        sched = self.engine.scheduler
+        stats = self.last_stats
+        return {
+            "running": len(sched.running),
+            "queued": len(sched.waiting) + self._inbox.qsize(),
+            "tokens_scheduled": stats.num_verify_tokens if stats else 0,
+            "free_blocks": self.engine.blocks.num_free_blocks,
+            "total_blocks": len(self.engine.blocks.blocks),
+            "acceptance_length": stats.mean_acceptance_length if stats else 0.0,
+            "timestamp": time.time(),
+        }
