@@ -72,10 +72,11 @@ class TargetShard:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside Serve (direct construction in tools)
             self.replica_id = f"local-{id(self):x}"
+        self.ep_group = self.replica_id  # NOTE: one group per replica while ep_size is 1
         self.publisher = None
         self._closed = threading.Event()
         if cfg.redis_url:
-            from dspark.router.board import BoardConfig, BoardPublisher, ReplicaLoad
+            from dspark.router.board import BoardConfig, BoardPublisher, BoardReader, ReplicaLoad
 
             self.publisher = BoardPublisher(BoardConfig(cfg.redis_url, cluster=cfg.cluster))
             self.publisher.publish_costs(self.replica_id, {
@@ -85,7 +86,8 @@ class TargetShard:
 
             def publish(_stats=None, force: bool = False) -> None:
                 self.publisher.publish(ReplicaLoad(self.replica_id, cost_table_id=self.replica_id,
-                                                   **self._load_fields()), force=force)
+                                                   ep_group=self.ep_group, **self._load_fields()),
+                                       force=force)
 
             self.engine.listeners.append(publish)  # every step, rate-limited
 
@@ -95,6 +97,16 @@ class TargetShard:
 
             publish(force=True)
             threading.Thread(target=heartbeat, name="dspark-board-heartbeat", daemon=True).start()
+            if budget == "cluster":
+                # SPS is evaluated at this replica's tokens plus what the rest of its
+                # expert-parallel group schedules (one group per replica while ep_size is 1)
+                self.reader = BoardReader(BoardConfig(cfg.redis_url, cluster=cfg.cluster))
+
+                def group_tokens() -> int:
+                    return sum(load.tokens_scheduled for rid, load in self.reader.fresh().items()
+                               if load.ep_group == self.ep_group and rid != self.replica_id)
+
+                engine.external_tokens = group_tokens
 
     def _load_fields(self) -> dict:
         load = self.engine.load()

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BUDGETS = ("fixed", "threshold", "algorithm1", "topk")
+BUDGETS = ("fixed", "threshold", "algorithm1", "topk", "cluster")
 
 
 @dataclass(frozen=True)
@@ -18,8 +18,9 @@ class ServeConfig:
     """Target checkpoint directory."""
     drafter: str = "dspark"
     """A drafter under checkpoints/drafters (dspark, dflash, eagle3, mtp), a path, or none."""
-    budget: str = "algorithm1"
-    """Verification budget: fixed, threshold, algorithm1 or topk."""
+    budget: str = "cluster"
+    """Verification budget: cluster (Algorithm 1 with the expert-parallel group's load from
+    the board), algorithm1 (local load only), topk, threshold or fixed."""
     num_speculative_tokens: int | None = None
     replicas: int = 1
     """TargetShard replicas (ep_size ranks each form one expert-parallel group)."""

@@ -19,7 +19,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,14 +52,16 @@ from dspark.workers.stats import SpecStats, StepStats
 
 logger = logging.getLogger(__name__)
 
-BUDGET_MODES = ("fixed", "threshold", "algorithm1", "topk")
-CONFIDENCE_MODES = ("threshold", "algorithm1", "topk")
+BUDGET_MODES = ("fixed", "threshold", "algorithm1", "topk", "cluster")
+CONFIDENCE_MODES = ("threshold", "algorithm1", "topk", "cluster")
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     budget: str = "fixed"
-    """Verification budget: fixed, threshold, algorithm1 or topk."""
+    """Verification budget: fixed, threshold, algorithm1, topk, or cluster (Algorithm 1 with
+    SPS evaluated at this replica's tokens plus what the rest of its expert-parallel group
+    schedules, from ``Engine.external_tokens``)."""
     num_speculative_tokens: int | None = None
     """γ, drafts proposed per request per step (default: the drafter's block size)."""
     threshold: float = 0.5
@@ -203,9 +205,12 @@ class Engine:
                 cfg.num_blocks,
             )
         self.costs = OnlineCostTable(cost_table)
+        self.external_tokens: Callable[[], int] | None = None
+        """Cluster budget: tokens the other ranks of this replica's group schedule per step
+        (set by the serving layer from the load board; None counts as 0)."""
         self.gated = (
             self.draft_worker is not None and cfg.draft_gating
-            and cfg.budget in ("algorithm1", "topk")
+            and cfg.budget in ("algorithm1", "topk", "cluster")
         )
         if self.gated and draft_cost_table is None:
             sizes = [n for n in (1, 2, 4, 8, 16, 32, 64, 128) if n <= cfg.max_num_seqs]
@@ -397,7 +402,7 @@ class Engine:
         ):
             return True
         num = len(decoding)
-        base = num + prefill_tokens
+        base = num + prefill_tokens + self._external()
         cost = self.costs.table
         t_plain = 1.0 / cost.sps(base)
         t_spec = 1.0 / self.draft_costs.table.sps(num) + 1.0 / cost.sps(
@@ -449,7 +454,7 @@ class Engine:
             ok = (conf >= self.config.threshold) & proposed
             lengths = ok.long().cumprod(1).sum(1)
         else:
-            other = prefill_tokens + (len(decoding) - len(chosen))
+            other = prefill_tokens + (len(decoding) - len(chosen)) + self._external()
             capacity = -1
             if mode == "topk":
                 capacity = self._stale_capacity(other, len(chosen))
@@ -457,6 +462,15 @@ class Engine:
         for p, n in zip(chosen, lengths.tolist()):
             p.num_draft = n
         return surv
+
+    def _external(self) -> int:
+        if self.config.budget != "cluster" or self.external_tokens is None:
+            return 0
+        try:
+            return max(0, int(self.external_tokens()))
+        except Exception:  # NOTE: stale load is safe: fall back to local information
+            logger.debug("external load unavailable", exc_info=True)
+            return 0
 
     def _stale_capacity(self, other: int, num_req: int) -> int:
         """§5.2: capacity K from the survival estimates of two steps earlier (only numbers

@@ -101,6 +101,7 @@ def test_router_uses_the_board_survives_redis_down_and_recovers(routed_app, serv
     assert before["board_decisions"] >= 8 and before["fallbacks"] == 0
     port = server.port
     server.stop()  # Redis goes away mid-test: serving goes on
+    time.sleep(0.5)  # the router's reader notices within its refresh period (0.1 s)
     ask(base, 6)
     from dspark.router.redis_server import EmbeddedRedis
 

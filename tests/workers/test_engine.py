@@ -209,3 +209,25 @@ def test_prefix_cache_hits_reuse_target_and_drafter_kv(make_model, make_drafter,
         assert got == list(generate_tokens(target, prompt, params))
         assert eng.blocks.num_free_blocks == free
     assert eng.blocks.cached, "the prompts' full blocks must be in the prefix cache"
+
+
+def test_cluster_budget_evaluates_sps_with_the_groups_tokens(make_model, make_drafter):
+    """With SPS flat up to 200 tokens and falling 10x by 210, a replica alone verifies many
+    drafts; when the rest of its group already schedules 199 tokens, it verifies fewer."""
+    target = make_model()
+    drafter = make_drafter(target, "dspark")
+    cliff = StepCostTable((1, 200, 210), (100.0, 100.0, 10.0))
+    budgets = {}
+    for other in (0, 199):
+        eng = Engine(target, drafter, EngineConfig(budget="cluster", block_size=4,
+                                                   num_blocks=200, draft_gating=False),
+                     cliff, DRAFT_COST)
+        eng.external_tokens = lambda other=other: other
+        eng.add_request([5, 6, 7, 8], SamplingParams(max_tokens=20, ignore_eos=True))
+        verified = drafted = 0
+        while eng.has_unfinished():
+            stats = eng.step().stats
+            verified += stats.verify_budget
+            drafted += stats.num_drafts
+        budgets[other] = verified / drafted
+    assert budgets[0] > 2 * budgets[199]
