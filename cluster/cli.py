@@ -135,6 +135,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--host", default=None)
     srv.add_argument("--port", type=int, default=None)
     srv.add_argument("--model-name", default=None)
+    srv.add_argument("--router", default=None, help="board (default) or pow2")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -145,7 +146,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     overrides = {
         "drafter": args.drafter, "budget": args.budget, "replicas": args.replicas,
         "redis_url": args.redis_url, "host": args.host, "port": args.port,
-        "model_name": args.model_name,
+        "model_name": args.model_name, "router": args.router,
     }
     base.update({k: v for k, v in overrides.items() if v is not None})
     return serve_main(ServeConfig.from_dict(base))
