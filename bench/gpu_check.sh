@@ -2,7 +2,8 @@
 # The GPU checks of the engine, in one run (see ../shared/docs/GPU.md): no install, no Ray.
 #   1. kernel tests compiled by Triton for the GPU (TRITON_INTERPRET=0);
 #   2. the step-cost curve SPS(B) of a larger randomly initialised MoE target;
-#   3. `dspark bench engine` on the demo checkpoints on the GPU.
+#   3. the expert-parallel MoE layer over NCCL (one-rank group) against the unsharded layer;
+#   4. `dspark bench engine` on the demo checkpoints on the GPU.
 # Results go to $OUT (default runs/gpu-check). Usage: bash bench/gpu_check.sh [cpu]
 # ("cpu" runs a tiny version of the same steps here, to check the script itself).
 set -euo pipefail
@@ -60,6 +61,35 @@ print(json.dumps({"params_M": model.num_parameters() / 1e6, "dtype": str(dtype),
                  indent=1))
 json.dump({"params_M": model.num_parameters() / 1e6, "dtype": str(dtype), "rows": rows},
           open(out, "w"), indent=1)
+PY
+
+echo "== expert-parallel MoE layer over torch.distributed (one-rank group) vs unsharded"
+"$PY" -P - "$DEVICE" "$OUT/ep-layer.json" <<'PY'
+import json, socket, sys, torch
+import torch.distributed as dist
+from dspark.models.config import TargetConfig
+from dspark.models.target import TargetModel
+from dspark.workers.expert_parallel import ExpertParallelMoE
+device, out = sys.argv[1], sys.argv[2]
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+backend = "nccl" if device == "cuda" else "gloo"
+dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+cfg = TargetConfig(vocab_size=512, hidden_size=256, num_hidden_layers=1, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=64, intermediate_size=512, num_experts=16,
+                   num_experts_per_tok=4, moe_intermediate_size=128, max_position_embeddings=64)
+model = TargetModel(cfg); model.init_weights(0)
+model = model.to(device).eval()
+block = model.model.layers[0].mlp
+x = torch.randn(300, 256, device=device)
+with torch.no_grad():
+    ref = block(x)
+    got = ExpertParallelMoE(block, dist.group.WORLD, 0, 1)(x)
+err = float((got - ref).abs().max())
+print(json.dumps({"backend": backend, "max_abs_err": err}))
+json.dump({"backend": backend, "max_abs_err": err, "tokens": 300}, open(out, "w"))
+dist.destroy_process_group()
+assert err < 1e-4, err
 PY
 
 echo "== engine benchmark on the demo checkpoints ($DEVICE)"

@@ -60,6 +60,16 @@ class TargetShard:
         self.cfg = cfg
         target, self.tokenizer = load_for_generation(cfg.target)
         target.eval()
+        try:
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside Serve (direct construction in tools)
+            self.replica_id = f"local-{id(self):x}"
+        self.ep_group, group = self.replica_id, None  # one group per replica at ep_size 1
+        if cfg.ep_size > 1:
+            from dspark.workers.expert_parallel import shard_experts
+
+            self.ep_group, rank, group = join_expert_parallel_group(cfg)
+            shard_experts(target, group, rank, cfg.ep_size)
         drafter = load_drafter(cfg.drafter_path, target) if cfg.drafter_path else None
         budget = cfg.budget if drafter is not None and drafter.config.confidence_head else "fixed"
         engine = Engine(target, drafter, EngineConfig(
@@ -67,12 +77,7 @@ class TargetShard:
             max_num_seqs=cfg.max_num_seqs, num_blocks=cfg.num_blocks,
         ))
         self.context = target.config.max_position_embeddings
-        self.engine = AsyncEngine(engine)
-        try:
-            self.replica_id = serve.get_replica_context().replica_id.unique_id
-        except Exception:  # outside Serve (direct construction in tools)
-            self.replica_id = f"local-{id(self):x}"
-        self.ep_group = self.replica_id  # NOTE: one group per replica while ep_size is 1
+        self.engine = AsyncEngine(engine, group=group)
         self.publisher = None
         self._closed = threading.Event()
         if cfg.redis_url:
@@ -181,6 +186,46 @@ class TargetShard:
             engine.shutdown()
         if getattr(self, "publisher", None) is not None:
             self.publisher.remove(self.replica_id)
+
+
+def join_expert_parallel_group(cfg: ServeConfig):
+    """Rendezvous through Redis (``dspark:{cluster}:ep:{group}``): the n-th replica to arrive
+    is rank n % ep_size of group n // ep_size; rank 0 publishes the master address, every
+    rank then joins the torch.distributed group (gloo on CPU, NCCL on GPU)."""
+    import json as _json
+
+    import redis
+    import torch
+    import torch.distributed as dist
+    from ray.util import get_node_ip_address
+
+    from dspark.router.redis_server import free_port
+
+    if not cfg.redis_url:
+        raise ValueError("ep_size > 1 needs redis_url: the group meets through the load board")
+    client = redis.Redis.from_url(cfg.redis_url, socket_timeout=5)
+    index = client.incr(f"dspark:{cfg.cluster}:ep:counter") - 1
+    group_idx, rank = divmod(index, cfg.ep_size)
+    key = f"dspark:{cfg.cluster}:ep:{group_idx}"
+    if rank == 0:
+        info = {"version": 1, "master": get_node_ip_address(), "port": free_port(),
+                "world_size": cfg.ep_size}
+        client.set(key, _json.dumps(info))
+    deadline = time.time() + 300
+    while True:
+        raw = client.get(key)
+        if raw is not None:
+            info = _json.loads(raw)
+            break
+        if time.time() > deadline:
+            raise RuntimeError(f"expert-parallel group {group_idx}: rank 0 never registered")
+        time.sleep(0.1)
+    if info.get("version") != 1 or info["world_size"] != cfg.ep_size:
+        raise RuntimeError(f"{key}: rendezvous entry of another schema or size: {info}")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://{info['master']}:{info['port']}",
+                            rank=rank, world_size=cfg.ep_size)
+    return f"ep{group_idx}", rank, dist.group.WORLD
 
 
 def _finish_reason(reason: str | None) -> str:

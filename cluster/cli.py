@@ -123,6 +123,16 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     eng.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     eng.add_argument("--device", default="cpu")
     eng.add_argument("--out", default="runs/bench-engine")
+    srv = which.add_parser(
+        "serve", help="online HTTP load benchmark of the served app (systems and routers)"
+    )
+    srv.add_argument("--concurrency", default="1,4,16")
+    srv.add_argument("--max-tokens", type=int, default=64)
+    srv.add_argument("--skew-concurrency", type=int, default=8)
+    srv.add_argument("--prompts-per-domain", type=int, default=16)
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--threads", type=int, default=1, help="torch threads per replica")
+    srv.add_argument("--out", default="runs/bench-serve")
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -427,6 +437,40 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from dspark.bench.acceptance import fitting_texts
+    from dspark.bench.serve_bench import run_serve_benchmark, write_results
+    from dspark.cluster.config import ServeConfig
+    from dspark.cluster.serve import stop
+    from dspark.models.tokenizer import Tokenizer
+    from dspark.router.redis_server import EmbeddedRedis
+    from dspark.training.corpus.build import CorpusConfig, build_corpus
+
+    concurrencies = _int_list(args.concurrency, "--concurrency")
+    if args.max_tokens < 4 or args.skew_concurrency < 1:
+        raise ValueError("--max-tokens must be >= 4 and --skew-concurrency >= 1")
+    base = ServeConfig(port=args.port, threads=args.threads)
+    tok = Tokenizer.from_file(Path(base.target) / "tokenizer.json")
+    corpus = build_corpus(CorpusConfig(seed=0))
+    limit = 512 - 4 * args.max_tokens - 8
+    groups = [fitting_texts([r["messages"][0]["content"] for r in corpus[d]["heldout"]], tok,
+                            limit, args.prompts_per_domain, 0) for d in ("math", "code", "chat")]
+    prompts = [p for group in zip(*groups) for p in group]
+    redis = EmbeddedRedis().start()
+    try:
+        result = run_serve_benchmark(replace(base, redis_url=redis.url), prompts,
+                                     concurrencies, args.max_tokens, args.skew_concurrency)
+    finally:
+        stop(redis)
+    command = "dspark bench serve " + " ".join(sys.argv[3:]) if sys.argv[1:3] == [
+        "bench", "serve"] else "dspark bench serve"
+    for path in write_results(result, args.out, command.strip()):
+        print(path)
+    return 0
+
+
 def _cmd_corpus_build(args: argparse.Namespace) -> int:
     from dspark.training.corpus.build import CorpusConfig, build_corpus, write_corpus
 
@@ -445,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         ("train", "drafter"): _cmd_train_drafter,
         ("eval", None): _cmd_eval,
         ("bench", "engine"): _cmd_bench_engine,
+        ("bench", "serve"): _cmd_bench_serve,
         ("serve", None): _cmd_serve,
     }
     handler = handlers[(args.command, getattr(args, "what", None))]

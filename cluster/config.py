@@ -59,10 +59,10 @@ class ServeConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.max_queued_requests < -1 or self.max_queued_requests == 0:
             raise ValueError(f"max_queued_requests must be >= 1 or -1, got {self.max_queued_requests}")
-        if self.ep_size != 1:
+        if self.replicas % self.ep_size:
             raise ValueError(
-                f"ep_size must be 1 for now (got {self.ep_size}); expert-parallel groups are "
-                "not implemented yet"
+                f"replicas ({self.replicas}) must be a multiple of ep_size ({self.ep_size}): "
+                "each expert-parallel group is ep_size replicas"
             )
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")

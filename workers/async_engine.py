@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from dspark.models.generation import SamplingParams
 from dspark.workers.engine import Engine, RequestOutput
+from dspark.workers.expert_parallel import any_rank_busy
 from dspark.workers.stats import StepStats
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,12 @@ class _Submission:
 class AsyncEngine:
     """Runs ``engine`` on a daemon thread; ``generate`` is safe to call from any event loop."""
 
-    def __init__(self, engine: Engine, idle_wait_s: float = 0.05) -> None:
+    def __init__(self, engine: Engine, idle_wait_s: float = 0.05, group=None) -> None:
+        """``group``: the expert-parallel process group this engine is a rank of (the loop
+        then steps in lock-step with the other ranks), or None."""
         self.engine = engine
+        self.group = group
+        engine.lockstep = group is not None
         self.idle_wait_s = idle_wait_s
         self.listeners: list[Callable[[StepStats], None]] = []
         self.last_stats: StepStats | None = None
@@ -118,7 +123,10 @@ class AsyncEngine:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._drain_inbox()
-            if not self.engine.has_unfinished():
+            busy = self.engine.has_unfinished()
+            if self.group is not None:
+                busy = any_rank_busy(busy, self.group)  # one all-reduce per step
+            if not busy:
                 self._wake.wait(self.idle_wait_s)
                 self._wake.clear()
                 continue

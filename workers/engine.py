@@ -38,6 +38,7 @@ from dspark.workers.drafting import (
     ExtendBatch,
     profile_draft_costs,
 )
+from dspark.workers.expert_parallel import forward_empty
 from dspark.workers.model_runner import ModelRunner, VerifyBatch, profile_step_costs
 from dspark.workers.rejection_sampler import rejection_sample_batch
 from dspark.workers.scheduler import (
@@ -205,6 +206,9 @@ class Engine:
                 cfg.num_blocks,
             )
         self.costs = OnlineCostTable(cost_table)
+        self.lockstep = False
+        """Set when this engine is one rank of an expert-parallel group: every step runs
+        exactly one target forward (an empty one when nothing is scheduled)."""
         self.external_tokens: Callable[[], int] | None = None
         """Cluster budget: tokens the other ranks of this replica's group schedule per step
         (set by the serving layer from the load board; None counts as 0)."""
@@ -296,12 +300,17 @@ class Engine:
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
         t_sched = time.perf_counter()
+        forwards = self.runner.num_forwards
         if not out.scheduled:
+            if self.lockstep:
+                forward_empty(self.target)  # NOTE: the group's MoE exchanges need every rank
             return StepResult([], None)
         plans = [self._plan(item) for item in out.scheduled]
         try:
             return self._run(out, plans, t0, t_sched)
         except Exception as exc:  # NOTE: fail the step's requests, keep the engine alive
+            if self.lockstep and self.runner.num_forwards == forwards:
+                forward_empty(self.target)
             self.num_errors += 1
             logger.exception("engine step %d failed; failing its %d requests",
                              self.step_count, len(plans))

@@ -78,6 +78,7 @@ class ModelRunner:
         cfg = target.config
         self.target, self.block_size = target, block_size
         self.feature_layers = tuple(feature_layers)
+        self.num_forwards = 0
         self.features_from_hidden = features_from_hidden
         param = target.lm_head.weight
         self.device = param.device
@@ -88,6 +89,7 @@ class ModelRunner:
 
     @torch.no_grad()
     def forward(self, batch: VerifyBatch) -> RunnerOutput:
+        self.num_forwards += 1
         target = self.target
         num_req = batch.cu_q.numel() - 1
         q_lens = batch.cu_q[1:] - batch.cu_q[:-1]  # [R]

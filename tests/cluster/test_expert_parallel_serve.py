@@ -1,0 +1,56 @@
+"""Two TargetShard replicas forming one expert-parallel group (ep_size=2, gloo all-to-all)
+serve concurrent HTTP requests; greedy outputs equal plain (ep_size=1) decoding."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+PROMPTS = ["What is 17 times 3?", "Write a Python function that reverses a list.",
+           "Name three colours.", "What is 144 divided by 12?", "Say hello.",
+           "Explain what a variable is."]
+
+
+@pytest.fixture(scope="module")
+def ep_app(ray_cluster, served_app):
+    from ray import serve
+
+    from dspark.cluster.config import ServeConfig
+    from dspark.cluster.serve import start
+
+    cfg = ServeConfig(model_name="ep", replicas=2, ep_size=2, drafter="dspark", budget="cluster",
+                      max_num_seqs=4, num_blocks=128, threads=1, replica_cpus=0.5,
+                      redis_url=served_app.redis_url, cluster="ep-test")
+    start(cfg, app_name="ep", route_prefix="/ep")
+    yield f"http://{served_app.host}:{served_app.port}/ep", cfg
+    serve.delete("ep")
+
+
+def test_ep_group_serves_exact_greedy_outputs(ep_app, demo_target_dir, redis_server):
+    from dspark.models.generation import SamplingParams, generate_text, load_for_generation
+    from dspark.router.board import BoardConfig, BoardReader
+
+    base, cfg = ep_app
+    model, tok = load_for_generation(demo_target_dir)
+    expected = [generate_text(model, tok, p, SamplingParams(max_tokens=24)) for p in PROMPTS]
+
+    def call(prompt):
+        resp = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
+            "model": "ep", "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 24, "temperature": 0})
+        assert resp.status_code == 200, resp.text
+        return resp.json()["choices"][0]["message"]["content"], resp.headers["x-dspark-replica"]
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(call, PROMPTS))
+    assert [text for text, _ in results] == expected
+    reader = BoardReader(BoardConfig(redis_server.url, cluster="ep-test"), start=False)
+    deadline = time.time() + 10
+    while time.time() < deadline and len(reader.fresh()) < 2:
+        reader.refresh()
+        time.sleep(0.2)
+    groups = {load.ep_group for load in reader.fresh().values()}
+    assert len(reader.fresh()) == 2 and len(groups) == 1  # both ranks of one group

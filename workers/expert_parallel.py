@@ -1,0 +1,101 @@
+"""Expert parallelism: routed experts split across the ranks of a group; tokens travel to
+the rank owning their expert and back with all-to-all over torch.distributed (gloo on CPU,
+NCCL on GPU). Attention, dense layers, the router and the shared expert are on every rank.
+
+Vocabulary:
+- *group*: ``world`` ranks serving together; rank r owns experts
+  ``[r * E / world, (r + 1) * E / world)``. Each rank schedules its own requests (data-
+  parallel attention); only the MoE layers communicate.
+- *lock-step*: every rank calls every MoE layer's all-to-all the same number of times, so a
+  rank without work joins each step with an empty batch (``forward_empty``).
+
+NOTE: a token's expert slots are sent in ascending expert order (the owner is monotone in
+the expert id) and come back in the same order, so the weighted sum adds them exactly as
+the unsharded ``SparseMoeBlock.combine_experts`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dspark.models.target import SparseMoeBlock, TargetModel
+
+
+class ExpertParallelMoE(nn.Module):
+    def __init__(self, block: SparseMoeBlock, group, rank: int, world: int) -> None:
+        super().__init__()
+        if block.num_experts % world:
+            raise ValueError(
+                f"num_experts={block.num_experts} is not divisible by ep_size={world}"
+            )
+        self.block, self.group, self.rank, self.world = block, group, rank, world
+        self.per_rank = block.num_experts // world
+        self.first = rank * self.per_rank
+        local = list(block.experts)[self.first : self.first + self.per_rank]
+        # NOTE: only the local experts stay in memory
+        block.experts = nn.ModuleList(local)
+
+    def _exchange(self, send: torch.Tensor, send_counts: list[int], recv_counts: list[int]):
+        recv = send.new_empty((sum(recv_counts), *send.shape[1:]))
+        dist.all_to_all_single(recv, send.contiguous(), recv_counts, send_counts,
+                               group=self.group)
+        return recv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [N, d]
+        block = self.block
+        routing = block.route(flat)
+        flat_ids = routing.expert_ids.reshape(-1)  # [N * k]
+        order = torch.argsort(flat_ids, stable=True)
+        token_of = order // block.top_k
+        sorted_ids = flat_ids[order]
+        owner = sorted_ids // self.per_rank
+        send_counts_t = torch.bincount(owner, minlength=self.world)  # [world]
+        recv_counts_t = torch.empty_like(send_counts_t)
+        dist.all_to_all_single(recv_counts_t, send_counts_t, group=self.group)
+        send_counts, recv_counts = send_counts_t.tolist(), recv_counts_t.tolist()
+        recv_x = self._exchange(flat.index_select(0, token_of), send_counts, recv_counts)
+        recv_ids = self._exchange(sorted_ids, send_counts, recv_counts) - self.first
+        out_rows = torch.zeros_like(recv_x)
+        for e, expert in enumerate(block.experts):
+            rows = (recv_ids == e).nonzero(as_tuple=True)[0]
+            if rows.numel():
+                out_rows[rows] = expert(recv_x[rows])
+        back = self._exchange(out_rows, recv_counts, send_counts)  # [N * k, d], sorted order
+        expert_out = back * routing.weights.reshape(-1)[order, None]
+        out = torch.zeros_like(flat)
+        out.index_add_(0, token_of, expert_out)
+        if block.shared_expert is not None:
+            out = out + torch.sigmoid(block.shared_expert_gate(flat)) * block.shared_expert(flat)
+        return out.reshape(shape)
+
+
+def shard_experts(target: TargetModel, group, rank: int, world: int) -> int:
+    """Replace every sparse MoE layer of ``target`` by its expert-parallel shard; returns the
+    number of MoE layers (each step runs one all-to-all round per MoE layer)."""
+    count = 0
+    for layer in target.model.layers:
+        if isinstance(layer.mlp, SparseMoeBlock):
+            layer.mlp = ExpertParallelMoE(layer.mlp, group, rank, world)
+            count += 1
+    return count
+
+
+@torch.no_grad()
+def forward_empty(target: TargetModel) -> None:
+    """Join one step with no tokens: run every MoE layer's exchanges on an empty batch."""
+    param = target.lm_head.weight
+    empty = torch.zeros(0, target.config.hidden_size, dtype=param.dtype, device=param.device)
+    for layer in target.model.layers:
+        if isinstance(layer.mlp, ExpertParallelMoE):
+            layer.mlp(empty)
+
+
+def any_rank_busy(busy: bool, group) -> bool:
+    """One all-reduce: does any rank of the group have work this step?"""
+    flag = torch.tensor([1 if busy else 0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return bool(flag.item())
