@@ -141,6 +141,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--drafter", default=None, help="dspark, dflash, eagle3, mtp, none or a path")
     srv.add_argument("--budget", default=None, help="fixed, threshold, algorithm1 or topk")
     srv.add_argument("--replicas", type=int, default=None)
+    srv.add_argument("--ep-size", type=int, default=None,
+                     help="expert-parallel ranks per group (replicas must be a multiple)")
     srv.add_argument("--redis-url", default=None, help="external Redis (default: embedded)")
     srv.add_argument("--host", default=None)
     srv.add_argument("--port", type=int, default=None)
@@ -155,6 +157,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     base = ServeConfig.from_yaml(args.config).to_dict() if args.config else {}
     overrides = {
         "drafter": args.drafter, "budget": args.budget, "replicas": args.replicas,
+        "ep_size": args.ep_size,
         "redis_url": args.redis_url, "host": args.host, "port": args.port,
         "model_name": args.model_name, "router": args.router,
     }

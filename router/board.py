@@ -3,8 +3,9 @@ and verification budgets read them through a local cache.
 
 Keys (ARCHITECTURE.md; one cluster = one key prefix):
 - ``dspark:{cluster}:replica:{replica_id}``: hash with a TTL, rewritten at most every
-  ``min_interval_s``: running and queued requests, tokens scheduled last step, free KV
-  blocks, acceptance length, mean survival, step-cost table id, timestamp, schema version;
+  ``min_interval_s``: running and queued requests, tokens scheduled last step, pending
+  tokens (work still owed), free KV blocks, acceptance length, mean survival, step-cost
+  table id, expert-parallel group, timestamp, schema version;
 - ``dspark:{cluster}:costs:{table_id}``: the profiled SPS(B) table (JSON).
 
 NOTE (stale load is safe): a reader never blocks on Redis. It serves its last snapshot,
@@ -25,7 +26,7 @@ import redis
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def replica_key(cluster: str, replica_id: str) -> str:
@@ -43,6 +44,8 @@ class ReplicaLoad:
     queued: int = 0
     tokens_scheduled: int = 0
     """Verify tokens of the replica's last step."""
+    pending_tokens: int = 0
+    """Remaining max_tokens summed over the replica's live requests (work still owed)."""
     free_blocks: int = 0
     total_blocks: int = 0
     acceptance_length: float = 0.0

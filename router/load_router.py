@@ -3,12 +3,14 @@ service rate the load board reports, with prefix affinity as the tie-breaker, an
 to queue length when the board is stale or Redis is down.
 
 Vocabulary:
-- *expected service rate* of replica r for one more request:
-  ``tau_r / (1 + load_r)``, tokens per step the new request can expect, where ``tau_r`` is
-  the replica's acceptance length (committed tokens per request per step, >= 1) and
-  ``load_r`` the requests it already holds (board running + queued, or the router's own
-  count of requests in flight to it if that is higher: the board lags by up to 100 ms);
-  a replica without free KV blocks ranks last;
+- *expected service rate* of replica r for a new request of length L (its ``max_tokens``):
+  ``tau_r / (1 + n_r)``, where ``tau_r`` is the replica's acceptance length (tokens a
+  request commits per step, >= 1) and ``n_r`` the number of requests the new one will share
+  steps with: ``min(count_r, pending_r / L)``. ``count_r`` is board running + queued (or the
+  handle's own in-flight count when higher: the board lags by up to 100 ms), and
+  ``pending_r`` the work the replica still owes in tokens. A long request already running
+  counts fully against a new request, while a nearly finished one barely counts; queue
+  length alone cannot tell them apart. A replica without free KV blocks ranks last;
 - *prefix affinity*: among replicas within ``affinity_slack`` of the best rate, the one a
   hash of the prompt's first characters picks, so that repeated prefixes meet their
   cached KV blocks.
@@ -60,11 +62,26 @@ def prefix_key(pending: PendingRequest | None, chars: int = 256) -> str | None:
     return text[:chars] or None
 
 
-def service_rate(load: ReplicaLoad, in_flight: int) -> float:
+DEFAULT_LENGTH = 128
+"""Assumed length of a request that does not say its max_tokens."""
+
+
+def request_length(pending: PendingRequest | None) -> int:
+    if pending is None or not pending.args or not isinstance(pending.args[0], dict):
+        return DEFAULT_LENGTH
+    return int(pending.args[0].get("max_tokens") or DEFAULT_LENGTH)
+
+
+def service_rate(load: ReplicaLoad, in_flight: int, length: int = DEFAULT_LENGTH) -> float:
     if load.total_blocks and load.free_blocks <= 0:
         return 0.0
     tau = max(1.0, load.acceptance_length)
-    return tau / (1 + max(load.running + load.queued, in_flight))
+    listed = load.running + load.queued
+    count = max(listed, in_flight)
+    # requests sent since the board entry was written count as full new requests
+    pending = load.pending_tokens + max(0, in_flight - listed) * length
+    sharing = min(count, pending / max(length, 1))
+    return tau / (1 + sharing)
 
 
 def rank(
@@ -73,12 +90,13 @@ def rank(
     in_flight: Callable[[str], int],
     prefix: str | None,
     affinity_slack: float = 0.1,
+    length: int = DEFAULT_LENGTH,
 ) -> list[list[str]] | None:
     """Tiers of replica ids, best first; None when any candidate lacks a board entry."""
     if not replica_ids or any(rid not in board for rid in replica_ids):
         return None
     scored = sorted(
-        ((service_rate(board[rid], in_flight(rid)), rid) for rid in replica_ids),
+        ((service_rate(board[rid], in_flight(rid), length), rid) for rid in replica_ids),
         key=lambda x: (-x[0], x[1]),
     )
     best = scored[0][0]
@@ -132,7 +150,7 @@ class LoadBoardRouter(FIFOMixin, RequestRouter):
             return self.replica_queue_len_cache.get(by_id[rid].replica_id) or 0
 
         tiers = rank(list(by_id), board, in_flight, prefix_key(pending_request),
-                     self.affinity_slack)
+                     self.affinity_slack, request_length(pending_request))
         if tiers is None:
             self.fallbacks += 1
             if not self._was_fallback:

@@ -183,7 +183,10 @@ class AsyncEngine:
         """A snapshot of this engine's load (read by the load board and the router)."""
         sched = self.engine.scheduler
         stats = self.last_stats
+        # upper bound of the work still owed: remaining max_tokens of every live request
+        pending = sum(r.max_tokens - len(r.output_ids) for r in [*sched.running, *sched.waiting])
         return {
+            "pending_tokens": pending,
             "running": len(sched.running),
             "queued": len(sched.waiting) + self._inbox.qsize(),
             "tokens_scheduled": stats.num_verify_tokens if stats else 0,

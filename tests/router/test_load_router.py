@@ -17,10 +17,10 @@ from dspark.router.load_router import rank, service_rate
 def test_rank_prefers_the_replica_the_board_says_is_less_loaded(redis_server):
     cfg = BoardConfig(redis_server.url, cluster=f"rank-{uuid.uuid4().hex[:6]}", min_interval_s=0)
     pub = BoardPublisher(cfg)
-    pub.publish(ReplicaLoad("busy", running=6, queued=2, free_blocks=10, total_blocks=100,
-                            acceptance_length=2.5), force=True)
-    pub.publish(ReplicaLoad("idle", running=1, free_blocks=90, total_blocks=100,
-                            acceptance_length=2.0), force=True)
+    pub.publish(ReplicaLoad("busy", running=6, queued=2, pending_tokens=800, free_blocks=10,
+                            total_blocks=100, acceptance_length=2.5), force=True)
+    pub.publish(ReplicaLoad("idle", running=1, pending_tokens=100, free_blocks=90,
+                            total_blocks=100, acceptance_length=2.0), force=True)
     pub.publish(ReplicaLoad("full", running=0, free_blocks=0, total_blocks=100,
                             acceptance_length=3.0), force=True)
     reader = BoardReader(cfg, start=False)
@@ -36,10 +36,24 @@ def test_rank_prefers_the_replica_the_board_says_is_less_loaded(redis_server):
     assert rank(["busy", "ghost"], board, lambda rid: 0, prefix=None) is None
 
 
+def test_remaining_work_outweighs_queue_length():
+    """Two long requests in flight cost a new request more than three nearly done ones."""
+    board = {
+        "long": ReplicaLoad("long", running=2, pending_tokens=400, free_blocks=50,
+                            total_blocks=100, acceptance_length=2.0),
+        "short": ReplicaLoad("short", running=3, pending_tokens=30, free_blocks=50,
+                             total_blocks=100, acceptance_length=2.0),
+    }
+    assert rank(["long", "short"], board, lambda r: 0, None, length=16)[0] == ["short"]
+    # when the three owe as much work each, they count in full: fewer requests win again
+    board["short"].pending_tokens = 600
+    assert rank(["long", "short"], board, lambda r: 0, None, length=16)[0] == ["long"]
+
+
 def test_prefix_affinity_breaks_ties_consistently():
     load = ReplicaLoad("x", running=1, free_blocks=50, total_blocks=100, acceptance_length=2.0)
     board = {rid: ReplicaLoad(rid, **{k: v for k, v in vars(load).items()
-                                      if k not in ("replica_id",)}) for rid in "abcd"}
+                                      if k != "replica_id"}) for rid in "abcd"}
     picks = {rank(list("abcd"), board, lambda r: 0, prefix=f"prompt {i}")[0][0]
              for i in range(40)}
     assert len(picks) > 1  # different prefixes spread
