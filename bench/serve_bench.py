@@ -117,13 +117,15 @@ def summarize(results: Sequence[RequestResult], wall: float) -> dict:
 
 def run_serve_benchmark(base: ServeConfig, prompts: Sequence[str], concurrencies: Sequence[int],
                         max_tokens: int, skew_concurrency: int,
-                        log: Callable[[str], None] = print) -> dict:
+                        log: Callable[[str], None] = print,
+                        systems: Sequence[ServeSystem] = SYSTEMS,
+                        routers: Sequence[str] = ("board", "pow2")) -> dict:
     from ray import serve
 
     from dspark.cluster.serve import start
 
     cells = []
-    for system in SYSTEMS:
+    for system in systems:
         cfg = replace(base, drafter=system.drafter, budget=system.budget, replicas=1)
         start(cfg, app_name=system.label, route_prefix=f"/{system.label}")
         url = f"http://{cfg.host}:{cfg.port}/{system.label}"
@@ -138,8 +140,8 @@ def run_serve_benchmark(base: ServeConfig, prompts: Sequence[str], concurrencies
                 f"aggregate {cell['aggregate_tps']:7.1f} tok/s  TTFT p50 "
                 f"{1000 * cell['ttft_p50']:6.0f} ms  TPOT p50 {1000 * cell['tpot_p50']:5.1f} ms")
         serve.delete(system.label)
-    routers = []
-    for router in ("board", "pow2"):
+    router_cells = []
+    for router in routers:
         label = f"router-{router}"
         cfg = replace(base, drafter="dspark", budget="cluster", replicas=2, router=router)
         start(cfg, app_name=label, route_prefix=f"/{label}")
@@ -152,12 +154,12 @@ def run_serve_benchmark(base: ServeConfig, prompts: Sequence[str], concurrencies
 
         cell = asyncio.run(closed_loop(url, cfg.model_name, prompts, skew_concurrency,
                                        4 * skew_concurrency, skewed))
-        routers.append({"router": router, "concurrency": skew_concurrency, **cell})
+        router_cells.append({"router": router, "concurrency": skew_concurrency, **cell})
         log(f"{label:15s} C={skew_concurrency:2d} per-user {cell['per_user_tps']:6.1f} "
             f"aggregate {cell['aggregate_tps']:7.1f} tok/s  TTFT p90 "
             f"{1000 * cell['ttft_p90']:6.0f} ms")
         serve.delete(label)
-    return {"cells": cells, "routers": routers, "ratios": ratios(cells),
+    return {"cells": cells, "routers": router_cells, "ratios": ratios(cells),
             "config": {"concurrencies": list(concurrencies), "max_tokens": max_tokens,
                        "skew_concurrency": skew_concurrency, "serve": asdict(base)}}
 
@@ -183,11 +185,15 @@ def markdown(result: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in result["cells"]:
         r = ratio[(c["system"], c["concurrency"])]
+
+        def x(key: str, r=r) -> str:
+            return f"{r[key]:.2f}" if key in r else "–"
+
         lines.append(
             f"| {c['system']} | {c['concurrency']} | {c['per_user_tps']:.1f} | "
-            f"{c['aggregate_tps']:.1f} | {r['per_user_vs_no-spec']:.2f} / "
-            f"{r['aggregate_vs_no-spec']:.2f} | {r['per_user_vs_mtp-1']:.2f} / "
-            f"{r['aggregate_vs_mtp-1']:.2f} | {1000 * c['ttft_p50']:.0f} / "
+            f"{c['aggregate_tps']:.1f} | {x('per_user_vs_no-spec')} / "
+            f"{x('aggregate_vs_no-spec')} | {x('per_user_vs_mtp-1')} / "
+            f"{x('aggregate_vs_mtp-1')} | {1000 * c['ttft_p50']:.0f} / "
             f"{1000 * c['ttft_p90']:.0f} | {1000 * c['tpot_p50']:.1f} / "
             f"{1000 * c['tpot_p90']:.1f} |")
     lines += ["", "Skewed workload (one request in four is 4× long), two replicas:", "",

@@ -116,7 +116,8 @@ class TargetShard:
     def _load_fields(self) -> dict:
         load = self.engine.load()
         return {k: load[k] for k in ("running", "queued", "tokens_scheduled", "pending_tokens",
-                                     "free_blocks", "total_blocks", "acceptance_length")}
+                                     "free_blocks", "total_blocks", "acceptance_length",
+                                     "mean_survival")}
 
     async def generate(self, request: dict):
         """Yield shard chunks for one OpenAI request (already validated by the ingress)."""

@@ -132,6 +132,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--prompts-per-domain", type=int, default=16)
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--threads", type=int, default=1, help="torch threads per replica")
+    srv.add_argument("--systems", default="no-spec,mtp-1,dspark-local,dspark-cluster")
+    srv.add_argument("--routers", default="board,pow2", help="'' to skip the router run")
+    srv.add_argument("--skew-rounds", type=int, default=1,
+                     help="repeat the router comparison, alternating routers")
     srv.add_argument("--out", default="runs/bench-serve")
 
 
@@ -444,7 +448,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from dspark.bench.acceptance import fitting_texts
-    from dspark.bench.serve_bench import run_serve_benchmark, write_results
+    from dspark.bench.serve_bench import SYSTEMS, run_serve_benchmark, write_results
     from dspark.cluster.config import ServeConfig
     from dspark.cluster.serve import stop
     from dspark.models.tokenizer import Tokenizer
@@ -463,8 +467,14 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     prompts = [p for group in zip(*groups) for p in group]
     redis = EmbeddedRedis().start()
     try:
+        known = {s.label: s for s in SYSTEMS}
+        wanted = [s for s in args.systems.split(",") if s]
+        if any(s not in known for s in wanted):
+            raise ValueError(f"--systems: choose from {list(known)}")
+        routers = [r for r in args.routers.split(",") if r] * max(1, args.skew_rounds)
         result = run_serve_benchmark(replace(base, redis_url=redis.url), prompts,
-                                     concurrencies, args.max_tokens, args.skew_concurrency)
+                                     concurrencies, args.max_tokens, args.skew_concurrency,
+                                     systems=[known[s] for s in wanted], routers=routers)
     finally:
         stop(redis)
     command = "dspark bench serve " + " ".join(sys.argv[3:]) if sys.argv[1:3] == [

@@ -4,9 +4,11 @@ to queue length when the board is stale or Redis is down.
 
 Vocabulary:
 - *expected service rate* of replica r for a new request of length L (its ``max_tokens``):
-  ``tau_r / (1 + n_r)``, where ``tau_r`` is the replica's acceptance length (tokens a
-  request commits per step, >= 1) and ``n_r`` the number of requests the new one will share
-  steps with: ``min(count_r, pending_r / L)``. ``count_r`` is board running + queued (or the
+  ``tau / (1 + n_r)`` tokens per step, where ``tau`` is the fleet's mean acceptance length
+  (a new request's own acceptance is not the replica's) and ``n_r`` the number of requests
+  it will share steps with: ``min(count_r, (pending_r / tau_r) / (L / tau))``, the steps
+  of work the replica owes (at its own acceptance length ``tau_r``) over the new request's
+  steps. ``count_r`` is board running + queued (or the
   handle's own in-flight count when higher: the board lags by up to 100 ms), and
   ``pending_r`` the work the replica still owes in tokens. A long request already running
   counts fully against a new request, while a nearly finished one barely counts; queue
@@ -72,16 +74,21 @@ def request_length(pending: PendingRequest | None) -> int:
     return int(pending.args[0].get("max_tokens") or DEFAULT_LENGTH)
 
 
-def service_rate(load: ReplicaLoad, in_flight: int, length: int = DEFAULT_LENGTH) -> float:
+def service_rate(load: ReplicaLoad, in_flight: int, length: int = DEFAULT_LENGTH,
+                 fleet_tau: float | None = None) -> float:
+    """Expected tokens per step for a new request of ``length`` tokens on this replica."""
     if load.total_blocks and load.free_blocks <= 0:
         return 0.0
     tau = max(1.0, load.acceptance_length)
+    fleet = max(1.0, fleet_tau or tau)
     listed = load.running + load.queued
     count = max(listed, in_flight)
     # requests sent since the board entry was written count as full new requests
     pending = load.pending_tokens + max(0, in_flight - listed) * length
-    sharing = min(count, pending / max(length, 1))
-    return tau / (1 + sharing)
+    # owed work in steps (this replica commits tau tokens per request-step) against the new
+    # request's own steps (at the fleet's acceptance length: its tau is not this replica's)
+    sharing = min(count, (pending / tau) / (max(length, 1) / fleet))
+    return fleet / (1 + sharing)
 
 
 def rank(
@@ -95,8 +102,9 @@ def rank(
     """Tiers of replica ids, best first; None when any candidate lacks a board entry."""
     if not replica_ids or any(rid not in board for rid in replica_ids):
         return None
+    fleet = sum(max(1.0, board[rid].acceptance_length) for rid in replica_ids) / len(replica_ids)
     scored = sorted(
-        ((service_rate(board[rid], in_flight(rid), length), rid) for rid in replica_ids),
+        ((service_rate(board[rid], in_flight(rid), length, fleet), rid) for rid in replica_ids),
         key=lambda x: (-x[0], x[1]),
     )
     best = scored[0][0]

@@ -54,6 +54,7 @@ class AsyncEngine:
         self.idle_wait_s = idle_wait_s
         self.listeners: list[Callable[[StepStats], None]] = []
         self.last_stats: StepStats | None = None
+        self.acceptance_ewma: float | None = None
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, _Submission] = {}
         self._ids = itertools.count()
@@ -142,6 +143,10 @@ class AsyncEngine:
                 self._deliver(out.req_id, out)
             if result.stats is not None:
                 self.last_stats = result.stats
+                if result.stats.num_drafts:
+                    tau = result.stats.mean_acceptance_length
+                    self.acceptance_ewma = tau if self.acceptance_ewma is None else (
+                        0.9 * self.acceptance_ewma + 0.1 * tau)
                 for listener in self.listeners:
                     try:
                         listener(result.stats)
@@ -182,16 +187,18 @@ class AsyncEngine:
     def load(self) -> dict:
         """A snapshot of this engine's load (read by the load board and the router)."""
         sched = self.engine.scheduler
-        stats = self.last_stats
         # upper bound of the work still owed: remaining max_tokens of every live request
         pending = sum(r.max_tokens - len(r.output_ids) for r in [*sched.running, *sched.waiting])
         return {
             "pending_tokens": pending,
             "running": len(sched.running),
             "queued": len(sched.waiting) + self._inbox.qsize(),
-            "tokens_scheduled": stats.num_verify_tokens if stats else 0,
+            "tokens_scheduled": self.last_stats.num_verify_tokens if self.last_stats else 0,
             "free_blocks": self.engine.blocks.num_free_blocks,
             "total_blocks": len(self.engine.blocks.blocks),
-            "acceptance_length": stats.mean_acceptance_length if stats else 0.0,
+            "acceptance_length": self.acceptance_ewma or 1.0,
+            # calibrated survival of a verified draft (EWMA; 0 before any drafting)
+            "mean_survival": (self.engine._gain / self.engine._ell
+                              if self.engine._gain is not None and self.engine._ell else 0.0),
             "timestamp": time.time(),
         }
