@@ -236,19 +236,24 @@ def median_cells(raw: Sequence[Cell]) -> list[Cell]:
     return out
 
 
-def ratios(cells: Sequence[Cell]) -> list[dict]:
-    """Per cell: per-user and aggregate ratios against no-spec and MTP-1 (same T and C)."""
-    index = {(c.system, c.temperature, c.concurrency): c for c in cells}
+def baseline_ratios(cells: Sequence[dict], keys: Sequence[str]) -> list[dict]:
+    """Per cell: per-user and aggregate ratios against no-spec and MTP-1 among the cells
+    that share ``keys`` (e.g. temperature and concurrency)."""
+    index = {(c["system"], *(c[k] for k in keys)): c for c in cells}
     out = []
     for c in cells:
-        row = {"system": c.system, "temperature": c.temperature, "concurrency": c.concurrency}
+        row = {"system": c["system"], **{k: c[k] for k in keys}}
         for ref in ("no-spec", "mtp-1"):
-            base = index.get((ref, c.temperature, c.concurrency))
+            base = index.get((ref, *(c[k] for k in keys)))
             if base is not None:
-                row[f"per_user_vs_{ref}"] = c.per_user_tps / base.per_user_tps
-                row[f"aggregate_vs_{ref}"] = c.aggregate_tps / base.aggregate_tps
+                row[f"per_user_vs_{ref}"] = c["per_user_tps"] / base["per_user_tps"]
+                row[f"aggregate_vs_{ref}"] = c["aggregate_tps"] / base["aggregate_tps"]
         out.append(row)
     return out
+
+
+def ratios(cells: Sequence[Cell]) -> list[dict]:
+    return baseline_ratios([asdict(c) for c in cells], ("temperature", "concurrency"))
 
 
 def domain_prompts(tokenizer, context: int, max_tokens: int, per_domain: int, seed: int):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 
+from dspark.bench.engine_bench import baseline_ratios
 from dspark.cluster.config import ServeConfig
 
 
@@ -165,17 +166,7 @@ def run_serve_benchmark(base: ServeConfig, prompts: Sequence[str], concurrencies
 
 
 def ratios(cells: Sequence[dict]) -> list[dict]:
-    index = {(c["system"], c["concurrency"]): c for c in cells}
-    out = []
-    for c in cells:
-        row = {"system": c["system"], "concurrency": c["concurrency"]}
-        for ref in ("no-spec", "mtp-1"):
-            base = index.get((ref, c["concurrency"]))
-            if base:
-                row[f"per_user_vs_{ref}"] = c["per_user_tps"] / base["per_user_tps"]
-                row[f"aggregate_vs_{ref}"] = c["aggregate_tps"] / base["aggregate_tps"]
-        out.append(row)
-    return out
+    return baseline_ratios(cells, ("concurrency",))
 
 
 def markdown(result: dict) -> str:
