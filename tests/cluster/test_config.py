@@ -1,0 +1,41 @@
+"""The serve configuration: the example file loads; bad values and unknown keys fail with
+the field's name and its allowed values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dspark.cluster.config import ServeConfig
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "serve.example.yaml"
+
+
+def test_example_config_loads():
+    cfg = ServeConfig.from_yaml(EXAMPLE)
+    assert (cfg.replicas, cfg.ep_size, cfg.budget, cfg.router) == (2, 2, "cluster", "board")
+
+
+@pytest.mark.parametrize("data,fragment", [
+    ({"budget": "greedy"}, "budget must be one of"),
+    ({"replicas": 3, "ep_size": 2}, "replicas (3) must be a multiple of ep_size (2)"),
+    ({"replicas": 0}, "replicas must be an integer >= 1"),
+    ({"port": 70000}, "port must be in [0, 65535]"),
+    ({"router": "random"}, "router must be board or pow2"),
+    ({"replicsa": 2}, "unknown serve config keys ['replicsa']"),
+])
+def test_bad_values_name_the_field(data, fragment):
+    with pytest.raises(ValueError) as err:
+        ServeConfig.from_dict(data)
+    assert fragment in str(err.value)
+
+
+def test_bad_yaml_is_a_clear_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("replicas: [1, 2\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        ServeConfig.from_yaml(path)
+    path.write_text("- a list\n")
+    with pytest.raises(ValueError, match="expected a mapping"):
+        ServeConfig.from_yaml(path)
