@@ -8,11 +8,11 @@ Vocabulary:
   (a new request's own acceptance is not the replica's) and ``n_r`` the number of requests
   it will share steps with: ``min(count_r, (pending_r / tau_r) / (L / tau))``, the steps
   of work the replica owes (at its own acceptance length ``tau_r``) over the new request's
-  steps. ``count_r`` is board running + queued (or the
-  handle's own in-flight count when higher: the board lags by up to 100 ms), and
-  ``pending_r`` the work the replica still owes in tokens. A long request already running
-  counts fully against a new request, while a nearly finished one barely counts; queue
-  length alone cannot tell them apart. A replica without free KV blocks ranks last;
+  steps. ``count_r`` is the handle's own in-flight count (exact; the board lags by as much
+  as a short request lives) and ``pending_r`` is that count times the board's mean owed
+  tokens per live request. A long request already running counts fully against a new
+  request, while a nearly finished one barely counts; queue length alone cannot tell them
+  apart. A replica without free KV blocks ranks last;
 - *prefix affinity*: among replicas within ``affinity_slack`` of the best rate, the one a
   hash of the prompt's first characters picks, so that repeated prefixes meet their
   cached KV blocks.
@@ -82,9 +82,12 @@ def service_rate(load: ReplicaLoad, in_flight: int, length: int = DEFAULT_LENGTH
     tau = max(1.0, load.acceptance_length)
     fleet = max(1.0, fleet_tau or tau)
     listed = load.running + load.queued
-    count = max(listed, in_flight)
-    # requests sent since the board entry was written count as full new requests
-    pending = load.pending_tokens + max(0, in_flight - listed) * length
+    # NOTE: the count comes from the handle's own in-flight cache (exact, updated on every
+    # send and completion; the board lags by 100-200 ms, as long as a short request lives);
+    # the board contributes what the cache cannot know: how much work each request owes
+    count = max(0, in_flight)
+    per_request = load.pending_tokens / listed if listed else length
+    pending = count * per_request
     # owed work in steps (this replica commits tau tokens per request-step) against the new
     # request's own steps (at the fleet's acceptance length: its tau is not this replica's)
     sharing = min(count, (pending / tau) / (max(length, 1) / fleet))
@@ -121,8 +124,10 @@ class LoadBoardRouter(FIFOMixin, RequestRouter):
     """Request router for ``TargetShard`` handles (``request_router_config``)."""
 
     def initialize_state(self, redis_url: str, cluster: str = "default", ttl_s: float = 2.0,
-                         affinity_slack: float = 0.1, **_: object) -> None:
-        self.reader = BoardReader(BoardConfig(redis_url, cluster=cluster, ttl_s=ttl_s))
+                         affinity_slack: float = 0.1, refresh_s: float = 0.1,
+                         **_: object) -> None:
+        self.reader = BoardReader(BoardConfig(redis_url, cluster=cluster, ttl_s=ttl_s,
+                                              refresh_s=refresh_s))
         self.affinity_slack = affinity_slack
         self.board_decisions = 0
         self.fallbacks = 0

@@ -26,11 +26,12 @@ def test_rank_prefers_the_replica_the_board_says_is_less_loaded(redis_server):
     reader = BoardReader(cfg, start=False)
     reader.refresh()
     board = reader.fresh()
-    tiers = rank(["busy", "full", "idle"], board, lambda rid: 0, prefix=None)
+    in_flight = {"busy": 8, "idle": 1, "full": 0}  # the handle's own count of live requests
+    tiers = rank(["busy", "full", "idle"], board, in_flight.get, prefix=None)
     assert [t[0] for t in tiers] == ["idle", "busy", "full"]
     assert service_rate(board["full"], 0) == 0.0  # no free KV: last
-    # the router's own in-flight count overrides a lagging board
-    tiers = rank(["busy", "idle"], board, lambda rid: 20 if rid == "idle" else 0, prefix=None)
+    # the count is the handle's (exact); the board says how much work each request owes
+    tiers = rank(["busy", "idle"], board, {"busy": 1, "idle": 20}.get, prefix=None)
     assert tiers[0] == ["busy"]
     # a candidate without a fresh entry: fall back (None = one tier, shortest queue)
     assert rank(["busy", "ghost"], board, lambda rid: 0, prefix=None) is None
@@ -44,20 +45,21 @@ def test_remaining_work_outweighs_queue_length():
         "short": ReplicaLoad("short", running=3, pending_tokens=30, free_blocks=50,
                              total_blocks=100, acceptance_length=2.0),
     }
-    assert rank(["long", "short"], board, lambda r: 0, None, length=16)[0] == ["short"]
+    live = {"long": 2, "short": 3}.get
+    assert rank(["long", "short"], board, live, None, length=16)[0] == ["short"]
     # when the three owe as much work each, they count in full: fewer requests win again
     board["short"].pending_tokens = 600
-    assert rank(["long", "short"], board, lambda r: 0, None, length=16)[0] == ["long"]
+    assert rank(["long", "short"], board, live, None, length=16)[0] == ["long"]
 
 
 def test_prefix_affinity_breaks_ties_consistently():
     load = ReplicaLoad("x", running=1, free_blocks=50, total_blocks=100, acceptance_length=2.0)
     board = {rid: ReplicaLoad(rid, **{k: v for k, v in vars(load).items()
                                       if k != "replica_id"}) for rid in "abcd"}
-    picks = {rank(list("abcd"), board, lambda r: 0, prefix=f"prompt {i}")[0][0]
+    picks = {rank(list("abcd"), board, lambda r: 1, prefix=f"prompt {i}")[0][0]
              for i in range(40)}
     assert len(picks) > 1  # different prefixes spread
-    again = {rank(list("dcba"), board, lambda r: 0, prefix="same prompt")[0][0] for _ in range(5)}
+    again = {rank(list("dcba"), board, lambda r: 1, prefix="same prompt")[0][0] for _ in range(5)}
     assert len(again) == 1  # the same prefix always meets the same replica
 
 
