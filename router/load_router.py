@@ -74,7 +74,7 @@ def request_length(pending: PendingRequest | None) -> int:
     return int(pending.args[0].get("max_tokens") or DEFAULT_LENGTH)
 
 
-def service_rate(load: ReplicaLoad, in_flight: int, length: int = DEFAULT_LENGTH,
+def service_rate(load: ReplicaLoad, in_flight: int | None, length: int = DEFAULT_LENGTH,
                  fleet_tau: float | None = None) -> float:
     """Expected tokens per step for a new request of ``length`` tokens on this replica."""
     if load.total_blocks and load.free_blocks <= 0:
@@ -85,7 +85,8 @@ def service_rate(load: ReplicaLoad, in_flight: int, length: int = DEFAULT_LENGTH
     # NOTE: the count comes from the handle's own in-flight cache (exact, updated on every
     # send and completion; the board lags by 100-200 ms, as long as a short request lives);
     # the board contributes what the cache cannot know: how much work each request owes
-    count = max(0, in_flight)
+    # (the cache forgets a replica after 10 s without traffic: then the board's count)
+    count = listed if in_flight is None else max(0, in_flight)
     per_request = load.pending_tokens / listed if listed else length
     pending = count * per_request
     # owed work in steps (this replica commits tau tokens per request-step) against the new
@@ -97,7 +98,7 @@ def service_rate(load: ReplicaLoad, in_flight: int, length: int = DEFAULT_LENGTH
 def rank(
     replica_ids: Sequence[str],
     board: dict[str, ReplicaLoad],
-    in_flight: Callable[[str], int],
+    in_flight: Callable[[str], int | None],
     prefix: str | None,
     affinity_slack: float = 0.1,
     length: int = DEFAULT_LENGTH,
@@ -159,8 +160,8 @@ class LoadBoardRouter(FIFOMixin, RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         board = self.reader.fresh() if self.reader.reachable else {}
 
-        def in_flight(rid: str) -> int:
-            return self.replica_queue_len_cache.get(by_id[rid].replica_id) or 0
+        def in_flight(rid: str) -> int | None:
+            return self.replica_queue_len_cache.get(by_id[rid].replica_id)
 
         tiers = rank(list(by_id), board, in_flight, prefix_key(pending_request),
                      self.affinity_slack, request_length(pending_request))

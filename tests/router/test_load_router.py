@@ -131,3 +131,12 @@ def test_router_uses_the_board_survives_redis_down_and_recovers(routed_app, serv
         assert after["board_decisions"] >= before["board_decisions"] + 6
     finally:
         restarted.stop()
+
+
+def test_unknown_in_flight_count_falls_back_to_the_board():
+    """Serve's queue-length cache forgets idle replicas; the board's count stands in."""
+    board = {
+        "a": ReplicaLoad("a", running=5, pending_tokens=500, free_blocks=50, total_blocks=100),
+        "b": ReplicaLoad("b", running=1, pending_tokens=100, free_blocks=50, total_blocks=100),
+    }
+    assert rank(["a", "b"], board, lambda rid: None, None, length=100)[0] == ["b"]
