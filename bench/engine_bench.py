@@ -252,6 +252,15 @@ def baseline_ratios(cells: Sequence[dict], keys: Sequence[str]) -> list[dict]:
     return out
 
 
+def ratio_columns(row: dict) -> str:
+    """``a / b | c / d``: per-user / aggregate ratios against no-spec, then against MTP-1."""
+    def x(key: str) -> str:
+        return f"{row[key]:.2f}" if key in row else "–"
+
+    return (f"{x('per_user_vs_no-spec')} / {x('aggregate_vs_no-spec')} | "
+            f"{x('per_user_vs_mtp-1')} / {x('aggregate_vs_mtp-1')}")
+
+
 def ratios(cells: Sequence[Cell]) -> list[dict]:
     return baseline_ratios([asdict(c) for c in cells], ("temperature", "concurrency"))
 
@@ -283,15 +292,9 @@ def markdown(result: dict) -> str:
             if c["temperature"] != temp:
                 continue
             r = ratio[(c["system"], temp, c["concurrency"])]
-
-            def x(key: str, r=r) -> str:
-                return f"{r[key]:.2f}" if key in r else "–"
-
             lines.append(
                 f"| {c['system']} | {c['concurrency']} | {c['per_user_tps']:.1f} | "
-                f"{c['aggregate_tps']:.1f} | {x('per_user_vs_no-spec')} / "
-                f"{x('aggregate_vs_no-spec')} | {x('per_user_vs_mtp-1')} / "
-                f"{x('aggregate_vs_mtp-1')} | {c['mean_tau']:.2f} | "
+                f"{c['aggregate_tps']:.1f} | {ratio_columns(r)} | {c['mean_tau']:.2f} | "
                 f"{c['mean_budget_per_request']:.2f} | {c['step_time_ms']:.1f} | "
                 f"{100 * c['schedule_and_sampling_frac']:.1f}% |"
             )

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from dspark.bench.engine_bench import baseline_ratios
+from dspark.bench.engine_bench import baseline_ratios, ratio_columns
 from dspark.cluster.config import ServeConfig
 
 
@@ -176,15 +176,9 @@ def markdown(result: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in result["cells"]:
         r = ratio[(c["system"], c["concurrency"])]
-
-        def x(key: str, r=r) -> str:
-            return f"{r[key]:.2f}" if key in r else "–"
-
         lines.append(
             f"| {c['system']} | {c['concurrency']} | {c['per_user_tps']:.1f} | "
-            f"{c['aggregate_tps']:.1f} | {x('per_user_vs_no-spec')} / "
-            f"{x('aggregate_vs_no-spec')} | {x('per_user_vs_mtp-1')} / "
-            f"{x('aggregate_vs_mtp-1')} | {1000 * c['ttft_p50']:.0f} / "
+            f"{c['aggregate_tps']:.1f} | {ratio_columns(r)} | {1000 * c['ttft_p50']:.0f} / "
             f"{1000 * c['ttft_p90']:.0f} | {1000 * c['tpot_p50']:.1f} / "
             f"{1000 * c['tpot_p90']:.1f} |")
     lines += ["", "Skewed workload (one request in four is 4× long), two replicas:", "",

@@ -67,19 +67,7 @@ class AsyncEngine:
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         """The checks ``add_request`` makes, without queueing anything (so a caller can
         answer 400 before streaming starts)."""
-        limit = self.engine.scheduler.cfg.max_model_len
-        vocab = self.engine.target.config.vocab_size
-        if not prompt_ids:
-            raise ValueError("prompt is empty: it must contain at least one token")
-        if len(prompt_ids) >= limit:
-            raise ValueError(
-                f"prompt has {len(prompt_ids)} tokens; the context is {limit} tokens "
-                f"(at most {limit - 1})"
-            )
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} outside [0, {vocab})")
-        del params  # SamplingParams validated itself on construction
+        self.engine.check_request(prompt_ids, params)
 
     async def generate(
         self,

@@ -145,6 +145,7 @@ class _Plan:
     prefill: bool  # feeds a prompt chunk (else: anchor + drafts)
     num_draft: int = 0  # ℓ_r
     draft_row: int = -1  # row in the DraftOutput, -1 if not drafted
+    row: int = 0  # row of this request in the step's block tables
 
 
 class Engine:
@@ -254,12 +255,7 @@ class Engine:
     ) -> str:
         """Queue a request; bad input raises ValueError naming the field and its range and
         leaves the engine untouched."""
-        if not isinstance(params, SamplingParams):
-            raise TypeError("params must be a SamplingParams")
-        vocab = self.target.config.vocab_size
-        bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} outside [0, {vocab})")
+        self.check_request(prompt_ids, params)
         req_id = req_id if req_id is not None else f"req-{next(self._ids)}"
         stops = () if params.ignore_eos else tuple(stop_ids)
         self.scheduler.add(Request(req_id, list(prompt_ids), params.max_tokens, stops))
@@ -267,6 +263,17 @@ class Engine:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         self.states[req_id] = _State(params, gen, SpecStats(max(self.gamma, 1)))
         return req_id
+
+    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Every check ``add_request`` makes, with nothing queued (reads configuration only,
+        so any thread may call it)."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError("params must be a SamplingParams")
+        vocab = self.target.config.vocab_size
+        bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} outside [0, {vocab})")
+        self.scheduler.check(prompt_ids, params.max_tokens)
 
     def abort(self, req_id: str) -> None:
         """Cancel a request wherever it is; its KV is freed at once."""
@@ -332,19 +339,24 @@ class Engine:
         return _Plan(item, req, start, [req.all_ids[-1]], True, False)
 
     def _run(self, out, plans: list[_Plan], t0: float, t_sched: float) -> StepResult:
+        for row, p in enumerate(plans):
+            p.row = row
+        # NOTE: built once: the step's block tables do not change until the commit
+        tables = self._block_tables([p.request.req_id for p in plans])  # [R, max_blocks]
         decoding = [p for p in plans if not p.prefill]
         prefill_tokens = sum(len(p.fed) for p in plans if p.prefill)
-        drafts = self._draft(decoding) if self._should_draft(decoding, prefill_tokens) else None
+        drafts = (self._draft(decoding, tables) if self._should_draft(decoding, prefill_tokens)
+                  else None)
         t_draft = time.perf_counter()
         surv = self._apply_budget(decoding, drafts, prefill_tokens)
         t_budget = time.perf_counter()
-        batch = self._verify_batch(plans, drafts)
+        batch = self._verify_batch(plans, drafts, tables)
         result = self.runner.forward(batch)
         t_verify = time.perf_counter()
         sampled = self._sample(plans, drafts, result.logits)
         t_sample = time.perf_counter()
         if self.draft_worker is not None:
-            self._extend(plans, sampled, result.features)
+            self._extend(plans, sampled, result.features, tables)
         outputs, finished = self._commit(out, plans, sampled)
         t_end = time.perf_counter()
         if surv is not None:
@@ -359,7 +371,7 @@ class Engine:
         return StepResult(outputs, stats)
 
     # ------------------------------------------------------------------ drafting + budget
-    def _draft(self, decoding: list[_Plan]) -> DraftOutput | None:
+    def _draft(self, decoding: list[_Plan], tables: torch.Tensor) -> DraftOutput | None:
         if self.draft_worker is None:
             return None
         caps = []
@@ -376,7 +388,8 @@ class Engine:
             return None
         for row, p in enumerate(chosen):
             p.draft_row = row
-            p.num_draft = caps[decoding.index(p)]
+        for p, cap in zip(decoding, caps):
+            p.num_draft = cap
         block = self.drafter.config.block_size
         uniforms = torch.stack([
             torch.rand(block, generator=self.states[p.request.req_id].generator)
@@ -387,12 +400,12 @@ class Engine:
             [self.states[p.request.req_id].params.temperature for p in chosen],
             device=self.device,
         )
-        tables = self._block_tables([p.request.req_id for p in chosen])
+        rows = torch.tensor([p.row for p in chosen], device=self.device)
         return self.draft_worker.propose(
             [p.request.req_id for p in chosen],
             torch.tensor([p.fed[0] for p in chosen], device=self.device),
             torch.tensor([p.start for p in chosen], device=self.device),
-            tables,
+            tables.index_select(0, rows),
             max(p.num_draft for p in chosen),
             temps,
             uniforms,
@@ -495,7 +508,8 @@ class Engine:
         width = max(len(r) for r in rows)
         return torch.tensor([r + [0] * (width - len(r)) for r in rows], device=self.device)
 
-    def _verify_batch(self, plans: list[_Plan], drafts: DraftOutput | None) -> VerifyBatch:
+    def _verify_batch(self, plans: list[_Plan], drafts: DraftOutput | None,
+                      tables: torch.Tensor) -> VerifyBatch:
         draft_lists = drafts.tokens.tolist() if drafts is not None else []
         ids, positions, cu, seq_lens, logit_rows = [], [], [0], [], []
         for p in plans:
@@ -514,7 +528,7 @@ class Engine:
             input_ids=torch.tensor(ids, device=dev),
             positions=torch.tensor(positions, device=dev),
             cu_q=torch.tensor(cu, device=dev),
-            block_tables=self._block_tables([p.request.req_id for p in plans]),
+            block_tables=tables,
             seq_lens=torch.tensor(seq_lens, device=dev),
             max_q=max(len(p.fed) for p in plans),
             logit_rows=torch.tensor(logit_rows, device=dev, dtype=torch.long),
@@ -551,7 +565,7 @@ class Engine:
         }
 
     # ------------------------------------------------------------------ commit
-    def _extend(self, plans, sampled, features) -> None:
+    def _extend(self, plans, sampled, features, tables) -> None:
         """Write the drafter K/V of the positions committed this step."""
         rows, next_ids, positions, cu, req_ids = [], [], [], [0], []
         offset = 0
@@ -578,7 +592,7 @@ class Engine:
             next_ids=torch.tensor(next_ids, device=dev),
             positions=torch.tensor(positions, device=dev),
             cu=torch.tensor(cu, device=dev),
-            block_tables=self._block_tables(req_ids),
+            block_tables=tables,
             max_q=max(b - a for a, b in zip(cu, cu[1:])),
         ))
 

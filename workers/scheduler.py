@@ -104,16 +104,20 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
 
     # ------------------------------------------------------------------ requests
-    def add(self, request: Request) -> None:
-        if not request.prompt_ids:
+    def check(self, prompt_ids: Sequence[int], max_tokens: int) -> None:
+        """Raise ValueError (naming the field and its range) for a request that cannot run."""
+        if not prompt_ids:
             raise ValueError("prompt is empty: it must contain at least one token")
-        if request.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
-        if len(request.prompt_ids) >= self.cfg.max_model_len:
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if len(prompt_ids) >= self.cfg.max_model_len:
             raise ValueError(
-                f"prompt has {len(request.prompt_ids)} tokens; the context is "
+                f"prompt has {len(prompt_ids)} tokens; the context is "
                 f"{self.cfg.max_model_len} tokens (at most {self.cfg.max_model_len - 1})"
             )
+
+    def add(self, request: Request) -> None:
+        self.check(request.prompt_ids, request.max_tokens)
         if request.req_id in self.requests:
             raise ValueError(f"request id {request.req_id!r} is already in use")
         self.requests[request.req_id] = request

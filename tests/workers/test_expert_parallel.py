@@ -57,8 +57,10 @@ WORKER = textwrap.dedent('''
         engine.step()
         steps += 1
     outputs = [engine.scheduler.requests[i].output_ids for i in ids]
-    json.dump({"layer_err": layer_err, "prompts": prompts, "outputs": outputs,
-               "steps": steps}, open(out, "w"))
+    with open(out, "w") as f:
+        json.dump({"layer_err": layer_err, "prompts": prompts, "outputs": outputs,
+                   "steps": steps}, f)
+    dist.barrier()
     dist.destroy_process_group()
 ''')
 
