@@ -21,18 +21,34 @@ import threading
 import time
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic.json_schema import models_json_schema
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dspark.cluster.config import ServeConfig
 from dspark.cluster.openai_api import (
+    ERROR_RESPONSES,
     APIError,
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
     CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
     ResponseBuilder,
+    merge_spec,
     parse,
+    parse_json,
+    shard_requests,
     sse,
-    usage,
+    streamed,
+    total_usage,
+    validation_error,
 )
 
 logger = logging.getLogger(__name__)
@@ -77,6 +93,7 @@ class TargetShard:
             max_num_seqs=cfg.max_num_seqs, num_blocks=cfg.num_blocks,
         ))
         self.context = target.config.max_position_embeddings
+        self._tokens: dict[int, tuple[str, list[int]]] = {}
         self.engine = AsyncEngine(engine, group=group)
         self.publisher = None
         self._closed = threading.Event()
@@ -120,54 +137,136 @@ class TargetShard:
                                      "mean_survival")}
 
     async def generate(self, request: dict):
-        """Yield shard chunks for one OpenAI request (already validated by the ingress)."""
-        from dspark.models.generation import SamplingParams
+        """Yield shard chunks for one choice of an OpenAI request (validated by the ingress).
+
+        ``request``: ``chat``, ``messages`` | ``prompt`` | ``prompt_ids``, ``max_tokens``
+        (None: what the context leaves; 0: score the prompt only, with ``echo``),
+        ``temperature``, ``top_p``, ``seed``, ``ignore_eos``, ``stop``, and optionally
+        ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` ({token id: bias}),
+        ``min_tokens``, ``logprobs`` (None or how many alternatives), ``echo``."""
         from dspark.models.tokenizer import StreamDecoder
 
         tok = self.tokenizer
-        if request["chat"]:
-            prompt_ids = tok.render_chat(request["messages"], add_generation_prompt=True)
-        else:
-            prompt_ids = tok.encode(request["prompt"])
-        room = self.context - len(prompt_ids)
-        if room < 1:
-            raise ValueError(
-                f"the prompt has {len(prompt_ids)} tokens; the context is {self.context} "
-                f"tokens, so at most {self.context - 1} fit"
-            )
-        max_tokens = request["max_tokens"] or room
-        if max_tokens > room:
-            raise ValueError(
-                f"max_tokens ({max_tokens}) is more than the context leaves: the prompt has "
-                f"{len(prompt_ids)} tokens of {self.context}, so max_tokens must be in [1, {room}]"
-            )
+        prompt_ids = self._prompt_ids(request)
+        params = self._params(request, prompt_ids)
+        echo, score_only = bool(request.get("echo")), request.get("max_tokens") == 0
         if len(self.engine.engine.scheduler.waiting) >= self.cfg.max_waiting_per_replica:
             raise OverloadedError(f"replica {self.replica_id} has "
                                   f"{self.cfg.max_waiting_per_replica} requests waiting")
-        params = SamplingParams(temperature=request["temperature"], top_p=request["top_p"],
-                                max_tokens=max_tokens, seed=request["seed"],
-                                ignore_eos=request["ignore_eos"])
-        stops = request["stop"]
-        decoder, text, produced = StreamDecoder(tok), "", 0
+        stops, min_tokens = request["stop"], params.min_tokens
+        decoder, text, produced, first = StreamDecoder(tok), "", 0, True
         async for out in self.engine.generate(prompt_ids, params, tok.stop_ids):
-            piece = ""
-            for token in out.new_token_ids:
+            head = {}
+            if first:
+                first = False
+                if echo:
+                    head["prompt_text"] = (request["prompt"] if request.get("prompt") is not None
+                                           else tok.decode(prompt_ids, skip_special_tokens=False))
+                if out.prompt_logprobs is not None:
+                    head["prompt_logprobs"] = [
+                        {"token": self._token(t)[0], "logprob": None, "bytes": self._token(t)[1],
+                         "top": []} if lp is None else self._entry(lp)
+                        for t, lp in zip(prompt_ids, out.prompt_logprobs)]
+                if score_only:  # the prompt's scores were the point; drop the drawn token
+                    yield self._chunk("", "length", len(prompt_ids), 0, out.spec_stats,
+                                      None if params.logprobs is None else [], head)
+                    return
+            pieces = []
+            for k, token in enumerate(out.new_token_ids):
                 produced += 1
-                if token not in tok.stop_ids or params.ignore_eos:
-                    piece += decoder.push(token)
+                emit = token not in tok.stop_ids or params.ignore_eos
+                pieces.append((decoder.push(token) if emit else "",
+                               self._entry(out.logprobs[k]) if out.logprobs is not None else None))
+            piece = "".join(p for p, _ in pieces)
+            entries = None if params.logprobs is None else [e for _, e in pieces]
             reason = _finish_reason(out.finish_reason) if out.finished else None
-            if stops:
+            if stops and produced >= min_tokens:
                 cut = _stop_cut(text + piece, stops, len(text))
                 if cut is not None:
-                    yield self._chunk(cut[len(text):], "stop", len(prompt_ids), produced,
-                                      out.spec_stats)
+                    kept = cut[len(text):]
+                    if entries is not None:  # the tokens whose text starts before the cut
+                        starts = [sum(len(p) for p, _ in pieces[:k]) for k in range(len(pieces))]
+                        entries = [e for e, s in zip(entries, starts) if s < max(len(kept), 1)]
+                    yield self._chunk(kept, "stop", len(prompt_ids), produced,
+                                      out.spec_stats, entries, head)
                     return  # NOTE: leaving the loop aborts the engine request
             text += piece
-            yield self._chunk(piece, reason, len(prompt_ids), produced, out.spec_stats)
+            yield self._chunk(piece, reason, len(prompt_ids), produced, out.spec_stats,
+                              entries, head)
 
-    def _chunk(self, text, reason, prompt_tokens, produced, spec) -> dict:
+    def _prompt_ids(self, request: dict) -> list[int]:
+        tok, vocab = self.tokenizer, self.engine.engine.target.config.vocab_size
+        if request["chat"]:
+            prompt_ids = tok.render_chat(request["messages"], add_generation_prompt=True)
+        elif request.get("prompt_ids") is not None:
+            prompt_ids = list(request["prompt_ids"])
+            bad = [t for t in prompt_ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt: token ids {bad[:5]} outside [0, {vocab})")
+        else:
+            prompt_ids = tok.encode(request["prompt"])
+        if not prompt_ids:
+            raise ValueError("prompt: is empty; it must hold at least one token")
+        room = self.context - len(prompt_ids)
+        if room < 1:
+            raise ValueError(
+                f"prompt: has {len(prompt_ids)} tokens; the context is {self.context} "
+                f"tokens, so at most {self.context - 1} fit"
+            )
+        return prompt_ids
+
+    def _params(self, request: dict, prompt_ids: list[int]):
+        from dspark.models.generation import SamplingParams
+
+        room = self.context - len(prompt_ids)
+        max_tokens = request["max_tokens"]
+        if max_tokens is not None and max_tokens > room:
+            raise ValueError(
+                f"max_tokens: {max_tokens} is more than the context leaves: the prompt has "
+                f"{len(prompt_ids)} tokens of {self.context}, so max_tokens must be in [1, {room}]"
+            )
+        max_tokens = 1 if max_tokens == 0 else max_tokens or room
+        vocab = self.engine.engine.target.config.vocab_size
+        bias = {int(k): float(v) for k, v in (request.get("logit_bias") or {}).items()}
+        bad = [t for t in bias if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"logit_bias: token ids {bad[:5]} outside [0, {vocab})")
+        logprobs = request.get("logprobs")
+        min_tokens = request.get("min_tokens") or 0
+        if min_tokens > max_tokens:
+            raise ValueError(f"min_tokens: {min_tokens} is more than max_tokens ({max_tokens})")
+        return SamplingParams(
+            temperature=request["temperature"], top_p=request["top_p"], max_tokens=max_tokens,
+            seed=request["seed"], ignore_eos=request["ignore_eos"],
+            presence_penalty=request.get("presence_penalty") or 0.0,
+            frequency_penalty=request.get("frequency_penalty") or 0.0,
+            logit_bias=bias, min_tokens=min_tokens, logprobs=logprobs,
+            prompt_logprobs=logprobs if request.get("echo") and logprobs is not None else None,
+        )
+
+    def _token(self, token_id: int) -> tuple[str, list[int]]:
+        """A token's text and its UTF-8 bytes (a byte-level piece of a character may not
+        be valid UTF-8 on its own: its text then holds U+FFFD)."""
+        cached = self._tokens.get(token_id)
+        if cached is None:
+            inner = self.tokenizer.inner
+            if token_id in self.tokenizer.special_ids:
+                raw = inner.id_to_token(token_id).encode()
+            else:
+                raw = bytes(_BYTE_OF.get(ch, 0) for ch in inner.id_to_token(token_id) or "")
+            cached = self._tokens[token_id] = (raw.decode("utf-8", errors="replace"), list(raw))
+        return cached
+
+    def _entry(self, lp) -> dict:
+        text, raw = self._token(lp.token_id)
+        return {"token": text, "logprob": lp.logprob, "bytes": raw,
+                "top": [(self._token(t)[0], value, self._token(t)[1]) for t, value in lp.top]}
+
+    def _chunk(self, text, reason, prompt_tokens, produced, spec, logprobs=None,
+               head=None) -> dict:
         return {"text": text, "finish_reason": reason, "prompt_tokens": prompt_tokens,
-                "completion_tokens": produced, "spec": spec, "replica": self.replica_id}
+                "completion_tokens": produced, "spec": spec, "replica": self.replica_id,
+                "logprobs": logprobs, **(head or {})}
 
     def load(self) -> dict:
         return {"replica_id": self.replica_id, **self.engine.load()}
@@ -229,6 +328,22 @@ def join_expert_parallel_group(cfg: ServeConfig):
     return f"ep{group_idx}", rank, dist.group.WORLD
 
 
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of byte-level BPE's byte -> printable character map (GPT-2's)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+            *range(ord("\xae"), ord("\xff") + 1)]
+    chars, extra = list(kept), 0
+    for b in range(256):
+        if b not in kept:
+            kept.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(kept, chars)}
+
+
+_BYTE_OF = _byte_decoder()
+
+
 def _finish_reason(reason: str | None) -> str:
     return "stop" if reason in ("stop", None) else "length" if reason == "length" else reason
 
@@ -243,12 +358,67 @@ def _stop_cut(text: str, stops: list[str], already: int) -> str | None:
     return None if best is None else text[:best]
 
 
-api = FastAPI(title="dspark", description="OpenAI-compatible API over DSpark speculative decoding")
+api = FastAPI(title="dspark", version="0.1.0",
+              description="OpenAI-compatible API over DSpark speculative decoding")
+
+
+def _error(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 @api.exception_handler(APIError)
 async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    return _error(exc)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """404, 405 and any other HTTP error of the framework, in the OpenAI shape."""
+    if exc.status_code == 404:
+        message = f"no route {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        message = f"method {request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(exc.detail)
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return _error(APIError(exc.status_code, message, kind=kind,
+                           code={404: "not_found", 405: "method_not_allowed"}.get(exc.status_code),
+                           headers=dict(exc.headers or {})))
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error(validation_error(list(exc.errors())))
+
+
+@api.exception_handler(Exception)
+async def _internal(_request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error")
+    return _error(APIError(500, f"internal error: {type(exc).__name__}", kind="server_error"))
+
+
+def _openapi() -> dict:
+    """FastAPI's schema plus the request bodies the completion routes parse themselves
+    (so that limits and errors come first) as components."""
+    if api.openapi_schema:
+        return api.openapi_schema
+    schema = get_openapi(title=api.title, version=api.version, description=api.description,
+                         routes=api.routes)
+    _, defs = models_json_schema(
+        [(CompletionRequest, "validation"), (ChatCompletionRequest, "validation"),
+         (ChatCompletionChunk, "serialization"), (CompletionResponse, "serialization")],
+        ref_template="#/components/schemas/{model}")
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.update(defs.get("$defs", {}))
+    for path, model in (("/v1/completions", CompletionRequest),
+                        ("/v1/chat/completions", ChatCompletionRequest)):
+        schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": {
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+    api.openapi_schema = schema
+    return schema
+
+
+api.openapi = _openapi
 
 
 @serve.deployment
@@ -263,19 +433,29 @@ class OpenAIIngress:
     async def health(self) -> dict:
         return {"status": "ok"}
 
-    @api.get("/v1/models")
-    async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model",
-                                            "created": int(self.started), "owned_by": "dspark"}]}
+    def _card(self) -> dict:
+        return {"id": self.cfg.model_name, "object": "model", "created": int(self.started),
+                "owned_by": "dspark"}
 
-    @api.post("/v1/completions")
+    @api.get("/v1/models", response_model=ModelList)
+    async def models(self) -> dict:
+        return {"object": "list", "data": [self._card()]}
+
+    @api.get("/v1/models/{model_id:path}", response_model=ModelCard,
+             responses={404: ERROR_RESPONSES[404]})
+    async def model(self, model_id: str) -> dict:
+        self._check_model(model_id, "model_id")
+        return self._card()
+
+    @api.post("/v1/completions", responses=streamed(CompletionResponse, CompletionResponse))
     async def completions(self, request: Request):
-        body = parse(CompletionRequest, await request.body())
+        body = parse(CompletionRequest, await self._json(request))
         return await self._serve(body, chat=False)
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions",
+              responses=streamed(ChatCompletionChunk, ChatCompletionResponse))
     async def chat_completions(self, request: Request):
-        body = parse(ChatCompletionRequest, await request.body())
+        body = parse(ChatCompletionRequest, await self._json(request))
         return await self._serve(body, chat=True)
 
     @api.get("/v1/load")
@@ -283,36 +463,62 @@ class OpenAIIngress:
         """Load of one replica (the one the handle picks); for operators and tests."""
         return await self.shard.load.remote()
 
+    async def _json(self, request: Request):
+        """The request's JSON, read within the size limit (413 before reading a body that
+        says it is too large) and the depth limit."""
+        limit = self.cfg.max_request_bytes
+        declared = request.headers.get("content-length")
+        too_large = APIError(413, f"request body is larger than {limit} bytes",
+                             code="request_too_large")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise too_large
+        return parse_json(bytes(body), self.cfg.max_json_depth)
+
+    def _check_model(self, name: str, param: str = "model") -> None:
+        if name != self.cfg.model_name:
+            raise APIError(404, f"model {name!r} does not exist; this server serves "
+                           f"{self.cfg.model_name!r}", param=param, code="model_not_found")
+
     async def _serve(self, body, chat: bool):
-        if body.model != self.cfg.model_name:
-            raise APIError(404, f"model {body.model!r} does not exist; this server serves "
-                           f"{self.cfg.model_name!r}", param="model", code="model_not_found")
-        payload = {
-            "chat": chat,
-            "messages": [m.model_dump() for m in body.messages] if chat else None,
-            "prompt": None if chat else body.prompt,
-            "max_tokens": body.requested_max_tokens(0) or None,
-            "temperature": body.temperature,
-            "top_p": body.top_p,
-            "seed": body.seed,
-            "ignore_eos": body.ignore_eos,
-            "stop": body.stop_list(),
-        }
-        stream = self.shard.options(stream=True).generate.remote(payload)
-        first = await self._first(stream)
+        self._check_model(body.model)
+        requests = shard_requests(body, chat)
+        streams = [self.shard.options(stream=True).generate.remote(r) for r in requests]
+        firsts = await asyncio.gather(*(self._first(s) for s in streams),
+                                      return_exceptions=True)
+        failed = [f for f in firsts if isinstance(f, BaseException)]
+        if failed:
+            for s in streams:
+                s.cancel()
+            raise failed[0]
+        choices = [Choice(i, chat, requests[i], first) for i, first in enumerate(firsts)]
         builder = ResponseBuilder(chat, self.cfg.model_name)
-        headers = {"x-dspark-replica": first["replica"]}
+        headers = {"x-dspark-replica": ",".join(sorted({f["replica"] for f in firsts}))}
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._sse(builder, first, stream, include_usage),
-                                     media_type="text/event-stream", headers=headers)
-        text, last = first["text"], first
+            options = body.stream_options
+            return StreamingResponse(
+                self._sse(builder, choices, streams, bool(options and options.include_usage),
+                          bool(options and options.continuous_usage_stats), body.n),
+                media_type="text/event-stream", headers=headers)
+        try:
+            await asyncio.gather(*(self._drain(c, s) for c, s in zip(choices, streams)))
+        except BaseException:
+            for s in streams:
+                s.cancel()
+            raise
+        return JSONResponse(builder.full([c.shaped() for c in choices],
+                                         total_usage(choices, body.n),
+                                         merge_spec([c.last["spec"] for c in choices])),
+                            headers=headers)
+
+    @staticmethod
+    async def _drain(choice: "Choice", stream) -> None:
         async for chunk in stream:
-            text += chunk["text"]
-            last = chunk
-        return JSONResponse(builder.full(text, last["finish_reason"] or "stop",
-                                         usage(last["prompt_tokens"], last["completion_tokens"]),
-                                         last["spec"]), headers=headers)
+            choice.add(chunk)
 
     async def _first(self, stream) -> dict:
         """The first chunk, so that bad input and overload answer 4xx/5xx before a stream
@@ -330,7 +536,10 @@ class OpenAIIngress:
         except Exception as exc:
             cause = getattr(exc, "cause", None) or exc
             if isinstance(exc, ValueError) or isinstance(cause, ValueError):
-                raise APIError(400, str(cause)) from exc
+                message = str(cause)
+                param = message.split(":", 1)[0] if ":" in message else None
+                raise APIError(400, message, param=param if param and " " not in param
+                               else None) from exc
             if "OverloadedError" in type(cause).__name__ or "OverloadedError" in str(exc):
                 raise APIError(429, "too many requests waiting; retry later",
                                kind="rate_limit_error", code="overloaded",
@@ -339,30 +548,68 @@ class OpenAIIngress:
             raise APIError(500, f"internal error: {type(cause).__name__}",
                            kind="server_error") from exc
 
-    async def _sse(self, builder: ResponseBuilder, first: dict, stream, include_usage: bool):
-        last = first
+    async def _sse(self, builder: ResponseBuilder, choices: list["Choice"], streams,
+                   include_usage: bool, continuous: bool, n: int):
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, stream) -> None:
+            try:
+                async for chunk in stream:
+                    await queue.put((index, chunk))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await queue.put((index, exc))
+            await queue.put((index, None))
+
+        tasks = []
         try:
-            yield sse(builder.chunk(first["text"], first["finish_reason"], first=True))
-            async for chunk in stream:
-                last = chunk
-                yield sse(builder.chunk(chunk["text"], chunk["finish_reason"]))
+            for c in choices:
+                yield sse(builder.chunk(c.index, c.head_text() + c.first["text"],
+                                        c.first["finish_reason"], first=True,
+                                        logprobs=c.shape_logprobs(c.first, head=True),
+                                        usage=total_usage(choices, n) if continuous else None))
+            tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+            live = len(tasks)
+            while live:
+                index, item = await queue.get()
+                if item is None:
+                    live -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                choice = choices[index]
+                choice.add(item)
+                yield sse(builder.chunk(index, item["text"], item["finish_reason"],
+                                        logprobs=choice.shape_logprobs(item),
+                                        usage=total_usage(choices, n) if continuous else None))
             if include_usage:
-                yield sse(builder.usage_chunk(
-                    usage(last["prompt_tokens"], last["completion_tokens"]), last["spec"]))
+                yield sse(builder.usage_chunk(total_usage(choices, n),
+                                              merge_spec([c.last["spec"] for c in choices])))
             yield sse("[DONE]")
         except asyncio.CancelledError:
-            stream.cancel()
+            for s in streams:
+                s.cancel()
             raise
         except Exception as exc:  # mid-stream failure: say so in the stream, then end it
             logger.exception("stream failed")
+            for s in streams:
+                s.cancel()
             yield sse(APIError(500, f"internal error: {type(exc).__name__}",
                                kind="server_error").body())
             yield sse("[DONE]")
+        finally:
+            for task in tasks:
+                task.cancel()
 
 
 def build_app(cfg: ServeConfig):
     # NOTE: max_queued_requests caps the queue of handles *calling* the shard, i.e. the
     # ingress's; past it the ingress gets BackPressureError and answers 503 + Retry-After
+    # NOTE: on stop, each replica checks for in-flight requests every wait-loop period (Serve's
+    # default 2 s, slept at least once even when idle) and is killed after the timeout
+    # (default 20 s): an idle app stops at once, a stream in flight gets 5 s to finish
+    shutdown = {"graceful_shutdown_wait_loop_s": 0.1, "graceful_shutdown_timeout_s": 5.0}
     options = {}
     if cfg.router == "board" and cfg.redis_url:
         from ray.serve.config import RequestRouterConfig
@@ -376,9 +623,11 @@ def build_app(cfg: ServeConfig):
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
         ray_actor_options={"num_cpus": cfg.replica_cpus},
+        **shutdown,
         **options,
     ).bind(cfg.to_dict())
     return OpenAIIngress.options(
         max_ongoing_requests=1000,
         ray_actor_options={"num_cpus": 0.1},
+        **shutdown,
     ).bind(shard, cfg.to_dict())

@@ -43,6 +43,10 @@ class ServeConfig:
     """Requests waiting in the ingress's handle; beyond it clients get 503 + Retry-After."""
     max_waiting_per_replica: int = 128
     """Requests waiting inside one engine; beyond it the replica answers 429."""
+    max_request_bytes: int = 1_048_576
+    """Largest request body the API reads (bigger: 413)."""
+    max_json_depth: int = 64
+    """Deepest JSON nesting the API parses (deeper: 400)."""
     replica_cpus: float = 0.5
     threads: int = 0
     """Torch threads per replica (0: torch's default)."""
@@ -53,7 +57,8 @@ class ServeConfig:
         if self.budget not in BUDGETS:
             raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
         for name in ("replicas", "ep_size", "max_num_seqs", "num_blocks",
-                     "max_ongoing_requests", "max_waiting_per_replica"):
+                     "max_ongoing_requests", "max_waiting_per_replica", "max_request_bytes",
+                     "max_json_depth"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

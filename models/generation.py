@@ -7,15 +7,25 @@ nucleus, with a per-request ``torch.Generator`` so a seeded request reproduces.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from dspark.models.checkpoint import load_target
 from dspark.models.target import TargetModel
 from dspark.models.tokenizer import StreamDecoder, Tokenizer
+
+
+class TokenLogprob(NamedTuple):
+    """A token's log-probability under the target and the most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+    """(token id, log-probability), most likely first."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,19 @@ class SamplingParams:
     """Seeds the request's own random generator."""
     ignore_eos: bool = False
     """Keep generating past end-of-turn tokens."""
+    presence_penalty: float = 0.0
+    """Subtracted once from the logit of every token already generated, in [-2, 2]."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time it was generated, in [-2, 2]."""
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    """Token id -> value added to its logit, in [-100, 100]."""
+    min_tokens: int = 0
+    """Stop tokens cannot be drawn before this many tokens are generated, >= 0."""
+    logprobs: int | None = None
+    """Return the target's log-probability of each generated token and this many top
+    alternatives (0-20); None returns none."""
+    prompt_logprobs: int | None = None
+    """Also score every prompt token (and this many top alternatives, 0-20); None: no."""
 
     def __post_init__(self) -> None:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, int | float):
@@ -46,6 +69,28 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        for token, bias in self.logit_bias.items():
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids >= 0, got {token!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
+        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
+            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 20:
+                raise ValueError(f"{name} must be in [0, 20], got {value}")
+
+    @property
+    def modifies_logits(self) -> bool:
+        """Penalties, bias or min_tokens change the distribution tokens are drawn from."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
+                    or self.min_tokens)
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -70,6 +115,67 @@ def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     cdf = probs.float().cumsum(-1)  # [R, V]
     drawn = (cdf <= uniforms[:, None].to(cdf.device) * cdf[:, -1:]).sum(-1)
     return drawn.clamp_max(probs.shape[-1] - 1)
+
+
+def process_logits(
+    logits: torch.Tensor,  # [R, V] rows of one request, row k after k more generated tokens
+    params: SamplingParams,
+    output_ids: Sequence[int],  # generated before row 0
+    extra_ids: Sequence[int],  # [R - 1] the tokens generated between consecutive rows
+    stop_ids: Sequence[int],
+) -> torch.Tensor:  # [R, V]
+    """The logits a token is drawn from under ``params``' modifiers (OpenAI's definitions):
+    ``logit - presence * [count > 0] - frequency * count + bias``, counts over the generated
+    tokens so far, and stop tokens masked while fewer than ``min_tokens`` are generated.
+
+    NOTE: speculative verification applies this to every verified position with the
+    draft prefix before it counted as generated, so an accepted draft sees exactly the
+    distribution plain decoding would have drawn from; the draft's own distribution need
+    not know the modifiers (rejection sampling corrects for it)."""
+    if not params.modifies_logits:
+        return logits
+    rows, vocab = logits.shape
+    out = logits.float().clone()
+    if params.presence_penalty or params.frequency_penalty:
+        counts = torch.zeros(rows, vocab, device=logits.device)  # [R, V]
+        if output_ids:
+            base = torch.tensor(list(output_ids), device=logits.device)
+            counts += torch.bincount(base, minlength=vocab)[:vocab].float()
+        if rows > 1:
+            extra = torch.tensor(list(extra_ids[: rows - 1]), device=logits.device)
+            step = torch.zeros(rows, vocab, device=logits.device)
+            step[torch.arange(1, rows, device=logits.device), extra] = 1.0
+            counts += step.cumsum(0)
+        out -= params.presence_penalty * (counts > 0).float() + params.frequency_penalty * counts
+    if params.logit_bias:
+        ids = [t for t in params.logit_bias if t < vocab]
+        bias = torch.tensor([params.logit_bias[t] for t in ids], device=logits.device)
+        out[:, torch.tensor(ids, dtype=torch.long, device=logits.device)] += bias
+    if params.min_tokens and stop_ids and not params.ignore_eos:
+        generated = len(output_ids) + torch.arange(rows, device=logits.device)  # [R]
+        early = generated < params.min_tokens
+        stops = torch.tensor([t for t in stop_ids if t < vocab], dtype=torch.long,
+                             device=logits.device)
+        masked = out[:, stops].masked_fill(early[:, None], float("-inf"))
+        out[:, stops] = masked
+    return out
+
+
+def token_logprobs(
+    logits: torch.Tensor,  # [R, V] the target's raw logits
+    token_ids: Sequence[int],  # [R] the token scored at each row
+    top: int,
+) -> list[TokenLogprob]:
+    """(token, its log-probability, the ``top`` most likely (token, log-probability)) per
+    row, from the target's raw distribution (before temperature, penalties and top-p)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
+    ids = torch.tensor(list(token_ids), dtype=torch.long, device=logits.device)
+    chosen = logp.gather(1, ids[:, None])[:, 0].tolist()
+    tops: list[list[tuple[int, float]]] = [[] for _ in token_ids]
+    if top:
+        values, indices = logp.topk(top, dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+    return [TokenLogprob(int(t), lp, tp) for t, lp, tp in zip(token_ids, chosen, tops)]
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
@@ -113,8 +219,11 @@ def generate_tokens(
     cache = model.new_kv_cache(batch_size=1, max_len=context)
     device = model.lm_head.weight.device
     logits = model(torch.tensor([list(prompt_ids)], device=device), kv_cache=cache).logits[0, -1]
+    output: list[int] = []
     for n in range(budget):
+        logits = process_logits(logits[None], params, output, (), stop_ids)[0]
         token = sample_next(logits, params, gen)
+        output.append(token)
         yield token
         if token in stop_ids and not params.ignore_eos:
             return

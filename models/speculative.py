@@ -107,6 +107,10 @@ def speculative_generate(
     """
     drafter.config.check_target(target.config)
     check_prompt(target, prompt_ids)
+    if params.modifies_logits:
+        raise ValueError("penalties, logit_bias and min_tokens are applied by the batched "
+                         "engine (dspark.workers.engine.Engine); this single-request path "
+                         "does not take them")
     stops = () if params.ignore_eos else tuple(stop_ids)
     context = target.config.max_position_embeddings
     budget = min(params.max_tokens, context - len(prompt_ids))

@@ -64,15 +64,17 @@ class BlockManager:
         return self.tables[req_id]
 
     # ------------------------------------------------------------------ allocation
-    def allocate(self, req_id: str, prompt_ids: Sequence[int]) -> int | None:
-        """Give a new request blocks for its prompt; reuse cached full prefix blocks.
+    def allocate(self, req_id: str, prompt_ids: Sequence[int], use_cache: bool = True
+                 ) -> int | None:
+        """Give a new request blocks for its prompt; reuse cached full prefix blocks (unless
+        ``use_cache`` is False: a request that scores its whole prompt computes every row).
 
         Returns the number of prompt tokens already in the cache (to skip in prefill), or
         ``None`` (nothing allocated) when there are not enough free blocks.
         """
         if req_id in self.tables:
             raise ValueError(f"request {req_id!r} already holds blocks")
-        hits = self._prefix_hits(prompt_ids)
+        hits = self._prefix_hits(prompt_ids) if use_cache else []
         # NOTE: a full-prompt hit still recomputes the last token, whose logits we need
         if hits and len(hits) * self.block_size >= len(prompt_ids):
             hits = hits[:-1]

@@ -28,7 +28,13 @@ import torch
 from dspark.kernels.prefix_select import select_prefixes
 from dspark.models.checkpoint import load_target
 from dspark.models.drafter_checkpoint import Drafter, load_drafter
-from dspark.models.generation import SamplingParams, sampling_probs
+from dspark.models.generation import (
+    SamplingParams,
+    TokenLogprob,
+    process_logits,
+    sampling_probs,
+    token_logprobs,
+)
 from dspark.models.target import TargetModel
 from dspark.workers.block_manager import BlockManager
 from dspark.workers.budget import OnlineCostTable, StepCostTable
@@ -117,6 +123,12 @@ class RequestOutput:
     finish_reason: str | None = None
     spec_stats: dict | None = None
     """On the finishing output of a speculative request: its ``SpecStats.to_dict()``."""
+    logprobs: list[TokenLogprob] | None = None
+    """One per new token when the request asked for logprobs (the target's, never the
+    drafter's)."""
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    """On the first output of a request that scores its prompt: one per prompt token (None
+    for the first, which has no context)."""
 
 
 @dataclass
@@ -130,7 +142,13 @@ class _State:
     params: SamplingParams
     generator: torch.Generator
     spec: SpecStats
+    stop_ids: tuple[int, ...] = ()
     stale: list[float] = field(default_factory=list)
+    prompt_scores: dict[int, TokenLogprob] = field(default_factory=dict)
+    """Prompt position -> score of the token there (kept across preemption)."""
+    prompt_delivered: bool = False
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    """This step's logprobs of the committed tokens (consumed by the commit)."""
 
 
 @dataclass
@@ -146,6 +164,8 @@ class _Plan:
     num_draft: int = 0  # ℓ_r
     draft_row: int = -1  # row in the DraftOutput, -1 if not drafted
     row: int = 0  # row of this request in the step's block tables
+    logit_start: int = 0  # its first row in the forward's logits
+    num_scored: int = 0  # leading logit rows that score prompt tokens (not sampled from)
 
 
 class Engine:
@@ -258,10 +278,11 @@ class Engine:
         self.check_request(prompt_ids, params)
         req_id = req_id if req_id is not None else f"req-{next(self._ids)}"
         stops = () if params.ignore_eos else tuple(stop_ids)
-        self.scheduler.add(Request(req_id, list(prompt_ids), params.max_tokens, stops))
+        self.scheduler.add(Request(req_id, list(prompt_ids), params.max_tokens, stops,
+                                   scores_prompt=params.prompt_logprobs is not None))
         seed = params.seed if params.seed is not None else self.config.seed + next(self._seeds)
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        self.states[req_id] = _State(params, gen, SpecStats(max(self.gamma, 1)))
+        self.states[req_id] = _State(params, gen, SpecStats(max(self.gamma, 1)), stops)
         return req_id
 
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
@@ -353,6 +374,7 @@ class Engine:
         batch = self._verify_batch(plans, drafts, tables)
         result = self.runner.forward(batch)
         t_verify = time.perf_counter()
+        self._score_prompts(plans, result.logits)
         sampled = self._sample(plans, drafts, result.logits)
         t_sample = time.perf_counter()
         if self.draft_worker is not None:
@@ -520,7 +542,13 @@ class Engine:
             positions += range(p.start, p.start + len(p.fed))
             cu.append(len(ids))
             seq_lens.append(p.start + len(p.fed))
-            if p.samples:
+            p.logit_start = len(logit_rows)
+            if p.prefill and self._scores_prompt(p):
+                # NOTE: every row of the chunk scores the prompt token after it; the last
+                # row of the final chunk is also the one the first token is drawn from
+                p.num_scored = len(p.fed) - (1 if p.samples else 0)
+                logit_rows += range(row0, len(ids))
+            elif p.samples:
                 first = row0 + len(p.fed) - 1 if p.prefill else row0
                 logit_rows += range(first, len(ids))
         dev = self.device
@@ -541,6 +569,12 @@ class Engine:
             return {}
         params = [self.states[p.request.req_id].params for p in sampling]
         rows_per = [p.num_draft + 1 for p in sampling]
+        if any(p.num_scored for p in plans):  # keep only the rows tokens are drawn from
+            keep = [p.logit_start + p.num_scored + k for p, n in zip(sampling, rows_per)
+                    for k in range(n)]
+            logits = logits.index_select(0, torch.tensor(keep, device=self.device))
+        raw = logits  # [M, V] what logprobs report
+        logits = self._process(sampling, drafts, logits, rows_per)
         temps = torch.tensor(
             [pr.temperature for pr, n in zip(params, rows_per) for _ in range(n)],
             device=self.device,
@@ -559,10 +593,59 @@ class Engine:
             [pr.temperature == 0.0 for pr in params],
             [self.states[p.request.req_id].generator for p in sampling],
         )
+        start = 0
+        for p, n, ids in zip(sampling, rows_per, out.output_ids):
+            state = self.states[p.request.req_id]
+            if state.params.logprobs is not None:
+                state.new_logprobs = token_logprobs(raw[start : start + len(ids)], ids,
+                                                    state.params.logprobs)
+            start += n
         return {
             p.request.req_id: (a, ids)
             for p, a, ids in zip(sampling, out.num_accepted, out.output_ids)
         }
+
+    def _process(self, sampling, drafts, logits, rows_per) -> torch.Tensor:
+        """Apply each request's penalties, bias and min_tokens at every verified position
+        (the drafts before a position count as generated there)."""
+        if not any(self.states[p.request.req_id].params.modifies_logits for p in sampling):
+            return logits
+        logits = logits.clone()
+        start = 0
+        for p, n in zip(sampling, rows_per):
+            state = self.states[p.request.req_id]
+            if state.params.modifies_logits:
+                extra = (drafts.tokens[p.draft_row, : p.num_draft].tolist()
+                         if p.draft_row >= 0 else [])
+                logits[start : start + n] = process_logits(
+                    logits[start : start + n], state.params, p.request.output_ids, extra,
+                    state.stop_ids)
+            start += n
+        return logits
+
+    def _scores_prompt(self, p: _Plan) -> bool:
+        state = self.states[p.request.req_id]
+        return state.params.prompt_logprobs is not None and not state.prompt_delivered
+
+    def _score_prompts(self, plans: list[_Plan], logits: torch.Tensor) -> None:
+        """Record the target's log-probability of every prompt token a chunk's rows
+        predict."""
+        for p in plans:
+            if not (p.prefill and self._scores_prompt(p)):
+                continue
+            state, prompt = self.states[p.request.req_id], p.request.prompt_ids
+            rows = len(p.fed)  # every fed row has a logit row when scoring
+            positions = [p.start + k for k in range(rows)]
+            wanted = [k for k, pos in enumerate(positions)
+                      if pos + 1 < len(prompt) and pos not in state.prompt_scores]
+            if not wanted:
+                continue
+            index = torch.tensor([p.logit_start + k for k in wanted], device=self.device)
+            scores = token_logprobs(logits.index_select(0, index),
+                                    [prompt[positions[k] + 1] for k in wanted],
+                                    state.params.prompt_logprobs)
+            for k, score in zip(wanted, scores):
+                state.prompt_scores[positions[k]] = score
 
     # ------------------------------------------------------------------ commit
     def _extend(self, plans, sampled, features, tables) -> None:
@@ -612,11 +695,21 @@ class Engine:
             req = p.request
             new = req.output_ids[before[req.req_id]:]
             if new or req.req_id in done:
+                state = self.states[req.req_id]
                 spec = None
                 if req.req_id in done and self.draft_worker is not None:
-                    spec = self.states[req.req_id].spec.to_dict()
-                outputs.append(RequestOutput(req.req_id, new, req.req_id in done,
-                                             req.finish_reason, spec))
+                    spec = state.spec.to_dict()
+                output = RequestOutput(req.req_id, new, req.req_id in done,
+                                       req.finish_reason, spec)
+                if state.params.logprobs is not None:
+                    output.logprobs = state.new_logprobs[: len(new)]
+                if state.params.prompt_logprobs is not None and not state.prompt_delivered:
+                    output.prompt_logprobs = [None] + [
+                        state.prompt_scores[i] for i in range(len(req.prompt_ids) - 1)]
+                    state.prompt_delivered = True
+                outputs.append(output)
+            state = self.states[req.req_id]
+            state.new_logprobs = []
             if req.req_id in done:
                 self._forget(req.req_id)
         return outputs, finished

@@ -36,6 +36,8 @@ class Request:
     num_computed_tokens: int = 0
     status: Status = Status.WAITING
     finish_reason: str | None = None
+    scores_prompt: bool = False
+    """Every prompt row is computed (no prefix-cache hits): its prompt is being scored."""
 
     @property
     def all_ids(self) -> list[int]:
@@ -153,7 +155,8 @@ class Scheduler:
             budget -= item.num_new_tokens + item.num_lookahead
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             request = self.waiting[0]
-            if self.blocks.allocate(request.req_id, request.all_ids) is None:
+            if self.blocks.allocate(request.req_id, request.all_ids,
+                                    use_cache=not request.scores_prompt) is None:
                 break
             cached = self.blocks.table(request.req_id).num_committed
             request.num_computed_tokens = cached

@@ -52,8 +52,10 @@ class StepStats:
 
     @property
     def mean_acceptance_length(self) -> float:
+        """Tokens committed per drafted request this step (vLLM's definition: 1 + accepted
+        drafts per drafting step); 1.0 when nothing was drafted."""
         if self.num_drafts == 0:
-            return 0.0
+            return 1.0
         return (self.num_accepted_tokens + self.num_drafts) / self.num_drafts
 
 
@@ -85,8 +87,10 @@ class SpecStats:
             "num_draft_tokens": self.num_draft_tokens,
             "num_accepted_draft_tokens": self.num_accepted_draft_tokens,
             "acceptance_histogram": list(self.acceptance_histogram),
+            # vLLM: 1 + accepted / drafting steps; a request that never drafted committed
+            # one token per step, so its acceptance length is 1, never below
             "mean_acceptance_length": (
-                1.0 + self.num_accepted_draft_tokens / steps if steps else 0.0
+                1.0 + self.num_accepted_draft_tokens / steps if steps else 1.0
             ),
             "draft_acceptance_rate": (
                 self.num_accepted_draft_tokens / self.num_draft_tokens

@@ -231,3 +231,92 @@ def test_cluster_budget_evaluates_sps_with_the_groups_tokens(make_model, make_dr
             drafted += stats.num_drafts
         budgets[other] = verified / drafted
     assert budgets[0] > 2 * budgets[199]
+
+
+MODIFIED = [
+    dict(presence_penalty=1.5),
+    dict(frequency_penalty=2.0, presence_penalty=-0.5),
+    dict(logit_bias={7: 5.0, 11: -100.0, 3: 3.0}),
+    dict(min_tokens=6, frequency_penalty=0.7),
+]
+
+
+@pytest.mark.parametrize("method", ["dspark", "eagle3"])
+def test_penalties_bias_and_min_tokens_keep_greedy_output_exact(make_model, make_drafter,
+                                                                 method):
+    """Speculative greedy output under sampling modifiers equals plain greedy decoding with
+    the same modifiers (which change the output: checked against the unmodified run)."""
+    target = make_model()
+    prompts, base = workload(seed=3, num=8)
+    params = [SamplingParams(max_tokens=sp.max_tokens + 8, **MODIFIED[i % len(MODIFIED)])
+              for i, sp in enumerate(base)]
+    eng = engine(target, make_drafter(target, method))
+    free = eng.blocks.num_free_blocks
+    want = plain(target, prompts, params)
+    assert eng.generate(prompts, params, STOP) == want
+    assert eng.blocks.num_free_blocks == free
+    unmodified = [SamplingParams(max_tokens=sp.max_tokens) for sp in params]
+    assert want != plain(target, prompts, unmodified)
+
+
+@pytest.mark.parametrize("modifier", [dict(frequency_penalty=2.0, presence_penalty=2.0),
+                                      dict(logit_bias={5: 3.0, 9: 2.5, 12: -3.0})])
+def test_sampling_with_penalty_or_bias_matches_the_processed_target(make_model, make_drafter,
+                                                                   modifier):
+    """The third token over 600 seeds, drafted and verified under a penalty or a logit bias,
+    is distributed as plain sampling from the processed target."""
+    target = make_model(vocab_size=23)
+    drafter = make_drafter(target, "dspark", std=0.6)
+    num = 600
+    params = [SamplingParams(temperature=1.0, max_tokens=3, seed=s, **modifier)
+              for s in range(num)]
+    eng = engine(target, drafter, num_blocks=2000, max_num_seqs=64, max_num_batched_tokens=1024)
+    outs = eng.generate([[5, 6]] * num, params)
+    assert eng.spec_stats("req-0").num_spec_steps > 0  # it did draft and verify
+    ref = [list(generate_tokens(target, [5, 6], SamplingParams(
+        temperature=1.0, max_tokens=3, seed=10_000 + s, **modifier))) for s in range(num)]
+    plain_ref = [list(generate_tokens(target, [5, 6], SamplingParams(
+        temperature=1.0, max_tokens=3, seed=20_000 + s))) for s in range(num)]
+
+    def hist(rows):
+        return torch.bincount(torch.tensor([o[2] for o in rows]), minlength=23).float() / num
+
+    def repeats(rows):  # what a penalty acts on: a token drawn twice
+        return sum(len(set(o)) < len(o) for o in rows) / num
+
+    got, want = hist(outs), hist(ref)
+    assert 0.5 * (got - want).abs().sum() < 0.12
+    assert abs(repeats(outs) - repeats(ref)) < 0.05
+    # the modifier moves what it acts on by more than the tolerances
+    if "logit_bias" in modifier:
+        assert 0.5 * (hist(plain_ref) - want).abs().sum() > 0.2
+    else:
+        assert repeats(plain_ref) - repeats(ref) > 0.1
+
+
+def test_logprobs_are_the_targets_for_each_committed_token(make_model, make_drafter):
+    target = make_model()
+    eng = engine(target, make_drafter(target, "dspark"))
+    prompt = [5, 6, 7, 8, 9, 10, 11]
+    req = eng.add_request(prompt, SamplingParams(max_tokens=12, logprobs=3, prompt_logprobs=2,
+                                                 ignore_eos=True))
+    tokens, logprobs, prompt_lp = [], [], None
+    while eng.has_unfinished():
+        for out in eng.step().outputs:
+            assert len(out.logprobs) == len(out.new_token_ids)
+            tokens += out.new_token_ids
+            logprobs += out.logprobs
+            if out.prompt_logprobs is not None:
+                assert prompt_lp is None
+                prompt_lp = out.prompt_logprobs
+    assert eng.spec_stats(req).num_accepted_draft_tokens >= 0
+    with torch.no_grad():
+        full = torch.log_softmax(target(torch.tensor([prompt + tokens])).logits[0].float(), -1)
+    for i, (tok, lp) in enumerate(zip(tokens, logprobs)):
+        row = full[len(prompt) - 1 + i]
+        assert lp.token_id == tok and abs(lp.logprob - float(row[tok])) < 1e-3
+        assert [t for t, _ in lp.top] == row.topk(3).indices.tolist()
+    assert prompt_lp[0] is None and len(prompt_lp) == len(prompt)
+    for i in range(1, len(prompt)):
+        assert abs(prompt_lp[i].logprob - float(full[i - 1, prompt[i]])) < 1e-3
+        assert len(prompt_lp[i].top) == 2
