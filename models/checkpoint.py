@@ -2,7 +2,8 @@
 
 The layout is Hugging Face's, so a local Qwen3 / Qwen3-MoE checkpoint (single file or
 sharded with ``model.safetensors.index.json``) loads unchanged, and ours load in
-``transformers``.
+``transformers``: ``save_target`` also writes ``generation_config.json`` and, given the
+tokenizer, a tokenizer folder ``AutoTokenizer`` loads as the server's tokenizer.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from safetensors.torch import load_file, save_file
 
 from dspark.models.config import ConfigError, TargetConfig
 from dspark.models.target import TargetModel
+from dspark.models.tokenizer import Tokenizer
 
 CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILE = "tokenizer.json"
 
 
 class CheckpointError(ValueError):
@@ -133,8 +135,14 @@ def load_target(
     return model.to(device=device, dtype=dtype).eval()
 
 
-def save_target(model: TargetModel, path: str | Path, dtype: torch.dtype = torch.bfloat16) -> None:
-    """Write ``config.json`` and ``model.safetensors`` (tokenizer is saved by its owner)."""
+def save_target(
+    model: TargetModel,
+    path: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    tokenizer: Tokenizer | None = None,
+) -> None:
+    """Write ``config.json``, ``generation_config.json``, ``model.safetensors`` and, when
+    given, the tokenizer's Hugging Face files (``Tokenizer.save_pretrained``)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {
@@ -146,3 +154,17 @@ def save_target(model: TargetModel, path: str | Path, dtype: torch.dtype = torch
     hf = model.config.to_hf_dict()
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     (path / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
+    write_generation_config(path, model.config)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path, model_max_length=model.config.max_position_embeddings)
+
+
+def write_generation_config(path: str | Path, cfg: TargetConfig) -> None:
+    """``generation_config.json``: the stop, pad and BOS ids ``transformers.generate`` uses."""
+    ids = {
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+    }
+    gen = {name: value for name, value in ids.items() if value is not None}
+    (Path(path) / GENERATION_CONFIG_FILE).write_text(json.dumps(gen, indent=2) + "\n")

@@ -8,10 +8,16 @@ the drafter's prediction slots; ``<mask>`` never occurs in the training data.
 Template (Qwen ChatML)::
 
     <|im_start|>user\\n{content}<|im_end|>\\n<|im_start|>assistant\\n{reply}<|im_end|>
+
+``Tokenizer.save_pretrained`` writes a Hugging Face tokenizer folder: ``tokenizer.json`` plus
+``tokenizer_config.json`` (which names ``PreTrainedTokenizerFast``, the class that runs
+``tokenizer.json`` unchanged, and carries ``CHAT_TEMPLATE``) and ``special_tokens_map.json``, so
+``transformers.AutoTokenizer`` counts and renders exactly as the server does.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +31,26 @@ IM_END = "<|im_end|>"
 MASK = "<mask>"
 SPECIAL_TOKENS = (ENDOFTEXT, PAD, IM_START, IM_END, MASK)
 ROLES = ("system", "user", "assistant")
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+
+# The Jinja twin of ``encode_conversation`` for ``transformers``' ``apply_chat_template``: the
+# same turns, the same generation prompt, the same role and content checks.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{- raise_exception('message role must be one of system, user, assistant, got '"
+    " + message['role']) }}"
+    "{%- endif %}"
+    "{%- if message['content'] is not string %}"
+    "{{- raise_exception('message content must be a string') }}"
+    "{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 
 
 class TokenizerError(ValueError):
@@ -77,7 +103,7 @@ class Tokenizer:
     def from_file(cls, path: str | Path) -> Tokenizer:
         path = Path(path)
         if path.is_dir():
-            path = path / "tokenizer.json"
+            path = path / TOKENIZER_FILE
         if not path.is_file():
             raise TokenizerError(f"tokenizer file {path} does not exist")
         try:
@@ -87,11 +113,55 @@ class Tokenizer:
         return cls(inner)
 
     def save(self, path: str | Path) -> None:
+        """Write ``tokenizer.json`` only (see ``save_pretrained`` for a Hugging Face folder)."""
         path = Path(path)
         if path.suffix != ".json":
-            path = path / "tokenizer.json"
+            path = path / TOKENIZER_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         self.inner.save(str(path))
+
+    def save_pretrained(self, directory: str | Path, model_max_length: int) -> None:
+        """Write ``tokenizer.json`` and the Hugging Face files next to it."""
+        self.save(Path(directory) / TOKENIZER_FILE)
+        self.write_hf_files(directory, model_max_length)
+
+    def write_hf_files(self, directory: str | Path, model_max_length: int) -> None:
+        """Write ``tokenizer_config.json`` and ``special_tokens_map.json`` into ``directory``.
+
+        ``model_max_length`` is the model's ``max_position_embeddings``.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        special = self.hf_special_tokens()
+        config = {
+            # NOTE: the model type (qwen3_moe) maps to Qwen2Tokenizer, which in transformers 5
+            # rebuilds the pre-tokenizer and normalizer from Qwen2's (digits split one by
+            # one, NFC) instead of using tokenizer.json's; this class uses the file unchanged.
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **special,
+            "model_max_length": model_max_length,
+            "model_input_names": ["input_ids", "attention_mask"],
+            "clean_up_tokenization_spaces": False,
+            # NOTE: true would make plain encode() treat a typed "<|im_end|>" as text, as the
+            # server does, but transformers then also splits the control tokens the chat
+            # template writes, so apply_chat_template would be wrong for every conversation.
+            # Per call, encode(text, split_special_tokens=True) gives the server's ids.
+            "split_special_tokens": False,
+            "chat_template": CHAT_TEMPLATE,
+        }
+        _write_json(directory / TOKENIZER_CONFIG_FILE, config)
+        _write_json(directory / SPECIAL_TOKENS_MAP_FILE, special)
+
+    def hf_special_tokens(self) -> dict:
+        """Hugging Face's named special tokens: ``<|im_end|>`` ends a reply, no BOS is added,
+        and every other special token of the vocabulary is an additional one."""
+        pad = self.inner.id_to_token(self.pad_id)
+        named = {"bos_token": None, "eos_token": IM_END, "pad_token": pad, "unk_token": None}
+        added = sorted(self.inner.get_added_tokens_decoder().items())
+        extra = [
+            tok.content for _, tok in added if tok.special and tok.content not in (IM_END, pad)
+        ]
+        return {**named, "additional_special_tokens": extra}
 
     # ------------------------------------------------------------------ text <-> ids
     def encode(self, text: str) -> list[int]:
@@ -132,6 +202,10 @@ class Tokenizer:
     def chat_prompt(self, user_text: str) -> list[int]:
         """The ids a model continues to answer one user turn."""
         return self.render_chat([Message("user", user_text)], add_generation_prompt=True)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 class StreamDecoder:

@@ -312,8 +312,7 @@ class TargetTrainer:
         final = heldout_nats(
             self.model, self.heldout, self.tokenizer.pad_id, self.cfg.tokens_per_batch
         )
-        save_target(self.model, self.out_dir, dtype=torch.bfloat16)
-        self.tokenizer.save(self.out_dir / "tokenizer.json")
+        save_target(self.model, self.out_dir, dtype=torch.bfloat16, tokenizer=self.tokenizer)
         metrics = {
             "heldout_nats_per_answer_token": final,
             "heldout_examples": {d: len(e) for d, e in self.heldout.items()},

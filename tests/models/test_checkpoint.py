@@ -153,3 +153,38 @@ def test_integer_weights_and_untied_head_under_tied_config_are_rejected(tmp_path
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"non-floating-point tensors: model\.norm\.weight"):
         load_target(tmp_path)
+
+
+def test_saved_target_with_tokenizer_loads_in_auto_tokenizer(tmp_path, make_model, small_tokenizer):
+    """A retrained target stays a faithful Hugging Face folder: same ids, template, stop ids."""
+    tok = small_tokenizer
+    model = make_model(
+        vocab_size=tok.vocab_size, eos_token_id=tok.stop_ids, pad_token_id=tok.pad_id
+    )
+    save_target(model, tmp_path, tokenizer=tok)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "qwen3_moe"
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    texts = [
+        "What is 7 * 8?",
+        "def f(x):\n    return {k: v for k, v in x.items()}\n",
+        "東京 🙂 café e\u0301",
+        "",
+        " \n",
+    ]
+    for text in texts:
+        ids = tok.encode(text)
+        assert hf.encode(text, add_special_tokens=False) == hf(text)["input_ids"] == ids, text
+        assert hf.decode(ids) == text
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "2 + 3 = 5."},
+        {"role": "user", "content": "And 7 * 8?"},
+    ]
+    got = hf.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    assert got == tok.render_chat(messages)
+    assert hf.model_max_length == model.config.max_position_embeddings
+    assert hf.eos_token_id == tok.im_end_id and hf.pad_token_id == tok.pad_id
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path)
+    assert generation.eos_token_id == list(tok.stop_ids)
+    assert generation.pad_token_id == tok.pad_id
