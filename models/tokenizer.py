@@ -188,8 +188,12 @@ class Tokenizer:
         mask: list[int] = []
         for raw in messages:
             msg = raw if isinstance(raw, Message) else Message(**raw)
-            header = [self.im_start_id, *self._role_headers[msg.role]]
-            body = [*self.encode(msg.content), self.im_end_id]
+            # NOTE: role line and content are encoded as one text, as a Hugging Face chat
+            # template renders them, so content starting with whitespace gets the same ids
+            # ("\n" may merge with the indentation after it; such a token counts as header)
+            header, content = self._turn(msg.role, msg.content)
+            header = [self.im_start_id, *header]
+            body = [*content, self.im_end_id]
             ids += header + body + self._newline
             weight = 1 if msg.role == "assistant" else 0
             mask += [0] * len(header) + [weight] * len(body) + [0] * len(self._newline)
@@ -198,6 +202,15 @@ class Tokenizer:
             ids += header
             mask += [0] * len(header)
         return ids, mask
+
+    def _turn(self, role: str, content: str) -> tuple[list[int], list[int]]:
+        """Ids of ``role\ncontent``, split into the role line's and the content's."""
+        if not content or not content[0].isspace():
+            return self._role_headers[role], self.encode(content)
+        encoding = self.inner.encode(f"{role}\n{content}", add_special_tokens=False)
+        split = len(role) + 1
+        num_header = sum(1 for start, _ in encoding.offsets if start < split)
+        return encoding.ids[:num_header], encoding.ids[num_header:]
 
     def chat_prompt(self, user_text: str) -> list[int]:
         """The ids a model continues to answer one user turn."""

@@ -211,3 +211,15 @@ def test_qwen_style_tokenizer_folder_loads_in_transformers(tmp_path, write_qwen_
     assert got == tok.render_chat(messages)
     for text in PLAIN_TEXTS:
         assert hf.encode(text, add_special_tokens=False) == tok.encode(text), text
+
+
+@pytest.mark.parametrize("content", ["    return 1", "   ", "\n\nx = 1", "  two", "\t\tx"])
+def test_content_starting_with_whitespace_matches_the_chat_template(hf_demo, demo_tokenizer,
+                                                                   content):
+    """A turn's role line and content are encoded as one text, as the HF template does."""
+    msgs = [{"role": "user", "content": content}, {"role": "assistant", "content": content}]
+    want = hf_demo.apply_chat_template(msgs, add_generation_prompt=True, return_dict=False)
+    assert demo_tokenizer.render_chat(msgs) == want
+    ids, mask = demo_tokenizer.encode_conversation(msgs)
+    assert demo_tokenizer.decode([t for t, m in zip(ids, mask) if m],
+                                 skip_special_tokens=False).endswith("<|im_end|>")
