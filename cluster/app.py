@@ -487,13 +487,18 @@ class OpenAIIngress:
     async def _serve(self, body, chat: bool):
         self._check_model(body.model)
         requests = shard_requests(body, chat)
-        streams = [self.shard.options(stream=True).generate.remote(r) for r in requests]
-        firsts = await asyncio.gather(*(self._first(s) for s in streams),
-                                      return_exceptions=True)
+        # NOTE: one task per choice; a choice that fails (bad input, overload) fails the
+        # request before anything is streamed, and the other choices are cancelled
+        streams: list = [None] * len(requests)
+        firsts = await asyncio.gather(*(self._start(requests[i], streams, i)
+                                        for i in range(len(requests))), return_exceptions=True)
         failed = [f for f in firsts if isinstance(f, BaseException)]
         if failed:
-            for s in streams:
-                s.cancel()
+            # NOTE: cancelling a call the handle refused re-raises its BackPressureError
+            # past our handlers: only calls that started are cancelled
+            for s, first in zip(streams, firsts):
+                if s is not None and not isinstance(first, BaseException):
+                    s.cancel()
             raise failed[0]
         choices = [Choice(i, chat, requests[i], first) for i, first in enumerate(firsts)]
         builder = ResponseBuilder(chat, self.cfg.model_name)
@@ -520,13 +525,15 @@ class OpenAIIngress:
         async for chunk in stream:
             choice.add(chunk)
 
-    async def _first(self, stream) -> dict:
-        """The first chunk, so that bad input and overload answer 4xx/5xx before a stream
-        starts."""
+    async def _start(self, request: dict, streams: list, index: int) -> dict:
+        """Send one choice to a shard and wait for its first chunk, so that bad input and
+        overload answer 4xx/5xx before a stream starts."""
         from ray.serve.exceptions import BackPressureError
 
         try:
-            return await stream.__anext__()
+            # NOTE: the handle may refuse at once (its queue is full): inside the try
+            streams[index] = self.shard.options(stream=True).generate.remote(request)
+            return await streams[index].__anext__()
         except BackPressureError as exc:
             raise APIError(503, f"server overloaded: {exc}", kind="server_error",
                            code="overloaded", headers={"Retry-After": "1"}) from exc
