@@ -220,21 +220,20 @@ class TargetShard:
 
         room = self.context - len(prompt_ids)
         max_tokens = request["max_tokens"]
-        if max_tokens is not None and max_tokens > room:
-            raise ValueError(
-                f"max_tokens: {max_tokens} is more than the context leaves: the prompt has "
-                f"{len(prompt_ids)} tokens of {self.context}, so max_tokens must be in [1, {room}]"
-            )
-        max_tokens = 1 if max_tokens == 0 else max_tokens or room
+        if max_tokens is not None and max_tokens >= self.context:
+            raise ValueError(f"max_tokens: must be in [1, {self.context - 1}] (the context is "
+                             f"{self.context} tokens), got {max_tokens}")
+        # NOTE: max_tokens is an upper bound; the context bounds generation too (what it
+        # leaves after the prompt), ending with finish_reason "length"
+        max_tokens = 1 if max_tokens == 0 else min(max_tokens or room, room)
         vocab = self.engine.engine.target.config.vocab_size
         bias = {int(k): float(v) for k, v in (request.get("logit_bias") or {}).items()}
         bad = [t for t in bias if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"logit_bias: token ids {bad[:5]} outside [0, {vocab})")
         logprobs = request.get("logprobs")
-        min_tokens = request.get("min_tokens") or 0
-        if min_tokens > max_tokens:
-            raise ValueError(f"min_tokens: {min_tokens} is more than max_tokens ({max_tokens})")
+        # NOTE: at least min_tokens unless max_tokens or the context ends generation first
+        min_tokens = min(request.get("min_tokens") or 0, max_tokens)
         return SamplingParams(
             temperature=request["temperature"], top_p=request["top_p"], max_tokens=max_tokens,
             seed=request["seed"], ignore_eos=request["ignore_eos"],
@@ -358,7 +357,8 @@ def _stop_cut(text: str, stops: list[str], already: int) -> str | None:
     return None if best is None else text[:best]
 
 
-api = FastAPI(title="dspark", version="0.1.0",
+# NOTE: /openapi.json is the ingress's own route (it documents the served model's limits)
+api = FastAPI(title="dspark", version="0.1.0", openapi_url=None, docs_url=None, redoc_url=None,
               description="OpenAI-compatible API over DSpark speculative decoding")
 
 
@@ -397,11 +397,9 @@ async def _internal(_request: Request, exc: Exception) -> JSONResponse:
     return _error(APIError(500, f"internal error: {type(exc).__name__}", kind="server_error"))
 
 
-def _openapi() -> dict:
+def openapi_document(context: int | None = None, vocab: int | None = None) -> dict:
     """FastAPI's schema plus the request bodies the completion routes parse themselves
-    (so that limits and errors come first) as components."""
-    if api.openapi_schema:
-        return api.openapi_schema
+    (so that limits and errors come first) as components, and the served model's limits."""
     schema = get_openapi(title=api.title, version=api.version, description=api.description,
                          routes=api.routes)
     _, defs = models_json_schema(
@@ -414,24 +412,85 @@ def _openapi() -> dict:
                         ("/v1/chat/completions", ChatCompletionRequest)):
         schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": {
             "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
-    api.openapi_schema = schema
+    if context is not None and vocab is not None:
+        _document_limits(components, context, vocab)
     return schema
 
 
-api.openapi = _openapi
+def _document_limits(components: dict, context: int, vocab: int) -> None:
+    """Put the served model's limits into the request schemas: token counts below the
+    context, token ids below the vocabulary (``logit_bias`` keys included)."""
+
+    def walk(node, visit):
+        if isinstance(node, dict):
+            visit(node)
+            for value in node.values():
+                walk(value, visit)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, visit)
+
+    def counts(node):
+        if node.get("type") == "integer":
+            node["maximum"] = context - 1
+
+    def token_ids(node):
+        if node.get("type") == "integer":
+            node["maximum"] = vocab - 1
+        if node.get("type") == "array" and node.get("items", {}).get("type") == "integer":
+            node["maxItems"] = context - 1
+
+    def bias_keys(node):
+        if node.get("type") == "object":
+            node["propertyNames"] = {"pattern": below_regex(vocab)}
+
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        props = components[name]["properties"]
+        for field in ("max_tokens", "max_completion_tokens", "min_tokens"):
+            walk(props[field], counts)
+        walk(props["logit_bias"], bias_keys)
+        if "prompt" in props:
+            walk(props["prompt"], token_ids)
+
+
+def below_regex(n: int) -> str:
+    """A regex of the decimal integers in [0, n) without leading zeros."""
+    top = str(n - 1)
+    if len(top) == 1:
+        return f"^[0-{top}]$"
+    parts = ["0", f"[1-9][0-9]{{0,{len(top) - 2}}}"]
+    for i, digit in enumerate(top):
+        low = 1 if i == 0 else 0
+        if int(digit) > low:
+            parts.append(f"{top[:i]}[{low}-{int(digit) - 1}][0-9]{{{len(top) - i - 1}}}")
+    parts.append(top)
+    return "^(?:" + "|".join(parts) + ")$"
 
 
 @serve.deployment
 @serve.ingress(api)
 class OpenAIIngress:
     def __init__(self, shard, config: dict) -> None:
+        import json
+        from pathlib import Path
+
         self.shard = shard
         self.cfg = ServeConfig.from_dict(config)
         self.started = time.time()
+        target = json.loads((Path(self.cfg.target) / "config.json").read_text())
+        self.context = int(target["max_position_embeddings"])
+        self.vocab = int(target["vocab_size"])
+        self._openapi: dict | None = None
 
     @api.get("/health")
     async def health(self) -> dict:
         return {"status": "ok"}
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self) -> dict:
+        if self._openapi is None:
+            self._openapi = openapi_document(self.context, self.vocab)
+        return self._openapi
 
     def _card(self) -> dict:
         return {"id": self.cfg.model_name, "object": "model", "created": int(self.started),
@@ -486,6 +545,12 @@ class OpenAIIngress:
 
     async def _serve(self, body, chat: bool):
         self._check_model(body.model)
+        for field in ("max_tokens", "max_completion_tokens", "min_tokens"):
+            value = getattr(body, field)
+            if value is not None and value >= self.context:
+                low = 0 if field == "min_tokens" else 1
+                raise APIError(400, f"{field}: must be in [{low}, {self.context - 1}] (the "
+                               f"context is {self.context} tokens), got {value}", param=field)
         requests = shard_requests(body, chat)
         # NOTE: one task per choice; a choice that fails (bad input, overload) fails the
         # request before anything is streamed, and the other choices are cancelled

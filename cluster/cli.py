@@ -142,6 +142,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv = sub.add_parser("serve", help="serve the OpenAI API on a local Ray cluster")
     srv.add_argument("--config", default=None, help="YAML file of serve settings")
+    srv.add_argument("--target", default=None, help="target checkpoint directory")
     srv.add_argument("--drafter", default=None, help="dspark, dflash, eagle3, mtp, none or a path")
     srv.add_argument("--budget", default=None, help="fixed, threshold, algorithm1 or topk")
     srv.add_argument("--replicas", type=int, default=None)
@@ -160,7 +161,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     base = ServeConfig.from_yaml(args.config).to_dict() if args.config else {}
     overrides = {
-        "drafter": args.drafter, "budget": args.budget, "replicas": args.replicas,
+        "target": args.target, "drafter": args.drafter, "budget": args.budget,
+        "replicas": args.replicas,
         "ep_size": args.ep_size,
         "redis_url": args.redis_url, "host": args.host, "port": args.port,
         "model_name": args.model_name, "router": args.router,

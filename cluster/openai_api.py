@@ -47,7 +47,8 @@ class APIError(Exception):
 
 
 FORMS = {
-    "prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
+    "prompt": (f"a non-empty string, a list of 1-{MAX_PROMPTS} non-empty strings, a non-empty "
+               f"list of token ids (>= 0) or a list of 1-{MAX_PROMPTS} such lists"),
     "stop": f"a non-empty string or a list of at most {MAX_STOPS} non-empty strings",
     "content": "a string or a list of text parts ({'type': 'text', 'text': ...})",
     "tool_choice": "not supported",
@@ -61,8 +62,8 @@ def validation_error(errors: list[dict]) -> APIError:
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     # NOTE: union members appear in the location ("prompt.list[int].0"): name the field and
     # the forms it takes instead
-    union = [i for i, p in enumerate(loc) if "[" in p or p in _TYPE_NAMES
-             or p.startswith("function-") or p in ("TextPart", "ImagePart")]
+    union = [i for i, p in enumerate(loc) if "[" in p or "-" in p or p in _TYPE_NAMES
+             or p in ("TextPart", "ImagePart")]
     field = loc[: union[0]] if union else loc
     param = ".".join(field) or None
     message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
@@ -216,10 +217,18 @@ class _Common(_Strict):
         return {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
 
 
+TokenId = Annotated[int, Field(ge=0)]
+
+
 class CompletionRequest(_Common):
     """``POST /v1/completions``."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: (Annotated[str, Field(min_length=1)]
+             | Annotated[list[Annotated[str, Field(min_length=1)]],
+                         Field(min_length=1, max_length=MAX_PROMPTS)]
+             | Annotated[list[TokenId], Field(min_length=1)]
+             | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]],
+                         Field(min_length=1, max_length=MAX_PROMPTS)])
     """Text, several texts, token ids, or several lists of token ids (one set of ``n``
     choices per prompt)."""
     echo: bool = False
@@ -227,22 +236,6 @@ class CompletionRequest(_Common):
     set)."""
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     """Log-probability of each token and this many most likely alternatives."""
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompts(cls, value):
-        if isinstance(value, list):
-            if not value:
-                raise ValueError("must not be empty")
-            if len(value) > MAX_PROMPTS and not isinstance(value[0], int):
-                raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
-            if isinstance(value[0], list) and any(not ids for ids in value):
-                raise ValueError("token id lists must not be empty")
-            ids = [t for p in value for t in p] if isinstance(value[0], list) else (
-                value if isinstance(value[0], int) else [])
-            if any(t < 0 for t in ids):
-                raise ValueError("token ids must be >= 0")
-        return value
 
     @model_validator(mode="after")
     def _echo(self):
@@ -266,14 +259,11 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     """Return the log-probability of each generated token."""
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    """With ``logprobs``: this many most likely alternatives per token."""
+    """This many most likely alternatives per token; above 0 it turns ``logprobs`` on."""
     max_tokens: int | None = Field(default=None, ge=1)
 
-    @model_validator(mode="after")
-    def _top(self):
-        if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs: needs logprobs: true")
-        return self
+    def wants_logprobs(self) -> bool:
+        return self.logprobs or bool(self.top_logprobs)
 
 
 def shard_requests(body: _Common, chat: bool) -> list[dict]:
@@ -295,7 +285,7 @@ def shard_requests(body: _Common, chat: bool) -> list[dict]:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         prompts: list[dict] = [{"messages": messages, "prompt": None}]
-        common["logprobs"] = (body.top_logprobs or 0) if body.logprobs else None
+        common["logprobs"] = (body.top_logprobs or 0) if body.wants_logprobs() else None
         common["echo"] = False
     else:
         assert isinstance(body, CompletionRequest)

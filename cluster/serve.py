@@ -1,16 +1,26 @@
 """`dspark serve`: a local Ray cluster, an embedded Redis (unless one is given), the Serve
-application, a printed URL and curl; Ctrl-C stops all of it and leaves nothing running."""
+application, a printed URL and curl; Ctrl-C stops all of it and leaves nothing running. A
+start that fails prints one line (``dspark serve: cannot start: <reason>``) and leaves
+nothing running either."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import signal
+import socket
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 
 from dspark.cluster.config import ServeConfig
+
+READY_TIMEOUT_S = 900.0
+"""How long the app may take to load its replicas before the start counts as failed."""
 
 
 def curl_example(url: str, model: str) -> str:
@@ -21,9 +31,35 @@ def curl_example(url: str, model: str) -> str:
     )
 
 
+def local_cpus() -> int:
+    return max(2, os.cpu_count() or 2)
+
+
+@contextmanager
+def quiet_serve_logs():
+    """Hide Ray Serve's driver-side INFO lines while starting and stopping.
+
+    NOTE: ``serve.run`` always calls Serve's own start; after our ``serve.start`` (the only
+    way to give the HTTP host and port) it finds the controller we just made and logs
+    "Connecting to existing Serve app ... will not be applied" on a brand-new cluster. Its
+    "Started Serve" and "Application ... is ready" lines repeat what dspark prints itself.
+    Warnings and errors still show."""
+    serve_logger = logging.getLogger("ray.serve")
+    level = serve_logger.level
+    serve_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        serve_logger.setLevel(level)
+
+
 def start(cfg: ServeConfig, num_cpus: float | None = None, app_name: str = "dspark",
           route_prefix: str = "/"):
-    """Start Ray, Redis (if needed) and the app; returns (cfg with redis_url, redis or None)."""
+    """Start Ray, Redis (if needed) and the app and return once every replica is up;
+    returns (cfg with redis_url, redis or None). On failure everything started is stopped.
+
+    Without a Ray connection in this process it starts a new local cluster (never one that
+    RAY_ADDRESS or ``ray start`` points at), which ``stop`` ends."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
@@ -38,24 +74,88 @@ def start(cfg: ServeConfig, num_cpus: float | None = None, app_name: str = "dspa
         cfg = replace(cfg, redis_url=redis.url)
     try:
         if not ray.is_initialized():
-            ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
-        serve.start(http_options={"host": cfg.host, "port": cfg.port})
-        serve.run(build_app(cfg), name=app_name, route_prefix=route_prefix)
+            ray.init(address="local", num_cpus=num_cpus or local_cpus(),
+                     include_dashboard=False, log_to_driver=False, configure_logging=False)
+        with quiet_serve_logs():
+            serve.start(http_options={"host": cfg.host, "port": cfg.port})
+            serve.run_many([serve.RunTarget(build_app(cfg), name=app_name,
+                                            route_prefix=route_prefix)],
+                           wait_for_applications_running=False)
+        wait_until_running(app_name)
     except BaseException:
         stop(redis)
         raise
     return cfg, redis
 
 
+def wait_until_running(app_name: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Poll until every replica of the app is up (what ``serve.run`` waits for, but polled
+    every 0.1 s rather than every 1 s)."""
+    from ray import serve
+
+    deadline = time.time() + timeout_s
+    while True:
+        app = serve.status().applications.get(app_name)
+        if app is not None and app.status == "RUNNING":
+            return
+        if app is not None and app.status == "DEPLOY_FAILED":
+            raise RuntimeError(deploy_failure(app_name, app))
+        if time.time() > deadline:
+            raise TimeoutError(f"application {app_name!r} not running after {timeout_s:.0f} s"
+                               + (f": {app.message}" if app is not None and app.message else ""))
+        time.sleep(0.1)
+
+
+def deploy_failure(app_name: str, app) -> str:
+    """Which deployment failed and why: the last line of its replica's traceback."""
+    for name, deployment in app.deployments.items():
+        lines = [line.strip() for line in (deployment.message or "").splitlines() if line.strip()]
+        if deployment.status in ("DEPLOY_FAILED", "UNHEALTHY") and lines:
+            return f"{name} failed to start: {lines[-1]}"
+    return f"application {app_name!r} failed to deploy: {app.message}"
+
+
+def app_url(cfg: ServeConfig, route_prefix: str = "/") -> str:
+    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(cfg.host, cfg.host)
+    return f"http://{host}:{cfg.port}{route_prefix.rstrip('/')}"
+
+
+def wait_until_answers(url: str, timeout_s: float = 60.0) -> None:
+    """Poll ``/v1/models`` until the HTTP proxy routes to the app.
+
+    NOTE: the ingress comes up before the shards have loaded the model, so ``/v1/models``
+    answers a few seconds before the app is running; a completion sent then waits in the
+    ingress's queue until a shard is up. Ready means both."""
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            raise TimeoutError(f"{url}/v1/models did not answer within {timeout_s:.0f} s")
+        time.sleep(0.1)
+
+
 def stop(redis) -> None:
+    """Delete the Serve apps (their replicas drain), end the Ray cluster ``start`` started,
+    stop the embedded Redis.
+
+    NOTE: not ``serve.shutdown()``: its call to the Serve controller never returns by
+    design (the controller kills itself), and as that call is retried forever Ray prints
+    "Task ServeController.graceful_shutdown failed ... killed by ray.kill" on every stop.
+    Ending the local cluster ends the controller and the HTTP proxy with it."""
     try:
         import ray
         from ray import serve
 
         if ray.is_initialized():
             try:
-                serve.shutdown()
+                with quiet_serve_logs():
+                    delete_apps(serve)
             finally:
                 ray.shutdown()
     finally:
@@ -63,12 +163,76 @@ def stop(redis) -> None:
             redis.stop()
 
 
+def delete_apps(serve, timeout_s: float = 60.0) -> None:
+    names = list(serve.status().applications)
+    for name in names:
+        serve.delete(name, _blocking=False)
+    deadline = time.time() + timeout_s
+    while serve.status().applications and time.time() < deadline:
+        time.sleep(0.1)
+
+
+def check_startable(cfg: ServeConfig) -> None:
+    """Fail fast, before anything starts, on what would otherwise fail minutes in."""
+    for what, path in (("target", cfg.target), ("drafter", cfg.drafter_path)):
+        if path is not None and not (Path(path) / "config.json").is_file():
+            raise ValueError(f"{what} checkpoint {path!r} not found (no config.json in it)")
+    needed = cfg.replicas * cfg.replica_cpus + 0.1  # + the ingress
+    if needed > local_cpus():
+        raise ValueError(f"{cfg.replicas} replicas of {cfg.replica_cpus} CPU need {needed:g} "
+                         f"CPUs; this machine has {local_cpus()}")
+    if cfg.port:
+        with socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server
+            try:
+                sock.bind((cfg.host, cfg.port))
+            except OSError as exc:
+                raise ValueError(f"cannot listen on {cfg.host}:{cfg.port} "
+                                 f"({exc.strerror or exc})") from None
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line for the user: the root cause's message, without Ray's wrapping, colours or
+    traceback (a message of several lines gives its first and last)."""
+    cause = getattr(exc, "cause", None)  # Ray's task and actor errors carry the remote one
+    if isinstance(cause, BaseException):
+        exc = cause
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+
+
+def start_local(cfg: ServeConfig):
+    """``start`` on a new local cluster, then wait until the app answers over HTTP on its
+    port; on any failure everything is stopped before the exception propagates."""
+    check_startable(cfg)
+    cfg, redis = start(cfg, num_cpus=local_cpus())
+    try:
+        wait_until_answers(app_url(cfg))
+    except BaseException:
+        stop(redis)
+        raise
+    return cfg, redis
+
+
 def main(cfg: ServeConfig) -> int:
+    # NOTE: token authentication is Ray's default for a new local cluster; choosing it
+    # explicitly keeps it and spares the warning Ray prints when the mode is unset. Only
+    # before Ray is imported: the process caches the mode then, and a later change would
+    # leave it unable to authenticate to the cluster it starts.
+    if "ray" not in sys.modules:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     print(f"starting dspark: model {cfg.model_name}, drafter {cfg.drafter}, budget "
           f"{cfg.budget}, {cfg.replicas} replica(s) ...", file=sys.stderr, flush=True)
     started = time.time()
-    cfg, redis = start(cfg)
-    url = f"http://{cfg.host}:{cfg.port}"
+    try:
+        cfg, redis = start_local(cfg)
+    except Exception as exc:
+        print(f"dspark serve: cannot start: {failure_reason(exc)}", file=sys.stderr, flush=True)
+        return 1
+    url = app_url(cfg)
     print(f"ready in {time.time() - started:.0f} s: {url}  (OpenAI API: {url}/v1, load board: "
           f"{cfg.redis_url})", flush=True)
     print(curl_example(url, cfg.model_name), flush=True)

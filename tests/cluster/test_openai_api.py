@@ -214,8 +214,22 @@ def test_min_tokens_holds_off_the_end_of_turn(url, served_app, demo):
     out = post(url, "/v1/chat/completions", body).json()
     assert out["usage"]["completion_tokens"] == len(natural) + 5
     assert out["choices"][0]["finish_reason"] == "length"
-    bad = post(url, "/v1/chat/completions", {**body, "min_tokens": 9, "max_tokens": 4})
-    assert_error(bad, 400, "min_tokens")
+    capped = post(url, "/v1/chat/completions", {**body, "min_tokens": 9, "max_tokens": 4})
+    assert capped.json()["usage"]["completion_tokens"] == 4  # max_tokens ends it first
+    assert_error(post(url, "/v1/chat/completions", {**body, "min_tokens": 512}), 400,
+                 "min_tokens", "[0, 511]")
+
+
+def test_max_tokens_is_bounded_by_what_the_context_leaves(url, served_app, demo):
+    _, tok = demo
+    ids = tok.encode("def add(a, b):")
+    body = {"model": served_app.model_name, "prompt": ids, "max_tokens": 511,
+            "temperature": 0, "ignore_eos": True}
+    out = post(url, "/v1/completions", body).json()
+    assert out["usage"]["completion_tokens"] == 512 - len(ids)
+    assert out["choices"][0]["finish_reason"] == "length"
+    assert_error(post(url, "/v1/completions", {**body, "max_tokens": 512}), 400,
+                 "max_tokens", "[1, 511]")
 
 
 def test_acceptance_length_is_at_least_one_without_speculative_steps(url, served_app):
@@ -314,4 +328,11 @@ def test_openapi_documents_every_body(url, served_app):
             assert op["responses"][status]["content"]["application/json"]["schema"][
                 "$ref"].endswith("ErrorResponse")
     assert "ChatCompletionChunk" in schemas and "TextPart" in schemas
+    # the served model's limits: token counts below the context, ids below the vocabulary
+    chat = schemas["ChatCompletionRequest"]["properties"]
+    assert {"type": "integer", "minimum": 1, "maximum": 511} in chat["max_tokens"]["anyOf"]
+    bias = next(s for s in chat["logit_bias"]["anyOf"] if s.get("type") == "object")
+    assert bias["propertyNames"]["pattern"].endswith("|4095)$")
+    prompt = json.dumps(schemas["CompletionRequest"]["properties"]["prompt"])
+    assert '"maximum": 4095' in prompt and '"maxItems": 511' in prompt
     assert doc["paths"]["/v1/models/{model_id}"]["get"]["responses"]["200"]
