@@ -23,7 +23,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MAX_LOGPROBS = 20
 MAX_N = 16
@@ -63,7 +63,7 @@ def validation_error(errors: list[dict]) -> APIError:
     # NOTE: union members appear in the location ("prompt.list[int].0"): name the field and
     # the forms it takes instead
     union = [i for i, p in enumerate(loc) if "[" in p or "-" in p or p in _TYPE_NAMES
-             or p in ("TextPart", "ImagePart")]
+             or p == "TextPart"]
     field = loc[: union[0]] if union else loc
     param = ".".join(field) or None
     message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
@@ -123,28 +123,11 @@ class TextPart(_Strict):
     text: str
 
 
-class ImagePart(_Strict):
-    model_config = ConfigDict(strict=True, extra="allow")
-    type: Literal["image_url", "input_image", "input_audio", "file"]
-
-
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
-
-
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    content: str | list[TextPart]
+    """Text, or a list of text parts (other part types are a 400: the model reads text)."""
     name: str | None = None
-
-    @field_validator("content")
-    @classmethod
-    def _text_only(cls, value):
-        if isinstance(value, list):
-            for part in value:
-                if isinstance(part, ImagePart):
-                    raise ValueError(f"content parts of type {part.type!r} are not supported: "
-                                     "this model takes text only (type 'text')")
-        return value
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -164,7 +147,8 @@ class _Common(_Strict):
     model: str
     """The served model's name (``GET /v1/models``)."""
     max_tokens: int | None = Field(default=None, ge=0)
-    """Most tokens to generate (default: what the context leaves); 0 only with ``echo``."""
+    """Most tokens to generate (default: what the context leaves); 0 generates nothing
+    (with ``echo`` and ``logprobs``: the prompt's log-likelihood only)."""
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -173,7 +157,10 @@ class _Common(_Strict):
     uses seed + i."""
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: (Annotated[str, Field(min_length=1)]
+           | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOPS)]
+           | None) = None
+    """Strings that end generation (not returned); at most 4, none empty."""
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -184,16 +171,6 @@ class _Common(_Strict):
     ignore_eos: bool = False
     """Keep generating past the end-of-turn token (vLLM's field)."""
     user: str | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value):
-        stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > MAX_STOPS:
-            raise ValueError(f"at most {MAX_STOPS} stop sequences")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must be non-empty strings")
-        return value
 
     @field_validator("logit_bias")
     @classmethod
@@ -236,12 +213,6 @@ class CompletionRequest(_Common):
     set)."""
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     """Log-probability of each token and this many most likely alternatives."""
-
-    @model_validator(mode="after")
-    def _echo(self):
-        if self.max_tokens == 0 and not self.echo:
-            raise ValueError("max_tokens: must be >= 1 (0 is allowed only with echo)")
-        return self
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -293,7 +264,7 @@ def shard_requests(body: _Common, chat: bool) -> list[dict]:
                     "prompt_ids": p if isinstance(p, list) else None} for p in body.prompts()]
         common["logprobs"] = body.logprobs
         common["echo"] = body.echo
-        if body.echo and body.max_tokens == 0:
+        if body.max_tokens == 0:
             common["max_tokens"] = 0
     out = []
     for prompt in prompts:
@@ -370,10 +341,34 @@ def _surrogate(value: Any, path: str) -> str | None:
     return None
 
 
+def _text_only(messages: Any) -> None:
+    """A content part that is not text (an image, audio, a file) is a 400 that says so."""
+    for i, message in enumerate(messages if isinstance(messages, list) else []):
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                raise APIError(400, f"messages.{i}.content: content parts of type {kind!r} are "
+                               "not supported: this model takes text only (type 'text')",
+                               param=f"messages.{i}.content")
+
+
+def _integral(value: Any) -> Any:
+    """JSON numbers with no fraction as ints (``3.0`` is the JSON Schema integer 3)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
 def parse(model: type[BaseModel], data: Any) -> Any:
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object")
-    data = dict(data)
+    data = _integral(data)
+    _text_only(data.get("messages"))
     for name in UNSUPPORTED:
         if name not in data:
             continue

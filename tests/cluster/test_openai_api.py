@@ -186,6 +186,16 @@ def test_completion_echo_logprobs_score_the_prompt_like_lm_eval(url, served_app,
                                                              abs=1e-3)
     assert len(score_only["choices"][0]["logprobs"]["tokens"]) == len(ids)
     assert score_only["usage"]["completion_tokens"] == 0
+    nothing = post(url, "/v1/completions", {**body, "max_tokens": 0, "echo": False}).json()
+    assert nothing["choices"][0]["text"] == "" and nothing["usage"]["completion_tokens"] == 0
+
+
+def test_integral_json_numbers_are_integers(url, served_app):
+    body = {"model": served_app.model_name, "prompt": "hi", "max_tokens": 3.0, "n": 2.0,
+            "ignore_eos": True}
+    out = post(url, "/v1/completions", body).json()
+    assert len(out["choices"]) == 2 and out["usage"]["completion_tokens"] == 6
+    assert_error(post(url, "/v1/completions", {**body, "max_tokens": 3.5}), 400, "max_tokens")
 
 
 @pytest.mark.parametrize("modifiers", [

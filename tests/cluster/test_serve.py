@@ -85,7 +85,7 @@ def test_models_health_and_openapi(url, served_app):
     ({"model": "gpt-4", "prompt": "hi"}, 404, "model"),
     ({"model": "dspark-demo", "prompt": "hi", "max_tokens": 100000}, 400, None),
     ({"model": "dspark-demo", "prompt": "hi", "temperature": "hot"}, 400, "temperature"),
-    ({"model": "dspark-demo", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "dspark-demo", "prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
     ({"model": "dspark-demo", "prompt": []}, 400, "prompt"),
 ])
 def test_bad_input_gets_openai_shaped_errors(url, served_app, body, status, param):
