@@ -397,7 +397,8 @@ async def _internal(_request: Request, exc: Exception) -> JSONResponse:
     return _error(APIError(500, f"internal error: {type(exc).__name__}", kind="server_error"))
 
 
-def openapi_document(context: int | None = None, vocab: int | None = None) -> dict:
+def openapi_document(context: int | None = None, vocab: int | None = None,
+                     model_name: str | None = None) -> dict:
     """FastAPI's schema plus the request bodies the completion routes parse themselves
     (so that limits and errors come first) as components, and the served model's limits."""
     schema = get_openapi(title=api.title, version=api.version, description=api.description,
@@ -414,6 +415,9 @@ def openapi_document(context: int | None = None, vocab: int | None = None) -> di
             "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
     if context is not None and vocab is not None:
         _document_limits(components, context, vocab)
+    if model_name is not None:  # the one model this server serves
+        for name in ("CompletionRequest", "ChatCompletionRequest"):
+            components[name]["properties"]["model"]["enum"] = [model_name]
     return schema
 
 
@@ -489,7 +493,7 @@ class OpenAIIngress:
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi(self) -> dict:
         if self._openapi is None:
-            self._openapi = openapi_document(self.context, self.vocab)
+            self._openapi = openapi_document(self.context, self.vocab, self.cfg.model_name)
         return self._openapi
 
     def _card(self) -> dict:

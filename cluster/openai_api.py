@@ -511,11 +511,16 @@ class ModelList(BaseModel):
 
 
 def streamed(model: type[BaseModel], body: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
-    """The 200 response of a route that answers ``body`` as JSON, or ``model`` events as
-    server-sent events when ``stream`` is true."""
-    return {200: {"model": body, "content": {"text/event-stream": {"schema": {
-        "type": "string", "description": f"Server-sent events: `data: <{model.__name__}>` "
-        "per chunk, then `data: [DONE]`"}}}}, **ERROR_RESPONSES}
+    """The 200 response of a route that answers ``body`` as JSON, or, when ``stream`` is
+    true, server-sent events whose ``data`` is a JSON ``model`` chunk, then ``[DONE]``."""
+    event = {"type": "object", "required": ["data"], "properties": {"data": {
+        "type": "string",
+        "description": f"A JSON-encoded {model.__name__}, or `[DONE]` as the last event",
+        "anyOf": [{"const": "[DONE]"}, {
+            "contentMediaType": "application/json",
+            "contentSchema": {"$ref": f"#/components/schemas/{model.__name__}"}}]}}}
+    return {200: {"model": body, "content": {"text/event-stream": {"schema": event}}},
+            **ERROR_RESPONSES}
 
 
 # ---------------------------------------------------------------------------------- builders
