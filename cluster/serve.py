@@ -39,8 +39,9 @@ def local_cpus() -> int:
 def quiet_serve_logs():
     """Hide Ray Serve's driver-side INFO lines while starting and stopping.
 
-    NOTE: ``serve.run`` always calls Serve's own start; after our ``serve.start`` (the only
-    way to give the HTTP host and port) it finds the controller we just made and logs
+    NOTE: ``serve.run`` and ``serve.run_many`` always call Serve's own start; after our
+    ``serve.start`` (the only way to give the HTTP host and port) it finds the controller we
+    just made and logs
     "Connecting to existing Serve app ... will not be applied" on a brand-new cluster. Its
     "Started Serve" and "Application ... is ready" lines repeat what dspark prints itself.
     Warnings and errors still show."""

@@ -17,9 +17,11 @@ Vocabulary:
   hash of the prompt's first characters picks, so that repeated prefixes meet their
   cached KV blocks.
 
-NOTE: with no fresh board entry for a candidate (stale, missing, or Redis unreachable) the
-router returns all candidates as one tier, and Serve picks the shortest local queue: the
-default behaviour, never an error. ``fallbacks`` counts those decisions.
+NOTE: with no fresh board entry for a candidate (stale, missing, or Redis unreachable), or
+when ranking fails for any reason, the router returns all candidates as one tier, and Serve
+picks the shortest local queue: the default behaviour, never an error. ``fallbacks`` counts
+those decisions. (An exception raised by ``choose_replicas`` is never answered: Serve's
+request would wait for a replica forever.)
 """
 
 from __future__ import annotations
@@ -51,17 +53,39 @@ class Ranked:
 
 
 def prefix_key(pending: PendingRequest | None, chars: int = 256) -> str | None:
-    """The routing prefix of a shard request: its prompt or first messages' text."""
+    """The routing prefix of a shard request: its prompt, prompt token ids or first messages'
+    text (None when the request has none)."""
     if pending is None or not pending.args:
         return None
     request = pending.args[0]
     if not isinstance(request, dict):
         return None
     if request.get("chat"):
-        text = "".join(m.get("content", "") for m in request.get("messages") or [])
+        text = "".join(_text(m.get("content")) for m in request.get("messages") or []
+                       if isinstance(m, dict))
+    elif isinstance(request.get("prompt_ids"), list):
+        text = ",".join(str(t) for t in request["prompt_ids"][:chars])
     else:
-        text = request.get("prompt") or ""
+        text = _text(request.get("prompt"))
     return text[:chars] or None
+
+
+def _text(content: object) -> str:
+    """A message's text: a string, or the text parts of a list of content parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part["text"] for part in content
+                       if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return ""
+
+
+def prefix_hash(prefix: str) -> int:
+    """A stable hash of a routing prefix, defined for every ``str``.
+
+    NOTE: "surrogatepass": a lone surrogate ("\\ud800", which JSON allows) has no UTF-8
+    encoding, and a strict ``encode()`` raises on it."""
+    return int(hashlib.sha1(prefix.encode("utf-8", "surrogatepass")).hexdigest(), 16)
 
 
 DEFAULT_LENGTH = 128
@@ -114,7 +138,7 @@ def rank(
     best = scored[0][0]
     near = [rid for rate, rid in scored if rate >= best * (1 - affinity_slack) and rate > 0]
     if prefix and len(near) > 1:
-        pick = int(hashlib.sha1(prefix.encode()).hexdigest(), 16) % len(near)
+        pick = prefix_hash(prefix) % len(near)
         first = sorted(near)[pick]
     else:
         first = scored[0][1]
@@ -133,6 +157,7 @@ class LoadBoardRouter(FIFOMixin, RequestRouter):
         self.board_decisions = 0
         self.fallbacks = 0
         self._was_fallback = False
+        self._logged_error = False
         # the counters are metrics: written next to the board (with a TTL) by a thread, so
         # that an unreachable Redis never stalls routing
         self._key = router_key(cluster, f"{os.getpid()}-{id(self):x}")
@@ -157,6 +182,28 @@ class LoadBoardRouter(FIFOMixin, RequestRouter):
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
+        try:
+            tiers = self._rank(candidate_replicas, pending_request)
+        except Exception:  # NOTE: never raise here: Serve would leave the request waiting
+            if not self._logged_error:
+                logger.exception("routing failed: this request is routed by queue length "
+                                 "(logged once; later failures are counted in fallbacks)")
+                self._logged_error = True
+            self.fallbacks += 1
+            return [candidate_replicas]
+        if tiers is None:
+            if not self._was_fallback:
+                logger.warning("load board stale or unreachable: routing by queue length")
+            self._was_fallback = True
+            self.fallbacks += 1
+            return [candidate_replicas]
+        self.board_decisions += 1
+        self._was_fallback = False
+        return tiers
+
+    def _rank(self, candidate_replicas: list[RunningReplica],
+              pending_request: PendingRequest | None) -> list[list[RunningReplica]] | None:
+        """Tiers of candidates from the board; None when it cannot rank them all."""
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         board = self.reader.fresh() if self.reader.reachable else {}
 
@@ -166,11 +213,5 @@ class LoadBoardRouter(FIFOMixin, RequestRouter):
         tiers = rank(list(by_id), board, in_flight, prefix_key(pending_request),
                      self.affinity_slack, request_length(pending_request))
         if tiers is None:
-            self.fallbacks += 1
-            if not self._was_fallback:
-                logger.warning("load board stale or unreachable: routing by queue length")
-            self._was_fallback = True
-            return [candidate_replicas]
-        self.board_decisions += 1
-        self._was_fallback = False
+            return None
         return [[by_id[rid] for rid in tier] for tier in tiers]

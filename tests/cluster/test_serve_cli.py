@@ -25,7 +25,9 @@ def port_open(port: int) -> bool:
 
 def test_serve_prints_a_working_curl_and_ctrl_c_leaves_nothing_running(tmp_path):
     port = free_port()
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    # no RAY_* of the suite's own cluster: the server starts a cluster of its own
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
     proc = subprocess.Popen(
         [str(DSPARK), "serve", "--port", str(port)], stdout=subprocess.PIPE,
         stderr=open(tmp_path / "stderr.txt", "w"), text=True, env=env, start_new_session=True,
@@ -52,11 +54,12 @@ def test_serve_prints_a_working_curl_and_ctrl_c_leaves_nothing_running(tmp_path)
         code = proc.wait(timeout=120)
     assert code == 0
     assert not port_open(port) and not port_open(redis_port)
-    time.sleep(1.0)
-    try:  # nothing of the server's session survives it
-        os.killpg(proc.pid, 0)
-        survivors = subprocess.run(["ps", "-o", "pid,cmd", "--no-headers", "-s", str(proc.pid)],
-                                   capture_output=True, text=True).stdout
-        raise AssertionError(f"processes left behind:\n{survivors}")
-    except ProcessLookupError:
-        pass
+    deadline = time.time() + 30  # nothing of the server's session survives it
+    while survivors(proc.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert survivors(proc.pid) == "", f"processes left behind:\n{survivors(proc.pid)}"
+
+
+def survivors(sid: int) -> str:
+    return subprocess.run(["ps", "-o", "pid=,args=", "-s", str(sid)], capture_output=True,
+                          text=True).stdout.strip()

@@ -1,8 +1,11 @@
 """The global router's ranking reads a real board, and in a running two-replica app it
-routes from the board, keeps serving while Redis is down, and uses the board again after."""
+routes from the board, keeps serving while Redis is down, and uses the board again after;
+a request it cannot rank falls back to Serve's choice instead of waiting forever."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 import uuid
 
@@ -11,7 +14,7 @@ import pytest
 import redis
 
 from dspark.router.board import BoardConfig, BoardPublisher, BoardReader, ReplicaLoad
-from dspark.router.load_router import rank, service_rate
+from dspark.router.load_router import prefix_hash, prefix_key, rank, service_rate
 
 
 def test_rank_prefers_the_replica_the_board_says_is_less_loaded(redis_server):
@@ -63,9 +66,45 @@ def test_prefix_affinity_breaks_ties_consistently():
     assert len(again) == 1  # the same prefix always meets the same replica
 
 
+def test_a_lone_surrogate_prefix_hashes_and_ranks():
+    """JSON allows "\\ud800", which has no UTF-8 encoding: hashing it used to raise."""
+    assert prefix_hash("\ud800 hi") == prefix_hash("\ud800 hi")
+    assert prefix_hash("\ud800 hi") != prefix_hash("\udbff hi")
+    board = {rid: ReplicaLoad(rid, running=1, free_blocks=50, total_blocks=100,
+                              acceptance_length=2.0) for rid in "ab"}
+    tiers = rank(["a", "b"], board, lambda rid: 1, prefix="\ud800 hi")
+    assert sorted(t[0] for t in tiers) == ["a", "b"]
+
+
+def test_prefix_key_reads_every_shard_request_shape():
+    from ray.serve._private.common import RequestMetadata
+    from ray.serve.request_router import PendingRequest
+
+    requests = [
+        {"chat": True, "messages": [{"role": "user", "content": "hi"},
+                                    {"role": "user", "content": " there"}]},
+        {"chat": True, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "parts"}, {"type": "image_url", "image_url": {}}]}]},
+        {"chat": True, "messages": [{"role": "user", "content": None}]},
+        {"chat": False, "prompt": "a prompt"},
+        {"chat": False, "prompt": None, "prompt_ids": [5, 6, 7]},
+        "not a dict",
+    ]
+
+    async def keys():  # a PendingRequest holds an asyncio future: made inside a loop
+        return [prefix_key(PendingRequest(args=[r], kwargs={},
+                                          metadata=RequestMetadata("r", "r")))
+                for r in requests]
+
+    assert asyncio.run(keys()) == ["hi there", "parts", None, "a prompt", "5,6,7", None]
+    assert prefix_key(None) is None
+
+
 @pytest.fixture(scope="module")
-def routed_app(ray_cluster):
-    """A second app: two replicas, the board router, its own Redis (stopped mid-test)."""
+def routed_app(ray_cluster, served_app):
+    """A second app: two replicas, the board router, its own Redis (stopped mid-test).
+
+    NOTE: after ``served_app``, whose port the suite's one HTTP proxy then listens on."""
     from dspark.cluster.config import ServeConfig
     from dspark.cluster.serve import start
     from dspark.router.redis_server import EmbeddedRedis
@@ -82,10 +121,14 @@ def routed_app(ray_cluster):
     server.stop()
 
 
-def router_counters(url: str) -> dict:
+def router_counters(url: str, mine: bool = False) -> dict:
+    """The counters of the ingress's routers, or with ``mine`` of this process's (the
+    router of the handles a test makes itself)."""
     client = redis.Redis.from_url(url, socket_timeout=1)
     out = {"board_decisions": 0, "fallbacks": 0}
     for key in client.scan_iter(match="dspark:routed:router:*"):
+        if key.decode().startswith(f"dspark:routed:router:{os.getpid()}-") != mine:
+            continue
         for k, v in client.hgetall(key).items():
             out[k.decode()] += int(v)
     return out
@@ -99,6 +142,50 @@ def ask(base: str, n: int) -> set[str]:
         assert resp.status_code == 200, resp.text
         replicas.add(resp.headers["x-dspark-replica"])
     return replicas
+
+
+def test_a_request_the_router_cannot_rank_is_still_answered(routed_app):
+    """An exception inside ``choose_replicas`` (a lone surrogate in a message used to raise
+    in the prefix hash) left the request waiting forever: Serve drops the routing task.
+    Now any failure to rank falls back to Serve's choice, is counted in ``fallbacks``, and
+    the request gets the replica's answer."""
+    from ray import serve
+
+    cfg, server = routed_app
+    handle = serve.get_deployment_handle("TargetShard", app_name="routed")
+
+    def request(max_tokens) -> dict:
+        return {"chat": True, "messages": [{"role": "user", "content": "hi"}], "prompt": None,
+                "max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0, "seed": None,
+                "ignore_eos": False, "stop": []}
+
+    async def answer(req: dict, timeout_s: float = 60.0):
+        """The first chunk, or the exception the replica answered with."""
+        stream = handle.options(stream=True).generate.remote(req)
+        try:
+            return await asyncio.wait_for(stream.__anext__(), timeout_s)
+        except TimeoutError:
+            raise AssertionError(f"no answer within {timeout_s} s: {req}") from None
+        except Exception as exc:
+            return exc
+        finally:
+            stream.cancel()
+
+    assert isinstance(asyncio.run(answer(request(1))), dict)  # this process's router is up
+    deadline = time.time() + 10  # it exports its counters every 0.25 s
+    while time.time() < deadline:
+        before = router_counters(server.url, mine=True)
+        if before["board_decisions"]:
+            break
+        time.sleep(0.1)
+    # ranking raises on a max_tokens that is not a number; the replica then says why
+    reply = asyncio.run(answer(request("many")))
+    assert isinstance(reply, Exception), reply
+    assert isinstance(asyncio.run(answer(request(1))), dict)  # routing goes on
+    deadline = time.time() + 10
+    while router_counters(server.url, mine=True)["fallbacks"] <= before["fallbacks"]:
+        assert time.time() < deadline, ("fallback not counted", before)
+        time.sleep(0.1)
 
 
 def test_router_uses_the_board_survives_redis_down_and_recovers(routed_app, served_app):
