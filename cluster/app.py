@@ -485,9 +485,23 @@ class OpenAIIngress:
         self.context = int(target["max_position_embeddings"])
         self.vocab = int(target["vocab_size"])
         self._openapi: dict | None = None
+        self._ready = False
+
+    async def _shard_ready(self, timeout_s: float | None) -> bool:
+        """Whether a shard replica answers (its model loaded); remembered once true."""
+        if not self._ready:
+            try:
+                await asyncio.wait_for(self.shard.load.remote(), timeout_s)
+            except TimeoutError:
+                return False
+            self._ready = True
+        return True
 
     @api.get("/health")
-    async def health(self) -> dict:
+    async def health(self):
+        """200 once a replica serves; 503 while the model is still loading."""
+        if not await self._shard_ready(2.0):
+            return JSONResponse({"status": "loading"}, status_code=503)
         return {"status": "ok"}
 
     @api.get("/openapi.json", include_in_schema=False)
@@ -502,6 +516,9 @@ class OpenAIIngress:
 
     @api.get("/v1/models", response_model=ModelList)
     async def models(self) -> dict:
+        # NOTE: clients poll this route to know when to start: it answers once the model
+        # is loaded, not as soon as the ingress is
+        await self._shard_ready(None)
         return {"object": "list", "data": [self._card()]}
 
     @api.get("/v1/models/{model_id:path}", response_model=ModelCard,

@@ -153,7 +153,9 @@ def ray_cluster():
     yield ray
     from ray import serve
 
-    serve.shutdown()
+    from dspark.cluster.serve import delete_apps
+
+    delete_apps(serve)  # NOTE: not serve.shutdown(), which Ray reports as a failed task
     ray.shutdown()
 
 
