@@ -443,11 +443,16 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
 
 
-class ChatCompletionResponse(BaseModel):
+class _Head(BaseModel):
+    """What every response body and chunk starts with (``object`` names its kind)."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+
+
+class ChatCompletionResponse(_Head):
+    object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: Usage
     metrics: Metrics | None = None
@@ -465,14 +470,11 @@ class ChatChunkChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_Head):
     """One ``data:`` event of a streamed chat completion (the stream ends with
     ``data: [DONE]``)."""
 
-    id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     metrics: Metrics | None = None
@@ -485,14 +487,11 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(_Head):
     """A text completion, and also each ``data:`` event of a streamed one (whose stream
     ends with ``data: [DONE]``)."""
 
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
     metrics: Metrics | None = None

@@ -170,3 +170,17 @@ def served_app(ray_cluster, redis_server):
                       max_num_seqs=8, num_blocks=256, threads=1, replica_cpus=0.5)
     cfg, _ = start(cfg)
     yield cfg
+
+
+@pytest.fixture(scope="session")
+def served_url(served_app) -> str:
+    return f"http://{served_app.host}:{served_app.port}"
+
+
+@pytest.fixture(scope="session")
+def demo_model(demo_target_dir):
+    """The demo target and its tokenizer, loaded once (the reference for served output)."""
+    from dspark.models.generation import load_for_generation
+
+    return load_for_generation(demo_target_dir)
+

@@ -14,15 +14,15 @@ PROMPT = "What is 17 times 3?"
 
 
 @pytest.fixture(scope="module")
-def url(served_app):
-    return f"http://{served_app.host}:{served_app.port}"
+def url(served_url):
+    return served_url
 
 
 @pytest.fixture(scope="module")
-def plain(demo_target_dir):
-    from dspark.models.generation import SamplingParams, generate_text, load_for_generation
+def plain(demo_model):
+    from dspark.models.generation import SamplingParams, generate_text
 
-    model, tok = load_for_generation(demo_target_dir)
+    model, tok = demo_model
     return lambda prompt, n: generate_text(model, tok, prompt, SamplingParams(max_tokens=n))
 
 
