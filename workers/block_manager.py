@@ -57,6 +57,10 @@ class BlockManager:
     def num_free_blocks(self) -> int:
         return len(self.free_ids)
 
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

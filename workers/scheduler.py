@@ -117,6 +117,20 @@ class Scheduler:
                 f"prompt has {len(prompt_ids)} tokens; the context is "
                 f"{self.cfg.max_model_len} tokens (at most {self.cfg.max_model_len - 1})"
             )
+        # NOTE: a request that could not finish even alone in the whole KV cache would be
+        # preempted and readmitted forever: it is refused here instead
+        peak = min(len(prompt_ids) + max_tokens - 1 + self.cfg.num_lookahead,
+                   self.cfg.max_model_len)
+        total = self.blocks.num_blocks
+        if self.blocks.blocks_needed(peak) > total:
+            fits = total * self.blocks.block_size - self.cfg.num_lookahead - len(prompt_ids) + 1
+            raise ValueError(
+                f"max_tokens: the prompt ({len(prompt_ids)} tokens) plus max_tokens "
+                f"({max_tokens}) need {self.blocks.blocks_needed(peak)} KV blocks of "
+                f"{self.blocks.block_size} tokens; this engine has {total}"
+                + (f", so max_tokens must be in [1, {fits}]" if fits >= 1 else
+                   "; shorten the prompt")
+            )
 
     def add(self, request: Request) -> None:
         self.check(request.prompt_ids, request.max_tokens)

@@ -320,3 +320,27 @@ def test_logprobs_are_the_targets_for_each_committed_token(make_model, make_draf
     for i in range(1, len(prompt)):
         assert abs(prompt_lp[i].logprob - float(full[i - 1, prompt[i]])) < 1e-3
         assert len(prompt_lp[i].top) == 2
+
+
+def test_a_request_that_can_never_fit_the_kv_cache_is_refused_at_admission(make_model,
+                                                                           make_drafter):
+    """Alone in the whole cache it could not finish: refused with the allowed range, instead
+    of being preempted and readmitted forever; the largest allowed max_tokens finishes."""
+    import re
+
+    target = make_model()
+    eng = engine(target, make_drafter(target, "dspark"), num_blocks=6, block_size=4)
+    prompt = list(range(5, 15))
+    with pytest.raises(ValueError, match=r"max_tokens.*KV blocks") as refused:
+        eng.add_request(prompt, SamplingParams(max_tokens=30))
+    assert not eng.has_unfinished() and not eng.scheduler.requests
+    fits = int(re.search(r"max_tokens must be in \[1, (\d+)\]", str(refused.value)).group(1))
+    with pytest.raises(ValueError, match="KV blocks"):
+        eng.add_request(prompt, SamplingParams(max_tokens=fits + 1))
+    ok = eng.add_request(prompt, SamplingParams(max_tokens=fits, ignore_eos=True))
+    steps = 0
+    while eng.has_unfinished():
+        eng.step()
+        steps += 1
+        assert steps < 200, "the request never finished"
+    assert len(eng.scheduler.requests[ok].output_ids) == fits
