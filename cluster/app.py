@@ -87,7 +87,9 @@ class TargetShard:
             self.ep_group, rank, group = join_expert_parallel_group(cfg)
             shard_experts(target, group, rank, cfg.ep_size)
         drafter = load_drafter(cfg.drafter_path, target) if cfg.drafter_path else None
-        budget = cfg.budget if drafter is not None and drafter.config.confidence_head else "fixed"
+        # NOTE: an impossible pair (a confidence budget, a drafter without the head) makes
+        # the Engine raise: the replica fails to start and dspark serve says why
+        budget = cfg.effective_budget
         engine = Engine(target, drafter, EngineConfig(
             budget=budget, num_speculative_tokens=cfg.num_speculative_tokens,
             max_num_seqs=cfg.max_num_seqs, num_blocks=cfg.num_blocks,

@@ -144,7 +144,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--config", default=None, help="YAML file of serve settings")
     srv.add_argument("--target", default=None, help="target checkpoint directory")
     srv.add_argument("--drafter", default=None, help="dspark, dflash, eagle3, mtp, none or a path")
-    srv.add_argument("--budget", default=None, help="fixed, threshold, algorithm1 or topk")
+    srv.add_argument("--budget", default=None,
+                     help="cluster, algorithm1, topk, threshold or fixed (default: cluster for a "
+                     "drafter with a confidence head, fixed otherwise)")
     srv.add_argument("--replicas", type=int, default=None)
     srv.add_argument("--ep-size", type=int, default=None,
                      help="expert-parallel ranks per group (replicas must be a multiple)")

@@ -18,9 +18,11 @@ class ServeConfig:
     """Target checkpoint directory."""
     drafter: str = "dspark"
     """A drafter under checkpoints/drafters (dspark, dflash, eagle3, mtp), a path, or none."""
-    budget: str = "cluster"
+    budget: str | None = None
     """Verification budget: cluster (Algorithm 1 with the expert-parallel group's load from
-    the board), algorithm1 (local load only), topk, threshold or fixed."""
+    the board), algorithm1 (local load only), topk, threshold or fixed. None: cluster for a
+    drafter with a confidence head (dspark), fixed for the others. A confidence budget with
+    a drafter that has no confidence head is a start-up error, never a silent change."""
     num_speculative_tokens: int | None = None
     replicas: int = 1
     """TargetShard replicas (ep_size ranks each form one expert-parallel group)."""
@@ -54,7 +56,7 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.router not in ("board", "pow2"):
             raise ValueError(f"router must be board or pow2, got {self.router!r}")
-        if self.budget not in BUDGETS:
+        if self.budget is not None and self.budget not in BUDGETS:
             raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
         for name in ("replicas", "ep_size", "max_num_seqs", "num_blocks",
                      "max_ongoing_requests", "max_waiting_per_replica", "max_request_bytes",
@@ -75,6 +77,27 @@ class ServeConfig:
             raise ValueError(f"replica_cpus must be in (0, 64], got {self.replica_cpus}")
         if not self.model_name:
             raise ValueError("model_name must be non-empty")
+
+    @property
+    def effective_budget(self) -> str:
+        """The budget the replicas run (``budget``, or its default for the drafter)."""
+        if self.budget is not None:
+            return self.budget
+        return "cluster" if self.drafter_has_confidence else "fixed"
+
+    @property
+    def drafter_has_confidence(self) -> bool:
+        """Whether the drafter checkpoint has a confidence head (False without a drafter or
+        a readable checkpoint: a missing one fails at start with its own message)."""
+        if self.drafter_path is None:
+            return False
+        import json
+
+        try:
+            config = json.loads((Path(self.drafter_path) / "config.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return bool(config.get("confidence_head"))
 
     @property
     def drafter_path(self) -> str | None:

@@ -178,6 +178,10 @@ def check_startable(cfg: ServeConfig) -> None:
     for what, path in (("target", cfg.target), ("drafter", cfg.drafter_path)):
         if path is not None and not (Path(path) / "config.json").is_file():
             raise ValueError(f"{what} checkpoint {path!r} not found (no config.json in it)")
+    if cfg.drafter_path is not None and cfg.effective_budget != "fixed" and not (
+            cfg.drafter_has_confidence):
+        raise ValueError(f"budget {cfg.effective_budget!r} needs a drafter with a confidence head "
+                         f"(dspark); {cfg.drafter!r} has none: use --budget fixed")
     needed = cfg.replicas * cfg.replica_cpus + 0.1  # + the ingress
     if needed > local_cpus():
         raise ValueError(f"{cfg.replicas} replicas of {cfg.replica_cpus} CPU need {needed:g} "
@@ -226,7 +230,7 @@ def main(cfg: ServeConfig) -> int:
     if "ray" not in sys.modules:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     print(f"starting dspark: model {cfg.model_name}, drafter {cfg.drafter}, budget "
-          f"{cfg.budget}, {cfg.replicas} replica(s) ...", file=sys.stderr, flush=True)
+          f"{cfg.effective_budget}, {cfg.replicas} replica(s) ...", file=sys.stderr, flush=True)
     started = time.time()
     try:
         cfg, redis = start_local(cfg)

@@ -39,3 +39,10 @@ def test_bad_yaml_is_a_clear_error(tmp_path):
     path.write_text("- a list\n")
     with pytest.raises(ValueError, match="expected a mapping"):
         ServeConfig.from_yaml(path)
+
+
+def test_the_budget_defaults_to_what_the_drafter_supports():
+    assert ServeConfig(drafter="dspark").effective_budget == "cluster"
+    assert ServeConfig(drafter="eagle3").effective_budget == "fixed"
+    assert ServeConfig(drafter="none").effective_budget == "fixed"
+    assert ServeConfig(drafter="eagle3", budget="threshold").effective_budget == "threshold"

@@ -179,6 +179,10 @@ def test_a_port_in_use_or_a_missing_target_fails_in_one_line(fresh_machine):
     missing = tmpdir / "no-such-checkpoint"
     result = run_to_exit(env, tmpdir, "--port", str(free_port()), "--target", str(missing))
     assert_one_clear_line(*result, str(missing))
+    # a confidence budget with a drafter that has no confidence head: an error, not a downgrade
+    result = run_to_exit(env, tmpdir, "--port", str(free_port()), "--drafter", "eagle3",
+                         "--budget", "cluster")
+    assert_one_clear_line(*result, "needs a drafter with a confidence head")
     assert redis_dirs(tmpdir) == []
 
 
