@@ -768,9 +768,13 @@ class Engine:
             params = [params] * len(prompts)
         stop_ids = tuple(stop_ids)
         ids = [self.add_request(p, sp, stop_ids) for p, sp in zip(prompts, params)]
+        outputs: dict[str, list[int]] = {i: [] for i in ids}
         while self.has_unfinished():
-            self.step()
-        return [list(self.scheduler.requests[i].output_ids) for i in ids]
+            for out in self.step().outputs:
+                outputs[out.req_id] += out.new_token_ids
+                if out.finished:
+                    self.release(out.req_id)  # NOTE: delivered: no state stays behind
+        return [outputs[i] for i in ids]
 
 
 def target_probs_batch(
