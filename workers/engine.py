@@ -21,13 +21,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from dspark.kernels.prefix_select import select_prefixes
-from dspark.models.checkpoint import load_target
-from dspark.models.drafter_checkpoint import Drafter, load_drafter
+from dspark.models.drafter_checkpoint import Drafter
 from dspark.models.generation import (
     SamplingParams,
     TokenLogprob,
@@ -143,7 +141,6 @@ class _State:
     generator: torch.Generator
     spec: SpecStats
     stop_ids: tuple[int, ...] = ()
-    stale: list[float] = field(default_factory=list)
     prompt_scores: dict[int, TokenLogprob] = field(default_factory=dict)
     """Prompt position -> score of the token there (kept across preemption)."""
     prompt_delivered: bool = False
@@ -256,14 +253,6 @@ class Engine:
     def cost_table(self) -> StepCostTable:
         """SPS(B) as the engine currently believes it (profiled, then refined online)."""
         return self.costs.table
-
-    @classmethod
-    def from_checkpoints(
-        cls, target_dir: str | Path, drafter_dir: str | Path | None, config: EngineConfig
-    ) -> Engine:
-        target = load_target(target_dir).eval()
-        drafter = load_drafter(drafter_dir, target) if drafter_dir else None
-        return cls(target, drafter, config)
 
     # ------------------------------------------------------------------ requests
     def add_request(

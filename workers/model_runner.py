@@ -42,7 +42,6 @@ class VerifyBatch:
 class RunnerOutput:
     logits: torch.Tensor  # [M, V]
     features: torch.Tensor | None  # [N, F] the drafter's input features, or None
-    hidden: torch.Tensor  # [N, d] final normed hidden
 
 
 class PagedKV:
@@ -114,7 +113,7 @@ class ModelRunner:
             features = torch.cat([captured[i] for i in self.feature_layers], -1)
         else:
             features = None
-        return RunnerOutput(logits=logits, features=features, hidden=hidden)
+        return RunnerOutput(logits=logits, features=features)
 
     def _attention(self, attn, layer_idx, h, cos, sin, slots, table, batch):
         num = h.shape[0]
