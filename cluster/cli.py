@@ -140,37 +140,46 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
+    """One flag per ``ServeConfig`` field (``--max-num-seqs`` for ``max_num_seqs``), its
+    help the field's docstring and its default the field's, so neither can drift."""
+    from dataclasses import MISSING, fields
+
+    from dspark.cluster.config import ServeConfig
+
     srv = sub.add_parser("serve", help="serve the OpenAI API on a local Ray cluster")
-    srv.add_argument("--config", default=None, help="YAML file of serve settings")
-    srv.add_argument("--target", default=None, help="target checkpoint directory")
-    srv.add_argument("--drafter", default=None, help="dspark, dflash, eagle3, mtp, none or a path")
-    srv.add_argument("--budget", default=None,
-                     help="cluster, algorithm1, topk, threshold or fixed (default: cluster for a "
-                     "drafter with a confidence head, fixed otherwise)")
-    srv.add_argument("--replicas", type=int, default=None)
-    srv.add_argument("--ep-size", type=int, default=None,
-                     help="expert-parallel ranks per group (replicas must be a multiple)")
-    srv.add_argument("--redis-url", default=None, help="external Redis (default: embedded)")
-    srv.add_argument("--host", default=None)
-    srv.add_argument("--port", type=int, default=None)
-    srv.add_argument("--model-name", default=None)
-    srv.add_argument("--router", default=None, help="board (default) or pow2")
+    srv.add_argument("--config", default=None,
+                     help="YAML file of serve settings (flags override it)")
+    docs = ServeConfig.field_docs()
+    for f in fields(ServeConfig):
+        kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+        default = f.default if f.default is not MISSING else None
+        shown = "none" if default is None else default
+        if f.name == "budget":
+            shown = "cluster for a drafter with a confidence head, fixed otherwise"
+        elif f.name == "target":
+            shown = "checkpoints/target"
+        help_text = f"{docs.get(f.name, f.name.replace('_', ' '))} (default: {shown})"
+        srv.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind,
+                         default=None, help=help_text.replace("%", "%%"))
+
+
+def serve_config(args: argparse.Namespace):
+    """The ``ServeConfig`` of ``dspark serve``: the YAML file's, with every given flag over
+    it."""
+    from dataclasses import fields
+
+    from dspark.cluster.config import ServeConfig
+
+    base = ServeConfig.from_yaml(args.config).to_dict() if args.config else {}
+    given = {f.name: getattr(args, f.name) for f in fields(ServeConfig)}
+    base.update({k: v for k, v in given.items() if v is not None})
+    return ServeConfig.from_dict(base)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from dspark.cluster.config import ServeConfig
     from dspark.cluster.serve import main as serve_main
 
-    base = ServeConfig.from_yaml(args.config).to_dict() if args.config else {}
-    overrides = {
-        "target": args.target, "drafter": args.drafter, "budget": args.budget,
-        "replicas": args.replicas,
-        "ep_size": args.ep_size,
-        "redis_url": args.redis_url, "host": args.host, "port": args.port,
-        "model_name": args.model_name, "router": args.router,
-    }
-    base.update({k: v for k, v in overrides.items() if v is not None})
-    return serve_main(ServeConfig.from_dict(base))
+    return serve_main(serve_config(args))
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:

@@ -24,6 +24,7 @@ class ServeConfig:
     drafter with a confidence head (dspark), fixed for the others. A confidence budget with
     a drafter that has no confidence head is a start-up error, never a silent change."""
     num_speculative_tokens: int | None = None
+    """γ, draft tokens proposed per request per step (none: the drafter's block size)."""
     replicas: int = 1
     """TargetShard replicas (ep_size ranks each form one expert-parallel group)."""
     ep_size: int = 1
@@ -36,9 +37,13 @@ class ServeConfig:
     cluster: str = "default"
     """Key prefix on the load board (one cluster = one prefix)."""
     host: str = "127.0.0.1"
+    """Address the HTTP API listens on."""
     port: int = 8000
+    """Port of the HTTP API."""
     max_num_seqs: int = 32
+    """Requests one engine runs at once."""
     num_blocks: int = 1024
+    """KV-cache blocks of each engine (16 tokens each)."""
     max_ongoing_requests: int = 64
     """Requests one replica accepts at once (Ray Serve's cap)."""
     max_queued_requests: int = 256
@@ -50,6 +55,7 @@ class ServeConfig:
     max_json_depth: int = 64
     """Deepest JSON nesting the API parses (deeper: 400)."""
     replica_cpus: float = 0.5
+    """Ray CPUs reserved per replica."""
     threads: int = 0
     """Torch threads per replica (0: torch's default)."""
 
@@ -108,6 +114,20 @@ class ServeConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def field_docs(cls) -> dict[str, str]:
+        """Each field's docstring (the text under it in this file), for ``--help``."""
+        import ast
+        import inspect
+
+        body = ast.parse(inspect.getsource(cls)).body[0].body
+        docs = {}
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)):
+                docs[node.target.id] = " ".join(str(after.value.value).split())
+        return docs
 
     @classmethod
     def from_dict(cls, data: dict) -> ServeConfig:

@@ -46,3 +46,24 @@ def test_the_budget_defaults_to_what_the_drafter_supports():
     assert ServeConfig(drafter="eagle3").effective_budget == "fixed"
     assert ServeConfig(drafter="none").effective_budget == "fixed"
     assert ServeConfig(drafter="eagle3", budget="threshold").effective_budget == "threshold"
+
+
+def test_every_serve_field_is_a_flag_with_its_doc_and_default():
+    from dataclasses import fields
+
+    from dspark.cluster.cli import build_parser, serve_config
+
+    parser = build_parser()
+    serve = next(a for a in parser._subparsers._group_actions[0].choices.items()
+                 if a[0] == "serve")[1]
+    flags = {a.dest: a for a in serve._actions}
+    docs = ServeConfig.field_docs()
+    for f in fields(ServeConfig):
+        assert f.name in flags, f"no --{f.name.replace('_', '-')} flag"
+        assert f.name in docs, f"ServeConfig.{f.name} has no docstring"
+        assert docs[f.name] in flags[f.name].help and "(default: " in flags[f.name].help
+    args = parser.parse_args(["serve", "--config", str(EXAMPLE), "--max-num-seqs", "4",
+                              "--replica-cpus", "0.25", "--num-speculative-tokens", "3"])
+    cfg = serve_config(args)
+    assert (cfg.max_num_seqs, cfg.replica_cpus, cfg.num_speculative_tokens) == (4, 0.25, 3)
+    assert cfg.replicas == 2  # from the YAML file, not overridden
