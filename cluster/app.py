@@ -146,6 +146,7 @@ class TargetShard:
         ``temperature``, ``top_p``, ``seed``, ``ignore_eos``, ``stop``, and optionally
         ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` ({token id: bias}),
         ``min_tokens``, ``logprobs`` (None or how many alternatives), ``echo``."""
+        from dspark.models.generation import TokenLogprob
         from dspark.models.tokenizer import StreamDecoder
 
         tok = self.tokenizer
@@ -166,8 +167,7 @@ class TargetShard:
                                            else tok.decode(prompt_ids, skip_special_tokens=False))
                 if out.prompt_logprobs is not None:
                     head["prompt_logprobs"] = [
-                        {"token": self._token(t)[0], "logprob": None, "bytes": self._token(t)[1],
-                         "top": []} if lp is None else self._entry(lp)
+                        self._entry(TokenLogprob(t, None, [])) if lp is None else self._entry(lp)
                         for t, lp in zip(prompt_ids, out.prompt_logprobs)]
                 if score_only:  # the prompt's scores were the point; drop the drawn token
                     yield self._chunk("", "length", len(prompt_ids), 0, out.spec_stats,
@@ -259,9 +259,11 @@ class TargetShard:
         return cached
 
     def _entry(self, lp) -> dict:
+        """A token entry: ``token``, ``logprob``, ``bytes`` and ``top`` as (text, bytes,
+        logprob) tuples."""
         text, raw = self._token(lp.token_id)
         return {"token": text, "logprob": lp.logprob, "bytes": raw,
-                "top": [(self._token(t)[0], value, self._token(t)[1]) for t, value in lp.top]}
+                "top": [(*self._token(t), value) for t, value in lp.top]}
 
     def _chunk(self, text, reason, prompt_tokens, produced, spec, logprobs=None,
                head=None) -> dict:

@@ -276,69 +276,46 @@ def shard_requests(body: _Common, chat: bool) -> list[dict]:
 
 def parse_json(body: bytes, max_depth: int) -> Any:
     """Decode a request body: valid UTF-8, valid JSON, nested at most ``max_depth`` deep,
-    no lone surrogates (``"\\ud800"``) in any string. Raises a 400 ``APIError``."""
+    no lone surrogates (``"\\ud800"``) in any string, integral numbers as ints (``3.0`` is
+    the JSON Schema integer 3). Raises a 400 ``APIError``."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise APIError(400, f"request body is not valid UTF-8: {exc}") from exc
-    depth = _nesting(text)
-    if depth > max_depth:
-        raise APIError(400, f"request body nests JSON {depth} deep; at most {max_depth}")
     try:
         data = json.loads(text)
+    except RecursionError as exc:  # NOTE: the C parser stops at Python's recursion limit
+        raise APIError(400, f"request body nests JSON too deep; at most {max_depth}") from exc
     except json.JSONDecodeError as exc:
         raise APIError(400, f"request body is not valid JSON: {exc}") from exc
-    where = _surrogate(data, "")
-    if where is not None:
-        raise APIError(400, f"{where or 'body'}: invalid Unicode (a lone surrogate)",
-                       param=where or None)
-    return data
+    return _checked(data, "", 1, max_depth)
 
 
-def _nesting(text: str) -> int:
-    """Deepest bracket nesting outside strings (cheap, before the recursive parser)."""
-    depth = deepest = 0
-    in_str = escaped = False
-    for ch in text:
-        if in_str:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}":
-            depth -= 1
-    return deepest
-
-
-def _surrogate(value: Any, path: str) -> str | None:
-    """The path of the first string (key or value) holding a lone surrogate, or None."""
+def _checked(value: Any, path: str, depth: int, max_depth: int) -> Any:
+    """``value`` with integral floats as ints, walked once: a lone surrogate in a key or
+    string, or nesting beyond ``max_depth``, is a 400 (naming the field for a surrogate)."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            return path
-        return None
+            raise APIError(400, f"{path or 'body'}: invalid Unicode (a lone surrogate)",
+                           param=path or None) from None
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and abs(value) < 2**63 else value
+    if isinstance(value, dict | list) and depth > max_depth:
+        raise APIError(400, f"request body nests JSON too deep; at most {max_depth}")
     if isinstance(value, dict):
+        out = {}
         for key, item in value.items():
             sub = f"{path}.{key}" if path else str(key)
-            if _surrogate(key, sub) is not None:
-                return sub
-            found = _surrogate(item, sub)
-            if found is not None:
-                return found
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            found = _surrogate(item, f"{path}[{i}]")
-            if found is not None:
-                return found
-    return None
+            _checked(key, sub, depth, max_depth)
+            out[key] = _checked(item, sub, depth + 1, max_depth)
+        return out
+    if isinstance(value, list):
+        return [_checked(item, f"{path}[{i}]", depth + 1, max_depth)
+                for i, item in enumerate(value)]
+    return value
 
 
 def _text_only(messages: Any) -> None:
@@ -353,21 +330,10 @@ def _text_only(messages: Any) -> None:
                                param=f"messages.{i}.content")
 
 
-def _integral(value: Any) -> Any:
-    """JSON numbers with no fraction as ints (``3.0`` is the JSON Schema integer 3)."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _integral(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_integral(v) for v in value]
-    return value
-
-
 def parse(model: type[BaseModel], data: Any) -> Any:
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object")
-    data = _integral(data)
+    data = dict(data)
     _text_only(data.get("messages"))
     for name in UNSUPPORTED:
         if name not in data:
@@ -530,7 +496,7 @@ def new_id(prefix: str) -> str:
 def chat_logprobs(entries: list[dict]) -> dict:
     return {"content": [{"token": e["token"], "logprob": e["logprob"], "bytes": e["bytes"],
                          "top_logprobs": [{"token": t, "logprob": lp, "bytes": b}
-                                          for t, lp, b in e["top"]]} for e in entries]}
+                                          for t, b, lp in e["top"]]} for e in entries]}
 
 
 def completion_logprobs(entries: list[dict | None], offset: int, with_top: bool) -> dict:
@@ -540,7 +506,7 @@ def completion_logprobs(entries: list[dict | None], offset: int, with_top: bool)
     for e in entries:
         tokens.append(e["token"])
         values.append(e["logprob"])
-        tops.append(None if e["logprob"] is None else {t: lp for t, lp, _ in e["top"]})
+        tops.append(None if e["logprob"] is None else {t: lp for t, _, lp in e["top"]})
         offsets.append(offset)
         offset += len(e["token"])
     return {"tokens": tokens, "token_logprobs": values,

@@ -681,27 +681,27 @@ class Engine:
         done = {r.req_id for r in finished}
         outputs = []
         for p in plans:
-            req = p.request
+            req, state = p.request, self.states[p.request.req_id]
             new = req.output_ids[before[req.req_id]:]
             if new or req.req_id in done:
-                state = self.states[req.req_id]
-                spec = None
-                if req.req_id in done and self.draft_worker is not None:
-                    spec = state.spec.to_dict()
-                output = RequestOutput(req.req_id, new, req.req_id in done,
-                                       req.finish_reason, spec)
-                if state.params.logprobs is not None:
-                    output.logprobs = state.new_logprobs[: len(new)]
-                if state.params.prompt_logprobs is not None and not state.prompt_delivered:
-                    output.prompt_logprobs = [None] + [
-                        state.prompt_scores[i] for i in range(len(req.prompt_ids) - 1)]
-                    state.prompt_delivered = True
-                outputs.append(output)
-            state = self.states[req.req_id]
+                outputs.append(self._output(req, state, new, req.req_id in done))
             state.new_logprobs = []
             if req.req_id in done:
                 self._forget(req.req_id)
         return outputs, finished
+
+    def _output(self, req: Request, state: _State, new: list[int], finished: bool
+                ) -> RequestOutput:
+        """What the caller gets for one request this step (logprobs only when asked)."""
+        spec = state.spec.to_dict() if finished and self.draft_worker is not None else None
+        output = RequestOutput(req.req_id, new, finished, req.finish_reason, spec)
+        if state.params.logprobs is not None:
+            output.logprobs = state.new_logprobs[: len(new)]
+        if state.params.prompt_logprobs is not None and not state.prompt_delivered:
+            output.prompt_logprobs = [None] + [
+                state.prompt_scores[i] for i in range(len(req.prompt_ids) - 1)]
+            state.prompt_delivered = True
+        return output
 
     def _stats(self, out, plans, drafts, sampled, finished, num_verify, times) -> StepStats:
         t0, t_sched, t_draft, t_budget, t_verify, t_sample, t_end = times
