@@ -140,7 +140,6 @@ class _State:
     params: SamplingParams
     generator: torch.Generator
     spec: SpecStats
-    stop_ids: tuple[int, ...] = ()
     prompt_scores: dict[int, TokenLogprob] = field(default_factory=dict)
     """Prompt position -> score of the token there (kept across preemption)."""
     prompt_delivered: bool = False
@@ -271,7 +270,7 @@ class Engine:
                                    scores_prompt=params.prompt_logprobs is not None))
         seed = params.seed if params.seed is not None else self.config.seed + next(self._seeds)
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        self.states[req_id] = _State(params, gen, SpecStats(max(self.gamma, 1)), stops)
+        self.states[req_id] = _State(params, gen, SpecStats(max(self.gamma, 1)))
         return req_id
 
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
@@ -608,7 +607,7 @@ class Engine:
                          if p.draft_row >= 0 else [])
                 logits[start : start + n] = process_logits(
                     logits[start : start + n], state.params, p.request.output_ids, extra,
-                    state.stop_ids)
+                    p.request.stop_ids)
             start += n
         return logits
 
