@@ -121,7 +121,6 @@ def run_cell(
             tokens[out.req_id] += len(out.new_token_ids)
             if out.finished:
                 per_user.append(tokens[out.req_id] / max(now - arrival[out.req_id], 1e-9))
-                engine.release(out.req_id)  # NOTE: its output is delivered: drop its state
                 if issued < num_requests:
                     issue()
     return per_user, sum(tokens.values()), time.perf_counter() - start, stats

@@ -93,7 +93,7 @@ class TargetShard:
         engine = Engine(target, drafter, EngineConfig(
             budget=budget, num_speculative_tokens=cfg.num_speculative_tokens,
             max_num_seqs=cfg.max_num_seqs, num_blocks=cfg.num_blocks,
-        ))
+        ), lockstep=group is not None)
         self.context = target.config.max_position_embeddings
         self._tokens: dict[int, tuple[str, list[int]]] = {}
         self.engine = AsyncEngine(engine, group=group)

@@ -50,7 +50,9 @@ class AsyncEngine:
         then steps in lock-step with the other ranks), or None."""
         self.engine = engine
         self.group = group
-        engine.lockstep = group is not None
+        if engine.lockstep != (group is not None):
+            raise ValueError("an engine of an expert-parallel group must be built with "
+                             "lockstep=True, and only then")
         self.idle_wait_s = idle_wait_s
         self.listeners: list[Callable[[StepStats], None]] = []
         self.last_stats: StepStats | None = None
@@ -156,7 +158,7 @@ class AsyncEngine:
                     continue
                 self._streams[sub.req_id] = sub
             else:
-                self.engine.release(payload)
+                self.engine.abort(payload)
                 self._streams.pop(payload, None)
 
     def _deliver(self, req_id: str, item) -> None:
@@ -164,8 +166,7 @@ class AsyncEngine:
         if sub is None:
             return
         if isinstance(item, BaseException) or item.finished:
-            del self._streams[req_id]
-            self.engine.release(req_id)
+            del self._streams[req_id]  # NOTE: the engine dropped it when it finished
         try:
             sub.loop.call_soon_threadsafe(sub.stream.put_nowait, item)
         except RuntimeError:  # the caller's loop is gone: nobody is listening
@@ -174,19 +175,15 @@ class AsyncEngine:
     # ------------------------------------------------------------------ load
     def load(self) -> dict:
         """A snapshot of this engine's load (read by the load board and the router)."""
-        sched = self.engine.scheduler
-        # upper bound of the work still owed: remaining max_tokens of every live request
-        pending = sum(r.max_tokens - len(r.output_ids) for r in [*sched.running, *sched.waiting])
+        load = self.engine.load()
         return {
-            "pending_tokens": pending,
-            "running": len(sched.running),
-            "queued": len(sched.waiting) + self._inbox.qsize(),
+            "pending_tokens": load.pending_tokens,
+            "running": load.num_running,
+            "queued": load.num_waiting + self._inbox.qsize(),
             "tokens_scheduled": self.last_stats.num_verify_tokens if self.last_stats else 0,
-            "free_blocks": self.engine.blocks.num_free_blocks,
-            "total_blocks": len(self.engine.blocks.blocks),
+            "free_blocks": load.free_blocks,
+            "total_blocks": load.total_blocks,
             "acceptance_length": self.acceptance_ewma or 1.0,
-            # calibrated survival of a verified draft (EWMA; 0 before any drafting)
-            "mean_survival": (self.engine._gain / self.engine._ell
-                              if self.engine._gain is not None and self.engine._ell else 0.0),
+            "mean_survival": load.mean_survival,
             "timestamp": time.time(),
         }

@@ -129,6 +129,18 @@ class RequestOutput:
     for the first, which has no context)."""
 
 
+@dataclass(frozen=True)
+class EngineLoad:
+    num_running: int
+    num_waiting: int
+    pending_tokens: int
+    """Upper bound of the work still owed: remaining max_tokens of every live request."""
+    free_blocks: int
+    total_blocks: int
+    mean_survival: float
+    """Calibrated survival of a verified draft (EWMA; 0 before any drafting)."""
+
+
 @dataclass
 class StepResult:
     outputs: list[RequestOutput]
@@ -172,7 +184,14 @@ class Engine:
         config: EngineConfig | None = None,
         cost_table: StepCostTable | None = None,
         draft_cost_table: StepCostTable | None = None,
+        *,
+        external_tokens: Callable[[], int] | None = None,
+        lockstep: bool = False,
     ) -> None:
+        """``external_tokens``: cluster budget: tokens the other ranks of this replica's
+        expert-parallel group schedule per step (None counts as 0). ``lockstep``: this
+        engine is one rank of an expert-parallel group: every step runs exactly one target
+        forward (an empty one when nothing is scheduled)."""
         cfg = config or EngineConfig()
         self.config, self.target, self.drafter = cfg, target, drafter
         tcfg = target.config
@@ -223,12 +242,8 @@ class Engine:
                 cfg.num_blocks,
             )
         self.costs = OnlineCostTable(cost_table)
-        self.lockstep = False
-        """Set when this engine is one rank of an expert-parallel group: every step runs
-        exactly one target forward (an empty one when nothing is scheduled)."""
-        self.external_tokens: Callable[[], int] | None = None
-        """Cluster budget: tokens the other ranks of this replica's group schedule per step
-        (set by the serving layer from the load board; None counts as 0)."""
+        self.lockstep = lockstep
+        self.external_tokens = external_tokens
         self.gated = (
             self.draft_worker is not None and cfg.draft_gating
             and cfg.budget in ("algorithm1", "topk", "cluster")
@@ -292,22 +307,22 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
 
-    def spec_stats(self, req_id: str) -> SpecStats | None:
-        state = self.states.get(req_id)
-        return state.spec if state is not None else None
-
-    def release(self, req_id: str) -> None:
-        """Drop a finished request's bookkeeping (a long-running server calls this once the
-        final output is delivered); unfinished requests are aborted first."""
-        request = self.scheduler.requests.get(req_id)
-        if request is None:
-            return
-        if request.status is not Status.FINISHED:
-            self.abort(req_id)
-        del self.scheduler.requests[req_id]
-        self.states.pop(req_id, None)
+    def load(self) -> EngineLoad:
+        """A snapshot of this engine's load (any thread may call it: it only reads)."""
+        sched = self.scheduler
+        live = [*sched.running, *sched.waiting]
+        gain, ell = self._gain, self._ell
+        return EngineLoad(
+            num_running=len(sched.running),
+            num_waiting=len(sched.waiting),
+            pending_tokens=sum(r.max_tokens - len(r.output_ids) for r in live),
+            free_blocks=self.blocks.num_free_blocks,
+            total_blocks=self.blocks.num_blocks,
+            mean_survival=gain / ell if gain is not None and ell else 0.0,
+        )
 
     def _forget(self, req_id: str) -> None:
+        self.states.pop(req_id, None)
         if self.draft_worker is not None:
             self.draft_worker.forget(req_id)
 
@@ -760,8 +775,6 @@ class Engine:
         while self.has_unfinished():
             for out in self.step().outputs:
                 outputs[out.req_id] += out.new_token_ids
-                if out.finished:
-                    self.release(out.req_id)  # NOTE: delivered: no state stays behind
         return [outputs[i] for i in ids]
 
 

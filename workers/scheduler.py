@@ -142,7 +142,7 @@ class Scheduler:
     def cancel(self, req_id: str) -> None:
         """Drop a request wherever it is and free all its KV at once."""
         request = self.requests.get(req_id)
-        if request is None or request.status is Status.FINISHED:
+        if request is None:
             return
         self._finish(request, "cancelled")
 
@@ -214,8 +214,8 @@ class Scheduler:
         by_id = {r.req_id: r for r in results}
         finished = []
         for item in output.scheduled:
-            request = self.requests[item.req_id]
-            if request.status is not Status.RUNNING:
+            request = self.requests.get(item.req_id)
+            if request is None or request.status is not Status.RUNNING:
                 continue  # cancelled during the step
             result = by_id.get(item.req_id)
             new = result.new_token_ids if result is not None else []
@@ -251,3 +251,4 @@ class Scheduler:
             self.waiting.remove(request)
         request.status = Status.FINISHED
         request.finish_reason = reason
+        del self.requests[request.req_id]  # NOTE: a finished request leaves the scheduler

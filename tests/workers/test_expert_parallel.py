@@ -46,17 +46,18 @@ WORKER = textwrap.dedent('''
     engine = Engine(target, drafter, EngineConfig(budget="algorithm1", block_size=4,
                     num_blocks=200, max_num_batched_tokens=64, max_num_seqs=4),
                     StepCostTable((1, 8, 64), (100.0, 90.0, 40.0)),
-                    StepCostTable((1, 8), (400.0, 300.0)))
-    engine.lockstep = True
+                    StepCostTable((1, 8), (400.0, 300.0)), lockstep=True)
     gen = torch.Generator().manual_seed(10 + rank)
     prompts = [torch.randint(5, 97, (int(n),), generator=gen).tolist()
                for n in torch.randint(1, 25, (5 if rank == 0 else 1,), generator=gen)]
     ids = [engine.add_request(p, SamplingParams(max_tokens=20), (3,)) for p in prompts]
     steps = 0
+    delivered = {i: [] for i in ids}
     while any_rank_busy(engine.has_unfinished(), dist.group.WORLD):
-        engine.step()
+        for output in engine.step().outputs:
+            delivered[output.req_id] += output.new_token_ids
         steps += 1
-    outputs = [engine.scheduler.requests[i].output_ids for i in ids]
+    outputs = [delivered[i] for i in ids]
     with open(out, "w") as f:
         json.dump({"layer_err": layer_err, "prompts": prompts, "outputs": outputs,
                    "steps": steps}, f)

@@ -70,34 +70,38 @@ def test_decoding_requests_reserve_lookahead_and_free_rejected_slots():
 def test_preemption_by_recomputation_and_no_leak():
     rng = random.Random(0)
     sched = make(num_blocks=12, block_size=4, max_num_batched_tokens=64, num_lookahead=7)
-    for i in range(4):
-        sched.add(Request(f"r{i}", [rng.randrange(5, 50) for _ in range(6)], max_tokens=24))
+    reqs = [Request(f"r{i}", [rng.randrange(5, 50) for _ in range(6)], max_tokens=24)
+            for i in range(4)]
+    for r in reqs:
+        sched.add(r)
     preempted = set()
     for _ in range(200):
         out, _ = step(sched, rng)
         preempted |= set(out.preempted)
-        if all(r.status is Status.FINISHED for r in sched.requests.values()):
+        if all(r.status is Status.FINISHED for r in reqs):
             break
     assert preempted, "12 blocks for 4 growing requests must preempt"
-    assert all(len(r.output_ids) == 24 for r in sched.requests.values())
+    assert all(len(r.output_ids) == 24 for r in reqs)
+    assert sched.requests == {}, "finished requests leave the scheduler"
     assert sched.blocks.num_free_blocks == 12
 
 
 def test_cancel_frees_everything_at_once_and_stops_are_honoured():
     rng = random.Random(1)
     sched = make(num_blocks=32)
-    sched.add(Request("a", [1, 2, 3, 4, 5], max_tokens=100))
-    sched.add(Request("b", [6, 7], max_tokens=100, stop_ids=(3,)))
+    a = Request("a", [1, 2, 3, 4, 5], max_tokens=100)
+    sched.add(a)
+    b = Request("b", [6, 7], max_tokens=100, stop_ids=(3,))
+    sched.add(b)
     step(sched, rng)
     step(sched, rng)
     sched.cancel("a")
-    assert sched.requests["a"].finish_reason == "cancelled"
+    assert a.finish_reason == "cancelled" and "a" not in sched.requests
     assert "a" not in sched.blocks.tables
     out = sched.schedule()
     item = next(s for s in out.scheduled if s.req_id == "b")
     assert item.num_new_tokens == 1
     sched.update(out, [RequestResult("b", [8, 3, 9][: item.num_lookahead + 1])])
-    b = sched.requests["b"]
     if item.num_lookahead >= 1:
         assert b.finish_reason == "stop" and b.output_ids[-1] == 3
     sched.cancel("b")
