@@ -6,8 +6,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from dspark.workers.modes import BudgetMode
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BUDGETS = ("fixed", "threshold", "algorithm1", "topk", "cluster")
+BUDGETS = tuple(m.value for m in BudgetMode)
 
 
 @dataclass(frozen=True)
