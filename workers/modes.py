@@ -3,10 +3,10 @@ CLI read them too)."""
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class BudgetMode(str, Enum):
+class BudgetMode(StrEnum):
     """How many drafts of each request the target verifies in a step (ℓ_r)."""
 
     FIXED = "fixed"
