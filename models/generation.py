@@ -178,11 +178,47 @@ def token_logprobs(
     return [TokenLogprob(int(t), lp, tp) for t, lp, tp in zip(token_ids, chosen, tops)]
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
-    # logits: [V]
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply) of int64 tensors holding values < 2**32;
+    products stay below 2**59, so it is exact on every device."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    return (x >> 16) ^ x
+
+
+def position_gumbel(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The Gumbel noise of token positions under request seeds: seeds, positions [M] int64
+    -> [M, V] float32, a pure function of (seed, position, token id), identical on every
+    device, batch and replica. A coupled request draws the token at position p as
+    ``argmax(log probs + noise)`` (``gumbel_max``), which is an exact sample of ``probs``."""
+    seeds, positions = seeds.long(), positions.long()
+    key = _mix32(_mix32((seeds & _MASK32) ^ 0x9E3779B9) ^ ((seeds >> 32) & _MASK32))
+    key = _mix32(key ^ (positions & _MASK32))  # [M]
+    tokens = _mix32(torch.arange(vocab, dtype=torch.long, device=seeds.device) + 0x6A09E667)
+    bits = _mix32(_mix32(key[:, None] ^ tokens[None]) ^ 0x3C6EF372)  # [M, V]
+    uniform = (bits.double() + 0.5) / 2.0**32  # in (0, 1)
+    return (-torch.log(-torch.log(uniform))).float()
+
+
+def gumbel_max(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """probs [M, V] (zeros allowed), noise [M, V] -> the token of each row [M]."""
+    return (torch.log(probs.float()) + noise).argmax(-1)
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None,
+                position: int) -> int:
+    """logits [V] -> the token at ``position``: argmax at temperature 0; for a seeded request
+    the Gumbel-max sample under its position noise; else a draw from ``gen``."""
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
     probs = sampling_probs(logits, params.temperature, params.top_p)
+    if params.seed is not None:
+        noise = position_gumbel(torch.tensor([params.seed]), torch.tensor([position]),
+                                probs.shape[-1]).to(probs.device)
+        return int(gumbel_max(probs[None], noise)[0])
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
@@ -207,22 +243,25 @@ def generate_tokens(
     params: SamplingParams,
     stop_ids: Sequence[int] = (),
 ) -> Iterator[int]:
-    """Yield new token ids one by one; stops at a stop id (yielded), max_tokens or context."""
+    """Yield new token ids one by one; stops at a stop id (yielded), max_tokens or context.
+
+    The reference decoding every speculative path must match: greedy token for token, and
+    a seeded request at temperature > 0 token for token too (the coupled sampling of
+    ``dspark.workers.sampling``); unseeded requests draw from a fresh generator."""
     check_prompt(model, prompt_ids)
     context = model.config.max_position_embeddings
     budget = min(params.max_tokens, context - len(prompt_ids))
     gen = None
-    if params.temperature > 0:
-        gen = torch.Generator().manual_seed(params.seed if params.seed is not None else 0)
-        if params.seed is None:
-            gen.seed()
+    if params.temperature > 0 and params.seed is None:
+        gen = torch.Generator()
+        gen.seed()
     cache = model.new_kv_cache(batch_size=1, max_len=context)
     device = model.lm_head.weight.device
     logits = model(torch.tensor([list(prompt_ids)], device=device), kv_cache=cache).logits[0, -1]
     output: list[int] = []
     for n in range(budget):
         logits = process_logits(logits[None], params, output, (), stop_ids)[0]
-        token = sample_next(logits, params, gen)
+        token = sample_next(logits, params, gen, len(prompt_ids) + n)
         output.append(token)
         yield token
         if token in stop_ids and not params.ignore_eos:

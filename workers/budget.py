@@ -7,10 +7,13 @@ Vocabulary:
 - *expected throughput* of a choice: ``(R + sum of admitted a_{r,j}) * SPS(B)``, accepted
   tokens per second, where each of the R requests always gets its recovered/bonus token.
 
-Policies: ``fixed`` (γ per request), ``threshold`` (cut at the first per-position
-confidence below θ), ``algorithm1`` (the paper's Algorithm 1: causal greedy admission in
-descending survival with early stop), ``topk`` (§5.2: a capacity K computed from
-confidences of an earlier step, then the K most confident candidates, no early stop).
+Policies, one class per ``BudgetMode`` (``make_budget``): ``fixed`` (γ per request),
+``threshold`` (cut at the first per-position confidence below θ), ``algorithm1`` (the
+paper's Algorithm 1: causal greedy admission in descending survival with early stop),
+``topk`` (§5.2: a capacity K computed from confidences of an earlier step, then the K most
+confident candidates, no early stop), ``cluster`` (Algorithm 1 with the rest of the
+expert-parallel group's tokens counted in B). The draft gate (``make_gate``) decides
+before drafting whether drafting can pay this step. Both read the ``CostModel``.
 
 NOTE (losslessness): whether draft j of request r is verified may depend on c_{r,1..j}
 and on other requests, never on x_{r,j} itself. Sorting candidates by survival keeps that
@@ -21,9 +24,18 @@ candidates before deciding earlier ones does not (paper Appendix A).
 from __future__ import annotations
 
 import bisect
+import logging
 import math
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
+
+from dspark.kernels.prefix_select import select_prefixes
+from dspark.workers.modes import BudgetMode
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,80 +68,6 @@ class StepCostTable:
         return rates[i - 1] * (1 - w) + rates[i] * w
 
 
-def survival(conf: Sequence[Sequence[float]]) -> list[list[float]]:
-    """Per-position acceptance probabilities -> cumulative prefix survival."""
-    out = []
-    for row in conf:
-        acc, surv = 1.0, []
-        for c in row:
-            acc *= c
-            surv.append(acc)
-        out.append(surv)
-    return out
-
-
-def fixed_budget(proposed: Sequence[int], gamma: int) -> list[int]:
-    return [min(gamma, n) for n in proposed]
-
-
-def threshold_budget(conf: Sequence[Sequence[float]], theta: float) -> list[int]:
-    """Verify up to (not including) the first position whose confidence is below θ."""
-    out = []
-    for row in conf:
-        length = 0
-        while length < len(row) and row[length] >= theta:
-            length += 1
-        out.append(length)
-    return out
-
-
-def _candidates(surv: Sequence[Sequence[float]]) -> list[tuple[float, int, int]]:
-    # descending survival; ties: earlier position first, then request order
-    cands = [(a, j, r) for r, row in enumerate(surv) for j, a in enumerate(row)]
-    cands.sort(key=lambda c: (-c[0], c[1], c[2]))
-    return cands
-
-
-def algorithm1(
-    surv: Sequence[Sequence[float]], cost: StepCostTable, other_tokens: int = 0
-) -> list[int]:
-    """Paper Algorithm 1. ``other_tokens``: tokens this step verifies besides the decoding
-    requests' anchors and drafts (prefill chunks, or the rest of an expert-parallel group)."""
-    num_req = len(surv)
-    lengths = [0] * num_req
-    batch = num_req + other_tokens
-    expected = float(num_req)
-    best = expected * cost.sps(batch)
-    for a, j, r in _candidates(surv):
-        if j != lengths[r]:  # a later position of r before an earlier one: only on ties
-            continue
-        throughput = (expected + a) * cost.sps(batch + 1)
-        if throughput <= best:
-            break  # NOTE: the early stop is what keeps the admission causal
-        lengths[r], batch, expected, best = j + 1, batch + 1, expected + a, throughput
-    return lengths
-
-
-def topk_budget(surv: Sequence[Sequence[float]], capacity: int) -> list[int]:
-    """The ``capacity`` most likely-to-survive drafts of the step, prefixes per request."""
-    lengths = [0] * len(surv)
-    taken = 0
-    for _, j, r in _candidates(surv):
-        if taken >= capacity:
-            break
-        if j == lengths[r]:
-            lengths[r] = j + 1
-            taken += 1
-    return lengths
-
-
-def capacity_from_stale(
-    stale_surv: Sequence[Sequence[float]], cost: StepCostTable, other_tokens: int = 0
-) -> int:
-    """§5.2: the capacity K for this step, from survival estimates of an earlier step."""
-    return sum(algorithm1(stale_surv, cost, other_tokens))
-
-
 class OnlineCostTable:
     """A profiled ``StepCostTable`` kept up to date with the step times the engine sees.
 
@@ -152,3 +90,219 @@ class OnlineCostTable:
             worst = max(worst, t)
             monotone.append(worst)
         self.table = StepCostTable(tuple(self.sizes), tuple(1.0 / t for t in monotone))
+
+
+class CostModel:
+    """What a step costs: SPS(B) of the verify forward and the drafter's calls per second
+    against the requests drafted for, both profiled at start-up and refined online."""
+
+    def __init__(self, verify: StepCostTable, draft: StepCostTable | None, device) -> None:
+        self.verify = OnlineCostTable(verify)
+        self.draft = OnlineCostTable(draft) if draft is not None else None
+        self.device = device
+        self._refresh()
+
+    def _refresh(self) -> None:
+        table = self.verify.table
+        self.sizes = torch.tensor(table.batch_sizes, device=self.device)
+        self.rates = torch.tensor(table.steps_per_second, device=self.device)
+
+    def observe(self, verify_tokens: int, verify_seconds: float, drafted: int,
+                draft_seconds: float) -> None:
+        self.verify.observe(verify_tokens, verify_seconds)
+        self._refresh()
+        if drafted and self.draft is not None:
+            self.draft.observe(drafted, draft_seconds)
+
+    def select(self, surv: torch.Tensor, other_tokens: int, capacity: int = -1) -> torch.Tensor:
+        """Algorithm 1 (or top-K under ``capacity``) over ``surv`` [R, n]: ℓ_r [R]."""
+        return select_prefixes(surv, self.sizes, self.rates, other_tokens, capacity)
+
+
+@dataclass(frozen=True)
+class VerificationPlan:
+    """How many drafts of each drafted request the target verifies this step."""
+
+    lengths: list[int]
+    """ℓ_r, one per drafted request (proposal row order)."""
+    survival: torch.Tensor | None
+    """[R, n] calibrated prefix survival (-1 where nothing was proposed); None without a
+    confidence head."""
+
+
+def confidence(conf_logits: torch.Tensor, sts: torch.Tensor) -> torch.Tensor:
+    """Raw confidence logits [R, n] -> calibrated per-position acceptance [R, n] (STS)."""
+    return torch.sigmoid(conf_logits / sts[: conf_logits.shape[1]])
+
+
+def survival(conf: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
+    """Per-position acceptance [R, n] -> prefix survival [R, n], -1 beyond each request's
+    cap (those drafts are not candidates)."""
+    proposed = torch.arange(conf.shape[1], device=caps.device)[None] < caps[:, None]
+    return torch.where(proposed, conf.cumprod(1), torch.full_like(conf, -1.0))
+
+
+class BudgetPolicy:
+    """Base: every policy computes survival the same way and differs in ``lengths``."""
+
+    def __init__(self, cost: CostModel, sts: torch.Tensor) -> None:
+        self.cost, self.sts = cost, sts
+
+    def plan(self, conf_logits: torch.Tensor | None, caps: list[int],
+             other_tokens: int) -> VerificationPlan:
+        """``caps``: drafts proposed per request; ``other_tokens``: tokens this step
+        verifies besides the drafted requests' anchors and drafts."""
+        caps_t = torch.tensor(caps, device=self.sts.device)
+        conf = surv = None
+        if conf_logits is not None:
+            conf = confidence(conf_logits, self.sts)
+            surv = survival(conf, caps_t)
+        lengths = self.lengths(caps_t, conf, surv, other_tokens)
+        return VerificationPlan(lengths.tolist(), surv)
+
+    def lengths(self, caps, conf, surv, other_tokens) -> torch.Tensor:
+        """ℓ_r [R] (conf: per-position acceptance [R, n], surv: prefix survival)."""
+        raise NotImplementedError
+
+    def external(self) -> int:
+        """Tokens the rest of this replica's expert-parallel group verifies per step, as far
+        as this policy counts them (only the cluster budget does)."""
+        return 0
+
+
+class FixedBudget(BudgetPolicy):
+    def lengths(self, caps, conf, surv, other_tokens):
+        return caps
+
+
+class ThresholdBudget(BudgetPolicy):
+    def __init__(self, cost: CostModel, sts: torch.Tensor, theta: float) -> None:
+        super().__init__(cost, sts)
+        self.theta = theta
+
+    def lengths(self, caps, conf, surv, other_tokens):
+        ok = (conf >= self.theta) & (surv >= 0)
+        return ok.long().cumprod(1).sum(1)
+
+
+class Algorithm1Budget(BudgetPolicy):
+    def lengths(self, caps, conf, surv, other_tokens):
+        return self.cost.select(surv, other_tokens)
+
+
+class ClusterBudget(Algorithm1Budget):
+    """Algorithm 1 with SPS evaluated at this replica's tokens plus what the rest of its
+    expert-parallel group schedules (``external_tokens``, from the load board)."""
+
+    def __init__(self, cost: CostModel, sts: torch.Tensor,
+                 external_tokens: Callable[[], int] | None) -> None:
+        super().__init__(cost, sts)
+        self.external_tokens = external_tokens
+
+    def external(self) -> int:
+        if self.external_tokens is None:
+            return 0
+        try:
+            return max(0, int(self.external_tokens()))
+        except Exception:  # NOTE: stale load is safe: fall back to local information
+            logger.debug("external load unavailable", exc_info=True)
+            return 0
+
+
+class TopKBudget(BudgetPolicy):
+    """§5.2: capacity K from the survival estimates of two steps earlier (only numbers
+    known before this step's drafts were sampled); one draft per request before that."""
+
+    def __init__(self, cost: CostModel, sts: torch.Tensor) -> None:
+        super().__init__(cost, sts)
+        self.history: deque[torch.Tensor] = deque(maxlen=2)
+
+    def lengths(self, caps, conf, surv, other_tokens):
+        capacity = len(caps)
+        if len(self.history) == 2:
+            capacity = int(self.cost.select(self.history[0], other_tokens).sum())
+        self.history.append(surv)
+        return self.cost.select(surv, other_tokens, capacity)
+
+
+def make_budget(mode: BudgetMode, cost: CostModel, sts: torch.Tensor, threshold: float,
+                external_tokens: Callable[[], int] | None = None) -> BudgetPolicy:
+    """The policy of ``mode`` (the one place modes map to classes)."""
+    if mode is BudgetMode.FIXED:
+        return FixedBudget(cost, sts)
+    if mode is BudgetMode.THRESHOLD:
+        return ThresholdBudget(cost, sts, threshold)
+    if mode is BudgetMode.ALGORITHM1:
+        return Algorithm1Budget(cost, sts)
+    if mode is BudgetMode.TOPK:
+        return TopKBudget(cost, sts)
+    return ClusterBudget(cost, sts, external_tokens)
+
+
+class DraftGate:
+    """Drafts whenever a request can; tracks the recent acceptance (EWMA of the calibrated
+    expected accepted drafts per drafted request, and of ℓ_r) that load reports and the
+    cost gate read."""
+
+    alpha = 0.3
+
+    def __init__(self, gamma: int) -> None:
+        self.gain: float | None = None
+        self.ell = float(gamma)
+        self.num_tracked = 0
+
+    def should_draft(self, num_decoding: int, other_tokens: int) -> bool:
+        return True
+
+    def observe(self, plan: VerificationPlan) -> None:
+        if plan.survival is None or not plan.lengths:
+            return
+        surv = plan.survival
+        lengths = torch.tensor(plan.lengths, device=surv.device)
+        admitted = torch.arange(surv.shape[1], device=surv.device)[None] < lengths[:, None]
+        gain = float(torch.where(admitted, surv, 0.0).sum()) / len(plan.lengths)
+        self.num_tracked += 1
+        self.gain = gain if self.gain is None else (1 - self.alpha) * self.gain + self.alpha * gain
+        self.ell = (1 - self.alpha) * self.ell + self.alpha * sum(plan.lengths) / len(plan.lengths)
+
+    @property
+    def mean_survival(self) -> float:
+        """Calibrated survival of a verified draft (0 before any drafting)."""
+        return self.gain / self.ell if self.gain is not None and self.ell else 0.0
+
+
+class CostGate(DraftGate):
+    """Skips drafting in a step when the profiled draft and verify costs and the recent
+    acceptance say it cannot raise throughput; drafts anyway every ``probe_every`` steps to
+    refresh the estimate. Reads only what earlier steps observed, so either choice stays
+    lossless."""
+
+    def __init__(self, gamma: int, cost: CostModel, probe_every: int) -> None:
+        super().__init__(gamma)
+        self.cost, self.probe_every = cost, probe_every
+        self.since_draft = 0
+
+    def should_draft(self, num_decoding: int, other_tokens: int) -> bool:
+        if self.num_tracked < 4 or self.since_draft + 1 >= self.probe_every:
+            return True
+        base = num_decoding + other_tokens
+        verify = self.cost.verify.table
+        t_plain = 1.0 / verify.sps(base)
+        t_spec = (1.0 / self.cost.draft.table.sps(num_decoding)
+                  + 1.0 / verify.sps(base + round(num_decoding * self.ell)))
+        # NOTE: a 5% margin: a break-even guess is not worth the drafter's cost
+        draft = (1.0 + self.gain) / t_spec > 1.05 / t_plain
+        self.since_draft = 0 if draft else self.since_draft + 1
+        return draft
+
+    def observe(self, plan: VerificationPlan) -> None:
+        if plan.survival is not None and plan.lengths:
+            self.since_draft = 0
+        super().observe(plan)
+
+
+def make_gate(gamma: int, cost: CostModel, enabled: bool, probe_every: int) -> DraftGate:
+    """The cost gate where it is enabled and a drafting cost was profiled, else always."""
+    if enabled and cost.draft is not None:
+        return CostGate(gamma, cost, probe_every)
+    return DraftGate(gamma)

@@ -98,3 +98,60 @@ class SpecStats:
                 else 0.0
             ),
         }
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One drafted request in one step (the unit of τ and of calibration)."""
+
+    proposed: int
+    """Drafts verified (ℓ_r)."""
+    accepted: int
+    committed: int
+    """Tokens delivered: accepted + 1, fewer when a stop token, max_tokens or the context
+    end cut the round."""
+    conf_logits: list[float] | None
+    """Raw confidence logits of the verified positions (DSpark), else None."""
+
+
+def step_stats(engine, sched, seqs, proposal, plan, verified, outputs, clock) -> StepStats:
+    """The ``StepStats`` of a finished step (clock: the stage boundaries' perf_counter)."""
+    width = max(engine.gamma, 1)
+    hist, per_pos = [0] * (width + 1), [0] * width
+    accepted_total = 0
+    lengths = plan.lengths if plan is not None else []
+    for s, n in zip(proposal.seqs if proposal is not None else [], lengths):
+        hist[n] += 1
+        a = verified.num_accepted[s.request.req_id]
+        accepted_total += a
+        for k in range(a):
+            per_pos[k] += 1
+    t = clock
+    return StepStats(
+        step=engine.step_count,
+        num_running=len(engine.scheduler.running),
+        num_waiting=len(engine.scheduler.waiting),
+        num_scheduled_requests=len(seqs),
+        num_prefill_tokens=sum(len(s.known) for s in seqs if s.prefill),
+        num_decode_requests=sum(1 for s in seqs if not s.prefill),
+        num_drafts=len(lengths),
+        num_draft_tokens=int(proposal.tokens.shape[1]) * len(lengths) if proposal else 0,
+        verify_budget=sum(lengths),
+        num_accepted_tokens=accepted_total,
+        num_output_tokens=sum(len(v) for v in verified.new_tokens.values()),
+        num_verify_tokens=verified.num_tokens,
+        num_scheduled_tokens=sched.num_scheduled_tokens,
+        ell_histogram=hist,
+        accepted_per_position=per_pos,
+        num_preempted=len(sched.preempted),
+        num_finished=sum(1 for o in outputs if o.finished),
+        num_errors=engine.num_errors,
+        free_blocks=engine.blocks.num_free_blocks,
+        step_time=t[6] - t[0],
+        time_schedule=t[1] - t[0],
+        time_draft=t[2] - t[1],
+        time_budget=t[3] - t[2],
+        time_verify=t[4] - t[3],
+        time_sample=t[5] - t[4],
+        time_update=t[6] - t[5],
+    )

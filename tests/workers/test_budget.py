@@ -6,17 +6,29 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dspark.workers.budget import (
-    StepCostTable,
-    algorithm1,
-    capacity_from_stale,
-    fixed_budget,
-    survival,
-    threshold_budget,
-    topk_budget,
-)
-from dspark.workers.rejection_sampler import rejection_sample_batch
+from dspark.models.generation import SamplingParams
+from dspark.workers.budget import StepCostTable
+from dspark.workers.sampling import RequestSampling, verify
 
+
+def _load_reference():
+    """tests/ is not a package (pytest's importlib mode): load the reference by path."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().with_name("budget_reference.py")
+    spec = importlib.util.spec_from_file_location("budget_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_ref = _load_reference()
+algorithm1, capacity_from_stale, fixed_budget = (
+    _ref.algorithm1, _ref.capacity_from_stale, _ref.fixed_budget)
+survival, threshold_budget, topk_budget = _ref.survival, _ref.threshold_budget, _ref.topk_budget
+
+SAMPLED = SamplingParams(temperature=1.0)
 FLAT = StepCostTable((1, 64), (10.0, 10.0))  # verifying more never costs more
 
 
@@ -89,10 +101,8 @@ def first_token_frequency(policy, runs=4000):
         x2 = int(torch.multinomial(p[1], 1, generator=gen))
         conf = [[0.5, 0.95 if x1 == 0 else 0.05]]
         length = policy(survival(conf), cost)[0]
-        drafts = torch.tensor([x1, x2][:length], dtype=torch.long)
-        out = rejection_sample_batch(
-            drafts, torch.tensor([0, length]), p[:length], p[: length + 1], [False], [gen]
-        )
+        out = verify([RequestSampling(SAMPLED, 0, gen)], [0], p[: length + 1],
+                     [[x1, x2][:length]], p[:length])
         hits += out.output_ids[0][0] == 0
     return hits / runs
 

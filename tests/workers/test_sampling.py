@@ -1,0 +1,120 @@
+"""Verification (``dspark.workers.sampling``): rejection sampling equals a single-request
+oracle draw for draw; coupled sampling commits the target's Gumbel-max token whatever was
+drafted, and that token is an exact sample of the target."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dspark.models.generation import SamplingParams, gumbel_max, inverse_cdf, position_gumbel
+from dspark.workers.sampling import RequestSampling, draft_noise, verify
+
+SAMPLED = SamplingParams(temperature=1.0)
+GREEDY = SamplingParams()
+
+
+def oracle(drafts, q, p, gen, greedy):
+    """Single-request speculative sampling, written out plainly: (accepted, next token)."""
+    if greedy:
+        target = p.argmax(-1).tolist()
+        a = 0
+        while a < len(drafts) and drafts[a] == target[a]:
+            a += 1
+        return a, target[a]
+    uniforms = torch.rand(len(drafts), generator=gen).tolist()  # all ℓ_r, then the token's
+    a = 0
+    for k, d in enumerate(drafts):
+        if not uniforms[k] < min(1.0, float(p[k, d]) / max(float(q[k, d]), 1e-8)):
+            break
+        a += 1
+    dist = p[a] if a == len(drafts) else (p[a] - q[a]).clamp_min(0.0)
+    if float(dist.sum()) <= 1e-8:
+        dist = p[a]
+    return a, int(inverse_cdf(dist[None], torch.rand(1, generator=gen))[0])
+
+
+def random_batch(lens, vocab, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.softmax(torch.randn(sum(lens), vocab, generator=gen) * 2, -1)
+    p = torch.softmax(torch.randn(sum(lens) + len(lens), vocab, generator=gen) * 2, -1)
+    flat = torch.multinomial(q, 1, generator=gen).squeeze(-1).tolist()
+    drafts, start = [], 0
+    for n in lens:
+        drafts.append(flat[start : start + n])
+        start += n
+    return drafts, q, p
+
+
+def test_rejection_sampling_equals_the_single_request_oracle_draw_for_draw():
+    lens = [7, 0, 3, 5, 1]
+    params = [SAMPLED, SAMPLED, GREEDY, SAMPLED, SAMPLED]
+    for trial in range(30):
+        drafts, q, p = random_batch(lens, 11, trial)
+        samplers = [RequestSampling.create(pr, 100 * trial + r) for r, pr in enumerate(params)]
+        out = verify(samplers, [0] * len(lens), p, drafts, q)
+        qs = p_start = 0
+        for r, n in enumerate(lens):
+            gen = torch.Generator().manual_seed(100 * trial + r)
+            a, tok = oracle(drafts[r], q[qs : qs + n], p[p_start : p_start + n + 1], gen,
+                            params[r].temperature == 0)
+            assert out.num_accepted[r] == a
+            assert out.output_ids[r] == drafts[r][:a] + [tok]
+            qs, p_start = qs + n, p_start + n + 1
+
+
+def test_greedy_requests_accept_exactly_the_argmax_prefix():
+    p = torch.eye(5)[[1, 2, 3, 4]]  # target argmax: 1, 2, 3, then bonus 4
+    greedy = [RequestSampling.create(GREEDY, 0)]
+    out = verify(greedy, [0], p, [[1, 2, 0]], torch.eye(5)[[1, 2, 0]])
+    assert out.num_accepted == [2] and out.output_ids == [[1, 2, 3]]
+    out = verify(greedy, [0], p, [[1, 2, 3]], torch.eye(5)[[1, 2, 3]])
+    assert out.num_accepted == [3] and out.output_ids == [[1, 2, 3, 4]]
+
+
+def test_coupled_requests_commit_the_targets_gumbel_max_token_whatever_was_drafted():
+    seeded = SamplingParams(temperature=1.0, seed=1234)
+    sampler = RequestSampling.create(seeded, 0)
+    assert sampler.coupled and sampler.generator is None
+    gen = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(5, 13, generator=gen), -1)  # positions 40..44
+    noise = position_gumbel(torch.full((5,), 1234), torch.arange(40, 45), 13)
+    truth = gumbel_max(p, noise).tolist()
+    for drafts in ([], truth[:4], [truth[0], (truth[1] + 1) % 13, 0, 0], [0, 1, 2, 3]):
+        rows = p[: len(drafts) + 1]
+        out = verify([sampler], [40], rows, [drafts], torch.full((len(drafts), 13), 1 / 13))
+        a = out.num_accepted[0]
+        assert drafts[:a] == truth[:a] and out.output_ids[0] == truth[: a + 1]
+        assert a == len(drafts) or drafts[a] != truth[a]
+    assert verify([sampler], [40], p, [truth[:4]], torch.full((4, 13), 1 / 13)).num_accepted == [4]
+
+
+def test_position_noise_gives_exact_samples_and_differs_by_seed_and_position():
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625, 0.0])
+    runs = 20000
+    noise = position_gumbel(torch.arange(runs), torch.full((runs,), 7), 6)
+    counts = torch.bincount(gumbel_max(probs.expand(runs, -1), noise), minlength=6).float()
+    expected = probs * runs
+    assert counts[5] == 0, "a zero-probability token is never drawn"
+    chi2 = float(((counts[:5] - expected[:5]) ** 2 / expected[:5]).sum())
+    assert chi2 < 18.5  # 4 degrees of freedom, p = 0.001
+    # neighbouring positions of one seed are independent: joint frequencies factorise
+    pos = position_gumbel(torch.zeros(runs, dtype=torch.long), torch.arange(runs), 6)
+    first = gumbel_max(probs.expand(runs // 2, -1), pos[0::2])
+    second = gumbel_max(probs.expand(runs // 2, -1), pos[1::2])
+    both = float(((first == 0) & (second == 0)).float().mean())
+    assert both == pytest.approx(0.25, abs=0.02)
+    assert not torch.equal(position_gumbel(torch.tensor([1]), torch.tensor([3]), 6),
+                           position_gumbel(torch.tensor([2]), torch.tensor([3]), 6))
+
+
+def test_draft_noise_draws_in_the_documented_order():
+    unseeded = RequestSampling.create(SAMPLED, 5)
+    seeded = RequestSampling.create(SamplingParams(temperature=1.0, seed=9), 0)
+    noise = draft_noise([unseeded, seeded, RequestSampling.create(GREEDY, 1)], [10, 20, 30],
+                        block=4, vocab=7, device="cpu")
+    assert torch.equal(noise.uniforms[0], torch.rand(4, generator=torch.Generator().manual_seed(5)))
+    assert not noise.uniforms[1:].any()
+    assert noise.coupled.tolist() == [False, True, False]
+    want = position_gumbel(torch.full((4,), 9), torch.arange(20, 24), 7)
+    assert torch.equal(noise.gumbel[1], want) and not noise.gumbel[[0, 2]].any()

@@ -1,0 +1,86 @@
+"""The engine's configuration: one frozen dataclass, validated with errors that name the
+field and its allowed range."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dspark.workers.modes import BudgetMode
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    budget: BudgetMode = BudgetMode.FIXED
+    """Verification budget (``BudgetMode``): fixed, threshold, algorithm1, topk, or cluster
+    (Algorithm 1 with SPS evaluated at this replica's tokens plus what the rest of its
+    expert-parallel group schedules)."""
+    num_speculative_tokens: int | None = None
+    """γ, drafts proposed per request per step (default: the drafter's block size)."""
+    threshold: float = 0.5
+    """θ of the threshold budget, in (0, 1)."""
+    block_size: int = 16
+    """KV slots per block."""
+    num_blocks: int = 1024
+    """KV blocks of the target (and of the drafter's context cache)."""
+    max_num_seqs: int = 32
+    """Most requests running at once."""
+    max_num_batched_tokens: int = 1024
+    """Token budget of one step (prefill chunks + anchors + draft slots)."""
+    enable_prefix_caching: bool = True
+    profile_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    """Verify batch sizes B profiled for SPS(B) at start-up."""
+    profile_context: int = 128
+    """Context length of the dummy requests used for profiling."""
+    seed: int = 0
+    """Seeds unseeded requests' generators (the i-th request added gets seed + i)."""
+    draft_gating: bool = True
+    """algorithm1/topk/cluster only: skip drafting in a step when the profiled draft and
+    verify costs and the recent acceptance say drafting cannot raise throughput."""
+    probe_every: int = 8
+    """While gated off, draft anyway every this many steps to refresh the acceptance
+    estimate."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "budget", BudgetMode.parse(self.budget))
+        if self.num_speculative_tokens is not None and not 1 <= self.num_speculative_tokens <= 32:
+            raise ValueError(
+                f"num_speculative_tokens must be in [1, 32], got {self.num_speculative_tokens}"
+            )
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.probe_every < 1:
+            raise ValueError(f"probe_every must be >= 1, got {self.probe_every}")
+        if not self.profile_batch_sizes or min(self.profile_batch_sizes) < 1:
+            raise ValueError("profile_batch_sizes must be a non-empty tuple of sizes >= 1")
+
+    @property
+    def gates_drafting(self) -> bool:
+        """The cost gate runs (a budget that weighs step costs, with gating on)."""
+        return self.draft_gating and self.budget in (
+            BudgetMode.ALGORITHM1, BudgetMode.TOPK, BudgetMode.CLUSTER)
+
+    def check_drafter(self, drafter, target) -> None:
+        """A drafter this configuration cannot run with is a configuration error."""
+        if drafter is None:
+            return
+        drafter.config.check_target(target.config)
+        if self.budget.needs_confidence and getattr(drafter, "confidence", None) is None:
+            raise ValueError(
+                f"budget {self.budget.value!r} needs a drafter with a confidence head "
+                f"(dspark); {drafter.config.method} has none: use budget='fixed'")
+
+    def gamma(self, drafter) -> int:
+        """Drafts proposed per request per step (0 without a drafter)."""
+        if drafter is None:
+            return 0
+        block = drafter.config.block_size
+        return min(self.num_speculative_tokens or block, block)
+
+    def verify_profile_sizes(self) -> list[int]:
+        return [b for b in self.profile_batch_sizes if b <= self.max_num_batched_tokens] or [1]
+
+    def draft_profile_sizes(self) -> list[int]:
+        return [n for n in (1, 2, 4, 8, 16, 32, 64, 128) if n <= self.max_num_seqs]

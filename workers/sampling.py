@@ -1,0 +1,197 @@
+"""Sampling: every random draw a request makes, and the rule that turns the target's
+distributions and the drafts into committed tokens. This module is the one owner of the
+per-request random order that losslessness rests on; nothing else draws for a request.
+
+How a request samples is fixed when it is added (``RequestSampling.create``):
+- *greedy* (temperature 0): no randomness. A draft is accepted while it equals the target's
+  argmax; the output equals greedy decoding token for token.
+- *coupled* (a request with a ``seed``, temperature > 0): no random stream at all. The noise
+  of token position p is ``position_gumbel(seed, p)``, a vector over the vocabulary that
+  depends on nothing else. The token committed at p is the target's Gumbel-max sample
+  ``argmax(log p_target + noise)`` (an exact sample of the target), a draft is accepted iff
+  it equals that token, and the drafter draws its token at p as ``argmax(log q + noise)``
+  with the same noise, which is what makes drafts match often (drafter-invariant coupling,
+  Daliri et al.). The text is a function of (seed, prompt, target): the same whatever the
+  drafter, the budget, the batch, the load and the replica, and the same as decoding with
+  no drafter (``dspark.models.generation.generate_tokens``).
+- *rejection* (no seed, temperature > 0): standard speculative rejection sampling from the
+  request's own ``torch.Generator`` (seeded from the engine's seed and the request's
+  arrival). Each step draws, in this order: when the request drafts, K draft uniforms (K:
+  the drafter's block size, whatever ℓ_r turns out to be), then ℓ_r acceptance uniforms
+  (draft k survives iff ``u_k < min(1, p(d_k) / q(d_k))`` and every earlier one did), then
+  one token uniform (the recovered token from ``normalize(max(p - q, 0))`` after a
+  rejection, else the bonus token from p). Exact in distribution; its text depends on ℓ_r.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from dspark.kernels.accept import accepted_lengths
+from dspark.models.generation import (
+    SamplingParams,
+    gumbel_max,
+    inverse_cdf,
+    position_gumbel,
+    sampling_probs,
+)
+
+
+@dataclass(frozen=True)
+class RequestSampling:
+    """How one request draws its tokens (made once, when the request is added)."""
+
+    params: SamplingParams
+    seed: int
+    """The request's seed, or the engine's seed for its arrival when it gave none."""
+    generator: torch.Generator | None
+    """The rejection-sampling stream (None for greedy and coupled requests)."""
+
+    @classmethod
+    def create(cls, params: SamplingParams, fallback_seed: int) -> RequestSampling:
+        seed = params.seed if params.seed is not None else fallback_seed
+        gen = None
+        if params.temperature > 0 and params.seed is None:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+        return cls(params, seed, gen)
+
+    @property
+    def greedy(self) -> bool:
+        return self.params.temperature == 0.0
+
+    @property
+    def coupled(self) -> bool:
+        return not self.greedy and self.params.seed is not None
+
+
+@dataclass(frozen=True)
+class DraftNoise:
+    """What the drafter draws its tokens with, one row per drafting request."""
+
+    uniforms: torch.Tensor  # [R, K] inverse-CDF draws (rejection rows; zeros otherwise)
+    gumbel: torch.Tensor | None  # [R, K, V] position noise of coupled rows (zeros in other
+    # rows); None when no row couples
+    coupled: torch.Tensor  # [R] bool
+
+
+def draft_noise(samplers: Sequence[RequestSampling], first_positions: Sequence[int],
+                block: int, vocab: int, device) -> DraftNoise:
+    """The noise of the K draft slots after each request's anchor; slot k drafts the token
+    at ``first_positions[r] + k``."""
+    uniforms = torch.stack([
+        torch.rand(block, generator=s.generator) if s.generator is not None
+        else torch.zeros(block) for s in samplers
+    ]).to(device)
+    coupled = [s.coupled for s in samplers]
+    gumbel = None
+    if any(coupled):
+        rows = [r for r, c in enumerate(coupled) if c]
+        seeds = torch.tensor([samplers[r].seed for r in rows]).repeat_interleave(block)
+        positions = torch.tensor([first_positions[r] + k for r in rows for k in range(block)])
+        gumbel = torch.zeros(len(samplers), block, vocab, device=device)
+        gumbel[torch.tensor(rows, device=device)] = position_gumbel(
+            seeds, positions, vocab).view(len(rows), block, vocab).to(device)
+    return DraftNoise(uniforms, gumbel, torch.tensor(coupled, device=device))
+
+
+def target_probs(
+    logits: torch.Tensor,  # [M, V]
+    samplers: Sequence[RequestSampling],  # one per request
+    rows_per: Sequence[int],  # rows of each request, summing to M
+) -> torch.Tensor:  # [M, V]
+    """The target's distribution at every logit row: one-hot argmax at temperature 0,
+    ``softmax(logits / T)`` restricted to the top-p nucleus otherwise."""
+    logits = logits.float()
+    one_hot = torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    if all(s.greedy for s in samplers):
+        return one_hot
+    probs, start = one_hot, 0
+    for s, n in zip(samplers, rows_per):
+        if not s.greedy:
+            probs[start : start + n] = sampling_probs(
+                logits[start : start + n], s.params.temperature, s.params.top_p)
+        start += n
+    return probs
+
+
+@dataclass(frozen=True)
+class RejectionOutput:
+    """What verification committed for each sampling request."""
+
+    num_accepted: list[int]
+    output_ids: list[list[int]]
+    """Accepted drafts + the recovered/bonus token."""
+
+
+def verify(
+    samplers: Sequence[RequestSampling],  # [R]
+    first_positions: Sequence[int],  # [R] position of the token each request's row 0 draws
+    probs: torch.Tensor,  # [sum(ℓ_r) + R, V] target distributions, ℓ_r + 1 rows each
+    draft_ids: Sequence[Sequence[int]],  # [R] the ℓ_r verified drafts
+    draft_probs: torch.Tensor,  # [sum(ℓ_r), V] the distribution each draft was drawn from
+) -> RejectionOutput:
+    """Accept a prefix of every request's drafts and draw its next token (module doc)."""
+    device, num_req = probs.device, len(samplers)
+    lens = [len(d) for d in draft_ids]
+    starts = torch.tensor([0, *lens], device=device).cumsum(0)[:-1] + torch.arange(
+        num_req + 1, device=device)[:-1]  # [R] first target row of each request
+    flat = torch.tensor([t for d in draft_ids for t in d], dtype=torch.long, device=device)
+    req_of = torch.repeat_interleave(torch.arange(num_req, device=device),
+                                     torch.tensor(lens, dtype=torch.long, device=device))
+    target_row = torch.arange(flat.numel(), device=device) + req_of  # [D]
+    chosen = _deterministic_tokens(samplers, first_positions, probs, lens)  # [M]
+    deterministic = torch.tensor([s.generator is None for s in samplers], device=device)
+    # NOTE: deterministic rows accept iff the draft is the target's token (uniform 0 < 1)
+    match = (flat == chosen[target_row]).float()
+    ratio = probs[target_row, flat] / draft_probs[torch.arange(flat.numel(), device=device), flat].clamp_min(
+        1e-8) if flat.numel() else match
+    ratio = torch.where(deterministic[req_of], match, ratio.clamp(max=1.0))
+    uniforms = [torch.rand(n, generator=s.generator) if s.generator is not None
+                else torch.zeros(n) for s, n in zip(samplers, lens)]
+    uniforms = torch.cat(uniforms).to(device) if uniforms else torch.zeros(0, device=device)
+    cu = torch.tensor([0, *lens], device=device).cumsum(0)
+    accepted = accepted_lengths(ratio, uniforms, cu)  # [R]
+    tokens = torch.where(deterministic, chosen[starts + accepted],
+                         _random_tokens(samplers, probs, draft_probs, starts, accepted, cu,
+                                        lens))
+    accepted_l, tokens_l = accepted.tolist(), tokens.tolist()
+    return RejectionOutput(
+        accepted_l, [list(d[:a]) + [t] for d, a, t in zip(draft_ids, accepted_l, tokens_l)])
+
+
+def _deterministic_tokens(samplers, first_positions, probs, lens) -> torch.Tensor:
+    """The token of every row for greedy (argmax) and coupled (Gumbel-max under the
+    position noise) requests: [M]; rejection rows hold the argmax (unused)."""
+    chosen = probs.argmax(-1)
+    rows, seeds, positions, start = [], [], [], 0
+    for s, pos, n in zip(samplers, first_positions, lens):
+        if s.coupled:
+            rows += range(start, start + n + 1)
+            seeds += [s.seed] * (n + 1)
+            positions += range(pos, pos + n + 1)
+        start += n + 1
+    if rows:
+        index = torch.tensor(rows, device=probs.device)
+        noise = position_gumbel(torch.tensor(seeds), torch.tensor(positions), probs.shape[-1])
+        chosen[index] = gumbel_max(probs[index], noise.to(probs.device))
+    return chosen
+
+
+def _random_tokens(samplers, probs, draft_probs, starts, accepted, cu, lens) -> torch.Tensor:
+    """Rejection requests' recovered (after a rejection) or bonus token: [R]; one uniform
+    each, drawn after its acceptance uniforms."""
+    dist = probs[starts + accepted].float()  # [R, V]
+    if draft_probs.shape[0]:
+        rejected = accepted < torch.tensor(lens, device=probs.device)
+        q_rows = (cu[:-1] + accepted).clamp_max(draft_probs.shape[0] - 1)
+        residual = (dist - draft_probs[q_rows].float()).clamp_min(0.0)
+        # p == q up to rounding leaves nothing to correct: draw from p
+        usable = residual.sum(-1, keepdim=True) > 1e-8
+        dist = torch.where(rejected[:, None] & usable, residual, dist)
+    draws = torch.stack([
+        torch.rand((), generator=s.generator) if s.generator is not None else torch.zeros(())
+        for s in samplers]) if samplers else torch.zeros(0)
+    return inverse_cdf(dist, draws.to(probs.device))
