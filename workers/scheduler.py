@@ -193,7 +193,8 @@ class Scheduler:
         if request.is_prefill:
             remaining = request.num_tokens - request.num_computed_tokens
             return ScheduledRequest(request.req_id, min(remaining, budget), 0)
-        room = self.cfg.max_model_len - request.num_tokens
+        # NOTE: a step commits up to lookahead + 1 tokens; none may pass the context end
+        room = self.cfg.max_model_len - request.num_tokens - 1
         lookahead = max(0, min(self.cfg.num_lookahead, budget - 1, room))
         return ScheduledRequest(request.req_id, 1, lookahead)
 

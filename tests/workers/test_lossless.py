@@ -1,0 +1,141 @@
+"""Speculative decoding on the engine is lossless: greedy output equals plain decoding for
+every drafter variant; at T=1 the committed tokens follow the target's exact distribution
+under both sampling modes (rejection for unseeded requests, Gumbel coupling for seeded
+ones), and a broken draft distribution is caught by the same test; a seeded request's text
+is the same whatever the drafter, the budget and the load, and equals plain decoding."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from dspark.models.generation import SamplingParams, generate_tokens
+from dspark.workers import step as step_module
+from dspark.workers.budget import StepCostTable
+from dspark.workers.engine import Engine, EngineConfig
+
+COST = StepCostTable((1, 8, 64), (100.0, 90.0, 40.0))
+DRAFT_COST = StepCostTable((1, 8), (400.0, 300.0))
+# 0.999 quantile of the chi-square distribution with 11 degrees of freedom
+CHI2_11_999 = 31.26
+
+
+def engine(target, drafter=None, on_round=None, external_tokens=None, **cfg):
+    cfg.setdefault("block_size", 4)
+    cfg.setdefault("num_blocks", 400)
+    cfg.setdefault("max_num_seqs", 8)
+    return Engine(target, drafter, EngineConfig(**cfg), COST, DRAFT_COST, on_round=on_round,
+                  external_tokens=external_tokens)
+
+
+def prompts(num, vocab, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, vocab, (3 + (i * 7) % 50,), generator=gen).tolist()
+            for i in range(num)]  # some prompts run into the 64-token context
+
+
+@pytest.mark.parametrize("method, overrides", [
+    ("dspark", {}), ("dspark", {"markov_type": "gated"}), ("dspark", {"markov_type": "rnn"}),
+    ("dflash", {}), ("eagle3", {}), ("mtp", {}),
+])
+def test_greedy_equals_plain_decoding_on_20_prompts(make_drafter, make_model, method, overrides):
+    target = make_model(seed=0)
+    drafter = make_drafter(target, method, **overrides)
+    params = SamplingParams(temperature=0.0, max_tokens=30)
+    batch = prompts(20, target.config.vocab_size)
+    rounds = []
+    eng = engine(target, drafter, on_round=lambda req_id, r: rounds.append(r))
+    got = eng.generate(batch, params, (7,))
+    assert got == [list(generate_tokens(target, p, params, (7,))) for p in batch]
+    assert rounds and all(0 <= r.accepted <= r.proposed for r in rounds)
+    assert sum(r.committed for r in rounds) <= sum(len(g) for g in got)
+
+
+def exact_marginal(target, ids, position):
+    """Exact T=1 distribution of generated token ``position`` (0-based), tiny vocab."""
+    vocab = target.config.vocab_size
+    marg = torch.zeros(vocab, dtype=torch.float64)
+    with torch.no_grad():
+        for prefix in itertools.product(range(vocab), repeat=position):
+            seq = torch.tensor([ids + list(prefix)])
+            probs = torch.softmax(target(seq).logits[0, len(ids) - 1 :].double(), -1)
+            p_prefix = torch.prod(probs[torch.arange(position), list(prefix)])
+            marg += p_prefix * probs[position]
+    return marg.float()
+
+
+def chi_square(counts, probs):
+    expected = probs * counts.sum()
+    keep = expected > 0
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+
+
+def third_token_counts(target, drafter, ids, runs, seeded):
+    params = [SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True,
+                             seed=s if seeded else None) for s in range(runs)]
+    eng = engine(target, drafter, num_blocks=4000, max_num_seqs=128,
+                 max_num_batched_tokens=2048)
+    outs = eng.generate([ids] * runs, params)
+    return torch.bincount(torch.tensor([o[2] for o in outs]),
+                          minlength=target.config.vocab_size).float()
+
+
+@pytest.mark.parametrize("seeded", [False, True], ids=["rejection", "coupled"])
+def test_t1_distribution_is_exact_and_a_wrong_draft_distribution_is_caught(
+        make_drafter, make_model, monkeypatch, seeded):
+    """Third generated token (the 2nd draft slot of the first round) over 1,000 requests:
+    chi-square against the exact target marginal over a 12-token vocabulary."""
+    target = make_model(seed=6, vocab_size=12, max_position_embeddings=32)
+    drafter = make_drafter(target, "dspark", seed=3, std=0.4, markov_rank=4, num_layers=1)
+    with torch.no_grad():  # a strong Markov head: its drafts differ a lot from the target's
+        drafter.markov.w1.weight.normal_(0, 3.0, generator=torch.Generator().manual_seed(0))
+        drafter.markov.w2.weight.normal_(0, 3.0, generator=torch.Generator().manual_seed(1))
+    ids = [5, 9, 6]
+    exact = exact_marginal(target, ids, 2)
+    good = chi_square(third_token_counts(target, drafter, ids, 1000, seeded), exact)
+    assert good < CHI2_11_999, good
+    if seeded:
+        return  # coupling never reads the draft distribution: nothing to break
+    real = step_module.propose
+
+    def uniform_probs(*args):  # claim every draft came from the uniform distribution
+        proposal = real(*args)
+        if proposal is None:
+            return None
+        flat = torch.full_like(proposal.probs, 1.0 / proposal.probs.shape[-1])
+        return step_module.DraftProposal(proposal.seqs, proposal.caps, proposal.tokens, flat,
+                                         proposal.conf_logits)
+
+    monkeypatch.setattr(step_module, "propose", uniform_probs)
+    monkeypatch.setattr("dspark.workers.engine.propose", uniform_probs)
+    bad = chi_square(third_token_counts(target, drafter, ids, 1000, seeded), exact)
+    assert bad > 2 * CHI2_11_999, bad  # p < 1e-12
+
+
+SYSTEMS = [(None, "fixed"), ("dspark", "fixed"), ("dspark", "algorithm1"), ("dspark", "topk"),
+           ("dspark", "threshold"), ("dspark", "cluster"), ("dflash", "fixed"),
+           ("eagle3", "fixed"), ("mtp", "fixed")]
+
+
+def test_a_seeded_request_has_one_text_whatever_the_drafter_budget_and_load(
+        make_model, make_drafter):
+    """The same seeded T=1 request, alone and inside a loaded batch of other (seeded and
+    unseeded) requests, under every drafter and budget: one text, equal to plain decoding
+    with that seed."""
+    target = make_model(seed=4)
+    mine = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=24, seed=77, ignore_eos=True)
+    prompt = [5, 6, 7, 8]
+    want = list(generate_tokens(target, prompt, mine))
+    load = prompts(12, target.config.vocab_size, seed=3)
+    load_params = [SamplingParams(temperature=0.7, max_tokens=20,
+                                  seed=i if i % 2 else None) for i in range(len(load))]
+    drafters = {m: make_drafter(target, m) for m in ("dspark", "dflash", "eagle3", "mtp")}
+    for method, budget in SYSTEMS:
+        drafter = drafters[method] if method else None
+        alone = engine(target, drafter, budget=budget).generate([prompt], mine)[0]
+        loaded = engine(target, drafter, budget=budget, external_tokens=lambda: 50).generate(
+            [*load[:6], prompt, *load[6:]], [*load_params[:6], mine, *load_params[6:]])[6]
+        assert alone == want, (method, budget)
+        assert loaded == want, (method, budget)
