@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dspark.models.rounds import Rounds
+from dspark.workers.offline import Rounds
 from dspark.models.tokenizer import Tokenizer
 
 PROMPT_DIR = Path(__file__).resolve().parent / "eval_prompts"
@@ -32,11 +32,14 @@ DOMAIN_SETS = ("math", "code", "chat")
 @dataclass(frozen=True)
 class EvalConfig:
     temperature: float = 1.0
-    """Sampling temperature of target and drafter (> 0: rejection sampling)."""
+    """Sampling temperature of target and drafter."""
     max_new_tokens: int = 128
     """New tokens per prompt (the prefill token included)."""
     seed: int = 980406
     """Prompt i is decoded with seed + i."""
+    coupled: bool = False
+    """At T > 0: Gumbel coupling (each prompt a request seeded with seed + i) instead of
+    rejection sampling (the paper's rule)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.temperature <= 2.0:

@@ -14,8 +14,8 @@ from dspark.bench.plots import (
 )
 from dspark.models.calibration import calibration_report
 from dspark.models.drafter_config import DrafterConfig
-from dspark.models.rounds import Rounds
-from dspark.models.speculative import RoundRecord
+from dspark.workers.offline import Rounds
+from dspark.workers.stats import RoundRecord
 
 GROUPS = {"held-out (ours)": DOMAIN_SETS, "benchmarks": BENCHMARKS}
 THRESHOLDS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]

@@ -86,13 +86,14 @@ def _job(args: tuple) -> tuple[str, str, list[dict], int]:
     torch.set_num_threads(1)
     from dspark.models.drafter_checkpoint import load_drafter
     from dspark.models.generation import load_for_generation
-    from dspark.models.rounds import run_rounds
+    from dspark.workers.offline import run_rounds
 
     cfg = EvalConfig(**cfg_dict)
     target, tokenizer = load_for_generation(target_dir)
     drafter = load_drafter(drafter_dir, target)
     rounds = run_rounds(
-        target, drafter, prompts, tokenizer, cfg.temperature, cfg.max_new_tokens, cfg.seed
+        target, drafter, prompts, tokenizer.stop_ids, cfg.temperature, cfg.max_new_tokens,
+        cfg.seed, coupled=cfg.coupled,
     )
     return name, set_name, [asdict(r) for r in rounds.records], rounds.prompts
 

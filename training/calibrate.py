@@ -15,7 +15,7 @@ from pathlib import Path
 from dspark.models.calibration import calibration_report, fit_sts
 from dspark.models.drafter_checkpoint import load_drafter
 from dspark.models.generation import load_for_generation
-from dspark.models.rounds import run_rounds
+from dspark.workers.offline import run_rounds
 from dspark.training.drafter_data import DrafterDataConfig, choose_prompts
 
 
@@ -40,7 +40,7 @@ def calibrate_drafter(
         target,
         drafter,
         [ids for _, ids in prompts],
-        tokenizer,
+        tokenizer.stop_ids,
         1.0,
         max_new_tokens,
         seed,

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from dspark.bench.acceptance import fitting_prompts, read_turns, threshold_sweep
-from dspark.models.rounds import Rounds
-from dspark.models.speculative import RoundRecord
+from dspark.workers.offline import Rounds
+from dspark.workers.stats import RoundRecord
 
 
 def rec(proposed, accepted, conf=None, committed=None):
