@@ -185,35 +185,45 @@ class Engine:
                 for row, item in enumerate(sched.scheduled)]
         forwards = self.runner.num_forwards
         try:
-            tables = block_tables(self.blocks, seqs, self.device)
-            clock.append(time.perf_counter())
-            prefill = sum(len(s.known) for s in seqs if s.prefill)
-            load = prefill + self.budget.external()
-            decoding = [s for s in seqs if not s.prefill]
-            proposal = None
-            if self.draft_worker is not None and decoding and self.gate.should_draft(
-                    len(decoding), load):
-                proposal = propose(self.draft_worker, decoding, tables)
-            clock.append(time.perf_counter())
-            plan = (self.budget.plan(proposal.conf_logits, proposal.caps,
-                                     load + len(decoding) - len(proposal.seqs))
-                    if proposal is not None else None)
-            clock.append(time.perf_counter())
-            verified = self.verifier.verify(seqs, proposal, plan, tables, clock)
-            outputs = self._commit(sched, seqs, proposal, plan, verified.new_tokens)
-            clock.append(time.perf_counter())
+            return self._run(sched, seqs, clock)
         except Exception as exc:  # NOTE: fail the step's requests, keep the engine alive
             if self.lockstep and self.runner.num_forwards == forwards:
                 forward_empty(self.target)
             return self._fail(seqs, exc)
-        if plan is not None:
-            self.gate.observe(plan)
-        self.costs.observe(verified.num_tokens, clock[4] - clock[3],
-                           len(proposal.seqs) if proposal else 0,
-                           (clock[2] - clock[1]) + (clock[6] - clock[5]))
+
+    def _run(self, sched, seqs: list[StepSeq], clock: list[float]) -> StepResult:
+        """Schedule (done), decide drafting, draft, budget, verify, sample, commit, record;
+        ``clock`` gets each stage's end."""
+        tables = block_tables(self.blocks, seqs, self.device)
+        clock.append(time.perf_counter())
+        load = sum(len(s.known) for s in seqs if s.prefill) + self.budget.external()
+        decoding = [s for s in seqs if not s.prefill]
+        proposal = None
+        if self.draft_worker is not None and decoding and self.gate.should_draft(
+                len(decoding), load):
+            proposal = propose(self.draft_worker, decoding, tables)
+        clock.append(time.perf_counter())
+        plan = None
+        if proposal is not None:
+            plan = self.budget.plan(proposal.conf_logits, proposal.caps,
+                                    load + len(decoding) - len(proposal.seqs))
+        clock.append(time.perf_counter())
+        verified = self.verifier.verify(seqs, proposal, plan, tables, clock)
+        outputs = self._commit(sched, seqs, proposal, plan, verified.new_tokens)
+        clock.append(time.perf_counter())
+        self._learn(proposal, plan, verified.num_tokens, clock)
         stats = step_stats(self, sched, seqs, proposal, plan, verified, outputs, clock)
         self.step_count += 1
         return StepResult(outputs, stats)
+
+    def _learn(self, proposal, plan, num_verify: int, clock: list[float]) -> None:
+        """Refine the cost model (verify forward; drafting = proposing + extending the
+        drafter cache at commit) and the gate's acceptance estimate."""
+        if plan is not None:
+            self.gate.observe(plan)
+        self.costs.observe(num_verify, clock[4] - clock[3],
+                           len(proposal.seqs) if proposal else 0,
+                           (clock[2] - clock[1]) + (clock[6] - clock[5]))
 
     def _commit(self, sched, seqs: list[StepSeq], proposal: DraftProposal | None, plan,
                 new_tokens: dict[str, list[int]]) -> list[RequestOutput]:

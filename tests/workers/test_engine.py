@@ -375,3 +375,22 @@ def test_a_request_that_can_never_fit_the_kv_cache_is_refused_at_admission(make_
         assert len(steps) < 200, "the request never finished"
 
     assert len(drain(eng, count)[ok]) == fits
+
+
+def test_a_failed_step_fails_its_requests_leaves_no_state_and_the_engine_goes_on(
+        make_model, make_drafter, monkeypatch):
+    target = make_model()
+    eng = engine(target, make_drafter(target, "dspark"), budget="algorithm1")
+    prompts, params = workload(seed=5, num=4)
+    ids = [eng.add_request(p, sp, STOP) for p, sp in zip(prompts, params)]
+    real = eng.runner.forward
+    monkeypatch.setattr(eng.runner, "forward", lambda batch: 1 / 0)
+    result = eng.step()
+    assert {o.req_id for o in result.outputs} == set(ids)
+    assert all(o.finished and o.finish_reason.startswith("error: ZeroDivisionError")
+               for o in result.outputs)
+    assert_no_state(eng)
+    assert eng.blocks.num_free_blocks == eng.blocks.num_blocks
+    monkeypatch.setattr(eng.runner, "forward", real)
+    assert eng.generate(prompts, params, STOP) == plain(target, prompts, params)
+    assert_no_state(eng)
