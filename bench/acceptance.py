@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dspark.workers.offline import Rounds
 from dspark.models.tokenizer import Tokenizer
+from dspark.workers.offline import Rounds
 
 PROMPT_DIR = Path(__file__).resolve().parent / "eval_prompts"
 BENCHMARKS = ("gsm8k", "math500", "humaneval", "mbpp", "mt-bench")

@@ -39,7 +39,9 @@ class SamplingParams:
     max_tokens: int = 128
     """Most new tokens to generate, >= 1."""
     seed: int | None = None
-    """Seeds the request's own random generator."""
+    """At temperature > 0 the request samples by Gumbel coupling from this seed: the same text
+    whatever the drafter, budget, batch, load or replica, and the same as decoding without a
+    drafter. None: a fresh random stream (rejection sampling)."""
     ignore_eos: bool = False
     """Keep generating past end-of-turn tokens."""
     presence_penalty: float = 0.0

@@ -15,8 +15,8 @@ from pathlib import Path
 from dspark.models.calibration import calibration_report, fit_sts
 from dspark.models.drafter_checkpoint import load_drafter
 from dspark.models.generation import load_for_generation
-from dspark.workers.offline import run_rounds
 from dspark.training.drafter_data import DrafterDataConfig, choose_prompts
+from dspark.workers.offline import run_rounds
 
 
 def calibrate_drafter(

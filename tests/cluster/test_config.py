@@ -51,7 +51,8 @@ def test_the_budget_defaults_to_what_the_drafter_supports():
 def test_every_serve_field_is_a_flag_with_its_doc_and_default():
     from dataclasses import fields
 
-    from dspark.cluster.cli import build_parser, serve_config
+    from dspark.cluster.cli import build_parser
+    from dspark.cluster.cli.serve import serve_config
 
     parser = build_parser()
     serve = next(a for a in parser._subparsers._group_actions[0].choices.items()

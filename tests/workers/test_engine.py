@@ -131,12 +131,11 @@ def test_demo_drafters_are_lossless_and_accept_drafts(demo_target_dir):
         eng = Engine(target, drafter, EngineConfig(budget=budget, num_blocks=128), COST,
                      DRAFT_COST)
         ids = [eng.add_request(p, params, tok.stop_ids) for p in prompts]
-        accepted = []
-        outs = drain(eng, lambda r: accepted.append(r.stats.num_accepted_tokens if r.stats
-                                                    else 0))
+        counts = []
+        outs = drain(eng, lambda r, counts=counts: counts.append(
+            r.stats.num_accepted_tokens if r.stats else 0))
         assert [outs[i] for i in ids] == expected, name
-        accepted = sum(accepted)
-        assert accepted > 0, f"{name}: no draft was ever accepted"
+        assert sum(counts) > 0, f"{name}: no draft was ever accepted"
 
 
 def test_seeded_request_reproduces_in_any_batch(make_model, make_drafter):
@@ -329,7 +328,7 @@ def test_logprobs_are_the_targets_for_each_committed_token(make_model, make_draf
     target = make_model()
     eng = engine(target, make_drafter(target, "dspark"))
     prompt = [5, 6, 7, 8, 9, 10, 11]
-    req = eng.add_request(prompt, SamplingParams(max_tokens=12, logprobs=3, prompt_logprobs=2,
+    eng.add_request(prompt, SamplingParams(max_tokens=12, logprobs=3, prompt_logprobs=2,
                                                  ignore_eos=True))
     tokens, logprobs, prompt_lp = [], [], None
     while eng.has_unfinished():

@@ -1,0 +1,50 @@
+"""The ``dspark`` command line. Each subcommand imports its folder lazily."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from dspark.cluster.cli import bench, corpus, generate, serve, train
+from dspark.cluster.cli import eval as eval_cmd
+
+# NOTE: every subcommand module is imported above to build the parser, so each keeps its
+# heavy imports (torch, bench, training) inside its run functions: `dspark --help` stays fast.
+HANDLERS = {
+    ("generate", None): generate.run,
+    ("train", "target"): train.run_target,
+    ("corpus", "build"): corpus.run_build,
+    ("train", "drafter"): train.run_drafter,
+    ("eval", None): eval_cmd.run,
+    ("bench", "engine"): bench.run_engine,
+    ("bench", "serve"): bench.run_serve,
+    ("serve", None): serve.run,
+}
+"""(command, subcommand or None) -> the function that runs it."""
+
+MIRRORS = generate.MIRRORS + train.MIRRORS + corpus.MIRRORS + eval_cmd.MIRRORS + bench.MIRRORS
+"""Every set of flags that carries a config dataclass's fields (checked by the tests)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dspark", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (generate, train, corpus, eval_cmd, bench, serve):
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = HANDLERS[(args.command, getattr(args, "what", None))]
+    try:
+        return handler(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"dspark {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. `dspark generate ... | head -c 10`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -1,0 +1,5 @@
+"""``python -m dspark.cluster.cli``: the ``dspark`` console script."""
+
+from dspark.cluster.cli import main
+
+raise SystemExit(main())
