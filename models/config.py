@@ -64,6 +64,12 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of its allowed range."""
 
 
+def _require_positive(cfg: TargetConfig, name: str) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
 @dataclass(frozen=True)
 class TargetConfig:
     """Architecture of a Qwen3-MoE-style decoder (dense Qwen3 when ``num_experts == 0``)."""
@@ -127,11 +133,15 @@ class TargetConfig:
             object.__setattr__(self, "model_type", "qwen3")  # a dense model is plain Qwen3
 
     def _validate(self) -> None:
-        def positive(name: str) -> None:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        # NOTE: the order of the checks decides which error a config with several faults
+        # reports; keep it.
+        self._validate_dims()
+        self._validate_mlp()
+        self._validate_numerics()
+        self._validate_token_ids()
 
+    def _validate_dims(self) -> None:
+        """Positive sizes, attention head shapes and boolean flags."""
         for name in (
             "vocab_size",
             "hidden_size",
@@ -142,7 +152,7 @@ class TargetConfig:
             "max_position_embeddings",
             "decoder_sparse_step",
         ):
-            positive(name)
+            _require_positive(self, name)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide "
@@ -153,6 +163,9 @@ class TargetConfig:
         for name in ("norm_topk_prob", "tie_word_embeddings", "attention_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    def _validate_mlp(self) -> None:
+        """Routed experts, dense and shared-expert widths, and the dense-only layers."""
         if (
             not isinstance(self.num_experts, int)
             or isinstance(self.num_experts, bool)
@@ -160,15 +173,15 @@ class TargetConfig:
         ):
             raise ConfigError(f"num_experts must be an integer >= 0, got {self.num_experts!r}")
         if self.num_experts > 0:
-            positive("moe_intermediate_size")
-            positive("num_experts_per_tok")
+            _require_positive(self, "moe_intermediate_size")
+            _require_positive(self, "num_experts_per_tok")
             if not 1 <= self.num_experts_per_tok <= self.num_experts:
                 raise ConfigError(
                     f"num_experts_per_tok must be in [1, num_experts={self.num_experts}], "
                     f"got {self.num_experts_per_tok}"
                 )
         if self.has_dense_layers():
-            positive("intermediate_size")
+            _require_positive(self, "intermediate_size")
         shared = self.shared_expert_intermediate_size
         if not isinstance(shared, int) or isinstance(shared, bool) or shared < 0:
             raise ConfigError(
@@ -185,6 +198,9 @@ class TargetConfig:
                 raise ConfigError(
                     f"mlp_only_layers entry {layer} outside [0, {self.num_hidden_layers - 1}]"
                 )
+
+    def _validate_numerics(self) -> None:
+        """Activation, RoPE, RMSNorm and model type: only what the model implements."""
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act must be 'silu', got {self.hidden_act!r}")
         if not self.rope_theta > 0:
@@ -197,6 +213,8 @@ class TargetConfig:
             raise ConfigError(
                 f"model_type must be one of {_SUPPORTED_MODEL_TYPES}, got {self.model_type!r}"
             )
+
+    def _validate_token_ids(self) -> None:
         for name in ("bos_token_id", "pad_token_id"):
             tok = getattr(self, name)
             if tok is not None and not 0 <= tok < self.vocab_size:

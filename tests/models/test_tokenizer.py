@@ -134,7 +134,7 @@ def demo_tokenizer(demo_target_dir):
 
 
 def test_demo_target_counts_plain_text_like_the_server(hf_demo, demo_tokenizer):
-    """The reported bug: AutoTokenizer counted "What is 7 * 8?" as 8 tokens, the server 6."""
+    """AutoTokenizer encodes plain text to the server's ids ("What is 7 * 8?": 6 tokens)."""
     assert len(hf_demo("What is 7 * 8?")["input_ids"]) == 6
     wrong = []
     for text in PLAIN_TEXTS:

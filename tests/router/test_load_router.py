@@ -67,7 +67,7 @@ def test_prefix_affinity_breaks_ties_consistently():
 
 
 def test_a_lone_surrogate_prefix_hashes_and_ranks():
-    """JSON allows "\\ud800", which has no UTF-8 encoding: hashing it used to raise."""
+    """JSON allows "\\ud800", which has no UTF-8 encoding; such a prefix hashes and ranks."""
     assert prefix_hash("\ud800 hi") == prefix_hash("\ud800 hi")
     assert prefix_hash("\ud800 hi") != prefix_hash("\udbff hi")
     board = {rid: ReplicaLoad(rid, running=1, free_blocks=50, total_blocks=100,
@@ -145,10 +145,9 @@ def ask(base: str, n: int) -> set[str]:
 
 
 def test_a_request_the_router_cannot_rank_is_still_answered(routed_app):
-    """An exception inside ``choose_replicas`` (a lone surrogate in a message used to raise
-    in the prefix hash) left the request waiting forever: Serve drops the routing task.
-    Now any failure to rank falls back to Serve's choice, is counted in ``fallbacks``, and
-    the request gets the replica's answer."""
+    """An exception inside ``choose_replicas`` would leave the request waiting forever (Serve
+    drops the routing task), so any failure to rank falls back to Serve's choice, is counted
+    in ``fallbacks``, and the request gets the replica's answer."""
     from ray import serve
 
     cfg, server = routed_app
