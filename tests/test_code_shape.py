@@ -18,10 +18,8 @@ MAX_FUNCTION_LINES = 60
 
 # NOTE: being split under issue 11; the lead empties this set once they conform.
 PENDING = {
-    "workers/engine.py",
     "cluster/app.py",
     "cluster/openai_api.py",
-    "cluster/cli.py",
     "models/speculative.py",
 }
 
@@ -85,3 +83,10 @@ def test_checker_flags_a_long_file_and_a_long_function():
     long_file = "x = 0\n" * (MAX_FILE_LINES + 1)
     assert shape_offenders("c.py", long_file) == ["c.py: 501 lines (max 500)"]
     assert shape_offenders("d.py", "x = 0\n" * MAX_FILE_LINES) == []
+
+
+def test_the_engine_class_stays_under_300_lines():
+    """The step loop reads like the algorithm; policies live beside it, not in it."""
+    tree = ast.parse((REPO_ROOT / "workers" / "engine.py").read_text(encoding="utf-8"))
+    engine = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Engine")
+    assert engine.end_lineno - engine.lineno + 1 < 300

@@ -1,4 +1,5 @@
-"""The committed drafters decode the committed target losslessly on real prompts."""
+"""The committed drafters decode the committed target losslessly on real prompts, on the
+engine that serves."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 
 from dspark.models.drafter_checkpoint import load_drafter
 from dspark.models.generation import SamplingParams, generate_tokens, load_for_generation
-from dspark.models.speculative import speculative_generate
+from dspark.workers.offline import offline_engine
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +26,9 @@ def test_committed_drafter_greedy_equals_plain_decoding_on_21_prompts(demo, demo
     drafter = load_drafter(demo_target_dir.parent / "drafters" / name, target)
     params = SamplingParams(temperature=0.0, max_tokens=32)
     rounds = []
-    for ids in prompts:
-        plain = list(generate_tokens(target, ids, params, tokenizer.stop_ids))
-        spec = list(
-            speculative_generate(target, drafter, ids, params, tokenizer.stop_ids, rounds.append)
-        )
-        assert spec == plain
+    engine = offline_engine(target, drafter, len(prompts), lambda req_id, r: rounds.append(r))
+    spec = engine.generate(prompts, params, tokenizer.stop_ids)
+    assert spec == [list(generate_tokens(target, ids, params, tokenizer.stop_ids))
+                    for ids in prompts]
     tau = sum(r.committed for r in rounds) / len(rounds)
     assert tau > 1.0  # a trained drafter gets some drafts accepted
