@@ -1,5 +1,5 @@
-"""Building blocks shared by the drafters: attention with injected context K/V, draft
-decoder layers, the Markov heads and the confidence head.
+"""Building blocks shared by the drafters: attention with injected context K/V (and its
+tensor-held backend), draft decoder layers, the Markov heads and the confidence head.
 
 Vocabulary:
 - *context K/V*: keys and values projected from the fused target features of positions
@@ -11,25 +11,50 @@ Vocabulary:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dspark.models.drafter_config import DrafterConfig
+from dspark.models.kv_cache import AttentionBackend
 from dspark.models.target import RMSNorm, SwiGLU, apply_rope
 
 
-class InjectedAttention(nn.Module):
-    """GQA + QK-norm attention whose keys/values are ``[context ; block]``.
+class ContextAttention:
+    """The attention backend of parallel drafting from context K/V held as tensors (the
+    training batch, a single-request session): keys/values are ``[context ; block]`` and
+    ``mask`` alone decides visibility (no causal flag); block K/V are never stored."""
 
-    The same W_k / W_v project the fused context and the block (paper Eq. 3); only block
-    tokens are queries. The mask alone decides visibility (no causal flag).
+    def __init__(
+        self,
+        ctx_kvs: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,  # per layer [B, kv, S, hd]
+        mask: torch.Tensor | None,  # [B or 1, 1, Q, S + Q] bool, True = visible
+    ) -> None:
+        self.ctx_kvs, self.mask = ctx_kvs, mask
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # q: [B, H, Q, hd]; k, v: [B, kv, Q, hd] of the block -> [B, H, Q, hd]
+        if self.ctx_kvs is not None:
+            ctx_k, ctx_v = self.ctx_kvs[layer_idx]
+            k = torch.cat([ctx_k, k], dim=2)  # [B, kv, S + Q, hd]
+            v = torch.cat([ctx_v, v], dim=2)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=True)
+
+
+class InjectedAttention(nn.Module):
+    """GQA + QK-norm attention of the draft tokens, over keys/values its backend supplies.
+
+    The same W_k / W_v project the fused context and the block (paper Eq. 3); only draft
+    tokens are queries. EAGLE-3 / MTP-1 use it with ``in_dim = 2d`` (token ; hidden).
     """
 
-    def __init__(self, cfg: DrafterConfig, in_dim: int | None = None) -> None:
+    def __init__(self, cfg: DrafterConfig, in_dim: int | None = None, layer_idx: int = 0) -> None:
         super().__init__()
         d, hd = cfg.hidden_size, cfg.head_dim
         in_dim = in_dim or d
+        self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
@@ -54,35 +79,31 @@ class InjectedAttention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # [B, Q, in] block inputs (already normed)
-        cos: torch.Tensor,  # [B, 1, Q, head_dim] block positions
+        x: torch.Tensor,  # [B, Q, in] draft-token inputs (already normed)
+        cos: torch.Tensor,  # [B, 1, Q, head_dim] their positions
         sin: torch.Tensor,
-        ctx_kv: tuple[torch.Tensor, torch.Tensor] | None,  # [B, kv_heads, S, head_dim] each
-        mask: torch.Tensor | None,  # [B or 1, 1, Q, S + Q] bool, True = visible
-    ) -> torch.Tensor:
+        attention: AttentionBackend,
+    ) -> torch.Tensor:  # [B, Q, d]
         bsz, num_q, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(bsz, num_q, self.num_heads, self.head_dim))
         q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, H, Q, hd]
         k, v = self.project_kv(x, cos, sin)  # [B, kv, Q, hd]
-        if ctx_kv is not None:
-            k = torch.cat([ctx_kv[0], k], dim=2)
-            v = torch.cat([ctx_kv[1], v], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        out = attention.attend(self.layer_idx, q, k, v)  # [B, H, Q, hd]
         return self.o_proj(out.transpose(1, 2).reshape(bsz, num_q, -1))
 
 
 class DraftLayer(nn.Module):
     """Pre-norm block ``x + Attn(norm(x), ctx)``, then ``x + MLP(norm(x))`` (dense SwiGLU)."""
 
-    def __init__(self, cfg: DrafterConfig) -> None:
+    def __init__(self, cfg: DrafterConfig, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = InjectedAttention(cfg)
+        self.self_attn = InjectedAttention(cfg, layer_idx=layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, ctx_kv, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx_kv, mask)
+    def forward(self, x, cos, sin, attention: AttentionBackend):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -22,12 +22,14 @@ from torch import nn
 
 from dspark.models.draft_layers import (
     ConfidenceHead,
+    ContextAttention,
     DrafterBase,
     DraftLayer,
     MarkovHead,
 )
 from dspark.models.drafter_config import DrafterConfig
 from dspark.models.generation import sampling_probs
+from dspark.models.kv_cache import AttentionBackend
 from dspark.models.target import RMSNorm, RotaryEmbedding
 
 
@@ -83,7 +85,7 @@ class ParallelDrafter(DrafterBase):
         super().__init__(cfg, embed_weight, head_weight)
         d = cfg.hidden_size
         self.hidden_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DraftLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.markov = (
@@ -103,18 +105,32 @@ class ParallelDrafter(DrafterBase):
         cos, sin = self.rotary_emb(positions)
         return [layer.self_attn.project_kv(fused, cos, sin) for layer in self.layers]
 
+    def draft_blocks(
+        self, anchors: torch.Tensor, anchor_pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block per row: anchors [R] at positions anchor_pos [R] -> block ids [R, K]
+        (anchor, then ``<mask>``) and their positions [R, K]."""
+        cfg = self.config
+        block = cfg.block_size
+        block_ids = torch.full((anchors.shape[0], block), cfg.mask_token_id, device=anchors.device)
+        block_ids[:, 0] = anchors
+        block_pos = anchor_pos[:, None] + torch.arange(block, device=anchors.device)
+        return block_ids, block_pos
+
     def run_blocks(
         self,
         block_ids: torch.Tensor,  # [B, Q]
         block_pos: torch.Tensor,  # [B, Q]
-        ctx_kvs: list[tuple[torch.Tensor, torch.Tensor]],
-        mask: torch.Tensor | None,  # [B, 1, Q, S + Q]
-    ) -> torch.Tensor:
+        context: AttentionBackend,
+    ) -> torch.Tensor:  # [B, Q, d]
+        """The draft backbone over the blocks (the one layer loop of training, sessions and
+        the serving engine); ``context`` supplies each layer's context K/V and the mask:
+        ``ContextAttention`` over tensors, or the engine's paged drafter cache."""
         x = self.embed_tokens(block_ids)
         cos, sin = self.rotary_emb(block_pos)
-        for layer, kv in zip(self.layers, ctx_kvs):
-            x = layer(x, cos, sin, kv, mask)
-        return self.norm(x)  # [B, Q, d]
+        for layer in self.layers:
+            x = layer(x, cos, sin, context)
+        return self.norm(x)
 
     def train_hidden(
         self,
@@ -135,7 +151,8 @@ class ParallelDrafter(DrafterBase):
         offsets = torch.arange(block, device=input_ids.device)
         block_pos = (anchors[..., None] + offsets).reshape(bsz, num * block)
         mask = block_attention_mask(anchors, keep, seq, block)
-        h = self.run_blocks(block_ids.reshape(bsz, -1), block_pos, ctx_kvs, mask)
+        context = ContextAttention(ctx_kvs, mask)
+        h = self.run_blocks(block_ids.reshape(bsz, -1), block_pos, context)
         return h.view(bsz, num, block, -1)
 
     # -- heads ----------------------------------------------------------------------------
@@ -220,12 +237,12 @@ class ParallelSession:
         self, anchor: int, temperature: float, gen: torch.Generator | None, max_tokens: int
     ) -> Proposal:
         """Draft up to ``max_tokens`` (≤ γ) tokens after ``anchor`` (at position ``length``)."""
-        drafter, cfg = self.drafter, self.drafter.config
+        drafter = self.drafter
         device = drafter.lm_head.weight.device
-        block_ids = torch.full((1, cfg.block_size), cfg.mask_token_id, device=device)
-        block_ids[0, 0] = anchor
-        block_pos = torch.arange(self.length, self.length + cfg.block_size, device=device)[None]
-        h = drafter.run_blocks(block_ids, block_pos, self.kv, None)[0]  # [K, d]
+        block_ids, block_pos = drafter.draft_blocks(
+            torch.tensor([anchor], device=device), torch.tensor([self.length], device=device)
+        )  # [1, K] each
+        h = drafter.run_blocks(block_ids, block_pos, ContextAttention(self.kv, None))[0]  # [K, d]
         h = h[:max_tokens]
         tokens, _, probs = drafter.sample_block(h, anchor, temperature, gen)
         if self.report_base_probs:

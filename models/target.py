@@ -6,6 +6,9 @@ Vocabulary:
   embedding output) and the *final hidden*, the residual stream after the final RMSNorm.
 - *routed experts*: SwiGLU MLPs behind a softmax top-k router; the top-k gate weights are
   renormalised when ``norm_topk_prob`` is set. A *shared expert* (optional) sees every token.
+- *the one forward*: ``TargetModel.forward`` serves training, prefill, decode, verify and
+  feature capture; only the attention backend it is given differs (``kv_cache.py``: no
+  cache or a contiguous cache; the model runner's paged backend in serving).
 
 Parameter names are exactly Hugging Face's ``Qwen3MoeForCausalLM`` / ``Qwen3ForCausalLM``
 (``model.layers.{i}.self_attn.q_proj.weight``, ``model.layers.{i}.mlp.experts.{e}.gate_proj
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dspark.models.config import TargetConfig
-from dspark.models.kv_cache import KVCache
+from dspark.models.kv_cache import AttentionBackend, ContiguousAttention, KVCache
 
 
 class RMSNorm(nn.Module):
@@ -63,19 +66,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + _rotate_half(x.float()) * sin).to(x.dtype)
 
 
-def causal_mask(num_new: int, num_total: int, device: torch.device) -> torch.Tensor | None:
-    """Boolean mask [num_new, num_total] letting new token i see keys <= its position.
-
-    ``None`` means "no mask needed" (a single new token sees everything before it).
-    """
-    if num_new == 1:
-        return None
-    past = num_total - num_new
-    rows = torch.arange(num_new, device=device)[:, None] + past
-    cols = torch.arange(num_total, device=device)[None, :]
-    return cols <= rows
-
-
 class Attention(nn.Module):
     """Grouped-query attention with per-head RMSNorm on queries and keys (QK-norm)."""
 
@@ -98,32 +88,15 @@ class Attention(nn.Module):
         x: torch.Tensor,  # [B, T, d]
         cos: torch.Tensor,  # [B, 1, T, head_dim]
         sin: torch.Tensor,
-        kv_cache: KVCache | None,
-        key_mask: torch.Tensor | None = None,  # [B, S] bool, False = padding key
-    ) -> torch.Tensor:
+        attention: AttentionBackend,
+    ) -> torch.Tensor:  # [B, T, d]
         bsz, num_new, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(bsz, num_new, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(bsz, num_new, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).view(bsz, num_new, self.num_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, head_dim]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)  # [B, kv_heads, S, head_dim]
-        num_total = k.shape[2]
-        if key_mask is not None:
-            mask = key_mask[:, None, None, :num_total]  # [B, 1, 1, S]
-            causal = causal_mask(num_new, num_total, x.device)
-            if causal is not None:
-                mask = mask & causal
-            # NOTE: a padding query may see no key at all; an all-False row would give NaN
-            # outputs that poison later tokens through V (0 * NaN), so let it see everything.
-            mask = mask | ~mask.any(-1, keepdim=True)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        elif num_total == num_new:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=num_new > 1, enable_gqa=True)
-        else:
-            mask = causal_mask(num_new, num_total, x.device)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        out = attention.attend(self.layer_idx, q, k, v)  # [B, H, T, head_dim]
         out = out.transpose(1, 2).reshape(bsz, num_new, self.num_heads * self.head_dim)
         return self.o_proj(out)
 
@@ -225,8 +198,8 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, kv_cache, key_mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, key_mask)
+    def forward(self, x, cos, sin, attention: AttentionBackend):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -245,7 +218,7 @@ class TargetBackbone(nn.Module):
 class TargetOutput:
     """What one forward returns."""
 
-    logits: torch.Tensor | None  # [B, T, V] (None when not requested)
+    logits: torch.Tensor | None  # [B, T, V], [B, M, V] at logit_rows, None when not requested
     hidden_states: torch.Tensor  # [B, T, d] final hidden, after the final RMSNorm
     layer_features: torch.Tensor | None  # [B, T, len(feature_layers) * d] raw residuals
     aux_loss: torch.Tensor | None = None  # MoE load-balancing loss (training mode only)
@@ -297,51 +270,86 @@ class TargetModel(nn.Module):
         feature_layers: Sequence[int] = (),
         compute_logits: bool = True,
         key_mask: torch.Tensor | None = None,  # [B, cache length + T] bool; False = padding
+        attention: AttentionBackend | None = None,
+        logit_rows: torch.Tensor | None = None,  # [M] indices into T; None = every row
     ) -> TargetOutput:
-        """One forward over ``input_ids``.
+        """The one forward: prefill, decode, verify and drafter-feature capture.
 
-        ``key_mask`` lets left-padded rows of a batch ignore their padding keys (batched
-        generation); pass per-row ``positions`` that start at 0 on each row's first real token.
+        Attention goes to ``attention`` when given (the engine passes its paged backend with
+        the flattened batch as one row, B = 1, and explicit per-token ``positions``);
+        otherwise to the contiguous backend over ``kv_cache`` (which then advances by T) or,
+        with no cache, over this forward's tokens only. ``key_mask`` lets left-padded rows
+        ignore their padding keys (batched generation); pass per-row ``positions`` that start
+        at 0 on each row's first real token. Logits are computed for ``logit_rows`` only
+        when given: ``logits`` is then [B, M, V].
         """
         cfg = self.config
-        bsz, num_new = input_ids.shape
-        start = kv_cache.length if kv_cache is not None else 0
-        if start + num_new > cfg.max_position_embeddings:
-            raise ValueError(
-                f"sequence of {start + num_new} tokens exceeds max_position_embeddings="
-                f"{cfg.max_position_embeddings}"
-            )
         for layer in feature_layers:
             if not -1 <= layer < cfg.num_hidden_layers:
                 raise ValueError(f"feature layer {layer} outside [-1, {cfg.num_hidden_layers - 1}]")
+        if attention is None:
+            positions = self._contiguous_positions(input_ids, positions, kv_cache)
+            attention = ContiguousAttention(kv_cache, key_mask)
+        elif positions is None or kv_cache is not None or key_mask is not None:
+            raise ValueError("an attention backend takes explicit positions, no kv_cache or "
+                             "key_mask")
+        x, captured = self._run_layers(input_ids, positions, attention, feature_layers)
+        if kv_cache is not None:
+            kv_cache.advance(input_ids.shape[1])
+        hidden = self.model.norm(x)  # [B, T, d]
+        features = torch.cat([captured[i] for i in feature_layers], -1) if feature_layers else None
+        logits = None
+        if compute_logits:
+            logits = self.lm_head(hidden if logit_rows is None else hidden[:, logit_rows])
+        return TargetOutput(
+            logits=logits, hidden_states=hidden, layer_features=features,
+            aux_loss=self._aux_loss(),
+        )
+
+    def _contiguous_positions(
+        self, input_ids: torch.Tensor, positions: torch.Tensor | None, kv_cache: KVCache | None
+    ) -> torch.Tensor:  # [B, T]
+        bsz, num_new = input_ids.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        limit = self.config.max_position_embeddings
+        if start + num_new > limit:
+            raise ValueError(
+                f"sequence of {start + num_new} tokens exceeds max_position_embeddings={limit}"
+            )
         if positions is None:
             positions = torch.arange(start, start + num_new, device=input_ids.device)
             positions = positions.expand(bsz, num_new)
+        return positions
+
+    def _run_layers(
+        self,
+        input_ids: torch.Tensor,  # [B, T]
+        positions: torch.Tensor,  # [B, T]
+        attention: AttentionBackend,
+        feature_layers: Sequence[int],
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The layer loop: the last residual [B, T, d] and the captured feature layers."""
         cos, sin = self.model.rotary_emb(positions)
         x = self.model.embed_tokens(input_ids)  # [B, T, d]
         captured: dict[int, torch.Tensor] = {}
         if -1 in feature_layers:
             captured[-1] = x
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, kv_cache, key_mask)
+            x = layer(x, cos, sin, attention)
             if i in feature_layers:
                 captured[i] = x
-        if kv_cache is not None:
-            kv_cache.advance(num_new)
-        hidden = self.model.norm(x)
-        features = torch.cat([captured[i] for i in feature_layers], -1) if feature_layers else None
-        aux = None
-        if self.training and cfg.num_experts > 0:
-            losses = [
-                layer.mlp.last_aux_loss
-                for layer in self.model.layers
-                if isinstance(layer.mlp, SparseMoeBlock) and layer.mlp.last_aux_loss is not None
-            ]
-            aux = torch.stack(losses).mean() if losses else None
-        logits = self.lm_head(hidden) if compute_logits else None
-        return TargetOutput(
-            logits=logits, hidden_states=hidden, layer_features=features, aux_loss=aux
-        )
+        return x, captured
+
+    def _aux_loss(self) -> torch.Tensor | None:
+        """Mean MoE load-balancing loss of the last forward (training mode only)."""
+        if not self.training or self.config.num_experts == 0:
+            return None
+        losses = [
+            layer.mlp.last_aux_loss
+            for layer in self.model.layers
+            if isinstance(layer.mlp, SparseMoeBlock) and layer.mlp.last_aux_loss is not None
+        ]
+        return torch.stack(losses).mean() if losses else None
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -9,6 +9,12 @@ Vocabulary:
 - *propose*: draft up to n tokens after each request's anchor (the newest committed token),
   with the distribution each was drawn from and, for DSpark, the confidence logits.
 
+The worker prepares inputs and attention backends and calls the drafter's one forward
+(``ParallelDrafter.run_blocks`` / ``context_kv``, ``AutoregressiveDrafter.step``); it
+copies no layer loop. Its backends: ``PagedContext`` (parallel drafting over the paged
+cache), ``PagedAttention`` of the model runner (EAGLE-3 / MTP-1 extend) and ``DraftPairs``
+(EAGLE-3 / MTP-1 drafting).
+
 NOTE: only committed positions are ever written (rejected drafts never reach the drafter
 cache), so a prefix-cached block's drafter K/V is valid for every request sharing it: the
 K/V of a position depends only on the tokens up to it.
@@ -22,14 +28,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from dspark.kernels.markov_sample import markov_sample, sample_rows
-from dspark.kernels.paged_attention import gather_kv, paged_attention, slot_table
+from dspark.kernels.paged_attention import gather_kv, slot_table
 from dspark.models.autoregressive_drafter import AutoregressiveDrafter
 from dspark.models.drafter_checkpoint import Drafter
-from dspark.models.target import apply_rope
 from dspark.workers.budget import StepCostTable
-from dspark.workers.model_runner import PagedKV, token_slots
+from dspark.workers.model_runner import PagedAttention, PagedKV, token_slots
 
 
 @dataclass
@@ -53,6 +59,8 @@ class ExtendBatch:
 
 
 class DraftWorker:
+    """Holds the drafter's paged cache; prepares extend and propose inputs per step."""
+
     def __init__(self, drafter: Drafter, num_blocks: int, block_size: int) -> None:
         cfg = drafter.config
         self.drafter, self.config, self.block_size = drafter, cfg, block_size
@@ -76,44 +84,26 @@ class DraftWorker:
     # ------------------------------------------------------------------ extend
     @torch.no_grad()
     def extend(self, batch: ExtendBatch) -> None:
-        num_req = len(batch.req_ids)
-        if num_req == 0:
-            return
-        lens = batch.cu[1:] - batch.cu[:-1]
-        req_of = torch.repeat_interleave(torch.arange(num_req, device=lens.device), lens)
-        slots = token_slots(batch.block_tables, req_of, batch.positions, self.block_size)
-        cos, sin = self.drafter.rotary_emb(batch.positions[None])  # [1, 1, N, hd]
-        if not self.autoregressive:
-            fused = self.drafter.hidden_norm(self.drafter.fc(batch.features.float()))  # [N, d]
-            for i, layer in enumerate(self.drafter.layers):
-                k, v = layer.self_attn.project_kv(fused[None], cos, sin)  # [1, kv, N, hd]
-                self.kv.write(i, slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        if not batch.req_ids:
             return
         d = self.drafter
-        h0 = d.fc(batch.features.float())  # [N, d]
-        u = d.layer.attn_input(d.embed_tokens(batch.next_ids), h0)  # [N, 2d]
-        q, k, v = self._qkv(u, cos, sin)
-        self.kv.write(0, slots, k, v)
+        if not self.autoregressive:
+            num_req = len(batch.req_ids)
+            lens = batch.cu[1:] - batch.cu[:-1]  # [R]
+            req_of = torch.repeat_interleave(torch.arange(num_req, device=lens.device), lens)
+            slots = token_slots(batch.block_tables, req_of, batch.positions, self.block_size)
+            ctx_kvs = d.context_kv(batch.features[None], batch.positions[None])
+            for i, (k, v) in enumerate(ctx_kvs):  # [1, kv, N, hd] each
+                self.kv.write(i, slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+            return
         seq_lens = batch.positions[batch.cu[1:] - 1] + 1  # [R]
-        width = int(seq_lens.max())
-        table = slot_table(batch.block_tables, width, self.block_size)
-        out = paged_attention(
-            q, self.kv.k[0], self.kv.v[0], table, seq_lens, batch.cu, batch.positions,
-            batch.max_q,
-        )  # [N, H, hd]
-        h = d.layer.finish(h0, d.layer.self_attn.o_proj(out.reshape(out.shape[0], -1)))
-        last = h[batch.cu[1:] - 1]  # [R, d]
+        attention = PagedAttention(self.kv, batch.block_tables, batch.cu, batch.positions,
+                                   seq_lens, batch.max_q)
+        h0 = d.fc(batch.features[None].float())  # [1, N, d]
+        h = d.step(h0, batch.next_ids[None], batch.positions[None], attention)  # [1, N, d]
+        last = h[0, batch.cu[1:] - 1]  # [R, d]
         for r, req_id in enumerate(batch.req_ids):
             self.last_h[req_id] = last[r]
-
-    def _qkv(self, u, cos, sin):
-        """u: [N, in] -> q [N, H, hd], k and v [N, kv, hd] (normed and rotated)."""
-        attn = self.drafter.layer.self_attn
-        num = u.shape[0]
-        q = attn.q_norm(attn.q_proj(u).view(num, attn.num_heads, attn.head_dim))
-        q = apply_rope(q.transpose(0, 1)[None], cos, sin)[0].transpose(0, 1)
-        k, v = attn.project_kv(u[None], cos, sin)  # [1, kv, N, hd]
-        return q, k[0].transpose(0, 1), v[0].transpose(0, 1)
 
     # ------------------------------------------------------------------ propose
     @torch.no_grad()
@@ -141,15 +131,14 @@ class DraftWorker:
     def _propose_parallel(self, anchors, context_lens, table, ctx_visible, num, temps, uniforms):
         d, cfg = self.drafter, self.config
         num_req, block = anchors.shape[0], cfg.block_size
-        block_ids = torch.full((num_req, block), cfg.mask_token_id, device=anchors.device)
-        block_ids[:, 0] = anchors
-        block_pos = context_lens[:, None] + torch.arange(block, device=anchors.device)
+        block_ids, block_pos = d.draft_blocks(anchors, context_lens)  # [R, K] each
         # queries see the context before their anchor and every slot of their block
         mask = torch.cat(
             [ctx_visible[:, None, :].expand(-1, block, -1),
              torch.ones(num_req, block, block, dtype=torch.bool, device=anchors.device)], -1
         )[:, None]  # [R, 1, K, S + K]
-        h = self._run_blocks(block_ids, block_pos, table, mask)[:, :num]  # [R, n, d]
+        context = PagedContext(self.kv, table, mask, self._buffers)
+        h = d.run_blocks(block_ids, block_pos, context)[:, :num]  # [R, n, d]
         base = d.lm_head(h)  # [R, n, V]
         markov = d.markov
         if markov is None or markov.kind == "vanilla":
@@ -164,61 +153,6 @@ class DraftWorker:
             prev_embed = markov.w1(prev) if markov is not None else None
             conf = d.confidence(h, prev_embed)  # [R, n]
         return DraftOutput(tokens, probs, conf)
-
-    def _run_blocks(self, block_ids, block_pos, table, mask) -> torch.Tensor:
-        """The draft backbone over the blocks, with each layer's keys/values gathered from
-        the paged cache straight into one buffer whose tail takes the block's own K/V (the
-        same computation as ``ParallelDrafter.run_blocks`` without concatenating)."""
-        d = self.drafter
-        num_req, block = block_ids.shape
-        width = table.shape[1]
-        x = d.embed_tokens(block_ids)  # [R, K, d]
-        cos, sin = d.rotary_emb(block_pos)
-        for i, layer in enumerate(d.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_norm(attn.q_proj(h).view(num_req, block, attn.num_heads, attn.head_dim))
-            q = apply_rope(q.transpose(1, 2), cos, sin)  # [R, H, K, hd]
-            k, v = attn.project_kv(h, cos, sin)  # [R, kv, K, hd]
-            keys = self._buffer("k", num_req, width + block, k)
-            values = self._buffer("v", num_req, width + block, v)
-            torch.index_select(self.kv.k[i], 0, table.reshape(-1),
-                               out=self._flat("k", num_req, width))
-            torch.index_select(self.kv.v[i], 0, table.reshape(-1),
-                               out=self._flat("v", num_req, width))
-            keys[:, :, :width] = self._flat("k", num_req, width).view(
-                num_req, width, *k.shape[1:2], k.shape[-1]).transpose(1, 2)
-            values[:, :, :width] = self._flat("v", num_req, width).view(
-                num_req, width, *v.shape[1:2], v.shape[-1]).transpose(1, 2)
-            keys[:, :, width:] = k
-            values[:, :, width:] = v
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, enable_gqa=True
-            )
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(num_req, block, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return d.norm(x)
-
-    def _buffer(self, name, num_req, length, like) -> torch.Tensor:
-        """A reusable [R, kv, length, hd] buffer (grown on demand)."""
-        key = f"buf_{name}"
-        shape = (num_req, like.shape[1], length, like.shape[-1])
-        buf = self._buffers.get(key)
-        if buf is None or buf.numel() < math.prod(shape):
-            buf = like.new_empty(math.prod(shape) * 2)
-            self._buffers[key] = buf
-        return buf[: math.prod(shape)].view(shape)
-
-    def _flat(self, name, num_req, width) -> torch.Tensor:
-        """A reusable [R * S, kv, hd] gather target."""
-        key = f"flat_{name}"
-        kv_shape = self.kv.k.shape[2:]
-        numel = num_req * width * math.prod(kv_shape)
-        buf = self._buffers.get(key)
-        if buf is None or buf.numel() < numel:
-            buf = self.kv.k.new_empty(numel * 2)
-            self._buffers[key] = buf
-        return buf[:numel].view(num_req * width, *kv_shape)
 
     def _sample_stateful(self, base, h, anchors, temps, uniforms):
         """Gated and RNN Markov heads: the same loop through ``MarkovHead.step``."""
@@ -237,8 +171,8 @@ class DraftWorker:
                                 uniforms):
         d = self.drafter
         h = torch.stack([self.last_h[r] for r in req_ids])  # [R, d]
-        ctx_k, ctx_v = gather_kv(self.kv.k[0], table), gather_kv(self.kv.v[0], table)
-        new_k, new_v = [], []
+        attention = DraftPairs(gather_kv(self.kv.k[0], table), gather_kv(self.kv.v[0], table),
+                               ctx_visible)
         tokens, probs = [], []
         for i in range(num):
             token, prob = sample_rows(d.logits(h), temps, uniforms[:, i])  # [R], [R, V]
@@ -246,21 +180,81 @@ class DraftWorker:
             probs.append(prob)
             if i + 1 == num:
                 break
-            pos = (context_lens + i)[None]  # [1, R]: one new pair per request
-            cos, sin = d.rotary_emb(pos)
-            u = d.layer.attn_input(d.embed_tokens(token), h)  # [R, 2d]
-            q, k, v = self._qkv(u, cos, sin)  # q [R, H, hd], k/v [R, kv, hd]
-            new_k.append(k)
-            new_v.append(v)
-            keys = torch.cat([ctx_k, torch.stack(new_k, 2)], 2)  # [R, kv, S + i + 1, hd]
-            values = torch.cat([ctx_v, torch.stack(new_v, 2)], 2)
-            extra = torch.ones(h.shape[0], i + 1, dtype=torch.bool, device=h.device)
-            mask = torch.cat([ctx_visible, extra], 1)[:, None, None, :]  # [R, 1, 1, S']
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q[:, :, None], keys, values, attn_mask=mask, enable_gqa=True
-            )  # [R, H, 1, hd]
-            h = d.layer.finish(h, d.layer.self_attn.o_proj(out.reshape(h.shape[0], -1)))
+            pos = (context_lens + i)[:, None]  # [R, 1]: one new pair per request
+            h = d.step(h[:, None], token[:, None], pos, attention)[:, 0]  # [R, d]
         return DraftOutput(torch.stack(tokens, 1), torch.stack(probs, 1), None)
+
+
+class PagedContext:
+    """The parallel drafter's attention backend over the paged drafter cache: each layer's
+    context K/V are gathered from the cache straight into one reusable buffer whose tail
+    takes the block's own K/V (no concatenation, no allocation per layer); ``mask`` decides
+    visibility. Block K/V are never written to the cache."""
+
+    def __init__(
+        self,
+        kv: PagedKV,
+        table: torch.Tensor,  # [R, S] slot of each context position
+        mask: torch.Tensor,  # [R, 1, K, S + K] bool, True = visible
+        buffers: dict[str, torch.Tensor],  # reused across calls (grown on demand)
+    ) -> None:
+        self.kv, self.table, self.mask, self.buffers = kv, table, mask, buffers
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # q: [R, H, K, hd]; k, v: [R, kv, K, hd] of the blocks -> [R, H, K, hd]
+        num_req, width = self.table.shape
+        keys = self._buffer("k", width + k.shape[2], k)  # [R, kv, S + K, hd]
+        values = self._buffer("v", width + k.shape[2], v)
+        for name, cache, out in (("k", self.kv.k, keys), ("v", self.kv.v, values)):
+            flat = self._flat(name, num_req * width)  # [R * S, kv, hd]
+            torch.index_select(cache[layer_idx], 0, self.table.reshape(-1), out=flat)
+            out[:, :, :width] = flat.view(num_req, width, *flat.shape[1:]).transpose(1, 2)
+        keys[:, :, width:] = k
+        values[:, :, width:] = v
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask,
+                                              enable_gqa=True)
+
+    def _buffer(self, name: str, length: int, like: torch.Tensor) -> torch.Tensor:
+        """A reusable [R, kv, length, hd] buffer."""
+        shape = (like.shape[0], like.shape[1], length, like.shape[-1])
+        return self._reuse(f"buf_{name}", math.prod(shape), like).view(shape)
+
+    def _flat(self, name: str, rows: int) -> torch.Tensor:
+        """A reusable [rows, kv, hd] gather target."""
+        kv_shape = self.kv.k.shape[2:]
+        return self._reuse(f"flat_{name}", rows * math.prod(kv_shape), self.kv.k).view(
+            rows, *kv_shape)
+
+    def _reuse(self, key: str, numel: int, like: torch.Tensor) -> torch.Tensor:
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = like.new_empty(numel * 2)
+            self.buffers[key] = buf
+        return buf[:numel]
+
+
+class DraftPairs:
+    """The autoregressive drafter's attention backend while drafting: one new pair per
+    request per call sees its request's context (gathered once) and the pairs drafted
+    before it. Drafts' K/V stay here: they are never written to the paged cache."""
+
+    def __init__(
+        self,
+        ctx_k: torch.Tensor,  # [R, kv, S, hd]
+        ctx_v: torch.Tensor,  # [R, kv, S, hd]
+        ctx_visible: torch.Tensor,  # [R, S] bool, False past a request's context
+    ) -> None:
+        self.keys, self.values, self.visible = ctx_k, ctx_v, ctx_visible
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # q: [R, H, 1, hd]; k, v: [R, kv, 1, hd] -> [R, H, 1, hd]
+        self.keys = torch.cat([self.keys, k], 2)  # [R, kv, S + i + 1, hd]
+        self.values = torch.cat([self.values, v], 2)
+        extra = torch.ones(q.shape[0], 1, dtype=torch.bool, device=q.device)
+        self.visible = torch.cat([self.visible, extra], 1)  # [R, S + i + 1]
+        return F.scaled_dot_product_attention(
+            q, self.keys, self.values, attn_mask=self.visible[:, None, None, :], enable_gqa=True
+        )
 
 
 def profile_draft_costs(

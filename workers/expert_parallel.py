@@ -84,14 +84,20 @@ def shard_experts(target: TargetModel, group, rank: int, world: int) -> int:
     return count
 
 
+class _NoTokens:
+    """The attention backend of an empty batch: no keys to store, nothing to attend."""
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        return q  # [1, H, 0, head_dim]
+
+
 @torch.no_grad()
 def forward_empty(target: TargetModel) -> None:
-    """Join one step with no tokens: run every MoE layer's exchanges on an empty batch."""
-    param = target.lm_head.weight
-    empty = torch.zeros(0, target.config.hidden_size, dtype=param.dtype, device=param.device)
-    for layer in target.model.layers:
-        if isinstance(layer.mlp, ExpertParallelMoE):
-            layer.mlp(empty)
+    """Join one step with no tokens: the target's one forward on an empty batch, so every
+    MoE layer runs its exchanges."""
+    device = target.lm_head.weight.device
+    empty = torch.zeros(1, 0, dtype=torch.long, device=device)  # [1, 0]
+    target(empty, positions=empty, compute_logits=False, attention=_NoTokens())
 
 
 def any_rank_busy(busy: bool, group) -> bool:

@@ -1,5 +1,6 @@
-"""The model runner: the target's forward over a flattened, variable-length batch with paged
-KV, and the profiled step-cost table SPS(B). It makes no policy decisions.
+"""The model runner: the target's one forward over a flattened, variable-length batch with
+paged KV (the paged attention backend), and the profiled step-cost table SPS(B). It makes
+no policy decisions.
 
 Vocabulary:
 - *verify batch*: every scheduled request's fed tokens, contiguous (a prefill chunk, or the
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dspark.kernels.paged_attention import paged_attention, slot_table
-from dspark.models.target import TargetModel, apply_rope
+from dspark.kernels.paged_attention import paged_attention, paged_layout, slot_table
+from dspark.models.target import TargetModel
 from dspark.workers.budget import StepCostTable
 
 
@@ -65,7 +66,42 @@ def token_slots(batch_tables: torch.Tensor, req_of: torch.Tensor, positions: tor
     return batch_tables[req_of, positions // block_size] * block_size + positions % block_size
 
 
+class PagedAttention:
+    """The paged attention backend of a flattened, variable-length batch.
+
+    The models see the batch as one row (B = 1, T = N tokens); each layer writes its new
+    keys/values to the rows' slots, then every query attends to its own request's keys at
+    positions <= its own through the paged kernel (so verify is causal among the drafts).
+    """
+
+    def __init__(
+        self,
+        kv: PagedKV,
+        block_tables: torch.Tensor,  # [R, max_blocks]
+        cu_q: torch.Tensor,  # [R + 1] row offsets of each request
+        positions: torch.Tensor,  # [N] absolute position of each row
+        seq_lens: torch.Tensor,  # [R] keys of each request after this forward
+        max_q: int,  # most rows of one request
+    ) -> None:
+        width = int(seq_lens.max())  # NOTE: the one host sync of the forward
+        table = slot_table(block_tables, width, kv.block_size)  # [R, S]
+        self.layout = paged_layout(table, seq_lens, cu_q, positions, max_q)
+        self.slots = token_slots(block_tables, self.layout.req_of, positions,
+                                 kv.block_size)  # [N] where this forward's K/V go
+        self.kv = kv
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # q: [1, H, N, hd]; k, v: [1, kv_heads, N, hd] -> [1, H, N, hd]
+        self.kv.write(layer_idx, self.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        out = paged_attention(
+            q[0].transpose(0, 1), self.kv.k[layer_idx], self.kv.v[layer_idx], self.layout
+        )  # [N, H, hd]
+        return out.transpose(0, 1)[None]
+
+
 class ModelRunner:
+    """Prepares the paged backend of each verify batch and runs the target's one forward."""
+
     def __init__(
         self,
         target: TargetModel,
@@ -89,45 +125,20 @@ class ModelRunner:
     @torch.no_grad()
     def forward(self, batch: VerifyBatch) -> RunnerOutput:
         self.num_forwards += 1
-        target = self.target
-        num_req = batch.cu_q.numel() - 1
-        q_lens = batch.cu_q[1:] - batch.cu_q[:-1]  # [R]
-        req_of = torch.repeat_interleave(torch.arange(num_req, device=self.device), q_lens)
-        slots = token_slots(batch.block_tables, req_of, batch.positions, self.block_size)
-        width = int(batch.seq_lens.max())  # NOTE: the one host sync of the forward
-        table = slot_table(batch.block_tables, width, self.block_size)  # [R, S]
-        cos, sin = target.model.rotary_emb(batch.positions[None])  # [1, 1, N, hd]
-        x = target.model.embed_tokens(batch.input_ids)  # [N, d]
-        captured = {-1: x} if -1 in self.feature_layers else {}
-        for i, layer in enumerate(target.model.layers):
-            h = layer.input_layernorm(x)
-            x = x + self._attention(layer.self_attn, i, h, cos, sin, slots, table, batch)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-            if i in self.feature_layers:
-                captured[i] = x
-        hidden = target.model.norm(x)  # [N, d]
-        logits = target.lm_head(hidden[batch.logit_rows])  # [M, V]
+        attention = PagedAttention(self.kv, batch.block_tables, batch.cu_q, batch.positions,
+                                   batch.seq_lens, batch.max_q)
+        layers = () if self.features_from_hidden else self.feature_layers
+        out = self.target(
+            batch.input_ids[None], positions=batch.positions[None], feature_layers=layers,
+            attention=attention, logit_rows=batch.logit_rows,
+        )
         if self.features_from_hidden:
-            features = hidden
-        elif self.feature_layers:
-            features = torch.cat([captured[i] for i in self.feature_layers], -1)
+            features = out.hidden_states[0]  # [N, d]
+        elif layers:
+            features = out.layer_features[0]  # [N, len(layers) * d]
         else:
             features = None
-        return RunnerOutput(logits=logits, features=features)
-
-    def _attention(self, attn, layer_idx, h, cos, sin, slots, table, batch):
-        num = h.shape[0]
-        q = attn.q_norm(attn.q_proj(h).view(num, attn.num_heads, attn.head_dim))
-        k = attn.k_norm(attn.k_proj(h).view(num, attn.num_kv_heads, attn.head_dim))
-        v = attn.v_proj(h).view(num, attn.num_kv_heads, attn.head_dim)
-        q = apply_rope(q.transpose(0, 1)[None], cos, sin)[0].transpose(0, 1)  # [N, H, hd]
-        k = apply_rope(k.transpose(0, 1)[None], cos, sin)[0].transpose(0, 1)  # [N, kv, hd]
-        self.kv.write(layer_idx, slots, k, v)
-        out = paged_attention(
-            q, self.kv.k[layer_idx], self.kv.v[layer_idx], table, batch.seq_lens,
-            batch.cu_q, batch.positions, batch.max_q,
-        )  # [N, H, hd]
-        return attn.o_proj(out.reshape(num, -1).to(h.dtype))
+        return RunnerOutput(logits=out.logits[0], features=features)
 
 
 def dummy_batch(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dspark.kernels.paged_attention import paged_attention_torch, slot_table
+from dspark.kernels.paged_attention import paged_attention_torch, paged_layout, slot_table
 
 
 def test_paged_attention_equals_dense_causal_attention():
@@ -19,7 +19,8 @@ def test_paged_attention_equals_dense_causal_attention():
     q_pos = torch.cat([torch.arange(n - m, n) for n, m in zip(lens, new)])
     cu = torch.tensor([0, 2, 5, 6])
     slots = slot_table(tables, max(lens), block)
-    out = paged_attention_torch(q, k_cache, v_cache, slots, torch.tensor(lens), cu, q_pos, 3)
+    layout = paged_layout(slots, torch.tensor(lens), cu, q_pos, 3)
+    out = paged_attention_torch(q, k_cache, v_cache, layout)
     for r, (n, m) in enumerate(zip(lens, new)):
         keys = k_cache[slots[r, :n]].transpose(0, 1)[None]  # [1, kv, n, hd]
         values = v_cache[slots[r, :n]].transpose(0, 1)[None]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dspark.models.draft_layers import ContextAttention
 from dspark.models.drafter_checkpoint import load_drafter, save_drafter
 from dspark.models.drafter_config import DrafterConfig, DrafterConfigError
+from dspark.models.kv_cache import ContiguousAttention
 from dspark.models.parallel_drafter import block_attention_mask
 
 MASK_ID = 4
@@ -105,7 +107,7 @@ def test_training_forward_matches_inference_proposal(make_drafter, make_model, m
         block_ids = torch.full((1, 7), MASK_ID)
         block_ids[0, 0] = ids[0, a]
         pos = torch.arange(a, a + 7)[None]
-        h_inf = drafter.run_blocks(block_ids, pos, session.kv, None)[0]
+        h_inf = drafter.run_blocks(block_ids, pos, ContextAttention(session.kv, None))[0]
         torch.testing.assert_close(h[0, j], h_inf, atol=1e-5, rtol=1e-5)
         prev = ids[0, a : a + 7]
         logits_train, conf_train = drafter.teacher_forced_heads(h[0, j], prev)
@@ -130,8 +132,9 @@ def test_ttt_step_matches_inference_drafting(make_drafter, make_model):
     t = 7
     session = drafter.new_session()
     session.extend(feats[0, : t + 1], ids[0, 1 : t + 2].tolist())
-    h, k, v = session.last_h, session.k, session.v
+    h, attention = session.last_h, ContiguousAttention(session.cache)
     for s in range(4):
         torch.testing.assert_close(drafter.logits(h)[0, -1], steps[s][0, t], atol=1e-4, rtol=1e-4)
         token = ids[0, t + s + 2].view(1, 1)
-        h, k, v = session._step(h, token, torch.tensor([[t + 1 + s]]), k, v)
+        h = drafter.step(h, token, torch.tensor([[t + 1 + s]]), attention)
+        session.cache.advance(1)

@@ -99,3 +99,23 @@ def test_sequence_past_context_is_rejected(make_model):
         model(torch.zeros(1, 17, dtype=torch.long))
     with pytest.raises(ValueError, match=r"feature layer 5 outside \[-1, 2\]"):
         model(torch.zeros(1, 3, dtype=torch.long), feature_layers=(5,))
+
+
+def test_logits_at_chosen_rows_are_those_rows_of_the_full_forward(make_model):
+    model = make_model()
+    ids = torch.randint(0, 97, (2, 9))
+    rows = torch.tensor([0, 4, 8])
+    out = model(ids, logit_rows=rows)
+    assert out.logits.shape == (2, 3, 97)
+    torch.testing.assert_close(out.logits, model(ids).logits[:, rows])
+
+
+def test_a_given_attention_backend_needs_explicit_positions(make_model):
+    from dspark.models.kv_cache import ContiguousAttention
+
+    model = make_model()
+    ids = torch.randint(0, 97, (1, 5))
+    with pytest.raises(ValueError, match="explicit positions"):
+        model(ids, attention=ContiguousAttention())
+    out = model(ids, positions=torch.arange(5)[None], attention=ContiguousAttention())
+    torch.testing.assert_close(out.logits, model(ids).logits)

@@ -49,6 +49,27 @@ def test_chunked_paged_forward_equals_the_plain_forward(make_model):
         row += n
 
 
+def test_final_hidden_features_and_logits_at_chosen_rows(make_model):
+    """MTP reads the final normed hidden; only the logit rows get logits."""
+    target = make_model()
+    seq = torch.randint(5, 97, (6,), generator=torch.Generator().manual_seed(1)).tolist()
+    blocks = BlockManager(16, 4)
+    blocks.allocate("0", seq)
+    runner = ModelRunner(target, 16, 4, features_from_hidden=True)
+    out = runner.forward(VerifyBatch(
+        input_ids=torch.tensor(seq),
+        positions=torch.arange(6),
+        cu_q=torch.tensor([0, 6]),
+        block_tables=torch.tensor([blocks.table("0").block_ids]),
+        seq_lens=torch.tensor([6]),
+        max_q=6,
+        logit_rows=torch.tensor([2, 5]),
+    ))
+    ref = target(torch.tensor([seq]))
+    torch.testing.assert_close(out.features, ref.hidden_states[0])
+    torch.testing.assert_close(out.logits, ref.logits[0, [2, 5]])
+
+
 def test_profile_gives_a_table_for_each_fitting_size(make_model):
     runner = ModelRunner(make_model(), 64, 4)
     table = profile_step_costs(runner, (1, 4, 16, 64, 4096), max_requests=8, context=8,
