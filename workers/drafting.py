@@ -30,12 +30,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dspark.kernels.markov_sample import markov_sample, sample_rows
+from dspark.kernels.markov_sample import markov_sample
 from dspark.kernels.paged_attention import gather_kv, slot_table
 from dspark.models.autoregressive_drafter import AutoregressiveDrafter
 from dspark.models.drafter_checkpoint import Drafter
 from dspark.workers.budget import StepCostTable
 from dspark.workers.model_runner import PagedAttention, PagedKV, token_slots
+from dspark.workers.sampling import DraftNoise, draw_drafts
 
 
 @dataclass
@@ -116,19 +117,25 @@ class DraftWorker:
         num_tokens: int,  # drafts per request, <= block size
         temperatures: torch.Tensor,  # [R]
         uniforms: torch.Tensor,  # [R, block size] per-request draws in [0, 1)
+        noise: DraftNoise | None = None,
     ) -> DraftOutput:
+        """``noise``: coupled rows draw slot k as the Gumbel-max of their distribution under
+        ``noise.gumbel[r, k]`` instead of inverting the CDF at ``uniforms[r, k]``."""
         width = int(context_lens.max())
         table = slot_table(block_tables, width, self.block_size)  # [R, S]
         ctx_visible = torch.arange(width, device=anchors.device)[None] < context_lens[:, None]
+        if noise is not None and noise.gumbel is None:
+            noise = None
         if self.autoregressive:
             return self._propose_autoregressive(
-                req_ids, context_lens, table, ctx_visible, num_tokens, temperatures, uniforms
-            )
+                req_ids, context_lens, table, ctx_visible, num_tokens, temperatures, uniforms,
+                noise)
         return self._propose_parallel(
-            anchors, context_lens, table, ctx_visible, num_tokens, temperatures, uniforms
+            anchors, context_lens, table, ctx_visible, num_tokens, temperatures, uniforms, noise
         )
 
-    def _propose_parallel(self, anchors, context_lens, table, ctx_visible, num, temps, uniforms):
+    def _propose_parallel(self, anchors, context_lens, table, ctx_visible, num, temps, uniforms,
+                          noise):
         d, cfg = self.drafter, self.config
         num_req, block = anchors.shape[0], cfg.block_size
         block_ids, block_pos = d.draft_blocks(anchors, context_lens)  # [R, K] each
@@ -141,12 +148,12 @@ class DraftWorker:
         h = d.run_blocks(block_ids, block_pos, context)[:, :num]  # [R, n, d]
         base = d.lm_head(h)  # [R, n, V]
         markov = d.markov
-        if markov is None or markov.kind == "vanilla":
+        if noise is None and (markov is None or markov.kind == "vanilla"):
             w1 = markov.w1.weight if markov is not None else None
             w2 = markov.w2.weight if markov is not None else None
             tokens, probs = markov_sample(base, anchors, w1, w2, temps, uniforms[:, :num])
         else:
-            tokens, probs = self._sample_stateful(base, h, anchors, temps, uniforms)
+            tokens, probs = self._sample_stateful(base, h, anchors, temps, uniforms, noise)
         conf = None
         if d.confidence is not None:
             prev = torch.cat([anchors[:, None], tokens[:, :-1]], 1)  # [R, n]
@@ -154,28 +161,32 @@ class DraftWorker:
             conf = d.confidence(h, prev_embed)  # [R, n]
         return DraftOutput(tokens, probs, conf)
 
-    def _sample_stateful(self, base, h, anchors, temps, uniforms):
-        """Gated and RNN Markov heads: the same loop through ``MarkovHead.step``."""
+    def _sample_stateful(self, base, h, anchors, temps, uniforms, noise=None):
+        """Gated and RNN Markov heads, and any head with coupled rows: the slot-by-slot loop
+        through ``MarkovHead.step`` (no bias without a Markov head)."""
         markov, prev = self.drafter.markov, anchors
-        state = markov.init_state(anchors.shape[0], h[:, 0])
+        state = markov.init_state(anchors.shape[0], h[:, 0]) if markov is not None else None
         tokens, probs = [], []
         for k in range(base.shape[1]):
-            bias, state = markov.step(prev, h[:, k], state)
-            token, prob = sample_rows(base[:, k] + bias, temps, uniforms[:, k])
+            logits = base[:, k]
+            if markov is not None:
+                bias, state = markov.step(prev, h[:, k], state)
+                logits = logits + bias
+            token, prob = draw_drafts(logits, temps, uniforms[:, k], noise, k)
             tokens.append(token)
             probs.append(prob)
             prev = token
         return torch.stack(tokens, 1), torch.stack(probs, 1)
 
     def _propose_autoregressive(self, req_ids, context_lens, table, ctx_visible, num, temps,
-                                uniforms):
+                                uniforms, noise):
         d = self.drafter
         h = torch.stack([self.last_h[r] for r in req_ids])  # [R, d]
         attention = DraftPairs(gather_kv(self.kv.k[0], table), gather_kv(self.kv.v[0], table),
                                ctx_visible)
         tokens, probs = [], []
         for i in range(num):
-            token, prob = sample_rows(d.logits(h), temps, uniforms[:, i])  # [R], [R, V]
+            token, prob = draw_drafts(d.logits(h), temps, uniforms[:, i], noise, i)
             tokens.append(token)
             probs.append(prob)
             if i + 1 == num:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from dspark.kernels.accept import accepted_lengths
+from dspark.kernels.markov_sample import sample_rows
 from dspark.models.generation import (
     SamplingParams,
     gumbel_max,
@@ -95,6 +96,18 @@ def draft_noise(samplers: Sequence[RequestSampling], first_positions: Sequence[i
         gumbel[torch.tensor(rows, device=device)] = position_gumbel(
             seeds, positions, vocab).view(len(rows), block, vocab).to(device)
     return DraftNoise(uniforms, gumbel, torch.tensor(coupled, device=device))
+
+
+def draw_drafts(logits: torch.Tensor, temperatures: torch.Tensor, uniforms: torch.Tensor,
+                noise: DraftNoise | None, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draft slot ``slot`` of every row: logits [R, V] -> tokens [R], their distribution
+    [R, V]. Rows invert the CDF at ``uniforms``; coupled rows take the Gumbel-max under
+    their position noise instead (greedy rows the argmax)."""
+    tokens, probs = sample_rows(logits, temperatures, uniforms)
+    if noise is not None and noise.gumbel is not None:
+        coupled = gumbel_max(probs, noise.gumbel[:, slot])
+        tokens = torch.where(noise.coupled, coupled, tokens)
+    return tokens, probs
 
 
 def target_probs(

@@ -162,7 +162,7 @@ def propose(worker: DraftWorker, decoding: list[StepSeq], tables: torch.Tensor
         max(caps),
         torch.tensor([s.state.params.temperature for s in seqs], device=device),
         noise.uniforms,
-        # GUMBEL-PENDING
+        noise,
     )
     return DraftProposal(seqs, caps, out.tokens, out.probs, out.conf_logits)
 

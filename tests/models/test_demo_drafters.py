@@ -32,3 +32,21 @@ def test_committed_drafter_greedy_equals_plain_decoding_on_21_prompts(demo, demo
                     for ids in prompts]
     tau = sum(r.committed for r in rounds) / len(rounds)
     assert tau > 1.0  # a trained drafter gets some drafts accepted
+
+
+@pytest.mark.parametrize("name", ["dspark", "eagle3"])
+def test_seeded_sampling_couples_the_drafter_and_keeps_the_plain_text(demo, demo_target_dir,
+                                                                       name):
+    """At T=1 a seeded request's drafts are drawn with the target's position noise: they
+    are accepted often (independent noise accepts almost none), and the text is plain
+    decoding's with that seed."""
+    target, tokenizer, prompts = demo
+    drafter = load_drafter(demo_target_dir.parent / "drafters" / name, target)
+    params = [SamplingParams(temperature=1.0, max_tokens=32, seed=i) for i in range(8)]
+    rounds = []
+    engine = offline_engine(target, drafter, 8, lambda req_id, r: rounds.append(r))
+    spec = engine.generate(prompts[:8], params, tokenizer.stop_ids)
+    assert spec == [list(generate_tokens(target, ids, p, tokenizer.stop_ids))
+                    for ids, p in zip(prompts[:8], params)]
+    tau = sum(r.committed for r in rounds) / len(rounds)
+    assert tau > 1.3, tau
