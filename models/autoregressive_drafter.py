@@ -25,8 +25,7 @@ from torch import nn
 
 from dspark.models.draft_layers import DrafterBase, InjectedAttention
 from dspark.models.drafter_config import DrafterConfig
-from dspark.models.kv_cache import AttentionBackend, ContiguousAttention, KVCache
-from dspark.models.parallel_drafter import Proposal, draft_probs, sample_token
+from dspark.models.kv_cache import AttentionBackend, KVCache
 from dspark.models.target import RMSNorm, RotaryEmbedding, SwiGLU
 
 
@@ -107,10 +106,6 @@ class AutoregressiveDrafter(DrafterBase):
             out_logits.append(self.logits(h))
         return out_logits
 
-    def new_session(self) -> AutoregressiveSession:
-        return AutoregressiveSession(self)
-
-
 class TrainingTimeTest:
     """The attention backend of TTT: step 0's keys are the true-feature pairs (causal); the
     query of step s at position t also sees its own earlier steps' keys at position t only
@@ -140,62 +135,3 @@ class TrainingTimeTest:
         for j, dv in enumerate(self.diag_v):
             out = out + weights[..., seq + j : seq + j + 1] * dv
         return out
-
-
-class AutoregressiveSession:
-    """Per-request state: the layer's K/V of committed pairs (a contiguous cache) and the
-    last pair's output.
-
-    NOTE: drafts' K/V are written past the committed length while proposing and rolled back
-    after, so the cache holds exactly the committed pairs between calls.
-    """
-
-    def __init__(self, drafter: AutoregressiveDrafter) -> None:
-        self.drafter = drafter
-        self.cache = drafter.new_kv_cache()
-        self.last_h: torch.Tensor | None = None  # [1, 1, d]
-
-    @property
-    def length(self) -> int:
-        return self.cache.length
-
-    @torch.no_grad()
-    def extend(self, features: torch.Tensor, next_tokens: list[int]) -> None:
-        """Append pairs (feature of position j, token j + 1) for the next n positions."""
-        device = features.device
-        num = features.shape[0]
-        h0 = self.drafter.fc(features[None].float())  # [1, n, d]
-        tokens = torch.tensor([next_tokens], device=device)
-        pos = torch.arange(self.length, self.length + num, device=device)[None]
-        out = self.drafter.step(h0, tokens, pos, ContiguousAttention(self.cache))
-        self.cache.advance(num)
-        self.last_h = out[:, -1:]
-
-    @torch.no_grad()
-    def propose(
-        self,
-        anchor: int,
-        temperature: float,
-        gen: torch.Generator | None,
-        max_tokens: int,
-        stop_ids: tuple[int, ...] = (),
-    ) -> Proposal:
-        """Up to ``max_tokens`` drafts, stopping after a stop token; the anchor is already
-        paired with the last committed feature."""
-        del anchor
-        d, committed = self.drafter, self.length
-        attention = ContiguousAttention(self.cache)
-        h = self.last_h
-        tokens, prob_rows = [], []
-        for i in range(min(max_tokens, d.config.block_size)):
-            probs = draft_probs(d.logits(h)[0, -1], temperature)
-            token = sample_token(probs, temperature, gen)
-            tokens.append(token)
-            prob_rows.append(probs)
-            if token in stop_ids or i + 1 == min(max_tokens, d.config.block_size):
-                break
-            pos = torch.tensor([[committed + i]], device=h.device)
-            h = d.step(h, torch.tensor([[token]], device=h.device), pos, attention)
-            self.cache.advance(1)
-        self.cache.truncate(committed)
-        return Proposal(tokens=tokens, probs=torch.stack(prob_rows))

@@ -15,8 +15,6 @@ confidence head; DFlash samples every slot independently from the backbone logit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -28,33 +26,8 @@ from dspark.models.draft_layers import (
     MarkovHead,
 )
 from dspark.models.drafter_config import DrafterConfig
-from dspark.models.generation import sampling_probs
 from dspark.models.kv_cache import AttentionBackend
 from dspark.models.target import RMSNorm, RotaryEmbedding
-
-
-@dataclass
-class Proposal:
-    """One round's drafts: tokens, the distribution each was sampled from, confidences."""
-
-    tokens: list[int]  # m draft tokens
-    probs: torch.Tensor  # [m, V] draft distribution of each token (one-hot when greedy)
-    conf_logits: torch.Tensor | None = None  # [m] raw confidence logits, or None
-
-
-def draft_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """softmax(logits / T), or the argmax one-hot at T = 0; logits: [..., V]."""
-    if temperature <= 0.0:
-        idx = logits.argmax(-1, keepdim=True)
-        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, idx, 1.0)
-    return sampling_probs(logits, temperature, 1.0)
-
-
-def sample_token(probs: torch.Tensor, temperature: float, gen: torch.Generator | None) -> int:
-    # probs: [V]
-    if temperature <= 0.0:
-        return int(probs.argmax())
-    return int(torch.multinomial(probs, 1, generator=gen))
 
 
 def block_attention_mask(
@@ -169,87 +142,3 @@ class ParallelDrafter(DrafterBase):
             prev_embed = self.markov.w1(prev_ids) if self.markov is not None else None
             conf = self.confidence(h, prev_embed)
         return logits, conf
-
-    def sample_block(
-        self, h: torch.Tensor, anchor: int, temperature: float, gen: torch.Generator | None
-    ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-        """Left-to-right sampling through the Markov head; h: [K, d].
-
-        Returns the tokens, the corrected logits [K, V] and their draft distribution [K, V].
-        """
-        base = self.lm_head(h)  # [K, V]
-        if self.markov is None:
-            probs = draft_probs(base, temperature)
-            return [sample_token(p, temperature, gen) for p in probs], base, probs
-        # NOTE: order matters: sample x_k, then compute the bias of slot k+1 from x_k.
-        prev = torch.tensor([anchor], device=h.device)
-        state = self.markov.init_state(1, h)
-        tokens, rows, prob_rows = [], [], []
-        for k in range(h.shape[0]):
-            bias, state = self.markov.step(prev, h[k : k + 1], state)
-            logits_k = base[k] + bias[0]
-            probs_k = draft_probs(logits_k, temperature)
-            token = sample_token(probs_k, temperature, gen)
-            tokens.append(token)
-            rows.append(logits_k)
-            prob_rows.append(probs_k)
-            prev = torch.tensor([token], device=h.device)
-        return tokens, torch.stack(rows), torch.stack(prob_rows)
-
-    def new_session(self) -> ParallelSession:
-        return ParallelSession(self)
-
-
-class ParallelSession:
-    """Per-request drafting state: the context K/V of every draft layer.
-
-    NOTE: block K/V are never stored; after a round only verified target features extend
-    the context, so the cache holds exactly the positions before the next anchor.
-    """
-
-    def __init__(self, drafter: ParallelDrafter) -> None:
-        self.drafter = drafter
-        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.length = 0
-        self.report_base_probs = False
-        """Report the uncorrected backbone distribution instead of the one the tokens were
-        sampled from. Never set in serving: it exists so a test can show that this breaks
-        losslessness (method digest §12.10)."""
-
-    @torch.no_grad()
-    def extend(self, features: torch.Tensor, next_tokens: list[int]) -> None:
-        """Append target features [n, F] of the next n positions (``next_tokens`` unused)."""
-        del next_tokens
-        num = features.shape[0]
-        pos = torch.arange(self.length, self.length + num, device=features.device)[None]
-        new = self.drafter.context_kv(features[None], pos)
-        if self.kv is None:
-            self.kv = new
-        else:
-            self.kv = [
-                (torch.cat([k, nk], 2), torch.cat([v, nv], 2))
-                for (k, v), (nk, nv) in zip(self.kv, new)
-            ]
-        self.length += num
-
-    @torch.no_grad()
-    def propose(
-        self, anchor: int, temperature: float, gen: torch.Generator | None, max_tokens: int
-    ) -> Proposal:
-        """Draft up to ``max_tokens`` (≤ γ) tokens after ``anchor`` (at position ``length``)."""
-        drafter = self.drafter
-        device = drafter.lm_head.weight.device
-        block_ids, block_pos = drafter.draft_blocks(
-            torch.tensor([anchor], device=device), torch.tensor([self.length], device=device)
-        )  # [1, K] each
-        h = drafter.run_blocks(block_ids, block_pos, ContextAttention(self.kv, None))[0]  # [K, d]
-        h = h[:max_tokens]
-        tokens, _, probs = drafter.sample_block(h, anchor, temperature, gen)
-        if self.report_base_probs:
-            probs = draft_probs(drafter.lm_head(h), temperature)
-        conf = None
-        if drafter.confidence is not None:
-            prev = torch.tensor([anchor] + tokens[:-1], device=device)
-            prev_embed = drafter.markov.w1(prev) if drafter.markov is not None else None
-            conf = drafter.confidence(h, prev_embed)
-        return Proposal(tokens=tokens, probs=probs, conf_logits=conf)

@@ -20,7 +20,6 @@ MAX_FUNCTION_LINES = 60
 PENDING = {
     "cluster/app.py",
     "cluster/openai_api.py",
-    "models/speculative.py",
 }
 
 

@@ -7,10 +7,10 @@ import torch
 
 from dspark.models.drafter_checkpoint import load_drafter
 from dspark.models.generation import SamplingParams, generate_tokens
-from dspark.models.speculative import speculative_generate
 from dspark.training.drafter_train import DrafterTrainer, TrainDrafterConfig
 from dspark.training.feature_cache import FeatureCache, build_feature_cache
 from dspark.training.regenerate import Sample, regenerate
+from dspark.workers.offline import offline_engine
 
 MASK_ID = 4
 
@@ -77,9 +77,8 @@ def test_training_lowers_the_loss_and_the_checkpoint_decodes_losslessly(
     assert drafter.config.training["method"] == method
     params = SamplingParams(temperature=0.0, max_tokens=20)
     ids = samples[0].prompt_ids
-    assert list(speculative_generate(target, drafter, ids, params)) == list(
-        generate_tokens(target, ids, params)
-    )
+    engine = offline_engine(target, drafter, 1)
+    assert engine.generate([ids], params) == [list(generate_tokens(target, ids, params))]
 
 
 def test_resumed_training_is_identical_to_uninterrupted(tiny_cache, tmp_path):
