@@ -36,7 +36,8 @@ from dspark.models.autoregressive_drafter import AutoregressiveDrafter
 from dspark.models.drafter_checkpoint import Drafter
 from dspark.workers.budget import StepCostTable
 from dspark.workers.model_runner import PagedAttention, PagedKV, token_slots
-from dspark.workers.sampling import DraftNoise, draw_drafts
+from dspark.workers.sampling import DraftNoise, draft_noise, draw_drafts
+from dspark.workers.step import DraftProposal, SeqRows, StepSeq
 
 
 @dataclass
@@ -105,6 +106,68 @@ class DraftWorker:
         last = h[0, batch.cu[1:] - 1]  # [R, d]
         for r, req_id in enumerate(batch.req_ids):
             self.last_h[req_id] = last[r]
+
+    # ------------------------------------------------------------------ a step
+    @torch.no_grad()
+    def propose_step(self, decoding: list[StepSeq], tables: torch.Tensor
+                     ) -> DraftProposal | None:
+        """Draft for every decoding request that can use drafts this step."""
+        caps = []
+        for s in decoding:
+            remaining = s.request.max_tokens - len(s.request.output_ids)
+            # NOTE: a prefix-cache hit can leave a request decoding before the drafter has seen
+            # any of its rows; it drafts from the next step on
+            ready = self.ready(s.request.req_id)
+            caps.append(max(0, min(s.item.num_lookahead, remaining - 1)) if ready else 0)
+        chosen = [(s, c) for s, c in zip(decoding, caps) if c > 0]
+        if not chosen:
+            return None
+        seqs, caps = [s for s, _ in chosen], [c for _, c in chosen]
+        device, cfg = tables.device, self.config
+        noise = draft_noise([s.state.sampling for s in seqs], [s.first_position for s in seqs],
+                            cfg.block_size, cfg.vocab_size, device)
+        out = self.propose(
+            [s.request.req_id for s in seqs],
+            torch.tensor([s.known[0] for s in seqs], device=device),
+            torch.tensor([s.start for s in seqs], device=device),
+            tables.index_select(0, torch.tensor([s.row for s in seqs], device=device)),
+            max(caps),
+            torch.tensor([s.state.params.temperature for s in seqs], device=device),
+            noise.uniforms,
+            noise,
+        )
+        return DraftProposal(seqs, caps, out.tokens, out.probs, out.conf_logits)
+
+    def extend_step(self, layout: list[SeqRows], new_tokens: dict[str, list[int]],
+                    features: torch.Tensor, tables: torch.Tensor) -> None:
+        """Write the drafter K/V of the positions committed this step."""
+        rows, next_ids, positions, cu, req_ids = [], [], [], [0], []
+        offset = 0
+        for lay in layout:
+            s = lay.seq
+            req = s.request
+            new = new_tokens.get(req.req_id, [])
+            if s.prefill:
+                num = len(lay.fed)
+                following = req.all_ids[s.start + 1 : s.start + num + 1] + new[:1]
+            else:
+                num, following = len(new), new
+            rows += range(offset, offset + num)
+            next_ids += following[:num]
+            positions += range(s.start, s.start + num)
+            cu.append(len(rows))
+            req_ids.append(req.req_id)
+            offset += len(lay.fed)
+        dev = tables.device
+        self.extend(ExtendBatch(
+            req_ids=req_ids,
+            features=features[torch.tensor(rows, device=dev)],
+            next_ids=torch.tensor(next_ids, device=dev),
+            positions=torch.tensor(positions, device=dev),
+            cu=torch.tensor(cu, device=dev),
+            block_tables=tables,
+            max_q=max(b - a for a, b in zip(cu, cu[1:])),
+        ))
 
     # ------------------------------------------------------------------ propose
     @torch.no_grad()

@@ -28,6 +28,7 @@ from dspark.workers.drafting import DraftWorker, profile_draft_costs
 from dspark.workers.engine_config import EngineConfig
 from dspark.workers.expert_parallel import forward_empty
 from dspark.workers.model_runner import ModelRunner, profile_step_costs
+from dspark.workers.sampling import sample_step, score_prompts
 from dspark.workers.scheduler import Request, RequestResult, Scheduler, SchedulerConfig
 from dspark.workers.stats import RoundRecord, StepStats, step_stats
 from dspark.workers.step import (
@@ -35,9 +36,8 @@ from dspark.workers.step import (
     RequestOutput,
     RequestState,
     StepSeq,
-    Verifier,
+    Verified,
     block_tables,
-    propose,
 )
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,6 @@ class Engine:
         sts = torch.tensor(temps or [1.0] * max(self.gamma, 1), device=self.device)
         self.budget = make_budget(cfg.budget, self.costs, sts, cfg.threshold, external_tokens)
         self.gate = make_gate(self.gamma, self.costs, gated, cfg.probe_every)
-        self.verifier = Verifier(self.runner, self.draft_worker)
         self.states: dict[str, RequestState] = {}
         self.step_count = self.num_errors = 0
         self._ids, self._seeds = itertools.count(), itertools.count()
@@ -201,14 +200,20 @@ class Engine:
         proposal = None
         if self.draft_worker is not None and decoding and self.gate.should_draft(
                 len(decoding), load):
-            proposal = propose(self.draft_worker, decoding, tables)
+            proposal = self.draft_worker.propose_step(decoding, tables)
         clock.append(time.perf_counter())
         plan = None
         if proposal is not None:
             plan = self.budget.plan(proposal.conf_logits, proposal.caps,
                                     load + len(decoding) - len(proposal.seqs))
         clock.append(time.perf_counter())
-        verified = self.verifier.verify(seqs, proposal, plan, tables, clock)
+        result, rows, num_rows = self.runner.verify(seqs, proposal, plan, tables)
+        clock.append(time.perf_counter())
+        score_prompts(rows, result.logits)
+        verified = Verified(*sample_step(rows, proposal, result.logits), num_rows)
+        clock.append(time.perf_counter())
+        if self.draft_worker is not None:
+            self.draft_worker.extend_step(rows, verified.new_tokens, result.features, tables)
         outputs = self._commit(sched, seqs, proposal, plan, verified.new_tokens)
         clock.append(time.perf_counter())
         self._learn(proposal, plan, verified.num_tokens, clock)

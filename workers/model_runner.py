@@ -21,7 +21,8 @@ import torch
 
 from dspark.kernels.paged_attention import paged_attention, paged_layout, slot_table
 from dspark.models.target import TargetModel
-from dspark.workers.budget import StepCostTable
+from dspark.workers.budget import StepCostTable, VerificationPlan
+from dspark.workers.step import DraftProposal, SeqRows, StepSeq
 
 
 @dataclass
@@ -120,6 +121,55 @@ class ModelRunner:
         self.kv = PagedKV(
             cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
             cfg.head_dim, param.dtype, param.device,
+        )
+
+    def verify(self, seqs: list[StepSeq], proposal: DraftProposal | None,
+               plan: VerificationPlan | None, tables: torch.Tensor
+               ) -> tuple[RunnerOutput, list[SeqRows], int]:
+        """Lay the step out (each request's fed tokens, kept drafts included, contiguous;
+        the logit rows tokens are drawn from or prompts scored at) and run the target:
+        (logits and features, each request's rows, rows of the forward)."""
+        rows = self._rows(seqs, proposal, plan)
+        batch = self._batch(rows, tables)
+        return self.forward(batch), rows, batch.num_tokens
+
+    @staticmethod
+    def _rows(seqs, proposal, plan) -> list[SeqRows]:
+        drafted = {}
+        if proposal is not None:
+            tokens = proposal.tokens.tolist()
+            drafted = {s.row: tokens[i][:n]
+                       for i, (s, n) in enumerate(zip(proposal.seqs, plan.lengths))}
+        return [SeqRows(s, s.known + drafted.get(s.row, []), drafted.get(s.row, []))
+                for s in seqs]
+
+    @staticmethod
+    def _batch(layout: list[SeqRows], tables: torch.Tensor) -> VerifyBatch:
+        ids, positions, cu, seq_lens, logit_rows = [], [], [0], [], []
+        for lay in layout:
+            s, row0 = lay.seq, len(ids)
+            ids += lay.fed
+            positions += range(s.start, s.start + len(lay.fed))
+            cu.append(len(ids))
+            seq_lens.append(s.start + len(lay.fed))
+            lay.logit_start = len(logit_rows)
+            if s.scores:
+                # NOTE: every row of the chunk scores the prompt token after it; the last
+                # row of the final chunk is also the one the first token is drawn from
+                lay.num_scored = len(lay.fed) - (1 if s.samples else 0)
+                logit_rows += range(row0, len(ids))
+            elif s.samples:
+                first = row0 + len(lay.fed) - 1 if s.prefill else row0
+                logit_rows += range(first, len(ids))
+        dev = tables.device
+        return VerifyBatch(
+            input_ids=torch.tensor(ids, device=dev),
+            positions=torch.tensor(positions, device=dev),
+            cu_q=torch.tensor(cu, device=dev),
+            block_tables=tables,
+            seq_lens=torch.tensor(seq_lens, device=dev),
+            max_q=max(len(lay.fed) for lay in layout),
+            logit_rows=torch.tensor(logit_rows, device=dev, dtype=torch.long),
         )
 
     @torch.no_grad()

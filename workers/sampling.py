@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -37,8 +38,13 @@ from dspark.models.generation import (
     gumbel_max,
     inverse_cdf,
     position_gumbel,
+    process_logits,
     sampling_probs,
+    token_logprobs,
 )
+
+if TYPE_CHECKING:  # NOTE: step.py imports this module at run time
+    from dspark.workers.step import DraftProposal, SeqRows
 
 
 @dataclass(frozen=True)
@@ -208,3 +214,78 @@ def _random_tokens(samplers, probs, draft_probs, starts, accepted, cu, lens) -> 
         torch.rand((), generator=s.generator) if s.generator is not None else torch.zeros(())
         for s in samplers]) if samplers else torch.zeros(0)
     return inverse_cdf(dist, draws.to(probs.device))
+
+
+def score_prompts(rows: list[SeqRows], logits: torch.Tensor) -> None:
+    """Record the target's log-probability of every prompt token a chunk's rows
+    predict."""
+    for lay in rows:
+        s = lay.seq
+        if not s.scores:
+            continue
+        state, prompt = s.state, s.request.prompt_ids
+        wanted = [k for k in range(len(lay.fed))
+                  if s.start + k + 1 < len(prompt) and s.start + k not in state.prompt_scores]
+        if not wanted:
+            continue
+        index = torch.tensor([lay.logit_start + k for k in wanted], device=logits.device)
+        scores = token_logprobs(logits.index_select(0, index),
+                                [prompt[s.start + k + 1] for k in wanted],
+                                state.params.prompt_logprobs)
+        for k, score in zip(wanted, scores):
+            state.prompt_scores[s.start + k] = score
+
+
+def sample_step(rows: list[SeqRows], proposal: DraftProposal | None, logits: torch.Tensor
+                ) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """The committed tokens of every request that samples this step: its logit rows
+    with its modifiers applied, then ``verify``; the logprobs it asked for are stored on
+    its state. Returns (req_id -> new tokens, req_id -> accepted drafts)."""
+    sampling = [lay for lay in rows if lay.seq.samples]
+    if not sampling:
+        return {}, {}
+    rows_per = [len(lay.drafts) + 1 for lay in sampling]
+    if any(lay.num_scored for lay in rows):  # keep only the rows tokens are drawn from
+        keep = [lay.logit_start + lay.num_scored + k
+                for lay, n in zip(sampling, rows_per) for k in range(n)]
+        logits = logits.index_select(0, torch.tensor(keep, device=logits.device))
+    raw = logits  # [M, V] what logprobs report
+    logits = _process(sampling, logits, rows_per)
+    samplers = [lay.seq.state.sampling for lay in sampling]
+    probs = target_probs(logits, samplers, rows_per)
+    draft_probs = _draft_probs(sampling, proposal, probs)
+    out = verify(samplers, [lay.seq.first_position for lay in sampling], probs,
+                 [lay.drafts for lay in sampling], draft_probs)
+    start = 0
+    for lay, n, ids in zip(sampling, rows_per, out.output_ids):
+        state = lay.seq.state
+        if state.params.logprobs is not None:
+            state.new_logprobs = token_logprobs(raw[start : start + len(ids)], ids,
+                                                state.params.logprobs)
+        start += n
+    ids = [lay.seq.request.req_id for lay in sampling]
+    return dict(zip(ids, out.output_ids)), dict(zip(ids, out.num_accepted))
+
+
+def _process(sampling: list[SeqRows], logits: torch.Tensor, rows_per) -> torch.Tensor:
+    """Apply each request's penalties, bias and min_tokens at every verified position
+    (the drafts before a position count as generated there)."""
+    if not any(lay.seq.state.params.modifies_logits for lay in sampling):
+        return logits
+    logits, start = logits.clone(), 0
+    for lay, n in zip(sampling, rows_per):
+        params, req = lay.seq.state.params, lay.seq.request
+        if params.modifies_logits:
+            logits[start : start + n] = process_logits(
+                logits[start : start + n], params, req.output_ids, lay.drafts, req.stop_ids)
+        start += n
+    return logits
+
+
+def _draft_probs(sampling, proposal, probs) -> torch.Tensor:
+    """[sum ℓ_r, V] the distribution each verified draft was drawn from."""
+    if proposal is None or not sum(len(lay.drafts) for lay in sampling):
+        return probs.new_zeros(0, probs.shape[-1])
+    index = {s.row: i for i, s in enumerate(proposal.seqs)}
+    return torch.cat([proposal.probs[index[lay.seq.row], : len(lay.drafts)]
+                      for lay in sampling if lay.drafts])

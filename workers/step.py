@@ -1,25 +1,23 @@
-"""What one engine step carries between its stages, and the drafting and verification
-stages themselves.
+"""The values one engine step carries between its stages (definitions only; each is made
+once by its owner and read by the next stage):
 
-- ``StepSeq``: one scheduled request in this step (made once from the scheduler output);
-- ``DraftProposal``: what the drafter proposed, for which requests, with which caps;
-- ``Verifier.verify``: lays the verify batch out, runs the target, applies each request's
-  logit modifiers, scores prompts, and asks ``dspark.workers.sampling`` for the committed
-  tokens; then writes the drafter K/V of the committed positions.
+- ``StepSeq``: one scheduled request in this step (the engine, from the scheduler output);
+- ``DraftProposal``: what the drafter proposed, for which requests, with which caps
+  (``DraftWorker.propose_step``);
+- ``SeqRows``: where a request's rows sit in the verify batch (``ModelRunner.verify``);
+- ``Verified``: what verification committed (``sampling.sample_step``);
+- ``RequestState`` / ``RequestOutput``: a live request's bookkeeping, and what a step
+  returns for it.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 
-from dspark.models.generation import SamplingParams, TokenLogprob, process_logits, token_logprobs
-from dspark.workers.budget import VerificationPlan
-from dspark.workers.drafting import DraftWorker, ExtendBatch
-from dspark.workers.model_runner import ModelRunner, VerifyBatch
-from dspark.workers.sampling import RequestSampling, draft_noise, target_probs, verify
+from dspark.models.generation import SamplingParams, TokenLogprob
+from dspark.workers.sampling import RequestSampling
 from dspark.workers.scheduler import Request, ScheduledRequest
 from dspark.workers.stats import SpecStats
 
@@ -137,36 +135,6 @@ def block_tables(blocks, seqs: list[StepSeq], device) -> torch.Tensor:
     return torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
 
 
-def propose(worker: DraftWorker, decoding: list[StepSeq], tables: torch.Tensor
-            ) -> DraftProposal | None:
-    """Draft for every decoding request that can use drafts this step."""
-    caps = []
-    for s in decoding:
-        remaining = s.request.max_tokens - len(s.request.output_ids)
-        # NOTE: a prefix-cache hit can leave a request decoding before the drafter has seen
-        # any of its rows; it drafts from the next step on
-        ready = worker.ready(s.request.req_id)
-        caps.append(max(0, min(s.item.num_lookahead, remaining - 1)) if ready else 0)
-    chosen = [(s, c) for s, c in zip(decoding, caps) if c > 0]
-    if not chosen:
-        return None
-    seqs, caps = [s for s, _ in chosen], [c for _, c in chosen]
-    device, cfg = tables.device, worker.config
-    noise = draft_noise([s.state.sampling for s in seqs], [s.first_position for s in seqs],
-                        cfg.block_size, cfg.vocab_size, device)
-    out = worker.propose(
-        [s.request.req_id for s in seqs],
-        torch.tensor([s.known[0] for s in seqs], device=device),
-        torch.tensor([s.start for s in seqs], device=device),
-        tables.index_select(0, torch.tensor([s.row for s in seqs], device=device)),
-        max(caps),
-        torch.tensor([s.state.params.temperature for s in seqs], device=device),
-        noise.uniforms,
-        noise,
-    )
-    return DraftProposal(seqs, caps, out.tokens, out.probs, out.conf_logits)
-
-
 @dataclass(frozen=True)
 class Verified:
     """What verification committed this step."""
@@ -179,8 +147,9 @@ class Verified:
 
 
 @dataclass
-class _Layout:
-    """Where one request's rows sit in the verify batch and its logits."""
+class SeqRows:
+    """Where one request's rows sit in the verify batch and its logits (laid out by the
+    model runner)."""
 
     seq: StepSeq
     fed: list[int]
@@ -189,161 +158,3 @@ class _Layout:
     num_scored: int = 0
 
 
-class Verifier:
-    def __init__(self, runner: ModelRunner, draft_worker: DraftWorker | None) -> None:
-        self.runner, self.draft_worker = runner, draft_worker
-
-    def verify(self, seqs: list[StepSeq], proposal: DraftProposal | None,
-               plan: VerificationPlan | None, tables: torch.Tensor, clock: list) -> Verified:
-        layout = self._layout(seqs, proposal, plan)
-        batch = self._batch(layout, tables)
-        result = self.runner.forward(batch)
-        clock.append(_now())
-        self._score_prompts(layout, result.logits)
-        new_tokens, accepted = self._sample(layout, proposal, result.logits)
-        clock.append(_now())
-        if self.draft_worker is not None:
-            self._extend(layout, new_tokens, result.features, tables)
-        return Verified(new_tokens, accepted, batch.num_tokens)
-
-    @staticmethod
-    def _layout(seqs, proposal, plan) -> list[_Layout]:
-        drafted = {}
-        if proposal is not None:
-            tokens = proposal.tokens.tolist()
-            drafted = {s.row: tokens[i][:n]
-                       for i, (s, n) in enumerate(zip(proposal.seqs, plan.lengths))}
-        return [_Layout(s, s.known + drafted.get(s.row, []), drafted.get(s.row, []))
-                for s in seqs]
-
-    def _batch(self, layout: list[_Layout], tables: torch.Tensor) -> VerifyBatch:
-        ids, positions, cu, seq_lens, logit_rows = [], [], [0], [], []
-        for lay in layout:
-            s, row0 = lay.seq, len(ids)
-            ids += lay.fed
-            positions += range(s.start, s.start + len(lay.fed))
-            cu.append(len(ids))
-            seq_lens.append(s.start + len(lay.fed))
-            lay.logit_start = len(logit_rows)
-            if s.scores:
-                # NOTE: every row of the chunk scores the prompt token after it; the last
-                # row of the final chunk is also the one the first token is drawn from
-                lay.num_scored = len(lay.fed) - (1 if s.samples else 0)
-                logit_rows += range(row0, len(ids))
-            elif s.samples:
-                first = row0 + len(lay.fed) - 1 if s.prefill else row0
-                logit_rows += range(first, len(ids))
-        dev = tables.device
-        return VerifyBatch(
-            input_ids=torch.tensor(ids, device=dev),
-            positions=torch.tensor(positions, device=dev),
-            cu_q=torch.tensor(cu, device=dev),
-            block_tables=tables,
-            seq_lens=torch.tensor(seq_lens, device=dev),
-            max_q=max(len(lay.fed) for lay in layout),
-            logit_rows=torch.tensor(logit_rows, device=dev, dtype=torch.long),
-        )
-
-    @staticmethod
-    def _score_prompts(layout: list[_Layout], logits: torch.Tensor) -> None:
-        """Record the target's log-probability of every prompt token a chunk's rows
-        predict."""
-        for lay in layout:
-            s = lay.seq
-            if not s.scores:
-                continue
-            state, prompt = s.state, s.request.prompt_ids
-            wanted = [k for k in range(len(lay.fed))
-                      if s.start + k + 1 < len(prompt) and s.start + k not in state.prompt_scores]
-            if not wanted:
-                continue
-            index = torch.tensor([lay.logit_start + k for k in wanted], device=logits.device)
-            scores = token_logprobs(logits.index_select(0, index),
-                                    [prompt[s.start + k + 1] for k in wanted],
-                                    state.params.prompt_logprobs)
-            for k, score in zip(wanted, scores):
-                state.prompt_scores[s.start + k] = score
-
-    def _sample(self, layout, proposal, logits):
-        sampling = [lay for lay in layout if lay.seq.samples]
-        if not sampling:
-            return {}, {}
-        rows_per = [len(lay.drafts) + 1 for lay in sampling]
-        if any(lay.num_scored for lay in layout):  # keep only the rows tokens are drawn from
-            keep = [lay.logit_start + lay.num_scored + k
-                    for lay, n in zip(sampling, rows_per) for k in range(n)]
-            logits = logits.index_select(0, torch.tensor(keep, device=logits.device))
-        raw = logits  # [M, V] what logprobs report
-        logits = _process(sampling, logits, rows_per)
-        samplers = [lay.seq.state.sampling for lay in sampling]
-        probs = target_probs(logits, samplers, rows_per)
-        draft_probs = _draft_probs(sampling, proposal, probs)
-        out = verify(samplers, [lay.seq.first_position for lay in sampling], probs,
-                     [lay.drafts for lay in sampling], draft_probs)
-        start = 0
-        for lay, n, ids in zip(sampling, rows_per, out.output_ids):
-            state = lay.seq.state
-            if state.params.logprobs is not None:
-                state.new_logprobs = token_logprobs(raw[start : start + len(ids)], ids,
-                                                    state.params.logprobs)
-            start += n
-        ids = [lay.seq.request.req_id for lay in sampling]
-        return dict(zip(ids, out.output_ids)), dict(zip(ids, out.num_accepted))
-
-    def _extend(self, layout, new_tokens, features, tables) -> None:
-        """Write the drafter K/V of the positions committed this step."""
-        rows, next_ids, positions, cu, req_ids = [], [], [], [0], []
-        offset = 0
-        for lay in layout:
-            s = lay.seq
-            req = s.request
-            new = new_tokens.get(req.req_id, [])
-            if s.prefill:
-                num = len(lay.fed)
-                following = req.all_ids[s.start + 1 : s.start + num + 1] + new[:1]
-            else:
-                num, following = len(new), new
-            rows += range(offset, offset + num)
-            next_ids += following[:num]
-            positions += range(s.start, s.start + num)
-            cu.append(len(rows))
-            req_ids.append(req.req_id)
-            offset += len(lay.fed)
-        dev = tables.device
-        self.draft_worker.extend(ExtendBatch(
-            req_ids=req_ids,
-            features=features[torch.tensor(rows, device=dev)],
-            next_ids=torch.tensor(next_ids, device=dev),
-            positions=torch.tensor(positions, device=dev),
-            cu=torch.tensor(cu, device=dev),
-            block_tables=tables,
-            max_q=max(b - a for a, b in zip(cu, cu[1:])),
-        ))
-
-
-def _process(sampling: list[_Layout], logits: torch.Tensor, rows_per) -> torch.Tensor:
-    """Apply each request's penalties, bias and min_tokens at every verified position
-    (the drafts before a position count as generated there)."""
-    if not any(lay.seq.state.params.modifies_logits for lay in sampling):
-        return logits
-    logits, start = logits.clone(), 0
-    for lay, n in zip(sampling, rows_per):
-        params, req = lay.seq.state.params, lay.seq.request
-        if params.modifies_logits:
-            logits[start : start + n] = process_logits(
-                logits[start : start + n], params, req.output_ids, lay.drafts, req.stop_ids)
-        start += n
-    return logits
-
-
-def _draft_probs(sampling, proposal, probs) -> torch.Tensor:
-    """[sum ℓ_r, V] the distribution each verified draft was drawn from."""
-    if proposal is None or not sum(len(lay.drafts) for lay in sampling):
-        return probs.new_zeros(0, probs.shape[-1])
-    index = {s.row: i for i, s in enumerate(proposal.seqs)}
-    return torch.cat([proposal.probs[index[lay.seq.row], : len(lay.drafts)]
-                      for lay in sampling if lay.drafts])
-
-
-def _now() -> float:
-    return time.perf_counter()

@@ -14,6 +14,7 @@ import torch
 from dspark.models.generation import SamplingParams, generate_tokens
 from dspark.workers import step as step_module
 from dspark.workers.budget import StepCostTable
+from dspark.workers.drafting import DraftWorker
 from dspark.workers.engine import Engine, EngineConfig
 
 COST = StepCostTable((1, 8, 64), (100.0, 90.0, 40.0))
@@ -98,7 +99,7 @@ def test_t1_distribution_is_exact_and_a_wrong_draft_distribution_is_caught(
     assert good < CHI2_11_999, good
     if seeded:
         return  # coupling never reads the draft distribution: nothing to break
-    real = step_module.propose
+    real = DraftWorker.propose_step
 
     def uniform_probs(*args):  # claim every draft came from the uniform distribution
         proposal = real(*args)
@@ -108,8 +109,7 @@ def test_t1_distribution_is_exact_and_a_wrong_draft_distribution_is_caught(
         return step_module.DraftProposal(proposal.seqs, proposal.caps, proposal.tokens, flat,
                                          proposal.conf_logits)
 
-    monkeypatch.setattr(step_module, "propose", uniform_probs)
-    monkeypatch.setattr("dspark.workers.engine.propose", uniform_probs)
+    monkeypatch.setattr(DraftWorker, "propose_step", uniform_probs)
     bad = chi_square(third_token_counts(target, drafter, ids, 1000, seeded), exact)
     assert bad > 2 * CHI2_11_999, bad  # p < 1e-12
 
