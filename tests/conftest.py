@@ -7,6 +7,7 @@ phones home, Triton runs its interpreter on CPU, and Hugging Face never reaches 
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -22,6 +23,10 @@ import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_TARGET = REPO_ROOT / "checkpoints" / "target"
+
+# NOTE: the plainly written reference implementations the tests check the engine against
+# (tests/oracles/: drafter_oracle, budget_reference) import by name; tests/ is no package
+sys.path.insert(0, str(Path(__file__).resolve().parent / "oracles"))
 
 torch.set_num_threads(1)  # tiny test models: one thread beats two
 

@@ -8,25 +8,10 @@ import random
 
 import pytest
 import torch
+from budget_reference import algorithm1, survival, topk_budget
 
 from dspark.kernels.prefix_select import prefix_cut_torch, prefix_cut_triton, select_prefixes
 from dspark.workers.budget import StepCostTable
-
-
-def _load_reference():
-    """tests/ is not a package (pytest's importlib mode): load the reference by path."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "workers" / "budget_reference.py"
-    spec = importlib.util.spec_from_file_location("budget_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_ref = _load_reference()
-algorithm1, survival, topk_budget = _ref.algorithm1, _ref.survival, _ref.topk_budget
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETED else "cuda"

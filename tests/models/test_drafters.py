@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import drafter_oracle
 import pytest
 import torch
 
@@ -10,23 +11,6 @@ from dspark.models.drafter_checkpoint import load_drafter, save_drafter
 from dspark.models.drafter_config import DrafterConfig, DrafterConfigError
 from dspark.models.kv_cache import ContiguousAttention
 from dspark.models.parallel_drafter import block_attention_mask
-
-
-def load_oracle():
-    """tests/ is not a package (pytest's importlib mode): load the oracle by path."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "models" / "drafter_oracle.py"
-    spec = importlib.util.spec_from_file_location("drafter_oracle", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # NOTE: dataclasses look their module up
-    spec.loader.exec_module(module)
-    return sys.modules[spec.name]
-
-
-oracle = load_oracle()
 
 MASK_ID = 4
 
@@ -119,7 +103,7 @@ def test_training_forward_matches_inference_proposal(make_drafter, make_model, m
     anchors = torch.tensor([[6, 11]])
     h = drafter.train_hidden(ids, feats, anchors, torch.tensor([[True, True]]))
     for j, a in enumerate(anchors[0].tolist()):
-        session = oracle.new_session(drafter)
+        session = drafter_oracle.new_session(drafter)
         session.extend(feats[0, :a], ids[0, 1 : a + 1].tolist())
         block_ids = torch.full((1, 7), MASK_ID)
         block_ids[0, 0] = ids[0, a]
@@ -128,7 +112,8 @@ def test_training_forward_matches_inference_proposal(make_drafter, make_model, m
         torch.testing.assert_close(h[0, j], h_inf, atol=1e-5, rtol=1e-5)
         prev = ids[0, a : a + 7]
         logits_train, conf_train = drafter.teacher_forced_heads(h[0, j], prev)
-        tokens, logits_inf, _ = oracle.sample_block(drafter, h_inf, int(ids[0, a]), 0.0, None)
+        tokens, logits_inf, _ = drafter_oracle.sample_block(drafter, h_inf, int(ids[0, a]), 0.0,
+                                                            None)
         # greedy sampling feeds its own tokens; with teacher tokens equal to them, the
         # corrected logits must agree
         logits_teacher, _ = drafter.teacher_forced_heads(
@@ -147,7 +132,7 @@ def test_ttt_step_matches_inference_drafting(make_drafter, make_model):
     feats = target(ids, feature_layers=drafter.config.feature_layers).layer_features
     steps = drafter.ttt_logits(ids, feats, 4)  # 4 x [1, 16, V]
     t = 7
-    session = oracle.new_session(drafter)
+    session = drafter_oracle.new_session(drafter)
     session.extend(feats[0, : t + 1], ids[0, 1 : t + 2].tolist())
     h, attention = session.last_h, ContiguousAttention(session.cache)
     for s in range(4):

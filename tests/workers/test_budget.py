@@ -5,28 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from budget_reference import (
+    algorithm1,
+    capacity_from_stale,
+    fixed_budget,
+    survival,
+    threshold_budget,
+    topk_budget,
+)
 
 from dspark.models.generation import SamplingParams
 from dspark.workers.budget import StepCostTable
 from dspark.workers.sampling import RequestSampling, verify
-
-
-def _load_reference():
-    """tests/ is not a package (pytest's importlib mode): load the reference by path."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().with_name("budget_reference.py")
-    spec = importlib.util.spec_from_file_location("budget_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_ref = _load_reference()
-algorithm1, capacity_from_stale, fixed_budget = (
-    _ref.algorithm1, _ref.capacity_from_stale, _ref.fixed_budget)
-survival, threshold_budget, topk_budget = _ref.survival, _ref.threshold_budget, _ref.topk_budget
 
 SAMPLED = SamplingParams(temperature=1.0)
 FLAT = StepCostTable((1, 64), (10.0, 10.0))  # verifying more never costs more

@@ -3,28 +3,12 @@ drafting session proposes, for every drafter, in a batch of requests of differen
 
 from __future__ import annotations
 
+import drafter_oracle
 import pytest
 import torch
 
 from dspark.workers.block_manager import BlockManager
 from dspark.workers.drafting import DraftWorker, ExtendBatch
-
-
-def load_oracle():
-    """tests/ is not a package (pytest's importlib mode): load the oracle by path."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "models" / "drafter_oracle.py"
-    spec = importlib.util.spec_from_file_location("drafter_oracle", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # NOTE: dataclasses look their module up
-    spec.loader.exec_module(module)
-    return sys.modules[spec.name]
-
-
-oracle = load_oracle()
 
 
 @pytest.mark.parametrize("method", ["dspark", "dflash", "eagle3", "mtp"])
@@ -41,8 +25,8 @@ def test_batched_proposals_equal_single_request_sessions(make_model, make_drafte
     expected = []
     for i, (prompt, anchor) in enumerate(zip(prompts, anchors)):
         out = target(torch.tensor([prompt]), feature_layers=cfg.feature_layers)
-        feats = oracle.drafter_features(out, drafter)[0]  # [n, F]
-        session = oracle.new_session(drafter)
+        feats = drafter_oracle.drafter_features(out, drafter)[0]  # [n, F]
+        session = drafter_oracle.new_session(drafter)
         session.extend(feats, prompt[1:] + [anchor])
         expected.append(session.propose(anchor, 0.0, None, cfg.block_size))
         blocks.allocate(str(i), prompt + [anchor] + [0] * cfg.block_size)
