@@ -10,6 +10,7 @@ from dspark.workers.modes import BudgetMode
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUDGETS = tuple(m.value for m in BudgetMode)
+"""The names of the verification budgets (``BudgetMode`` lists them)."""
 
 
 @dataclass(frozen=True)
@@ -21,10 +22,11 @@ class ServeConfig:
     drafter: str = "dspark"
     """A drafter under checkpoints/drafters (dspark, dflash, eagle3, mtp), a path, or none."""
     budget: str | None = None
-    """Verification budget: cluster (Algorithm 1 with the expert-parallel group's load from
-    the board), algorithm1 (local load only), topk, threshold or fixed. None: cluster for a
-    drafter with a confidence head (dspark), fixed for the others. A confidence budget with
-    a drafter that has no confidence head is a start-up error, never a silent change."""
+    """Verification budget (a ``BudgetMode``): cluster (Algorithm 1 with the expert-parallel
+    group's load from the board), algorithm1 (local load only), topk, threshold or fixed.
+    None: cluster for a drafter with a confidence head (dspark), fixed for the others. A
+    confidence budget with a drafter that has no confidence head is a start-up error, never
+    a silent change."""
     num_speculative_tokens: int | None = None
     """γ, draft tokens proposed per request per step (none: the drafter's block size)."""
     replicas: int = 1
@@ -64,8 +66,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.router not in ("board", "pow2"):
             raise ValueError(f"router must be board or pow2, got {self.router!r}")
-        if self.budget is not None and self.budget not in BUDGETS:
-            raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
+        if self.budget is not None:
+            BudgetMode.parse(self.budget, "budget")
         for name in ("replicas", "ep_size", "max_num_seqs", "num_blocks",
                      "max_ongoing_requests", "max_waiting_per_replica", "max_request_bytes",
                      "max_json_depth"):
@@ -87,11 +89,16 @@ class ServeConfig:
             raise ValueError("model_name must be non-empty")
 
     @property
-    def effective_budget(self) -> str:
+    def budget_mode(self) -> BudgetMode:
         """The budget the replicas run (``budget``, or its default for the drafter)."""
         if self.budget is not None:
-            return self.budget
-        return "cluster" if self.drafter_has_confidence else "fixed"
+            return BudgetMode.parse(self.budget, "budget")
+        return BudgetMode.CLUSTER if self.drafter_has_confidence else BudgetMode.FIXED
+
+    @property
+    def effective_budget(self) -> str:
+        """The name of ``budget_mode`` (for messages)."""
+        return self.budget_mode.value
 
     @property
     def drafter_has_confidence(self) -> bool:

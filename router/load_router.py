@@ -52,32 +52,34 @@ class Ranked:
     has_board: bool
 
 
-def prefix_key(pending: PendingRequest | None, chars: int = 256) -> str | None:
-    """The routing prefix of a shard request: its prompt, prompt token ids or first messages'
-    text (None when the request has none)."""
+def shard_request(pending: PendingRequest | None) -> object | None:
+    """The shard request a call to ``TargetShard.generate`` carries (its first argument).
+
+    NOTE: read by its fields (``max_tokens``, ``messages``, ``prompt_ids``, ``prompt``: a
+    ``dspark.cluster.payloads.ShardRequest``), never imported: the router imports only
+    redis and ray.serve."""
     if pending is None or not pending.args:
         return None
-    request = pending.args[0]
-    if not isinstance(request, dict):
-        return None
-    if request.get("chat"):
-        text = "".join(_text(m.get("content")) for m in request.get("messages") or []
-                       if isinstance(m, dict))
-    elif isinstance(request.get("prompt_ids"), list):
-        text = ",".join(str(t) for t in request["prompt_ids"][:chars])
+    return pending.args[0]
+
+
+def prefix_key(pending: PendingRequest | None, chars: int = 256) -> str | None:
+    """The routing prefix of a shard request: its messages' text, its prompt token ids or
+    its prompt (None when the request has none)."""
+    request = shard_request(pending)
+    messages = getattr(request, "messages", None)
+    prompt_ids = getattr(request, "prompt_ids", None)
+    if messages is not None:
+        text = "".join(_text(getattr(m, "content", None)) for m in messages)
+    elif prompt_ids is not None:
+        text = ",".join(str(t) for t in list(prompt_ids)[:chars])
     else:
-        text = _text(request.get("prompt"))
+        text = _text(getattr(request, "prompt", None))
     return text[:chars] or None
 
 
 def _text(content: object) -> str:
-    """A message's text: a string, or the text parts of a list of content parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(part["text"] for part in content
-                       if isinstance(part, dict) and isinstance(part.get("text"), str))
-    return ""
+    return content if isinstance(content, str) else ""
 
 
 def prefix_hash(prefix: str) -> int:
@@ -93,9 +95,8 @@ DEFAULT_LENGTH = 128
 
 
 def request_length(pending: PendingRequest | None) -> int:
-    if pending is None or not pending.args or not isinstance(pending.args[0], dict):
-        return DEFAULT_LENGTH
-    return int(pending.args[0].get("max_tokens") or DEFAULT_LENGTH)
+    """The shard request's ``max_tokens`` (a default when it has none)."""
+    return int(getattr(shard_request(pending), "max_tokens", None) or DEFAULT_LENGTH)
 
 
 def service_rate(load: ReplicaLoad, in_flight: int | None, length: int = DEFAULT_LENGTH,

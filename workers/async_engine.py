@@ -7,7 +7,10 @@ Vocabulary:
 - *stream*: the per-request ``asyncio.Queue`` the loop thread feeds through the caller's
   event loop (``call_soon_threadsafe``);
 - *step listeners*: callables given every ``StepStats`` (load board, metrics); they run on
-  the loop thread after the step, never inside it.
+  the loop thread after the step, never inside it;
+- *queued*: requests the engine has not admitted yet (waiting in its scheduler, or handed
+  over but not yet taken by the loop thread); beyond ``max_waiting`` a new request is
+  refused with ``OverloadedError``.
 
 NOTE: cancelling a stream (client disconnect) aborts the request at the next step
 boundary, which frees its KV blocks.
@@ -25,11 +28,16 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from dspark.models.generation import SamplingParams
-from dspark.workers.engine import Engine, RequestOutput
+from dspark.workers.engine import Engine, EngineLoad, RequestOutput
 from dspark.workers.expert_parallel import any_rank_busy
 from dspark.workers.stats import StepStats
 
 logger = logging.getLogger(__name__)
+
+
+class OverloadedError(RuntimeError):
+    """The engine's queue is full (the HTTP ingress answers 429; it matches this error by
+    name, as it never imports the engine's side)."""
 
 
 @dataclass
@@ -45,10 +53,13 @@ class _Submission:
 class AsyncEngine:
     """Runs ``engine`` on a daemon thread; ``generate`` is safe to call from any event loop."""
 
-    def __init__(self, engine: Engine, idle_wait_s: float = 0.05, group=None) -> None:
+    def __init__(self, engine: Engine, idle_wait_s: float = 0.05, group=None,
+                 max_waiting: int | None = None) -> None:
         """``group``: the expert-parallel process group this engine is a rank of (the loop
-        then steps in lock-step with the other ranks), or None."""
+        then steps in lock-step with the other ranks), or None. ``max_waiting``: most
+        queued requests (None: no limit)."""
         self.engine = engine
+        self.max_waiting = max_waiting
         self.group = group
         if engine.lockstep != (group is not None):
             raise ValueError("an engine of an expert-parallel group must be built with "
@@ -58,6 +69,8 @@ class AsyncEngine:
         self.last_stats: StepStats | None = None
         self.acceptance_ewma: float | None = None
         self._inbox: queue.Queue = queue.Queue()
+        self._num_handed = 0  # "add"s in the inbox; guarded by _handed_lock
+        self._handed_lock = threading.Lock()
         self._streams: dict[str, _Submission] = {}
         self._ids = itertools.count()
         self._stop = threading.Event()
@@ -79,12 +92,17 @@ class AsyncEngine:
         req_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as steps commit them; the last one has
-        ``finished=True``. Cancelling the iteration aborts the request."""
+        ``finished=True``. Cancelling the iteration aborts the request. Bad input raises
+        ValueError and a full queue ``OverloadedError``, both before anything is queued."""
         self.validate(prompt_ids, params)
+        if self.max_waiting is not None and self._queued() >= self.max_waiting:
+            raise OverloadedError(f"{self.max_waiting} requests are waiting")
         req_id = req_id or f"async-{next(self._ids)}"
         stream: asyncio.Queue = asyncio.Queue()
         sub = _Submission(req_id, list(prompt_ids), params, tuple(stop_ids),
                           asyncio.get_running_loop(), stream)
+        with self._handed_lock:
+            self._num_handed += 1
         self._inbox.put(("add", sub))
         self._wake.set()
         finished = False
@@ -104,6 +122,10 @@ class AsyncEngine:
     def abort(self, req_id: str) -> None:
         self._inbox.put(("abort", req_id))
         self._wake.set()
+
+    def is_alive(self) -> bool:
+        """Whether the loop thread runs (it never exits before ``shutdown``)."""
+        return self._thread.is_alive()
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -151,6 +173,8 @@ class AsyncEngine:
                 return
             if kind == "add":
                 sub: _Submission = payload
+                with self._handed_lock:
+                    self._num_handed -= 1
                 try:
                     self.engine.add_request(sub.prompt_ids, sub.params, sub.stop_ids, sub.req_id)
                 except Exception as exc:
@@ -179,7 +203,7 @@ class AsyncEngine:
         return {
             "pending_tokens": load.pending_tokens,
             "running": load.num_running,
-            "queued": load.num_waiting + self._inbox.qsize(),
+            "queued": self._queued(load),
             "tokens_scheduled": self.last_stats.num_verify_tokens if self.last_stats else 0,
             "free_blocks": load.free_blocks,
             "total_blocks": load.total_blocks,
@@ -187,3 +211,7 @@ class AsyncEngine:
             "mean_survival": load.mean_survival,
             "timestamp": time.time(),
         }
+
+    def _queued(self, load: EngineLoad | None = None) -> int:
+        """Requests waiting in the engine plus those not yet handed to it."""
+        return (load or self.engine.load()).num_waiting + self._num_handed

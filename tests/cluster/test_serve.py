@@ -166,19 +166,27 @@ def test_python_clients_sync_async_and_errors(url, served_app, plain):
 
 
 def test_direct_deployment_handle_calls(served_app, plain):
-    """Python callers inside the Ray cluster can skip HTTP and stream from the shard."""
-    from ray import serve
-
-    handle = serve.get_deployment_handle("TargetShard", app_name="dspark")
-    request = {"chat": True, "messages": [{"role": "user", "content": PROMPT}],
-               "prompt": None, "max_tokens": 24, "temperature": 0.0, "top_p": 1.0,
-               "seed": None, "ignore_eos": False, "stop": []}
-
-    async def collect():
-        return [chunk async for chunk in handle.options(stream=True).generate.remote(request)]
-
+    """Python callers inside the Ray cluster can skip HTTP and stream typed chunks from the
+    shard; the engine's check refuses bad input before the first chunk."""
     import asyncio
 
-    chunks = asyncio.run(collect())
-    assert "".join(c["text"] for c in chunks) == plain(PROMPT, 24)
-    assert chunks[-1]["finish_reason"] in ("stop", "length")
+    from ray import serve
+
+    from dspark.cluster.payloads import Message, ShardChunk, ShardRequest
+
+    handle = serve.get_deployment_handle("TargetShard", app_name="dspark")
+    request = ShardRequest(messages=(Message("user", PROMPT),), max_tokens=24, temperature=0.0,
+                           stop=("no such stop string",))
+
+    async def collect(req):
+        return [chunk async for chunk in handle.options(stream=True).generate.remote(req)]
+
+    chunks = asyncio.run(collect(request))
+    assert all(isinstance(c, ShardChunk) for c in chunks)
+    assert "".join(c.text for c in chunks) == plain(PROMPT, 24)
+    assert chunks[-1].finish_reason in ("stop", "length")
+    assert chunks[-1].completion_tokens <= 24 and chunks[-1].prompt_tokens > 0
+    with pytest.raises(ValueError, match="outside"):
+        asyncio.run(collect(ShardRequest(prompt_ids=(1, 10**6), max_tokens=4)))
+    with pytest.raises(ValueError, match="prompt is empty"):
+        asyncio.run(collect(ShardRequest(prompt="", max_tokens=4)))

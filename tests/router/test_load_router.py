@@ -80,15 +80,15 @@ def test_prefix_key_reads_every_shard_request_shape():
     from ray.serve._private.common import RequestMetadata
     from ray.serve.request_router import PendingRequest
 
+    from dspark.cluster.payloads import Message, ShardRequest
+
     requests = [
-        {"chat": True, "messages": [{"role": "user", "content": "hi"},
-                                    {"role": "user", "content": " there"}]},
-        {"chat": True, "messages": [{"role": "user", "content": [
-            {"type": "text", "text": "parts"}, {"type": "image_url", "image_url": {}}]}]},
-        {"chat": True, "messages": [{"role": "user", "content": None}]},
-        {"chat": False, "prompt": "a prompt"},
-        {"chat": False, "prompt": None, "prompt_ids": [5, 6, 7]},
-        "not a dict",
+        ShardRequest(messages=(Message("user", "hi"), Message("user", " there"))),
+        ShardRequest(messages=(Message("user", ""),)),
+        ShardRequest(prompt="a prompt"),
+        ShardRequest(prompt_ids=(5, 6, 7)),
+        ShardRequest(),
+        "not a shard request",
     ]
 
     async def keys():  # a PendingRequest holds an asyncio future: made inside a loop
@@ -96,7 +96,7 @@ def test_prefix_key_reads_every_shard_request_shape():
                                           metadata=RequestMetadata("r", "r")))
                 for r in requests]
 
-    assert asyncio.run(keys()) == ["hi there", "parts", None, "a prompt", "5,6,7", None]
+    assert asyncio.run(keys()) == ["hi there", None, "a prompt", "5,6,7", None, None]
     assert prefix_key(None) is None
 
 
@@ -150,15 +150,16 @@ def test_a_request_the_router_cannot_rank_is_still_answered(routed_app):
     in ``fallbacks``, and the request gets the replica's answer."""
     from ray import serve
 
+    from dspark.cluster.payloads import Message, ShardChunk, ShardRequest
+
     cfg, server = routed_app
     handle = serve.get_deployment_handle("TargetShard", app_name="routed")
 
-    def request(max_tokens) -> dict:
-        return {"chat": True, "messages": [{"role": "user", "content": "hi"}], "prompt": None,
-                "max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0, "seed": None,
-                "ignore_eos": False, "stop": []}
+    def request(max_tokens) -> ShardRequest:
+        return ShardRequest(messages=(Message("user", "hi"),), max_tokens=max_tokens,
+                            temperature=0.0)
 
-    async def answer(req: dict, timeout_s: float = 60.0):
+    async def answer(req: ShardRequest, timeout_s: float = 60.0):
         """The first chunk, or the exception the replica answered with."""
         stream = handle.options(stream=True).generate.remote(req)
         try:
@@ -170,7 +171,7 @@ def test_a_request_the_router_cannot_rank_is_still_answered(routed_app):
         finally:
             stream.cancel()
 
-    assert isinstance(asyncio.run(answer(request(1))), dict)  # this process's router is up
+    assert isinstance(asyncio.run(answer(request(1))), ShardChunk)  # this process's router is up
     deadline = time.time() + 10  # it exports its counters every 0.25 s
     while time.time() < deadline:
         before = router_counters(server.url, mine=True)
@@ -180,7 +181,7 @@ def test_a_request_the_router_cannot_rank_is_still_answered(routed_app):
     # ranking raises on a max_tokens that is not a number; the replica then says why
     reply = asyncio.run(answer(request("many")))
     assert isinstance(reply, Exception), reply
-    assert isinstance(asyncio.run(answer(request(1))), dict)  # routing goes on
+    assert isinstance(asyncio.run(answer(request(1))), ShardChunk)  # routing goes on
     deadline = time.time() + 10
     while router_counters(server.url, mine=True)["fallbacks"] <= before["fallbacks"]:
         assert time.time() < deadline, ("fallback not counted", before)

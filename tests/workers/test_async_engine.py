@@ -48,3 +48,44 @@ def test_finished_aborted_and_refused_requests_leave_no_state(make_model, make_d
         assert eng.blocks.num_free_blocks == free and eng.draft_worker.last_h == {}
     finally:
         front.shutdown()
+
+
+def test_a_full_queue_refuses_before_queueing_and_the_loop_reports_alive(make_model):
+    """With ``max_waiting`` requests queued, the next one raises ``OverloadedError`` before
+    anything is queued; the ones admitted still finish; ``is_alive`` follows the thread."""
+    import threading
+
+    from dspark.workers.async_engine import OverloadedError
+
+    eng = Engine(make_model(), None, EngineConfig(block_size=4, num_blocks=32, max_num_seqs=1),
+                 COST)
+    front = AsyncEngine(eng, max_waiting=1)
+    assert front.is_alive()
+    gate = threading.Event()
+    front.listeners.append(lambda _stats: gate.wait(60))  # holds the loop after a step
+    long = SamplingParams(max_tokens=20, ignore_eos=True)
+
+    async def drain(stream):
+        return sum([len(out.new_token_ids) async for out in stream])
+
+    async def scenario():
+        running = front.generate([5, 6, 7], long)
+        first = await running.__anext__()  # admitted; the loop now waits at the gate
+        waiting = asyncio.create_task(drain(front.generate([8, 9], long)))
+        deadline = time.time() + 30
+        while front.load()["queued"] < 1:  # handed over, not yet taken: queued
+            assert time.time() < deadline, "the second request never queued"
+            await asyncio.sleep(0.01)
+        with pytest.raises(OverloadedError):  # at once; admitted, it would wait at the gate
+            await asyncio.wait_for(front.generate([10, 11], long).__anext__(), 30)
+        gate.set()
+        assert len(first.new_token_ids) + await drain(running) == 20
+        assert await waiting == 20
+
+    try:
+        asyncio.run(scenario())
+        wait_for(lambda: not eng.scheduler.requests and not eng.states)
+    finally:
+        gate.set()
+        front.shutdown()
+    assert not front.is_alive()

@@ -1,0 +1,72 @@
+"""One ``TargetShard`` replica on the load board: it publishes its step-cost table once and
+its load after every step (rate-limited) and on a heartbeat while idle, and, for the
+cluster budget, reads what the rest of its expert-parallel group schedules.
+
+NOTE: the reader exists before the engine is built (the engine takes ``group_tokens`` as
+its ``external_tokens``); publishing starts once the engine runs (``start``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from dspark.router.board import BoardConfig, BoardPublisher, BoardReader, ReplicaLoad
+
+
+class ReplicaBoard:
+    """This replica's entry on the board (``replica_id``, in ``ep_group``)."""
+
+    def __init__(self, redis_url: str, cluster: str, replica_id: str, ep_group: str,
+                 read_group: bool) -> None:
+        """``read_group``: also read the board, for ``group_tokens`` (the cluster budget)."""
+        cfg = BoardConfig(redis_url, cluster=cluster)
+        self.replica_id, self.ep_group = replica_id, ep_group
+        self.publisher = BoardPublisher(cfg)
+        self.reader = BoardReader(cfg) if read_group else None
+        self._load: Callable[[], dict] | None = None
+        self._closed = threading.Event()
+
+    def group_tokens(self) -> int:
+        """Tokens the other replicas of this expert-parallel group scheduled last step
+        (fresh entries only; 0 without a reader)."""
+        if self.reader is None:
+            return 0
+        return sum(load.tokens_scheduled for rid, load in self.reader.fresh().items()
+                   if load.ep_group == self.ep_group and rid != self.replica_id)
+
+    @property
+    def external_tokens(self) -> Callable[[], int] | None:
+        """What the engine's cluster budget adds to this replica's tokens (``group_tokens``),
+        or None when this board does not read the group."""
+        return self.group_tokens if self.reader is not None else None
+
+    def start(self, cost_table, load: Callable[[], dict],
+              listeners: list[Callable]) -> None:
+        """Publish ``cost_table`` (SPS(B)), then ``load()`` now, after every step (a
+        listener appended to ``listeners``) and every third of the TTL while idle."""
+        self._load = load
+        self.publisher.publish_costs(self.replica_id, {
+            "batch_sizes": list(cost_table.batch_sizes),
+            "steps_per_second": list(cost_table.steps_per_second),
+        })
+        listeners.append(lambda _stats: self.publish())
+        self.publish(force=True)
+        threading.Thread(target=self._heartbeat, name="dspark-board-heartbeat",
+                         daemon=True).start()
+
+    def publish(self, force: bool = False) -> None:
+        load = self._load
+        if load is not None and not self._closed.is_set():
+            self.publisher.publish(ReplicaLoad(self.replica_id, cost_table_id=self.replica_id,
+                                               ep_group=self.ep_group, **load()), force=force)
+
+    def _heartbeat(self) -> None:
+        """An idle replica stays on the board."""
+        while not self._closed.wait(self.publisher.cfg.ttl_s / 3):
+            self.publish(force=True)
+
+    def close(self) -> None:
+        """Stop the heartbeat and take this replica off the board."""
+        self._closed.set()
+        self.publisher.remove(self.replica_id)

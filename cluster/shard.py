@@ -1,0 +1,139 @@
+"""``TargetShard``: one Ray Serve replica that runs the engine (target + co-located drafter)
+behind its asyncio front and streams ``ShardChunk``s for ``ShardRequest``s.
+
+NOTE: a client that disconnects cancels the ingress task; Ray Serve propagates the
+cancellation to ``generate``, and leaving its loop aborts the engine request and frees its
+KV blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from ray import serve
+
+from dspark.cluster.config import ServeConfig
+from dspark.cluster.payloads import ShardChunk, ShardRequest
+
+
+@serve.deployment
+class TargetShard:
+    """One replica of the target deployment (a rank of an expert-parallel group when
+    ``ep_size`` > 1)."""
+
+    def __init__(self, config: dict) -> None:
+        import torch
+
+        from dspark.cluster.shard_stream import TokenTexts
+        from dspark.models.generation import load_for_generation
+        from dspark.workers.async_engine import AsyncEngine
+
+        cfg = ServeConfig.from_dict(config)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.cfg, self.replica_id = cfg, _replica_id(self)
+        target, self.tokenizer = load_for_generation(cfg.target)
+        target.eval()
+        self.context = target.config.max_position_embeddings
+        self.texts = TokenTexts(self.tokenizer)
+        self.ep_group, group = self.replica_id, None  # one group per replica at ep_size 1
+        if cfg.ep_size > 1:
+            from dspark.cluster.expert_group import join_expert_parallel_group
+
+            self.ep_group, group = join_expert_parallel_group(cfg, target)
+        self.board = self._open_board()
+        engine = self._build_engine(target, group)
+        self.engine = AsyncEngine(engine, group=group,
+                                  max_waiting=cfg.max_waiting_per_replica)
+        if self.board is not None:
+            self.board.start(engine.cost_table, self.engine.load, self.engine.listeners)
+
+    def _open_board(self):
+        """This replica's load-board entry (None without Redis); it reads the group's load
+        for the cluster budget."""
+        from dspark.cluster.replica_board import ReplicaBoard
+        from dspark.workers.modes import BudgetMode
+
+        if not self.cfg.redis_url:
+            return None
+        return ReplicaBoard(self.cfg.redis_url, self.cfg.cluster, self.replica_id,
+                            self.ep_group, self.cfg.budget_mode is BudgetMode.CLUSTER)
+
+    def _build_engine(self, target, group):
+        """The engine. NOTE: an impossible pair (a confidence budget, a drafter without the
+        head) makes it raise: the replica fails to start and ``dspark serve`` says why."""
+        from dspark.models.drafter_checkpoint import load_drafter
+        from dspark.workers.engine import Engine, EngineConfig
+
+        cfg = self.cfg
+        drafter = load_drafter(cfg.drafter_path, target) if cfg.drafter_path else None
+        # NOTE: the cluster budget evaluates SPS at this replica's tokens plus what the rest
+        # of its expert-parallel group schedules (one group per replica at ep_size 1)
+        return Engine(target, drafter, EngineConfig(
+            budget=cfg.budget_mode, num_speculative_tokens=cfg.num_speculative_tokens,
+            max_num_seqs=cfg.max_num_seqs, num_blocks=cfg.num_blocks,
+        ), external_tokens=self.board.external_tokens if self.board is not None else None,
+            lockstep=group is not None)
+
+    async def generate(self, request: ShardRequest) -> AsyncIterator[ShardChunk]:
+        """Stream one choice. Bad input raises ValueError (the engine's check, naming the
+        field), a full engine queue ``OverloadedError``, both before the first chunk."""
+        from dspark.cluster.shard_stream import ChunkStream
+
+        prompt_ids = self._prompt_ids(request)
+        params = self._params(request, len(prompt_ids))
+        stream = ChunkStream(self.texts, request, prompt_ids, params, self.replica_id)
+        async for out in self.engine.generate(prompt_ids, params, self.tokenizer.stop_ids):
+            yield stream.push(out)
+            if stream.done:
+                return  # NOTE: leaving the loop aborts the engine request
+
+    def _prompt_ids(self, request: ShardRequest) -> list[int]:
+        if request.messages is not None:
+            return self.tokenizer.render_chat(request.messages, add_generation_prompt=True)
+        if request.prompt_ids is not None:
+            return list(request.prompt_ids)
+        return self.tokenizer.encode(request.prompt or "")
+
+    def _params(self, request: ShardRequest, num_prompt: int):
+        from dspark.models.generation import SamplingParams
+
+        # NOTE: max_tokens is an upper bound; the context bounds generation too (what it
+        # leaves after the prompt), ending with finish_reason "length". A prompt that
+        # leaves nothing is the engine's error to report.
+        room = max(1, self.context - num_prompt)
+        max_tokens = 1 if request.max_tokens == 0 else min(request.max_tokens or room, room)
+        logprobs = request.logprobs
+        return SamplingParams(
+            temperature=request.temperature, top_p=request.top_p, max_tokens=max_tokens,
+            seed=request.seed, ignore_eos=request.ignore_eos,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty, logit_bias=dict(request.logit_bias),
+            # NOTE: at least min_tokens unless max_tokens or the context ends it first
+            min_tokens=min(request.min_tokens, max_tokens), logprobs=logprobs,
+            prompt_logprobs=logprobs if request.echo and logprobs is not None else None,
+        )
+
+    def load(self) -> dict:
+        return {"replica_id": self.replica_id, **self.engine.load()}
+
+    def record_routing_stats(self) -> dict:
+        return self.load()
+
+    def check_health(self) -> None:
+        if not self.engine.is_alive():
+            raise RuntimeError("the engine loop thread died")
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+        if getattr(self, "board", None) is not None:
+            self.board.close()
+
+
+def _replica_id(shard: TargetShard) -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside Serve (direct construction in tools)
+        return f"local-{id(shard):x}"

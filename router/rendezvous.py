@@ -1,0 +1,81 @@
+"""Rendezvous of expert-parallel groups through Redis: which group and rank a replica is, and
+where its group's ``torch.distributed`` master listens. No torch here (the router's
+process stays light); ``dspark.cluster.expert_group`` joins the process group itself.
+
+Keys (ARCHITECTURE.md; one cluster = one key prefix):
+- ``dspark:{cluster}:ep:counter``: arrivals so far; the n-th replica to arrive is rank
+  ``n % world_size`` of group ``n // world_size``;
+- ``dspark:{cluster}:ep:{group}``: the group's entry, written by its rank 0 (JSON: schema
+  version, master address and port, world size).
+
+NOTE: a reader rejects an entry of another schema version or world size rather than join a
+group it would deadlock.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import redis
+
+from dspark.router.redis_server import free_port
+
+RENDEZVOUS_VERSION = 1
+
+
+def counter_key(cluster: str) -> str:
+    return f"dspark:{cluster}:ep:counter"
+
+
+def group_key(cluster: str, group_index: int) -> str:
+    return f"dspark:{cluster}:ep:{group_index}"
+
+
+@dataclass(frozen=True)
+class GroupSeat:
+    """One replica's place in its expert-parallel group."""
+
+    group: str
+    """The group's name (``ep{index}``), as the load board's ``ep_group``."""
+    rank: int
+    world_size: int
+    master: str
+    """Address of rank 0's ``torch.distributed`` store."""
+    port: int
+
+    @property
+    def init_method(self) -> str:
+        return f"tcp://{self.master}:{self.port}"
+
+
+def join_group(redis_url: str, cluster: str, world_size: int, address: str,
+               timeout_s: float = 300.0, poll_s: float = 0.1) -> GroupSeat:
+    """Take the next seat of the cluster's expert-parallel groups; rank 0 publishes
+    ``address`` and a free port as its group's master, the other ranks wait for that entry
+    (RuntimeError after ``timeout_s``, or on an entry of another schema or size)."""
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    index = int(client.incr(counter_key(cluster))) - 1
+    group_index, rank = divmod(index, world_size)
+    key = group_key(cluster, group_index)
+    if rank == 0:
+        client.set(key, json.dumps({"version": RENDEZVOUS_VERSION, "master": address,
+                                    "port": free_port(), "world_size": world_size}))
+    info = _wait_for(client, key, timeout_s, poll_s)
+    if not isinstance(info, dict) or info.get("version") != RENDEZVOUS_VERSION or (
+            info.get("world_size") != world_size):
+        raise RuntimeError(f"{key}: rendezvous entry of another schema or size: {info}")
+    return GroupSeat(f"ep{group_index}", rank, world_size, info["master"], int(info["port"]))
+
+
+def _wait_for(client: redis.Redis, key: str, timeout_s: float, poll_s: float):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        raw = client.get(key)
+        if raw is not None:
+            return json.loads(raw)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{key}: the group's rank 0 never registered "
+                               f"(waited {timeout_s:g} s)")
+        time.sleep(poll_s)
