@@ -9,7 +9,6 @@ from pathlib import Path
 from dspark.workers.modes import BudgetMode
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BUDGETS = tuple(m.value for m in BudgetMode)
 """The names of the verification budgets (``BudgetMode`` lists them)."""
 
 

@@ -178,8 +178,8 @@ def check_startable(cfg: ServeConfig) -> None:
     for what, path in (("target", cfg.target), ("drafter", cfg.drafter_path)):
         if path is not None and not (Path(path) / "config.json").is_file():
             raise ValueError(f"{what} checkpoint {path!r} not found (no config.json in it)")
-    if cfg.drafter_path is not None and cfg.effective_budget != "fixed" and not (
-            cfg.drafter_has_confidence):
+    if (cfg.drafter_path is not None and cfg.budget_mode.needs_confidence
+            and not cfg.drafter_has_confidence):
         raise ValueError(f"budget {cfg.effective_budget!r} needs a drafter with a confidence head "
                          f"(dspark); {cfg.drafter!r} has none: use --budget fixed")
     needed = cfg.replicas * cfg.replica_cpus + 0.1  # + the ingress
