@@ -93,5 +93,5 @@ def paged_attention_torch(
 
 
 def paged_attention(*args, **kwargs) -> torch.Tensor:
-    """The one entry point the runners call (the torch twin on every device for now)."""
+    """The one entry point the runners call (the torch twin on every device: no Triton kernel yet)."""
     return paged_attention_torch(*args, **kwargs)

@@ -1,5 +1,5 @@
 """The scheduler counts tokens, chunks prefills, preempts by recomputation, and never leaks
-KV blocks (driven by a simulated runner until the model runner lands)."""
+KV blocks (driven by a simulated runner: these tests need no model)."""
 
 from __future__ import annotations
 
