@@ -125,7 +125,7 @@ class DraftWorker:
         seqs, caps = [s for s, _ in chosen], [c for _, c in chosen]
         device, cfg = tables.device, self.config
         noise = draft_noise([s.state.sampling for s in seqs], [s.first_position for s in seqs],
-                            cfg.block_size, cfg.vocab_size, device)
+                            cfg.block_size, cfg.vocab_size, device, max(caps))
         out = self.propose(
             [s.request.req_id for s in seqs],
             torch.tensor([s.known[0] for s in seqs], device=device),

@@ -260,8 +260,11 @@ class Engine:
             s.state.spec.record(n, accepted)
             if self.on_round is not None:
                 committed = len(s.request.output_ids) - before[s.request.req_id]
-                self.on_round(s.request.req_id, RoundRecord(
-                    n, accepted, committed, conf[i][:n] if conf is not None else None))
+                try:
+                    self.on_round(s.request.req_id, RoundRecord(
+                        n, accepted, committed, conf[i][:n] if conf is not None else None))
+                except Exception:  # NOTE: an observer never fails committed requests
+                    logger.exception("on_round observer failed")
 
     def _fail(self, seqs: list[StepSeq], exc: Exception) -> StepResult:
         self.num_errors += 1

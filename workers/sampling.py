@@ -85,9 +85,12 @@ class DraftNoise:
 
 
 def draft_noise(samplers: Sequence[RequestSampling], first_positions: Sequence[int],
-                block: int, vocab: int, device) -> DraftNoise:
-    """The noise of the K draft slots after each request's anchor; slot k drafts the token
-    at ``first_positions[r] + k``."""
+                block: int, vocab: int, device, slots: int | None = None) -> DraftNoise:
+    """The noise of the draft slots after each request's anchor; slot k drafts the token at
+    ``first_positions[r] + k``. Rejection rows draw all K = ``block`` uniforms (the
+    documented order); the position noise of coupled rows is computed on ``device`` for the
+    first ``slots`` slots only (the ones drafted this step)."""
+    slots = block if slots is None else slots
     uniforms = torch.stack([
         torch.rand(block, generator=s.generator) if s.generator is not None
         else torch.zeros(block) for s in samplers
@@ -96,11 +99,12 @@ def draft_noise(samplers: Sequence[RequestSampling], first_positions: Sequence[i
     gumbel = None
     if any(coupled):
         rows = [r for r, c in enumerate(coupled) if c]
-        seeds = torch.tensor([samplers[r].seed for r in rows]).repeat_interleave(block)
-        positions = torch.tensor([first_positions[r] + k for r in rows for k in range(block)])
-        gumbel = torch.zeros(len(samplers), block, vocab, device=device)
+        seeds = torch.tensor([samplers[r].seed for r in rows], device=device)
+        positions = torch.tensor([first_positions[r] for r in rows], device=device)
+        positions = (positions[:, None] + torch.arange(slots, device=device)).reshape(-1)
+        gumbel = torch.zeros(len(samplers), slots, vocab, device=device)
         gumbel[torch.tensor(rows, device=device)] = position_gumbel(
-            seeds, positions, vocab).view(len(rows), block, vocab).to(device)
+            seeds.repeat_interleave(slots), positions, vocab).view(len(rows), slots, vocab)
     return DraftNoise(uniforms, gumbel, torch.tensor(coupled, device=device))
 
 
@@ -193,9 +197,11 @@ def _deterministic_tokens(samplers, first_positions, probs, lens) -> torch.Tenso
             positions += range(pos, pos + n + 1)
         start += n + 1
     if rows:
-        index = torch.tensor(rows, device=probs.device)
-        noise = position_gumbel(torch.tensor(seeds), torch.tensor(positions), probs.shape[-1])
-        chosen[index] = gumbel_max(probs[index], noise.to(probs.device))
+        dev = probs.device
+        index = torch.tensor(rows, device=dev)
+        noise = position_gumbel(torch.tensor(seeds, device=dev),
+                                torch.tensor(positions, device=dev), probs.shape[-1])
+        chosen[index] = gumbel_max(probs[index], noise)
     return chosen
 
 

@@ -118,3 +118,5 @@ def test_draft_noise_draws_in_the_documented_order():
     assert noise.coupled.tolist() == [False, True, False]
     want = position_gumbel(torch.full((4,), 9), torch.arange(20, 24), 7)
     assert torch.equal(noise.gumbel[1], want) and not noise.gumbel[[0, 2]].any()
+    fewer = draft_noise([seeded], [20], block=4, vocab=7, device="cpu", slots=2)
+    assert torch.equal(fewer.gumbel[0], want[:2])  # only the slots drafted this step
