@@ -91,10 +91,11 @@ def draft_noise(samplers: Sequence[RequestSampling], first_positions: Sequence[i
     documented order); the position noise of coupled rows is computed on ``device`` for the
     first ``slots`` slots only (the ones drafted this step)."""
     slots = block if slots is None else slots
-    uniforms = torch.stack([
-        torch.rand(block, generator=s.generator) if s.generator is not None
-        else torch.zeros(block) for s in samplers
-    ]).to(device)
+    uniforms = torch.zeros(len(samplers), block)
+    for r, s in enumerate(samplers):
+        if s.generator is not None:
+            uniforms[r] = torch.rand(block, generator=s.generator)
+    uniforms = uniforms.to(device)
     coupled = [s.coupled for s in samplers]
     gumbel = None
     if any(coupled):
@@ -159,8 +160,8 @@ def verify(
     """Accept a prefix of every request's drafts and draw its next token (module doc)."""
     device, num_req = probs.device, len(samplers)
     lens = [len(d) for d in draft_ids]
-    starts = torch.tensor([0, *lens], device=device).cumsum(0)[:-1] + torch.arange(
-        num_req + 1, device=device)[:-1]  # [R] first target row of each request
+    cu = torch.tensor([0, *lens], device=device).cumsum(0)  # [R + 1] drafts before each
+    starts = cu[:-1] + torch.arange(num_req, device=device)  # [R] its first target row
     flat = torch.tensor([t for d in draft_ids for t in d], dtype=torch.long, device=device)
     req_of = torch.repeat_interleave(torch.arange(num_req, device=device),
                                      torch.tensor(lens, dtype=torch.long, device=device))
@@ -175,7 +176,6 @@ def verify(
     uniforms = [torch.rand(n, generator=s.generator) if s.generator is not None
                 else torch.zeros(n) for s, n in zip(samplers, lens)]
     uniforms = torch.cat(uniforms).to(device) if uniforms else torch.zeros(0, device=device)
-    cu = torch.tensor([0, *lens], device=device).cumsum(0)
     accepted = accepted_lengths(ratio, uniforms, cu)  # [R]
     tokens = torch.where(deterministic, chosen[starts + accepted],
                          _random_tokens(samplers, probs, draft_probs, starts, accepted, cu,
