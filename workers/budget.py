@@ -12,8 +12,9 @@ Policies, one class per ``BudgetMode`` (``make_budget``): ``fixed`` (γ per requ
 paper's Algorithm 1: causal greedy admission in descending survival with early stop),
 ``topk`` (§5.2: a capacity K computed from confidences of an earlier step, then the K most
 confident candidates, no early stop), ``cluster`` (Algorithm 1 with the rest of the
-expert-parallel group's tokens counted in B). The draft gate (``make_gate``) decides
-before drafting whether drafting can pay this step. Both read the ``CostModel``.
+expert-parallel group's tokens counted in B). The per-request draft gate
+(``dspark.workers.gate``) decides before drafting which requests draft; both read the
+``CostModel``.
 
 NOTE (losslessness): whether draft j of request r is verified may depend on c_{r,1..j}
 and on other requests, never on x_{r,j} itself. Sorting candidates by survival keeps that
@@ -237,72 +238,3 @@ def make_budget(mode: BudgetMode, cost: CostModel, sts: torch.Tensor, threshold:
     if mode is BudgetMode.TOPK:
         return TopKBudget(cost, sts)
     return ClusterBudget(cost, sts, external_tokens)
-
-
-class DraftGate:
-    """Drafts whenever a request can; tracks the recent acceptance (EWMA of the calibrated
-    expected accepted drafts per drafted request, and of ℓ_r) that load reports and the
-    cost gate read."""
-
-    alpha = 0.3
-
-    def __init__(self, gamma: int) -> None:
-        self.gain: float | None = None
-        self.ell = float(gamma)
-        self.num_tracked = 0
-
-    def should_draft(self, num_decoding: int, other_tokens: int) -> bool:
-        return True
-
-    def observe(self, plan: VerificationPlan) -> None:
-        if plan.survival is None or not plan.lengths:
-            return
-        surv = plan.survival
-        lengths = torch.tensor(plan.lengths, device=surv.device)
-        admitted = torch.arange(surv.shape[1], device=surv.device)[None] < lengths[:, None]
-        gain = float(torch.where(admitted, surv, 0.0).sum()) / len(plan.lengths)
-        self.num_tracked += 1
-        self.gain = gain if self.gain is None else (1 - self.alpha) * self.gain + self.alpha * gain
-        self.ell = (1 - self.alpha) * self.ell + self.alpha * sum(plan.lengths) / len(plan.lengths)
-
-    @property
-    def mean_survival(self) -> float:
-        """Calibrated survival of a verified draft (0 before any drafting)."""
-        return self.gain / self.ell if self.gain is not None and self.ell else 0.0
-
-
-class CostGate(DraftGate):
-    """Skips drafting in a step when the profiled draft and verify costs and the recent
-    acceptance say it cannot raise throughput; drafts anyway every ``probe_every`` steps to
-    refresh the estimate. Reads only what earlier steps observed, so either choice stays
-    lossless."""
-
-    def __init__(self, gamma: int, cost: CostModel, probe_every: int) -> None:
-        super().__init__(gamma)
-        self.cost, self.probe_every = cost, probe_every
-        self.since_draft = 0
-
-    def should_draft(self, num_decoding: int, other_tokens: int) -> bool:
-        if self.num_tracked < 4 or self.since_draft + 1 >= self.probe_every:
-            return True
-        base = num_decoding + other_tokens
-        verify = self.cost.verify.table
-        t_plain = 1.0 / verify.sps(base)
-        t_spec = (1.0 / self.cost.draft.table.sps(num_decoding)
-                  + 1.0 / verify.sps(base + round(num_decoding * self.ell)))
-        # NOTE: a 5% margin: a break-even guess is not worth the drafter's cost
-        draft = (1.0 + self.gain) / t_spec > 1.05 / t_plain
-        self.since_draft = 0 if draft else self.since_draft + 1
-        return draft
-
-    def observe(self, plan: VerificationPlan) -> None:
-        if plan.survival is not None and plan.lengths:
-            self.since_draft = 0
-        super().observe(plan)
-
-
-def make_gate(gamma: int, cost: CostModel, enabled: bool, probe_every: int) -> DraftGate:
-    """The cost gate where it is enabled and a drafting cost was profiled, else always."""
-    if enabled and cost.draft is not None:
-        return CostGate(gamma, cost, probe_every)
-    return DraftGate(gamma)

@@ -108,10 +108,8 @@ class DraftWorker:
             self.last_h[req_id] = last[r]
 
     # ------------------------------------------------------------------ a step
-    @torch.no_grad()
-    def propose_step(self, decoding: list[StepSeq], tables: torch.Tensor
-                     ) -> DraftProposal | None:
-        """Draft for every decoding request that can use drafts this step."""
+    def caps(self, decoding: Sequence[StepSeq]) -> list[int]:
+        """Drafts each decoding request may propose this step (0: it cannot draft)."""
         caps = []
         for s in decoding:
             remaining = s.request.max_tokens - len(s.request.output_ids)
@@ -119,10 +117,12 @@ class DraftWorker:
             # any of its rows; it drafts from the next step on
             ready = self.ready(s.request.req_id)
             caps.append(max(0, min(s.item.num_lookahead, remaining - 1)) if ready else 0)
-        chosen = [(s, c) for s, c in zip(decoding, caps) if c > 0]
-        if not chosen:
-            return None
-        seqs, caps = [s for s, _ in chosen], [c for _, c in chosen]
+        return caps
+
+    @torch.no_grad()
+    def propose_step(self, seqs: list[StepSeq], caps: list[int], tables: torch.Tensor
+                     ) -> DraftProposal:
+        """Draft up to ``caps[i]`` tokens for each of ``seqs`` (every cap >= 1)."""
         device, cfg = tables.device, self.config
         noise = draft_noise([s.state.sampling for s in seqs], [s.first_position for s in seqs],
                             cfg.block_size, cfg.vocab_size, device, max(caps))

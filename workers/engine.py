@@ -23,10 +23,11 @@ from dspark.models.drafter_checkpoint import Drafter
 from dspark.models.generation import SamplingParams
 from dspark.models.target import TargetModel
 from dspark.workers.block_manager import BlockManager
-from dspark.workers.budget import CostModel, StepCostTable, make_budget, make_gate
+from dspark.workers.budget import CostModel, StepCostTable, make_budget
 from dspark.workers.drafting import DraftWorker, profile_draft_costs
 from dspark.workers.engine_config import EngineConfig
 from dspark.workers.expert_parallel import forward_empty
+from dspark.workers.gate import GateCandidate, make_gate
 from dspark.workers.model_runner import ModelRunner, profile_step_costs
 from dspark.workers.sampling import sample_step, score_prompts
 from dspark.workers.scheduler import Request, RequestResult, Scheduler, SchedulerConfig
@@ -197,10 +198,7 @@ class Engine:
         clock.append(time.perf_counter())
         load = sum(len(s.known) for s in seqs if s.prefill) + self.budget.external()
         decoding = [s for s in seqs if not s.prefill]
-        proposal = None
-        if self.draft_worker is not None and decoding and self.gate.should_draft(
-                len(decoding), load):
-            proposal = self.draft_worker.propose_step(decoding, tables)
+        proposal = self._propose(decoding, load, tables)
         clock.append(time.perf_counter())
         plan = None
         if proposal is not None:
@@ -216,16 +214,36 @@ class Engine:
             self.draft_worker.extend_step(rows, verified.new_tokens, result.features, tables)
         outputs = self._commit(sched, seqs, proposal, plan, verified.new_tokens)
         clock.append(time.perf_counter())
-        self._learn(proposal, plan, verified.num_tokens, clock)
+        self._learn(decoding, proposal, plan, verified, clock)
         stats = step_stats(self, sched, seqs, proposal, plan, verified, outputs, clock)
         self.step_count += 1
         return StepResult(outputs, stats)
 
-    def _learn(self, proposal, plan, num_verify: int, clock: list[float]) -> None:
+    def _propose(self, decoding: list[StepSeq], load: int, tables) -> DraftProposal | None:
+        """The gate picks which decoding requests draft; the drafter drafts for them."""
+        if self.draft_worker is None or not decoding:
+            return None
+        caps = self.draft_worker.caps(decoding)
+        able = [(s, c) for s, c in zip(decoding, caps) if c > 0]
+        picks = self.gate.choose([GateCandidate(s.state.drafting, c) for s, c in able],
+                                 len(decoding), load)
+        chosen = [sc for sc, pick in zip(able, picks) if pick]
+        if not chosen:
+            return None
+        return self.draft_worker.propose_step([s for s, _ in chosen], [c for _, c in chosen],
+                                              tables)
+
+    def _learn(self, decoding, proposal, plan, verified: Verified, clock: list[float]) -> None:
         """Refine the cost model (verify forward; drafting = proposing + extending the
-        drafter cache at commit) and the gate's acceptance estimate."""
-        if plan is not None:
-            self.gate.observe(plan)
+        drafter cache at commit) and the gate's per-request records."""
+        if self.draft_worker is not None:
+            drafted = proposal.seqs if proposal is not None else []
+            ids = {s.request.req_id for s in drafted}
+            self.gate.observe(
+                [s.state.drafting for s in drafted], plan.lengths if plan is not None else [],
+                [verified.num_accepted[s.request.req_id] for s in drafted],
+                [s.state.drafting for s in decoding if s.request.req_id not in ids])
+        num_verify = verified.num_tokens
         self.costs.observe(num_verify, clock[4] - clock[3],
                            len(proposal.seqs) if proposal else 0,
                            (clock[2] - clock[1]) + (clock[6] - clock[5]))

@@ -34,11 +34,12 @@ class EngineConfig:
     seed: int = 0
     """Seeds unseeded requests' generators (the i-th request added gets seed + i)."""
     draft_gating: bool = True
-    """algorithm1/topk/cluster only: skip drafting in a step when the profiled draft and
-    verify costs and the recent acceptance say drafting cannot raise throughput."""
+    """algorithm1/topk/cluster only: per step and per request, draft only for the requests
+    whose recent acceptance pays for their drafting and verification at this step's load
+    (``dspark.workers.gate``)."""
     probe_every: int = 8
-    """While gated off, draft anyway every this many steps to refresh the acceptance
-    estimate."""
+    """A request not drafted for this many decoding steps drafts anyway (a probe of that
+    request alone) to refresh its acceptance record."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budget", BudgetMode.parse(self.budget))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dspark.models.generation import SamplingParams, TokenLogprob
+from dspark.workers.gate import DraftRecord
 from dspark.workers.sampling import RequestSampling
 from dspark.workers.scheduler import Request, ScheduledRequest
 from dspark.workers.stats import SpecStats
@@ -51,6 +52,8 @@ class RequestState:
     prompt_delivered: bool = False
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
     """This step's logprobs of the committed tokens (consumed by the commit)."""
+    drafting: DraftRecord = field(default_factory=DraftRecord)
+    """Its recent drafting record, which the draft gate reads."""
 
     @classmethod
     def create(cls, params: SamplingParams, fallback_seed: int, gamma: int) -> RequestState:

@@ -16,6 +16,7 @@ from dspark.workers import step as step_module
 from dspark.workers.budget import StepCostTable
 from dspark.workers.drafting import DraftWorker
 from dspark.workers.engine import Engine, EngineConfig
+from dspark.workers.gate import DraftGate
 
 COST = StepCostTable((1, 8, 64), (100.0, 90.0, 40.0))
 DRAFT_COST = StepCostTable((1, 8), (400.0, 300.0))
@@ -139,3 +140,40 @@ def test_a_seeded_request_has_one_text_whatever_the_drafter_budget_and_load(
             [*load[:6], prompt, *load[6:]], [*load_params[:6], mine, *load_params[6:]])[6]
         assert alone == want, (method, budget)
         assert loaded == want, (method, budget)
+
+
+class CoinGate(DraftGate):
+    """Drafts for each candidate on a seeded coin flip: whatever the gate picks, per request
+    and per step, output must not change."""
+
+    def __init__(self, gamma: int) -> None:
+        super().__init__(gamma)
+        self.coins = torch.Generator().manual_seed(5)
+
+    def choose(self, candidates, num_decoding, other_tokens):
+        return (torch.rand(len(candidates), generator=self.coins) < 0.5).tolist()
+
+
+def test_per_request_gating_changes_no_output(make_model, make_drafter):
+    """Greedy and seeded T=1 requests decoded with a gate that drafts for a random subset
+    of requests every step: exactly plain decoding's tokens; steps that draft for some
+    requests and not others happened."""
+    target = make_model(seed=2)
+    drafter = make_drafter(target, "dspark")
+    batch = prompts(10, target.config.vocab_size, seed=8)
+    params = [SamplingParams(temperature=0.0 if i % 2 else 1.0, max_tokens=24, seed=i)
+              for i in range(len(batch))]
+    want = [list(generate_tokens(target, p, sp)) for p, sp in zip(batch, params)]
+    eng = engine(target, drafter, budget="algorithm1")
+    eng.gate = CoinGate(eng.gamma)
+    mixed = []
+    ids = [eng.add_request(p, sp) for p, sp in zip(batch, params)]
+    got = {i: [] for i in ids}
+    while eng.has_unfinished():
+        result = eng.step()
+        for out in result.outputs:
+            got[out.req_id] += out.new_token_ids
+        if result.stats is not None:
+            mixed.append(0 < result.stats.num_drafts < result.stats.num_decode_requests)
+    assert [got[i] for i in ids] == want
+    assert sum(mixed) >= 5, mixed

@@ -1,0 +1,65 @@
+"""The per-request draft gate: who drafts, from each request's own record and the step's
+costs; probes cost only the requests probed; records follow what verification accepted."""
+
+from __future__ import annotations
+
+from dspark.workers.budget import CostModel, StepCostTable
+from dspark.workers.gate import CostGate, DraftGate, DraftRecord, GateCandidate
+
+# a plain step of B tokens costs 10 ms (B <= 8) up to 20 ms (B = 64)
+VERIFY = StepCostTable((1, 8, 64), (100.0, 100.0, 50.0))
+
+
+def gate(draft_ms: float, probe_every: int = 8, verify: StepCostTable = VERIFY) -> CostGate:
+    rate = 1000.0 / draft_ms
+    g = CostGate(7, CostModel(verify, StepCostTable((1, 64), (rate, rate)), "cpu"), probe_every)
+    g.observe([DraftRecord()], [4], [2])  # an engine-wide record exists
+    return g
+
+
+def cand(gain: float | None, ell: float | None = 4.0, idle: int = 0) -> GateCandidate:
+    return GateCandidate(DraftRecord(gain, ell if gain is not None else None, idle), cap=7)
+
+
+def test_requests_that_accept_draft_and_those_that_do_not_skip_in_the_same_step():
+    # drafting costs 5 ms: a request gains 1 + g tokens over 15 ms instead of 1 over 10 ms
+    picks = gate(5.0).choose([cand(3.0), cand(0.1), cand(2.5), cand(0.0)], 4, 0)
+    assert picks == [True, False, True, False]
+
+
+def test_drafting_pays_for_nobody_when_the_drafter_costs_more_than_it_gains():
+    assert gate(50.0).choose([cand(3.0), cand(2.0)], 2, 0) == [False, False]
+    assert gate(0.5).choose([cand(3.0), cand(2.0)], 2, 0) == [True, True]
+
+
+def test_a_request_idle_for_probe_every_steps_is_probed_alone():
+    g = gate(50.0, probe_every=4)
+    picks = g.choose([cand(0.2, idle=3), cand(0.2, idle=1), cand(0.2, idle=2)], 3, 0)
+    assert picks == [True, False, False]
+
+
+def test_new_requests_use_the_engine_record_and_everyone_drafts_before_any_record():
+    assert CostGate(7, CostModel(VERIFY, VERIFY, "cpu"), 8).choose([cand(None)] * 3, 3, 0) == [
+        True] * 3
+    g = gate(5.0)
+    g.gain = 0.0  # the engine-wide record says drafts are never accepted
+    assert g.choose([cand(None), cand(3.0)], 2, 0) == [False, True]
+
+
+def test_prefill_load_makes_verification_dearer_and_drafting_rarer():
+    # past 8 tokens a step gets dear fast: with 8 prefill tokens in the step, verifying 4
+    # more tokens costs 3.8 ms instead of nothing
+    steep = StepCostTable((1, 8, 16), (100.0, 100.0, 50.0))
+    light = gate(2.0, verify=steep).choose([cand(0.3)], 1, 0)
+    heavy = gate(2.0, verify=steep).choose([cand(0.3)], 1, 8)
+    assert light == [True] and heavy == [False]
+
+
+def test_observe_updates_records_from_accepted_counts():
+    g = DraftGate(7)
+    a, b, idle = DraftRecord(), DraftRecord(gain=2.0, ell=4.0, idle=3), DraftRecord(idle=1)
+    g.observe([a, b], [5, 2], [4, 0], [idle])
+    assert (a.gain, a.ell, a.idle) == (4.0, 5.0, 0)
+    assert b.gain == 0.7 * 2.0 and b.ell == 0.7 * 4.0 + 0.3 * 2 and b.idle == 0
+    assert idle.idle == 2
+    assert g.gain == 2.0 and abs(g.mean_survival - 2.0 / (0.7 * 7 + 0.3 * 3.5)) < 1e-9

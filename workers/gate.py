@@ -1,0 +1,149 @@
+"""Per-request draft gating: which decoding requests draft this step.
+
+Drafting costs drafter time for every request drafted for, and verification costs target
+time for every draft kept; a request whose drafts are rarely accepted makes the step slower
+than it makes that request faster. The gate decides per request, before anything of this
+step is drafted, from two things only:
+
+- each request's own recent record (``DraftRecord``: EWMAs of its accepted drafts per
+  drafted step and of its verified ℓ_r, and how long ago it last drafted), and
+- the cost model (``CostModel``: SPS(B) of the verify forward, drafting calls per second
+  against the number of requests drafted for; both profiled, then refined online).
+
+It drafts for the set that maximises expected committed tokens per second of the step::
+
+    (N + sum_{r in S} gain_r) / (t_draft(|S|) + t_verify(B_0 + sum_{r in S} ell_r))
+
+over the prefixes S of the candidates sorted by gain (N decoding requests, B_0 the tokens
+verified without drafts), with a 5% margin in favour of not drafting. A request not drafted
+for ``probe_every`` decoding steps is drafted anyway (a probe): it refreshes that request's
+record and costs only its own rows.
+
+NOTE (losslessness): the choice reads only earlier steps' records and the cost model, never
+this step's drafts; a request that does not draft takes a plain decoding step (its anchor
+verified, one token sampled from the target). Either way the committed tokens follow the
+target's distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from dspark.workers.budget import CostModel
+
+MARGIN = 1.05
+"""Drafting must promise this much more throughput than not drafting (a break-even guess
+is not worth the drafter's cost)."""
+
+
+@dataclass
+class DraftRecord:
+    """One request's recent drafting record (past steps only)."""
+
+    gain: float | None = None
+    """EWMA of the drafts accepted per drafted step (None: never drafted). Counted, not
+    the confidence head's estimate: the head is calibrated on T=1 rounds and greedy
+    requests accept more than it says."""
+    ell: float | None = None
+    """EWMA of the drafts verified per drafted step (ℓ_r)."""
+    idle: int = 0
+    """Decoding steps since it last drafted."""
+
+
+@dataclass(frozen=True)
+class GateCandidate:
+    """A decoding request that could draft this step."""
+
+    record: DraftRecord
+    cap: int
+    """Drafts it may propose (its lookahead, its remaining max_tokens)."""
+
+
+class DraftGate:
+    """Drafts for every candidate; keeps every request's record and the engine-wide
+    acceptance (EWMAs of accepted drafts and of ℓ_r per drafted request) that load reports
+    read."""
+
+    alpha = 0.3
+
+    def __init__(self, gamma: int) -> None:
+        self.gain: float | None = None
+        self.ell = float(gamma)
+
+    def choose(self, candidates: Sequence[GateCandidate], num_decoding: int,
+               other_tokens: int) -> list[bool]:
+        """Which candidates draft this step (one flag per candidate, in order).
+        ``num_decoding``: decoding requests this step (drafting or not); ``other_tokens``:
+        tokens verified besides the decoding requests' (prefill chunks, the rest of an
+        expert-parallel group)."""
+        return [True] * len(candidates)
+
+    def observe(self, records: Sequence[DraftRecord], lengths: Sequence[int],
+                accepted: Sequence[int], idle: Sequence[DraftRecord] = ()) -> None:
+        """After a step: ``records`` drafted, with the ℓ_r verified and the drafts
+        accepted of each; ``idle`` decoded without drafting."""
+        for rec in idle:
+            rec.idle += 1
+        for rec, ell, gain in zip(records, lengths, accepted):
+            rec.gain = float(gain) if rec.gain is None else _ewma(rec.gain, gain, self.alpha)
+            rec.ell = float(ell) if rec.ell is None else _ewma(rec.ell, ell, self.alpha)
+            rec.idle = 0
+        if records:
+            step_gain = sum(accepted) / len(records)
+            self.gain = step_gain if self.gain is None else _ewma(self.gain, step_gain,
+                                                                  self.alpha)
+            self.ell = _ewma(self.ell, sum(lengths) / len(records), self.alpha)
+
+    @property
+    def mean_survival(self) -> float:
+        """Share of verified drafts accepted, recently (0 before any drafting)."""
+        return self.gain / self.ell if self.gain is not None and self.ell else 0.0
+
+
+class CostGate(DraftGate):
+    """Drafts for the requests whose expected accepted drafts pay for their drafting and
+    verification at this step's load (module docstring); probes the others every
+    ``probe_every`` decoding steps."""
+
+    def __init__(self, gamma: int, cost: CostModel, probe_every: int) -> None:
+        super().__init__(gamma)
+        self.cost, self.probe_every = cost, probe_every
+
+    def choose(self, candidates, num_decoding, other_tokens):
+        if not candidates:
+            return []
+        prior_gain = self.gain
+        prior_ell = self.ell
+        # NOTE: a request with no record yet takes the engine-wide one; before any drafting
+        # at all, everyone drafts (that first step is the probe)
+        if prior_gain is None:
+            return [True] * len(candidates)
+        gains = [c.record.gain if c.record.gain is not None else prior_gain for c in candidates]
+        ells = [min(c.cap, c.record.ell if c.record.ell is not None else prior_ell)
+                for c in candidates]
+        order = sorted(range(len(candidates)), key=lambda i: -gains[i])
+        verify, draft = self.cost.verify.table, self.cost.draft.table
+        base = num_decoding + other_tokens
+        best_k, best = 0, num_decoding * verify.sps(base) / MARGIN
+        tokens, extra = float(num_decoding), 0.0
+        for k, i in enumerate(order, start=1):
+            tokens += gains[i]
+            extra += ells[i]
+            seconds = 1.0 / draft.sps(k) + 1.0 / verify.sps(base + round(extra))
+            if tokens / seconds > best:
+                best_k, best = k, tokens / seconds
+        chosen = set(order[:best_k])
+        return [i in chosen or c.record.idle + 1 >= self.probe_every
+                for i, c in enumerate(candidates)]
+
+
+def _ewma(old: float, new: float, alpha: float) -> float:
+    return (1 - alpha) * old + alpha * new
+
+
+def make_gate(gamma: int, cost: CostModel, enabled: bool, probe_every: int) -> DraftGate:
+    """The cost gate where it is enabled and a drafting cost was profiled, else always."""
+    if enabled and cost.draft is not None:
+        return CostGate(gamma, cost, probe_every)
+    return DraftGate(gamma)
