@@ -30,22 +30,30 @@ def sample_rows(
     logits: torch.Tensor,  # [R, V]
     temperatures: torch.Tensor,  # [R] (0 = greedy)
     uniforms: torch.Tensor,  # [R] in [0, 1)
+    greedy: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [R], probs [R, V]
+    """``greedy``: True when every row is greedy, False when none is, None when mixed or
+    not known (the caller that knows saves a check and a device sync per call)."""
     logits = logits.float()
-    greedy = temperatures <= 0  # [R]
-    argmax = logits.argmax(-1)  # [R]
-    one_hot = torch.zeros_like(logits).scatter_(-1, argmax[:, None], 1.0)
-    num_greedy = int(greedy.sum())
-    if num_greedy == logits.shape[0]:  # all greedy: no softmax needed
-        return argmax, one_hot
-    temp = torch.where(greedy, torch.ones_like(temperatures), temperatures).float()
-    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temp[:, None], -1)
-    cdf = probs.cumsum(-1)  # [R, V]
-    drawn = (cdf <= uniforms[:, None]).sum(-1).clamp_max(logits.shape[-1] - 1)  # [R]
-    if num_greedy == 0:
+    is_greedy = temperatures <= 0  # [R]
+    if greedy is None:
+        num = int(is_greedy.sum())
+        greedy = True if num == len(is_greedy) else (False if num == 0 else None)
+    if greedy:  # no softmax needed
+        argmax = logits.argmax(-1)
+        return argmax, torch.zeros_like(logits).scatter_(-1, argmax[:, None], 1.0)
+    inv_temp = torch.where(is_greedy, 1.0, temperatures.float()).reciprocal()
+    probs = torch.softmax(logits * inv_temp[:, None], -1)
+    # NOTE: the first index whose CDF exceeds u, i.e. the count of CDF entries <= u
+    cdf = probs.cumsum(-1)
+    drawn = torch.searchsorted(cdf, uniforms.float()[:, None].contiguous(), right=True)[:, 0]
+    drawn = drawn.clamp_max(logits.shape[-1] - 1)
+    if greedy is False:
         return drawn, probs
-    tokens = torch.where(greedy, argmax, drawn)
-    return tokens, torch.where(greedy[:, None], one_hot, probs)
+    argmax = logits.argmax(-1)
+    one_hot = torch.zeros_like(probs).scatter_(-1, argmax[:, None], 1.0)
+    return (torch.where(is_greedy, argmax, drawn),
+            torch.where(is_greedy[:, None], one_hot, probs))
 
 
 def markov_sample_torch(
@@ -56,17 +64,22 @@ def markov_sample_torch(
     temperatures: torch.Tensor,  # [R]
     uniforms: torch.Tensor,  # [R, K]
 ) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [R, K], probs [R, K, V]
+    num_req, slots, _ = base.shape
+    base = base.float()
+    num_greedy = int((temperatures <= 0).sum())  # the loop's one device sync
+    greedy = True if num_greedy == num_req else (False if num_greedy == 0 else None)
+    w2t = w2.float().T if w1 is not None else None  # [rank, V]
+    tokens = torch.empty(num_req, slots, dtype=torch.long, device=base.device)
+    probs = torch.empty_like(base)
     prev = anchors
-    tokens, probs = [], []
-    for k in range(base.shape[1]):
-        logits = base[:, k].float()
+    for k in range(slots):
+        logits = base[:, k]
         if w1 is not None:
-            logits = logits + w1[prev].float() @ w2.float().T  # [R, V]
-        token, prob = sample_rows(logits, temperatures, uniforms[:, k])
-        tokens.append(token)
-        probs.append(prob)
+            logits = torch.addmm(logits, w1[prev].float(), w2t)  # [R, V]
+        token, probs[:, k] = sample_rows(logits, temperatures, uniforms[:, k], greedy)
+        tokens[:, k] = token
         prev = token
-    return torch.stack(tokens, 1), torch.stack(probs, 1)
+    return tokens, probs
 
 
 if triton is not None:

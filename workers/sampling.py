@@ -127,17 +127,30 @@ def target_probs(
     rows_per: Sequence[int],  # rows of each request, summing to M
 ) -> torch.Tensor:  # [M, V]
     """The target's distribution at every logit row: one-hot argmax at temperature 0,
-    ``softmax(logits / T)`` restricted to the top-p nucleus otherwise."""
+    ``softmax(logits / T)`` restricted to the top-p nucleus otherwise.
+
+    NOTE: coupled rows go through ``sampling_probs`` one request at a time, the very
+    arithmetic of plain decoding, so a seeded text is bit-for-bit the same; the other
+    sampled rows without top-p share one batched softmax."""
     logits = logits.float()
     one_hot = torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     if all(s.greedy for s in samplers):
         return one_hot
     probs, start = one_hot, 0
+    batched, temps = [], []
     for s, n in zip(samplers, rows_per):
-        if not s.greedy:
+        if s.coupled or (not s.greedy and s.params.top_p < 1.0):
             probs[start : start + n] = sampling_probs(
                 logits[start : start + n], s.params.temperature, s.params.top_p)
+        elif not s.greedy:
+            batched.append(torch.arange(start, start + n))
+            temps += [s.params.temperature] * n
         start += n
+    if batched:
+        rows = torch.cat(batched).to(logits.device)
+        picked = logits.index_select(0, rows)
+        temp = torch.tensor(temps, device=logits.device)[:, None]
+        probs[rows] = torch.softmax((picked - picked.amax(-1, keepdim=True)) / temp, -1)
     return probs
 
 
