@@ -2,7 +2,9 @@
 
 Candidates are all drafts (r, j) of the step with their survival ``a_{r,j}``, sorted in
 descending survival (ties: earlier position, then request order). Admitting the first n
-candidates verifies ``base + n`` tokens and expects ``R + sum of their a`` accepted tokens.
+candidates verifies ``base + n`` tokens and expects ``R + sum of their a`` tokens, where R
+counts every request the step serves: the drafted ones, and ``other_requests`` (undrafted
+decoding requests and prefilling ones, whose progress a longer step delays as much).
 
 - Algorithm 1 (``capacity < 0``): n* is the length of the leading run of candidates whose
   admission raises the expected throughput ``(R + cum a) * SPS(base + n)``; the first one
@@ -124,6 +126,7 @@ def select_prefixes(
     rates: torch.Tensor,  # [T]
     other_tokens: int = 0,
     capacity: int = -1,
+    other_requests: int = 0,
 ) -> torch.Tensor:  # [R] int64 ℓ_r
     num_req, width = surv.shape
     # j-major flattening so that a stable sort breaks ties by position, then request
@@ -132,9 +135,9 @@ def select_prefixes(
     a_sorted = flat[order]
     base = num_req + other_tokens
     if a_sorted.is_cuda and triton is not None:
-        cut = prefix_cut_triton(a_sorted, sizes, rates, num_req, base, capacity)
+        cut = prefix_cut_triton(a_sorted, sizes, rates, num_req + other_requests, base, capacity)
     else:
-        cut = prefix_cut_torch(a_sorted, sizes, rates, num_req, base, capacity)
+        cut = prefix_cut_torch(a_sorted, sizes, rates, num_req + other_requests, base, capacity)
     taken = torch.arange(flat.numel(), device=surv.device) < cut
     req_of = order % num_req
     return torch.bincount(req_of[taken], minlength=num_req)

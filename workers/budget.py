@@ -115,9 +115,11 @@ class CostModel:
         if drafted and self.draft is not None:
             self.draft.observe(drafted, draft_seconds)
 
-    def select(self, surv: torch.Tensor, other_tokens: int, capacity: int = -1) -> torch.Tensor:
+    def select(self, surv: torch.Tensor, other_tokens: int, capacity: int = -1,
+               other_requests: int = 0) -> torch.Tensor:
         """Algorithm 1 (or top-K under ``capacity``) over ``surv`` [R, n]: ℓ_r [R]."""
-        return select_prefixes(surv, self.sizes, self.rates, other_tokens, capacity)
+        return select_prefixes(surv, self.sizes, self.rates, other_tokens, capacity,
+                               other_requests)
 
 
 @dataclass(frozen=True)
@@ -150,18 +152,20 @@ class BudgetPolicy:
         self.cost, self.sts = cost, sts
 
     def plan(self, conf_logits: torch.Tensor | None, caps: list[int],
-             other_tokens: int) -> VerificationPlan:
+             other_tokens: int, other_requests: int = 0) -> VerificationPlan:
         """``caps``: drafts proposed per request; ``other_tokens``: tokens this step
-        verifies besides the drafted requests' anchors and drafts."""
+        verifies besides the drafted requests' anchors and drafts; ``other_requests``:
+        requests it serves besides them (undrafted decoding, prefilling), each of which a
+        longer step delays."""
         caps_t = torch.tensor(caps, device=self.sts.device)
         conf = surv = None
         if conf_logits is not None:
             conf = confidence(conf_logits, self.sts)
             surv = survival(conf, caps_t)
-        lengths = self.lengths(caps_t, conf, surv, other_tokens)
+        lengths = self.lengths(caps_t, conf, surv, other_tokens, other_requests)
         return VerificationPlan(lengths.tolist(), surv)
 
-    def lengths(self, caps, conf, surv, other_tokens) -> torch.Tensor:
+    def lengths(self, caps, conf, surv, other_tokens, other_requests) -> torch.Tensor:
         """ℓ_r [R] (conf: per-position acceptance [R, n], surv: prefix survival)."""
         raise NotImplementedError
 
@@ -172,7 +176,7 @@ class BudgetPolicy:
 
 
 class FixedBudget(BudgetPolicy):
-    def lengths(self, caps, conf, surv, other_tokens):
+    def lengths(self, caps, conf, surv, other_tokens, other_requests):
         return caps
 
 
@@ -181,14 +185,14 @@ class ThresholdBudget(BudgetPolicy):
         super().__init__(cost, sts)
         self.theta = theta
 
-    def lengths(self, caps, conf, surv, other_tokens):
+    def lengths(self, caps, conf, surv, other_tokens, other_requests):
         ok = (conf >= self.theta) & (surv >= 0)
         return ok.long().cumprod(1).sum(1)
 
 
 class Algorithm1Budget(BudgetPolicy):
-    def lengths(self, caps, conf, surv, other_tokens):
-        return self.cost.select(surv, other_tokens)
+    def lengths(self, caps, conf, surv, other_tokens, other_requests):
+        return self.cost.select(surv, other_tokens, other_requests=other_requests)
 
 
 class ClusterBudget(Algorithm1Budget):
@@ -218,10 +222,11 @@ class TopKBudget(BudgetPolicy):
         super().__init__(cost, sts)
         self.history: deque[torch.Tensor] = deque(maxlen=2)
 
-    def lengths(self, caps, conf, surv, other_tokens):
+    def lengths(self, caps, conf, surv, other_tokens, other_requests):
         capacity = len(caps)
         if len(self.history) == 2:
-            capacity = int(self.cost.select(self.history[0], other_tokens).sum())
+            capacity = int(self.cost.select(self.history[0], other_tokens,
+                                            other_requests=other_requests).sum())
         self.history.append(surv)
         return self.cost.select(surv, other_tokens, capacity)
 

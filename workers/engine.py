@@ -196,14 +196,18 @@ class Engine:
         ``clock`` gets each stage's end."""
         tables = block_tables(self.blocks, seqs, self.device)
         clock.append(time.perf_counter())
+        # NOTE: prefilling requests are part of the step's cost: a longer step delays their
+        # first token as much as it delays a decoding request's next one
+        prefilling = sum(s.prefill for s in seqs)
         load = sum(len(s.known) for s in seqs if s.prefill) + self.budget.external()
         decoding = [s for s in seqs if not s.prefill]
-        proposal = self._propose(decoding, load, tables)
+        proposal = self._propose(decoding, load, prefilling, tables)
         clock.append(time.perf_counter())
         plan = None
         if proposal is not None:
-            plan = self.budget.plan(proposal.conf_logits, proposal.caps,
-                                    load + len(decoding) - len(proposal.seqs))
+            undrafted = len(decoding) - len(proposal.seqs)
+            plan = self.budget.plan(proposal.conf_logits, proposal.caps, load + undrafted,
+                                    prefilling + undrafted)
         clock.append(time.perf_counter())
         result, rows, num_rows = self.runner.verify(seqs, proposal, plan, tables)
         clock.append(time.perf_counter())
@@ -219,14 +223,15 @@ class Engine:
         self.step_count += 1
         return StepResult(outputs, stats)
 
-    def _propose(self, decoding: list[StepSeq], load: int, tables) -> DraftProposal | None:
+    def _propose(self, decoding: list[StepSeq], load: int, prefilling: int, tables
+                 ) -> DraftProposal | None:
         """The gate picks which decoding requests draft; the drafter drafts for them."""
         if self.draft_worker is None or not decoding:
             return None
         caps = self.draft_worker.caps(decoding)
         able = [(s, c) for s, c in zip(decoding, caps) if c > 0]
         picks = self.gate.choose([GateCandidate(s.state.drafting, c) for s, c in able],
-                                 len(decoding), load)
+                                 len(decoding), load, prefilling)
         chosen = [sc for sc, pick in zip(able, picks) if pick]
         if not chosen:
             return None

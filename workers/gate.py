@@ -14,8 +14,9 @@ It drafts for the set that maximises expected committed tokens per second of the
 
     (N + sum_{r in S} gain_r) / (t_draft(|S|) + t_verify(B_0 + sum_{r in S} ell_r))
 
-over the prefixes S of the candidates sorted by gain (N decoding requests, B_0 the tokens
-verified without drafts), with a 5% margin in favour of not drafting. A request not drafted
+over the prefixes S of the candidates sorted by gain (N requests served by the step:
+decoding and prefilling, since a longer step delays a first token as much as a next one;
+B_0 the tokens verified without drafts), with a 5% margin in favour of not drafting. A request not drafted
 for ``probe_every`` decoding steps is drafted anyway (a probe): it refreshes that request's
 record and costs only its own rows.
 
@@ -72,11 +73,11 @@ class DraftGate:
         self.ell = float(gamma)
 
     def choose(self, candidates: Sequence[GateCandidate], num_decoding: int,
-               other_tokens: int) -> list[bool]:
+               other_tokens: int, other_requests: int = 0) -> list[bool]:
         """Which candidates draft this step (one flag per candidate, in order).
         ``num_decoding``: decoding requests this step (drafting or not); ``other_tokens``:
         tokens verified besides the decoding requests' (prefill chunks, the rest of an
-        expert-parallel group)."""
+        expert-parallel group); ``other_requests``: prefilling requests in the step."""
         return [True] * len(candidates)
 
     def observe(self, records: Sequence[DraftRecord], lengths: Sequence[int],
@@ -110,7 +111,7 @@ class CostGate(DraftGate):
         super().__init__(gamma)
         self.cost, self.probe_every = cost, probe_every
 
-    def choose(self, candidates, num_decoding, other_tokens):
+    def choose(self, candidates, num_decoding, other_tokens, other_requests=0):
         if not candidates:
             return []
         prior_gain = self.gain
@@ -125,8 +126,9 @@ class CostGate(DraftGate):
         order = sorted(range(len(candidates)), key=lambda i: -gains[i])
         verify, draft = self.cost.verify.table, self.cost.draft.table
         base = num_decoding + other_tokens
-        best_k, best = 0, num_decoding * verify.sps(base) / MARGIN
-        tokens, extra = float(num_decoding), 0.0
+        served = num_decoding + other_requests
+        best_k, best = 0, served * verify.sps(base) / MARGIN
+        tokens, extra = float(served), 0.0
         for k, i in enumerate(order, start=1):
             tokens += gains[i]
             extra += ells[i]

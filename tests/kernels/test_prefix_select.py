@@ -36,6 +36,9 @@ def test_twin_equals_algorithm1_and_topk():
         sizes = torch.tensor(cost.batch_sizes)
         rates = torch.tensor(cost.steps_per_second, dtype=torch.float64)
         assert select_prefixes(padded, sizes, rates, other).tolist() == algorithm1(surv, cost, other)
+        served = rng.randint(0, 6)
+        assert select_prefixes(padded, sizes, rates, other, other_requests=served).tolist() == (
+            algorithm1(surv, cost, other, served))
         cap = rng.randint(0, 20)
         assert select_prefixes(padded, sizes, rates, other, cap).tolist() == topk_budget(surv, cap)
 

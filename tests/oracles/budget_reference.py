@@ -44,14 +44,17 @@ def _candidates(surv: Sequence[Sequence[float]]) -> list[tuple[float, int, int]]
 
 
 def algorithm1(
-    surv: Sequence[Sequence[float]], cost: StepCostTable, other_tokens: int = 0
+    surv: Sequence[Sequence[float]], cost: StepCostTable, other_tokens: int = 0,
+    other_requests: int = 0,
 ) -> list[int]:
     """Paper Algorithm 1. ``other_tokens``: tokens this step verifies besides the decoding
-    requests' anchors and drafts (prefill chunks, or the rest of an expert-parallel group)."""
+    requests' anchors and drafts (prefill chunks, or the rest of an expert-parallel group);
+    ``other_requests``: requests the step serves besides the drafted ones (each gets its
+    token, or its prefill progress, one step time later)."""
     num_req = len(surv)
     lengths = [0] * num_req
     batch = num_req + other_tokens
-    expected = float(num_req)
+    expected = float(num_req + other_requests)
     best = expected * cost.sps(batch)
     for a, j, r in _candidates(surv):
         if j != lengths[r]:  # a later position of r before an earlier one: only on ties

@@ -101,3 +101,14 @@ def test_appendix_a_retrospective_search_is_biased_algorithm1_is_not():
     assert first_token_frequency(algorithm1) == pytest.approx(0.7, abs=0.025)
     biased = first_token_frequency(retrospective_search)
     assert biased == pytest.approx(0.7 + 0.3 * 0.7, abs=0.025)  # 0.91, not 0.7
+
+
+def test_requests_the_step_also_serves_shrink_algorithm1():
+    """Undrafted and prefilling requests get their token one step time later too: counting
+    them makes a longer step dearer, so fewer drafts are verified (never more)."""
+    cost = StepCostTable((1, 8, 32), (100.0, 80.0, 40.0))
+    surv = survival([[0.9, 0.6, 0.4, 0.3], [0.8, 0.5, 0.2]])
+    alone = algorithm1(surv, cost, 2)
+    crowded = algorithm1(surv, cost, 2, other_requests=12)
+    assert sum(crowded) < sum(alone)
+    assert all(c <= a for c, a in zip(crowded, alone))

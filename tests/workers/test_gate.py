@@ -63,3 +63,10 @@ def test_observe_updates_records_from_accepted_counts():
     assert b.gain == 0.7 * 2.0 and b.ell == 0.7 * 4.0 + 0.3 * 2 and b.idle == 0
     assert idle.idle == 2
     assert g.gain == 2.0 and abs(g.mean_survival - 2.0 / (0.7 * 7 + 0.3 * 3.5)) < 1e-9
+
+
+def test_prefilling_requests_in_the_step_count_against_drafting():
+    # one decoding request gains 0.6 per draft at 2 ms of drafting; with 6 requests
+    # prefilling in the same step, a 2 ms longer step delays 7 requests, not one
+    assert gate(2.0).choose([cand(0.6)], 1, 6) == [True]
+    assert gate(2.0).choose([cand(0.6)], 1, 6, other_requests=6) == [False]

@@ -150,7 +150,7 @@ class CoinGate(DraftGate):
         super().__init__(gamma)
         self.coins = torch.Generator().manual_seed(5)
 
-    def choose(self, candidates, num_decoding, other_tokens):
+    def choose(self, candidates, num_decoding, other_tokens, other_requests=0):
         return (torch.rand(len(candidates), generator=self.coins) < 0.5).tolist()
 
 
