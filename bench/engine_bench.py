@@ -31,7 +31,7 @@ from dspark.workers.stats import StepStats
 
 @dataclass(frozen=True)
 class BenchConfig:
-    concurrencies: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    concurrencies: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     temperatures: tuple[float, ...] = (0.0, 1.0)
     max_tokens: int = 64
     """Output tokens per request (requests may stop earlier at end of turn)."""
@@ -162,7 +162,8 @@ def run_benchmark(
     engine_config: EngineConfig | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    base = engine_config or EngineConfig()
+    # NOTE: room for the largest concurrency, so that every request of a cell runs at once
+    base = engine_config or EngineConfig(max_num_seqs=max(32, *cfg.concurrencies))
     engines: dict[str, Engine] = {}
     tables = {}
     for system in systems:

@@ -40,7 +40,8 @@ def _add_engine(which: Subparsers) -> None:
              shown="checkpoints/target")
     add_flag(eng, "--drafters", str(DEFAULT_DRAFTERS), "directory of the drafter checkpoints",
              shown="checkpoints/drafters")
-    add_flag(eng, "--concurrency", "1,2,4,8,16,32", "concurrencies to sweep, comma-separated")
+    add_flag(eng, "--concurrency", "1,2,4,8,16,32,64",
+             "concurrencies to sweep, comma-separated")
     add_flag(eng, "--temperatures", "0,1", "temperatures to sweep, comma-separated")
     add_flag(eng, "--max-tokens", 64,
              "Output tokens per request (requests may stop earlier at end of turn).", type=int)
