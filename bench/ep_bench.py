@@ -1,0 +1,206 @@
+"""`dspark bench ep`: what the cluster budget is worth in an imbalanced expert-parallel group.
+
+Two processes on this machine form one ep_size=2 group over torch.distributed (gloo): each
+holds half of the demo target's routed experts, schedules its own requests and exchanges
+tokens with the other at every MoE layer, in lock-step (``workers/expert_parallel.py``).
+Rank 0 keeps ``heavy`` requests in flight, rank 1 ``light`` (closed loop: a finished
+request is replaced at once). Both run the same drafter with Algorithm 1, under two
+budgets that differ only in what they believe a step costs:
+
+- ``local`` (``algorithm1``): SPS(B) at this rank's own tokens;
+- ``cluster``: SPS(B) at this rank's tokens plus the other rank's, as a serving replica
+  reads them from the load board. Here they come from the previous step (an all-gather of
+  each rank's verified-token count after every step, the freshest the board can be).
+
+Each round runs ``steps`` lock-step steps per budget, the budgets alternating (the order
+flips every round). Reported per budget (medians over rounds): aggregate tokens/s of the
+group, per-user tokens/s on each rank, mean ℓ_r per drafted request on each rank, and the
+mean step time.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+BUDGETS = ("local", "cluster")
+MODES = {"local": "algorithm1", "cluster": "cluster"}
+
+
+@dataclass(frozen=True)
+class EpBenchConfig:
+    heavy: int = 16
+    """Requests in flight on rank 0."""
+    light: int = 2
+    """Requests in flight on rank 1."""
+    steps: int = 200
+    """Lock-step steps per budget per round."""
+    rounds: int = 3
+    max_tokens: int = 64
+    temperature: float = 0.0
+    threads: int = 1
+    """torch threads per rank."""
+
+    def __post_init__(self) -> None:
+        for name in ("heavy", "light", "steps", "rounds", "max_tokens", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+
+
+def _rank_main(rank: int, port: int, cfg: EpBenchConfig, target_dir: str, drafter_dir: str,
+               out: str) -> None:
+    import torch.distributed as dist
+
+    from dspark.bench.engine_bench import domain_prompts
+    from dspark.models.drafter_checkpoint import load_drafter
+    from dspark.models.generation import SamplingParams, load_for_generation
+    from dspark.workers.engine import Engine, EngineConfig
+    from dspark.workers.expert_parallel import shard_experts
+
+    torch.set_num_threads(cfg.threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    target, tokenizer = load_for_generation(target_dir)
+    target.eval()
+    prompts = domain_prompts(tokenizer, target.config.max_position_embeddings,
+                             cfg.max_tokens, 8, rank)
+    shard_experts(target, dist.group.WORLD, rank, 2)
+    drafter = load_drafter(drafter_dir, target)
+    other = [0]
+    engines, cost = {}, None
+    for budget in BUDGETS:
+        # NOTE: both ranks build their engines in the same order: profiling runs target
+        # forwards, whose MoE exchanges need both ranks
+        engines[budget] = Engine(
+            target, drafter, EngineConfig(budget=MODES[budget], max_num_seqs=64), cost,
+            lockstep=True, external_tokens=lambda: other[0])
+        cost = engines[budget].profiled_cost_table
+    conc = cfg.heavy if rank == 0 else cfg.light
+    params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens)
+    rows = []
+    for rnd in range(cfg.rounds):
+        order = BUDGETS if rnd % 2 == 0 else BUDGETS[::-1]
+        for budget in order:
+            rows.append({"round": rnd, "budget": budget, "rank": rank,
+                         **_run(engines[budget], prompts, tokenizer.stop_ids, conc, params,
+                                cfg.steps, other)})
+    gathered = [None, None]
+    dist.all_gather_object(gathered, rows)
+    if rank == 0:
+        Path(out).write_text(json.dumps([r for part in gathered for r in part]))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _run(engine, prompts, stop_ids, conc: int, params, steps: int, other: list[int]) -> dict:
+    """``steps`` lock-step steps with ``conc`` requests kept in flight (leftovers aborted)."""
+    import torch.distributed as dist
+
+    arrival, tokens, per_user = {}, {}, []
+    issued = [0]
+    ells, drafted = 0, 0
+
+    def issue():
+        req = engine.add_request(prompts[issued[0] % len(prompts)], params, stop_ids)
+        arrival[req], tokens[req] = time.perf_counter(), 0
+        issued[0] += 1
+
+    for _ in range(conc):
+        issue()
+    start = time.perf_counter()
+    step_times = []
+    for _ in range(steps):
+        result = engine.step()
+        now = time.perf_counter()
+        count = torch.tensor([result.stats.num_verify_tokens if result.stats else 0])
+        both = [torch.zeros(1, dtype=torch.long) for _ in range(2)]
+        dist.all_gather(both, count)
+        other[0] = int(sum(b.item() for b in both) - count.item())
+        if result.stats is not None:
+            step_times.append(result.stats.step_time)
+            ells += result.stats.verify_budget
+            drafted += result.stats.num_drafts
+        for out in result.outputs:
+            tokens[out.req_id] += len(out.new_token_ids)
+            if out.finished:
+                per_user.append(tokens[out.req_id] / max(now - arrival[out.req_id], 1e-9))
+                issue()
+    wall = time.perf_counter() - start
+    for req in list(tokens):
+        engine.abort(req)
+    return {"tokens": sum(tokens.values()), "wall": wall,
+            "per_user_tps": statistics.mean(per_user) if per_user else 0.0,
+            "finished": len(per_user), "mean_ell": ells / drafted if drafted else 0.0,
+            "step_ms": 1000 * statistics.mean(step_times) if step_times else 0.0}
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per budget, medians over rounds: the group's aggregate tokens/s (both ranks' tokens
+    over the slower rank's wall time) and each rank's per-user tokens/s and mean ℓ_r."""
+    out = []
+    for budget in BUDGETS:
+        rounds = sorted({r["round"] for r in rows if r["budget"] == budget})
+        agg, cells = [], {0: [], 1: []}
+        for rnd in rounds:
+            pair = {r["rank"]: r for r in rows if r["budget"] == budget and r["round"] == rnd}
+            agg.append(sum(p["tokens"] for p in pair.values())
+                       / max(p["wall"] for p in pair.values()))
+            for rank, row in pair.items():
+                cells[rank].append(row)
+        entry = {"budget": budget, "aggregate_tps": statistics.median(agg),
+                 "aggregate_spread": [min(agg), max(agg)]}
+        for rank in (0, 1):
+            for key in ("per_user_tps", "mean_ell", "step_ms"):
+                entry[f"rank{rank}_{key}"] = statistics.median(c[key] for c in cells[rank])
+        out.append(entry)
+    return out
+
+
+def markdown(summary: list[dict], cfg: EpBenchConfig) -> str:
+    base = next(s for s in summary if s["budget"] == "local")
+    lines = [f"ep_size=2, rank 0 with {cfg.heavy} requests in flight, rank 1 with "
+             f"{cfg.light}; T={cfg.temperature:g}, {cfg.steps} steps per budget per round, "
+             f"medians of {cfg.rounds} rounds.", "",
+             "| budget | aggregate tok/s [min–max] | × local | per-user tok/s rank 0 / 1 | "
+             "mean ℓ rank 0 / 1 | step ms |", "|---|---:|---:|---:|---:|---:|"]
+    for s in summary:
+        lo, hi = s["aggregate_spread"]
+        lines.append(
+            f"| {s['budget']} | {s['aggregate_tps']:.1f} [{lo:.0f}–{hi:.0f}] | "
+            f"{s['aggregate_tps'] / base['aggregate_tps']:.2f} | "
+            f"{s['rank0_per_user_tps']:.1f} / {s['rank1_per_user_tps']:.1f} | "
+            f"{s['rank0_mean_ell']:.2f} / {s['rank1_mean_ell']:.2f} | "
+            f"{s['rank0_step_ms']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_ep_benchmark(cfg: EpBenchConfig, target_dir: str, drafter_dir: str,
+                     work: str | Path) -> dict:
+    """Start the two ranks, wait for them, and summarise."""
+    import torch.multiprocessing as mp
+
+    from dspark.router.redis_server import free_port
+
+    raw = Path(work) / "ep-rounds.json"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    mp.start_processes(_rank_main, args=(free_port(), cfg, str(target_dir), str(drafter_dir),
+                                         str(raw)), nprocs=2, start_method="spawn")
+    rows = json.loads(raw.read_text())
+    return {"config": asdict(cfg), "rounds": rows, "summary": summarize(rows)}
+
+
+def write_results(result: dict, out_dir: str | Path, command: str) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "ep.json").write_text(json.dumps(dict(result, command=command), indent=1))
+    cfg = EpBenchConfig(**result["config"])
+    (out_dir / "ep.md").write_text(f"Command: `{command}`\n\n"
+                                   + markdown(result["summary"], cfg))
+    return [out_dir / "ep.json", out_dir / "ep.md"]
