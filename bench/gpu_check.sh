@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of the engine, in one run (see ../shared/docs/GPU.md): no install, no Ray.
 #   1. kernel tests compiled by Triton for the GPU (TRITON_INTERPRET=0);
-#   2. the step-cost curve SPS(B) of a larger randomly initialised MoE target;
+#   2. the step-cost curve SPS(B) of a larger randomly initialised MoE target, and the
+#      drafting cost per drafted request of 1- and 3-layer DSpark drafters on it;
 #   3. the expert-parallel MoE layer over NCCL (one-rank group) against the unsharded layer;
 #   4. `dspark bench engine` on the demo checkpoints on the GPU.
 # Results go to $OUT (default runs/gpu-check). Usage: bash bench/gpu_check.sh [cpu]
@@ -59,8 +60,26 @@ rows = [{"B": b, "steps_per_s": s, "ms": 1000 / s} for b, s in
         zip(table.batch_sizes, table.steps_per_second)]
 print(json.dumps({"params_M": model.num_parameters() / 1e6, "dtype": str(dtype), "rows": rows},
                  indent=1))
-json.dump({"params_M": model.num_parameters() / 1e6, "dtype": str(dtype), "rows": rows},
-          open(out, "w"), indent=1)
+# drafting cost per drafted request: random DSpark drafters of 1 and 3 layers on this target
+from dspark.models.drafter_config import DrafterConfig
+from dspark.models.drafter_checkpoint import build_drafter
+from dspark.models.draft_layers import init_trainable
+from dspark.workers.drafting import DraftWorker, profile_draft_costs
+drafters = {}
+for depth in (1, 3):
+    dcfg = DrafterConfig.for_target(cfg, "dspark", mask_token_id=4, num_layers=depth)
+    drafter = build_drafter(dcfg, model)
+    init_trainable(drafter, depth)
+    drafter = drafter.to(device=device, dtype=dtype).eval()
+    worker = DraftWorker(drafter, blocks, 16)
+    reqs = [r for r in (1, 2, 4, 8, 16, 32, 64) if r <= (64 if big else 4)]
+    dtable = profile_draft_costs(worker, reqs, 512 if big else 32, dcfg.block_size, blocks)
+    drafters[depth] = [{"requests": r, "ms": 1000 / s, "ms_per_request": 1000 / s / r,
+                        "vs_plain_step": (1000 / s) / (1000 / table.sps(r))}
+                       for r, s in zip(dtable.batch_sizes, dtable.steps_per_second)]
+    print(f"drafter {depth} layer(s):", json.dumps(drafters[depth], indent=1))
+json.dump({"params_M": model.num_parameters() / 1e6, "dtype": str(dtype), "rows": rows,
+           "drafting": drafters}, open(out, "w"), indent=1)
 PY
 
 echo "== expert-parallel MoE layer over torch.distributed (one-rank group) vs unsharded"
