@@ -24,7 +24,8 @@ from dspark.bench.acceptance import (
     read_turns,
 )
 
-DRAFTER_ORDER = ("mtp", "eagle3", "dflash", "dflash-l1", "dspark-ce", "dspark")
+DRAFTER_ORDER = ("mtp", "eagle3", "dflash-d1", "dflash-d2", "dflash", "dflash-l1", "dspark-ce",
+                 "dspark-d1", "dspark-d2", "dspark")
 
 
 def max_prompt_tokens(context: int, cfg: EvalConfig, block: int = 7) -> int:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Retrain every drafter from scratch on the committed target, then rebuild the acceptance
 # table. Same data (target replies regenerated at T=1) and same epochs for every method.
-#   bash scripts/train_drafters.sh            # ~70 min on 2 CPU cores
+#   bash scripts/train_drafters.sh            # ~110 min on 2 CPU cores
 # Env: WORK (default runs/drafters), OUT (checkpoints/drafters), EPOCHS (3), RESULTS (docs/results)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,12 +22,22 @@ queue_a() {
   dspark train drafter --method dspark --out "$OUT/dspark" "${common[@]}"
   dspark train drafter --method dflash --name dflash-l1 --alpha-ce 0.1 --alpha-l1 0.9 \
     --out "$OUT/dflash-l1" "${common[@]}"
+  # drafters sized to the target: 1 backbone layer
+  dspark train drafter --method dspark --name dspark-d1 --num-layers 1 --out "$OUT/dspark-d1" \
+    "${common[@]}"
+  dspark train drafter --method dflash --name dflash-d1 --num-layers 1 --out "$OUT/dflash-d1" \
+    "${common[@]}"
 }
 queue_b() {
   dspark train drafter --method dflash --out "$OUT/dflash" "${common[@]}"
   dspark train drafter --method dspark --name dspark-ce --alpha-ce 1.0 --alpha-l1 0.0 \
     --out "$OUT/dspark-ce" "${common[@]}"
   dspark train drafter --method eagle3 --out "$OUT/eagle3" "${common[@]}"
+  # 2 backbone layers
+  dspark train drafter --method dspark --name dspark-d2 --num-layers 2 --out "$OUT/dspark-d2" \
+    "${common[@]}"
+  dspark train drafter --method dflash --name dflash-d2 --num-layers 2 --out "$OUT/dflash-d2" \
+    "${common[@]}"
 }
 OMP_NUM_THREADS=1 queue_a > "$WORK/queue_a.log" 2>&1 &
 a=$!
