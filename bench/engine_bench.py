@@ -57,6 +57,8 @@ class System:
     drafter: str | None  # subdirectory of the drafters directory
     budget: str = "fixed"
     gamma: int | None = None
+    gating: bool = True
+    """Per-request draft gating (``EngineConfig.draft_gating``; cost-aware budgets only)."""
 
 
 SYSTEMS = (
@@ -66,6 +68,11 @@ SYSTEMS = (
     System("dspark-g7", "dspark", "fixed", 7),
     System("dspark-alg1", "dspark", "algorithm1"),
     System("dspark-topk", "dspark", "topk"),
+    # drafters sized to the target: 1 and 2 backbone layers against the 3 above
+    System("dflash-d1-g7", "dflash-d1", "fixed", 7),
+    System("dspark-d2-alg1", "dspark-d2", "algorithm1"),
+    System("dspark-d1-alg1", "dspark-d1", "algorithm1"),
+    System("dspark-d1-nogate", "dspark-d1", "algorithm1", gating=False),
 )
 
 
@@ -83,6 +90,8 @@ class Cell:
     mean_budget_per_request: float
     """Mean ℓ_r over drafted request-steps."""
     step_time_ms: float
+    draft_ms_per_request: float
+    """Drafting time (gate + proposal) per drafted request, over drafted steps."""
     schedule_and_sampling_frac: float
     """Share of step time in the scheduler, the budget and rejection sampling."""
     phase_ms: dict = field(default_factory=dict)
@@ -147,6 +156,8 @@ def summarize(system, temperature, concurrency, per_user, num_tokens, wall, stat
         mean_tau=(sum(s.num_accepted_tokens for s in stats) + drafted) / drafted if drafted else 1.0,
         mean_budget_per_request=sum(s.verify_budget for s in stats) / drafted if drafted else 0.0,
         step_time_ms=1000 * step_time / max(len(stats), 1),
+        draft_ms_per_request=1000 * sum(s.time_draft for s in stats if s.num_drafts)
+        / drafted if drafted else 0.0,
         schedule_and_sampling_frac=overhead / step_time if step_time else 0.0,
         phase_ms=phases,
     )
@@ -169,7 +180,8 @@ def run_benchmark(
     for system in systems:
         drafter = load_drafter(Path(drafters_dir) / system.drafter, target) if system.drafter else None
         ecfg = EngineConfig(**{**asdict(base), "budget": system.budget,
-                               "num_speculative_tokens": system.gamma, "seed": cfg.seed})
+                               "num_speculative_tokens": system.gamma, "seed": cfg.seed,
+                               "draft_gating": system.gating})
         engine = Engine(target, drafter, ecfg)
         tables[system.label] = {"profiled": asdict(engine.profiled_cost_table)}
         # warm-up, not measured
@@ -228,7 +240,7 @@ def median_cells(raw: Sequence[Cell]) -> list[Cell]:
         first = runs[0]
         fields = {name: med([getattr(r, name) for r in runs]) for name in (
             "wall_time", "per_user_tps", "aggregate_tps", "mean_tau", "mean_budget_per_request",
-            "step_time_ms", "schedule_and_sampling_frac")}
+            "step_time_ms", "draft_ms_per_request", "schedule_and_sampling_frac")}
         phases = {k: med([r.phase_ms[k] for r in runs]) for k in first.phase_ms}
         out.append(Cell(
             system=first.system, temperature=first.temperature,
@@ -289,8 +301,9 @@ def markdown(result: dict) -> str:
     for temp in result["config"]["temperatures"]:
         lines += [f"### T = {temp:g}", "",
                   "| system | C | per-user tok/s | aggregate tok/s | × no-spec (user / agg) "
-                  "| × MTP-1 (user / agg) | τ | mean ℓ | step ms | sched+budget+sample |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| × MTP-1 (user / agg) | τ | mean ℓ | step ms | draft ms / request "
+                  "| sched+budget+sample |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for c in cells:
             if c["temperature"] != temp:
                 continue
@@ -299,10 +312,48 @@ def markdown(result: dict) -> str:
                 f"| {c['system']} | {c['concurrency']} | {c['per_user_tps']:.1f} | "
                 f"{c['aggregate_tps']:.1f} | {ratio_columns(r)} | {c['mean_tau']:.2f} | "
                 f"{c['mean_budget_per_request']:.2f} | {c['step_time_ms']:.1f} | "
+                f"{c.get('draft_ms_per_request', 0.0):.2f} | "
                 f"{100 * c['schedule_and_sampling_frac']:.1f}% |"
             )
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + depth_table(result))
+
+
+DEPTHS = (("dspark-d1-alg1", 1), ("dspark-d2-alg1", 2), ("dspark-alg1", 3))
+"""The DSpark drafters of 1, 2 and 3 backbone layers, each with Algorithm 1 and gating."""
+
+
+def depth_table(result: dict) -> list[str]:
+    """Drafter depth against τ, drafting cost, step time and speed, at the lowest and the
+    highest concurrency of the run (T=0 for speed; τ at every temperature run)."""
+    cells = {(c["system"], c["temperature"], c["concurrency"]): c for c in result["cells"]}
+    ratio = {(r["system"], r["temperature"], r["concurrency"]): r for r in result["ratios"]}
+    temps = result["config"]["temperatures"]
+    concs = result["config"]["concurrencies"]
+    lo, hi, t0 = min(concs), max(concs), min(temps)
+    present = [(s, d) for s, d in DEPTHS if (s, t0, lo) in cells and (s, t0, hi) in cells]
+    if not present:
+        return []
+    lines = [f"### Drafter depth (DSpark + Algorithm 1; C = {lo} and C = {hi}, speed at "
+             f"T = {t0:g})", "",
+             f"| layers | τ at C={lo}, T = {' / '.join(f'{t:g}' for t in temps)} | "
+             f"draft ms per request C={lo} / {hi} | step ms C={lo} / {hi} | "
+             f"per-user tok/s C={lo} (× no-spec) | aggregate tok/s C={hi} (× no-spec) |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for system, depth in present:
+        a, b = cells[(system, t0, lo)], cells[(system, t0, hi)]
+        taus = " / ".join(f"{cells[(system, t, lo)]['mean_tau']:.2f}" for t in temps
+                          if (system, t, lo) in cells)
+        user = ratio[(system, t0, lo)].get("per_user_vs_no-spec")
+        agg = ratio[(system, t0, hi)].get("aggregate_vs_no-spec")
+        lines.append(
+            f"| {depth} | {taus} | {a.get('draft_ms_per_request', 0.0):.2f} / "
+            f"{b.get('draft_ms_per_request', 0.0):.2f} | {a['step_time_ms']:.1f} / "
+            f"{b['step_time_ms']:.1f} | {a['per_user_tps']:.1f} "
+            f"({user:.2f}) | {b['aggregate_tps']:.1f} ({agg:.2f}) |"
+            if user is not None and agg is not None else
+            f"| {depth} | {taus} | | | {a['per_user_tps']:.1f} | {b['aggregate_tps']:.1f} |")
+    return lines + [""]
 
 
 def plot(result: dict, out_dir: Path) -> list[Path]:

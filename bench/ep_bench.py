@@ -41,8 +41,11 @@ class EpBenchConfig:
     steps: int = 200
     """Lock-step steps per budget per round."""
     rounds: int = 3
+    """Rounds; the budgets take turns, in an order flipped every round."""
     max_tokens: int = 64
+    """Output tokens per request."""
     temperature: float = 0.0
+    """Sampling temperature of every request."""
     threads: int = 1
     """torch threads per rank."""
 
@@ -181,18 +184,20 @@ def markdown(summary: list[dict], cfg: EpBenchConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_ep_benchmark(cfg: EpBenchConfig, target_dir: str, drafter_dir: str,
-                     work: str | Path) -> dict:
+def run_ep_benchmark(cfg: EpBenchConfig, target_dir: str, drafter_dir: str) -> dict:
     """Start the two ranks, wait for them, and summarise."""
+    import tempfile
+
     import torch.multiprocessing as mp
 
     from dspark.router.redis_server import free_port
 
-    raw = Path(work) / "ep-rounds.json"
-    raw.parent.mkdir(parents=True, exist_ok=True)
-    mp.start_processes(_rank_main, args=(free_port(), cfg, str(target_dir), str(drafter_dir),
-                                         str(raw)), nprocs=2, start_method="spawn")
-    rows = json.loads(raw.read_text())
+    with tempfile.TemporaryDirectory() as work:
+        raw = Path(work) / "rounds.json"
+        mp.start_processes(_rank_main, args=(free_port(), cfg, str(target_dir),
+                                             str(drafter_dir), str(raw)),
+                           nprocs=2, start_method="spawn")
+        rows = json.loads(raw.read_text())
     return {"config": asdict(cfg), "rounds": rows, "summary": summarize(rows)}
 
 

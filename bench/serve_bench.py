@@ -1,14 +1,19 @@
 """`dspark bench serve`: an online load benchmark over HTTP against the served app.
 
-Each system (no speculation, MTP-1, DSpark with the local-load budget, DSpark with the
-cluster-load budget) is deployed in turn on one local Ray cluster and driven by closed-loop
-streaming clients at each concurrency; then two replicas are driven with a skewed workload
-(long and short requests mixed) under the load-board router and under Ray Serve's
-power-of-two router. All of it runs in one invocation, so the ratios compare like with like.
+Every system (no speculation, MTP-1, DSpark with the local-load budget, DSpark with the
+cluster-load budget) is deployed at once on one local Ray cluster, each as its own app on
+its own route prefix with one replica. Then, for ``rounds`` rounds, at each concurrency the
+systems take turns, driven by closed-loop streaming clients; the order rotates every round
+(``turn_order``), so that drift of the machine's speed (other jobs, thermal, caches) hits
+every system alike. Then two two-replica apps, one under the load-board router and one
+under Ray Serve's power-of-two router, are deployed at once and take turns the same way on
+a skewed workload (long and short requests mixed). All of it runs in one invocation.
 
 Per request: TTFT (first content chunk), time per output token after the first (TPOT, the
 inter-token latency per token; speculative steps commit several tokens per chunk), and
-per-user tokens/s (tokens over the request's whole time). Per cell: aggregate tokens/s.
+per-user tokens/s (tokens over the request's whole time). Per cell and round: aggregate
+tokens/s and the percentiles. Per cell: the median over rounds of every number, with the
+spread (min and max over rounds) of the ``SPREAD`` numbers; ratios are of medians.
 """
 
 from __future__ import annotations
@@ -28,6 +33,37 @@ from dspark.cluster.config import ServeConfig
 
 
 @dataclass(frozen=True)
+class ServeBenchConfig:
+    concurrencies: tuple[int, ...] = (1, 4, 16)
+    """Concurrencies of the system comparison (closed-loop clients)."""
+    max_tokens: int = 64
+    """Output tokens per request, >= 4 (the skewed workload asks 4 times as many of one
+    request in four and a quarter as many of the others)."""
+    skew_concurrency: int = 8
+    """Concurrency of the router comparison (one long request in four)."""
+    rounds: int = 3
+    """Rounds; in each, at each concurrency, the systems take turns in an order rotated
+    every round. A cell reports the median and the spread [min-max] over rounds."""
+    skew_rounds: int = 0
+    """Rounds of the router comparison, the routers taking turns the same way (0: rounds)."""
+
+    def __post_init__(self) -> None:
+        if not self.concurrencies or min(self.concurrencies) < 1:
+            raise ValueError(f"concurrencies must be integers >= 1, got {self.concurrencies}")
+        if self.max_tokens < 4:
+            raise ValueError(f"max_tokens must be >= 4, got {self.max_tokens}")
+        if self.skew_concurrency < 1 or self.rounds < 1:
+            raise ValueError(f"skew_concurrency and rounds must be >= 1, got "
+                             f"{self.skew_concurrency} and {self.rounds}")
+        if self.skew_rounds < 0:
+            raise ValueError(f"skew_rounds must be >= 0, got {self.skew_rounds}")
+
+    @property
+    def router_rounds(self) -> int:
+        return self.skew_rounds or self.rounds
+
+
+@dataclass(frozen=True)
 class ServeSystem:
     label: str
     drafter: str
@@ -40,6 +76,10 @@ SYSTEMS = (
     ServeSystem("dspark-local", "dspark", "algorithm1"),
     ServeSystem("dspark-cluster", "dspark", "cluster"),
 )
+ROUTERS = ("board", "pow2")
+
+SPREAD = ("per_user_tps", "aggregate_tps", "ttft_p50", "ttft_p90", "tpot_p50")
+"""Numbers whose spread over rounds a cell reports (``<name>_min``, ``<name>_max``)."""
 
 
 @dataclass
@@ -116,79 +156,241 @@ def summarize(results: Sequence[RequestResult], wall: float) -> dict:
     }
 
 
-def run_serve_benchmark(base: ServeConfig, prompts: Sequence[str], concurrencies: Sequence[int],
-                        max_tokens: int, skew_concurrency: int,
-                        log: Callable[[str], None] = print,
-                        systems: Sequence[ServeSystem] = SYSTEMS,
-                        routers: Sequence[str] = ("board", "pow2")) -> dict:
-    from ray import serve
+# ---------------------------------------------------------------------- rounds and medians
+def turn_order(labels: Sequence[str], shift: int) -> list[str]:
+    """``labels`` rotated left by ``shift``: round r at concurrency index j runs the systems
+    in ``turn_order(labels, r + j)``, so that over rounds each goes first in turn."""
+    if not labels:
+        return []
+    k = shift % len(labels)
+    return [*labels[k:], *labels[:k]]
 
-    from dspark.cluster.serve import start
 
-    cells = []
-    for system in systems:
-        cfg = replace(base, drafter=system.drafter, budget=system.budget, replicas=1)
-        start(cfg, app_name=system.label, route_prefix=f"/{system.label}")
-        url = f"http://{cfg.host}:{cfg.port}/{system.label}"
-        asyncio.run(closed_loop(url, cfg.model_name, prompts, 2, 4,
-                                lambda i: {"max_tokens": 8, "temperature": 0}))  # warm-up
-        for conc in concurrencies:
-            cell = asyncio.run(closed_loop(
-                url, cfg.model_name, prompts, conc, max(8, 2 * conc),
-                lambda i: {"max_tokens": max_tokens, "temperature": 0}))
-            cells.append({"system": system.label, "concurrency": conc, **cell})
-            log(f"{system.label:15s} C={conc:2d} per-user {cell['per_user_tps']:6.1f} "
-                f"aggregate {cell['aggregate_tps']:7.1f} tok/s  TTFT p50 "
-                f"{1000 * cell['ttft_p50']:6.0f} ms  TPOT p50 {1000 * cell['tpot_p50']:5.1f} ms")
-        serve.delete(system.label)
-    router_cells = []
-    for router in routers:
-        label = f"router-{router}"
-        cfg = replace(base, drafter="dspark", budget="cluster", replicas=2, router=router)
-        start(cfg, app_name=label, route_prefix=f"/{label}")
-        url = f"http://{cfg.host}:{cfg.port}/{label}"
-
-        def skewed(i: int) -> dict:  # one request in four is long
-            long = i % 4 == 0
-            return {"max_tokens": 4 * max_tokens if long else max_tokens // 4,
-                    "temperature": 0, "ignore_eos": long}
-
-        cell = asyncio.run(closed_loop(url, cfg.model_name, prompts, skew_concurrency,
-                                       4 * skew_concurrency, skewed))
-        router_cells.append({"router": router, "concurrency": skew_concurrency, **cell})
-        log(f"{label:15s} C={skew_concurrency:2d} per-user {cell['per_user_tps']:6.1f} "
-            f"aggregate {cell['aggregate_tps']:7.1f} tok/s  TTFT p90 "
-            f"{1000 * cell['ttft_p90']:6.0f} ms")
-        serve.delete(label)
-    return {"cells": cells, "routers": router_cells, "ratios": ratios(cells),
-            "config": {"concurrencies": list(concurrencies), "max_tokens": max_tokens,
-                       "skew_concurrency": skew_concurrency, "serve": asdict(base)}}
+def median_cells(raw: Sequence[dict], keys: Sequence[str]) -> list[dict]:
+    """One cell per distinct ``keys`` (in order of first appearance): the median over its
+    rounds of every number, ``<name>_min`` / ``<name>_max`` for the ``SPREAD`` numbers,
+    requests and output tokens summed, and the number of rounds."""
+    groups: dict[tuple, list[dict]] = {}
+    for cell in raw:
+        groups.setdefault(tuple(cell[k] for k in keys), []).append(cell)
+    out = []
+    for runs in groups.values():
+        cell = {k: runs[0][k] for k in keys}
+        for name, value in runs[0].items():
+            if name in keys or name in ("round", "turn") or not isinstance(value, (int, float)):
+                continue
+            values = [r[name] for r in runs]
+            cell[name] = sum(values) if name in ("requests", "output_tokens") else \
+                statistics.median(values)
+            if name in SPREAD:
+                cell[f"{name}_min"], cell[f"{name}_max"] = min(values), max(values)
+        cell["rounds"] = len(runs)
+        out.append(cell)
+    return out
 
 
 def ratios(cells: Sequence[dict]) -> list[dict]:
-    return baseline_ratios(cells, ("concurrency",))
+    """Per cell: per-user and aggregate ratios against no-spec and MTP-1 at the same C
+    (``baseline_ratios``), and TTFT p50 / p90 over no-spec's."""
+    index = {(c["system"], c["concurrency"]): c for c in cells}
+    rows = baseline_ratios(cells, ("concurrency",))
+    for row, cell in zip(rows, cells):
+        base = index.get(("no-spec", cell["concurrency"]))
+        if base is not None:
+            for q in ("ttft_p50", "ttft_p90"):
+                row[f"{q}_vs_no-spec"] = cell[q] / base[q] if base[q] else float("nan")
+    return rows
+
+
+def router_ratios(cells: Sequence[dict], baseline: str = "pow2") -> list[dict]:
+    """Per router cell: aggregate tok/s and TTFT p50 / p90 over the ``baseline`` router's
+    (medians; empty without the baseline)."""
+    index = {(c["router"], c["concurrency"]): c for c in cells}
+    rows = []
+    for cell in cells:
+        base = index.get((baseline, cell["concurrency"]))
+        if base is None:
+            continue
+        rows.append({"router": cell["router"], "concurrency": cell["concurrency"],
+                     **{f"{q}_vs_{baseline}": cell[q] / base[q] if base[q] else float("nan")
+                        for q in ("aggregate_tps", "ttft_p50", "ttft_p90")}})
+    return rows
+
+
+# ---------------------------------------------------------------------- running
+def skewed_body(max_tokens: int) -> Callable[[int], dict]:
+    """One request in four asks ``4 * max_tokens`` tokens and ignores end of turn; the rest
+    ask ``max_tokens // 4``."""
+    def body(i: int) -> dict:
+        long = i % 4 == 0
+        return {"max_tokens": 4 * max_tokens if long else max_tokens // 4,
+                "temperature": 0, "ignore_eos": long}
+    return body
+
+
+def deploy(apps: dict[str, ServeConfig], prompts: Sequence[str], num_cpus: float) -> dict[str, str]:
+    """Deploy every app (one after another: each replica profiles its step costs alone)
+    on its own route prefix, warm each up; returns label -> base URL."""
+    from dspark.cluster.serve import app_url, start
+
+    urls = {}
+    for label, cfg in apps.items():
+        start(cfg, num_cpus=num_cpus, app_name=label, route_prefix=f"/{label}")
+        urls[label] = app_url(cfg, f"/{label}")
+        asyncio.run(closed_loop(urls[label], cfg.model_name, prompts, 2, 4,
+                                lambda i: {"max_tokens": 8, "temperature": 0}))  # warm-up
+    return urls
+
+
+def undeploy(labels: Sequence[str]) -> None:
+    from ray import serve
+
+    from dspark.cluster.serve import quiet_serve_logs
+
+    with quiet_serve_logs():
+        for label in labels:
+            serve.delete(label)
+
+
+def ray_cpus(phases: Sequence[dict[str, ServeConfig]]) -> float:
+    """Logical CPUs for the local Ray cluster: room for the largest phase's apps at once
+    (replicas plus a margin for each app's ingress), never fewer than ``dspark serve``'s."""
+    from dspark.cluster.serve import local_cpus
+
+    need = max((sum(c.replicas * c.replica_cpus + 0.5 for c in apps.values())
+                for apps in phases), default=0.0)
+    return max(float(local_cpus()), need)
+
+
+def run_systems(urls: dict[str, str], model: str, prompts: Sequence[str],
+                cfg: ServeBenchConfig, log: Callable[[str], None]) -> list[dict]:
+    raw = []
+    body = {"max_tokens": cfg.max_tokens, "temperature": 0}
+    for rnd in range(cfg.rounds):
+        for j, conc in enumerate(cfg.concurrencies):
+            for turn, label in enumerate(turn_order(list(urls), rnd + j)):
+                cell = asyncio.run(closed_loop(urls[label], model, prompts, conc,
+                                               max(8, 2 * conc), lambda i: body))
+                raw.append({"round": rnd, "turn": turn, "system": label, "concurrency": conc,
+                            **cell})
+                log(f"[{rnd + 1}/{cfg.rounds}] {label:15s} C={conc:2d} per-user "
+                    f"{cell['per_user_tps']:6.1f} aggregate {cell['aggregate_tps']:7.1f} tok/s"
+                    f"  TTFT p50 {1000 * cell['ttft_p50']:5.0f} p90 {1000 * cell['ttft_p90']:5.0f}"
+                    f" ms  TPOT p50 {1000 * cell['tpot_p50']:5.1f} ms")
+    return raw
+
+
+def run_routers(urls: dict[str, str], model: str, prompts: Sequence[str],
+                cfg: ServeBenchConfig, log: Callable[[str], None]) -> list[dict]:
+    raw = []
+    conc, rounds = cfg.skew_concurrency, cfg.router_rounds
+    for rnd in range(rounds):
+        for turn, label in enumerate(turn_order(list(urls), rnd)):
+            cell = asyncio.run(closed_loop(urls[label], model, prompts, conc, 4 * conc,
+                                           skewed_body(cfg.max_tokens)))
+            raw.append({"round": rnd, "turn": turn, "router": label.removeprefix("router-"),
+                        "concurrency": conc, **cell})
+            log(f"[{rnd + 1}/{rounds}] {label:15s} C={conc:2d} per-user "
+                f"{cell['per_user_tps']:6.1f} aggregate {cell['aggregate_tps']:7.1f} tok/s  "
+                f"TTFT p50 {1000 * cell['ttft_p50']:5.0f} p90 {1000 * cell['ttft_p90']:5.0f} ms")
+    return raw
+
+
+def run_serve_benchmark(base: ServeConfig, prompts: Sequence[str], cfg: ServeBenchConfig,
+                        log: Callable[[str], None] = print,
+                        systems: Sequence[ServeSystem] = SYSTEMS,
+                        routers: Sequence[str] = ROUTERS) -> dict:
+    """Both phases on one local Ray cluster (``start`` makes it on the first deploy).
+
+    NOTE: each app has its own key prefix on the board (``cluster`` = its label), so a
+    router reads only its own replicas and a cluster budget only its own group."""
+    system_apps = {s.label: replace(base, drafter=s.drafter, budget=s.budget, replicas=1,
+                                    cluster=s.label) for s in systems}
+    router_apps = {f"router-{r}": replace(base, drafter="dspark", budget="cluster",
+                                          replicas=2, router=r, cluster=f"router-{r}")
+                   for r in routers}
+    num_cpus = ray_cpus([system_apps, router_apps])
+    raw, router_raw = [], []
+    for apps, run, out in ((system_apps, run_systems, raw), (router_apps, run_routers,
+                                                              router_raw)):
+        if not apps:
+            continue
+        urls = deploy(apps, prompts, num_cpus)
+        out += run(urls, base.model_name, prompts, cfg, log)
+        undeploy(list(apps))
+    cells = median_cells(raw, ("system", "concurrency"))
+    router_cells = median_cells(router_raw, ("router", "concurrency"))
+    return {"cells": cells, "ratios": ratios(cells), "rounds": raw,
+            "routers": router_cells, "router_ratios": router_ratios(router_cells),
+            "router_rounds": router_raw,
+            "config": {**asdict(cfg), "serve": asdict(base)}}
+
+
+# ---------------------------------------------------------------------- report
+def spread(cell: dict, name: str, scale: float = 1.0, digits: int = 1) -> str:
+    """``median [min–max]`` (just the median for a cell without a spread)."""
+    text = f"{scale * cell[name]:.{digits}f}"
+    if f"{name}_min" in cell and cell.get("rounds", 1) > 1:
+        text += (f" [{scale * cell[f'{name}_min']:.{digits}f}–"
+                 f"{scale * cell[f'{name}_max']:.{digits}f}]")
+    return text
+
+
+def _x(row: dict | None, key: str) -> str:
+    return f"{row[key]:.2f}" if row and key in row else "–"
 
 
 def markdown(result: dict) -> str:
+    return "\n".join(system_markdown(result) + router_markdown(result)) + "\n"
+
+
+def system_markdown(result: dict) -> list[str]:
+    if not result["cells"]:
+        return []
     ratio = {(r["system"], r["concurrency"]): r for r in result["ratios"]}
-    lines = ["| system | C | per-user tok/s | aggregate tok/s | × no-spec (user / agg) | "
-             "× MTP-1 (user / agg) | TTFT p50 / p90 ms | TPOT p50 / p90 ms |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["Each number is the median over rounds, with [min–max] over rounds; ratios are "
+             "of medians.", "",
+             "| system | C | per-user tok/s | aggregate tok/s | × no-spec (user / agg) | "
+             "× MTP-1 (user / agg) | TTFT p50 ms | TTFT p90 ms | TTFT × no-spec (p50 / p90) "
+             "| TPOT p50 ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in result["cells"]:
         r = ratio[(c["system"], c["concurrency"])]
         lines.append(
-            f"| {c['system']} | {c['concurrency']} | {c['per_user_tps']:.1f} | "
-            f"{c['aggregate_tps']:.1f} | {ratio_columns(r)} | {1000 * c['ttft_p50']:.0f} / "
-            f"{1000 * c['ttft_p90']:.0f} | {1000 * c['tpot_p50']:.1f} / "
-            f"{1000 * c['tpot_p90']:.1f} |")
-    lines += ["", "Skewed workload (one request in four is 4× long), two replicas:", "",
-              "| router | C | per-user tok/s | aggregate tok/s | TTFT p50 / p90 / p99 ms |",
-              "|---|---:|---:|---:|---:|"]
+            f"| {c['system']} | {c['concurrency']} | {spread(c, 'per_user_tps')} | "
+            f"{spread(c, 'aggregate_tps')} | {ratio_columns(r)} | "
+            f"{spread(c, 'ttft_p50', 1000, 0)} | {spread(c, 'ttft_p90', 1000, 0)} | "
+            f"{_x(r, 'ttft_p50_vs_no-spec')} / {_x(r, 'ttft_p90_vs_no-spec')} | "
+            f"{spread(c, 'tpot_p50', 1000)} |")
+    return lines + [""]
+
+
+def router_markdown(result: dict) -> list[str]:
+    if not result["routers"]:
+        return []
+    ratio = {(r["router"], r["concurrency"]): r for r in result.get("router_ratios", [])}
+    lines = ["Skewed workload (one request in four is 4× long), two replicas; medians over "
+             "rounds with [min–max]:", "",
+             "| router | C | per-user tok/s | aggregate tok/s | TTFT p50 ms | TTFT p90 ms | "
+             "TTFT p99 ms | × pow2 (agg / TTFT p50 / TTFT p90) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in result["routers"]:
-        lines.append(f"| {c['router']} | {c['concurrency']} | {c['per_user_tps']:.1f} | "
-                     f"{c['aggregate_tps']:.1f} | {1000 * c['ttft_p50']:.0f} / "
-                     f"{1000 * c['ttft_p90']:.0f} / {1000 * c['ttft_p99']:.0f} |")
-    return "\n".join(lines) + "\n"
+        r = ratio.get((c["router"], c["concurrency"]))
+        lines.append(
+            f"| {c['router']} | {c['concurrency']} | {spread(c, 'per_user_tps')} | "
+            f"{spread(c, 'aggregate_tps')} | {spread(c, 'ttft_p50', 1000, 0)} | "
+            f"{spread(c, 'ttft_p90', 1000, 0)} | {1000 * c['ttft_p99']:.0f} | "
+            f"{_x(r, 'aggregate_tps_vs_pow2')} / {_x(r, 'ttft_p50_vs_pow2')} / "
+            f"{_x(r, 'ttft_p90_vs_pow2')} |")
+    rounds = result.get("router_rounds", [])
+    if rounds:
+        lines += ["", "Each round (routers in turn, the order rotated every round):", "",
+                  "| round | router | aggregate tok/s | TTFT p50 / p90 / p99 ms |",
+                  "|---:|---|---:|---:|"]
+        lines += [f"| {c['round'] + 1} | {c['router']} | {c['aggregate_tps']:.1f} | "
+                  f"{1000 * c['ttft_p50']:.0f} / {1000 * c['ttft_p90']:.0f} / "
+                  f"{1000 * c['ttft_p99']:.0f} |" for c in rounds]
+    return lines
 
 
 def write_results(result: dict, out_dir: str | Path, command: str) -> list[Path]:

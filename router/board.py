@@ -16,6 +16,7 @@ local information.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import threading
@@ -74,6 +75,46 @@ class ReplicaLoad:
             out[name] = (int(value) if kind == "int" else float(value) if kind == "float"
                          else value)
         return cls(**out)
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """A replica's profiled step-cost table as the board holds it (``costs:{table_id}``):
+    target steps per second at each verify batch size (tokens per step)."""
+
+    batch_sizes: tuple[int, ...]
+    """Increasing verify batch sizes B that were measured."""
+    steps_per_second: tuple[float, ...]
+    """SPS at each B."""
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or len(self.batch_sizes) != len(self.steps_per_second):
+            raise ValueError("batch_sizes and steps_per_second must be non-empty, equal length")
+        if any(b <= a for a, b in zip(self.batch_sizes, self.batch_sizes[1:])):
+            raise ValueError("batch_sizes must be strictly increasing")
+        if min(self.steps_per_second) <= 0:
+            raise ValueError("steps_per_second must be positive")
+
+    @classmethod
+    def from_redis(cls, raw: bytes | str) -> StepCosts:
+        data = json.loads(raw)
+        if data.get("version") != SCHEMA_VERSION:
+            raise ValueError(f"cost table has schema version {data.get('version')}, "
+                             f"expected {SCHEMA_VERSION}")
+        return cls(tuple(int(b) for b in data["batch_sizes"]),
+                   tuple(float(s) for s in data["steps_per_second"]))
+
+    def step_time(self, tokens: float) -> float:
+        """Seconds of one step of ``tokens`` verify tokens: linear between the measured step
+        times, flat below the smallest B, and beyond the largest B along the last segment's
+        slope (a step of more tokens than were profiled costs more, not the same)."""
+        sizes = self.batch_sizes
+        times = [1.0 / s for s in self.steps_per_second]
+        if tokens <= sizes[0] or len(sizes) == 1:
+            return times[0] if tokens <= sizes[0] else times[0] * tokens / sizes[0]
+        i = min(max(1, bisect.bisect_left(sizes, tokens)), len(sizes) - 1)
+        slope = (times[i] - times[i - 1]) / (sizes[i] - sizes[i - 1])
+        return max(times[i - 1], times[i - 1] + slope * (tokens - sizes[i - 1]))
 
 
 @dataclass
@@ -158,6 +199,8 @@ class BoardReader:
         self.cfg = cfg
         self.redis = _client(cfg.redis_url)
         self._snapshot = BoardSnapshot()
+        self._costs: dict[str, StepCosts] = {}
+        self._bad_costs: set[str] = set()
         self.failures = 0
         self.rejected = 0
         self._stop = threading.Event()
@@ -190,7 +233,35 @@ class BoardReader:
                 continue
             loads[load.replica_id] = load
         self._snapshot = BoardSnapshot(loads, time.time(), True)
+        self._fetch_costs({load.cost_table_id for load in loads.values()}
+                          - set(self._costs) - self._bad_costs)
         return self._snapshot
+
+    def _fetch_costs(self, table_ids: set[str]) -> None:
+        """Read the cost tables not read yet (a table id names one table for good: each is
+        written once, by the replica that profiled it)."""
+        table_ids.discard("")
+        if not table_ids:
+            return
+        ids = sorted(table_ids)
+        try:
+            raws = self.redis.mget([costs_key(self.cfg.cluster, t) for t in ids])
+        except redis.RedisError:
+            self.failures += 1
+            return
+        for table_id, raw in zip(ids, raws):
+            if raw is None:
+                continue  # not published (yet): asked again at the next refresh
+            try:
+                self._costs[table_id] = StepCosts.from_redis(raw)
+            except (ValueError, TypeError, KeyError) as exc:
+                self.rejected += 1
+                self._bad_costs.add(table_id)
+                logger.debug("cost table %s rejected: %s", table_id, exc)
+
+    def costs(self, table_id: str) -> StepCosts | None:
+        """The cost table ``table_id`` (None when it has not been read)."""
+        return self._costs.get(table_id)
 
     def fresh(self) -> dict[str, ReplicaLoad]:
         """Entries younger than the TTL (stale ones count as missing)."""

@@ -239,8 +239,8 @@ class Engine:
                                               tables)
 
     def _learn(self, decoding, proposal, plan, verified: Verified, clock: list[float]) -> None:
-        """Refine the cost model (verify forward; drafting = proposing + extending the
-        drafter cache at commit) and the gate's per-request records."""
+        """Refine the cost model (verify forward; drafting = proposing) and the gate's
+        per-request records."""
         if self.draft_worker is not None:
             drafted = proposal.seqs if proposal is not None else []
             ids = {s.request.req_id for s in drafted}
@@ -248,10 +248,10 @@ class Engine:
                 [s.state.drafting for s in drafted], plan.lengths if plan is not None else [],
                 [verified.num_accepted[s.request.req_id] for s in drafted],
                 [s.state.drafting for s in decoding if s.request.req_id not in ids])
-        num_verify = verified.num_tokens
-        self.costs.observe(num_verify, clock[4] - clock[3],
-                           len(proposal.seqs) if proposal else 0,
-                           (clock[2] - clock[1]) + (clock[6] - clock[5]))
+        # NOTE: drafting is charged its proposal only, as it is profiled: the drafter cache
+        # is extended with the committed tokens whether or not anyone drafted
+        self.costs.observe(verified.num_tokens, clock[4] - clock[3],
+                           len(proposal.seqs) if proposal else 0, clock[2] - clock[1])
 
     def _commit(self, sched, seqs: list[StepSeq], proposal: DraftProposal | None, plan,
                 new_tokens: dict[str, list[int]]) -> list[RequestOutput]:

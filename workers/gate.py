@@ -107,9 +107,10 @@ class CostGate(DraftGate):
     verification at this step's load (module docstring); probes the others every
     ``probe_every`` decoding steps."""
 
-    def __init__(self, gamma: int, cost: CostModel, probe_every: int) -> None:
+    def __init__(self, gamma: int, cost: CostModel, probe_every: int,
+                 margin: float = MARGIN) -> None:
         super().__init__(gamma)
-        self.cost, self.probe_every = cost, probe_every
+        self.cost, self.probe_every, self.margin = cost, probe_every, margin
 
     def choose(self, candidates, num_decoding, other_tokens, other_requests=0):
         if not candidates:
@@ -127,7 +128,7 @@ class CostGate(DraftGate):
         verify, draft = self.cost.verify.table, self.cost.draft.table
         base = num_decoding + other_tokens
         served = num_decoding + other_requests
-        best_k, best = 0, served * verify.sps(base) / MARGIN
+        best_k, best = 0, served * verify.sps(base) / self.margin
         tokens, extra = float(served), 0.0
         for k, i in enumerate(order, start=1):
             tokens += gains[i]

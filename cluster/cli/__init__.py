@@ -19,6 +19,7 @@ HANDLERS = {
     ("eval", None): eval_cmd.run,
     ("bench", "engine"): bench.run_engine,
     ("bench", "serve"): bench.run_serve,
+    ("bench", "ep"): bench.run_ep,
     ("serve", None): serve.run,
 }
 """(command, subcommand or None) -> the function that runs it."""

@@ -15,6 +15,11 @@ from dspark.cluster.cli.common import (
     recorded_command,
 )
 
+ENGINE_SYSTEMS = ("no-spec", "mtp-1", "dflash-g7", "dspark-g7", "dspark-alg1", "dspark-topk",
+                  "dflash-d1-g7", "dspark-d2-alg1", "dspark-d1-alg1", "dspark-d1-nogate")
+"""The labels of ``dspark.bench.engine_bench.SYSTEMS`` (kept here so that ``--help`` needs
+no torch import; a test checks they agree)."""
+
 # NOTE: the serve benchmark gives each replica one torch thread (ServeConfig: torch's
 # default), so the replicas it starts side by side do not fight over the cores.
 MIRRORS = (
@@ -22,6 +27,9 @@ MIRRORS = (
            renamed={"concurrency": "concurrencies"}),
     Mirror(("bench", "serve"), "dspark.cluster.config:ServeConfig",
            own_defaults=frozenset({"threads"})),
+    Mirror(("bench", "serve"), "dspark.bench.serve_bench:ServeBenchConfig",
+           renamed={"concurrency": "concurrencies"}),
+    Mirror(("bench", "ep"), "dspark.bench.ep_bench:EpBenchConfig"),
 )
 
 
@@ -30,6 +38,7 @@ def add_parser(sub: Subparsers) -> None:
     which = bench.add_subparsers(dest="what", required=True)
     _add_engine(which)
     _add_serve(which)
+    _add_ep(which)
 
 
 def _add_engine(which: Subparsers) -> None:
@@ -51,7 +60,7 @@ def _add_engine(which: Subparsers) -> None:
              type=int)
     add_flag(eng, "--rounds", 3, "Times the whole sweep is repeated; each cell reports the "
              "median over rounds.", type=int)
-    add_flag(eng, "--systems", "no-spec,mtp-1,dflash-g7,dspark-g7,dspark-alg1,dspark-topk",
+    add_flag(eng, "--systems", ",".join(ENGINE_SYSTEMS),
              "a subset of the systems, comma-separated")
     add_flag(eng, "--threads", 0, "torch threads (0: torch's default)", type=int)
     add_flag(eng, "--device", "cpu", "torch device of the target and the drafters")
@@ -62,20 +71,59 @@ def _add_serve(which: Subparsers) -> None:
     srv = which.add_parser(
         "serve", help="online HTTP load benchmark of the served app (systems and routers)"
     )
-    add_flag(srv, "--concurrency", "1,4,16", "concurrencies to sweep, comma-separated")
-    add_flag(srv, "--max-tokens", 64, "output tokens per request, >= 4", type=int)
+    add_flag(srv, "--concurrency", "1,4,16",
+             "Concurrencies of the system comparison (closed-loop clients). Comma-separated.")
+    add_flag(srv, "--max-tokens", 64, "Output tokens per request, >= 4 (the skewed workload "
+             "asks 4 times as many of one request in four and a quarter as many of the "
+             "others).", type=int)
     add_flag(srv, "--skew-concurrency", 8,
-             "concurrency of the router comparison (one long request in four)", type=int)
+             "Concurrency of the router comparison (one long request in four).", type=int)
+    add_flag(srv, "--rounds", 3, "Rounds; in each, at each concurrency, the systems take "
+             "turns in an order rotated every round. A cell reports the median and the "
+             "spread [min-max] over rounds.", type=int)
+    add_flag(srv, "--skew-rounds", 0, "Rounds of the router comparison, the routers taking "
+             "turns the same way (0: rounds).", type=int)
     add_flag(srv, "--prompts-per-domain", 16, "prompts of each domain (math, code, chat)",
              type=int)
     add_flag(srv, "--port", 8000, "Port of the HTTP API.", type=int)
     add_flag(srv, "--threads", 1, "Torch threads per replica (0: torch's default).", type=int)
     add_flag(srv, "--systems", "no-spec,mtp-1,dspark-local,dspark-cluster",
-             "a subset of the systems, comma-separated")
+             "a subset of the systems, comma-separated ('' to skip the system comparison)")
     add_flag(srv, "--routers", "board,pow2", "routers to compare; '' to skip the router run")
-    add_flag(srv, "--skew-rounds", 1, "repeat the router comparison, alternating routers",
-             type=int)
     add_flag(srv, "--out", "runs/bench-serve", "results directory (JSON, markdown)")
+
+
+def _add_ep(which: Subparsers) -> None:
+    ep = which.add_parser(
+        "ep", help="an imbalanced ep_size=2 group: the cluster budget against the local one")
+    add_flag(ep, "--target", str(DEFAULT_TARGET), "target checkpoint directory",
+             shown="checkpoints/target")
+    add_flag(ep, "--drafter", "dspark-d1", "drafter under --drafters, or a path")
+    add_flag(ep, "--drafters", str(DEFAULT_DRAFTERS), "directory of the drafter checkpoints",
+             shown="checkpoints/drafters")
+    add_flag(ep, "--heavy", 16, "Requests in flight on rank 0.", type=int)
+    add_flag(ep, "--light", 2, "Requests in flight on rank 1.", type=int)
+    add_flag(ep, "--steps", 200, "Lock-step steps per budget per round.", type=int)
+    add_flag(ep, "--rounds", 3, "Rounds; the budgets take turns, in an order flipped every "
+             "round.", type=int)
+    add_flag(ep, "--max-tokens", 64, "Output tokens per request.", type=int)
+    add_flag(ep, "--temperature", 0.0, "Sampling temperature of every request.", type=float)
+    add_flag(ep, "--threads", 1, "torch threads per rank.", type=int)
+    add_flag(ep, "--out", "runs/bench-ep", "results directory (JSON, markdown)")
+
+
+def run_ep(args: argparse.Namespace) -> int:
+    from dspark.bench.ep_bench import EpBenchConfig, run_ep_benchmark, write_results
+
+    cfg = EpBenchConfig(heavy=args.heavy, light=args.light, steps=args.steps,
+                        rounds=args.rounds, max_tokens=args.max_tokens,
+                        temperature=args.temperature, threads=args.threads)
+    drafter = Path(args.drafters) / args.drafter
+    drafter = drafter if drafter.is_dir() else Path(args.drafter)
+    result = run_ep_benchmark(cfg, args.target, str(drafter))
+    for path in write_results(result, args.out, recorded_command("bench", "ep")):
+        print(path)
+    return 0
 
 
 def int_list(value: str, name: str) -> tuple[int, ...]:
@@ -132,32 +180,40 @@ def run_serve(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from dspark.bench.acceptance import fitting_texts
-    from dspark.bench.serve_bench import SYSTEMS, run_serve_benchmark, write_results
+    from dspark.bench.serve_bench import (
+        ROUTERS,
+        SYSTEMS,
+        ServeBenchConfig,
+        run_serve_benchmark,
+        write_results,
+    )
     from dspark.cluster.config import ServeConfig
     from dspark.cluster.serve import stop
     from dspark.models.tokenizer import Tokenizer
     from dspark.router.redis_server import EmbeddedRedis
     from dspark.training.corpus.build import CorpusConfig, build_corpus
 
-    concurrencies = int_list(args.concurrency, "--concurrency")
-    if args.max_tokens < 4 or args.skew_concurrency < 1:
-        raise ValueError("--max-tokens must be >= 4 and --skew-concurrency >= 1")
+    cfg = ServeBenchConfig(
+        concurrencies=int_list(args.concurrency, "--concurrency"), max_tokens=args.max_tokens,
+        skew_concurrency=args.skew_concurrency, rounds=args.rounds, skew_rounds=args.skew_rounds,
+    )
+    known = {s.label: s for s in SYSTEMS}
+    wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
+    routers = [r.strip() for r in args.routers.split(",") if r.strip()]
+    if any(s not in known for s in wanted) or len(set(wanted)) < len(wanted):
+        raise ValueError(f"--systems: distinct names from {list(known)}, got {args.systems!r}")
+    if any(r not in ROUTERS for r in routers) or len(set(routers)) < len(routers):
+        raise ValueError(f"--routers: distinct names from {list(ROUTERS)}, got {args.routers!r}")
     base = ServeConfig(port=args.port, threads=args.threads)
     tok = Tokenizer.from_file(Path(base.target) / "tokenizer.json")
     corpus = build_corpus(CorpusConfig(seed=0))
-    limit = 512 - 4 * args.max_tokens - 8
+    limit = 512 - 4 * cfg.max_tokens - 8
     groups = [fitting_texts([r["messages"][0]["content"] for r in corpus[d]["heldout"]], tok,
                             limit, args.prompts_per_domain, 0) for d in ("math", "code", "chat")]
     prompts = [p for group in zip(*groups) for p in group]
     redis = EmbeddedRedis().start()
     try:
-        known = {s.label: s for s in SYSTEMS}
-        wanted = [s for s in args.systems.split(",") if s]
-        if any(s not in known for s in wanted):
-            raise ValueError(f"--systems: choose from {list(known)}")
-        routers = [r for r in args.routers.split(",") if r] * max(1, args.skew_rounds)
-        result = run_serve_benchmark(replace(base, redis_url=redis.url), prompts,
-                                     concurrencies, args.max_tokens, args.skew_concurrency,
+        result = run_serve_benchmark(replace(base, redis_url=redis.url), prompts, cfg,
                                      systems=[known[s] for s in wanted], routers=routers)
     finally:
         stop(redis)

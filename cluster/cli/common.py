@@ -5,6 +5,7 @@ written into result files. Light on purpose: ``dspark --help`` imports it."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -58,4 +59,4 @@ def recorded_command(*words: str) -> str:
     programmatic ``main([...])`` call records the bare subcommand)."""
     n = len(words)
     rest = sys.argv[1 + n:] if sys.argv[1:1 + n] == list(words) else []
-    return " ".join(["dspark", *words, *rest])
+    return shlex.join(["dspark", *words, *rest])

@@ -30,3 +30,9 @@ def test_tiny_benchmark_writes_a_consistent_report(demo_target_dir, tmp_path):
                                        "engine-budget.png"}
     assert json.loads((tmp_path / "engine.json").read_text())["command"].endswith("--test")
     assert "| dspark-alg1 | 2 |" in (tmp_path / "engine.md").read_text()
+
+
+def test_the_cli_default_lists_every_system():
+    from dspark.cluster.cli.bench import ENGINE_SYSTEMS
+
+    assert ENGINE_SYSTEMS == tuple(s.label for s in SYSTEMS)

@@ -1,11 +1,22 @@
-"""`dspark bench serve`'s client side against the served app: closed-loop streaming requests
-are counted exactly, with TTFT and time per output token measured."""
+"""`dspark bench serve`: closed-loop streaming requests against the served app are counted
+exactly, with TTFT and time per output token measured; rounds rotate the systems' order,
+and cells report the median and spread over rounds, with ratios taken of medians."""
 
 from __future__ import annotations
 
 import asyncio
 
-from dspark.bench.serve_bench import closed_loop, markdown, ratios
+import pytest
+
+from dspark.bench.serve_bench import (
+    ServeBenchConfig,
+    closed_loop,
+    markdown,
+    median_cells,
+    ratios,
+    router_ratios,
+    turn_order,
+)
 
 
 def test_closed_loop_counts_tokens_and_latencies(served_app):
@@ -21,3 +32,97 @@ def test_closed_loop_counts_tokens_and_latencies(served_app):
     result = {"cells": cells, "routers": [], "ratios": ratios(cells)}
     assert result["ratios"][1]["aggregate_vs_no-spec"] == 1.0
     assert "| mtp-1 | 2 |" in markdown(result)
+
+
+def measured(rnd: int, key: str, label: str, conc: int, agg: float, ttft: float,
+             **more) -> dict:
+    """A raw cell as ``summarize`` makes it (per-user tok/s a tenth of the aggregate)."""
+    return {"round": rnd, "turn": 0, key: label, "concurrency": conc, "requests": 8,
+            "output_tokens": 512, "aggregate_tps": agg, "per_user_tps": agg / 10,
+            "ttft_p50": ttft, "ttft_p90": 2 * ttft, "ttft_p99": 3 * ttft, "tpot_p50": 0.01,
+            "tpot_p90": 0.02, "wall_s": 512 / agg, **more}
+
+
+def test_each_system_goes_first_in_turn():
+    systems = ["no-spec", "mtp-1", "dspark-local", "dspark-cluster"]
+    orders = [turn_order(systems, r) for r in range(4)]
+    assert orders[0] == systems and orders[1] == ["mtp-1", "dspark-local", "dspark-cluster",
+                                                  "no-spec"]
+    assert {o[0] for o in orders} == set(systems)  # over n rounds, each first once
+    assert all(sorted(o) == sorted(systems) for o in orders)  # and every one runs each round
+    assert turn_order(["board", "pow2"], 3) == ["pow2", "board"]
+    assert turn_order([], 2) == []
+
+
+def test_cells_report_the_median_and_spread_over_rounds():
+    raw = [measured(r, "system", "no-spec", 4, agg, ttft)
+           for r, (agg, ttft) in enumerate([(200.0, 0.05), (100.0, 0.07), (150.0, 0.04)])]
+    raw.append(measured(0, "system", "no-spec", 1, 90.0, 0.03))
+    cells = median_cells(raw, ("system", "concurrency"))
+    assert [(c["system"], c["concurrency"]) for c in cells] == [("no-spec", 4), ("no-spec", 1)]
+    c4 = cells[0]
+    assert c4["aggregate_tps"] == 150.0 and c4["aggregate_tps_min"] == 100.0
+    assert c4["aggregate_tps_max"] == 200.0 and c4["per_user_tps"] == 15.0
+    assert c4["ttft_p50"] == 0.05 and (c4["ttft_p50_min"], c4["ttft_p50_max"]) == (0.04, 0.07)
+    assert c4["ttft_p90"] == 0.1 and c4["ttft_p99"] == pytest.approx(0.15)
+    assert c4["requests"] == 24 and c4["output_tokens"] == 3 * 512 and c4["rounds"] == 3
+    assert "round" not in c4 and "turn" not in c4 and "ttft_p99_min" not in c4
+    # an even number of rounds: the mean of the middle two
+    two = median_cells(raw[:2], ("system", "concurrency"))[0]
+    assert two["aggregate_tps"] == 150.0 and two["rounds"] == 2
+
+
+def test_ratios_are_of_medians_and_include_ttft_against_no_spec():
+    raw = []
+    for r, (base, spec) in enumerate([(100.0, 130.0), (120.0, 110.0), (80.0, 125.0)]):
+        raw.append(measured(r, "system", "no-spec", 1, base, 0.040))
+        raw.append(measured(r, "system", "dspark-local", 1, spec, 0.044 + 0.01 * r))
+    cells = median_cells(raw, ("system", "concurrency"))
+    rows = {r["system"]: r for r in ratios(cells)}
+    # medians 100 and 125: 1.25, though no single round shows it
+    assert rows["dspark-local"]["aggregate_vs_no-spec"] == pytest.approx(1.25)
+    assert rows["dspark-local"]["per_user_vs_no-spec"] == pytest.approx(1.25)
+    assert rows["dspark-local"]["ttft_p50_vs_no-spec"] == pytest.approx(0.054 / 0.040)
+    assert rows["dspark-local"]["ttft_p90_vs_no-spec"] == pytest.approx(0.054 / 0.040)
+    assert "aggregate_vs_mtp-1" not in rows["dspark-local"]  # no MTP-1 in this run
+    assert rows["no-spec"]["ttft_p90_vs_no-spec"] == 1.0
+
+
+def test_router_ratios_compare_each_router_with_power_of_two():
+    raw = [measured(0, "router", "board", 8, 300.0, 0.10),
+           measured(0, "router", "pow2", 8, 250.0, 0.125)]
+    rows = router_ratios(median_cells(raw, ("router", "concurrency")))
+    board = next(r for r in rows if r["router"] == "board")
+    assert board["aggregate_tps_vs_pow2"] == pytest.approx(1.2)
+    assert board["ttft_p50_vs_pow2"] == pytest.approx(0.8)
+    assert board["ttft_p90_vs_pow2"] == pytest.approx(0.8)
+    assert router_ratios(median_cells(raw[:1], ("router", "concurrency"))) == []
+
+
+def test_markdown_shows_medians_spreads_and_every_router_round():
+    raw = [measured(r, "system", s, 4, agg, 0.05) for r, agg in enumerate([200.0, 100.0, 150.0])
+           for s in ("no-spec", "dspark-cluster")]
+    routers = [measured(r, "router", name, 8, agg, 0.1) for r in range(2)
+               for name, agg in (("board", 300.0 + r), ("pow2", 280.0))]
+    cells = median_cells(raw, ("system", "concurrency"))
+    router_cells = median_cells(routers, ("router", "concurrency"))
+    result = {"cells": cells, "ratios": ratios(cells), "routers": router_cells,
+              "router_ratios": router_ratios(router_cells), "router_rounds": routers}
+    text = markdown(result)
+    assert ("| dspark-cluster | 4 | 15.0 [10.0–20.0] | 150.0 [100.0–200.0] | 1.00 / 1.00 |"
+            in text)
+    assert "| 50 [50–50] | 100 [100–100] | 1.00 / 1.00 |" in text  # TTFT and its ratio
+    assert "| board | 8 | 30.1 [30.0–30.1] | 300.5 [300.0–301.0] |" in text
+    assert "| 1.07 / 1.00 / 1.00 |" in text  # board against pow2
+    assert "| 2 | board | 301.0 | 100 / 200 / 300 |" in text  # each round listed
+    only_routers = markdown({**result, "cells": [], "ratios": []})
+    assert "| system |" not in only_routers and "| router |" in only_routers
+
+
+def test_config_names_the_bad_field():
+    assert ServeBenchConfig().router_rounds == 3
+    assert ServeBenchConfig(rounds=2, skew_rounds=5).router_rounds == 5
+    for bad, field in (({"max_tokens": 3}, "max_tokens"), ({"concurrencies": ()}, "concurrencies"),
+                       ({"rounds": 0}, "rounds"), ({"skew_rounds": -1}, "skew_rounds")):
+        with pytest.raises(ValueError, match=field):
+            ServeBenchConfig(**bad)

@@ -150,7 +150,7 @@ def test_every_flag_states_its_default():
     commands = dict(_commands(build_parser()))
     assert set(commands) == {("generate",), ("train", "target"), ("train", "drafter"),
                              ("corpus", "build"), ("eval",), ("bench", "engine"),
-                             ("bench", "serve"), ("serve",)}
+                             ("bench", "serve"), ("bench", "ep"), ("serve",)}
     for path, parser in commands.items():
         for action in parser._actions:
             if not action.option_strings or isinstance(action, argparse._HelpAction):
@@ -218,3 +218,6 @@ def test_results_record_the_command_as_typed(monkeypatch):
     assert recorded_command("bench", "serve") == "dspark bench serve"  # another command
     monkeypatch.setattr(sys, "argv", ["dspark", "eval"])
     assert recorded_command("eval") == "dspark eval"
+    # an empty or spaced argument is quoted, so the recorded line runs as typed
+    monkeypatch.setattr(sys, "argv", ["dspark", "bench", "serve", "--systems", "", "--out", "a b"])
+    assert recorded_command("bench", "serve") == "dspark bench serve --systems '' --out 'a b'"

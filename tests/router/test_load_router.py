@@ -1,6 +1,8 @@
-"""The global router's ranking reads a real board, and in a running two-replica app it
-routes from the board, keeps serving while Redis is down, and uses the board again after;
-a request it cannot rank falls back to Serve's choice instead of waiting forever."""
+"""The global router's ranking reads a real board (loads and step-cost tables); it weighs a
+new request's wait for its first token (prefills ahead, the running step) against its
+decoding, and spreads a burst of its own choices; in a running two-replica app it routes
+from the board, keeps serving while Redis is down, and uses the board again after; a request it cannot rank falls
+back to Serve's choice instead of waiting forever."""
 
 from __future__ import annotations
 
@@ -13,8 +15,22 @@ import httpx
 import pytest
 import redis
 
-from dspark.router.board import BoardConfig, BoardPublisher, BoardReader, ReplicaLoad
-from dspark.router.load_router import prefix_hash, prefix_key, rank, service_rate
+from dspark.router.board import (
+    BoardConfig,
+    BoardPublisher,
+    BoardReader,
+    ReplicaLoad,
+    StepCosts,
+    costs_key,
+)
+from dspark.router.load_router import (
+    first_token_wait,
+    prefix_hash,
+    prefix_key,
+    prompt_tokens,
+    rank,
+    service_rate,
+)
 
 
 def test_rank_prefers_the_replica_the_board_says_is_less_loaded(redis_server):
@@ -53,6 +69,106 @@ def test_remaining_work_outweighs_queue_length():
     # when the three owe as much work each, they count in full: fewer requests win again
     board["short"].pending_tokens = 600
     assert rank(["long", "short"], board, live, None, length=16)[0] == ["long"]
+
+
+LINEAR = StepCosts((1, 64, 256), (1 / 0.005, 1 / 0.0113, 1 / 0.0305))
+"""5 ms per step plus 0.1 ms per verify token: prefill tokens cost time."""
+
+
+def test_step_time_interpolates_and_extends_the_profiled_table():
+    assert LINEAR.step_time(0) == LINEAR.step_time(1) == pytest.approx(0.005)
+    assert LINEAR.step_time(160) == pytest.approx(0.005 + 0.0001 * 159)
+    # beyond the largest profiled batch: along the last segment's slope, not flat
+    assert LINEAR.step_time(1024) == pytest.approx(0.005 + 0.0001 * 1023)
+    with pytest.raises(ValueError, match="increasing"):
+        StepCosts((4, 2), (1.0, 1.0))
+
+
+def test_the_board_serves_each_replicas_cost_table(redis_server):
+    cfg = BoardConfig(redis_server.url, cluster=f"costs-{uuid.uuid4().hex[:6]}")
+    pub = BoardPublisher(cfg)
+    pub.publish(ReplicaLoad("a", cost_table_id="a"), force=True)
+    pub.publish(ReplicaLoad("b", cost_table_id="b"), force=True)
+    pub.publish_costs("a", {"batch_sizes": [1, 64], "steps_per_second": [200.0, 100.0]})
+    redis.Redis.from_url(redis_server.url).set(costs_key(cfg.cluster, "b"), '{"version": 1}')
+    reader = BoardReader(cfg, start=False)
+    reader.refresh()
+    assert reader.costs("a") == StepCosts((1, 64), (200.0, 100.0))
+    assert reader.costs("b") is None and reader.rejected == 1  # another schema version
+    reader.refresh()
+    assert reader.rejected == 1  # a rejected table is not read again
+
+
+def test_first_token_wait_counts_prefills_ahead_and_the_running_step():
+    idle = ReplicaLoad("idle", free_blocks=50, total_blocks=100)
+    assert first_token_wait(idle, LINEAR, 0, 0, 100) == pytest.approx(LINEAR.step_time(100))
+    queued = ReplicaLoad("queued", queued=2, free_blocks=50, total_blocks=100)
+    assert first_token_wait(queued, LINEAR, 2, 2, 100) == pytest.approx(LINEAR.step_time(300))
+    # four requests decoding 4 tokens a step: half the running step, then a step beside them
+    busy = ReplicaLoad("busy", running=4, tokens_scheduled=16, free_blocks=50, total_blocks=100)
+    assert first_token_wait(busy, LINEAR, 4, 0, 100) == pytest.approx(
+        0.5 * LINEAR.step_time(16) + LINEAR.step_time(116))
+
+
+def test_a_replica_with_queued_prefills_loses_to_one_that_starts_the_request_now():
+    """By service rate alone, two queued requests that owe little beat one long request
+    running; but the new request's first token would wait for both prefills."""
+    board = {
+        "queued": ReplicaLoad("queued", queued=2, pending_tokens=8, free_blocks=50,
+                              total_blocks=100, acceptance_length=2.0),
+        "running": ReplicaLoad("running", running=1, tokens_scheduled=4, pending_tokens=200,
+                               free_blocks=50, total_blocks=100, acceptance_length=2.0),
+    }
+    live = {"queued": 2, "running": 1}.get
+    costs = {"queued": LINEAR, "running": LINEAR}
+    args = dict(length=16, prompt=200, affinity_slack=0.0)
+    assert rank(["queued", "running"], board, live, None, **args)[0] == ["queued"]  # no costs
+    assert rank(["queued", "running"], board, live, None, costs=costs, ttft_weight=0.0,
+                **args)[0] == ["queued"]  # the wait not counted: the service rate decides
+    assert rank(["queued", "running"], board, live, None, costs=costs, **args)[0] == ["running"]
+    # a long request's decoding outweighs the wait: it still goes where less work is owed
+    assert rank(["queued", "running"], board, live, None, costs=costs,
+                **{**args, "length": 256})[0] == ["queued"]
+
+
+def test_a_burst_of_choices_spreads_over_equal_replicas():
+    """Requests chosen before any is sent, or before the board shows them: each choice
+    counts in flight and as a prefill ahead on its replica, owing its whole length, so the
+    same prompt does not pile onto one replica."""
+    board = {rid: ReplicaLoad(rid, free_blocks=50, total_blocks=100, acceptance_length=2.0)
+             for rid in "ab"}
+    chosen = {"a": [], "b": []}
+    for length in (256, 16, 16, 16, 256, 16, 16, 16):
+        first = rank(["a", "b"], board, lambda rid: len(chosen[rid]), "same prompt",
+                     length=length, costs={"a": LINEAR, "b": LINEAR}, prompt=60,
+                     recent=lambda rid: (len(chosen[rid]), sum(chosen[rid])))[0][0]
+        chosen[first].append(length)
+    assert sorted(chosen["a"]) == sorted(chosen["b"]) == [16, 16, 16, 256]
+
+
+def test_requests_sent_after_the_board_entry_owe_their_whole_length():
+    """The board still shows two nearly finished requests; the two sent since owe 16 each."""
+    load = ReplicaLoad("r", running=2, pending_tokens=4, free_blocks=50, total_blocks=100,
+                       acceptance_length=2.0)
+    stale = service_rate(load, 4, length=16)  # all four owe the board's mean of 2 tokens
+    assert service_rate(load, 4, length=16, recent=(2, 32)) < stale
+    # 2 x 2 + 32 tokens owed: 18 steps at tau 2, over the new request's 8 steps
+    assert service_rate(load, 4, length=16, recent=(2, 32)) == pytest.approx(2.0 / (1 + 2.25))
+
+
+def test_prompt_tokens_of_each_request_shape():
+    from ray.serve._private.common import RequestMetadata
+    from ray.serve.request_router import PendingRequest
+
+    from dspark.cluster.payloads import Message, ShardRequest
+
+    async def sizes():
+        return [prompt_tokens(PendingRequest(args=[r], kwargs={},
+                                             metadata=RequestMetadata("r", "r")))
+                for r in (ShardRequest(prompt_ids=(1, 2, 3)), ShardRequest(prompt="x" * 400),
+                          ShardRequest(messages=(Message("user", "y" * 200),)))]
+
+    assert asyncio.run(sizes()) == [3, 100, 50 + 8]
 
 
 def test_prefix_affinity_breaks_ties_consistently():
