@@ -59,6 +59,8 @@ class System:
     gamma: int | None = None
     gating: bool = True
     """Per-request draft gating (``EngineConfig.draft_gating``; cost-aware budgets only)."""
+    margin: float = 1.05
+    """``EngineConfig.draft_margin``; ``inf``: nobody drafts but the gate's probes."""
 
 
 SYSTEMS = (
@@ -73,6 +75,8 @@ SYSTEMS = (
     System("dspark-d2-alg1", "dspark-d2", "algorithm1"),
     System("dspark-d1-alg1", "dspark-d1", "algorithm1"),
     System("dspark-d1-nogate", "dspark-d1", "algorithm1", gating=False),
+    # the serving default when nobody is worth drafting: what the machinery costs
+    System("dspark-idle", "dspark", "algorithm1", margin=float("inf")),
 )
 
 
@@ -181,7 +185,8 @@ def run_benchmark(
         drafter = load_drafter(Path(drafters_dir) / system.drafter, target) if system.drafter else None
         ecfg = EngineConfig(**{**asdict(base), "budget": system.budget,
                                "num_speculative_tokens": system.gamma, "seed": cfg.seed,
-                               "draft_gating": system.gating})
+                               "draft_gating": system.gating,
+                               "draft_margin": system.margin})
         engine = Engine(target, drafter, ecfg)
         tables[system.label] = {"profiled": asdict(engine.profiled_cost_table)}
         # warm-up, not measured

@@ -31,13 +31,15 @@ except ImportError:  # pragma: no cover
 
 
 def sps_torch(batch: torch.Tensor, sizes: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
-    """Piecewise-linear SPS between profiled sizes, constant outside; batch: [N] float."""
-    b = batch.float().clamp(float(sizes[0]), float(sizes[-1]))
+    """``StepCostTable.sps`` on a tensor: piecewise-linear SPS between profiled sizes,
+    constant below them, step time proportional to B beyond them; batch: [N] float."""
+    top = float(sizes[-1])
+    b = batch.float().clamp(float(sizes[0]), top)
     hi = torch.searchsorted(sizes.float(), b, right=True).clamp(1, sizes.numel() - 1)
     lo = hi - 1
     span = (sizes[hi] - sizes[lo]).float()
     w = torch.where(span > 0, (b - sizes[lo].float()) / span, torch.zeros_like(b))
-    return rates[lo] * (1 - w) + rates[hi] * w
+    return (rates[lo] * (1 - w) + rates[hi] * w) * (top / batch.float().clamp(min=top))
 
 
 def prefix_cut_torch(
@@ -91,6 +93,9 @@ if triton is not None:
                 w_b = (b_before - s0) / (s1 - s0)
                 sps_after = tl.where(b_after >= s0, r0 * (1 - w_a) + r1 * w_a, sps_after)
                 sps_before = tl.where(b_before >= s0, r0 * (1 - w_b) + r1 * w_b, sps_before)
+            # beyond the largest profiled size, step time grows in proportion to B
+            sps_after *= hi_size / tl.maximum(base_tokens + n, hi_size)
+            sps_before *= hi_size / tl.maximum(base_tokens + n - 1, hi_size)
             after = (num_req + cum) * sps_after
             before = (num_req + cum - a) * sps_before
             stops = (~valid) | (after <= before)

@@ -295,14 +295,45 @@ def fit_sts(logits, proposed, accepted, grid=None, num_bins: int = 20) -> list[f
     num_bins = _check_num_bins(num_bins)
     g = _check_grid(grid)  # [G]
     z, labels = _rounds(logits, proposed, accepted)  # [N, K] each
-    prev = np.ones(z.shape[0])  # [N] a_hat_{k-1}
-    temps: list[float] = []
+    positions = []
     for k in range(z.shape[1]):
-        used = ~np.isnan(labels[:, k])  # [N]
-        if not used.any():
-            temps.append(1.0)
+        used = ~np.isnan(labels[:, k])  # [N] rounds proposing position k + 1
+        positions.append((z[used, : k + 1], labels[used, k]))
+    return fit_sts_prefixes(positions, g, num_bins)
+
+
+def fit_sts_prefixes(
+    positions: Sequence[tuple[np.ndarray, np.ndarray]],
+    grid=None,
+    num_bins: int = 20,
+    initial: Sequence[float] | None = None,
+) -> list[float]:
+    """STS on per-position samples: the one fit behind ``fit_sts`` and the online monitor.
+
+    ``positions[k-1]`` is ``(prefix_logits [n_k, k], labels [n_k])``: for each round that
+    observed position k, its raw logits ``z_1 .. z_k`` and ``y_k``. The rows of different
+    positions need not be the same rounds (the online monitor keeps one sliding window per
+    position). ``T_k`` is fitted as in ``fit_sts`` with ``a_hat_{k-1}`` recomputed from each
+    row's own prefix under the temperatures already fitted; a position without rows keeps
+    ``initial[k-1]`` (1.0 when ``initial`` is None).
+    """
+    num_bins = _check_num_bins(num_bins)
+    g = _check_grid(grid)  # [G]
+    k_max = len(positions)
+    start = [1.0] * k_max if initial is None else list(_check_temperatures(initial, k_max))
+    temps: list[float] = []
+    for k, (prefix, label) in enumerate(positions):
+        z = _as_float(prefix, "prefix_logits").reshape(-1, k + 1)  # [n_k, k + 1]
+        y = _as_float(label, "labels").ravel()  # [n_k]
+        if y.size != z.shape[0]:
+            raise ValueError(f"position {k + 1}: {z.shape[0]} prefixes but {y.size} labels")
+        if not (np.all(np.isfinite(z)) and np.all((y == 0.0) | (y == 1.0))):
+            raise ValueError(f"position {k + 1}: logits must be finite and labels 0 or 1")
+        if y.size == 0:
+            temps.append(float(start[k]))
             continue
-        t_k = _best_temperature(prev[used], z[used, k], labels[used, k], g, num_bins)
-        temps.append(t_k)
-        prev = prev * _sigmoid(np.where(used, z[:, k], 0.0) / t_k)
+        prev = np.ones(y.size)  # [n_k] a_hat_{k-1}
+        for i, t_i in enumerate(temps):
+            prev = prev * _sigmoid(z[:, i] / t_i)
+        temps.append(_best_temperature(prev, z[:, k], y, g, num_bins))
     return temps

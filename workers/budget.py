@@ -57,12 +57,14 @@ class StepCostTable:
             raise ValueError("steps_per_second must be positive")
 
     def sps(self, batch: int) -> float:
-        """Piecewise-linear between measured sizes, constant outside them."""
+        """Piecewise-linear between measured sizes; constant below the smallest; beyond
+        the largest, step time grows in proportion to B (a step past the profile is never
+        free: Algorithm 1 and the gate would otherwise admit without limit there)."""
         sizes, rates = self.batch_sizes, self.steps_per_second
         if batch <= sizes[0]:
             return rates[0]
         if batch >= sizes[-1]:
-            return rates[-1]
+            return rates[-1] * sizes[-1] / batch
         i = bisect.bisect_right(sizes, batch)
         lo, hi = sizes[i - 1], sizes[i]
         w = (batch - lo) / (hi - lo)
@@ -97,10 +99,16 @@ class CostModel:
     """What a step costs: SPS(B) of the verify forward and the drafter's calls per second
     against the requests drafted for, both profiled at start-up and refined online."""
 
+    overhead_alpha = 0.1
+
     def __init__(self, verify: StepCostTable, draft: StepCostTable | None, device) -> None:
         self.verify = OnlineCostTable(verify)
         self.draft = OnlineCostTable(draft) if draft is not None else None
         self.device = device
+        self.overhead = 0.0
+        """The rest of a step (schedule, budget, sampling, drafter-cache extension, commit)
+        per second of verify forward: EWMA of the observed ratio. The profiles time the
+        forwards alone; a step that verifies more rows also samples and commits more."""
         self._refresh()
 
     def _refresh(self) -> None:
@@ -109,11 +117,23 @@ class CostModel:
         self.rates = torch.tensor(table.steps_per_second, device=self.device)
 
     def observe(self, verify_tokens: int, verify_seconds: float, drafted: int,
-                draft_seconds: float) -> None:
+                draft_seconds: float, other_seconds: float = 0.0) -> None:
+        """One step: its verify forward, its proposal, and ``other_seconds`` of the rest."""
         self.verify.observe(verify_tokens, verify_seconds)
         self._refresh()
         if drafted and self.draft is not None:
             self.draft.observe(drafted, draft_seconds)
+        if verify_seconds > 0:
+            ratio = other_seconds / verify_seconds
+            self.overhead += self.overhead_alpha * (ratio - self.overhead)
+
+    def step_seconds(self, verify_tokens: int, drafted: int = 0) -> float:
+        """A whole step that verifies ``verify_tokens`` and drafts for ``drafted``
+        requests, as the model believes it costs."""
+        seconds = (1.0 + self.overhead) / self.verify.table.sps(verify_tokens)
+        if drafted and self.draft is not None:
+            seconds += 1.0 / self.draft.table.sps(drafted)
+        return seconds
 
     def select(self, surv: torch.Tensor, other_tokens: int, capacity: int = -1,
                other_requests: int = 0) -> torch.Tensor:

@@ -22,6 +22,7 @@ K/V of a position depends only on the tokens up to it.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Sequence
@@ -60,8 +61,26 @@ class ExtendBatch:
     max_q: int
 
 
+@dataclass
+class PendingRows:
+    """Committed decode rows of one request not yet written to the drafter cache."""
+
+    features: list[torch.Tensor]  # [n_i, F] per step
+    start: int
+    """Position of the first pending row (the rows are consecutive positions)."""
+    count: int = 0
+
+
 class DraftWorker:
-    """Holds the drafter's paged cache; prepares extend and propose inputs per step."""
+    """Holds the drafter's paged cache; prepares extend and propose inputs per step.
+
+    Parallel drafters (DSpark, DFlash) extend lazily: a decoding request's committed rows
+    wait (``pending``, their target features kept) until the request drafts, finishes, or
+    has ``max_pending`` rows waiting, and are then written in one batched call. A step in
+    which nobody drafts then writes no drafter K/V, so it costs about what a plain step
+    costs; prompt rows are written at once (the prefix cache shares them)."""
+
+    max_pending_blocks = 4
 
     def __init__(self, drafter: Drafter, num_blocks: int, block_size: int) -> None:
         cfg = drafter.config
@@ -75,13 +94,19 @@ class DraftWorker:
         )
         self.last_h: dict[str, torch.Tensor] = {}  # autoregressive: [d] per request
         self._buffers: dict[str, torch.Tensor] = {}
+        self.lazy = not self.autoregressive
+        self.pending: dict[str, PendingRows] = {}
+        self.max_pending = self.max_pending_blocks * block_size
 
     def ready(self, req_id: str) -> bool:
         """Can propose for this request (autoregressive drafters need its last output)."""
         return not self.autoregressive or req_id in self.last_h
 
     def forget(self, req_id: str) -> None:
+        """Drop a request's state (finished, cancelled or preempted: its rows are gone or
+        will be recomputed by its prefill)."""
         self.last_h.pop(req_id, None)
+        self.pending.pop(req_id, None)
 
     # ------------------------------------------------------------------ extend
     @torch.no_grad()
@@ -122,7 +147,9 @@ class DraftWorker:
     @torch.no_grad()
     def propose_step(self, seqs: list[StepSeq], caps: list[int], tables: torch.Tensor
                      ) -> DraftProposal:
-        """Draft up to ``caps[i]`` tokens for each of ``seqs`` (every cap >= 1)."""
+        """Draft up to ``caps[i]`` tokens for each of ``seqs`` (every cap >= 1), after
+        writing their pending rows."""
+        self.flush(seqs, tables)
         device, cfg = tables.device, self.config
         noise = draft_noise([s.state.sampling for s in seqs], [s.first_position for s in seqs],
                             cfg.block_size, cfg.vocab_size, device, max(caps))
@@ -140,8 +167,10 @@ class DraftWorker:
 
     def extend_step(self, layout: list[SeqRows], new_tokens: dict[str, list[int]],
                     features: torch.Tensor, tables: torch.Tensor) -> None:
-        """Write the drafter K/V of the positions committed this step."""
-        rows, next_ids, positions, cu, req_ids = [], [], [], [0], []
+        """Write the drafter K/V of the positions committed this step (a lazy worker keeps
+        decoding requests' rows pending instead)."""
+        rows, next_ids, positions, cu, req_ids, table_rows = [], [], [], [0], [], []
+        waiting: list[tuple[StepSeq, int, int]] = []  # (seq, first row, rows)
         offset = 0
         for lay in layout:
             s = lay.seq
@@ -152,21 +181,69 @@ class DraftWorker:
                 following = req.all_ids[s.start + 1 : s.start + num + 1] + new[:1]
             else:
                 num, following = len(new), new
+            if self.lazy and not s.prefill:
+                if num:
+                    waiting.append((s, offset, num))
+                offset += len(lay.fed)
+                continue
             rows += range(offset, offset + num)
             next_ids += following[:num]
             positions += range(s.start, s.start + num)
             cu.append(len(rows))
             req_ids.append(req.req_id)
+            table_rows.append(s.row)
             offset += len(lay.fed)
         dev = tables.device
+        if req_ids:
+            self.extend(ExtendBatch(
+                req_ids=req_ids,
+                features=features[torch.tensor(rows, device=dev)],
+                next_ids=torch.tensor(next_ids, device=dev),
+                positions=torch.tensor(positions, device=dev),
+                cu=torch.tensor(cu, device=dev),
+                block_tables=tables[torch.tensor(table_rows, device=dev)],
+                max_q=max(b - a for a, b in zip(cu, cu[1:])),
+            ))
+        if waiting:
+            self._keep_pending(waiting, features, tables)
+
+    def _keep_pending(self, waiting: list[tuple[StepSeq, int, int]], features: torch.Tensor,
+                      tables: torch.Tensor) -> None:
+        idx = torch.cat([torch.arange(a, a + n) for _, a, n in waiting]).to(features.device)
+        kept = features.index_select(0, idx)  # one copy; the verify output is not held
+        full, at = [], 0
+        for s, _, num in waiting:
+            req_id = s.request.req_id
+            entry = self.pending.get(req_id)
+            if entry is None:
+                entry = self.pending[req_id] = PendingRows([], s.start)
+            entry.features.append(kept[at : at + num])
+            entry.count += num
+            at += num
+            if entry.count >= self.max_pending:
+                full.append(s)
+        if full:
+            self.flush(full, tables)
+
+    def flush(self, seqs: Sequence[StepSeq], tables: torch.Tensor) -> None:
+        """Write the pending rows of ``seqs`` (this step's requests, ``tables`` this step's
+        block tables) into the drafter cache, in one batched call."""
+        entries = [(s, self.pending.pop(s.request.req_id)) for s in seqs
+                   if s.request.req_id in self.pending]
+        if not entries:
+            return
+        dev = tables.device
+        counts = [e.count for _, e in entries]
+        cu = torch.tensor([0, *itertools.accumulate(counts)], device=dev)
         self.extend(ExtendBatch(
-            req_ids=req_ids,
-            features=features[torch.tensor(rows, device=dev)],
-            next_ids=torch.tensor(next_ids, device=dev),
-            positions=torch.tensor(positions, device=dev),
-            cu=torch.tensor(cu, device=dev),
-            block_tables=tables,
-            max_q=max(b - a for a, b in zip(cu, cu[1:])),
+            req_ids=[s.request.req_id for s, _ in entries],
+            features=torch.cat([f for _, e in entries for f in e.features]),
+            next_ids=torch.zeros(int(cu[-1]), dtype=torch.long, device=dev),  # unused
+            positions=torch.cat([torch.arange(e.start, e.start + e.count, device=dev)
+                                 for _, e in entries]),
+            cu=cu,
+            block_tables=tables[torch.tensor([s.row for s, _ in entries], device=dev)],
+            max_q=max(counts),
         ))
 
     # ------------------------------------------------------------------ propose

@@ -112,7 +112,7 @@ class Engine:
         temps = drafter.config.sts_temperatures if drafter is not None else None
         sts = torch.tensor(temps or [1.0] * max(self.gamma, 1), device=self.device)
         self.budget = make_budget(cfg.budget, self.costs, sts, cfg.threshold, external_tokens)
-        self.gate = make_gate(self.gamma, self.costs, gated, cfg.probe_every)
+        self.gate = make_gate(self.gamma, self.costs, gated, cfg.probe_every, cfg.draft_margin)
         self.states: dict[str, RequestState] = {}
         self.step_count = self.num_errors = 0
         self._ids, self._seeds = itertools.count(), itertools.count()
@@ -180,6 +180,9 @@ class Engine:
             if self.lockstep:
                 forward_empty(self.target)  # NOTE: the group's MoE exchanges need every rank
             return StepResult([], None)
+        if self.draft_worker is not None:
+            for req_id in sched.preempted:  # NOTE: their rows are recomputed on readmission
+                self.draft_worker.forget(req_id)
         seqs = [StepSeq.create(row, item, self.scheduler.requests[item.req_id],
                                self.states[item.req_id])
                 for row, item in enumerate(sched.scheduled)]
@@ -216,7 +219,7 @@ class Engine:
         clock.append(time.perf_counter())
         if self.draft_worker is not None:
             self.draft_worker.extend_step(rows, verified.new_tokens, result.features, tables)
-        outputs = self._commit(sched, seqs, proposal, plan, verified.new_tokens)
+        outputs = self._commit(sched, seqs, proposal, plan, verified.new_tokens, tables)
         clock.append(time.perf_counter())
         self._learn(decoding, proposal, plan, verified, clock)
         stats = step_stats(self, sched, seqs, proposal, plan, verified, outputs, clock)
@@ -250,11 +253,12 @@ class Engine:
                 [s.state.drafting for s in decoding if s.request.req_id not in ids])
         # NOTE: drafting is charged its proposal only, as it is profiled: the drafter cache
         # is extended with the committed tokens whether or not anyone drafted
-        self.costs.observe(verified.num_tokens, clock[4] - clock[3],
-                           len(proposal.seqs) if proposal else 0, clock[2] - clock[1])
+        verify, draft = clock[4] - clock[3], clock[2] - clock[1]
+        self.costs.observe(verified.num_tokens, verify, len(proposal.seqs) if proposal else 0,
+                           draft, clock[-1] - clock[0] - verify - draft)
 
     def _commit(self, sched, seqs: list[StepSeq], proposal: DraftProposal | None, plan,
-                new_tokens: dict[str, list[int]]) -> list[RequestOutput]:
+                new_tokens: dict[str, list[int]], tables) -> list[RequestOutput]:
         """The scheduler commits every request's new tokens (stop tokens, max_tokens and
         the context end cut them there); finished requests leave the engine."""
         before = {s.request.req_id: len(s.request.output_ids) for s in seqs}
@@ -262,6 +266,10 @@ class Engine:
             RequestResult(s.request.req_id, new_tokens.get(s.request.req_id, []))
             for s in seqs])
         done = {r.req_id for r in finished}
+        if self.draft_worker is not None and done:
+            # NOTE: before their blocks can be reused: a finished request's full blocks stay
+            # in the prefix cache (a next chat turn), and must carry drafter K/V there too
+            self.draft_worker.flush([s for s in seqs if s.request.req_id in done], tables)
         if proposal is not None:
             self._record_rounds(proposal, plan, new_tokens, before)
         outputs = []

@@ -37,9 +37,12 @@ class EngineConfig:
     """algorithm1/topk/cluster only: per step and per request, draft only for the requests
     whose recent acceptance pays for their drafting and verification at this step's load
     (``dspark.workers.gate``)."""
+    draft_margin: float = 1.05
+    """The gate drafts only when drafting promises this many times the step's throughput
+    without it (>= 1; ``inf``: nobody drafts but the gate's probes)."""
     probe_every: int = 8
-    """A request not drafted for this many decoding steps drafts anyway (a probe of that
-    request alone) to refresh its acceptance record."""
+    """A request not drafted for this many decoding steps is stale: the gate probes it (a
+    few per step, backing off while nobody is worth drafting) to refresh its record."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budget", BudgetMode.parse(self.budget))
@@ -52,6 +55,8 @@ class EngineConfig:
         for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.draft_margin >= 1.0:
+            raise ValueError(f"draft_margin must be >= 1.0, got {self.draft_margin}")
         if self.probe_every < 1:
             raise ValueError(f"probe_every must be >= 1, got {self.probe_every}")
         if not self.profile_batch_sizes or min(self.profile_batch_sizes) < 1:

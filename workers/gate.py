@@ -8,17 +8,20 @@ step is drafted, from two things only:
 - each request's own recent record (``DraftRecord``: EWMAs of its accepted drafts per
   drafted step and of its verified ℓ_r, and how long ago it last drafted), and
 - the cost model (``CostModel``: SPS(B) of the verify forward, drafting calls per second
-  against the number of requests drafted for; both profiled, then refined online).
+  against the number of requests drafted for, both profiled, then refined online, and the
+  rest of a step as an observed share of its verify forward).
 
 It drafts for the set that maximises expected committed tokens per second of the step::
 
-    (N + sum_{r in S} gain_r) / (t_draft(|S|) + t_verify(B_0 + sum_{r in S} ell_r))
+    (N + sum_{r in S} gain_r) / (t_draft(|S|) + (1 + o) t_verify(B_0 + sum_{r in S} ell_r))
 
 over the prefixes S of the candidates sorted by gain (N requests served by the step:
 decoding and prefilling, since a longer step delays a first token as much as a next one;
-B_0 the tokens verified without drafts), with a 5% margin in favour of not drafting. A request not drafted
-for ``probe_every`` decoding steps is drafted anyway (a probe): it refreshes that request's
-record and costs only its own rows.
+B_0 the tokens verified without drafts; o the overhead share), with a 5% margin in favour
+of not drafting. A request not drafted for ``probe_every`` decoding steps is stale; stale
+requests are probed a few at a time, riding along in steps whose drafter runs anyway, or,
+when nobody drafts, in a probe step after an idle gap that backs off while probes find
+nothing worth drafting (``CostGate.choose``). A probe refreshes that request's record.
 
 NOTE (losslessness): the choice reads only earlier steps' records and the cost model, never
 this step's drafts; a request that does not draft takes a plain decoding step (its anchor
@@ -104,49 +107,80 @@ class DraftGate:
 
 class CostGate(DraftGate):
     """Drafts for the requests whose expected accepted drafts pay for their drafting and
-    verification at this step's load (module docstring); probes the others every
-    ``probe_every`` decoding steps."""
+    verification at this step's load (module docstring), and probes stale records at a
+    bounded cost (``choose``)."""
+
+    probes_per_step = 2
+    """Stale requests probed in one step, stalest first."""
+    max_backoff = 8
+    """The drafter's longest idle gap between probe steps, in units of ``probe_every``."""
 
     def __init__(self, gamma: int, cost: CostModel, probe_every: int,
                  margin: float = MARGIN) -> None:
         super().__init__(gamma)
         self.cost, self.probe_every, self.margin = cost, probe_every, margin
+        self.quiet = 0
+        """Steps since the drafter last ran."""
+        self.gap = probe_every
+        """Steps the drafter may stay idle before a step that runs it for probes only."""
 
     def choose(self, candidates, num_decoding, other_tokens, other_requests=0):
+        """Drafters chosen by cost, plus probes: a request undrafted for ``probe_every``
+        steps is stale. Stale requests ride along (``probes_per_step`` of them) in a step
+        whose drafter runs anyway, which costs their rows only; when nobody is chosen, the
+        drafter runs for probes alone once it has been idle ``gap`` steps, and ``gap``
+        doubles (up to ``max_backoff * probe_every``) until a probe finds a request worth
+        drafting. With no request worth drafting, nearly every step is a plain step."""
         if not candidates:
             return []
-        prior_gain = self.gain
-        prior_ell = self.ell
         # NOTE: a request with no record yet takes the engine-wide one; before any drafting
         # at all, everyone drafts (that first step is the probe)
-        if prior_gain is None:
+        if self.gain is None:
             return [True] * len(candidates)
-        gains = [c.record.gain if c.record.gain is not None else prior_gain for c in candidates]
-        ells = [min(c.cap, c.record.ell if c.record.ell is not None else prior_ell)
+        chosen = set(self._by_cost(candidates, num_decoding, other_tokens, other_requests))
+        stale = sorted((i for i, c in enumerate(candidates)
+                        if i not in chosen and c.record.idle + 1 >= self.probe_every),
+                       key=lambda i: -candidates[i].record.idle)
+        if chosen:
+            self.gap = self.probe_every
+            chosen.update(stale[: self.probes_per_step])
+        elif stale and self.quiet + 1 >= self.gap:
+            self.gap = min(2 * self.gap, self.max_backoff * self.probe_every)
+            chosen.update(stale[: self.probes_per_step])
+        return [i in chosen for i in range(len(candidates))]
+
+    def _by_cost(self, candidates, num_decoding, other_tokens, other_requests) -> list[int]:
+        """The prefix of the candidates sorted by gain that maximises expected committed
+        tokens per second of the whole step (drafting, verification and the rest)."""
+        gains = [c.record.gain if c.record.gain is not None else self.gain for c in candidates]
+        ells = [min(c.cap, c.record.ell if c.record.ell is not None else self.ell)
                 for c in candidates]
         order = sorted(range(len(candidates)), key=lambda i: -gains[i])
-        verify, draft = self.cost.verify.table, self.cost.draft.table
         base = num_decoding + other_tokens
         served = num_decoding + other_requests
-        best_k, best = 0, served * verify.sps(base) / self.margin
+        # NOTE: drafting must beat not drafting by the margin (inf: never)
+        best_k, best = 0, served / self.cost.step_seconds(base) * self.margin
         tokens, extra = float(served), 0.0
         for k, i in enumerate(order, start=1):
             tokens += gains[i]
             extra += ells[i]
-            seconds = 1.0 / draft.sps(k) + 1.0 / verify.sps(base + round(extra))
-            if tokens / seconds > best:
-                best_k, best = k, tokens / seconds
-        chosen = set(order[:best_k])
-        return [i in chosen or c.record.idle + 1 >= self.probe_every
-                for i, c in enumerate(candidates)]
+            rate = tokens / self.cost.step_seconds(base + round(extra), k)
+            if rate > best:
+                best_k, best = k, rate
+        return order[:best_k]
+
+    def observe(self, records, lengths, accepted, idle=()):
+        self.quiet = 0 if records else self.quiet + 1
+        super().observe(records, lengths, accepted, idle)
 
 
 def _ewma(old: float, new: float, alpha: float) -> float:
     return (1 - alpha) * old + alpha * new
 
 
-def make_gate(gamma: int, cost: CostModel, enabled: bool, probe_every: int) -> DraftGate:
+def make_gate(gamma: int, cost: CostModel, enabled: bool, probe_every: int,
+              margin: float = MARGIN) -> DraftGate:
     """The cost gate where it is enabled and a drafting cost was profiled, else always."""
     if enabled and cost.draft is not None:
-        return CostGate(gamma, cost, probe_every)
+        return CostGate(gamma, cost, probe_every, margin)
     return DraftGate(gamma)

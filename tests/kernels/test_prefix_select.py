@@ -21,7 +21,7 @@ def random_step(rng):
     num_req, width = rng.randint(1, 9), rng.randint(1, 7)
     conf = [[rng.random() ** 0.3 for _ in range(rng.randint(0, width))] for _ in range(num_req)]
     surv = survival(conf)
-    sizes = sorted(rng.sample(range(1, 80), 5))
+    sizes = sorted(rng.sample(range(1, 40), 5))  # steps past the largest size too
     rates = sorted((rng.uniform(10, 100) for _ in sizes), reverse=True)
     padded = torch.full((num_req, width), -1.0, dtype=torch.float64)
     for r, row in enumerate(surv):

@@ -24,7 +24,9 @@ FLAT = StepCostTable((1, 64), (10.0, 10.0))  # verifying more never costs more
 
 def test_step_cost_table_interpolates_and_validates():
     cost = StepCostTable((1, 5, 9), (10.0, 6.0, 2.0))
-    assert cost.sps(1) == 10.0 and cost.sps(3) == 8.0 and cost.sps(100) == 2.0
+    assert cost.sps(1) == 10.0 and cost.sps(3) == 8.0 and cost.sps(9) == 2.0
+    # past the profile, step time grows in proportion to B: twice the tokens, half the SPS
+    assert cost.sps(18) == 1.0
     with pytest.raises(ValueError, match="increasing"):
         StepCostTable((4, 2), (1.0, 1.0))
 

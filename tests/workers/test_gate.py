@@ -32,10 +32,44 @@ def test_drafting_pays_for_nobody_when_the_drafter_costs_more_than_it_gains():
     assert gate(0.5).choose([cand(3.0), cand(2.0)], 2, 0) == [True, True]
 
 
-def test_a_request_idle_for_probe_every_steps_is_probed_alone():
+def idle_steps(g: CostGate, n: int) -> None:
+    for _ in range(n):
+        g.observe([], [], [])  # steps in which the drafter did not run
+
+
+def test_stale_requests_ride_along_when_the_drafter_runs_anyway():
+    g = gate(5.0, probe_every=4)
+    stale = [cand(0.0, idle=3), cand(0.0, idle=5), cand(0.0, idle=4), cand(0.0, idle=1)]
+    picks = g.choose([cand(3.0), *stale], 5, 0)
+    # the paying request drafts; the two stalest of the three stale ones are probed
+    assert picks == [True, False, True, True, False]
+
+
+def test_with_nobody_worth_drafting_probe_steps_back_off():
     g = gate(50.0, probe_every=4)
-    picks = g.choose([cand(0.2, idle=3), cand(0.2, idle=1), cand(0.2, idle=2)], 3, 0)
-    assert picks == [True, False, False]
+    stale = [cand(0.2, idle=3), cand(0.2, idle=1), cand(0.2, idle=7), cand(0.2, idle=3)]
+    assert g.choose(stale, 4, 0) == [False] * 4  # the drafter just ran (the helper's step)
+    drafted_at = []
+    for step in range(60):
+        picks = g.choose(stale, 4, 0)
+        assert sum(picks) <= CostGate.probes_per_step
+        if any(picks):
+            assert picks[2] and (picks[0] or picks[3]) and not picks[1]  # stalest first
+            drafted_at.append(step)
+        g.observe([DraftRecord()] if any(picks) else [], [1] if any(picks) else [],
+                  [0] if any(picks) else [])
+    gaps = [b - a for a, b in zip([-1, *drafted_at], drafted_at)]
+    assert gaps[:4] == [4, 8, 16, 32]  # the idle gap doubles, up to 8 * probe_every
+
+
+def test_a_request_worth_drafting_resets_the_probe_gap():
+    g = gate(50.0, probe_every=2)
+    idle_steps(g, 5)
+    assert g.choose([cand(0.1, idle=2)], 1, 0) == [True]  # a probe step
+    assert g.gap == 4
+    g.cost = CostModel(VERIFY, StepCostTable((1, 64), (2000.0, 2000.0)), "cpu")  # cheap now
+    assert g.choose([cand(3.0), cand(0.1, idle=2)], 2, 0) == [True, True]
+    assert g.gap == 2
 
 
 def test_new_requests_use_the_engine_record_and_everyone_drafts_before_any_record():
@@ -70,3 +104,27 @@ def test_prefilling_requests_in_the_step_count_against_drafting():
     # prefilling in the same step, a 2 ms longer step delays 7 requests, not one
     assert gate(2.0).choose([cand(0.6)], 1, 6) == [True]
     assert gate(2.0).choose([cand(0.6)], 1, 6, other_requests=6) == [False]
+
+
+def test_the_gate_weighs_whole_steps_not_forwards():
+    # 32 requests decode; verifying costs 10 ms whatever B; one request could draft with 4
+    # accepted at 1 ms of drafting. Against the bare forward, 36 tokens in 11 ms are not 5 %
+    # more than 32 in 10 ms; once the step's sampling and commit are seen to take as long
+    # again as its forward, 36 tokens in 21 ms are more than 5 % above 32 in 20 ms
+    g = gate(1.0, verify=StepCostTable((1, 64), (100.0, 100.0)))
+    assert g.choose([cand(4.0)], 32, 0) == [False]
+    for _ in range(100):
+        g.cost.observe(1, 0.010, 0, 0.0, other_seconds=0.010)
+    assert abs(g.cost.overhead - 1.0) < 1e-3
+    assert abs(g.cost.step_seconds(8) - 0.020) < 1e-3
+    assert g.choose([cand(4.0)], 32, 0) == [True]
+
+
+def test_the_margin_is_asked_of_drafting_and_inf_turns_drafting_off():
+    # 1 request, 10 ms steps, 5 ms drafting: 0.55 accepted gives 1.55 tokens in 15 ms,
+    # 3 % more than 1 in 10 ms, short of the 5 % margin; 0.6 gives 7 % more
+    assert gate(5.0).choose([cand(0.55)], 1, 0) == [False]
+    assert gate(5.0).choose([cand(0.6)], 1, 0) == [True]
+    off = gate(0.001)
+    off.margin = float("inf")
+    assert off.choose([cand(7.0)], 1, 0) == [False]

@@ -177,3 +177,47 @@ def test_per_request_gating_changes_no_output(make_model, make_drafter):
             mixed.append(0 < result.stats.num_drafts < result.stats.num_decode_requests)
     assert [got[i] for i in ids] == want
     assert sum(mixed) >= 5, mixed
+
+
+def test_lazy_drafter_cache_extension_drafts_what_eager_extension_drafts(make_model,
+                                                                          make_drafter):
+    """The drafter cache written lazily (pending rows flushed when a request drafts, fills
+    its pending limit, or finishes) gives every drafted round the same confidences and
+    accepted counts as writing every committed row at once; a finished request's rows are
+    all written (its blocks stay in the prefix cache)."""
+    target = make_model(seed=2)
+    drafter = make_drafter(target, "dspark")
+    batch = prompts(8, target.config.vocab_size, seed=9)
+    params = [SamplingParams(temperature=0.0 if i % 2 else 1.0, max_tokens=40, seed=i)
+              for i in range(len(batch))]
+    runs = []
+    for lazy in (False, True):
+        rounds = []
+        eng = engine(target, drafter, budget="fixed",  # NOTE: ℓ_r independent of timing
+                     on_round=lambda req_id, rec, rounds=rounds: rounds.append((req_id, rec)))
+        eng.gate = CoinGate(eng.gamma)
+        eng.draft_worker.lazy = lazy
+        eng.draft_worker.max_pending = 6  # some requests fill it between drafts
+        ids = [eng.add_request(p, sp) for p, sp in zip(batch, params)]
+        flushed, peak = [], 0
+        real_flush = eng.draft_worker.flush
+        eng.draft_worker.flush = lambda seqs, tables, real=real_flush: (
+            flushed.extend(s.request.req_id for s in seqs), real(seqs, tables))
+        got = {i: [] for i in ids}
+        while eng.has_unfinished():
+            for out in eng.step().outputs:
+                got[out.req_id] += out.new_token_ids
+            peak = max(peak, max((e.count for e in eng.draft_worker.pending.values()),
+                                 default=0))
+        runs.append((rounds, [got[i] for i in ids], peak, set(flushed), eng.draft_worker.kv))
+    (eager, eager_out, _, _, eager_kv), (lazy, lazy_out, peak, flushed, lazy_kv) = runs
+    assert lazy_out == eager_out
+    # the same blocks were allocated: finished requests left the same drafter K/V behind
+    assert eager_kv.k.abs().sum() > 0
+    torch.testing.assert_close(lazy_kv.k, eager_kv.k)
+    torch.testing.assert_close(lazy_kv.v, eager_kv.v)
+    assert len(lazy) == len(eager) > 20
+    for (ra, a), (rb, b) in zip(eager, lazy):
+        assert ra == rb and (a.proposed, a.accepted) == (b.proposed, b.accepted)
+        torch.testing.assert_close(torch.tensor(a.conf_logits), torch.tensor(b.conf_logits))
+    assert 0 < peak < 6 + drafter.config.block_size and flushed == set(ids)
