@@ -61,6 +61,17 @@ class ServeConfig:
     """Ray CPUs reserved per replica."""
     threads: int = 0
     """Torch threads per replica (0: torch's default)."""
+    otlp_traces_endpoint: str | None = None
+    """OTLP/HTTP (protobuf) endpoint the traces go to, e.g. http://127.0.0.1:4318/v1/traces;
+    none: tracing off (no tracer is made, nothing is recorded)."""
+    trace_sample_ratio: float = 1.0
+    """Share of requests traced, in (0, 1] (a client's sampled traceparent is followed)."""
+    calibration_window: int = 4096
+    """Verified draft positions each replica's calibration monitor keeps per position."""
+    calibration_drift_threshold: float = 0.05
+    """Online ECE of the confidence head above which a replica reports drift, in (0, 1)."""
+    calibration_refit: bool = False
+    """On drift, refit the per-position STS temperatures online from the window."""
 
     def __post_init__(self) -> None:
         if self.router not in ("board", "pow2"):
@@ -86,6 +97,21 @@ class ServeConfig:
             raise ValueError(f"replica_cpus must be in (0, 64], got {self.replica_cpus}")
         if not self.model_name:
             raise ValueError("model_name must be non-empty")
+        if not 0.0 < self.trace_sample_ratio <= 1.0:
+            raise ValueError(f"trace_sample_ratio must be in (0, 1], got {self.trace_sample_ratio}")
+        if self.otlp_traces_endpoint is not None and not self.otlp_traces_endpoint.startswith(
+                ("http://", "https://")):
+            raise ValueError("otlp_traces_endpoint must be an http:// or https:// URL, got "
+                             f"{self.otlp_traces_endpoint!r}")
+        if not isinstance(self.calibration_window, int) or self.calibration_window < 16:
+            raise ValueError(
+                f"calibration_window must be an integer >= 16, got {self.calibration_window!r}")
+        if not 0.0 < self.calibration_drift_threshold < 1.0:
+            raise ValueError("calibration_drift_threshold must be in (0, 1), got "
+                             f"{self.calibration_drift_threshold}")
+        if not isinstance(self.calibration_refit, bool):
+            raise ValueError(f"calibration_refit must be true or false, got "
+                             f"{self.calibration_refit!r}")
 
     @property
     def budget_mode(self) -> BudgetMode:

@@ -53,6 +53,8 @@ class DraftRecord:
     """EWMA of the drafts verified per drafted step (ℓ_r)."""
     idle: int = 0
     """Decoding steps since it last drafted."""
+    predicted: float | None = None
+    """The gain the gate expected when it last chose it (until that step is observed)."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ class CostGate(DraftGate):
     """Stale requests probed in one step, stalest first."""
     max_backoff = 8
     """The drafter's longest idle gap between probe steps, in units of ``probe_every``."""
+    realism_alpha = 0.1
 
     def __init__(self, gamma: int, cost: CostModel, probe_every: int,
                  margin: float = MARGIN) -> None:
@@ -123,6 +126,11 @@ class CostGate(DraftGate):
         """Steps since the drafter last ran."""
         self.gap = probe_every
         """Steps the drafter may stay idle before a step that runs it for probes only."""
+        self.realism = 1.0
+        """Accepted drafts over the gains the gate expected for the requests it drafted
+        for (EWMA over steps). The gate picks the highest records, and a record that is
+        high by luck is picked for its luck; the verify budget may also verify fewer drafts
+        than a record saw. Gains are scaled by this before they are weighed."""
 
     def choose(self, candidates, num_decoding, other_tokens, other_requests=0):
         """Drafters chosen by cost, plus probes: a request undrafted for ``probe_every``
@@ -147,12 +155,16 @@ class CostGate(DraftGate):
         elif stale and self.quiet + 1 >= self.gap:
             self.gap = min(2 * self.gap, self.max_backoff * self.probe_every)
             chosen.update(stale[: self.probes_per_step])
+        for i in chosen:
+            rec = candidates[i].record
+            rec.predicted = rec.gain if rec.gain is not None else self.gain
         return [i in chosen for i in range(len(candidates))]
 
     def _by_cost(self, candidates, num_decoding, other_tokens, other_requests) -> list[int]:
         """The prefix of the candidates sorted by gain that maximises expected committed
         tokens per second of the whole step (drafting, verification and the rest)."""
-        gains = [c.record.gain if c.record.gain is not None else self.gain for c in candidates]
+        gains = [self.realism * (c.record.gain if c.record.gain is not None else self.gain)
+                 for c in candidates]
         ells = [min(c.cap, c.record.ell if c.record.ell is not None else self.ell)
                 for c in candidates]
         order = sorted(range(len(candidates)), key=lambda i: -gains[i])
@@ -171,6 +183,13 @@ class CostGate(DraftGate):
 
     def observe(self, records, lengths, accepted, idle=()):
         self.quiet = 0 if records else self.quiet + 1
+        expected = [(r.predicted, a) for r, a in zip(records, accepted) if r.predicted is not None]
+        predicted = sum(p for p, _ in expected)
+        if predicted > 0:
+            ratio = min(2.0, max(0.1, sum(a for _, a in expected) / predicted))
+            self.realism += self.realism_alpha * (ratio - self.realism)
+        for rec in records:
+            rec.predicted = None
         super().observe(records, lengths, accepted, idle)
 
 

@@ -27,11 +27,22 @@ def add_parser(sub: Subparsers) -> None:
     add_flag(srv, "--config", None, "YAML file of serve settings (flags override it)")
     docs = ServeConfig.field_docs()
     for f in fields(ServeConfig):
-        kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+        kind = {"int": int, "float": float, "int | None": int, "bool": _bool}.get(
+            str(f.type), str)
         default = f.default if f.default is not MISSING else None
         help_text = docs.get(f.name, f.name.replace("_", " "))
         add_flag(srv, "--" + f.name.replace("_", "-"), None, help_text, dest=f.name, type=kind,
                  shown=_SHOWN.get(f.name, "none" if default is None else default))
+
+
+def _bool(value: str) -> bool:
+    """A yes/no flag value (true/false, yes/no, on/off, 1/0)."""
+    word = value.strip().lower()
+    if word in ("true", "yes", "on", "1"):
+        return True
+    if word in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def serve_config(args: argparse.Namespace):

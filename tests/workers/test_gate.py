@@ -128,3 +128,20 @@ def test_the_margin_is_asked_of_drafting_and_inf_turns_drafting_off():
     off = gate(0.001)
     off.margin = float("inf")
     assert off.choose([cand(7.0)], 1, 0) == [False]
+
+
+def test_gains_are_scaled_by_how_the_gates_expectations_turned_out():
+    # the gate expects 3 accepted drafts of a request and sees none, step after step (its
+    # record stays at 3, as a lucky record would): it learns that its records overstate
+    # what the drafted get, and stops drafting at a cost that 0.6 accepted would not pay
+    g = gate(5.0)
+    rec = DraftRecord(3.0, 4.0)
+    for steps in range(1, 60):
+        picks = g.choose([GateCandidate(rec, 7)], 1, 0)
+        if not picks[0]:
+            break
+        assert rec.predicted == 3.0
+        g.observe([rec], [4], [0])
+        rec.gain = 3.0
+        assert rec.predicted is None  # an observed step clears its expectation
+    assert not picks[0] and steps > 10 and 3.0 * g.realism < 0.6
