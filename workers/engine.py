@@ -250,9 +250,10 @@ class Engine:
             self.gate.observe(
                 [s.state.drafting for s in drafted], plan.lengths if plan is not None else [],
                 [verified.num_accepted[s.request.req_id] for s in drafted],
-                [s.state.drafting for s in decoding if s.request.req_id not in ids])
-        # NOTE: drafting is charged its proposal only, as it is profiled: the drafter cache
-        # is extended with the committed tokens whether or not anyone drafted
+                [s.state.drafting for s in decoding if s.request.req_id not in ids],
+                clock[-1] - clock[0])
+        # NOTE: drafting is charged its proposal, which writes the drafted requests'
+        # pending drafter-cache rows first (``DraftWorker.flush``)
         verify, draft = clock[4] - clock[3], clock[2] - clock[1]
         self.costs.observe(verified.num_tokens, verify, len(proposal.seqs) if proposal else 0,
                            draft, clock[-1] - clock[0] - verify - draft)

@@ -18,7 +18,10 @@ It drafts for the set that maximises expected committed tokens per second of the
 over the prefixes S of the candidates sorted by gain (N requests served by the step:
 decoding and prefilling, since a longer step delays a first token as much as a next one;
 B_0 the tokens verified without drafts; o the overhead share), with a 5% margin in favour
-of not drafting. A request not drafted for ``probe_every`` decoding steps is stale; stale
+of not drafting. The gate checks its own predictions: gains are scaled by the accepted
+drafts it saw over the gains it expected (``realism``), and step times by the step time it
+saw over the one it predicted, separately for steps with and without drafting
+(``step_realism``). A request not drafted for ``probe_every`` decoding steps is stale; stale
 requests are probed a few at a time, riding along in steps whose drafter runs anyway, or,
 when nobody drafts, in a probe step after an idle gap that backs off while probes find
 nothing worth drafting (``CostGate.choose``). A probe refreshes that request's record.
@@ -86,9 +89,10 @@ class DraftGate:
         return [True] * len(candidates)
 
     def observe(self, records: Sequence[DraftRecord], lengths: Sequence[int],
-                accepted: Sequence[int], idle: Sequence[DraftRecord] = ()) -> None:
+                accepted: Sequence[int], idle: Sequence[DraftRecord] = (),
+                seconds: float | None = None) -> None:
         """After a step: ``records`` drafted, with the ℓ_r verified and the drafts
-        accepted of each; ``idle`` decoded without drafting."""
+        accepted of each; ``idle`` decoded without drafting; ``seconds`` the whole step."""
         for rec in idle:
             rec.idle += 1
         for rec, ell, gain in zip(records, lengths, accepted):
@@ -126,6 +130,11 @@ class CostGate(DraftGate):
         """Steps since the drafter last ran."""
         self.gap = probe_every
         """Steps the drafter may stay idle before a step that runs it for probes only."""
+        self.step_realism = {False: 1.0, True: 1.0}
+        """Observed over predicted whole-step time, for steps without and with drafting
+        (EWMA each): the cost tables come from decode-like profiles and miss what a step
+        also carries (a long prefill chunk's attention, the rows the budget admits)."""
+        self.prediction: tuple[bool, float] | None = None
         self.realism = 1.0
         """Accepted drafts over the gains the gate expected for the requests it drafted
         for (EWMA over steps). The gate picks the highest records, and a record that is
@@ -155,9 +164,13 @@ class CostGate(DraftGate):
         elif stale and self.quiet + 1 >= self.gap:
             self.gap = min(2 * self.gap, self.max_backoff * self.probe_every)
             chosen.update(stale[: self.probes_per_step])
+        extra = 0.0
         for i in chosen:
             rec = candidates[i].record
             rec.predicted = rec.gain if rec.gain is not None else self.gain
+            extra += min(candidates[i].cap, rec.ell if rec.ell is not None else self.ell)
+        self.prediction = (bool(chosen), self.cost.step_seconds(
+            num_decoding + other_tokens + round(extra), len(chosen)))
         return [i in chosen for i in range(len(candidates))]
 
     def _by_cost(self, candidates, num_decoding, other_tokens, other_requests) -> list[int]:
@@ -170,19 +183,26 @@ class CostGate(DraftGate):
         order = sorted(range(len(candidates)), key=lambda i: -gains[i])
         base = num_decoding + other_tokens
         served = num_decoding + other_requests
+        plain, drafting = self.step_realism[False], self.step_realism[True]
         # NOTE: drafting must beat not drafting by the margin (inf: never)
-        best_k, best = 0, served / self.cost.step_seconds(base) * self.margin
+        best_k, best = 0, served / (plain * self.cost.step_seconds(base)) * self.margin
         tokens, extra = float(served), 0.0
         for k, i in enumerate(order, start=1):
             tokens += gains[i]
             extra += ells[i]
-            rate = tokens / self.cost.step_seconds(base + round(extra), k)
+            rate = tokens / (drafting * self.cost.step_seconds(base + round(extra), k))
             if rate > best:
                 best_k, best = k, rate
         return order[:best_k]
 
-    def observe(self, records, lengths, accepted, idle=()):
+    def observe(self, records, lengths, accepted, idle=(), seconds=None):
         self.quiet = 0 if records else self.quiet + 1
+        if self.prediction is not None and seconds is not None:
+            drafted, predicted = self.prediction
+            ratio = min(4.0, max(0.25, seconds / predicted))
+            self.step_realism[drafted] += self.realism_alpha * (
+                ratio - self.step_realism[drafted])
+        self.prediction = None
         expected = [(r.predicted, a) for r, a in zip(records, accepted) if r.predicted is not None]
         predicted = sum(p for p, _ in expected)
         if predicted > 0:
