@@ -18,9 +18,8 @@ It drafts for the set that maximises expected committed tokens per second of the
 over the prefixes S of the candidates sorted by gain (N requests served by the step:
 decoding and prefilling, since a longer step delays a first token as much as a next one;
 B_0 the tokens verified without drafts; o the overhead share), with a 5% margin in favour
-of not drafting. The gate checks its own predictions: gains are scaled by the accepted
-drafts it saw over the gains it expected (``realism``), and step times by the step time it
-saw over the one it predicted, separately for steps with and without drafting
+of not drafting. The gate checks its own cost predictions: step times are scaled by the
+step time it saw over the one it predicted, separately for steps with and without drafting
 (``step_realism``). A request not drafted for ``probe_every`` decoding steps is stale; stale
 requests are probed a few at a time, riding along in steps whose drafter runs anyway, or,
 when nobody drafts, in a probe step after an idle gap that backs off while probes find
@@ -56,8 +55,6 @@ class DraftRecord:
     """EWMA of the drafts verified per drafted step (ℓ_r)."""
     idle: int = 0
     """Decoding steps since it last drafted."""
-    predicted: float | None = None
-    """The gain the gate expected when it last chose it (until that step is observed)."""
 
 
 @dataclass(frozen=True)
@@ -135,11 +132,6 @@ class CostGate(DraftGate):
         (EWMA each): the cost tables come from decode-like profiles and miss what a step
         also carries (a long prefill chunk's attention, the rows the budget admits)."""
         self.prediction: tuple[bool, float] | None = None
-        self.realism = 1.0
-        """Accepted drafts over the gains the gate expected for the requests it drafted
-        for (EWMA over steps). The gate picks the highest records, and a record that is
-        high by luck is picked for its luck; the verify budget may also verify fewer drafts
-        than a record saw. Gains are scaled by this before they are weighed."""
 
     def choose(self, candidates, num_decoding, other_tokens, other_requests=0):
         """Drafters chosen by cost, plus probes: a request undrafted for ``probe_every``
@@ -154,6 +146,8 @@ class CostGate(DraftGate):
         # at all, everyone drafts (that first step is the probe)
         if self.gain is None:
             return [True] * len(candidates)
+        if any(c.record.gain is None for c in candidates):
+            self.gap = self.probe_every  # NOTE: a new request: its first probe comes soon
         chosen = set(self._by_cost(candidates, num_decoding, other_tokens, other_requests))
         stale = sorted((i for i, c in enumerate(candidates)
                         if i not in chosen and c.record.idle + 1 >= self.probe_every),
@@ -164,11 +158,8 @@ class CostGate(DraftGate):
         elif stale and self.quiet + 1 >= self.gap:
             self.gap = min(2 * self.gap, self.max_backoff * self.probe_every)
             chosen.update(stale[: self.probes_per_step])
-        extra = 0.0
-        for i in chosen:
-            rec = candidates[i].record
-            rec.predicted = rec.gain if rec.gain is not None else self.gain
-            extra += min(candidates[i].cap, rec.ell if rec.ell is not None else self.ell)
+        extra = sum(min(candidates[i].cap, candidates[i].record.ell
+                        if candidates[i].record.ell is not None else self.ell) for i in chosen)
         self.prediction = (bool(chosen), self.cost.step_seconds(
             num_decoding + other_tokens + round(extra), len(chosen)))
         return [i in chosen for i in range(len(candidates))]
@@ -176,8 +167,7 @@ class CostGate(DraftGate):
     def _by_cost(self, candidates, num_decoding, other_tokens, other_requests) -> list[int]:
         """The prefix of the candidates sorted by gain that maximises expected committed
         tokens per second of the whole step (drafting, verification and the rest)."""
-        gains = [self.realism * (c.record.gain if c.record.gain is not None else self.gain)
-                 for c in candidates]
+        gains = [c.record.gain if c.record.gain is not None else self.gain for c in candidates]
         ells = [min(c.cap, c.record.ell if c.record.ell is not None else self.ell)
                 for c in candidates]
         order = sorted(range(len(candidates)), key=lambda i: -gains[i])
@@ -203,13 +193,6 @@ class CostGate(DraftGate):
             self.step_realism[drafted] += self.realism_alpha * (
                 ratio - self.step_realism[drafted])
         self.prediction = None
-        expected = [(r.predicted, a) for r, a in zip(records, accepted) if r.predicted is not None]
-        predicted = sum(p for p, _ in expected)
-        if predicted > 0:
-            ratio = min(2.0, max(0.1, sum(a for _, a in expected) / predicted))
-            self.realism += self.realism_alpha * (ratio - self.realism)
-        for rec in records:
-            rec.predicted = None
         super().observe(records, lengths, accepted, idle)
 
 
