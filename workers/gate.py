@@ -146,8 +146,6 @@ class CostGate(DraftGate):
         # at all, everyone drafts (that first step is the probe)
         if self.gain is None:
             return [True] * len(candidates)
-        if any(c.record.gain is None for c in candidates):
-            self.gap = self.probe_every  # NOTE: a new request: its first probe comes soon
         chosen = set(self._by_cost(candidates, num_decoding, other_tokens, other_requests))
         stale = sorted((i for i, c in enumerate(candidates)
                         if i not in chosen and c.record.idle + 1 >= self.probe_every),

@@ -147,9 +147,3 @@ def test_steps_that_draft_and_take_longer_than_predicted_make_drafting_dearer():
     g.observe([], [], [], [rec], seconds=predicted)  # a plain step as predicted
     assert g.step_realism[False] == 1.0 and g.prediction is None
 
-
-def test_a_new_request_brings_the_probe_gap_back():
-    g = gate(50.0, probe_every=4)
-    g.gap = 32  # backed off: nobody was worth drafting for a while
-    g.choose([cand(0.2, idle=1), cand(None)], 2, 0)
-    assert g.gap == 4
