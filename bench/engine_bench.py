@@ -185,8 +185,7 @@ def run_benchmark(
         drafter = load_drafter(Path(drafters_dir) / system.drafter, target) if system.drafter else None
         ecfg = EngineConfig(**{**asdict(base), "budget": system.budget,
                                "num_speculative_tokens": system.gamma, "seed": cfg.seed,
-                               "draft_gating": system.gating,
-                               "draft_margin": system.margin})
+                               "draft_gating": system.gating, "draft_margin": system.margin})
         engine = Engine(target, drafter, ecfg)
         tables[system.label] = {"profiled": asdict(engine.profiled_cost_table)}
         # warm-up, not measured

@@ -315,9 +315,11 @@ def test_router_uses_the_board_survives_redis_down_and_recovers(routed_app, serv
     assert len(reader.fresh()) == 2, "both replicas publish their load"
     served = ask(base, 8)
     assert served <= set(reader.fresh())
-    time.sleep(0.6)
-    before = router_counters(server.url)
-    assert before["board_decisions"] >= 8 and before["fallbacks"] == 0
+    deadline = time.time() + 10  # NOTE: the counters are published asynchronously
+    while (before := router_counters(server.url))["board_decisions"] < 8:
+        assert time.time() < deadline, ("board decisions not counted", before)
+        time.sleep(0.1)
+    assert before["fallbacks"] == 0
     port = server.port
     server.stop()  # Redis goes away mid-test: serving goes on
     time.sleep(0.5)  # the router's reader notices within its refresh period (0.1 s)

@@ -136,7 +136,9 @@ def test_steps_that_draft_and_take_longer_than_predicted_make_drafting_dearer():
     # stops drafting
     g = gate(5.0)
     rec = DraftRecord(3.0, 4.0)
-    for steps in range(1, 80):
+    steps = 0
+    for _ in range(80):
+        steps += 1
         picks = g.choose([GateCandidate(rec, 7)], 1, 0)
         drafted, predicted = g.prediction
         assert drafted == picks[0]

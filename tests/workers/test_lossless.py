@@ -201,8 +201,8 @@ def test_lazy_drafter_cache_extension_drafts_what_eager_extension_drafts(make_mo
         ids = [eng.add_request(p, sp) for p, sp in zip(batch, params)]
         flushed, peak = [], 0
         real_flush = eng.draft_worker.flush
-        eng.draft_worker.flush = lambda seqs, tables, real=real_flush: (
-            flushed.extend(s.request.req_id for s in seqs), real(seqs, tables))
+        eng.draft_worker.flush = lambda seqs, tables, real=real_flush, seen=flushed: (
+            seen.extend(s.request.req_id for s in seqs), real(seqs, tables))
         got = {i: [] for i in ids}
         while eng.has_unfinished():
             for out in eng.step().outputs:
