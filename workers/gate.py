@@ -117,7 +117,7 @@ class CostGate(DraftGate):
     """Stale requests probed in one step, stalest first."""
     max_backoff = 8
     """The drafter's longest idle gap between probe steps, in units of ``probe_every``."""
-    realism_alpha = 0.1
+    step_realism_alpha = 0.1
 
     def __init__(self, gamma: int, cost: CostModel, probe_every: int,
                  margin: float = MARGIN) -> None:
@@ -156,8 +156,7 @@ class CostGate(DraftGate):
         elif stale and self.quiet + 1 >= self.gap:
             self.gap = min(2 * self.gap, self.max_backoff * self.probe_every)
             chosen.update(stale[: self.probes_per_step])
-        extra = sum(min(candidates[i].cap, candidates[i].record.ell
-                        if candidates[i].record.ell is not None else self.ell) for i in chosen)
+        extra = sum(self._ell(candidates[i]) for i in chosen)
         self.prediction = (bool(chosen), self.cost.step_seconds(
             num_decoding + other_tokens + round(extra), len(chosen)))
         return [i in chosen for i in range(len(candidates))]
@@ -166,8 +165,7 @@ class CostGate(DraftGate):
         """The prefix of the candidates sorted by gain that maximises expected committed
         tokens per second of the whole step (drafting, verification and the rest)."""
         gains = [c.record.gain if c.record.gain is not None else self.gain for c in candidates]
-        ells = [min(c.cap, c.record.ell if c.record.ell is not None else self.ell)
-                for c in candidates]
+        ells = [self._ell(c) for c in candidates]
         order = sorted(range(len(candidates)), key=lambda i: -gains[i])
         base = num_decoding + other_tokens
         served = num_decoding + other_requests
@@ -183,12 +181,18 @@ class CostGate(DraftGate):
                 best_k, best = k, rate
         return order[:best_k]
 
+    def _ell(self, candidate: GateCandidate) -> float:
+        """Drafts it is expected to verify: its record's ℓ (the engine's without one),
+        at most its cap."""
+        ell = candidate.record.ell
+        return min(candidate.cap, ell if ell is not None else self.ell)
+
     def observe(self, records, lengths, accepted, idle=(), seconds=None):
         self.quiet = 0 if records else self.quiet + 1
         if self.prediction is not None and seconds is not None:
             drafted, predicted = self.prediction
             ratio = min(4.0, max(0.25, seconds / predicted))
-            self.step_realism[drafted] += self.realism_alpha * (
+            self.step_realism[drafted] += self.step_realism_alpha * (
                 ratio - self.step_realism[drafted])
         self.prediction = None
         super().observe(records, lengths, accepted, idle)
