@@ -139,7 +139,9 @@ class CostGate(DraftGate):
         whose drafter runs anyway, which costs their rows only; when nobody is chosen, the
         drafter runs for probes alone once it has been idle ``gap`` steps, and ``gap``
         doubles (up to ``max_backoff * probe_every``) until a probe finds a request worth
-        drafting. With no request worth drafting, nearly every step is a plain step."""
+        drafting; a stale request that never drafted is probed after ``probe_every`` idle
+        steps of the drafter whatever the gap. With no request worth drafting, nearly every
+        step is a plain step."""
         if not candidates:
             return []
         # NOTE: a request with no record yet takes the engine-wide one; before any drafting
@@ -147,13 +149,18 @@ class CostGate(DraftGate):
         if self.gain is None:
             return [True] * len(candidates)
         chosen = set(self._by_cost(candidates, num_decoding, other_tokens, other_requests))
+        # NOTE: stale requests that never drafted first: a request without a record of its
+        # own has only the engine-wide one, which stops moving while nobody drafts
         stale = sorted((i for i, c in enumerate(candidates)
                         if i not in chosen and c.record.idle + 1 >= self.probe_every),
-                       key=lambda i: -candidates[i].record.idle)
+                       key=lambda i: (candidates[i].record.gain is not None,
+                                      -candidates[i].record.idle))
+        unseen = bool(stale) and candidates[stale[0]].record.gain is None
         if chosen:
             self.gap = self.probe_every
             chosen.update(stale[: self.probes_per_step])
-        elif stale and self.quiet + 1 >= self.gap:
+        elif stale and (self.quiet + 1 >= self.gap
+                        or unseen and self.quiet + 1 >= self.probe_every):
             self.gap = min(2 * self.gap, self.max_backoff * self.probe_every)
             chosen.update(stale[: self.probes_per_step])
         extra = sum(self._ell(candidates[i]) for i in chosen)

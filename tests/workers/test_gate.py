@@ -149,3 +149,17 @@ def test_steps_that_draft_and_take_longer_than_predicted_make_drafting_dearer():
     g.observe([], [], [], [rec], seconds=predicted)  # a plain step as predicted
     assert g.step_realism[False] == 1.0 and g.prediction is None
 
+
+
+def test_a_request_that_never_drafted_is_probed_whatever_the_back_off():
+    # the drafter has backed off to 32 idle steps; a request with no record of its own that
+    # has been stale is probed once the drafter was idle probe_every steps, ahead of the
+    # stalest request with a record
+    g = gate(50.0, probe_every=4)
+    g.gap = 32
+    new = GateCandidate(DraftRecord(idle=3), cap=7)
+    idle_steps(g, 2)
+    assert g.choose([new, cand(0.2, idle=9)], 2, 0) == [False, False]
+    idle_steps(g, 1)
+    picks = g.choose([new, cand(0.2, idle=9), cand(0.2, idle=9), cand(0.2, idle=1)], 4, 0)
+    assert picks == [True, True, False, False]
