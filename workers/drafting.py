@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +36,7 @@ from dspark.kernels.paged_attention import gather_kv, slot_table
 from dspark.models.autoregressive_drafter import AutoregressiveDrafter
 from dspark.models.drafter_checkpoint import Drafter
 from dspark.workers.budget import StepCostTable
+from dspark.workers.deferred_rows import DeferredRows, PendingRows
 from dspark.workers.model_runner import PagedAttention, PagedKV, token_slots
 from dspark.workers.sampling import DraftNoise, draft_noise, draw_drafts
 from dspark.workers.step import DraftProposal, SeqRows, StepSeq
@@ -61,28 +62,22 @@ class ExtendBatch:
     max_q: int
 
 
-@dataclass
-class PendingRows:
-    """Committed decode rows of one request not yet written to the drafter cache."""
-
-    features: list[torch.Tensor]  # [n_i, F] per step
-    start: int
-    """Position of the first pending row (the rows are consecutive positions)."""
-    count: int = 0
-
-
 class DraftWorker:
     """Holds the drafter's paged cache; prepares extend and propose inputs per step.
 
-    Parallel drafters (DSpark, DFlash) extend lazily: a decoding request's committed rows
-    wait (``pending``, their target features kept) until the request drafts, finishes, or
-    has ``max_pending`` rows waiting, and are then written in one batched call. A step in
-    which nobody drafts then writes no drafter K/V, so it costs about what a plain step
-    costs; prompt rows are written at once (the prefix cache shares them)."""
+    Parallel drafters (DSpark, DFlash) extend lazily when they know the requests' block
+    ids (``block_ids``): committed rows, prompt rows included, wait with their target
+    features until they are read (the request drafts, or another request reuses their
+    blocks through the prefix cache) and are then written in one batched call
+    (``DeferredRows``). A step in which nobody drafts then writes no drafter K/V, so it
+    costs about what a plain step costs."""
 
-    max_pending_blocks = 4
+    max_pending_rows = 512
+    """Rows one live request may keep waiting (its features: rows x F floats)."""
 
-    def __init__(self, drafter: Drafter, num_blocks: int, block_size: int) -> None:
+    def __init__(self, drafter: Drafter, num_blocks: int, block_size: int,
+                 block_ids: Callable[[str], list[int]] | None = None) -> None:
+        """``block_ids``: a live request's block ids (the block manager's list)."""
         cfg = drafter.config
         self.drafter, self.config, self.block_size = drafter, cfg, block_size
         self.autoregressive = isinstance(drafter, AutoregressiveDrafter)
@@ -94,19 +89,29 @@ class DraftWorker:
         )
         self.last_h: dict[str, torch.Tensor] = {}  # autoregressive: [d] per request
         self._buffers: dict[str, torch.Tensor] = {}
-        self.lazy = not self.autoregressive
-        self.pending: dict[str, PendingRows] = {}
-        self.max_pending = self.max_pending_blocks * block_size
+        self.lazy = not self.autoregressive and block_ids is not None
+        # NOTE: parked rows sit in freed blocks, so they never outnumber the cache's slots
+        self.rows = DeferredRows(block_size, self.max_pending_rows, num_blocks * block_size,
+                                 block_ids or (lambda req_id: []))
 
     def ready(self, req_id: str) -> bool:
         """Can propose for this request (autoregressive drafters need its last output)."""
         return not self.autoregressive or req_id in self.last_h
 
     def forget(self, req_id: str) -> None:
-        """Drop a request's state (finished, cancelled or preempted: its rows are gone or
-        will be recomputed by its prefill)."""
+        """A request leaves (finished, cancelled or preempted): its state is dropped, its
+        deferred rows parked (its full blocks stay in the prefix cache)."""
         self.last_h.pop(req_id, None)
-        self.pending.pop(req_id, None)
+        self._write(self.rows.park(req_id))
+
+    def reused(self, block_id: int) -> None:
+        """The block manager takes ``block_id`` for other contents (``DeferredRows``)."""
+        self._write(self.rows.reused(block_id))
+
+    def share(self, req_id: str, block_ids: Sequence[int]) -> None:
+        """``req_id`` reuses ``block_ids`` (its cached or computed prefix): their deferred
+        rows are written before it can draft."""
+        self._write(self.rows.shared(req_id, block_ids))
 
     # ------------------------------------------------------------------ extend
     @torch.no_grad()
@@ -149,7 +154,7 @@ class DraftWorker:
                      ) -> DraftProposal:
         """Draft up to ``caps[i]`` tokens for each of ``seqs`` (every cap >= 1), after
         writing their pending rows."""
-        self.flush(seqs, tables)
+        self.flush([s.request.req_id for s in seqs])
         device, cfg = tables.device, self.config
         noise = draft_noise([s.state.sampling for s in seqs], [s.first_position for s in seqs],
                             cfg.block_size, cfg.vocab_size, device, max(caps))
@@ -181,7 +186,7 @@ class DraftWorker:
                 following = req.all_ids[s.start + 1 : s.start + num + 1] + new[:1]
             else:
                 num, following = len(new), new
-            if self.lazy and not s.prefill:
+            if self.lazy:
                 if num:
                     waiting.append((s, offset, num))
                 offset += len(lay.fed)
@@ -205,44 +210,43 @@ class DraftWorker:
                 max_q=max(b - a for a, b in zip(cu, cu[1:])),
             ))
         if waiting:
-            self._keep_pending(waiting, features, tables)
+            self._keep_pending(waiting, features)
 
-    def _keep_pending(self, waiting: list[tuple[StepSeq, int, int]], features: torch.Tensor,
-                      tables: torch.Tensor) -> None:
+    def _keep_pending(self, waiting: list[tuple[StepSeq, int, int]], features: torch.Tensor
+                      ) -> None:
         idx = torch.cat([torch.arange(a, a + n) for _, a, n in waiting]).to(features.device)
         kept = features.index_select(0, idx)  # one copy; the verify output is not held
         full, at = [], 0
         for s, _, num in waiting:
-            req_id = s.request.req_id
-            entry = self.pending.get(req_id)
-            if entry is None:
-                entry = self.pending[req_id] = PendingRows([], s.start)
-            entry.features.append(kept[at : at + num])
-            entry.count += num
+            entry = self.rows.add(s.request.req_id, s.start, kept[at : at + num])
             at += num
-            if entry.count >= self.max_pending:
-                full.append(s)
-        if full:
-            self.flush(full, tables)
+            if self.rows.full(entry):
+                full.append(s.request.req_id)
+        self.flush(full)
 
-    def flush(self, seqs: Sequence[StepSeq], tables: torch.Tensor) -> None:
-        """Write the pending rows of ``seqs`` (this step's requests, ``tables`` this step's
-        block tables) into the drafter cache, in one batched call."""
-        entries = [(s, self.pending.pop(s.request.req_id)) for s in seqs
-                   if s.request.req_id in self.pending]
+    def flush(self, req_ids: Sequence[str]) -> None:
+        """Write the deferred rows of these live requests."""
+        self._write(self.rows.take(req_ids))
+
+    def _write(self, entries: list[PendingRows]) -> None:
+        """Write deferred rows into the drafter cache, in one batched call."""
+        entries = [e for e in entries if e.count]
         if not entries:
             return
-        dev = tables.device
-        counts = [e.count for _, e in entries]
+        dev = self.kv.k.device
+        counts = [e.count for e in entries]
         cu = torch.tensor([0, *itertools.accumulate(counts)], device=dev)
+        width = max(len(e.blocks) for e in entries)
+        tables = torch.tensor([e.blocks + [0] * (width - len(e.blocks)) for e in entries],
+                              device=dev)
         self.extend(ExtendBatch(
-            req_ids=[s.request.req_id for s, _ in entries],
-            features=torch.cat([f for _, e in entries for f in e.features]),
+            req_ids=[e.req_id for e in entries],
+            features=torch.cat([f for e in entries for f in e.features]),
             next_ids=torch.zeros(int(cu[-1]), dtype=torch.long, device=dev),  # unused
             positions=torch.cat([torch.arange(e.start, e.start + e.count, device=dev)
-                                 for _, e in entries]),
+                                 for e in entries]),
             cu=cu,
-            block_tables=tables[torch.tensor([s.row for s, _ in entries], device=dev)],
+            block_tables=tables,
             max_q=max(counts),
         ))
 

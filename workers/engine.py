@@ -95,9 +95,11 @@ class Engine:
         layers = drafter.config.feature_layers if drafter is not None else ()
         from_hidden = drafter is not None and drafter.config.method == "mtp"
         self.runner = ModelRunner(target, cfg.num_blocks, cfg.block_size, layers, from_hidden)
-        self.draft_worker = (
-            DraftWorker(drafter, cfg.num_blocks, cfg.block_size) if drafter is not None else None
-        )
+        self.draft_worker = None
+        if drafter is not None:
+            self.draft_worker = DraftWorker(drafter, cfg.num_blocks, cfg.block_size,
+                                            lambda req_id: self.blocks.table(req_id).block_ids)
+            self.blocks.on_reuse = self.draft_worker.reused
         self.device = target.lm_head.weight.device
         self.profiled_cost_table = cost_table or profile_step_costs(
             self.runner, cfg.verify_profile_sizes(), cfg.max_num_seqs, cfg.profile_context,
@@ -172,6 +174,18 @@ class Engine:
         if self.draft_worker is not None:
             self.draft_worker.forget(req_id)
 
+    def _share(self, preempted: list[str], admitted: list[str]) -> None:
+        """Preempted requests leave the drafter (their blocks may stay cached); an admitted
+        request reads its prefix-cache hits, whose deferred drafter rows are written now (a
+        full hit can leave it decoding, and drafting, in this very step)."""
+        for req_id in preempted:
+            self.draft_worker.forget(req_id)
+        size = self.blocks.block_size
+        for req_id in admitted:
+            table = self.blocks.table(req_id)
+            if table.num_committed >= size:
+                self.draft_worker.share(req_id, table.block_ids[: table.num_committed // size])
+
     # ------------------------------------------------------------------ the step
     def step(self) -> StepResult:
         clock = [time.perf_counter()]
@@ -180,12 +194,11 @@ class Engine:
             if self.lockstep:
                 forward_empty(self.target)  # NOTE: the group's MoE exchanges need every rank
             return StepResult([], None)
-        if self.draft_worker is not None:
-            for req_id in sched.preempted:  # NOTE: their rows are recomputed on readmission
-                self.draft_worker.forget(req_id)
         seqs = [StepSeq.create(row, item, self.scheduler.requests[item.req_id],
                                self.states[item.req_id])
                 for row, item in enumerate(sched.scheduled)]
+        if self.draft_worker is not None:
+            self._share(sched.preempted, sched.admitted)
         forwards = self.runner.num_forwards
         try:
             return self._run(sched, seqs, clock)
@@ -219,7 +232,7 @@ class Engine:
         clock.append(time.perf_counter())
         if self.draft_worker is not None:
             self.draft_worker.extend_step(rows, verified.new_tokens, result.features, tables)
-        outputs = self._commit(sched, seqs, proposal, plan, verified.new_tokens, tables)
+        outputs = self._commit(sched, seqs, proposal, plan, verified.new_tokens)
         clock.append(time.perf_counter())
         self._learn(decoding, proposal, plan, verified, clock)
         stats = step_stats(self, sched, seqs, proposal, plan, verified, outputs, clock)
@@ -259,7 +272,7 @@ class Engine:
                            draft, clock[-1] - clock[0] - verify - draft)
 
     def _commit(self, sched, seqs: list[StepSeq], proposal: DraftProposal | None, plan,
-                new_tokens: dict[str, list[int]], tables) -> list[RequestOutput]:
+                new_tokens: dict[str, list[int]]) -> list[RequestOutput]:
         """The scheduler commits every request's new tokens (stop tokens, max_tokens and
         the context end cut them there); finished requests leave the engine."""
         before = {s.request.req_id: len(s.request.output_ids) for s in seqs}
@@ -267,10 +280,6 @@ class Engine:
             RequestResult(s.request.req_id, new_tokens.get(s.request.req_id, []))
             for s in seqs])
         done = {r.req_id for r in finished}
-        if self.draft_worker is not None and done:
-            # NOTE: before their blocks can be reused: a finished request's full blocks stay
-            # in the prefix cache (a next chat turn), and must carry drafter K/V there too
-            self.draft_worker.flush([s for s in seqs if s.request.req_id in done], tables)
         if proposal is not None:
             self._record_rounds(proposal, plan, new_tokens, before)
         outputs = []

@@ -86,6 +86,9 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest]
     preempted: list[str]
     num_scheduled_tokens: int
+    admitted: list[str] = field(default_factory=list)
+    """Requests admitted this step (new or readmitted after preemption), prefix-cache hits
+    included in their computed tokens."""
 
 
 @dataclass
@@ -151,6 +154,7 @@ class Scheduler:
         budget = self.cfg.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
+        admitted: list[str] = []
         for request in list(self.running):
             if request.status is not Status.RUNNING:
                 continue
@@ -180,12 +184,13 @@ class Scheduler:
                 request.num_computed_tokens = 0
                 break
             self.waiting.popleft()
+            admitted.append(request.req_id)
             request.status = Status.RUNNING
             self.running.append(request)
             scheduled.append(item)
             budget -= item.num_new_tokens + item.num_lookahead
         used = self.cfg.max_num_batched_tokens - budget
-        return SchedulerOutput(scheduled, preempted, used)
+        return SchedulerOutput(scheduled, preempted, used, admitted)
 
     def _plan(self, request: Request, budget: int) -> ScheduledRequest | None:
         if budget <= 0:

@@ -146,12 +146,12 @@ class CoinGate(DraftGate):
     """Drafts for each candidate on a seeded coin flip: whatever the gate picks, per request
     and per step, output must not change."""
 
-    def __init__(self, gamma: int) -> None:
+    def __init__(self, gamma: int, chance: float = 0.5) -> None:
         super().__init__(gamma)
-        self.coins = torch.Generator().manual_seed(5)
+        self.coins, self.chance = torch.Generator().manual_seed(5), chance
 
     def choose(self, candidates, num_decoding, other_tokens, other_requests=0):
-        return (torch.rand(len(candidates), generator=self.coins) < 0.5).tolist()
+        return (torch.rand(len(candidates), generator=self.coins) < self.chance).tolist()
 
 
 def test_per_request_gating_changes_no_output(make_model, make_drafter):
@@ -179,45 +179,64 @@ def test_per_request_gating_changes_no_output(make_model, make_drafter):
     assert sum(mixed) >= 5, mixed
 
 
-def test_lazy_drafter_cache_extension_drafts_what_eager_extension_drafts(make_model,
-                                                                          make_drafter):
-    """The drafter cache written lazily (pending rows flushed when a request drafts, fills
-    its pending limit, or finishes) gives every drafted round the same confidences and
-    accepted counts as writing every committed row at once; a finished request's rows are
-    all written (its blocks stay in the prefix cache)."""
-    target = make_model(seed=2)
-    drafter = make_drafter(target, "dspark")
-    batch = prompts(8, target.config.vocab_size, seed=9)
-    params = [SamplingParams(temperature=0.0 if i % 2 else 1.0, max_tokens=40, seed=i)
-              for i in range(len(batch))]
-    runs = []
-    for lazy in (False, True):
-        rounds = []
-        eng = engine(target, drafter, budget="fixed",  # NOTE: ℓ_r independent of timing
-                     on_round=lambda req_id, rec, rounds=rounds: rounds.append((req_id, rec)))
-        eng.gate = CoinGate(eng.gamma)
-        eng.draft_worker.lazy = lazy
-        eng.draft_worker.max_pending = 6  # some requests fill it between drafts
+def watch(real, seen):
+    """``real``, also calling ``seen(*args, out)`` with its result."""
+    def wrapper(*args):
+        out = real(*args)
+        seen(*args, out)
+        return out
+    return wrapper
+
+
+def run_turns(eng, turns, params):
+    """Each turn's prompts to the end, one turn after the other; the outputs per turn."""
+    outs = []
+    for batch in turns:
         ids = [eng.add_request(p, sp) for p, sp in zip(batch, params)]
-        flushed, peak = [], 0
-        real_flush = eng.draft_worker.flush
-        eng.draft_worker.flush = lambda seqs, tables, real=real_flush, seen=flushed: (
-            seen.extend(s.request.req_id for s in seqs), real(seqs, tables))
         got = {i: [] for i in ids}
         while eng.has_unfinished():
             for out in eng.step().outputs:
                 got[out.req_id] += out.new_token_ids
-            peak = max(peak, max((e.count for e in eng.draft_worker.pending.values()),
-                                 default=0))
-        runs.append((rounds, [got[i] for i in ids], peak, set(flushed), eng.draft_worker.kv))
-    (eager, eager_out, _, _, eager_kv), (lazy, lazy_out, peak, flushed, lazy_kv) = runs
+        outs.append([got[i] for i in ids])
+    return outs
+
+
+def test_deferred_drafter_rows_draft_what_eager_extension_drafts(make_model, make_drafter):
+    """Drafter-cache rows deferred (prompt and decode rows wait with their features until
+    the request drafts; a request that leaves parks them; a request reusing cached blocks
+    gets them written; a reused block drops them) give every drafted round the same
+    confidences and accepted counts as writing every committed row at once, over a second
+    chat turn that reuses the first turn's blocks, with preemption and block reuse in a
+    small cache; and they write fewer rows."""
+    target = make_model(seed=2)
+    drafter = make_drafter(target, "dspark")
+    gen = torch.Generator().manual_seed(9)
+    first = [torch.randint(5, target.config.vocab_size, (3 + 3 * i,), generator=gen).tolist()
+             for i in range(8)]
+    params = [SamplingParams(temperature=0.0 if i % 2 else 1.0, max_tokens=16, seed=i)
+              for i in range(8)]
+    runs = []
+    for lazy in (False, True):
+        rounds, written, shared = [], [], []
+        eng = engine(target, drafter, budget="fixed", num_blocks=40,  # NOTE: it preempts
+                     on_round=lambda req_id, rec, rounds=rounds: rounds.append((req_id, rec)))
+        eng.gate = CoinGate(eng.gamma, chance=0.2)
+        worker = eng.draft_worker
+        worker.lazy = lazy
+        worker.rows.max_pending = 6  # some requests fill it between drafts
+        worker.extend = watch(worker.extend, lambda batch, _, seen=written: seen.append(
+            batch.features.shape[0]))
+        worker.rows.shared = watch(worker.rows.shared,
+                                   lambda *args, seen=shared: seen.extend(args[-1]))
+        outs = run_turns(eng, [first], params)
+        second = [p + o + [7, 8, 9] for p, o in zip(first, outs[0])]
+        outs += run_turns(eng, [second], params)
+        runs.append((rounds, outs, sum(written), len(shared)))
+    (eager, eager_out, eager_rows, _), (lazy, lazy_out, lazy_rows, num_shared) = runs
     assert lazy_out == eager_out
-    # the same blocks were allocated: finished requests left the same drafter K/V behind
-    assert eager_kv.k.abs().sum() > 0
-    torch.testing.assert_close(lazy_kv.k, eager_kv.k)
-    torch.testing.assert_close(lazy_kv.v, eager_kv.v)
     assert len(lazy) == len(eager) > 20
     for (ra, a), (rb, b) in zip(eager, lazy):
         assert ra == rb and (a.proposed, a.accepted) == (b.proposed, b.accepted)
         torch.testing.assert_close(torch.tensor(a.conf_logits), torch.tensor(b.conf_logits))
-    assert 0 < peak < 6 + drafter.config.block_size and flushed == set(ids)
+    assert num_shared > 0  # the second turn reused parked rows
+    assert lazy_rows < eager_rows
