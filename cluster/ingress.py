@@ -18,20 +18,19 @@ blocks.
 import asyncio
 import json
 import logging
-import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dspark.cluster.config import ServeConfig
 from dspark.cluster.openai_errors import ERROR_RESPONSES, APIError, overloaded, replica_error
+from dspark.cluster.openai_parse import check_model, parse, parse_json, validation_error
 from dspark.cluster.openai_responses import (
     Choice,
     ResponseBuilder,
@@ -40,8 +39,6 @@ from dspark.cluster.openai_responses import (
     total_usage,
 )
 from dspark.cluster.openai_schema import (
-    MAX_PROMPTS,
-    MAX_STOPS,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -56,144 +53,6 @@ from dspark.cluster.openapi import openapi_document
 from dspark.cluster.payloads import ShardChunk, ShardRequest
 
 logger = logging.getLogger(__name__)
-
-# ------------------------------------------------------------------ parsing (the one validation)
-FORMS = {
-    "prompt": (f"a non-empty string, a list of 1-{MAX_PROMPTS} non-empty strings, a non-empty "
-               f"list of token ids (>= 0) or a list of 1-{MAX_PROMPTS} such lists"),
-    "stop": f"a non-empty string or a list of at most {MAX_STOPS} non-empty strings",
-    "content": "a string or a list of text parts ({'type': 'text', 'text': ...})",
-    "tool_choice": "not supported",
-}
-_TYPE_NAMES = ("str", "int", "float", "bool", "dict", "list", "none")
-
-# Fields of OpenAI's API this server does not implement: a 400 naming the field, unless the
-# value asks for nothing (what some clients send by default).
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
-               "response_format", "audio", "modalities", "prediction", "web_search_options",
-               "reasoning_effort", "suffix", "best_of", "service_tier")
-_NOTHING = (None, [], "", "none", "auto", {"type": "text"}, "default")
-
-
-def validation_error(errors: list[dict]) -> APIError:
-    """The first pydantic (or FastAPI) validation error as a 400 naming the field."""
-    first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    # NOTE: union members appear in the location ("prompt.list[int].0"): name the field and
-    # the forms it takes instead
-    union = [i for i, p in enumerate(loc) if "[" in p or "-" in p or p in _TYPE_NAMES
-             or p == "TextPart"]
-    field = loc[: union[0]] if union else loc
-    param = ".".join(field) or None
-    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-    named = re.match(r"^(\w+): ", message)
-    if param is None and named:  # a check across fields names the field it is about
-        param, message = named.group(1), message[named.end():]
-    if first.get("type") == "extra_forbidden":
-        message = "this field is not supported by this server"
-    elif union and field and field[-1] in FORMS and first.get("type") != "value_error":
-        message = f"must be {FORMS[field[-1]]}"
-    return APIError(400, f"{param}: {message}" if param else message, param=param)
-
-
-def parse_json(body: bytes, max_depth: int) -> Any:
-    """Decode a request body: valid UTF-8, valid JSON, nested at most ``max_depth`` deep,
-    no lone surrogates (``"\\ud800"``) in any string, integral numbers as ints (``3.0`` is
-    the JSON Schema integer 3). Raises a 400 ``APIError``."""
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise APIError(400, f"request body is not valid UTF-8: {exc}") from exc
-    try:
-        data = json.loads(text)
-    except RecursionError as exc:  # NOTE: the C parser stops at Python's recursion limit
-        raise APIError(400, f"request body nests JSON too deep; at most {max_depth}") from exc
-    except json.JSONDecodeError as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}") from exc
-    return _checked(data, "", 1, max_depth)
-
-
-def _checked(value: Any, path: str, depth: int, max_depth: int) -> Any:
-    """``value`` with integral floats as ints, walked once: a lone surrogate in a key or
-    string, or nesting beyond ``max_depth``, is a 400 (naming the field for a surrogate)."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise APIError(400, f"{path or 'body'}: invalid Unicode (a lone surrogate)",
-                           param=path or None) from None
-        return value
-    if isinstance(value, float):
-        return int(value) if value.is_integer() and abs(value) < 2**63 else value
-    if isinstance(value, dict | list) and depth > max_depth:
-        raise APIError(400, f"request body nests JSON too deep; at most {max_depth}")
-    if isinstance(value, dict):
-        out = {}
-        for key, item in value.items():
-            sub = f"{path}.{key}" if path else str(key)
-            _checked(key, sub, depth, max_depth)
-            out[key] = _checked(item, sub, depth + 1, max_depth)
-        return out
-    if isinstance(value, list):
-        return [_checked(item, f"{path}[{i}]", depth + 1, max_depth)
-                for i, item in enumerate(value)]
-    return value
-
-
-def _text_only(messages: Any) -> None:
-    """A content part that is not text (an image, audio, a file) is a 400 that says so."""
-    for i, message in enumerate(messages if isinstance(messages, list) else []):
-        content = message.get("content") if isinstance(message, dict) else None
-        for part in content if isinstance(content, list) else []:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if isinstance(kind, str) and kind != "text":
-                raise APIError(400, f"messages.{i}.content: content parts of type {kind!r} are "
-                               "not supported: this model takes text only (type 'text')",
-                               param=f"messages.{i}.content")
-
-
-def parse(model: type[BaseModel], data: Any, served: ServedModel) -> Any:
-    """``data`` (a decoded body) as a ``model`` request to ``served``: unsupported fields,
-    then the schema (400), then the model's name (404), then the served model's limits
-    (400)."""
-    if not isinstance(data, dict):
-        raise APIError(400, "request body must be a JSON object")
-    data = _without_unsupported(data)
-    try:
-        body = model.model_validate(data)
-    except ValidationError as exc:
-        raise validation_error(exc.errors()) from exc
-    check_model(body.model, served)
-    try:
-        body.check_limits(served)
-    except ValueError as exc:
-        field, message = str(exc).split(": ", 1)
-        raise APIError(400, f"{field}: {message}", param=field) from None
-    return body
-
-
-def _without_unsupported(data: dict) -> dict:
-    """``data`` without the unsupported fields that ask for nothing; any other is a 400."""
-    data = dict(data)
-    _text_only(data.get("messages"))
-    for name in UNSUPPORTED:
-        if name not in data:
-            continue
-        value = data.pop(name)
-        if value in _NOTHING or (name == "best_of" and value == data.get("n", 1)) or (
-                name == "parallel_tool_calls" and isinstance(value, bool)):
-            continue
-        raise APIError(400, f"{name}: not supported by this server", param=name,
-                       code="unsupported_parameter")
-    return data
-
-
-def check_model(name: str, served: ServedModel, param: str = "model") -> None:
-    """404 unless ``name`` is the served model's."""
-    if name != served.name:
-        raise APIError(404, f"model {name!r} does not exist; this server serves "
-                       f"{served.name!r}", param=param, code="model_not_found")
-
 
 # ------------------------------------------------------------------ the HTTP front
 
@@ -239,6 +98,14 @@ async def _invalid(_request: Request, exc: RequestValidationError) -> JSONRespon
 async def _internal(_request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error")
     return _error(APIError(500, f"internal error: {type(exc).__name__}", kind="server_error"))
+
+
+@dataclass(frozen=True)
+class Clock:
+    """When and where a request arrived (for its metrics)."""
+
+    route: str
+    started: float
 
 
 # NOTE: module helpers the ingress class calls are defined before it: ``serve.ingress``
@@ -296,6 +163,9 @@ class OpenAIIngress:
                                   int(target["vocab_size"]))
         self._openapi: dict | None = None
         self._ready = False
+        from dspark.cluster.metrics import IngressMetrics
+
+        self.metrics = IngressMetrics(self.served.name)
 
     async def _shard_ready(self, timeout_s: float | None) -> bool:
         """Whether a shard replica answers (its model loaded); remembered once true."""
@@ -339,19 +209,19 @@ class OpenAIIngress:
 
     @api.post("/v1/completions", responses=streamed(CompletionResponse, CompletionResponse))
     async def completions(self, request: Request):
-        body = parse(CompletionRequest, await self._json(request), self.served)
-        return await self._serve(body, chat=False)
+        return await self._measured("/v1/completions", request, CompletionRequest, False)
 
     @api.post("/v1/chat/completions",
               responses=streamed(ChatCompletionChunk, ChatCompletionResponse))
     async def chat_completions(self, request: Request):
-        body = parse(ChatCompletionRequest, await self._json(request), self.served)
-        return await self._serve(body, chat=True)
+        return await self._measured("/v1/chat/completions", request, ChatCompletionRequest,
+                                    True)
 
     @api.get("/v1/load")
     async def load(self) -> dict:
-        """Load of one replica (the one the handle picks); for operators and tests."""
-        return await self.shard.load.remote()
+        """Load of one replica (the one the handle picks), with its confidence head's
+        calibration; for operators and tests."""
+        return await self.shard.status.remote()
 
     async def _json(self, request: Request):
         """The request's JSON, read within the size limit (413 before reading a body that
@@ -369,21 +239,40 @@ class OpenAIIngress:
                 raise too_large
         return parse_json(bytes(body), self.cfg.max_json_depth)
 
-    async def _serve(self, body, chat: bool):
+    async def _measured(self, route: str, request: Request, model, chat: bool):
+        """Parse and serve one completion request, counted by status (a stream is counted
+        when it ends, in ``_sse``)."""
+        started = time.perf_counter()
+        try:
+            body = parse(model, await self._json(request), self.served)
+            return await self._serve(body, chat, Clock(route, started))
+        except APIError as exc:
+            self.metrics.request(route, exc.status, time.perf_counter() - started)
+            raise
+        except asyncio.CancelledError:
+            self.metrics.request(route, 499, time.perf_counter() - started)
+            raise
+        except Exception:
+            self.metrics.request(route, 500, time.perf_counter() - started)
+            raise
+
+    async def _serve(self, body, chat: bool, clock: Clock):
         requests = body.shard_requests()
         streams, firsts = await self._start_all(requests)
+        self.metrics.first_token(time.perf_counter() - clock.started)
         choices = [Choice(i, requests[i], first) for i, first in enumerate(firsts)]
         builder = ResponseBuilder(chat, self.served.name)
         headers = {"x-dspark-replica": ",".join(sorted({f.replica for f in firsts}))}
         if body.stream:
             return StreamingResponse(
-                self._sse(builder, choices, streams, body.stream_options, body.n),
+                self._sse(builder, choices, streams, body.stream_options, body.n, clock),
                 media_type="text/event-stream", headers=headers)
         try:
             await asyncio.gather(*(_drain(c, s) for c, s in zip(choices, streams)))
         except BaseException:
             _cancel(streams)
             raise
+        self._done(clock, choices, body.n, 200)
         return JSONResponse(builder.full([c.shaped() for c in choices],
                                          total_usage(choices, body.n),
                                          merge_spec([c.last.spec for c in choices])),
@@ -429,11 +318,18 @@ class OpenAIIngress:
                                  kind="server_error")
             raise error from exc
 
+    def _done(self, clock: Clock, choices: list[Choice], n: int, status: int) -> None:
+        self.metrics.request(clock.route, status, time.perf_counter() - clock.started)
+        for i, c in enumerate(choices):
+            prompt = c.first.prompt_tokens if i % n == 0 else 0
+            self.metrics.choice_done(c.last.finish_reason, prompt, c.last.completion_tokens)
+
     async def _sse(self, builder: ResponseBuilder, choices: list[Choice], streams, options,
-                   n: int):
+                   n: int, clock: Clock):
         """The events of a streamed response: every choice's first chunk, then chunks as
         they arrive, the usage chunk when asked, ``[DONE]``."""
         continuous = bool(options and options.continuous_usage_stats)
+        last = [time.perf_counter()] * len(choices)
 
         def usage_so_far() -> dict | None:
             return total_usage(choices, n) if continuous else None
@@ -446,6 +342,10 @@ class OpenAIIngress:
                                         usage=usage_so_far()))
             async for index, chunk in merged(streams):
                 choice = choices[index]
+                now = time.perf_counter()
+                self.metrics.tokens(now - last[index],
+                                    chunk.completion_tokens - choice.last.completion_tokens)
+                last[index] = now
                 choice.add(chunk)
                 yield sse(builder.chunk(index, chunk.text, chunk.finish_reason,
                                         logprobs=choice.shape_logprobs(chunk),
@@ -454,11 +354,14 @@ class OpenAIIngress:
                 yield sse(builder.usage_chunk(total_usage(choices, n),
                                               merge_spec([c.last.spec for c in choices])))
             yield sse("[DONE]")
+            self._done(clock, choices, n, 200)
         except asyncio.CancelledError:
             _cancel(streams)
+            self.metrics.request(clock.route, 499, time.perf_counter() - clock.started)
             raise
         except Exception as exc:  # mid-stream failure: say so in the stream, then end it
             logger.exception("stream failed")
+            self.metrics.request(clock.route, 500, time.perf_counter() - clock.started)
             _cancel(streams)
             yield sse(APIError(500, f"internal error: {type(exc).__name__}",
                                kind="server_error").body())

@@ -9,6 +9,7 @@ its ``external_tokens``); publishing starts once the engine runs (``start``).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 from dspark.router.board import BoardConfig, BoardPublisher, BoardReader, ReplicaLoad
@@ -34,6 +35,13 @@ class ReplicaBoard:
             return 0
         return sum(load.tokens_scheduled for rid, load in self.reader.fresh().items()
                    if load.ep_group == self.ep_group and rid != self.replica_id)
+
+    def age(self) -> float | None:
+        """Seconds since this replica last read the board (None: it does not read it, or
+        has not yet)."""
+        if self.reader is None or not self.reader.ok_at:
+            return None
+        return max(0.0, time.time() - self.reader.ok_at)
 
     @property
     def external_tokens(self) -> Callable[[], int] | None:

@@ -42,11 +42,38 @@ class TargetShard:
 
             self.ep_group, group = join_expert_parallel_group(cfg, target)
         self.board = self._open_board()
+        self.monitor = None
         engine = self._build_engine(target, group)
         self.engine = AsyncEngine(engine, group=group,
                                   max_waiting=cfg.max_waiting_per_replica)
         if self.board is not None:
             self.board.start(engine.cost_table, self.engine.load, self.engine.listeners)
+        self.metrics = self._start_metrics(engine)
+
+    def _start_metrics(self, engine):
+        from dspark.cluster.metrics import ShardMetrics
+
+        metrics = ShardMetrics(
+            self.replica_id, self.ep_group, self.cfg.model_name, engine.gamma,
+            self.cfg.budget_mode.value, self.board.age if self.board is not None else None,
+            self.calibration if self.monitor is not None else None)
+        self.engine.listeners.append(metrics.on_step)
+        return metrics
+
+    def _monitor(self, drafter):
+        """The confidence head's drift monitor (None for a drafter without one)."""
+        from dspark.workers.calibration_monitor import CalibrationMonitor, MonitorConfig
+
+        if drafter is None or not drafter.config.confidence_head:
+            return None
+        cfg = self.cfg
+        return CalibrationMonitor.for_drafter(drafter.config, MonitorConfig(
+            window=cfg.calibration_window, threshold=cfg.calibration_drift_threshold,
+            refit=cfg.calibration_refit))
+
+    def calibration(self) -> dict | None:
+        """The drift monitor's snapshot (None without a confidence head)."""
+        return self.monitor.snapshot().to_dict() if self.monitor is not None else None
 
     def _open_board(self):
         """This replica's load-board entry (None without Redis); it reads the group's load
@@ -67,13 +94,19 @@ class TargetShard:
 
         cfg = self.cfg
         drafter = load_drafter(cfg.drafter_path, target) if cfg.drafter_path else None
+        self.monitor = self._monitor(drafter)
         # NOTE: the cluster budget evaluates SPS at this replica's tokens plus what the rest
         # of its expert-parallel group schedules (one group per replica at ep_size 1)
-        return Engine(target, drafter, EngineConfig(
+        engine = Engine(target, drafter, EngineConfig(
             budget=cfg.budget_mode, num_speculative_tokens=cfg.num_speculative_tokens,
             max_num_seqs=cfg.max_num_seqs, num_blocks=cfg.num_blocks,
         ), external_tokens=self.board.external_tokens if self.board is not None else None,
-            lockstep=group is not None)
+            lockstep=group is not None,
+            on_round=self.monitor.on_round if self.monitor is not None else None)
+        if self.monitor is not None:
+            # NOTE: a refit runs on the engine thread, inside the step's commit
+            self.monitor.on_refit = engine.set_confidence_temperatures
+        return engine
 
     async def generate(self, request: ShardRequest) -> AsyncIterator[ShardChunk]:
         """Stream one choice. Bad input raises ValueError (the engine's check, naming the
@@ -117,6 +150,11 @@ class TargetShard:
     def load(self) -> dict:
         return {"replica_id": self.replica_id, **self.engine.load()}
 
+    def status(self) -> dict:
+        """The load, with the confidence head's calibration (for ``/v1/load``; the router
+        and the board read ``load`` alone: the calibration scores its windows)."""
+        return {**self.load(), "ep_group": self.ep_group, "calibration": self.calibration()}
+
     def record_routing_stats(self) -> dict:
         return self.load()
 
@@ -128,6 +166,8 @@ class TargetShard:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
         if getattr(self, "board", None) is not None:
             self.board.close()
 

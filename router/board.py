@@ -203,6 +203,8 @@ class BoardReader:
         self._bad_costs: set[str] = set()
         self.failures = 0
         self.rejected = 0
+        self.ok_at = 0.0
+        """Wall time of the last refresh that reached Redis (0: none yet)."""
         self._stop = threading.Event()
         self._thread = None
         if start:
@@ -233,6 +235,7 @@ class BoardReader:
                 continue
             loads[load.replica_id] = load
         self._snapshot = BoardSnapshot(loads, time.time(), True)
+        self.ok_at = self._snapshot.fetched_at
         self._fetch_costs({load.cost_table_id for load in loads.values()}
                           - set(self._costs) - self._bad_costs)
         return self._snapshot

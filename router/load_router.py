@@ -64,6 +64,26 @@ def router_key(cluster: str, router_id: str) -> str:
 logger = logging.getLogger(__name__)
 
 
+_decisions = None
+
+
+def router_decision(outcome: str) -> None:
+    """Count one decision of the load-board router: ``board`` (ranked from the board),
+    ``fallback_stale`` (board stale or unreachable), ``fallback_error`` (ranking failed).
+    Never raises: routing does not depend on its metrics."""
+    global _decisions
+    try:
+        if _decisions is None:
+            from ray.util.metrics import Counter
+
+            _decisions = Counter("dspark_router_decisions",
+                                 description="Routing decisions of the load-board router.",
+                                 tag_keys=("outcome",))
+        _decisions.inc(1, tags={"outcome": outcome})
+    except Exception:  # NOTE: e.g. outside a Ray worker
+        logger.debug("router metric not recorded", exc_info=True)
+
+
 def shard_request(pending: PendingRequest | None) -> object | None:
     """The shard request a call to ``TargetShard.generate`` carries (its first argument).
 
@@ -307,14 +327,17 @@ class LoadBoardRouter(FIFOMixin, RequestRouter):
                                  "(logged once; later failures are counted in fallbacks)")
                 self._logged_error = True
             self.fallbacks += 1
+            router_decision("fallback_error")
             return [candidate_replicas]
         if tiers is None:
             if not self._was_fallback:
                 logger.warning("load board stale or unreachable: routing by queue length")
             self._was_fallback = True
             self.fallbacks += 1
+            router_decision("fallback_stale")
             return [candidate_replicas]
         self.board_decisions += 1
+        router_decision("board")
         self._was_fallback = False
         self._remember(tiers[0][0].replica_id.unique_id, request_length(pending_request))
         return tiers

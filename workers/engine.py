@@ -119,6 +119,11 @@ class Engine:
         self.step_count = self.num_errors = 0
         self._ids, self._seeds = itertools.count(), itertools.count()
 
+    def set_confidence_temperatures(self, temperatures) -> None:
+        """The budget's per-position STS temperatures (a calibration refit); call it on the
+        engine's thread."""
+        self.budget.sts = torch.tensor([float(t) for t in temperatures], device=self.device)
+
     @property
     def cost_table(self) -> StepCostTable:
         """SPS(B) as the engine currently believes it (profiled, then refined online)."""

@@ -89,6 +89,10 @@ class SchedulerOutput:
     admitted: list[str] = field(default_factory=list)
     """Requests admitted this step (new or readmitted after preemption), prefix-cache hits
     included in their computed tokens."""
+    admitted_tokens: int = 0
+    """Prompt tokens (all known tokens, for a readmission) of the admitted requests."""
+    cached_tokens: int = 0
+    """Of those, the tokens found in the prefix cache."""
 
 
 @dataclass
@@ -155,6 +159,7 @@ class Scheduler:
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
         admitted: list[str] = []
+        admitted_tokens = cached_tokens = 0
         for request in list(self.running):
             if request.status is not Status.RUNNING:
                 continue
@@ -185,12 +190,15 @@ class Scheduler:
                 break
             self.waiting.popleft()
             admitted.append(request.req_id)
+            admitted_tokens += request.num_tokens
+            cached_tokens += cached
             request.status = Status.RUNNING
             self.running.append(request)
             scheduled.append(item)
             budget -= item.num_new_tokens + item.num_lookahead
         used = self.cfg.max_num_batched_tokens - budget
-        return SchedulerOutput(scheduled, preempted, used, admitted)
+        return SchedulerOutput(scheduled, preempted, used, admitted, admitted_tokens,
+                               cached_tokens)
 
     def _plan(self, request: Request, budget: int) -> ScheduledRequest | None:
         if budget <= 0:

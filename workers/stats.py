@@ -39,6 +39,12 @@ class StepStats:
     num_finished: int
     num_errors: int
     free_blocks: int
+    total_blocks: int
+    num_admitted_tokens: int
+    """Known tokens of the requests admitted this step (prompts; all tokens of a
+    readmission after preemption)."""
+    num_cached_tokens: int
+    """Of those, the tokens found in the prefix cache."""
     step_time: float
     """Seconds, whole step."""
     time_schedule: float
@@ -147,6 +153,9 @@ def step_stats(engine, sched, seqs, proposal, plan, verified, outputs, clock) ->
         num_finished=sum(1 for o in outputs if o.finished),
         num_errors=engine.num_errors,
         free_blocks=engine.blocks.num_free_blocks,
+        total_blocks=engine.blocks.num_blocks,
+        num_admitted_tokens=sched.admitted_tokens,
+        num_cached_tokens=sched.cached_tokens,
         step_time=t[6] - t[0],
         time_schedule=t[1] - t[0],
         time_draft=t[2] - t[1],
