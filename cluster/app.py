@@ -24,7 +24,9 @@ def build_app(cfg: ServeConfig):
 
         options["request_router_config"] = RequestRouterConfig(
             request_router_class="dspark.router.load_router:LoadBoardRouter",
-            request_router_kwargs={"redis_url": cfg.redis_url, "cluster": cfg.cluster},
+            request_router_kwargs={"redis_url": cfg.redis_url, "cluster": cfg.cluster,
+                                   "otlp_traces_endpoint": cfg.otlp_traces_endpoint,
+                                   "trace_sample_ratio": cfg.trace_sample_ratio},
         )
     shard = TargetShard.options(
         num_replicas=cfg.replicas,

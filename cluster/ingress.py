@@ -19,8 +19,9 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -102,10 +103,11 @@ async def _internal(_request: Request, exc: Exception) -> JSONResponse:
 
 @dataclass(frozen=True)
 class Clock:
-    """When and where a request arrived (for its metrics)."""
+    """When and where a request arrived (for its metrics), and its span when traced."""
 
     route: str
     started: float
+    span: Any = None
 
 
 # NOTE: module helpers the ingress class calls are defined before it: ``serve.ingress``
@@ -166,6 +168,10 @@ class OpenAIIngress:
         from dspark.cluster.metrics import IngressMetrics
 
         self.metrics = IngressMetrics(self.served.name)
+        from dspark.cluster.tracing import make_tracer
+
+        self.tracer = make_tracer(self.cfg.otlp_traces_endpoint, self.cfg.trace_sample_ratio,
+                                  "ingress")
 
     async def _shard_ready(self, timeout_s: float | None) -> bool:
         """Whether a shard replica answers (its model loaded); remembered once true."""
@@ -243,23 +249,71 @@ class OpenAIIngress:
         """Parse and serve one completion request, counted by status (a stream is counted
         when it ends, in ``_sse``)."""
         started = time.perf_counter()
+        clock = Clock(route, started, self._span(request, chat))
         try:
             body = parse(model, await self._json(request), self.served)
-            return await self._serve(body, chat, Clock(route, started))
+            if clock.span is not None:
+                self._describe(clock.span, body, chat)
+            return await self._serve(body, chat, clock)
         except APIError as exc:
-            self.metrics.request(route, exc.status, time.perf_counter() - started)
+            self._failed(clock, exc.status, exc)
             raise
         except asyncio.CancelledError:
-            self.metrics.request(route, 499, time.perf_counter() - started)
+            self._failed(clock, 499, None)
             raise
-        except Exception:
-            self.metrics.request(route, 500, time.perf_counter() - started)
+        except Exception as exc:
+            self._failed(clock, 500, exc)
             raise
+
+    def _span(self, request: Request, chat: bool):
+        """The request's span (None when tracing is off), opened before the body is read so
+        that a refused request is traced too; a client's traceparent is its parent."""
+        if self.tracer is None:
+            return None
+        from opentelemetry.trace import SpanKind
+
+        from dspark.cluster.tracing import PROVIDER_NAME, extract
+
+        operation = "chat" if chat else "text_completion"
+        return self.tracer.start_span(
+            operation, context=extract(request.headers), kind=SpanKind.SERVER,
+            attributes={"gen_ai.operation.name": operation,
+                        "gen_ai.provider.name": PROVIDER_NAME,
+                        "server.address": self.cfg.host, "server.port": self.cfg.port})
+
+    def _describe(self, span, body, chat: bool) -> None:
+        """The GenAI request attributes, once the body parsed."""
+        from dspark.cluster.tracing import request_attributes
+
+        operation = "chat" if chat else "text_completion"
+        span.update_name(f"{operation} {body.model}")
+        span.set_attributes(request_attributes(body, operation, body.model, self.cfg.host,
+                                               self.cfg.port))
+
+    def _failed(self, clock: Clock, status: int, exc: BaseException | None) -> None:
+        self.metrics.request(clock.route, status, time.perf_counter() - clock.started)
+        if clock.span is not None:
+            from opentelemetry.trace import Status, StatusCode
+
+            kind = "cancelled" if status == 499 else type(exc).__name__ if exc else str(status)
+            clock.span.set_attribute("error.type", kind)
+            clock.span.set_attribute("http.response.status_code", status)
+            clock.span.set_status(Status(StatusCode.ERROR, str(exc) if exc else kind))
+            clock.span.end()
 
     async def _serve(self, body, chat: bool, clock: Clock):
         requests = body.shard_requests()
+        if clock.span is not None:
+            from dspark.cluster.tracing import inject
+
+            carrier = inject(clock.span)
+            requests = [replace(r, trace_context=carrier) for r in requests]
         streams, firsts = await self._start_all(requests)
-        self.metrics.first_token(time.perf_counter() - clock.started)
+        ttft = time.perf_counter() - clock.started
+        self.metrics.first_token(ttft)
+        if clock.span is not None:
+            clock.span.set_attribute("dspark.time_to_first_token_s", ttft)
+            clock.span.add_event("first_token")
         choices = [Choice(i, requests[i], first) for i, first in enumerate(firsts)]
         builder = ResponseBuilder(chat, self.served.name)
         headers = {"x-dspark-replica": ",".join(sorted({f.replica for f in firsts}))}
@@ -272,7 +326,7 @@ class OpenAIIngress:
         except BaseException:
             _cancel(streams)
             raise
-        self._done(clock, choices, body.n, 200)
+        self._done(clock, choices, body.n, 200, builder.id)
         return JSONResponse(builder.full([c.shaped() for c in choices],
                                          total_usage(choices, body.n),
                                          merge_spec([c.last.spec for c in choices])),
@@ -318,11 +372,24 @@ class OpenAIIngress:
                                  kind="server_error")
             raise error from exc
 
-    def _done(self, clock: Clock, choices: list[Choice], n: int, status: int) -> None:
+    def _done(self, clock: Clock, choices: list[Choice], n: int, status: int,
+              response_id: str) -> None:
         self.metrics.request(clock.route, status, time.perf_counter() - clock.started)
         for i, c in enumerate(choices):
             prompt = c.first.prompt_tokens if i % n == 0 else 0
             self.metrics.choice_done(c.last.finish_reason, prompt, c.last.completion_tokens)
+        if clock.span is not None:
+            usage = total_usage(choices, n)
+            clock.span.set_attributes({
+                "gen_ai.response.id": response_id,
+                "gen_ai.response.model": self.served.name,
+                "gen_ai.response.finish_reasons": [c.last.finish_reason or "stop"
+                                                   for c in choices],
+                "gen_ai.usage.input_tokens": usage["prompt_tokens"],
+                "gen_ai.usage.output_tokens": usage["completion_tokens"],
+                "http.response.status_code": status,
+            })
+            clock.span.end()
 
     async def _sse(self, builder: ResponseBuilder, choices: list[Choice], streams, options,
                    n: int, clock: Clock):
@@ -354,14 +421,14 @@ class OpenAIIngress:
                 yield sse(builder.usage_chunk(total_usage(choices, n),
                                               merge_spec([c.last.spec for c in choices])))
             yield sse("[DONE]")
-            self._done(clock, choices, n, 200)
+            self._done(clock, choices, n, 200, builder.id)
         except asyncio.CancelledError:
             _cancel(streams)
-            self.metrics.request(clock.route, 499, time.perf_counter() - clock.started)
+            self._failed(clock, 499, None)
             raise
         except Exception as exc:  # mid-stream failure: say so in the stream, then end it
             logger.exception("stream failed")
-            self.metrics.request(clock.route, 500, time.perf_counter() - clock.started)
+            self._failed(clock, 500, exc)
             _cancel(streams)
             yield sse(APIError(500, f"internal error: {type(exc).__name__}",
                                kind="server_error").body())

@@ -59,6 +59,9 @@ class ShardRequest:
     """None, or return each token's log-probability with this many alternatives."""
     echo: bool = False
     """Return the prompt's text (and, with ``logprobs``, its scores) on the first chunk."""
+    trace_context: Mapping[str, str] | None = None
+    """The W3C trace context of the ingress's span (``traceparent``), when it is traced: the
+    router and the replica open their spans under it."""
 
     @property
     def chat(self) -> bool:

@@ -8,6 +8,7 @@ KV blocks.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator
 
 from ray import serve
@@ -32,6 +33,7 @@ class TargetShard:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.cfg, self.replica_id = cfg, _replica_id(self)
+        self._ids = itertools.count()
         target, self.tokenizer = load_for_generation(cfg.target)
         target.eval()
         self.context = target.config.max_position_embeddings
@@ -49,6 +51,13 @@ class TargetShard:
         if self.board is not None:
             self.board.start(engine.cost_table, self.engine.load, self.engine.listeners)
         self.metrics = self._start_metrics(engine)
+        from dspark.cluster.tracing import make_tracer
+
+        self.tracer = make_tracer(cfg.otlp_traces_endpoint, cfg.trace_sample_ratio, "replica")
+        self.spans: dict[str, object] = {}
+        """Live traced requests' replica spans, by engine request id."""
+        if self.tracer is not None:
+            engine.on_request_step = self._trace_steps
 
     def _start_metrics(self, engine):
         from dspark.cluster.metrics import ShardMetrics
@@ -116,10 +125,49 @@ class TargetShard:
         prompt_ids = self._prompt_ids(request)
         params = self._params(request, len(prompt_ids))
         stream = ChunkStream(self.texts, request, prompt_ids, params, self.replica_id)
-        async for out in self.engine.generate(prompt_ids, params, self.tokenizer.stop_ids):
-            yield stream.push(out)
-            if stream.done:
-                return  # NOTE: leaving the loop aborts the engine request
+        req_id = f"{self.replica_id}-{next(self._ids)}"
+        span = self._open_span(request, req_id, len(prompt_ids))
+        try:
+            async for out in self.engine.generate(prompt_ids, params, self.tokenizer.stop_ids,
+                                                  req_id=req_id):
+                yield stream.push(out)
+                if stream.done:
+                    return  # NOTE: leaving the loop aborts the engine request
+        finally:
+            if span is not None:
+                self._close_span(span, req_id, stream)
+
+    def _open_span(self, request: ShardRequest, req_id: str, num_prompt: int):
+        """The request's replica span, under the ingress's (None when not traced)."""
+        if self.tracer is None or not request.trace_context:
+            return None
+        from dspark.cluster.tracing import extract
+
+        span = self.tracer.start_span("dspark.replica", context=extract(request.trace_context),
+                                      attributes={"dspark.replica": self.replica_id,
+                                                  "dspark.ep_group": self.ep_group,
+                                                  "dspark.request_id": req_id,
+                                                  "gen_ai.usage.input_tokens": num_prompt})
+        span.add_event("queued")
+        self.spans[req_id] = span
+        return span
+
+    def _close_span(self, span, req_id: str, stream) -> None:
+        self.spans.pop(req_id, None)
+        last = stream.last
+        if last is not None:
+            span.set_attribute("gen_ai.usage.output_tokens", last.completion_tokens)
+            span.add_event("finish", {"finish_reason": last.finish_reason or "cancelled"})
+        span.end()
+
+    def _trace_steps(self, rows) -> None:
+        """The engine's ``on_request_step`` (engine thread): one event per traced request."""
+        from dspark.cluster.tracing import step_event_attributes
+
+        for row in rows:
+            span = self.spans.get(row.req_id)
+            if span is not None:
+                span.add_event("engine_step", step_event_attributes(row))
 
     def _prompt_ids(self, request: ShardRequest) -> list[int]:
         if request.messages is not None:

@@ -96,6 +96,7 @@ class ChunkStream:
         self.prompt_ids, self.replica = prompt_ids, replica
         self.decoder = StreamDecoder(texts.tokenizer)
         self.text, self.produced, self.first, self.done = "", 0, True, False
+        self.last: ShardChunk | None = None
 
     def push(self, out: RequestOutput) -> ShardChunk:
         head = self._head(out) if self.first else {}
@@ -138,6 +139,7 @@ class ChunkStream:
 
     def _chunk(self, text: str, reason: str | None, out: RequestOutput, entries, head: dict,
                produced: int | None = None) -> ShardChunk:
-        return ShardChunk(text, reason, len(self.prompt_ids),
-                          self.produced if produced is None else produced, self.replica,
-                          out.spec_stats, entries, **head)
+        self.last = ShardChunk(text, reason, len(self.prompt_ids),
+                               self.produced if produced is None else produced, self.replica,
+                               out.spec_stats, entries, **head)
+        return self.last

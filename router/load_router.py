@@ -56,6 +56,7 @@ import redis
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from dspark.router.board import BoardConfig, BoardReader, ReplicaLoad, StepCosts
+from dspark.router.tracing import extract, make_tracer
 
 
 def router_key(cluster: str, router_id: str) -> str:
@@ -232,13 +233,14 @@ def rank(
     recent: Callable[[str], tuple[int, int]] = lambda rid: (0, 0),
     prompt: int = 1,
     ttft_weight: float = TTFT_WEIGHT,
+    scores: dict[str, float] | None = None,
 ) -> list[list[str]] | None:
     """Tiers of replica ids, best first; None when any candidate lacks a board entry.
 
     ``costs``: each replica's step-cost table; without one for every candidate the score is
     the service rate alone, with them the tokens per second of the expected finish.
     ``recent``: per replica, (requests, their max_tokens summed) sent after its board
-    entry was written."""
+    entry was written. ``scores``, when given, gets each candidate's score."""
     if not replica_ids or any(rid not in board for rid in replica_ids):
         return None
     loads = [board[rid] for rid in replica_ids]
@@ -256,6 +258,8 @@ def rank(
         def score(rid: str) -> float:
             return service_rate(board[rid], counts[rid], length, fleet, recent(rid))
     scored = sorted(((score(rid), rid) for rid in replica_ids), key=lambda x: (-x[0], x[1]))
+    if scores is not None:
+        scores.update((rid, value) for value, rid in scored)
     best = scored[0][0]
     near = [rid for rate, rid in scored if rate >= best * (1 - affinity_slack) and rate > 0]
     if prefix and len(near) > 1:
@@ -283,9 +287,12 @@ class LoadBoardRouter(FIFOMixin, RequestRouter):
 
     def initialize_state(self, redis_url: str, cluster: str = "default", ttl_s: float = 2.0,
                          affinity_slack: float = 0.1, refresh_s: float = 0.1,
-                         ttft_weight: float = TTFT_WEIGHT, **_: object) -> None:
+                         ttft_weight: float = TTFT_WEIGHT,
+                         otlp_traces_endpoint: str | None = None,
+                         trace_sample_ratio: float = 1.0, **_: object) -> None:
         self.reader = BoardReader(BoardConfig(redis_url, cluster=cluster, ttl_s=ttl_s,
                                               refresh_s=refresh_s))
+        self.tracer = make_tracer(otlp_traces_endpoint, trace_sample_ratio, "router")
         self.affinity_slack = affinity_slack
         self.ttft_weight = ttft_weight
         self.ttl_s = ttl_s
@@ -319,28 +326,59 @@ class LoadBoardRouter(FIFOMixin, RequestRouter):
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
+        scores: dict[str, float] = {}
+        self._started_ns = time.time_ns()
         try:
-            tiers = self._rank(candidate_replicas, pending_request)
+            tiers = self._rank(candidate_replicas, pending_request, scores)
         except Exception:  # NOTE: never raise here: Serve would leave the request waiting
             if not self._logged_error:
                 logger.exception("routing failed: this request is routed by queue length "
                                  "(logged once; later failures are counted in fallbacks)")
                 self._logged_error = True
             self.fallbacks += 1
-            router_decision("fallback_error")
-            return [candidate_replicas]
+            return self._fallback(candidate_replicas, pending_request, "error")
         if tiers is None:
             if not self._was_fallback:
                 logger.warning("load board stale or unreachable: routing by queue length")
             self._was_fallback = True
             self.fallbacks += 1
-            router_decision("fallback_stale")
-            return [candidate_replicas]
+            return self._fallback(candidate_replicas, pending_request, "board_stale")
         self.board_decisions += 1
         router_decision("board")
         self._was_fallback = False
         self._remember(tiers[0][0].replica_id.unique_id, request_length(pending_request))
+        self._trace(pending_request, candidate_replicas, scores,
+                    tiers[0][0].replica_id.unique_id, None)
         return tiers
+
+    def _fallback(self, candidates, pending_request, reason: str):
+        router_decision(f"fallback_{reason}")
+        self._trace(pending_request, candidates, {}, None, reason)
+        return [candidates]
+
+    def _trace(self, pending_request, candidates, scores: dict[str, float],
+               chosen: str | None, fallback: str | None) -> None:
+        """The ``dspark.route`` span of a traced request (under its ingress span)."""
+        carrier = getattr(shard_request(pending_request), "trace_context", None)
+        if self.tracer is None or not carrier:
+            return
+        try:
+            ids = [r.replica_id.unique_id for r in candidates]
+            span = self.tracer.start_span("dspark.route", context=extract(carrier),
+                                          start_time=self._started_ns)
+            span.set_attributes({
+                "dspark.route.candidates": ids,
+                "dspark.route.scores": [float(scores.get(rid, float("nan"))) for rid in ids],
+                "dspark.route.board_age_s": (time.time() - self.reader.ok_at
+                                             if self.reader.ok_at else -1.0),
+            })
+            if chosen is not None:
+                span.set_attribute("dspark.route.chosen", chosen)
+            if fallback is not None:
+                span.set_attribute("dspark.route.fallback_reason", fallback)
+            span.end()
+        except Exception:  # NOTE: tracing never fails routing
+            logger.debug("route span not recorded", exc_info=True)
 
     def on_send_request(self, replica_id) -> None:
         """Serve counts the request in flight now: it is no longer unsent."""
@@ -363,7 +401,8 @@ class LoadBoardRouter(FIFOMixin, RequestRouter):
         unsent.append(now)
 
     def _rank(self, candidate_replicas: list[RunningReplica],
-              pending_request: PendingRequest | None) -> list[list[RunningReplica]] | None:
+              pending_request: PendingRequest | None,
+              scores: dict[str, float] | None = None) -> list[list[RunningReplica]] | None:
         """Tiers of candidates from the board; None when it cannot rank them all."""
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         board = self.reader.fresh() if self.reader.reachable else {}
@@ -386,7 +425,7 @@ class LoadBoardRouter(FIFOMixin, RequestRouter):
                  and (c := self.reader.costs(board[rid].cost_table_id)) is not None}
         tiers = rank(list(by_id), board, in_flight, prefix_key(pending_request),
                      self.affinity_slack, request_length(pending_request), costs,
-                     recent, prompt_tokens(pending_request), self.ttft_weight)
+                     recent, prompt_tokens(pending_request), self.ttft_weight, scores)
         if tiers is None:
             return None
         return [[by_id[rid] for rid in tier] for tier in tiers]

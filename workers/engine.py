@@ -27,11 +27,11 @@ from dspark.workers.budget import CostModel, StepCostTable, make_budget
 from dspark.workers.drafting import DraftWorker, profile_draft_costs
 from dspark.workers.engine_config import EngineConfig
 from dspark.workers.expert_parallel import forward_empty
-from dspark.workers.gate import GateCandidate, make_gate
+from dspark.workers.gate import CostGate, GateCandidate, make_gate
 from dspark.workers.model_runner import ModelRunner, profile_step_costs
 from dspark.workers.sampling import sample_step, score_prompts
 from dspark.workers.scheduler import Request, RequestResult, Scheduler, SchedulerConfig
-from dspark.workers.stats import RoundRecord, StepStats, step_stats
+from dspark.workers.stats import RequestStep, RoundRecord, StepStats, request_steps, step_stats
 from dspark.workers.step import (
     DraftProposal,
     RequestOutput,
@@ -116,6 +116,11 @@ class Engine:
         self.budget = make_budget(cfg.budget, self.costs, sts, cfg.threshold, external_tokens)
         self.gate = make_gate(self.gamma, self.costs, gated, cfg.probe_every, cfg.draft_margin)
         self.states: dict[str, RequestState] = {}
+        self.on_request_step: Callable[[list[RequestStep]], None] | None = None
+        """Observer of every request's part in every step (tracing); None: not built."""
+        self.gate_notes: dict[str, tuple[str, int]] = {}
+        """This step's gate decision per decoding request: (reason, cap); kept only with
+        ``on_request_step``."""
         self.step_count = self.num_errors = 0
         self._ids, self._seeds = itertools.count(), itertools.count()
 
@@ -241,6 +246,8 @@ class Engine:
         clock.append(time.perf_counter())
         self._learn(decoding, proposal, plan, verified, clock)
         stats = step_stats(self, sched, seqs, proposal, plan, verified, outputs, clock)
+        if self.on_request_step is not None:
+            self._observe_requests(seqs, proposal, plan, verified, stats)
         self.step_count += 1
         return StepResult(outputs, stats)
 
@@ -254,10 +261,30 @@ class Engine:
         picks = self.gate.choose([GateCandidate(s.state.drafting, c) for s, c in able],
                                  len(decoding), load, prefilling)
         chosen = [sc for sc, pick in zip(able, picks) if pick]
+        if self.on_request_step is not None:
+            self._note_gate(decoding, caps, able, picks)
         if not chosen:
             return None
         return self.draft_worker.propose_step([s for s, _ in chosen], [c for _, c in chosen],
                                               tables)
+
+    def _note_gate(self, decoding, caps, able, picks) -> None:
+        probes = self.gate.probes if isinstance(self.gate, CostGate) else None
+        notes = {s.request.req_id: ("no_room", c) for s, c in zip(decoding, caps)}
+        for i, ((s, cap), pick) in enumerate(zip(able, picks)):
+            reason = "always" if probes is None else "probe" if i in probes else "cost"
+            notes[s.request.req_id] = (reason if pick else "gated_off", cap)
+        self.gate_notes = notes
+
+    def _observe_requests(self, seqs, proposal, plan, verified: Verified, stats) -> None:
+        """Every request's part in this step, to ``on_request_step`` (which never fails the
+        step)."""
+        try:
+            rows = request_steps(self, seqs, proposal, plan, verified, stats)
+            self.gate_notes = {}
+            self.on_request_step(rows)
+        except Exception:
+            logger.exception("on_request_step observer failed")
 
     def _learn(self, decoding, proposal, plan, verified: Verified, clock: list[float]) -> None:
         """Refine the cost model (verify forward; drafting = proposing) and the gate's

@@ -76,6 +76,8 @@ class DraftGate:
     def __init__(self, gamma: int) -> None:
         self.gain: float | None = None
         self.ell = float(gamma)
+        self.probes: set[int] = set()
+        """Indices of the last ``choose``'s candidates picked as probes, not for cost."""
 
     def choose(self, candidates: Sequence[GateCandidate], num_decoding: int,
                other_tokens: int, other_requests: int = 0) -> list[bool]:
@@ -147,6 +149,7 @@ class CostGate(DraftGate):
         # NOTE: a request with no record yet takes the engine-wide one; before any drafting
         # at all, everyone drafts (that first step is the probe)
         if self.gain is None:
+            self.probes = set(range(len(candidates)))
             return [True] * len(candidates)
         chosen = set(self._by_cost(candidates, num_decoding, other_tokens, other_requests))
         # NOTE: stale requests that never drafted first: a request without a record of its
@@ -156,13 +159,15 @@ class CostGate(DraftGate):
                        key=lambda i: (candidates[i].record.gain is not None,
                                       -candidates[i].record.idle))
         unseen = bool(stale) and candidates[stale[0]].record.gain is None
+        self.probes = set()
         if chosen:
             self.gap = self.probe_every
-            chosen.update(stale[: self.probes_per_step])
+            self.probes = set(stale[: self.probes_per_step])
         elif stale and (self.quiet + 1 >= self.gap
                         or unseen and self.quiet + 1 >= self.probe_every):
             self.gap = min(2 * self.gap, self.max_backoff * self.probe_every)
-            chosen.update(stale[: self.probes_per_step])
+            self.probes = set(stale[: self.probes_per_step])
+        chosen |= self.probes
         extra = sum(self._ell(candidates[i]) for i in chosen)
         self.prediction = (bool(chosen), self.cost.step_seconds(
             num_decoding + other_tokens + round(extra), len(chosen)))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 
 @dataclass
 class StepStats:
@@ -164,3 +166,67 @@ def step_stats(engine, sched, seqs, proposal, plan, verified, outputs, clock) ->
         time_sample=t[5] - t[4],
         time_update=t[6] - t[5],
     )
+
+
+@dataclass(frozen=True)
+class RequestStep:
+    """One request's part in one engine step: what a trace records (built only when the
+    engine has a ``on_request_step`` observer)."""
+
+    req_id: str
+    step: int
+    phase: str
+    """``prefill`` (a prompt chunk) or ``decode``."""
+    prefill_tokens: int
+    drafted: bool
+    gate: str
+    """Why it drafted or not: ``prefill``; ``no_room`` (no draft fits its max_tokens or the
+    context); ``gated_off`` (the gate found drafting not worth its cost); ``cost`` (drafted:
+    worth it); ``probe`` (drafted to refresh its record); ``always`` (no cost gate)."""
+    proposed: int
+    """Drafts proposed (γ, its cap this step)."""
+    verified: int
+    """Drafts the budget verified (ℓ_r)."""
+    accepted: int
+    committed: int
+    """Tokens committed for it this step."""
+    survival: tuple[float, ...]
+    """The calibrated survival of each verified position (DSpark), else empty."""
+    budget_mode: str
+    step_tokens: int
+    """Rows of the step's target forward."""
+    external_tokens: int
+    """Tokens the rest of its expert-parallel group scheduled (the cluster budget's)."""
+
+
+def request_steps(engine, seqs, proposal, plan, verified, stats: StepStats) -> list[RequestStep]:
+    """Every scheduled request's ``RequestStep`` of a finished step."""
+    drafted = {}
+    if proposal is not None:
+        conf = proposal.conf_logits
+        surv = None
+        if conf is not None:
+            temps = engine.budget.sts[: conf.shape[1]]
+            surv = torch.cumprod(torch.sigmoid(conf.float() / temps), 1).tolist()
+        for i, (s, n) in enumerate(zip(proposal.seqs, plan.lengths)):
+            drafted[s.request.req_id] = (n, tuple(surv[i][:n]) if surv is not None else ())
+    mode = engine.config.budget.value
+    external = stats.num_verify_tokens and engine.budget.external()
+    rows = []
+    for s in seqs:
+        req_id = s.request.req_id
+        committed = len(verified.new_tokens.get(req_id, ()))
+        common = dict(req_id=req_id, step=stats.step, committed=committed, budget_mode=mode,
+                      step_tokens=stats.num_verify_tokens, external_tokens=external)
+        if s.prefill:
+            rows.append(RequestStep(phase="prefill", prefill_tokens=len(s.known),
+                                    drafted=False, gate="prefill", proposed=0, verified=0,
+                                    accepted=0, survival=(), **common))
+            continue
+        reason, cap = engine.gate_notes.get(req_id, ("gated_off", 0))
+        n, survival = drafted.get(req_id, (0, ()))
+        rows.append(RequestStep(
+            phase="decode", prefill_tokens=0, drafted=req_id in drafted, gate=reason,
+            proposed=cap if req_id in drafted else 0, verified=n,
+            accepted=verified.num_accepted.get(req_id, 0), survival=survival, **common))
+    return rows

@@ -1,0 +1,172 @@
+"""Traces as an operator receives them: a served app with tracing on exports OTLP over HTTP
+to a real receiver on loopback. One streamed request is one trace, ingress → router →
+replica, under the client's ``traceparent``, with the GenAI attributes and one engine-step
+event per step, whose numbers add up to the request's ``metrics.speculative_decoding``."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+GENAI = ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model",
+         "gen_ai.request.max_tokens", "gen_ai.request.temperature", "gen_ai.request.top_p",
+         "gen_ai.request.seed", "gen_ai.request.stream", "gen_ai.response.id",
+         "gen_ai.response.finish_reasons", "gen_ai.usage.input_tokens",
+         "gen_ai.usage.output_tokens", "server.address", "server.port")
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+
+
+def value(any_value):
+    kind = any_value.WhichOneof("value")
+    if kind == "array_value":
+        return [value(v) for v in any_value.array_value.values]
+    return getattr(any_value, kind) if kind else None
+
+
+def attributes(items) -> dict:
+    return {kv.key: value(kv.value) for kv in items}
+
+
+class Receiver:
+    """An OTLP/HTTP trace receiver: every exported span, decoded."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict] = []
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (the http.server API)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                request = ExportTraceServiceRequest.FromString(body)
+                with receiver.lock:
+                    for rs in request.resource_spans:
+                        for ss in rs.scope_spans:
+                            receiver.spans += [{
+                                "name": s.name, "trace_id": s.trace_id.hex(),
+                                "span_id": s.span_id.hex(), "parent": s.parent_span_id.hex(),
+                                "attributes": attributes(s.attributes),
+                                "events": [(e.name, attributes(e.attributes)) for e in s.events],
+                            } for s in ss.spans]
+                reply = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def trace(self, trace_id: str) -> list[dict]:
+        with self.lock:
+            return [s for s in self.spans if s["trace_id"] == trace_id]
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def traced_app(ray_cluster, served_app, receiver):
+    from ray import serve
+
+    from dspark.cluster.config import ServeConfig
+    from dspark.cluster.serve import start
+
+    cfg = ServeConfig(model_name="traced", max_num_seqs=4, num_blocks=128, threads=1,
+                      replica_cpus=0.25, redis_url=served_app.redis_url, cluster="traced",
+                      otlp_traces_endpoint=receiver.url)
+    start(cfg, app_name="traced", route_prefix="/traced")
+    yield f"http://{served_app.host}:{served_app.port}/traced"
+    serve.delete("traced")
+
+
+def wait_for_spans(receiver, trace_id, names, timeout_s=30.0) -> dict[str, dict]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        spans = {s["name"]: s for s in receiver.trace(trace_id)}
+        if set(names) <= set(spans):
+            return spans
+        if time.monotonic() > deadline:
+            raise AssertionError(f"spans of trace {trace_id} after {timeout_s} s: "
+                                 f"{sorted(spans)}; wanted {sorted(names)}")
+        time.sleep(0.2)
+
+
+def test_one_streamed_request_is_one_trace_from_ingress_to_replica(traced_app, receiver):
+    body = {"model": "traced", "messages": [{"role": "user", "content": "What is 12 * 7?"}],
+            "max_tokens": 24, "temperature": 0.7, "top_p": 0.9, "seed": 3, "stream": True,
+            "stream_options": {"include_usage": True}}
+    resp = httpx.post(f"{traced_app}/v1/chat/completions", json=body, timeout=120,
+                      headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"})
+    assert resp.status_code == 200, resp.text
+    events = [json.loads(line[6:]) for line in resp.text.splitlines()
+              if line.startswith("data: {")]
+    spec = events[-1]["metrics"]["speculative_decoding"]
+    usage = events[-1]["usage"]
+
+    spans = wait_for_spans(receiver, TRACE_ID, ["chat traced", "dspark.route", "dspark.replica"])
+    ingress, route, replica = spans["chat traced"], spans["dspark.route"], spans["dspark.replica"]
+    assert ingress["parent"] == PARENT_ID  # the client's span is the parent
+    assert route["parent"] == replica["parent"] == ingress["span_id"]
+
+    attrs = ingress["attributes"]
+    assert set(GENAI) <= set(attrs), set(GENAI) - set(attrs)
+    assert attrs["gen_ai.operation.name"] == "chat"
+    assert attrs["gen_ai.request.model"] == "traced"
+    assert (attrs["gen_ai.request.max_tokens"], attrs["gen_ai.request.seed"]) == (24, 3)
+    assert attrs["gen_ai.request.stream"] is True
+    assert attrs["gen_ai.response.id"] == events[0]["id"]
+    assert attrs["gen_ai.usage.input_tokens"] == usage["prompt_tokens"]
+    assert attrs["gen_ai.usage.output_tokens"] == usage["completion_tokens"]
+    assert attrs["dspark.time_to_first_token_s"] > 0
+
+    assert route["attributes"]["dspark.route.chosen"] in route["attributes"][
+        "dspark.route.candidates"]
+    assert len(route["attributes"]["dspark.route.scores"]) == len(
+        route["attributes"]["dspark.route.candidates"])
+
+    steps = [a for name, a in replica["events"] if name == "engine_step"]
+    assert steps and steps[0]["dspark.spec.phase"] == "prefill"
+    drafted = [a for a in steps if a["dspark.spec.drafted"]]
+    assert len(drafted) == spec["num_spec_steps"] > 0
+    assert sum(a["dspark.spec.verified"] for a in drafted) == spec["num_draft_tokens"]
+    assert sum(a["dspark.spec.accepted"] for a in drafted) == spec["num_accepted_draft_tokens"]
+    assert sum(a["dspark.spec.committed"] for a in steps) == usage["completion_tokens"]
+    for a in drafted:
+        assert len(a["dspark.spec.survival"]) == a["dspark.spec.verified"]
+        assert a["dspark.spec.gate"] in ("cost", "probe", "always")
+    for a in steps:
+        assert not a["dspark.spec.drafted"] or a["dspark.spec.proposed"] >= a[
+            "dspark.spec.verified"]
+    assert replica["events"][-1][0] == "finish"
+
+
+def test_a_refused_request_is_traced_with_its_error_type(traced_app, receiver):
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    resp = httpx.post(f"{traced_app}/v1/chat/completions", timeout=60,
+                      headers={"traceparent": f"00-{trace_id}-{PARENT_ID}-01"},
+                      json={"model": "traced", "max_tokens": 100000,
+                            "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status_code == 400
+    span = wait_for_spans(receiver, trace_id, ["chat"])["chat"]  # no model named: not parsed
+    assert span["attributes"]["error.type"] == "APIError"
+    assert span["attributes"]["http.response.status_code"] == 400
