@@ -55,8 +55,6 @@ class ShardMetrics:
                  board_age: Callable[[], float | None] | None = None,
                  calibration: Callable[[], dict | None] | None = None,
                  interval_s: float = 1.0) -> None:
-        from ray.util.metrics import Counter, Gauge, Histogram
-
         self.tags = {"replica": replica, "ep_group": ep_group, "model": model}
         self.gamma, self.budget_mode = max(gamma, 1), budget_mode
         self.board_age, self.calibration = board_age, calibration
@@ -65,6 +63,16 @@ class ShardMetrics:
         self._totals = _Sums(self.gamma)
         """Everything since start, kept here too (``totals``: what Prometheus should see)."""
         self._last: StepStats | None = None
+
+        self._define()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(interval_s,),
+                                        name="dspark-metrics", daemon=True)
+        self._thread.start()
+
+    def _define(self) -> None:
+        """The Ray metrics this replica writes."""
+        from ray.util.metrics import Counter, Gauge, Histogram
 
         def counter(name, doc, extra=()):
             return Counter(name, description=doc, tag_keys=SHARD_TAGS + tuple(extra))
@@ -107,6 +115,9 @@ class ShardMetrics:
         self.step_time = Histogram("dspark_step_duration_seconds",
                                    description="Whole engine step.",
                                    boundaries=list(STEP_SECONDS), tag_keys=SHARD_TAGS)
+        self._define_gauges(gauge)
+
+    def _define_gauges(self, gauge) -> None:
         self.gauges = {
             "running": gauge("dspark_num_requests_running", "Requests holding KV."),
             "waiting": gauge("dspark_num_requests_waiting", "Requests waiting for admission."),
@@ -132,10 +143,7 @@ class ShardMetrics:
             "temperature": gauge("dspark_calibration_temperature",
                                  "STS temperature per position.", ("position",)),
         }
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, args=(interval_s,),
-                                        name="dspark-metrics", daemon=True)
-        self._thread.start()
+
 
     # ------------------------------------------------------------------ engine thread
     def on_step(self, stats: StepStats) -> None:

@@ -20,6 +20,7 @@ HANDLERS = {
     ("bench", "engine"): bench.run_engine,
     ("bench", "serve"): bench.run_serve,
     ("bench", "ep"): bench.run_ep,
+    ("bench", "drift"): bench.run_drift,
     ("serve", None): serve.run,
     ("dashboards", None): dashboards.run,
 }

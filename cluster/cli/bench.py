@@ -31,6 +31,7 @@ MIRRORS = (
     Mirror(("bench", "serve"), "dspark.bench.serve_bench:ServeBenchConfig",
            renamed={"concurrency": "concurrencies"}),
     Mirror(("bench", "ep"), "dspark.bench.ep_bench:EpBenchConfig"),
+    Mirror(("bench", "drift"), "dspark.bench.drift_bench:DriftBenchConfig"),
 )
 
 
@@ -40,6 +41,7 @@ def add_parser(sub: Subparsers) -> None:
     _add_engine(which)
     _add_serve(which)
     _add_ep(which)
+    _add_drift(which)
 
 
 def _add_engine(which: Subparsers) -> None:
@@ -111,6 +113,50 @@ def _add_ep(which: Subparsers) -> None:
     add_flag(ep, "--temperature", 0.0, "Sampling temperature of every request.", type=float)
     add_flag(ep, "--threads", 1, "torch threads per rank.", type=int)
     add_flag(ep, "--out", "runs/bench-ep", "results directory (JSON, markdown)")
+
+
+def _add_drift(which: Subparsers) -> None:
+    dr = which.add_parser(
+        "drift", help="the calibration-drift monitor: calibrated, miscalibrated, refitted")
+    add_flag(dr, "--target", str(DEFAULT_TARGET), "target checkpoint directory",
+             shown="checkpoints/target")
+    add_flag(dr, "--drafter", str(DEFAULT_DRAFTERS / "dspark"),
+             "DSpark drafter checkpoint (with a confidence head)",
+             shown="checkpoints/drafters/dspark")
+    add_flag(dr, "--offline", "docs/results/acceptance.json",
+             "dspark eval's results, for the offline ECE to compare with")
+    add_flag(dr, "--requests", 160, "Requests per phase.", type=int)
+    add_flag(dr, "--concurrency", 16, "Requests in flight.", type=int)
+    add_flag(dr, "--max-tokens", 64, "Output tokens per request.", type=int)
+    add_flag(dr, "--temperature", 1.0, "Sampling temperature.", type=float)
+    add_flag(dr, "--miscalibration", 0.25, "Factor on the STS temperatures in the "
+             "miscalibrated phase (< 1: over-confident).", type=float)
+    add_flag(dr, "--threshold", 0.05, "The monitor's drift threshold (online ECE).", type=float)
+    add_flag(dr, "--window", 4096, "Observations kept per position.", type=int)
+    add_flag(dr, "--check-every", 256, "Rounds between drift checks.", type=int)
+    add_flag(dr, "--threads", 2, "torch threads", type=int)
+    add_flag(dr, "--out", "runs/bench-drift", "results directory (JSON, markdown)")
+
+
+def run_drift(args: argparse.Namespace) -> int:
+    from dspark.bench.drift_bench import (
+        DriftBenchConfig,
+        offline_ece,
+        run_drift_benchmark,
+        write_results,
+    )
+
+    cfg = DriftBenchConfig(
+        requests=args.requests, concurrency=args.concurrency, max_tokens=args.max_tokens,
+        temperature=args.temperature, miscalibration=args.miscalibration,
+        threshold=args.threshold, window=args.window, check_every=args.check_every,
+        threads=args.threads)
+    result = run_drift_benchmark(cfg, args.target, args.drafter)
+    result["offline_ece"] = offline_ece(args.offline)
+    for path in write_results(result, args.out, recorded_command("bench", "drift")):
+        print(path)
+    print((Path(args.out) / "drift.md").read_text())
+    return 0
 
 
 def run_ep(args: argparse.Namespace) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dspark.cluster.cli.common import add_flag
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -11,7 +13,7 @@ def add_parser(sub) -> None:
         description="Write the service, speculation and cluster dashboards (Grafana JSON over "
                     "the Prometheus series of Ray's metrics agents).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="k8s/dashboards", help="directory to write into")
+    add_flag(p, "--out", "k8s/dashboards", "directory to write into")
 
 
 def run(args) -> int:

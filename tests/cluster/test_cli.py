@@ -150,7 +150,8 @@ def test_every_flag_states_its_default():
     commands = dict(_commands(build_parser()))
     assert set(commands) == {("generate",), ("train", "target"), ("train", "drafter"),
                              ("corpus", "build"), ("eval",), ("bench", "engine"),
-                             ("bench", "serve"), ("bench", "ep"), ("serve",)}
+                             ("bench", "serve"), ("bench", "ep"), ("bench", "drift"),
+                             ("serve",), ("dashboards",)}
     for path, parser in commands.items():
         for action in parser._actions:
             if not action.option_strings or isinstance(action, argparse._HelpAction):

@@ -123,9 +123,10 @@ def expected_totals(specs: list[dict]) -> dict:
 
 
 def replica_totals(served_url: str) -> dict:
-    totals = httpx.get(f"{served_url}/v1/load", timeout=30).json()["spec_decode_totals"]
+    load = httpx.get(f"{served_url}/v1/load", timeout=30).json()
+    totals = load["spec_decode_totals"]
     totals.pop("num_gated_off")
-    return totals
+    return {**totals, "replica": load["replica_id"]}
 
 
 def test_prometheus_scrapes_every_dashboard_series_and_the_counts_add_up(
@@ -137,6 +138,7 @@ def test_prometheus_scrapes_every_dashboard_series_and_the_counts_add_up(
 
     def delta():
         now = replica_totals(served_url)
+        assert now["replica"] == before["replica"]  # the suite's app has one replica
         got = {k: now[k] - before[k] for k in ("num_drafts", "num_draft_tokens",
                                                "num_accepted_tokens")}
         got["accepted_per_position"] = [a - b for a, b in zip(now["accepted_per_position"],
@@ -147,12 +149,15 @@ def test_prometheus_scrapes_every_dashboard_series_and_the_counts_add_up(
     # counts its step
     totals = wait_for(delta, 30, "the replica's counters to add up to the requests' metrics")
 
+    # NOTE: other apps of the suite have replicas (and series) of their own
+    only = f'{{replica="{totals["replica"]}"}}'
+
     def exported():
         rows = promql(prometheus, "sum by (position) "
-                                  "(ray_dspark_spec_decode_num_accepted_tokens_per_pos_total)")
+                      f"(ray_dspark_spec_decode_num_accepted_tokens_per_pos_total{only})")
         got = {int(r["metric"]["position"]): float(r["value"][1]) for r in rows}
         want_pos = {k + 1: float(n) for k, n in enumerate(totals["accepted_per_position"]) if n}
-        drafts = promql(prometheus, "sum (ray_dspark_spec_decode_num_drafts_total)")
+        drafts = promql(prometheus, f"sum (ray_dspark_spec_decode_num_drafts_total{only})")
         return got == want_pos and drafts and float(drafts[0]["value"][1]) == totals["num_drafts"]
 
     wait_for(exported, 90, "Prometheus to scrape the replica's counters", interval_s=1.0)
