@@ -54,6 +54,7 @@ class DriftBenchConfig:
 def _phase(engine, monitor, prompts, stop_ids, cfg: DriftBenchConfig, offset: int) -> dict:
     engine.on_round = monitor.on_round
     start = time.perf_counter()
+    initial = monitor.temperatures
 
     def params(i: int) -> SamplingParams:
         return SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens)
@@ -64,6 +65,7 @@ def _phase(engine, monitor, prompts, stop_ids, cfg: DriftBenchConfig, offset: in
     monitor.check()
     snap = monitor.snapshot().to_dict()
     return {"tokens": tokens, "seconds": round(time.perf_counter() - start, 2),
+            "initial_temperatures": list(initial),
             "ece": snap["ece"], "drifted": snap["drifted"], "samples": snap["total_samples"],
             "rounds": snap["num_rounds"], "temperatures": snap["temperatures"],
             "mean_predicted": snap["overall_predicted"], "mean_observed": snap["overall_observed"],
@@ -124,13 +126,19 @@ def render(result: dict, command: str) -> str:
              f"Engine, budget fixed (all {len(result['sts'])} drafts verified), T="
              f"{cfg['temperature']:g}, C={cfg['concurrency']}, {cfg['requests']} requests per "
              f"phase; drift threshold {pct(cfg['threshold'])}.", "",
-             "| phase | temperatures | rounds | observations | online ECE | mean predicted / "
-             "observed survival | drifted |", "|---|---|---:|---:|---:|---:|---|"]
+             "| phase | temperatures (start → end) | rounds | observations | drift flagged "
+             "| online ECE at the end | mean predicted / observed survival at the end |",
+             "|---|---|---:|---:|---|---:|---:|"]
     for name, ph in p.items():
-        temps = ", ".join(f"{t:.2f}" for t in ph["temperatures"])
-        lines.append(f"| {name} | {temps} | {ph['rounds']} | {ph['samples']} | {pct(ph['ece'])} "
-                     f"| {pct(ph['mean_predicted'])} / {pct(ph['mean_observed'])} | "
-                     f"{'yes' if ph['drifted'] else 'no'} |")
+        start = ", ".join(f"{t:.2f}" for t in ph["initial_temperatures"])
+        end = ", ".join(f"{t:.2f}" for t in ph["temperatures"])
+        temps = start if start == end else f"{start} → {end}"
+        flags = [f"at round {e['round_index']} (ECE {pct(e['ece_before'])}), refitted"
+                 for e in ph["refits"]]
+        flagged = "; ".join(flags) or ("yes" if ph["drifted"] else "no")
+        lines.append(f"| {name} | {temps} | {ph['rounds']} | {ph['samples']} | {flagged} | "
+                     f"{pct(ph['ece'])} | {pct(ph['mean_predicted'])} / "
+                     f"{pct(ph['mean_observed'])} |")
     lines.append("")
     if result.get("offline_ece") is not None:
         lines.append(f"Offline ECE of `dspark eval` (after STS, all evaluation rounds pooled): "

@@ -68,6 +68,10 @@ class ServeSystem:
     label: str
     drafter: str
     budget: str
+    metrics: bool = True
+    traced: bool = False
+    """Every request traced (sample ratio 1), exported over OTLP/HTTP to a sink in this
+    process that decodes nothing."""
 
 
 SYSTEMS = (
@@ -75,6 +79,10 @@ SYSTEMS = (
     ServeSystem("mtp-1", "mtp", "fixed"),
     ServeSystem("dspark-local", "dspark", "algorithm1"),
     ServeSystem("dspark-cluster", "dspark", "cluster"),
+    # NOTE: the serving default without metrics, and with every request traced: the cost
+    # of observability, side by side (docs/observability.md)
+    ServeSystem("dspark-dark", "dspark", "cluster", metrics=False),
+    ServeSystem("dspark-traced", "dspark", "cluster", traced=True),
 )
 ROUTERS = ("board", "pow2")
 
@@ -296,6 +304,33 @@ def run_routers(urls: dict[str, str], model: str, prompts: Sequence[str],
     return raw
 
 
+class OtlpSink:
+    """An OTLP/HTTP endpoint on loopback that accepts every export and keeps nothing (what
+    a collector costs the app, without a collector's work in this process)."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (the http.server API)
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
 def run_serve_benchmark(base: ServeConfig, prompts: Sequence[str], cfg: ServeBenchConfig,
                         log: Callable[[str], None] = print,
                         systems: Sequence[ServeSystem] = SYSTEMS,
@@ -304,8 +339,11 @@ def run_serve_benchmark(base: ServeConfig, prompts: Sequence[str], cfg: ServeBen
 
     NOTE: each app has its own key prefix on the board (``cluster`` = its label), so a
     router reads only its own replicas and a cluster budget only its own group."""
+    sink = OtlpSink() if any(s.traced for s in systems) else None
     system_apps = {s.label: replace(base, drafter=s.drafter, budget=s.budget, replicas=1,
-                                    cluster=s.label) for s in systems}
+                                    cluster=s.label, metrics=s.metrics,
+                                    otlp_traces_endpoint=sink.url if s.traced else None)
+                   for s in systems}
     router_apps = {f"router-{r}": replace(base, drafter="dspark", budget="cluster",
                                           replicas=2, router=r, cluster=f"router-{r}")
                    for r in routers}
@@ -318,6 +356,8 @@ def run_serve_benchmark(base: ServeConfig, prompts: Sequence[str], cfg: ServeBen
         urls = deploy(apps, prompts, num_cpus)
         out += run(urls, base.model_name, prompts, cfg, log)
         undeploy(list(apps))
+    if sink is not None:
+        sink.close()
     cells = median_cells(raw, ("system", "concurrency"))
     router_cells = median_cells(router_raw, ("router", "concurrency"))
     return {"cells": cells, "ratios": ratios(cells), "rounds": raw,

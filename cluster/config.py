@@ -61,6 +61,12 @@ class ServeConfig:
     """Ray CPUs reserved per replica."""
     threads: int = 0
     """Torch threads per replica (0: torch's default)."""
+    metrics: bool = True
+    """Record Prometheus metrics through Ray's metrics agent (docs/observability.md);
+    false: none are recorded."""
+    metrics_export_port: int | None = None
+    """Port of the local Ray node's metrics agent that Prometheus scrapes (none: Ray picks
+    one; `dspark serve` prints it). Only where `dspark serve` starts the Ray cluster."""
     otlp_traces_endpoint: str | None = None
     """OTLP/HTTP (protobuf) endpoint the traces go to, e.g. http://127.0.0.1:4318/v1/traces;
     none: tracing off (no tracer is made, nothing is recorded)."""
@@ -109,6 +115,11 @@ class ServeConfig:
         if not 0.0 < self.calibration_drift_threshold < 1.0:
             raise ValueError("calibration_drift_threshold must be in (0, 1), got "
                              f"{self.calibration_drift_threshold}")
+        if not isinstance(self.metrics, bool):
+            raise ValueError(f"metrics must be true or false, got {self.metrics!r}")
+        if self.metrics_export_port is not None and not 0 < self.metrics_export_port < 65536:
+            raise ValueError("metrics_export_port must be in [1, 65535], got "
+                             f"{self.metrics_export_port}")
         if not isinstance(self.calibration_refit, bool):
             raise ValueError(f"calibration_refit must be true or false, got "
                              f"{self.calibration_refit!r}")

@@ -167,7 +167,7 @@ class OpenAIIngress:
         self._ready = False
         from dspark.cluster.metrics import IngressMetrics
 
-        self.metrics = IngressMetrics(self.served.name)
+        self.metrics = IngressMetrics(self.served.name, enabled=self.cfg.metrics)
         from dspark.cluster.tracing import make_tracer
 
         self.tracer = make_tracer(self.cfg.otlp_traces_endpoint, self.cfg.trace_sample_ratio,

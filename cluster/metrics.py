@@ -251,11 +251,14 @@ class ShardMetrics:
 
 
 def _never_raises(method):
-    """A metrics call that fails logs and returns: metrics never fail a request."""
+    """A metrics call that fails logs and returns: metrics never fail a request (and a
+    disabled ``IngressMetrics`` records nothing)."""
     @functools.wraps(method)
-    def wrapper(*args, **kwargs):
+    def wrapper(self, *args, **kwargs):
+        if not self.enabled:
+            return
         try:
-            method(*args, **kwargs)
+            method(self, *args, **kwargs)
         except Exception:
             logger.exception("metrics not recorded")
     return wrapper
@@ -264,10 +267,14 @@ def _never_raises(method):
 class IngressMetrics:
     """The HTTP side: what a user sees (module docstring). No method raises."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, enabled: bool = True) -> None:
+        self.model, self.enabled = model, enabled
+        if enabled:
+            self._define()
+
+    def _define(self) -> None:
         from ray.util.metrics import Counter, Histogram
 
-        self.model = model
         self.requests = Counter("dspark_http_requests", description="HTTP requests answered.",
                                 tag_keys=("model", "route", "status"))
         self.finished = Counter("dspark_request_finished",

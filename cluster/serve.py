@@ -76,7 +76,8 @@ def start(cfg: ServeConfig, num_cpus: float | None = None, app_name: str = "dspa
     try:
         if not ray.is_initialized():
             ray.init(address="local", num_cpus=num_cpus or local_cpus(),
-                     include_dashboard=False, log_to_driver=False, configure_logging=False)
+                     include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     _metrics_export_port=cfg.metrics_export_port)
         with quiet_serve_logs():
             serve.start(http_options={"host": cfg.host, "port": cfg.port})
             serve.run_many([serve.RunTarget(build_app(cfg), name=app_name,
@@ -222,6 +223,18 @@ def start_local(cfg: ServeConfig):
     return cfg, redis
 
 
+def observability_line(cfg: ServeConfig) -> str:
+    """Where the metrics and the traces go (docs/observability.md)."""
+    import ray
+
+    metrics = "off"
+    if cfg.metrics:
+        ports = [n.get("MetricsExportPort") for n in ray.nodes() if n.get("Alive")]
+        metrics = ", ".join(f"http://{cfg.host}:{p}/metrics" for p in ports if p) or "on"
+    traces = cfg.otlp_traces_endpoint or "off (--otlp-traces-endpoint URL)"
+    return f"metrics (Prometheus): {metrics}; traces (OTLP): {traces}"
+
+
 def main(cfg: ServeConfig) -> int:
     # NOTE: token authentication is Ray's default for a new local cluster; choosing it
     # explicitly keeps it and spares the warning Ray prints when the mode is unset. Only
@@ -241,6 +254,7 @@ def main(cfg: ServeConfig) -> int:
     print(f"ready in {time.time() - started:.0f} s: {url}  (OpenAI API: {url}/v1, load board: "
           f"{cfg.redis_url})", flush=True)
     print(curl_example(url, cfg.model_name), flush=True)
+    print(observability_line(cfg), flush=True)
     print("Ctrl-C stops the server.", file=sys.stderr, flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -50,7 +50,7 @@ class TargetShard:
                                   max_waiting=cfg.max_waiting_per_replica)
         if self.board is not None:
             self.board.start(engine.cost_table, self.engine.load, self.engine.listeners)
-        self.metrics = self._start_metrics(engine)
+        self.metrics = self._start_metrics(engine) if cfg.metrics else None
         from dspark.cluster.tracing import make_tracer
 
         self.tracer = make_tracer(cfg.otlp_traces_endpoint, cfg.trace_sample_ratio, "replica")
@@ -202,7 +202,7 @@ class TargetShard:
         """The load, with the confidence head's calibration (for ``/v1/load``; the router
         and the board read ``load`` alone: the calibration scores its windows)."""
         return {**self.load(), "ep_group": self.ep_group, "calibration": self.calibration(),
-                "spec_decode_totals": self.metrics.totals()}
+                "spec_decode_totals": self.metrics.totals() if self.metrics else None}
 
     def record_routing_stats(self) -> dict:
         return self.load()
