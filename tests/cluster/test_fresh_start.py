@@ -130,7 +130,8 @@ def test_serve_answers_without_redis_installed_and_ctrl_c_leaves_nothing(fresh_m
     for noise in NOISE:
         assert noise not in stdout + stderr, (noise, stdout, stderr)
     lines = stdout.splitlines()
-    assert len(lines) == 2 and lines[0].startswith("ready in ") and lines[1].startswith("curl ")
+    assert len(lines) == 3 and lines[0].startswith("ready in ") and lines[1].startswith("curl ")
+    assert lines[2].startswith("metrics (Prometheus): http://")
     assert stderr.splitlines()[0].startswith("starting dspark")
     assert stderr.splitlines()[-1] == "stopping ..."
     redis_port = int(lines[0].split("redis://127.0.0.1:")[1].split("/")[0])
