@@ -162,12 +162,9 @@ class TargetShard:
 
     def _trace_steps(self, rows) -> None:
         """The engine's ``on_request_step`` (engine thread): one event per traced request."""
-        from dspark.cluster.tracing import step_event_attributes
+        from dspark.cluster.tracing import add_step_events
 
-        for row in rows:
-            span = self.spans.get(row.req_id)
-            if span is not None:
-                span.add_event("engine_step", step_event_attributes(row))
+        add_step_events(self.spans, rows)
 
     def _prompt_ids(self, request: ShardRequest) -> list[int]:
         if request.messages is not None:

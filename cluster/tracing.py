@@ -16,9 +16,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from dspark.router.tracing import extract, inject, make_tracer
 
-__all__ = ["extract", "inject", "make_tracer", "request_attributes", "step_event_attributes"]
+__all__ = ["add_step_events", "extract", "inject", "make_tracer", "request_attributes",
+           "step_event_attributes"]
 
 PROVIDER_NAME = "dspark"
 
@@ -66,3 +69,12 @@ def step_event_attributes(record) -> dict:
     if record.survival:
         attrs["dspark.spec.survival"] = [round(p, 4) for p in record.survival]
     return attrs
+
+
+def add_step_events(spans: Mapping[str, object], rows) -> None:
+    """One ``engine_step`` event on the span of each traced request in ``rows`` (the
+    engine's ``on_request_step``)."""
+    for row in rows:
+        span = spans.get(row.req_id)
+        if span is not None:
+            span.add_event("engine_step", step_event_attributes(row))
