@@ -114,8 +114,26 @@ class TargetShard:
             on_round=self.monitor.on_round if self.monitor is not None else None)
         if self.monitor is not None:
             # NOTE: a refit runs on the engine thread, inside the step's commit
-            self.monitor.on_refit = engine.set_confidence_temperatures
+            self.monitor.on_refit = lambda temps: self._refitted(engine, temps)
         return engine
+
+    def _refitted(self, engine, temperatures) -> None:
+        """The monitor refitted the STS temperatures: the budget uses them from the next
+        step; with tracing on, a ``dspark.calibration.refit`` span records the change (the
+        metrics show it as ``dspark_calibration_refits`` and ``..._temperature``)."""
+        engine.set_confidence_temperatures(temperatures)
+        tracer = getattr(self, "tracer", None)
+        if tracer is None or not self.monitor.refits:
+            return
+        event = self.monitor.refits[-1]
+        span = tracer.start_span("dspark.calibration.refit", attributes={
+            "dspark.replica": self.replica_id, "dspark.ep_group": self.ep_group,
+            "dspark.calibration.old_temperatures": list(event.old_temperatures),
+            "dspark.calibration.new_temperatures": list(event.new_temperatures),
+            "dspark.calibration.ece_before": event.ece_before,
+            "dspark.calibration.ece_after": event.ece_after,
+            "dspark.calibration.samples": event.num_samples})
+        span.end()
 
     async def generate(self, request: ShardRequest) -> AsyncIterator[ShardChunk]:
         """Stream one choice. Bad input raises ValueError (the engine's check, naming the

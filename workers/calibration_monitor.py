@@ -239,6 +239,12 @@ class CalibrationMonitor:
         with self._lock:
             return self._temps
 
+    @property
+    def refits(self) -> tuple[RefitEvent, ...]:
+        """Every refit so far, oldest first."""
+        with self._lock:
+            return tuple(self._refits)
+
     def on_round(self, req_id: str, record: RoundRecord) -> None:
         """The engine's ``on_round`` callback."""
         self.observe(record)
