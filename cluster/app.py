@@ -8,7 +8,13 @@ from dspark.cluster.config import ServeConfig
 from dspark.cluster.ingress import OpenAIIngress
 from dspark.cluster.shard import TargetShard
 
-__all__ = ["OpenAIIngress", "TargetShard", "build_app"]
+__all__ = ["OpenAIIngress", "TargetShard", "app_builder", "build_app"]
+
+
+def app_builder(args: dict):
+    """The app of a Serve config file (``import_path: dspark.cluster.app:app_builder``,
+    ``args``: the serve config's fields), as KubeRay's ``serveConfigV2`` deploys it."""
+    return build_app(ServeConfig.from_dict(dict(args or {})))
 
 
 def build_app(cfg: ServeConfig):
@@ -32,7 +38,7 @@ def build_app(cfg: ServeConfig):
         num_replicas=cfg.replicas,
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
-        ray_actor_options={"num_cpus": cfg.replica_cpus},
+        ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus},
         **shutdown,
         **options,
     ).bind(cfg.to_dict())

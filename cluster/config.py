@@ -36,7 +36,8 @@ class ServeConfig:
     """Replica choice: board (expected service rate from the load board, falling back to
     queue length) or pow2 (Ray Serve's default power-of-two choices)."""
     redis_url: str | None = None
-    """Load board; None starts an embedded Redis on a free loopback port."""
+    """Load board; None starts an embedded Redis on a free loopback port; env:NAME reads
+    the URL from the environment variable NAME (a Kubernetes Secret)."""
     cluster: str = "default"
     """Key prefix on the load board (one cluster = one prefix)."""
     host: str = "127.0.0.1"
@@ -59,6 +60,9 @@ class ServeConfig:
     """Deepest JSON nesting the API parses (deeper: 400)."""
     replica_cpus: float = 0.5
     """Ray CPUs reserved per replica."""
+    replica_gpus: float = 0.0
+    """Ray GPUs reserved per replica; above 0 the replica runs the target and the drafter
+    on CUDA (NCCL for an expert-parallel group)."""
     threads: int = 0
     """Torch threads per replica (0: torch's default)."""
     metrics: bool = True
@@ -99,6 +103,8 @@ class ServeConfig:
             )
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not 0 <= self.replica_gpus <= 8:
+            raise ValueError(f"replica_gpus must be in [0, 8], got {self.replica_gpus}")
         if not 0 < self.replica_cpus <= 64:
             raise ValueError(f"replica_cpus must be in (0, 64], got {self.replica_cpus}")
         if not self.model_name:

@@ -36,6 +36,8 @@ class TargetShard:
         self._ids = itertools.count()
         target, self.tokenizer = load_for_generation(cfg.target)
         target.eval()
+        if cfg.replica_gpus > 0:
+            target.to("cuda")  # NOTE: the drafter is loaded onto the target's device
         self.context = target.config.max_position_embeddings
         self.texts = TokenTexts(self.tokenizer)
         self.ep_group, group = self.replica_id, None  # one group per replica at ep_size 1

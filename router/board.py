@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -133,8 +134,22 @@ class BoardConfig:
             raise ValueError("ttl_s and refresh_s must be > 0, min_interval_s >= 0")
 
 
+def resolve_redis_url(url: str) -> str:
+    """``url``, or, for ``env:NAME``, the URL in the environment variable NAME (how a
+    Kubernetes Secret hands a password or a ``rediss://`` URL to every pod without the
+    serve config, which Serve shows, ever holding it)."""
+    if not url.startswith("env:"):
+        return url
+    name = url[4:]
+    value = os.environ.get(name)
+    if not value:
+        raise ValueError(f"redis_url names the environment variable {name}, which is not set")
+    return value
+
+
 def _client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    return redis.Redis.from_url(resolve_redis_url(url), socket_timeout=0.5,
+                                socket_connect_timeout=0.5)
 
 
 class BoardPublisher:

@@ -55,7 +55,13 @@ from collections.abc import Callable, Mapping, Sequence
 import redis
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
-from dspark.router.board import BoardConfig, BoardReader, ReplicaLoad, StepCosts
+from dspark.router.board import (
+    BoardConfig,
+    BoardReader,
+    ReplicaLoad,
+    StepCosts,
+    resolve_redis_url,
+)
 from dspark.router.tracing import extract, make_tracer
 
 
@@ -310,7 +316,8 @@ class LoadBoardRouter(FIFOMixin, RequestRouter):
                          name="dspark-router-metrics").start()
 
     def _export(self, redis_url: str, ttl_s: float) -> None:
-        client = redis.Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        client = redis.Redis.from_url(resolve_redis_url(redis_url), socket_timeout=0.5,
+                                      socket_connect_timeout=0.5)
         while not self._stop.wait(0.25):
             try:
                 pipe = client.pipeline()

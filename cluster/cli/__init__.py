@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from dspark.cluster.cli import bench, corpus, dashboards, generate, serve, train
+from dspark.cluster.cli import bench, corpus, dashboards, generate, k8s, serve, train
 from dspark.cluster.cli import eval as eval_cmd
 
 # NOTE: every subcommand module is imported above to build the parser, so each keeps its
@@ -23,6 +23,7 @@ HANDLERS = {
     ("bench", "drift"): bench.run_drift,
     ("serve", None): serve.run,
     ("dashboards", None): dashboards.run,
+    ("k8s", "render"): k8s.run_render,
 }
 """(command, subcommand or None) -> the function that runs it."""
 
@@ -33,7 +34,7 @@ MIRRORS = generate.MIRRORS + train.MIRRORS + corpus.MIRRORS + eval_cmd.MIRRORS +
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dspark", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (generate, train, corpus, eval_cmd, bench, serve, dashboards):
+    for module in (generate, train, corpus, eval_cmd, bench, serve, dashboards, k8s):
         module.add_parser(sub)
     return parser
 

@@ -151,7 +151,7 @@ def test_every_flag_states_its_default():
     assert set(commands) == {("generate",), ("train", "target"), ("train", "drafter"),
                              ("corpus", "build"), ("eval",), ("bench", "engine"),
                              ("bench", "serve"), ("bench", "ep"), ("bench", "drift"),
-                             ("serve",), ("dashboards",)}
+                             ("serve",), ("dashboards",), ("k8s", "render")}
     for path, parser in commands.items():
         for action in parser._actions:
             if not action.option_strings or isinstance(action, argparse._HelpAction):
