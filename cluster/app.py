@@ -34,11 +34,14 @@ def build_app(cfg: ServeConfig):
                                    "otlp_traces_endpoint": cfg.otlp_traces_endpoint,
                                    "trace_sample_ratio": cfg.trace_sample_ratio},
         )
+    scaling = replica_options(cfg)
+    runtime_env = scaling.pop("runtime_env", None)
     shard = TargetShard.options(
-        num_replicas=cfg.replicas,
+        **scaling,
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
-        ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus},
+        ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus,
+                           **({"runtime_env": runtime_env} if runtime_env else {})},
         **shutdown,
         **options,
     ).bind(cfg.to_dict())
@@ -47,3 +50,27 @@ def build_app(cfg: ServeConfig):
         ray_actor_options={"num_cpus": 0.1},
         **shutdown,
     ).bind(shard, cfg.to_dict())
+
+
+def replica_options(cfg: ServeConfig) -> dict:
+    """A fixed number of replicas, or an autoscaling config (cluster/autoscaling.py)."""
+    if cfg.autoscaling == "none":
+        return {"num_replicas": cfg.replicas}
+    from ray.serve.config import AutoscalingConfig, AutoscalingPolicy
+
+    bounds = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+              "initial_replicas": cfg.replicas, "upscale_delay_s": cfg.upscale_delay_s,
+              "downscale_delay_s": cfg.downscale_delay_s}
+    if cfg.autoscaling == "requests":
+        # NOTE: Serve's default: ongoing requests per replica against a target (70 % of a
+        # replica's batch), over its look-back window
+        return {"autoscaling_config": AutoscalingConfig(
+            **bounds, target_ongoing_requests=max(1.0, 0.7 * cfg.max_num_seqs))}
+    from dspark.cluster.autoscaling import BoardAutoscaler
+
+    # NOTE: Serve holds each decision for the delays, averages each replica's report over the
+    # look-back window, and replicas push reports every second (Serve's default: 10 s)
+    return {"autoscaling_config": AutoscalingConfig(
+        **bounds, look_back_period_s=5.0, policy=AutoscalingPolicy(
+            policy_function=BoardAutoscaler, policy_kwargs={"group_size": cfg.ep_size})),
+        "runtime_env": {"env_vars": {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}}}

@@ -183,9 +183,10 @@ def check_startable(cfg: ServeConfig) -> None:
             and not cfg.drafter_has_confidence):
         raise ValueError(f"budget {cfg.effective_budget!r} needs a drafter with a confidence head "
                          f"(dspark); {cfg.drafter!r} has none: use --budget fixed")
-    needed = cfg.replicas * cfg.replica_cpus + 0.1  # + the ingress
+    most = cfg.max_replicas if cfg.autoscaling != "none" else cfg.replicas
+    needed = most * cfg.replica_cpus + 0.1  # + the ingress
     if needed > local_cpus():
-        raise ValueError(f"{cfg.replicas} replicas of {cfg.replica_cpus} CPU need {needed:g} "
+        raise ValueError(f"{most} replicas of {cfg.replica_cpus} CPU need {needed:g} "
                          f"CPUs; this machine has {local_cpus()}")
     if cfg.port:
         with socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET) as sock:

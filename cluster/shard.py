@@ -53,6 +53,10 @@ class TargetShard:
         if self.board is not None:
             self.board.start(engine.cost_table, self.engine.load, self.engine.listeners)
         self.metrics = self._start_metrics(engine) if cfg.metrics else None
+        from dspark.cluster.autoscaling import Delivered
+
+        self.delivered = Delivered()
+        self.engine.listeners.append(self.delivered.on_step)
         from dspark.cluster.tracing import make_tracer
 
         self.tracer = make_tracer(cfg.otlp_traces_endpoint, cfg.trace_sample_ratio, "replica")
@@ -223,6 +227,17 @@ class TargetShard:
 
     def record_routing_stats(self) -> dict:
         return self.load()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What the board autoscaling policy reads (cluster/autoscaling.py): the tokens this
+        replica owes over ``autoscaling_horizon_s``, and what it can deliver at its best
+        batch."""
+        from dspark.cluster.autoscaling import replica_stats
+
+        table = self.engine.engine.cost_table
+        return replica_stats(self.engine.load(), table.batch_sizes, table.steps_per_second,
+                             self.cfg.max_num_seqs, horizon_s=self.cfg.autoscaling_horizon_s,
+                             delivered_tps=self.delivered.rate())
 
     def check_health(self) -> None:
         if not self.engine.is_alive():
