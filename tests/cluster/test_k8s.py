@@ -23,7 +23,12 @@ from dspark.cluster import k8s
 from dspark.cluster.config import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-SCHEMAS = ROOT.parent / "shared" / "k8s-schemas"
+# NOTE: the workspace's copy of the KubeRay CRDs (next to the repository; a clone elsewhere
+# names it with DSPARK_K8S_SCHEMAS)
+SCHEMAS = next((p for p in (Path(os.environ.get("DSPARK_K8S_SCHEMAS", "/nonexistent")),
+                            ROOT.parent / "shared" / "k8s-schemas",
+                            Path("/work/shared/k8s-schemas")) if p.is_dir()),
+               ROOT.parent / "shared" / "k8s-schemas")
 KUBERNETES = "1.33.0"
 
 
