@@ -70,7 +70,7 @@ class ServeConfig:
     """Most replicas when autoscaling."""
     autoscaling_horizon_s: float = 10.0
     """Board autoscaling: the tokens a replica owes should be delivered within this many
-    seconds at 70 % of its capacity; more owed work adds replicas."""
+    seconds at 70 percent of its capacity; more owed work adds replicas."""
     upscale_delay_s: float = 3.0
     """Seconds a larger target must hold before replicas are added."""
     downscale_delay_s: float = 30.0
@@ -118,23 +118,7 @@ class ServeConfig:
             )
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if self.autoscaling not in ("none", "board", "requests"):
-            raise ValueError(f"autoscaling must be none, board or requests, got "
-                             f"{self.autoscaling!r}")
-        if not 1 <= self.min_replicas <= self.replicas <= self.max_replicas:
-            if self.autoscaling != "none":
-                raise ValueError(
-                    "autoscaling needs 1 <= min_replicas <= replicas <= max_replicas, got "
-                    f"{self.min_replicas}, {self.replicas}, {self.max_replicas}")
-        if self.autoscaling != "none" and (self.min_replicas % self.ep_size
-                                           or self.max_replicas % self.ep_size):
-            raise ValueError(f"min_replicas and max_replicas must be multiples of ep_size "
-                             f"({self.ep_size}): a group only serves whole")
-        if self.autoscaling_horizon_s <= 0:
-            raise ValueError(f"autoscaling_horizon_s must be > 0, got "
-                             f"{self.autoscaling_horizon_s}")
-        if self.upscale_delay_s < 0 or self.downscale_delay_s < 0:
-            raise ValueError("upscale_delay_s and downscale_delay_s must be >= 0")
+        self._check_scaling()
         if not 0 <= self.replica_gpus <= 8:
             raise ValueError(f"replica_gpus must be in [0, 8], got {self.replica_gpus}")
         if not 0 < self.replica_cpus <= 64:
@@ -161,6 +145,25 @@ class ServeConfig:
         if not isinstance(self.calibration_refit, bool):
             raise ValueError(f"calibration_refit must be true or false, got "
                              f"{self.calibration_refit!r}")
+
+    def _check_scaling(self) -> None:
+        if self.autoscaling not in ("none", "board", "requests"):
+            raise ValueError(f"autoscaling must be none, board or requests, got "
+                             f"{self.autoscaling!r}")
+        if not 1 <= self.min_replicas <= self.replicas <= self.max_replicas:
+            if self.autoscaling != "none":
+                raise ValueError(
+                    "autoscaling needs 1 <= min_replicas <= replicas <= max_replicas, got "
+                    f"{self.min_replicas}, {self.replicas}, {self.max_replicas}")
+        if self.autoscaling != "none" and (self.min_replicas % self.ep_size
+                                           or self.max_replicas % self.ep_size):
+            raise ValueError(f"min_replicas and max_replicas must be multiples of ep_size "
+                             f"({self.ep_size}): a group only serves whole")
+        if self.autoscaling_horizon_s <= 0:
+            raise ValueError(f"autoscaling_horizon_s must be > 0, got "
+                             f"{self.autoscaling_horizon_s}")
+        if self.upscale_delay_s < 0 or self.downscale_delay_s < 0:
+            raise ValueError("upscale_delay_s and downscale_delay_s must be >= 0")
 
     @property
     def budget_mode(self) -> BudgetMode:
