@@ -22,8 +22,10 @@ import functools
 import logging
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from dspark.workers.stats import StepStats
+if TYPE_CHECKING:  # NOTE: the ingress imports this module and must not import torch
+    from dspark.workers.stats import StepStats
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 
 @dataclass
 class StepStats:
@@ -201,6 +199,8 @@ class RequestStep:
 
 def request_steps(engine, seqs, proposal, plan, verified, stats: StepStats) -> list[RequestStep]:
     """Every scheduled request's ``RequestStep`` of a finished step."""
+    import torch  # NOTE: here, not at the top: the ingress reads this module's types
+
     drafted = {}
     if proposal is not None:
         conf = proposal.conf_logits
