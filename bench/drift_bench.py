@@ -22,7 +22,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dspark.bench.engine_bench import domain_prompts, run_cell
+from dspark.bench.closed_loop import run_cell
+from dspark.bench.engine_bench import domain_prompts
 from dspark.models.generation import SamplingParams
 
 

@@ -9,24 +9,25 @@ interleaved, the same list for every configuration.
   last token, averaged over requests;
 - *aggregate tokens/s*: all output tokens over the wall time of the cell;
 - ratios are taken against no speculation and against MTP-1 at the same C and temperature,
-  all measured in one run, one configuration after another on the same machine.
+  all measured in one run: within a cell the configurations share the machine step by step,
+  each timed on its own clock (``bench/closed_loop.py``), and the sweep repeats ``rounds``
+  times.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from dspark.bench.closed_loop import ClosedLoop, interleave, run_cell
 from dspark.models.drafter_checkpoint import load_drafter
 from dspark.models.generation import SamplingParams
 from dspark.models.target import TargetModel
 from dspark.workers.engine import Engine, EngineConfig
-from dspark.workers.stats import StepStats
 
 
 @dataclass(frozen=True)
@@ -102,44 +103,6 @@ class Cell:
     num_errors: int = 0
 
 
-def run_cell(
-    engine: Engine,
-    prompts: Sequence[list[int]],
-    stop_ids: Sequence[int],
-    concurrency: int,
-    num_requests: int,
-    params_for: Callable[[int], SamplingParams],
-) -> tuple[list[float], int, float, list[StepStats]]:
-    """Closed loop: keep ``concurrency`` requests in flight until ``num_requests`` finish."""
-    arrival: dict[str, float] = {}
-    tokens: dict[str, int] = {}
-    per_user: list[float] = []
-    stats: list[StepStats] = []
-    issued = 0
-    start = time.perf_counter()
-
-    def issue() -> None:
-        nonlocal issued
-        req_id = engine.add_request(prompts[issued % len(prompts)], params_for(issued), stop_ids)
-        arrival[req_id], tokens[req_id] = time.perf_counter(), 0
-        issued += 1
-
-    for _ in range(min(concurrency, num_requests)):
-        issue()
-    while engine.has_unfinished():
-        result = engine.step()
-        now = time.perf_counter()
-        if result.stats is not None:
-            stats.append(result.stats)
-        for out in result.outputs:
-            tokens[out.req_id] += len(out.new_token_ids)
-            if out.finished:
-                per_user.append(tokens[out.req_id] / max(now - arrival[out.req_id], 1e-9))
-                if issued < num_requests:
-                    issue()
-    return per_user, sum(tokens.values()), time.perf_counter() - start, stats
-
-
 def summarize(system, temperature, concurrency, per_user, num_tokens, wall, stats) -> Cell:
     drafted = sum(s.num_drafts for s in stats)
     step_time = sum(s.step_time for s in stats)
@@ -192,8 +155,6 @@ def run_benchmark(
         run_cell(engine, prompts, stop_ids, 2, 2, lambda i: SamplingParams(max_tokens=8))
         engines[system.label] = engine
     raw: list[Cell] = []
-    # NOTE: systems take turns within each (T, C), and the sweep repeats, so that drift of
-    # the machine's speed during the run hits every system alike
     for rnd in range(cfg.rounds):
         for temp in cfg.temperatures:
             for conc in cfg.concurrencies:
@@ -204,11 +165,15 @@ def run_benchmark(
                 def params_for(i: int, temp=temp) -> SamplingParams:
                     return SamplingParams(temperature=temp, max_tokens=cfg.max_tokens)
 
-                for system in systems:
-                    engine = engines[system.label]
-                    result = run_cell(engine, prompts, stop_ids, conc, num, params_for)
-                    cell = summarize(system.label, temp, conc, *result)
-                    cell.num_errors = engine.num_errors
+                # NOTE: the systems share the machine step by step, each on its own clock
+                # (bench/closed_loop.py): drift of the machine's speed hits them alike
+                order = turn_order(list(systems), rnd)
+                loops = [ClosedLoop(engines[s.label], prompts, stop_ids, conc, num, params_for)
+                         for s in order]
+                interleave(loops)
+                for system, loop in zip(order, loops):
+                    cell = summarize(system.label, temp, conc, *loop.result())
+                    cell.num_errors = engines[system.label].num_errors
                     raw.append(cell)
                     log(
                         f"[{rnd + 1}/{cfg.rounds}] {system.label:12s} T={temp:g} C={conc:2d}"
@@ -227,6 +192,16 @@ def run_benchmark(
     return {"cells": [asdict(c) for c in cells], "cost_tables": tables,
             "ratios": ratios(cells), "config": asdict(cfg),
             "rounds": [asdict(c) for c in raw]}
+
+
+def turn_order(items: Sequence, shift: int) -> list:
+    """``items`` rotated left by ``shift``: round r runs the systems in
+    ``turn_order(systems, r)`` (the HTTP benchmark: ``r + j`` at concurrency index j), so
+    that over rounds each goes first in turn."""
+    if not items:
+        return []
+    k = shift % len(items)
+    return [*items[k:], *items[:k]]
 
 
 def median_cells(raw: Sequence[Cell]) -> list[Cell]:

@@ -78,7 +78,8 @@ def run(rounds: int, max_tokens: int, threads: int) -> dict:
     import ray
     import torch
 
-    from dspark.bench.engine_bench import domain_prompts, run_cell
+    from dspark.bench.closed_loop import run_cell
+    from dspark.bench.engine_bench import domain_prompts
     from dspark.bench.serve_bench import OtlpSink
     from dspark.cluster.metrics import ShardMetrics
     from dspark.cluster.tracing import make_tracer

@@ -13,7 +13,10 @@ Per request: TTFT (first content chunk), time per output token after the first (
 inter-token latency per token; speculative steps commit several tokens per chunk), and
 per-user tokens/s (tokens over the request's whole time). Per cell and round: aggregate
 tokens/s and the percentiles. Per cell: the median over rounds of every number, with the
-spread (min and max over rounds) of the ``SPREAD`` numbers; ratios are of medians.
+spread (min and max over rounds) of the ``SPREAD`` numbers; ratios are of medians. The
+paired ratios take each round's number over the baseline's in the same round (the systems
+of a round ran back to back), then the median and spread of those over rounds: a drift of
+the machine's speed between rounds, which moves every system of a round alike, cancels.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from dspark.bench.engine_bench import baseline_ratios, ratio_columns
+from dspark.bench.engine_bench import baseline_ratios, ratio_columns, turn_order
 from dspark.cluster.config import ServeConfig
 
 
@@ -46,6 +49,11 @@ class ServeBenchConfig:
     every round. A cell reports the median and the spread [min-max] over rounds."""
     skew_rounds: int = 0
     """Rounds of the router comparison, the routers taking turns the same way (0: rounds)."""
+    min_requests: int = 8
+    """Requests finished per cell of the system comparison: max(min_requests, 2 * C)."""
+    baseline: str = ""
+    """System the paired ratios are taken against ('': no-spec when it is served, else the
+    first system)."""
 
     def __post_init__(self) -> None:
         if not self.concurrencies or min(self.concurrencies) < 1:
@@ -57,6 +65,8 @@ class ServeBenchConfig:
                              f"{self.skew_concurrency} and {self.rounds}")
         if self.skew_rounds < 0:
             raise ValueError(f"skew_rounds must be >= 0, got {self.skew_rounds}")
+        if self.min_requests < 1:
+            raise ValueError(f"min_requests must be >= 1, got {self.min_requests}")
 
     @property
     def router_rounds(self) -> int:
@@ -165,15 +175,6 @@ def summarize(results: Sequence[RequestResult], wall: float) -> dict:
 
 
 # ---------------------------------------------------------------------- rounds and medians
-def turn_order(labels: Sequence[str], shift: int) -> list[str]:
-    """``labels`` rotated left by ``shift``: round r at concurrency index j runs the systems
-    in ``turn_order(labels, r + j)``, so that over rounds each goes first in turn."""
-    if not labels:
-        return []
-    k = shift % len(labels)
-    return [*labels[k:], *labels[:k]]
-
-
 def median_cells(raw: Sequence[dict], keys: Sequence[str]) -> list[dict]:
     """One cell per distinct ``keys`` (in order of first appearance): the median over its
     rounds of every number, ``<name>_min`` / ``<name>_max`` for the ``SPREAD`` numbers,
@@ -208,6 +209,34 @@ def ratios(cells: Sequence[dict]) -> list[dict]:
             for q in ("ttft_p50", "ttft_p90"):
                 row[f"{q}_vs_no-spec"] = cell[q] / base[q] if base[q] else float("nan")
     return rows
+
+
+PAIRED = ("aggregate_tps", "per_user_tps", "ttft_p50", "ttft_p90")
+"""Numbers of the paired ratios."""
+
+
+def paired_ratios(raw: Sequence[dict], label: str, baseline: str) -> list[dict]:
+    """Per (``label`` value, concurrency): each round's number over the ``baseline``'s in
+    the same round and at the same concurrency, for the ``PAIRED`` numbers; the median
+    over rounds with its min and max. A round's systems ran back to back, so a drift of
+    the machine's speed between rounds cancels out of the round's ratio."""
+    base = {(c["round"], c["concurrency"]): c for c in raw if c[label] == baseline}
+    groups: dict[tuple, list[dict]] = {}
+    for c in raw:
+        ref = base.get((c["round"], c["concurrency"]))
+        if c[label] == baseline or ref is None:
+            continue
+        groups.setdefault((c[label], c["concurrency"]), []).append(
+            {q: c[q] / ref[q] if ref[q] else float("nan") for q in PAIRED})
+    out = []
+    for (name, conc), rows in groups.items():
+        row = {label: name, "concurrency": conc, "baseline": baseline, "rounds": len(rows)}
+        for q in PAIRED:
+            values = [r[q] for r in rows]
+            row[q], row[f"{q}_min"], row[f"{q}_max"] = (statistics.median(values),
+                                                        min(values), max(values))
+        out.append(row)
+    return out
 
 
 def router_ratios(cells: Sequence[dict], baseline: str = "pow2") -> list[dict]:
@@ -278,7 +307,8 @@ def run_systems(urls: dict[str, str], model: str, prompts: Sequence[str],
         for j, conc in enumerate(cfg.concurrencies):
             for turn, label in enumerate(turn_order(list(urls), rnd + j)):
                 cell = asyncio.run(closed_loop(urls[label], model, prompts, conc,
-                                               max(8, 2 * conc), lambda i: body))
+                                               max(cfg.min_requests, 2 * conc),
+                                               lambda i: body))
                 raw.append({"round": rnd, "turn": turn, "system": label, "concurrency": conc,
                             **cell})
                 log(f"[{rnd + 1}/{cfg.rounds}] {label:15s} C={conc:2d} per-user "
@@ -360,9 +390,14 @@ def run_serve_benchmark(base: ServeConfig, prompts: Sequence[str], cfg: ServeBen
         sink.close()
     cells = median_cells(raw, ("system", "concurrency"))
     router_cells = median_cells(router_raw, ("router", "concurrency"))
+    labels = [s.label for s in systems]
+    baseline = cfg.baseline or ("no-spec" if "no-spec" in labels else labels[0] if labels
+                                else "")
     return {"cells": cells, "ratios": ratios(cells), "rounds": raw,
+            "paired": paired_ratios(raw, "system", baseline),
             "routers": router_cells, "router_ratios": router_ratios(router_cells),
             "router_rounds": router_raw,
+            "router_paired": paired_ratios(router_raw, "router", "pow2"),
             "config": {**asdict(cfg), "serve": asdict(base)}}
 
 
@@ -381,7 +416,28 @@ def _x(row: dict | None, key: str) -> str:
 
 
 def markdown(result: dict) -> str:
-    return "\n".join(system_markdown(result) + router_markdown(result)) + "\n"
+    return "\n".join(system_markdown(result) + paired_markdown(result.get("paired", []))
+                     + router_markdown(result)
+                     + paired_markdown(result.get("router_paired", []), "router")) + "\n"
+
+
+def paired_markdown(rows: Sequence[dict], label: str = "system") -> list[str]:
+    """The paired ratios: median [min–max] over rounds of the round's own ratio."""
+    if not rows:
+        return []
+
+    def r(row: dict, q: str) -> str:
+        return f"{row[q]:.3f} [{row[q + '_min']:.3f}–{row[q + '_max']:.3f}]"
+
+    lines = ["", f"Paired ratios against {rows[0]['baseline']}: in each round, the {label}'s "
+             f"number over the baseline's in the same round and at the same C; the median "
+             f"over rounds with [min–max]:", "",
+             f"| {label} | C | rounds | aggregate tok/s | per-user tok/s | TTFT p50 | "
+             f"TTFT p90 |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {row[label]} | {row['concurrency']} | {row['rounds']} | "
+              f"{r(row, 'aggregate_tps')} | {r(row, 'per_user_tps')} | {r(row, 'ttft_p50')} | "
+              f"{r(row, 'ttft_p90')} |" for row in rows]
+    return lines + [""]
 
 
 def system_markdown(result: dict) -> list[str]:

@@ -14,7 +14,7 @@ when nobody drafts. So rows are deferred:
   may reuse them: the parked rows of a block are written when a request that reuses the
   block is scheduled (``shared``), and dropped from that block on when the block is taken
   for other contents (``reused``: no later request can reach it or the blocks after it
-  through the prefix cache). At most ``max_parked`` rows stay parked; the oldest are
+  through the prefix cache; the rows of its later blocks stay parked). At most ``max_parked`` rows stay parked; the oldest are
   written beyond that.
 
 The invariant: a block that a request reads through the prefix cache has its drafter K/V
@@ -102,10 +102,7 @@ class DeferredRows:
         entry = self.pending.pop(req_id, None)
         if entry is not None:
             self._attach(entry, parked=True)
-        spill = []
-        while self.parked_rows > self.max_parked:
-            spill.append(self._detach(next(iter(self.parked))))
-        return spill
+        return self._spill()
 
     def shared(self, req_id: str, block_ids: Sequence[int]) -> list[PendingRows]:
         """``req_id`` reads ``block_ids`` (its computed prefix): the other requests' entries
@@ -116,10 +113,10 @@ class DeferredRows:
 
     def reused(self, block_id: int) -> list[PendingRows]:
         """The block manager takes ``block_id`` for other contents: its rows are dropped.
-        Returns the rows of the entry's later blocks, to write now: those blocks may stay
-        in the prefix cache and be reached again once another request recomputes this one.
-        The block manager takes a freed request's last block first, so there are rarely
-        any."""
+        The rows of the entry's later blocks stay parked as an entry of their own: those
+        blocks may stay in the prefix cache and be reached again once another request
+        recomputes this one, and are written then (``shared``). Returns the oldest parked
+        entries beyond ``max_parked``, to write now."""
         entry = self.owners.get(block_id)
         if entry is None:
             return []
@@ -135,7 +132,15 @@ class DeferredRows:
         if keep:
             entry.cut(keep)
             self._attach(entry, parked=True)
-        return [tail] if tail is not None else []
+        if tail is not None:
+            self._attach(tail, parked=True)
+        return self._spill()
+
+    def _spill(self) -> list[PendingRows]:
+        spill = []
+        while self.parked_rows > self.max_parked:
+            spill.append(self._detach(next(iter(self.parked))))
+        return spill
 
     def _detach(self, entry: PendingRows) -> PendingRows:
         """Forget ``entry`` (pending or parked), which is written or empty."""

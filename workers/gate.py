@@ -142,8 +142,9 @@ class CostGate(DraftGate):
         drafter runs for probes alone once it has been idle ``gap`` steps, and ``gap``
         doubles (up to ``max_backoff * probe_every``) until a probe finds a request worth
         drafting; a stale request that never drafted is probed after ``probe_every`` idle
-        steps of the drafter whatever the gap. With no request worth drafting, nearly every
-        step is a plain step."""
+        steps of the drafter whatever the gap. Only stale requests that would be drafted
+        if they accepted every draft are probed (``_worth_probing``). With no request
+        worth drafting, nearly every step is a plain step."""
         if not candidates:
             return []
         # NOTE: a request with no record yet takes the engine-wide one; before any drafting
@@ -158,6 +159,8 @@ class CostGate(DraftGate):
                         if i not in chosen and c.record.idle + 1 >= self.probe_every),
                        key=lambda i: (candidates[i].record.gain is not None,
                                       -candidates[i].record.idle))
+        stale = self._worth_probing(stale, candidates, num_decoding, other_tokens,
+                                    other_requests)
         unseen = bool(stale) and candidates[stale[0]].record.gain is None
         self.probes = set()
         if chosen:
@@ -172,6 +175,19 @@ class CostGate(DraftGate):
         self.prediction = (bool(chosen), self.cost.step_seconds(
             num_decoding + other_tokens + round(extra), len(chosen)))
         return [i in chosen for i in range(len(candidates))]
+
+    def _worth_probing(self, stale: list[int], candidates, num_decoding, other_tokens,
+                       other_requests) -> list[int]:
+        """The stale candidates a probe could change the decision for: those that would be
+        drafted if every draft they verify were accepted. Where even that does not pay (a
+        step bound by computing every verified token, at high load), a probe would learn
+        nothing that matters and costs a drafter call."""
+        if not stale:
+            return stale
+        best = [GateCandidate(DraftRecord(self._ell(c), self._ell(c), c.record.idle), c.cap)
+                if i in stale else c for i, c in enumerate(candidates)]
+        paying = set(self._by_cost(best, num_decoding, other_tokens, other_requests))
+        return [i for i in stale if i in paying]
 
     def _by_cost(self, candidates, num_decoding, other_tokens, other_requests) -> list[int]:
         """The prefix of the candidates sorted by gain that maximises expected committed

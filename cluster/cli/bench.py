@@ -86,6 +86,10 @@ def _add_serve(which: Subparsers) -> None:
              "spread [min-max] over rounds.", type=int)
     add_flag(srv, "--skew-rounds", 0, "Rounds of the router comparison, the routers taking "
              "turns the same way (0: rounds).", type=int)
+    add_flag(srv, "--min-requests", 8, "Requests finished per cell of the system comparison: "
+             "max(min_requests, 2 * C).", type=int)
+    add_flag(srv, "--baseline", "", "System the paired ratios are taken against ('': no-spec "
+             "when it is served, else the first system).")
     add_flag(srv, "--prompts-per-domain", 16, "prompts of each domain (math, code, chat)",
              type=int)
     add_flag(srv, "--port", 8000, "Port of the HTTP API.", type=int)
@@ -243,12 +247,15 @@ def run_serve(args: argparse.Namespace) -> int:
     cfg = ServeBenchConfig(
         concurrencies=int_list(args.concurrency, "--concurrency"), max_tokens=args.max_tokens,
         skew_concurrency=args.skew_concurrency, rounds=args.rounds, skew_rounds=args.skew_rounds,
+        min_requests=args.min_requests, baseline=args.baseline,
     )
     known = {s.label: s for s in SYSTEMS}
     wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
     routers = [r.strip() for r in args.routers.split(",") if r.strip()]
     if any(s not in known for s in wanted) or len(set(wanted)) < len(wanted):
         raise ValueError(f"--systems: distinct names from {list(known)}, got {args.systems!r}")
+    if args.baseline and args.baseline not in wanted:
+        raise ValueError(f"--baseline: one of the systems run {wanted}, got {args.baseline!r}")
     if any(r not in ROUTERS for r in routers) or len(set(routers)) < len(routers):
         raise ValueError(f"--routers: distinct names from {list(ROUTERS)}, got {args.routers!r}")
     base = ServeConfig(port=args.port, threads=args.threads)

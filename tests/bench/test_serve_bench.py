@@ -13,6 +13,7 @@ from dspark.bench.serve_bench import (
     closed_loop,
     markdown,
     median_cells,
+    paired_ratios,
     ratios,
     router_ratios,
     turn_order,
@@ -126,3 +127,20 @@ def test_config_names_the_bad_field():
                        ({"rounds": 0}, "rounds"), ({"skew_rounds": -1}, "skew_rounds")):
         with pytest.raises(ValueError, match=field):
             ServeBenchConfig(**bad)
+
+
+def test_paired_ratios_cancel_a_drift_between_rounds():
+    # the machine is twice as fast in round 1; B is 4 % slower than A in every round
+    raw = [measured(r, "system", s, 4, agg * (2 if r else 1), ttft)
+           for r in (0, 1, 2) for s, agg, ttft in (("A", 100.0, 0.10), ("B", 96.0, 0.11))]
+    rows = paired_ratios(raw, "system", "A")
+    assert len(rows) == 1 and rows[0]["system"] == "B" and rows[0]["rounds"] == 3
+    assert rows[0]["aggregate_tps"] == pytest.approx(0.96)
+    assert rows[0]["aggregate_tps_min"] == pytest.approx(0.96)
+    assert rows[0]["aggregate_tps_max"] == pytest.approx(0.96)
+    assert rows[0]["ttft_p90"] == pytest.approx(1.1)
+    # the medians of the cells spread with the drift; the paired ratio does not
+    cells = median_cells(raw, ("system", "concurrency"))
+    assert cells[0]["aggregate_tps_max"] == 2 * cells[0]["aggregate_tps_min"]
+    text = markdown({"cells": cells, "ratios": ratios(cells), "routers": [], "paired": rows})
+    assert "| B | 4 | 3 | 0.960 [0.960–0.960] |" in text

@@ -44,18 +44,29 @@ def test_parked_rows_are_written_for_a_request_that_shares_their_blocks_only():
     assert deferred.parked_rows == 0 and not deferred.parked and not deferred.owners
 
 
-def test_a_reused_block_drops_its_rows_and_writes_the_later_blocks():
+def test_a_reused_block_drops_its_rows_and_parks_the_later_blocks_apart():
     tables = {"a": [10, 11, 12, 13]}
     deferred = make(tables)
     deferred.add("a", 2, rows(range(2, 15)))  # blocks 10 (2, 3), 11, 12, 13 (12..14)
     deferred.park("a")
-    tail = deferred.reused(11)
-    assert written(tail) == [("a", p) for p in range(8, 15)]
-    assert tail[0].start == 8
-    # positions 2, 3 stay parked in block 10; 11, 12, 13 own nothing any more
-    assert set(deferred.owners) == {10} and deferred.parked_rows == 2
-    assert deferred.reused(12) == []
-    assert written(deferred.shared("b", [10])) == [("a", 2), ("a", 3)]
+    assert deferred.reused(11) == []  # nothing is written
+    # positions 2, 3 stay parked in block 10, 8..14 in blocks 12 and 13; 11 owns nothing
+    assert set(deferred.owners) == {10, 12, 13} and deferred.parked_rows == 9
+    # a request that recomputed block 11 reaches block 12 again: 8..14 are written then
+    tail = deferred.shared("b", [10, 20, 12])
+    assert written(tail) == [("a", p) for p in [2, 3, *range(8, 15)]]
+    assert sorted(e.start for e in tail) == [2, 8]
+    assert deferred.reused(13) == [] and deferred.parked_rows == 0
+
+
+def test_rows_parked_apart_spill_beyond_the_limit():
+    tables = {"a": [10, 11, 12]}
+    deferred = make(tables, max_parked=8)
+    deferred.add("a", 0, rows(range(9)))  # 0..3 in block 10, 4..7 in 11, 8 in 12
+    assert written(deferred.park("a")) == [("a", p) for p in range(9)]  # 9 > 8: spilled
+    deferred.add("a", 0, rows(range(8)))
+    deferred.park("a")
+    assert deferred.reused(10) == [] and deferred.parked_rows == 4
 
 
 def test_the_oldest_parked_rows_spill_beyond_the_limit():

@@ -46,7 +46,9 @@ def test_stale_requests_ride_along_when_the_drafter_runs_anyway():
 
 
 def test_with_nobody_worth_drafting_probe_steps_back_off():
-    g = gate(50.0, probe_every=4)
+    # drafting costs 12 ms: a request accepting 0.2 drafts never pays; two accepting all
+    # four of their drafts would, so probing them can change the decision
+    g = gate(12.0, probe_every=4)
     stale = [cand(0.2, idle=3), cand(0.2, idle=1), cand(0.2, idle=7), cand(0.2, idle=3)]
     assert g.choose(stale, 4, 0) == [False] * 4  # the drafter just ran (the helper's step)
     drafted_at = []
@@ -62,8 +64,18 @@ def test_with_nobody_worth_drafting_probe_steps_back_off():
     assert gaps[:4] == [4, 8, 16, 32]  # the idle gap doubles, up to 8 * probe_every
 
 
+def test_no_probe_where_even_full_acceptance_would_not_pay():
+    # drafting costs 50 ms against a 10 ms step: a request accepting every draft it
+    # verifies still loses, so nothing a probe could learn would make anyone draft
+    g = gate(50.0, probe_every=4)
+    never = GateCandidate(DraftRecord(idle=30), cap=7)
+    for _ in range(60):
+        assert g.choose([cand(3.0, idle=30), never, cand(0.2, idle=30)], 3, 0) == [False] * 3
+        g.observe([], [], [], [])
+
+
 def test_a_request_worth_drafting_resets_the_probe_gap():
-    g = gate(50.0, probe_every=2)
+    g = gate(12.0, probe_every=2)
     idle_steps(g, 5)
     assert g.choose([cand(0.1, idle=2)], 1, 0) == [True]  # a probe step
     assert g.gap == 4
@@ -155,7 +167,7 @@ def test_a_request_that_never_drafted_is_probed_whatever_the_back_off():
     # the drafter has backed off to 32 idle steps; a request with no record of its own that
     # has been stale is probed once the drafter was idle probe_every steps, ahead of the
     # stalest request with a record
-    g = gate(50.0, probe_every=4)
+    g = gate(12.0, probe_every=4)
     g.gap = 32
     new = GateCandidate(DraftRecord(idle=3), cap=7)
     idle_steps(g, 2)

@@ -1,0 +1,93 @@
+"""Closed-loop load on an in-process engine, one step at a time on the engine's own clock.
+
+A ``ClosedLoop`` keeps ``concurrency`` requests in flight on one engine until
+``num_requests`` have finished. Its clock runs only while its own code runs (its
+``engine.step()`` and the admission of the next requests), so several loops can share the
+machine step by step (``interleave``): each engine's time is its own, and a change in the
+machine's speed during the run (on this 2-core machine the speed of a fixed matmul moves by
+±12 % between half-second windows) falls on every engine alike instead of on whichever
+engine happened to run at that moment. Arrival and finish times of requests are read on
+the same clock, so per-user speed is each engine's own too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from dspark.models.generation import SamplingParams
+from dspark.workers.engine import Engine
+from dspark.workers.stats import StepStats
+
+
+class ClosedLoop:
+    """One engine's closed loop, advanced by ``tick()`` (one engine step)."""
+
+    def __init__(self, engine: Engine, prompts: Sequence[list[int]], stop_ids: Sequence[int],
+                 concurrency: int, num_requests: int,
+                 params_for: Callable[[int], SamplingParams]) -> None:
+        self.engine, self.prompts, self.stop_ids = engine, prompts, stop_ids
+        self.num_requests, self.params_for = num_requests, params_for
+        self.clock = 0.0
+        """Seconds this loop's own code has run."""
+        self.arrival: dict[str, float] = {}
+        self.tokens: dict[str, int] = {}
+        self.per_user: list[float] = []
+        self.stats: list[StepStats] = []
+        self.issued = 0
+        start = time.perf_counter()
+        for _ in range(min(concurrency, num_requests)):
+            self._issue(self.clock + time.perf_counter() - start)
+        self.clock += time.perf_counter() - start
+
+    def _issue(self, now: float) -> None:
+        i = self.issued
+        req_id = self.engine.add_request(self.prompts[i % len(self.prompts)],
+                                         self.params_for(i), self.stop_ids)
+        self.arrival[req_id], self.tokens[req_id] = now, 0
+        self.issued += 1
+
+    @property
+    def done(self) -> bool:
+        return not self.engine.has_unfinished()
+
+    def tick(self) -> None:
+        """One engine step; finished requests are replaced by new ones."""
+        start = time.perf_counter()
+        result = self.engine.step()
+        now = self.clock + time.perf_counter() - start
+        if result.stats is not None:
+            self.stats.append(result.stats)
+        for out in result.outputs:
+            self.tokens[out.req_id] += len(out.new_token_ids)
+            if out.finished:
+                self.per_user.append(self.tokens[out.req_id]
+                                     / max(now - self.arrival[out.req_id], 1e-9))
+                if self.issued < self.num_requests:
+                    self._issue(self.clock + time.perf_counter() - start)
+        self.clock += time.perf_counter() - start
+
+    def result(self) -> tuple[list[float], int, float, list[StepStats]]:
+        """(per-user tokens/s, output tokens, seconds on the loop's clock, step stats)."""
+        return self.per_user, sum(self.tokens.values()), self.clock, self.stats
+
+
+def interleave(loops: Sequence[ClosedLoop]) -> None:
+    """Run the loops to completion, one step of each in turn."""
+    while True:
+        live = [loop for loop in loops if not loop.done]
+        if not live:
+            return
+        for loop in live:
+            loop.tick()
+
+
+def run_cell(engine: Engine, prompts: Sequence[list[int]], stop_ids: Sequence[int],
+             concurrency: int, num_requests: int,
+             params_for: Callable[[int], SamplingParams],
+             ) -> tuple[list[float], int, float, list[StepStats]]:
+    """One engine's closed loop, alone: keep ``concurrency`` requests in flight until
+    ``num_requests`` finish."""
+    loop = ClosedLoop(engine, prompts, stop_ids, concurrency, num_requests, params_for)
+    interleave([loop])
+    return loop.result()
