@@ -27,11 +27,11 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import httpx
 
-from dspark.bench.engine_bench import baseline_ratios, ratio_columns, turn_order
+from dspark.bench.engine_bench import baseline_ratios, turn_order
+from dspark.bench.proc_cpu import app_pids, cpu_seconds
 from dspark.cluster.config import ServeConfig
 
 
@@ -54,6 +54,12 @@ class ServeBenchConfig:
     baseline: str = ""
     """System the paired ratios are taken against ('': no-spec when it is served, else the
     first system)."""
+    together: bool = False
+    """The systems run at the same time, each under its own concurrency-C clients, instead
+    of taking turns."""
+    # NOTE (together): the machine's changes of speed then hit every system at the same
+    # moments; they share the cores, so absolute numbers are lower, and ratios compare like
+    # with like
 
     def __post_init__(self) -> None:
         if not self.concurrencies or min(self.concurrencies) < 1:
@@ -93,6 +99,11 @@ SYSTEMS = (
     # of observability, side by side (docs/observability.md)
     ServeSystem("dspark-dark", "dspark", "cluster", metrics=False),
     ServeSystem("dspark-traced", "dspark", "cluster", traced=True),
+    # NOTE: the same pair with a fixed γ=7 (every request drafts 7 every step, no gate):
+    # nothing adapts to timing, so a round's two cells differ by what observing costs
+    ServeSystem("dspark-g7-dark", "dspark", "fixed", metrics=False),
+    ServeSystem("dspark-g7", "dspark", "fixed"),
+    ServeSystem("dspark-g7-traced", "dspark", "fixed", traced=True),
 )
 ROUTERS = ("board", "pow2")
 
@@ -134,16 +145,25 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> Request
 
 
 async def closed_loop(url: str, model: str, prompts: Sequence[str], concurrency: int,
-                      num_requests: int, make_body: Callable[[int], dict]) -> dict:
+                      num_requests: int, make_body: Callable[[int], dict],
+                      stop: asyncio.Event | None = None) -> dict:
+    """``concurrency`` clients stream requests back to back until ``num_requests`` have
+    finished, or until ``stop`` is set (by another loop sharing it: then the requests in
+    flight finish and no more start)."""
     results: list[RequestResult] = []
-    counter = iter(range(num_requests))
+    issued = iter(range(num_requests))
+    stop = stop or asyncio.Event()
 
     async def worker(client):
-        for i in counter:
+        for i in issued:
+            if stop.is_set():
+                return
             body = {"model": model, "stream": True, "stream_options": {"include_usage": True},
                     "messages": [{"role": "user", "content": prompts[i % len(prompts)]}],
                     **make_body(i)}
             results.append(await stream_one(client, url, body))
+            if len(results) >= num_requests:
+                stop.set()
 
     start = time.perf_counter()
     async with httpx.AsyncClient(timeout=600) as client:
@@ -211,8 +231,9 @@ def ratios(cells: Sequence[dict]) -> list[dict]:
     return rows
 
 
-PAIRED = ("aggregate_tps", "per_user_tps", "ttft_p50", "ttft_p90")
-"""Numbers of the paired ratios."""
+PAIRED = ("aggregate_tps", "per_user_tps", "ttft_p50", "ttft_p90", "cpu_ms_per_token")
+"""Numbers of the paired ratios (``cpu_ms_per_token``: the app's processes' CPU time per
+output token, ``bench/proc_cpu.py``; where measured)."""
 
 
 def paired_ratios(raw: Sequence[dict], label: str, baseline: str) -> list[dict]:
@@ -227,14 +248,16 @@ def paired_ratios(raw: Sequence[dict], label: str, baseline: str) -> list[dict]:
         if c[label] == baseline or ref is None:
             continue
         groups.setdefault((c[label], c["concurrency"]), []).append(
-            {q: c[q] / ref[q] if ref[q] else float("nan") for q in PAIRED})
+            {q: c[q] / ref[q] if ref[q] else float("nan") for q in PAIRED
+             if q in c and q in ref})
     out = []
     for (name, conc), rows in groups.items():
         row = {label: name, "concurrency": conc, "baseline": baseline, "rounds": len(rows)}
         for q in PAIRED:
-            values = [r[q] for r in rows]
-            row[q], row[f"{q}_min"], row[f"{q}_max"] = (statistics.median(values),
-                                                        min(values), max(values))
+            values = [r[q] for r in rows if q in r]
+            if values:
+                row[q], row[f"{q}_min"], row[f"{q}_max"] = (statistics.median(values),
+                                                            min(values), max(values))
         out.append(row)
     return out
 
@@ -305,10 +328,20 @@ def run_systems(urls: dict[str, str], model: str, prompts: Sequence[str],
     body = {"max_tokens": cfg.max_tokens, "temperature": 0}
     for rnd in range(cfg.rounds):
         for j, conc in enumerate(cfg.concurrencies):
-            for turn, label in enumerate(turn_order(list(urls), rnd + j)):
-                cell = asyncio.run(closed_loop(urls[label], model, prompts, conc,
-                                               max(cfg.min_requests, 2 * conc),
-                                               lambda i: body))
+            order = turn_order(list(urls), rnd + j)
+            num = max(cfg.min_requests, 2 * conc)
+            pids = {label: app_pids(label) for label in order}
+            cpu = {label: cpu_seconds(p) for label, p in pids.items()}
+            if cfg.together:
+                cells = asyncio.run(together([urls[label] for label in order], model,
+                                             prompts, conc, num, body))
+            else:
+                cells = [asyncio.run(closed_loop(urls[label], model, prompts, conc, num,
+                                                 lambda i: body)) for label in order]
+            for turn, (label, cell) in enumerate(zip(order, cells)):
+                if pids[label]:  # NOTE: Linux only (/proc)
+                    cell["cpu_ms_per_token"] = (1000 * (cpu_seconds(pids[label]) - cpu[label])
+                                                / max(cell["output_tokens"], 1))
                 raw.append({"round": rnd, "turn": turn, "system": label, "concurrency": conc,
                             **cell})
                 log(f"[{rnd + 1}/{cfg.rounds}] {label:15s} C={conc:2d} per-user "
@@ -316,6 +349,16 @@ def run_systems(urls: dict[str, str], model: str, prompts: Sequence[str],
                     f"  TTFT p50 {1000 * cell['ttft_p50']:5.0f} p90 {1000 * cell['ttft_p90']:5.0f}"
                     f" ms  TPOT p50 {1000 * cell['tpot_p50']:5.1f} ms")
     return raw
+
+
+async def together(urls: Sequence[str], model: str, prompts: Sequence[str], concurrency: int,
+                   num_requests: int, body: dict) -> list[dict]:
+    """Closed loops on every app at once, each with ``concurrency`` clients; all stop
+    starting requests when the first has finished ``num_requests``."""
+    stop = asyncio.Event()
+    return list(await asyncio.gather(*(closed_loop(url, model, prompts, concurrency,
+                                                   num_requests, lambda i: body, stop)
+                                       for url in urls)))
 
 
 def run_routers(urls: dict[str, str], model: str, prompts: Sequence[str],
@@ -399,99 +442,3 @@ def run_serve_benchmark(base: ServeConfig, prompts: Sequence[str], cfg: ServeBen
             "router_rounds": router_raw,
             "router_paired": paired_ratios(router_raw, "router", "pow2"),
             "config": {**asdict(cfg), "serve": asdict(base)}}
-
-
-# ---------------------------------------------------------------------- report
-def spread(cell: dict, name: str, scale: float = 1.0, digits: int = 1) -> str:
-    """``median [min–max]`` (just the median for a cell without a spread)."""
-    text = f"{scale * cell[name]:.{digits}f}"
-    if f"{name}_min" in cell and cell.get("rounds", 1) > 1:
-        text += (f" [{scale * cell[f'{name}_min']:.{digits}f}–"
-                 f"{scale * cell[f'{name}_max']:.{digits}f}]")
-    return text
-
-
-def _x(row: dict | None, key: str) -> str:
-    return f"{row[key]:.2f}" if row and key in row else "–"
-
-
-def markdown(result: dict) -> str:
-    return "\n".join(system_markdown(result) + paired_markdown(result.get("paired", []))
-                     + router_markdown(result)
-                     + paired_markdown(result.get("router_paired", []), "router")) + "\n"
-
-
-def paired_markdown(rows: Sequence[dict], label: str = "system") -> list[str]:
-    """The paired ratios: median [min–max] over rounds of the round's own ratio."""
-    if not rows:
-        return []
-
-    def r(row: dict, q: str) -> str:
-        return f"{row[q]:.3f} [{row[q + '_min']:.3f}–{row[q + '_max']:.3f}]"
-
-    lines = ["", f"Paired ratios against {rows[0]['baseline']}: in each round, the {label}'s "
-             f"number over the baseline's in the same round and at the same C; the median "
-             f"over rounds with [min–max]:", "",
-             f"| {label} | C | rounds | aggregate tok/s | per-user tok/s | TTFT p50 | "
-             f"TTFT p90 |", "|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {row[label]} | {row['concurrency']} | {row['rounds']} | "
-              f"{r(row, 'aggregate_tps')} | {r(row, 'per_user_tps')} | {r(row, 'ttft_p50')} | "
-              f"{r(row, 'ttft_p90')} |" for row in rows]
-    return lines + [""]
-
-
-def system_markdown(result: dict) -> list[str]:
-    if not result["cells"]:
-        return []
-    ratio = {(r["system"], r["concurrency"]): r for r in result["ratios"]}
-    lines = ["Each number is the median over rounds, with [min–max] over rounds; ratios are "
-             "of medians.", "",
-             "| system | C | per-user tok/s | aggregate tok/s | × no-spec (user / agg) | "
-             "× MTP-1 (user / agg) | TTFT p50 ms | TTFT p90 ms | TTFT × no-spec (p50 / p90) "
-             "| TPOT p50 ms |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for c in result["cells"]:
-        r = ratio[(c["system"], c["concurrency"])]
-        lines.append(
-            f"| {c['system']} | {c['concurrency']} | {spread(c, 'per_user_tps')} | "
-            f"{spread(c, 'aggregate_tps')} | {ratio_columns(r)} | "
-            f"{spread(c, 'ttft_p50', 1000, 0)} | {spread(c, 'ttft_p90', 1000, 0)} | "
-            f"{_x(r, 'ttft_p50_vs_no-spec')} / {_x(r, 'ttft_p90_vs_no-spec')} | "
-            f"{spread(c, 'tpot_p50', 1000)} |")
-    return lines + [""]
-
-
-def router_markdown(result: dict) -> list[str]:
-    if not result["routers"]:
-        return []
-    ratio = {(r["router"], r["concurrency"]): r for r in result.get("router_ratios", [])}
-    lines = ["Skewed workload (one request in four is 4× long), two replicas; medians over "
-             "rounds with [min–max]:", "",
-             "| router | C | per-user tok/s | aggregate tok/s | TTFT p50 ms | TTFT p90 ms | "
-             "TTFT p99 ms | × pow2 (agg / TTFT p50 / TTFT p90) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for c in result["routers"]:
-        r = ratio.get((c["router"], c["concurrency"]))
-        lines.append(
-            f"| {c['router']} | {c['concurrency']} | {spread(c, 'per_user_tps')} | "
-            f"{spread(c, 'aggregate_tps')} | {spread(c, 'ttft_p50', 1000, 0)} | "
-            f"{spread(c, 'ttft_p90', 1000, 0)} | {1000 * c['ttft_p99']:.0f} | "
-            f"{_x(r, 'aggregate_tps_vs_pow2')} / {_x(r, 'ttft_p50_vs_pow2')} / "
-            f"{_x(r, 'ttft_p90_vs_pow2')} |")
-    rounds = result.get("router_rounds", [])
-    if rounds:
-        lines += ["", "Each round (routers in turn, the order rotated every round):", "",
-                  "| round | router | aggregate tok/s | TTFT p50 / p90 / p99 ms |",
-                  "|---:|---|---:|---:|"]
-        lines += [f"| {c['round'] + 1} | {c['router']} | {c['aggregate_tps']:.1f} | "
-                  f"{1000 * c['ttft_p50']:.0f} / {1000 * c['ttft_p90']:.0f} / "
-                  f"{1000 * c['ttft_p99']:.0f} |" for c in rounds]
-    return lines
-
-
-def write_results(result: dict, out_dir: str | Path, command: str) -> list[Path]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "serve.json").write_text(json.dumps(dict(result, command=command), indent=1))
-    (out_dir / "serve.md").write_text(f"Command: `{command}`\n\n" + markdown(result))
-    return [out_dir / "serve.json", out_dir / "serve.md"]

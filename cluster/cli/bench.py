@@ -12,6 +12,7 @@ from dspark.cluster.cli.common import (
     Mirror,
     Subparsers,
     add_flag,
+    add_switch,
     recorded_command,
 )
 
@@ -88,6 +89,8 @@ def _add_serve(which: Subparsers) -> None:
              "turns the same way (0: rounds).", type=int)
     add_flag(srv, "--min-requests", 8, "Requests finished per cell of the system comparison: "
              "max(min_requests, 2 * C).", type=int)
+    add_switch(srv, "--together", "The systems run at the same time, each under its own "
+               "concurrency-C clients, instead of taking turns.")
     add_flag(srv, "--baseline", "", "System the paired ratios are taken against ('': no-spec "
              "when it is served, else the first system).")
     add_flag(srv, "--prompts-per-domain", 16, "prompts of each domain (math, code, chat)",
@@ -231,13 +234,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from dspark.bench.acceptance import fitting_texts
-    from dspark.bench.serve_bench import (
-        ROUTERS,
-        SYSTEMS,
-        ServeBenchConfig,
-        run_serve_benchmark,
-        write_results,
-    )
+    from dspark.bench.serve_bench import ROUTERS, SYSTEMS, ServeBenchConfig, run_serve_benchmark
+    from dspark.bench.serve_report import write_results
     from dspark.cluster.config import ServeConfig
     from dspark.cluster.serve import stop
     from dspark.models.tokenizer import Tokenizer
@@ -247,7 +245,7 @@ def run_serve(args: argparse.Namespace) -> int:
     cfg = ServeBenchConfig(
         concurrencies=int_list(args.concurrency, "--concurrency"), max_tokens=args.max_tokens,
         skew_concurrency=args.skew_concurrency, rounds=args.rounds, skew_rounds=args.skew_rounds,
-        min_requests=args.min_requests, baseline=args.baseline,
+        min_requests=args.min_requests, baseline=args.baseline, together=args.together,
     )
     known = {s.label: s for s in SYSTEMS}
     wanted = [s.strip() for s in args.systems.split(",") if s.strip()]

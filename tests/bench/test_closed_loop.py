@@ -30,7 +30,7 @@ def test_interleaved_loops_decode_alone_and_time_only_themselves(demo_target_dir
     start = time.perf_counter()
     interleave(loops)
     wall = time.perf_counter() - start
-    for loop, (per_user, tokens, clock, stats) in zip(loops, alone):
+    for loop, (per_user, tokens, _, stats) in zip(loops, alone):
         assert loop.done and len(loop.per_user) == len(per_user) == 5
         assert sum(loop.tokens.values()) == tokens  # greedy: the same tokens as alone
         assert len(loop.stats) > 0 and len(stats) > 0

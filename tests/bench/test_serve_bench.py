@@ -11,13 +11,13 @@ import pytest
 from dspark.bench.serve_bench import (
     ServeBenchConfig,
     closed_loop,
-    markdown,
     median_cells,
     paired_ratios,
     ratios,
     router_ratios,
     turn_order,
 )
+from dspark.bench.serve_report import markdown
 
 
 def test_closed_loop_counts_tokens_and_latencies(served_app):
@@ -144,3 +144,23 @@ def test_paired_ratios_cancel_a_drift_between_rounds():
     assert cells[0]["aggregate_tps_max"] == 2 * cells[0]["aggregate_tps_min"]
     text = markdown({"cells": cells, "ratios": ratios(cells), "routers": [], "paired": rows})
     assert "| B | 4 | 3 | 0.960 [0.960–0.960] |" in text
+
+
+def test_an_apps_cpu_time_is_read_from_its_processes(tmp_path):
+    from dspark.bench.proc_cpu import app_pids, cpu_seconds
+
+    def process(pid: int, title: str, utime: int, stime: int) -> None:
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cmdline").write_bytes(title.encode() + b"\0")
+        rest = " ".join(["S", *["0"] * 10, str(utime), str(stime), *["0"] * 5])
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} (ray::Serve Replica) {rest}\n")
+
+    process(11, "ray::ServeReplica:a:TargetShard", 100, 50)
+    process(12, "ray::ServeReplica:a:OpenAIIngress", 10, 5)
+    process(13, "ray::ServeReplica:ab:TargetShard", 1000, 0)
+    process(14, "ray::ProxyActor", 1000, 0)
+    (tmp_path / "self").mkdir()
+    assert sorted(app_pids("a", tmp_path)) == [11, 12]
+    import os
+
+    assert cpu_seconds([11, 12, 99], tmp_path) == 165 / os.sysconf("SC_CLK_TCK")
