@@ -175,12 +175,7 @@ def run_benchmark(
                     cell = summarize(system.label, temp, conc, *loop.result())
                     cell.num_errors = engines[system.label].num_errors
                     raw.append(cell)
-                    log(
-                        f"[{rnd + 1}/{cfg.rounds}] {system.label:12s} T={temp:g} C={conc:2d}"
-                        f"  per-user {cell.per_user_tps:7.1f}  aggregate "
-                        f"{cell.aggregate_tps:7.1f} tok/s  tau {cell.mean_tau:.2f}"
-                        f"  budget {cell.mean_budget_per_request:.2f}"
-                    )
+                    log(f"[{rnd + 1}/{cfg.rounds}] {cell_line(cell)}")
     cells = median_cells(raw)
     for label, engine in engines.items():
         tables[label]["online"] = asdict(engine.cost_table)
@@ -192,6 +187,12 @@ def run_benchmark(
     return {"cells": [asdict(c) for c in cells], "cost_tables": tables,
             "ratios": ratios(cells), "config": asdict(cfg),
             "rounds": [asdict(c) for c in raw]}
+
+
+def cell_line(cell: Cell) -> str:
+    return (f"{cell.system:12s} T={cell.temperature:g} C={cell.concurrency:2d}  per-user "
+            f"{cell.per_user_tps:7.1f}  aggregate {cell.aggregate_tps:7.1f} tok/s  tau "
+            f"{cell.mean_tau:.2f}  budget {cell.mean_budget_per_request:.2f}")
 
 
 def turn_order(items: Sequence, shift: int) -> list:
