@@ -214,7 +214,8 @@ class DraftWorker:
 
     def _keep_pending(self, waiting: list[tuple[StepSeq, int, int]], features: torch.Tensor
                       ) -> None:
-        idx = torch.cat([torch.arange(a, a + n) for _, a, n in waiting]).to(features.device)
+        idx = torch.tensor([i for _, a, n in waiting for i in range(a, a + n)],
+                           device=features.device)
         kept = features.index_select(0, idx)  # one copy; the verify output is not held
         full, at = [], 0
         for s, _, num in waiting:
