@@ -134,10 +134,6 @@ class CostGate(DraftGate):
         (EWMA each): the cost tables come from decode-like profiles and miss what a step
         also carries (a long prefill chunk's attention, the rows the budget admits)."""
         self.prediction: tuple[bool, float] | None = None
-        self.outcomes: dict[int, StepOutcomes] = {}
-        """Realized committed tokens per second of decode-only steps, by load bucket."""
-        self._step: tuple[int, bool] | None = None
-        """This step's load bucket, and whether requests were drafted for cost."""
 
     def choose(self, candidates, num_decoding, other_tokens, other_requests=0):
         """Drafters chosen by cost, plus probes: a request undrafted for ``probe_every``
@@ -157,12 +153,6 @@ class CostGate(DraftGate):
             self.probes = set(range(len(candidates)))
             return [True] * len(candidates)
         chosen = set(self._by_cost(candidates, num_decoding, other_tokens, other_requests))
-        # NOTE: decode-only steps are compared by what they realized (StepOutcomes)
-        bucket = num_decoding.bit_length() if other_requests == 0 else 0
-        outcome = self.outcomes.setdefault(bucket, StepOutcomes()) if bucket else None
-        if chosen and outcome is not None and not outcome.allow():
-            chosen = set()
-        self._step = (bucket, bool(chosen))
         # NOTE: stale requests that never drafted first: a request without a record of its
         # own has only the engine-wide one, which stops moving while nobody drafts
         stale = sorted((i for i, c in enumerate(candidates)
@@ -232,12 +222,6 @@ class CostGate(DraftGate):
 
     def observe(self, records, lengths, accepted, idle=(), seconds=None):
         self.quiet = 0 if records else self.quiet + 1
-        step, self._step = self._step, None
-        if step is not None and step[0] and seconds:
-            probes_only = bool(records) and not step[1]
-            if not probes_only:
-                rate = (len(records) + len(idle) + sum(accepted)) / seconds
-                self.outcomes[step[0]].observe(step[1], rate)
         if self.prediction is not None and seconds is not None:
             drafted, predicted = self.prediction
             ratio = min(4.0, max(0.25, seconds / predicted))
@@ -245,55 +229,6 @@ class CostGate(DraftGate):
                 ratio - self.step_realism[drafted])
         self.prediction = None
         super().observe(records, lengths, accepted, idle)
-
-
-class StepOutcomes:
-    """What decode-only steps of one load bucket (decoding requests in [2^(b-1), 2^b))
-    realized: EWMAs of committed tokens per second with and without drafting for cost.
-
-    The gate's predictions price each request at its recent record, and it drafts for the
-    best records, which regress: at high load its drafting steps can realize less than
-    plain steps although each was predicted to realize more. Where they do (both EWMAs
-    with ``min_steps`` steps and drafting below plain), drafting for cost is held off in
-    that bucket, and tried again after ``gap`` held-off steps; the gap doubles (up to
-    ``max_gap``) while the trial still loses and resets once drafting wins. Probe steps
-    count in neither EWMA."""
-
-    alpha = 0.1
-    min_steps = 4
-    first_gap, max_gap = 16, 256
-
-    def __init__(self) -> None:
-        self.rate = {False: 0.0, True: 0.0}
-        self.steps = {False: 0, True: 0}
-        self.gap = self.first_gap
-        self.held = 0
-        """Steps held off since drafting last ran here."""
-
-    def losing(self) -> bool:
-        return (min(self.steps.values()) >= self.min_steps
-                and self.rate[True] < self.rate[False])
-
-    def allow(self) -> bool:
-        """May the gate draft for cost in this step?"""
-        if not self.losing():
-            return True
-        if self.held >= self.gap:
-            return True  # NOTE: a trial; observe() doubles or resets the gap
-        self.held += 1
-        return False
-
-    def observe(self, drafted: bool, rate: float) -> None:
-        n = self.steps[drafted]
-        self.rate[drafted] = rate if n == 0 else _ewma(self.rate[drafted], rate, self.alpha)
-        self.steps[drafted] = n + 1
-        if drafted:
-            trial = self.held >= self.gap
-            self.held = 0
-            if not self.losing():
-                self.gap = self.first_gap
-            elif trial:
-                self.gap = min(2 * self.gap, self.max_gap)
 
 
 def _ewma(old: float, new: float, alpha: float) -> float:

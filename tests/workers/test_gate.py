@@ -176,33 +176,3 @@ def test_a_request_that_never_drafted_is_probed_whatever_the_back_off():
     picks = g.choose([new, cand(0.2, idle=9), cand(0.2, idle=9), cand(0.2, idle=1)], 4, 0)
     assert picks == [True, True, False, False]
 
-
-def test_drafting_that_realizes_less_than_plain_steps_is_held_off_in_its_load_bucket():
-    # the cost model says drafting pays (1 ms drafter, requests accepting 3 drafts); the
-    # steps realize otherwise: 8 decoding requests commit 300 tokens/s drafting, 400 plain
-    g = gate(1.0)
-    many = [cand(3.0) for _ in range(8)]
-
-    def step(cands, seconds_per_token):
-        picks = g.choose(cands, len(cands), 0)
-        drafted = [c.record for c, p in zip(cands, picks) if p]
-        idle = [c.record for c, p in zip(cands, picks) if not p]
-        tokens = len(cands) + 3 * len(drafted)
-        g.observe(drafted, [4] * len(drafted), [3] * len(drafted), idle,
-                  tokens * seconds_per_token)
-        for c in cands:  # the records stay as they were
-            c.record.gain, c.record.ell, c.record.idle = 3.0, 4.0, 0
-        return any(picks)
-
-    drafted = [step(many, 1 / 300) for _ in range(4)]
-    assert all(drafted)
-    # plain steps happen (a few forced here by the margin) and realize 400 tokens/s
-    g.margin = float("inf")
-    for _ in range(4):
-        assert not step(many, 1 / 400)
-    g.margin = 1.05
-    history = [step(many, 1 / 300) for _ in range(60)]
-    # held off, with a trial after 16, then after 32 held-off steps
-    assert [i for i, d in enumerate(history) if d] == [16, 49]
-    # another load bucket (2 decoding requests) has no record of losing: it drafts
-    assert step([cand(3.0), cand(3.0)], 1 / 300)
