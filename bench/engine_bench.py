@@ -62,8 +62,6 @@ class System:
     """Per-request draft gating (``EngineConfig.draft_gating``; cost-aware budgets only)."""
     margin: float = 1.05
     """``EngineConfig.draft_margin``; ``inf``: nobody drafts but the gate's probes."""
-    shrink: float = 1.0
-    """``EngineConfig.draft_gain_shrink``."""
 
 
 SYSTEMS = (
@@ -80,7 +78,6 @@ SYSTEMS = (
     System("dspark-d1-nogate", "dspark-d1", "algorithm1", gating=False),
     # the serving default when nobody is worth drafting: what the machinery costs
     System("dspark-idle", "dspark", "algorithm1", margin=float("inf")),
-    System("dspark-alg1-shrink", "dspark", "algorithm1", shrink=0.5),
 )
 
 
@@ -151,8 +148,7 @@ def run_benchmark(
         drafter = load_drafter(Path(drafters_dir) / system.drafter, target) if system.drafter else None
         ecfg = EngineConfig(**{**asdict(base), "budget": system.budget,
                                "num_speculative_tokens": system.gamma, "seed": cfg.seed,
-                               "draft_gating": system.gating, "draft_margin": system.margin,
-                               "draft_gain_shrink": system.shrink})
+                               "draft_gating": system.gating, "draft_margin": system.margin})
         engine = Engine(target, drafter, ecfg)
         tables[system.label] = {"profiled": asdict(engine.profiled_cost_table)}
         # warm-up, not measured

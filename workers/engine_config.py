@@ -40,10 +40,6 @@ class EngineConfig:
     draft_margin: float = 1.05
     """The gate drafts only when drafting promises this many times the step's throughput
     without it (>= 1; ``inf``: nobody drafts but the gate's probes)."""
-    draft_gain_shrink: float = 1.0
-    """The gate prices a request whose record is above the engine's recent mean at
-    mean + shrink x (record - mean) accepted drafts per step (in [0, 1]; 1: its record as
-    is). The gate drafts for the best records, which regress."""
     probe_every: int = 8
     """A request not drafted for this many decoding steps is stale: the gate probes it (a
     few per step, backing off while nobody is worth drafting) to refresh its record."""
@@ -61,9 +57,6 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.draft_margin >= 1.0:
             raise ValueError(f"draft_margin must be >= 1.0, got {self.draft_margin}")
-        if not 0.0 <= self.draft_gain_shrink <= 1.0:
-            raise ValueError(
-                f"draft_gain_shrink must be in [0, 1], got {self.draft_gain_shrink}")
         if self.probe_every < 1:
             raise ValueError(f"probe_every must be >= 1, got {self.probe_every}")
         if not self.profile_batch_sizes or min(self.profile_batch_sizes) < 1:

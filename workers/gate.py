@@ -122,12 +122,9 @@ class CostGate(DraftGate):
     step_realism_alpha = 0.1
 
     def __init__(self, gamma: int, cost: CostModel, probe_every: int,
-                 margin: float = MARGIN, shrink: float = 1.0) -> None:
+                 margin: float = MARGIN) -> None:
         super().__init__(gamma)
         self.cost, self.probe_every, self.margin = cost, probe_every, margin
-        self.shrink = shrink
-        """A record above the engine's mean gain is priced at mean + shrink x (record -
-        mean) (``EngineConfig.draft_gain_shrink``)."""
         self.quiet = 0
         """Steps since the drafter last ran."""
         self.gap = probe_every
@@ -200,9 +197,7 @@ class CostGate(DraftGate):
     def _by_cost(self, candidates, num_decoding, other_tokens, other_requests) -> list[int]:
         """The prefix of the candidates sorted by gain that maximises expected committed
         tokens per second of the whole step (drafting, verification and the rest)."""
-        mean = self.gain
-        gains = [mean if g is None else g if g <= mean else mean + self.shrink * (g - mean)
-                 for g in (c.record.gain for c in candidates)]
+        gains = [c.record.gain if c.record.gain is not None else self.gain for c in candidates]
         ells = [self._ell(c) for c in candidates]
         order = sorted(range(len(candidates)), key=lambda i: -gains[i])
         base = num_decoding + other_tokens
@@ -241,8 +236,8 @@ def _ewma(old: float, new: float, alpha: float) -> float:
 
 
 def make_gate(gamma: int, cost: CostModel, enabled: bool, probe_every: int,
-              margin: float = MARGIN, shrink: float = 1.0) -> DraftGate:
+              margin: float = MARGIN) -> DraftGate:
     """The cost gate where it is enabled and a drafting cost was profiled, else always."""
     if enabled and cost.draft is not None:
-        return CostGate(gamma, cost, probe_every, margin, shrink)
+        return CostGate(gamma, cost, probe_every, margin)
     return DraftGate(gamma)
