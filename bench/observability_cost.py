@@ -3,19 +3,20 @@
     python -m dspark.bench.observability_cost [--out docs/results/observability]
 
 The serving default's engine (DSpark, Algorithm 1) runs closed-loop cells at C = 1, 4, 16
-(T = 1, 64 tokens), alternately bare and observed, for ``--rounds`` rounds. Observed means
-what a replica with metrics and tracing at ratio 1 runs on its engine thread: the
-``ShardMetrics`` step listener, and the ``on_request_step`` records with one span per
-request and one event per request-step, exported over OTLP/HTTP to a sink in this process.
-Two numbers per cell:
+(T = 1, 64 tokens) for ``--rounds`` rounds, bare and observed sharing the machine step by
+step (``bench.closed_loop.interleave``, each on its own clock). Observed means what a
+replica with metrics and every request traced runs: the ``ShardMetrics`` step listener and
+the ``StepEvents`` rows on the engine thread, and, when a request ends, its step events
+written to its span and the span ended (on the observed engine's clock here; a replica's
+event loop does it). Spans go over OTLP/HTTP to a sink in this process. Per cell:
 
-- **observer share**: seconds inside the observers over the cell's step seconds (timed
-  around each call: exact, not a difference of noisy throughputs);
-- **throughput ratio**: observed over bare aggregate tok/s (medians over rounds; this
-  machine's cells vary by about ±15 %, so it bounds nothing finer than that).
+- **throughput ratio**: observed over bare aggregate tok/s, paired by round;
+- **engine-thread share**: seconds inside the step observers over the step seconds;
+- **span-close share**: seconds writing events and ending spans over the step seconds
+  (both timed around each call: exact, not a difference of throughputs).
 
 Export runs on background threads (the span processor's, the metrics flush), which share
-the interpreter; the throughput ratio includes them, the observer share does not.
+the interpreter and the cores; the throughput ratio includes them, the shares do not.
 """
 
 from __future__ import annotations
@@ -45,20 +46,31 @@ class Timed:
 
 
 def _observe(engine, tracer, metrics):
-    """Attach what an observed replica runs on its engine thread; the timed observers and
-    a hook that opens each new request's span."""
-    from dspark.cluster.tracing import add_step_events
+    """Attach what an observed replica runs: the metrics step listener and the step rows
+    of ``StepEvents`` on the engine thread, and, when a request finishes, its events
+    written to its span and the span ended (the replica's event loop does that part).
+    Returns the timed parts: (listener, step rows, span close)."""
+    from dspark.cluster.tracing import StepEvents
 
+    events = StepEvents()
     spans: dict[str, object] = {}
     listener = Timed(metrics.on_step)
-    engine.on_request_step = lambda rows: add_step_events(spans, rows)
+    engine.on_request_step = events.on_request_step
     # NOTE: timed where the engine builds the step's records and hands them over
     steps = engine._observe_requests = Timed(engine._observe_requests)
+
+    def close(req_id: str) -> None:
+        span = spans.pop(req_id)
+        events.close(req_id, span)
+        span.end()
+
+    closing = Timed(close)
     real_add = engine.add_request
 
     def add_request(*args, **kwargs):
         req_id = real_add(*args, **kwargs)
         spans[req_id] = tracer.start_span("dspark.replica")
+        events.open(req_id, spans[req_id])
         return req_id
 
     engine.add_request = add_request
@@ -68,23 +80,27 @@ def _observe(engine, tracer, metrics):
         result = real_step()
         if result.stats is not None:
             listener(result.stats)
+        for out in result.outputs:
+            if out.finished:
+                closing(out.req_id)
         return result
 
     engine.step = step
-    return listener, steps, spans
+    return listener, steps, closing
 
 
 def run(rounds: int, max_tokens: int, threads: int) -> dict:
     import ray
     import torch
 
-    from dspark.bench.closed_loop import run_cell
+    from dspark.bench.closed_loop import ClosedLoop, interleave
     from dspark.bench.engine_bench import domain_prompts
     from dspark.bench.serve_bench import OtlpSink
     from dspark.cluster.metrics import ShardMetrics
     from dspark.cluster.tracing import make_tracer
     from dspark.models.drafter_checkpoint import load_drafter
     from dspark.models.generation import SamplingParams, load_for_generation
+    from dspark.router.tracing import shutdown_tracing
     from dspark.workers.engine import Engine, EngineConfig
 
     torch.set_num_threads(threads)
@@ -97,26 +113,28 @@ def run(rounds: int, max_tokens: int, threads: int) -> dict:
     bare, observed = Engine(target, drafter, config), Engine(target, drafter, config)
     tracer = make_tracer(sink.url, 1.0, "bench")
     metrics = ShardMetrics("bench", "bench", "dspark-demo", observed.gamma, "algorithm1")
-    listener, steps, spans = _observe(observed, tracer, metrics)
+    timed = _observe(observed, tracer, metrics)
+    params = lambda i: SamplingParams(temperature=1.0, max_tokens=max_tokens)  # noqa: E731
     cells = []
     try:
         for rnd in range(rounds):
             for conc in CONCURRENCIES:
-                for label, engine in (("bare", bare), ("observed", observed))[:: 1 - 2 * (rnd % 2)]:
-                    before = listener.seconds + steps.seconds
-                    _, tokens, wall, stats = run_cell(
-                        engine, prompts, tok.stop_ids, conc, max(8, 2 * conc),
-                        lambda i: SamplingParams(temperature=1.0, max_tokens=max_tokens))
-                    if label == "observed":
-                        for span in spans.values():
-                            span.end()
-                        spans.clear()
-                    step_s = sum(s.step_time for s in stats)
+                before = [t.seconds for t in timed]
+                loops = {label: ClosedLoop(engine, prompts, tok.stop_ids, conc,
+                                           max(8, 2 * conc), params)
+                         for label, engine in (("bare", bare), ("observed", observed))}
+                interleave(list(loops.values())[:: 1 - 2 * (rnd % 2)])
+                spent = [t.seconds - b for t, b in zip(timed, before)]
+                for label, loop in loops.items():
+                    _, tokens, clock, stats = loop.result()
                     cells.append({"round": rnd, "system": label, "concurrency": conc,
-                                  "aggregate_tps": tokens / wall, "step_seconds": step_s,
-                                  "observer_seconds": listener.seconds + steps.seconds - before})
+                                  "aggregate_tps": tokens / clock,
+                                  "step_seconds": sum(s.step_time for s in stats),
+                                  "observer_seconds": spent[0] + spent[1],
+                                  "close_seconds": spent[2]})
     finally:
         metrics.close()
+        shutdown_tracing()
         sink.close()
         ray.shutdown()
     return {"cells": cells, "summary": summarize(cells), "rounds": rounds,
@@ -129,26 +147,37 @@ def summarize(cells: list[dict]) -> list[dict]:
         def med(system, key, conc=conc):
             return statistics.median(c[key] for c in cells
                                      if c["system"] == system and c["concurrency"] == conc)
+        rounds = sorted({c["round"] for c in cells})
+        by = {(c["round"], c["system"]): c for c in cells if c["concurrency"] == conc}
+        ratios = [by[r, "observed"]["aggregate_tps"] / by[r, "bare"]["aggregate_tps"]
+                  for r in rounds]
         obs = [c for c in cells if c["system"] == "observed" and c["concurrency"] == conc]
-        share = sum(c["observer_seconds"] for c in obs) / sum(c["step_seconds"] for c in obs)
+        step_s = sum(c["step_seconds"] for c in obs)
         out.append({"concurrency": conc, "bare_tps": med("bare", "aggregate_tps"),
                     "observed_tps": med("observed", "aggregate_tps"),
-                    "ratio": med("observed", "aggregate_tps") / med("bare", "aggregate_tps"),
-                    "observer_share": share})
+                    "ratio": statistics.median(ratios), "ratio_min": min(ratios),
+                    "ratio_max": max(ratios),
+                    "observer_share": sum(c["observer_seconds"] for c in obs) / step_s,
+                    "close_share": sum(c["close_seconds"] for c in obs) / step_s})
     return out
 
 
 def markdown(result: dict, command: str) -> str:
     lines = [f"Command: `{command}`", "",
              f"Engine (DSpark, Algorithm 1), T=1, {result['max_tokens']} tokens, "
-             f"{result['rounds']} rounds alternating bare and observed (metrics + every "
-             "request traced).", "",
-             "| C | bare tok/s | observed tok/s | observed / bare | engine-thread time in "
-             "the observers |", "|---:|---:|---:|---:|---:|"]
+             f"{result['rounds']} rounds; in each, bare and observed (metrics + every request "
+             "traced) share the machine step by step. Ratios are paired by round: median "
+             "[min–max].", "",
+             "| C | bare tok/s | observed tok/s | observed / bare | engine thread: step "
+             "observers | span close: step events written | ",
+             "|---:|---:|---:|---:|---:|---:|"]
     for row in result["summary"]:
         lines.append(f"| {row['concurrency']} | {row['bare_tps']:.1f} | "
-                     f"{row['observed_tps']:.1f} | {row['ratio']:.3f} | "
-                     f"{100 * row['observer_share']:.2f} % |")
+                     f"{row['observed_tps']:.1f} | {row['ratio']:.3f} "
+                     f"[{row['ratio_min']:.3f}–{row['ratio_max']:.3f}] | "
+                     f"{100 * row['observer_share']:.2f} % | {100 * row['close_share']:.2f} % |")
+    lines.append("")
+    lines.append("Shares are of the observed engine's step time.")
     return "\n".join(lines) + "\n"
 
 

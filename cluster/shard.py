@@ -60,10 +60,13 @@ class TargetShard:
         from dspark.cluster.tracing import make_tracer
 
         self.tracer = make_tracer(cfg.otlp_traces_endpoint, cfg.trace_sample_ratio, "replica")
-        self.spans: dict[str, object] = {}
-        """Live traced requests' replica spans, by engine request id."""
+        self.step_events = None
+        """Traced requests' step rows until their spans end (``cluster.tracing.StepEvents``)."""
         if self.tracer is not None:
-            engine.on_request_step = self._trace_steps
+            from dspark.cluster.tracing import StepEvents
+
+            self.step_events = StepEvents()
+            engine.on_request_step = self.step_events.on_request_step
 
     def _start_metrics(self, engine):
         from dspark.cluster.metrics import ShardMetrics
@@ -173,22 +176,16 @@ class TargetShard:
                                                   "dspark.request_id": req_id,
                                                   "gen_ai.usage.input_tokens": num_prompt})
         span.add_event("queued")
-        self.spans[req_id] = span
+        self.step_events.open(req_id, span)
         return span
 
     def _close_span(self, span, req_id: str, stream) -> None:
-        self.spans.pop(req_id, None)
+        self.step_events.close(req_id, span)
         last = stream.last
         if last is not None:
             span.set_attribute("gen_ai.usage.output_tokens", last.completion_tokens)
             span.add_event("finish", {"finish_reason": last.finish_reason or "cancelled"})
         span.end()
-
-    def _trace_steps(self, rows) -> None:
-        """The engine's ``on_request_step`` (engine thread): one event per traced request."""
-        from dspark.cluster.tracing import add_step_events
-
-        add_step_events(self.spans, rows)
 
     def _prompt_ids(self, request: ShardRequest) -> list[int]:
         if request.messages is not None:

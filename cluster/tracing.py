@@ -16,11 +16,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
 
 from dspark.router.tracing import extract, inject, make_tracer
 
-__all__ = ["add_step_events", "extract", "inject", "make_tracer", "request_attributes",
+__all__ = ["StepEvents", "extract", "inject", "make_tracer", "request_attributes",
            "step_event_attributes"]
 
 PROVIDER_NAME = "dspark"
@@ -49,32 +49,61 @@ def request_attributes(body, operation: str, model: str, host: str, port: int) -
 
 
 def step_event_attributes(record) -> dict:
-    """The ``engine_step`` event of one request in one step (``workers.engine.StepTrace``
-    row)."""
+    """The ``engine_step`` event of one request in one step (a ``workers.stats.RequestStep``).
+
+    Every event has the step, the gate's reason (``prefill`` marks a prompt chunk), the
+    tokens committed and the step's target rows. A drafted one (``cost``, ``probe``,
+    ``always``) adds what the budget saw and chose: γ, ℓ_r, the accepted drafts, the
+    survival of each verified position (a space-separated string: one attribute, not an
+    array of seven, which costs the exporter four times as much), the budget mode and the
+    group's external tokens. A gated-off step carries no zeros for what did not happen.
+    """
     attrs = {
         "dspark.step": record.step,
-        "dspark.spec.phase": record.phase,
-        "dspark.spec.drafted": record.drafted,
         "dspark.spec.gate": record.gate,
-        "dspark.spec.proposed": record.proposed,
-        "dspark.spec.verified": record.verified,
-        "dspark.spec.accepted": record.accepted,
         "dspark.spec.committed": record.committed,
-        "dspark.spec.budget_mode": record.budget_mode,
         "dspark.step.verified_tokens": record.step_tokens,
-        "dspark.step.external_tokens": record.external_tokens,
     }
-    if record.prefill_tokens:
+    if record.drafted:
+        attrs["dspark.spec.proposed"] = record.proposed
+        attrs["dspark.spec.verified"] = record.verified
+        attrs["dspark.spec.accepted"] = record.accepted
+        attrs["dspark.spec.budget_mode"] = record.budget_mode
+        attrs["dspark.step.external_tokens"] = record.external_tokens
+        if record.survival:
+            attrs["dspark.spec.survival"] = " ".join(f"{p:.3f}" for p in record.survival)
+    elif record.prefill_tokens:
         attrs["dspark.step.prefill_tokens"] = record.prefill_tokens
-    if record.survival:
-        attrs["dspark.spec.survival"] = [round(p, 4) for p in record.survival]
     return attrs
 
 
-def add_step_events(spans: Mapping[str, object], rows) -> None:
-    """One ``engine_step`` event on the span of each traced request in ``rows`` (the
-    engine's ``on_request_step``)."""
-    for row in rows:
-        span = spans.get(row.req_id)
-        if span is not None:
-            span.add_event("engine_step", step_event_attributes(row))
+class StepEvents:
+    """The ``engine_step`` events of traced requests.
+
+    The engine thread only keeps each traced request's rows with the step's time
+    (``on_request_step``); the events are written to the span when the request ends
+    (``close``, on the replica's event loop). The span is exported only once it ends, so
+    the trace is the same, and the engine's step, the path every token waits on, pays
+    a list append per traced request instead of the SDK's event.
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[str, list] = {}
+
+    def open(self, req_id: str, span) -> None:
+        """Keep ``req_id``'s steps (a span that is not sampled keeps nothing)."""
+        if span.is_recording():
+            self._rows[req_id] = []
+
+    def on_request_step(self, rows) -> None:
+        """The engine's ``on_request_step`` (engine thread)."""
+        now = time.time_ns()
+        for row in rows:
+            kept = self._rows.get(row.req_id)
+            if kept is not None:
+                kept.append((now, row))
+
+    def close(self, req_id: str, span) -> None:
+        """Write ``req_id``'s step events to ``span`` (before it ends)."""
+        for stamp, row in self._rows.pop(req_id, ()):
+            span.add_event("engine_step", step_event_attributes(row), timestamp=stamp)

@@ -7,26 +7,58 @@ Each process makes its own provider (never the global one, which Ray may own).
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Mapping
+
+MAX_SPAN_EVENTS = 1 << 16
+"""Events one span keeps (the SDK's default, 128, would cut a long request's step events)."""
+
+
+_PROVIDERS: dict[tuple[str, float], object] = {}
+"""This process's tracer providers by (endpoint, sample ratio): the ingress and the router
+share one, so one batch exporter thread posts for both."""
+_PROVIDERS_LOCK = threading.Lock()
 
 
 def make_tracer(endpoint: str | None, sample_ratio: float = 1.0, component: str = "dspark"):
-    """A tracer exporting to ``endpoint`` (None: tracing off, returns None)."""
+    """A tracer exporting to ``endpoint`` (None: tracing off, returns None), with
+    instrumentation scope ``dspark.<component>``."""
     if not endpoint:
         return None
+    with _PROVIDERS_LOCK:
+        provider = _PROVIDERS.get((endpoint, sample_ratio))
+        if provider is None:
+            provider = _PROVIDERS[(endpoint, sample_ratio)] = _provider(endpoint, sample_ratio)
+    return provider.get_tracer(f"dspark.{component}")
+
+
+def shutdown_tracing() -> None:
+    """Export what is pending and stop this process's providers (the next ``make_tracer``
+    makes new ones)."""
+    with _PROVIDERS_LOCK:
+        providers = list(_PROVIDERS.values())
+        _PROVIDERS.clear()
+    for provider in providers:
+        provider.shutdown()
+
+
+def _provider(endpoint: str, sample_ratio: float):
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
     provider = TracerProvider(
-        resource=Resource.create({"service.name": "dspark", "service.namespace": "dspark",
-                                  "dspark.component": component}),
-        sampler=ParentBased(TraceIdRatioBased(sample_ratio)))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint),
-                                                   schedule_delay_millis=500))
-    return provider.get_tracer("dspark")
+        resource=Resource.create({"service.name": "dspark", "service.namespace": "dspark"}),
+        sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
+        span_limits=SpanLimits(max_events=None if os.environ.get("OTEL_SPAN_EVENT_COUNT_LIMIT")
+                               else MAX_SPAN_EVENTS))
+    # NOTE: the SDK's default export delay (5 s, or OTEL_BSP_SCHEDULE_DELAY): one POST per
+    # process every few seconds, not several a second
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    return provider
 
 
 def extract(carrier: Mapping[str, str] | None):

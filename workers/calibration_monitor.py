@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -173,18 +172,31 @@ def _weighted(values: list[float | None], counts: list[int]) -> float | None:
     return float(sum(v * c for v, c in zip(values, counts) if v is not None) / total)
 
 
-def _arrays(window: Sequence[tuple[tuple[float, ...], int]], k: int
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """Position k's window as (prefix logits ``[n, k]``, accepted clipped to k ``[n]``)."""
-    prefix = np.array([z for z, _ in window], dtype=np.float64).reshape(-1, k)  # [n, k]
-    acc = np.array([a for _, a in window], dtype=np.int64)  # [n]
-    return prefix, acc
+class _Window:
+    """Position k's last ``size`` observations in a ring: raw prefix logits ``[size, k]``
+    and accepted counts clipped to k ``[size]`` (order is irrelevant to every score)."""
+
+    def __init__(self, size: int, k: int) -> None:
+        self.logits = np.zeros((size, k), dtype=np.float64)
+        self.accepted = np.zeros(size, dtype=np.int64)
+        self.count = 0
+        self.head = 0
+
+    def append(self, logits: np.ndarray, accepted: int) -> None:
+        self.logits[self.head] = logits
+        self.accepted[self.head] = accepted
+        self.head = (self.head + 1) % len(self.accepted)
+        self.count = min(self.count + 1, len(self.accepted))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of the filled rows: (prefix logits ``[n, k]``, accepted ``[n]``)."""
+        return self.logits[: self.count].copy(), self.accepted[: self.count].copy()
 
 
-def _scores(windows, temps: Sequence[float], num_bins: int) -> list[_PositionScore]:
-    """Every position's window scored under ``temps``."""
-    return [_score_position(*_arrays(w, k), temps, num_bins)
-            for k, w in enumerate(windows, start=1)]
+def _scores(windows: list[tuple[np.ndarray, np.ndarray]], temps: Sequence[float],
+            num_bins: int) -> list[_PositionScore]:
+    """Every position's window (its ``_Window.arrays``) scored under ``temps``."""
+    return [_score_position(prefix, acc, temps, num_bins) for prefix, acc in windows]
 
 
 def _online_ece(scores: list[_PositionScore]) -> float | None:
@@ -214,10 +226,9 @@ class CalibrationMonitor:
         self.config = config or MonitorConfig()
         self.on_refit = on_refit
         self._temps = temps
-        # NOTE: entries are (raw logits z_1..z_k, min(accepted, k)); raw logits, never
-        # scores, so a refit re-scores the window without losing it
-        self._windows: list[deque[tuple[tuple[float, ...], int]]] = [
-            deque(maxlen=self.config.window) for _ in temps]
+        # NOTE: raw logits z_1..z_k and min(accepted, k), never scores, so a refit re-scores
+        # the window without losing it
+        self._windows = [_Window(self.config.window, k) for k in range(1, len(temps) + 1)]
         self._num_rounds = 0
         self._drifted = False
         self._refits: list[RefitEvent] = []
@@ -254,11 +265,11 @@ class CalibrationMonitor:
         judge drift (warn on entering it; refit if enabled)."""
         if record.conf_logits is None:
             return
-        logits = tuple(float(z) for z in record.conf_logits)
+        logits = np.asarray(record.conf_logits, dtype=np.float64)
         self._check_record(record, logits)
         with self._lock:
             for k in range(1, record.proposed + 1):
-                self._windows[k - 1].append((logits[:k], min(record.accepted, k)))
+                self._windows[k - 1].append(logits[:k], min(record.accepted, k))
             self._num_rounds += 1
             due = self._num_rounds % self.config.check_every == 0
             refit = self._judge_drift() if due else None
@@ -276,7 +287,7 @@ class CalibrationMonitor:
         # NOTE: only the copy holds the lock; scoring runs outside it, so a status reader
         # never stalls the engine thread for more than a list copy
         with self._lock:
-            windows = [list(w) for w in self._windows]
+            windows = [w.arrays() for w in self._windows]
             temps, num_rounds, refits = self._temps, self._num_rounds, tuple(self._refits)
         scores = _scores(windows, temps, self.config.num_bins)
         counts = [s.count for s in scores]
@@ -299,7 +310,7 @@ class CalibrationMonitor:
         )
 
     # ------------------------------------------------------------------ internals
-    def _check_record(self, record: RoundRecord, logits: tuple[float, ...]) -> None:
+    def _check_record(self, record: RoundRecord, logits: np.ndarray) -> None:
         k_max = len(self._temps)
         if not 0 <= record.proposed <= k_max:
             raise ValueError(f"proposed must be in [0, {k_max}], got {record.proposed}")
@@ -309,7 +320,7 @@ class CalibrationMonitor:
         if len(logits) != record.proposed:
             raise ValueError(f"conf_logits must hold proposed={record.proposed} values, "
                              f"got {len(logits)}")
-        if not all(math.isfinite(z) for z in logits):
+        if not np.isfinite(logits).all():
             raise ValueError("conf_logits must be finite")
 
     def _is_drifted(self, scores: list[_PositionScore]) -> bool:
@@ -319,7 +330,8 @@ class CalibrationMonitor:
 
     def _judge_drift(self) -> tuple[float, ...] | None:
         """Update the drift state (lock held); the new temperatures if a refit ran."""
-        scores = _scores(self._windows, self._temps, self.config.num_bins)
+        windows = [w.arrays() for w in self._windows]
+        scores = _scores(windows, self._temps, self.config.num_bins)
         drifted = self._is_drifted(scores)
         entering = drifted and not self._drifted
         self._drifted = drifted
@@ -334,19 +346,19 @@ class CalibrationMonitor:
             "; refitting temperatures" if self.config.refit else "")
         if not self.config.refit:
             return None
-        return self._refit(value)
+        return self._refit(value, windows)
 
-    def _refit(self, ece_before: float) -> tuple[float, ...]:
+    def _refit(self, ece_before: float, windows: list[tuple[np.ndarray, np.ndarray]]
+               ) -> tuple[float, ...]:
         """Fit STS on the windows, adopt it, record the event (lock held)."""
         old = self._temps
         positions = []
-        for k in range(1, len(old) + 1):
-            prefix, acc = _arrays(self._windows[k - 1], k)
+        for k, (prefix, acc) in enumerate(windows, start=1):
             if len(acc) < self.config.min_position_samples:  # too few: keep T_k
                 prefix, acc = prefix[:0], acc[:0]
             positions.append((prefix, (acc >= k).astype(np.float64)))
         new = tuple(fit_sts_prefixes(positions, num_bins=self.config.num_bins, initial=old))
-        scores = _scores(self._windows, new, self.config.num_bins)
+        scores = _scores(windows, new, self.config.num_bins)
         self._temps = new
         self._drifted = self._is_drifted(scores)
         self._refits.append(RefitEvent(

@@ -145,18 +145,22 @@ def test_one_streamed_request_is_one_trace_from_ingress_to_replica(traced_app, r
         route["attributes"]["dspark.route.candidates"])
 
     steps = [a for name, a in replica["events"] if name == "engine_step"]
-    assert steps and steps[0]["dspark.spec.phase"] == "prefill"
-    drafted = [a for a in steps if a["dspark.spec.drafted"]]
+    assert steps and steps[0]["dspark.spec.gate"] == "prefill"
+    chunks = [a["dspark.step.prefill_tokens"] for a in steps if a["dspark.spec.gate"] == "prefill"]
+    assert 0 < sum(chunks) <= usage["prompt_tokens"]
+    drafted = [a for a in steps if a["dspark.spec.gate"] in ("cost", "probe", "always")]
     assert len(drafted) == spec["num_spec_steps"] > 0
     assert sum(a["dspark.spec.verified"] for a in drafted) == spec["num_draft_tokens"]
     assert sum(a["dspark.spec.accepted"] for a in drafted) == spec["num_accepted_draft_tokens"]
     assert sum(a["dspark.spec.committed"] for a in steps) == usage["completion_tokens"]
     for a in drafted:
-        assert len(a["dspark.spec.survival"]) == a["dspark.spec.verified"]
-        assert a["dspark.spec.gate"] in ("cost", "probe", "always")
+        survival = [float(p) for p in a.get("dspark.spec.survival", "").split()]
+        assert len(survival) == a["dspark.spec.verified"] <= a["dspark.spec.proposed"]
+        assert survival == sorted(survival, reverse=True)  # a prefix survival only falls
+        assert a["dspark.spec.budget_mode"] and a["dspark.step.verified_tokens"] > 0
     for a in steps:
-        assert not a["dspark.spec.drafted"] or a["dspark.spec.proposed"] >= a[
-            "dspark.spec.verified"]
+        if a not in drafted:  # a gated-off step carries nothing of a draft
+            assert "dspark.spec.verified" not in a and "dspark.spec.survival" not in a
     assert replica["events"][-1][0] == "finish"
 
 
@@ -170,3 +174,13 @@ def test_a_refused_request_is_traced_with_its_error_type(traced_app, receiver):
     span = wait_for_spans(receiver, trace_id, ["chat"])["chat"]  # no model named: not parsed
     assert span["attributes"]["error.type"] == "APIError"
     assert span["attributes"]["http.response.status_code"] == 400
+
+
+def test_a_span_keeps_every_step_event_of_a_long_request():
+    from dspark.router.tracing import make_tracer
+
+    tracer = make_tracer("http://127.0.0.1:9/v1/traces")
+    span = tracer.start_span("dspark.replica")
+    for step in range(300):  # the SDK's default keeps 128
+        span.add_event("engine_step", {"dspark.step": step})
+    assert [e.attributes["dspark.step"] for e in span.events] == list(range(300))
