@@ -30,7 +30,13 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dspark.cluster.config import ServeConfig
-from dspark.cluster.openai_errors import ERROR_RESPONSES, APIError, overloaded, replica_error
+from dspark.cluster.openai_errors import (
+    ERROR_RESPONSES,
+    APIError,
+    overloaded,
+    replica_error,
+    stream_error,
+)
 from dspark.cluster.openai_parse import check_model, parse, parse_json, validation_error
 from dspark.cluster.openai_responses import (
     Choice,
@@ -261,9 +267,12 @@ class OpenAIIngress:
         except asyncio.CancelledError:
             self._failed(clock, 499, None)
             raise
-        except Exception as exc:
-            self._failed(clock, 500, exc)
-            raise
+        except Exception as exc:  # NOTE: a replica that died mid-request is named (503)
+            error = stream_error(exc)
+            self._failed(clock, error.status, exc)
+            if error.status == 500:
+                raise
+            raise error from exc
 
     def _span(self, request: Request, chat: bool):
         """The request's span (None when tracing is off), opened before the body is read so
@@ -364,12 +373,9 @@ class OpenAIIngress:
             raise APIError(500, "the replica ended the request without output",
                            kind="server_error") from exc
         except Exception as exc:
-            error = replica_error(exc, REQUEST_FIELDS)
-            if error is None:
+            error = replica_error(exc, REQUEST_FIELDS) or stream_error(exc)
+            if error.status == 500:
                 logger.exception("shard failed")
-                cause = getattr(exc, "cause", None) or exc
-                error = APIError(500, f"internal error: {type(cause).__name__}",
-                                 kind="server_error")
             raise error from exc
 
     def _done(self, clock: Clock, choices: list[Choice], n: int, status: int,
@@ -430,6 +436,5 @@ class OpenAIIngress:
             logger.exception("stream failed")
             self._failed(clock, 500, exc)
             _cancel(streams)
-            yield sse(APIError(500, f"internal error: {type(exc).__name__}",
-                               kind="server_error").body())
+            yield sse(stream_error(exc).body())
             yield sse("[DONE]")

@@ -74,3 +74,28 @@ def replica_error(exc: BaseException, fields: Collection[str]) -> APIError | Non
         return APIError(429, "too many requests waiting; retry later", kind="rate_limit_error",
                         code="overloaded", headers={"Retry-After": "1"})
     return None
+
+
+REPLICA_GONE = ("ActorDiedError", "ActorUnavailableError", "RayActorError",
+                "ActorUnschedulableError")
+"""Ray's names for a replica process that is gone (killed, crashed, its node lost, or
+stopped by Serve with the rest of its gang)."""
+
+
+def stream_error(exc: BaseException) -> APIError:
+    """The error chunk of a stream that failed after its first chunk: a replica that died
+    or whose expert-parallel group failed is named as such (503, retry); anything else is
+    an internal error (500)."""
+    cause = getattr(exc, "cause", None) or exc
+    names = {type(exc).__name__, type(cause).__name__}
+    if "ExpertGroupFailed" in names or "ExpertGroupFailed" in str(exc):
+        message = str(cause) if type(cause).__name__ == "ExpertGroupFailed" else (
+            "this request's expert-parallel group lost a member; the group restarts as a "
+            "whole, retry the request")
+        return APIError(503, message, kind="server_error", code="expert_group_failed")
+    if names & set(REPLICA_GONE):
+        return APIError(503, "the replica serving this request stopped mid-stream "
+                        f"({type(exc).__name__}: its process, its node or its expert-parallel "
+                        "group failed); retry the request", kind="server_error",
+                        code="replica_failed")
+    return APIError(500, f"internal error: {type(exc).__name__}", kind="server_error")

@@ -238,7 +238,9 @@ class TargetShard:
 
     def check_health(self) -> None:
         if not self.engine.is_alive():
-            raise RuntimeError("the engine loop thread died")
+            failure = self.engine.failure
+            raise RuntimeError(f"the engine loop stopped: {failure}" if failure is not None
+                               else "the engine loop thread died")
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)

@@ -8,6 +8,11 @@ Keys (ARCHITECTURE.md; one cluster = one key prefix):
 - ``dspark:{cluster}:ep:{group}``: the group's entry, written by its rank 0 (JSON: schema
   version, master address and port, world size).
 
+A group that is a Ray Serve gang (``join_gang``) already knows its rank and size from Serve;
+it only needs its master: ``dspark:{cluster}:ep:gang:{gang}``, written by rank 0, where
+``gang`` names this incarnation of the gang (Serve's gang id and its members' replica ids),
+so a restarted gang never reads the entry of the gang it replaces. Gang entries expire.
+
 NOTE: a reader rejects an entry of another schema version or world size rather than join a
 group it would deadlock.
 """
@@ -67,6 +72,33 @@ def join_group(redis_url: str, cluster: str, world_size: int, address: str,
             info.get("world_size") != world_size):
         raise RuntimeError(f"{key}: rendezvous entry of another schema or size: {info}")
     return GroupSeat(f"ep{group_index}", rank, world_size, info["master"], int(info["port"]))
+
+
+GANG_ENTRY_TTL_S = 24 * 3600
+
+
+def gang_key(cluster: str, gang: str) -> str:
+    return f"dspark:{cluster}:ep:gang:{gang}"
+
+
+def join_gang(redis_url: str, cluster: str, gang: str, rank: int, world_size: int,
+              address: str, timeout_s: float = 300.0, poll_s: float = 0.1) -> GroupSeat:
+    """The seat of rank ``rank`` in the Serve gang ``gang``: rank 0 publishes ``address``
+    and a free port as the master, the others wait for it (RuntimeError after
+    ``timeout_s``, or on an entry of another schema or size)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    key = gang_key(cluster, gang)
+    if rank == 0:
+        client.set(key, json.dumps({"version": RENDEZVOUS_VERSION, "master": address,
+                                    "port": free_port(), "world_size": world_size}),
+                   ex=GANG_ENTRY_TTL_S)
+    info = _wait_for(client, key, timeout_s, poll_s)
+    if not isinstance(info, dict) or info.get("version") != RENDEZVOUS_VERSION or (
+            info.get("world_size") != world_size):
+        raise RuntimeError(f"{key}: rendezvous entry of another schema or size: {info}")
+    return GroupSeat(f"gang-{gang[:8]}", rank, world_size, info["master"], int(info["port"]))
 
 
 def _wait_for(client: redis.Redis, key: str, timeout_s: float, poll_s: float):

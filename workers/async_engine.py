@@ -41,6 +41,13 @@ class OverloadedError(RuntimeError):
 
 
 @dataclass
+class ExpertGroupFailed(RuntimeError):
+    """A collective of the replica's expert-parallel group failed (a peer died or hung): the
+    group cannot step again, so its requests end with this error and the engine loop stops
+    (the replica's health check then fails and Serve restarts the gang). The ingress knows
+    it by name."""
+
+
 class _Submission:
     req_id: str
     prompt_ids: list[int]
@@ -75,6 +82,8 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self.failure: ExpertGroupFailed | None = None
+        """Why the loop stopped on its own (its expert-parallel group failed), else None."""
         self._thread = threading.Thread(target=self._run, name="dspark-engine", daemon=True)
         self._thread.start()
 
@@ -95,6 +104,8 @@ class AsyncEngine:
         ``finished=True``. Cancelling the iteration aborts the request. Bad input raises
         ValueError and a full queue ``OverloadedError``, both before anything is queued."""
         self.validate(prompt_ids, params)
+        if self.failure is not None:
+            raise self.failure
         if self.max_waiting is not None and self._queued() >= self.max_waiting:
             raise OverloadedError(f"{self.max_waiting} requests are waiting")
         req_id = req_id or f"async-{next(self._ids)}"
@@ -124,7 +135,8 @@ class AsyncEngine:
         self._wake.set()
 
     def is_alive(self) -> bool:
-        """Whether the loop thread runs (it never exits before ``shutdown``)."""
+        """Whether the loop thread runs (it exits only on ``shutdown``, or when its
+        expert-parallel group fails: ``failure``)."""
         return self._thread.is_alive()
 
     def shutdown(self) -> None:
@@ -138,7 +150,10 @@ class AsyncEngine:
             self._drain_inbox()
             busy = self.engine.has_unfinished()
             if self.group is not None:
-                busy = any_rank_busy(busy, self.group)  # one all-reduce per step
+                try:
+                    busy = any_rank_busy(busy, self.group)  # one all-reduce per step
+                except Exception as exc:
+                    return self._group_failed(exc)
             if not busy:
                 self._wake.wait(self.idle_wait_s)
                 self._wake.clear()
@@ -146,24 +161,42 @@ class AsyncEngine:
             try:
                 result = self.engine.step()
             except Exception as exc:  # the engine already fails requests; this is a bug
+                if self.group is not None:  # NOTE: or a collective: the ranks are out of step
+                    return self._group_failed(exc)
                 logger.exception("engine step raised")
-                for req_id in list(self._streams):
-                    self._deliver(req_id, exc)
-                    self.engine.abort(req_id)
+                self._fail_all(exc)
                 continue
-            for out in result.outputs:
-                self._deliver(out.req_id, out)
-            if result.stats is not None:
-                self.last_stats = result.stats
-                if result.stats.num_drafts:
-                    tau = result.stats.mean_acceptance_length
-                    self.acceptance_ewma = tau if self.acceptance_ewma is None else (
-                        0.9 * self.acceptance_ewma + 0.1 * tau)
-                for listener in self.listeners:
-                    try:
-                        listener(result.stats)
-                    except Exception:  # NOTE: an exporter never stops the loop
-                        logger.exception("step listener failed")
+            self._publish(result)
+
+    def _group_failed(self, exc: Exception) -> None:
+        logger.error("expert-parallel group failed (%s: %s); stopping the engine loop",
+                     type(exc).__name__, exc)
+        self.failure = ExpertGroupFailed(
+            f"this request's expert-parallel group lost a member ({type(exc).__name__}); the "
+            "group restarts as a whole, retry the request")
+        self._fail_all(self.failure)
+        self._drain_inbox()  # NOTE: what arrived meanwhile fails too, never waits
+        self._fail_all(self.failure)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for req_id in list(self._streams):
+            self._deliver(req_id, exc)
+            self.engine.abort(req_id)
+
+    def _publish(self, result) -> None:
+        for out in result.outputs:
+            self._deliver(out.req_id, out)
+        if result.stats is not None:
+            self.last_stats = result.stats
+            if result.stats.num_drafts:
+                tau = result.stats.mean_acceptance_length
+                self.acceptance_ewma = tau if self.acceptance_ewma is None else (
+                    0.9 * self.acceptance_ewma + 0.1 * tau)
+            for listener in self.listeners:
+                try:
+                    listener(result.stats)
+                except Exception:  # NOTE: an exporter never stops the loop
+                    logger.exception("step listener failed")
 
     def _drain_inbox(self) -> None:
         while True:

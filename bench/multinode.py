@@ -1,0 +1,197 @@
+"""dspark on several Ray nodes of this machine, and a node lost under load.
+
+    python -m dspark.bench.multinode [--requests 48] [--concurrency 4] [--json out.json]
+
+A ``ray.cluster_utils.Cluster`` of three nodes: a head with no room for a replica (it runs
+Serve's controller, the HTTP proxy and the ingress) and two worker nodes. The app serves
+two expert-parallel groups of ep_size 2 (four ``TargetShard`` replicas, each group one
+Serve gang: PACK within a group, SPREAD across groups), with the load-board router and the
+cluster budget, on an embedded Redis. Then:
+
+1. it records where each replica runs and what the board holds (per replica: its node, its
+   group; the router and the budget read them across nodes);
+2. it starts ``--requests`` streamed greedy requests from ``--concurrency`` clients;
+3. when a quarter of them have finished, it removes a worker node that hosts replicas (what
+   a lost Kubernetes pod does);
+4. every request is accounted for: ``ok`` (its stream ends with a finish reason and
+   ``[DONE]``, and its text equals the same request served without faults), ``error``
+   (an OpenAI error body, or an error chunk and ``[DONE]``), ``lost`` (a stream cut with
+   neither, or no response), ``hung`` (no end within the deadline), ``wrong`` (a finished
+   text that differs);
+5. it waits until all four replicas run again on the remaining nodes and a request
+   succeeds: the time to recover.
+
+Prints one JSON document (and writes it to ``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+PROMPTS = ["What is 17 times 3?", "Name three colours.", "Write a haiku about rain.",
+           "What is 144 divided by 12?", "Say hello in French.", "Explain a variable."]
+HEAD_CPUS, WORKER_CPUS = 0.5, 2.0
+
+
+def _stream(url: str, prompt: str, max_tokens: int, timeout_s: float) -> tuple[str, str]:
+    """(outcome, text) of one streamed greedy request (outcome as in the module doc, before
+    the text check)."""
+    import httpx
+
+    body = {"model": "multinode", "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    text, finished, error = [], False, False
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body,
+                          timeout=timeout_s) as resp:
+            if resp.status_code != 200:
+                resp.read()
+                return ("error" if "error" in resp.json() else "lost"), ""
+            for line in resp.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    return ("error" if error else "ok" if finished else "lost"), "".join(text)
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    error = True
+                    continue
+                for choice in chunk.get("choices", []):
+                    text.append(choice["delta"].get("content") or "")
+                    finished = finished or choice.get("finish_reason") is not None
+    except httpx.TimeoutException:
+        return "hung", ""
+    except httpx.HTTPError:
+        return "lost", ""
+    return "lost", ""
+
+
+def _placement(app: str) -> dict[str, dict]:
+    """Every live TargetShard replica of ``app``: its node and state."""
+    from ray.util.state import list_actors
+
+    out = {}
+    for actor in list_actors(filters=[("class_name", "=", f"ServeReplica:{app}:TargetShard")],
+                             limit=100):
+        if actor.state == "ALIVE":
+            out[actor.name.rsplit("#", 1)[1]] = {"node": actor.node_id, "pid": actor.pid}
+    return out
+
+
+def _wait(condition, timeout_s: float, what: str, poll_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not within {timeout_s:g} s")
+        time.sleep(poll_s)
+
+
+def run(num_requests: int, concurrency: int, max_tokens: int, port: int) -> dict:
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from dspark.cluster.config import ServeConfig
+    from dspark.cluster.serve import start, stop
+    from dspark.router.board import BoardConfig, BoardReader
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": HEAD_CPUS, "include_dashboard": True, "dashboard_port": None})
+    workers = [cluster.add_node(num_cpus=WORKER_CPUS) for _ in range(2)]
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    cluster.wait_for_nodes()
+    cfg = ServeConfig(model_name="multinode", replicas=4, ep_size=2, drafter="dspark",
+                      budget="cluster", router="board", max_num_seqs=4, num_blocks=128,
+                      threads=1, replica_cpus=0.5, port=port, cluster="multinode")
+    redis = None
+    try:
+        cfg, redis = start(cfg)
+        url = f"http://127.0.0.1:{port}"
+        result: dict = {"nodes": {"head": cluster.head_node.node_id,
+                                  "workers": [w.node_id for w in workers]}}
+        before = _placement("dspark")
+        result["placement_before"] = before
+        reader = BoardReader(BoardConfig(cfg.redis_url, cluster=cfg.cluster), start=False)
+
+        def board_full():
+            reader.refresh()
+            return len(reader.fresh()) >= 4 and reader.fresh()
+        board = _wait(board_full, 60, "four replicas on the board")
+        result["board_groups"] = sorted({load.ep_group for load in board.values()})
+
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(num_requests)]
+        expected = {p: _stream(url, p, max_tokens, 120)[1] for p in set(prompts)}
+        victim_node = next(w for w in workers
+                           if any(r["node"] == w.node_id for r in before.values()))
+        done = threading.Semaphore(0)
+        removed: dict = {}
+
+        def remove_after_a_quarter():
+            for _ in range(max(1, num_requests // 4)):
+                done.acquire()
+            removed["at"] = time.monotonic()
+            cluster.remove_node(victim_node, allow_graceful=False)
+
+        def one(prompt):
+            outcome, text = _stream(url, prompt, max_tokens, 180)
+            done.release()
+            if outcome == "ok" and text != expected[prompt]:
+                outcome = "wrong"
+            return outcome
+
+        remover = threading.Thread(target=remove_after_a_quarter, daemon=True)
+        remover.start()
+        with ThreadPoolExecutor(concurrency) as pool:
+            outcomes = list(pool.map(one, prompts))
+        remover.join(timeout=60)
+        result["removed_node"] = victim_node.node_id
+        result["outcomes"] = {k: outcomes.count(k)
+                              for k in ("ok", "error", "lost", "hung", "wrong")}
+
+        def recovered():
+            placed = _placement("dspark")
+            return (len(placed) == 4 and _stream(url, prompts[0], max_tokens, 120)
+                    == ("ok", expected[prompts[0]]) and placed)
+        after = _wait(recovered, 300, "four replicas serving again", poll_s=1.0)
+        result["recovery_s"] = round(time.monotonic() - removed["at"], 1)
+        result["placement_after"] = after
+        return result
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            stop(redis)
+            ray.shutdown()
+            cluster.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=48, help="streamed requests")
+    parser.add_argument("--concurrency", type=int, default=4, help="concurrent clients")
+    parser.add_argument("--max-tokens", type=int, default=48, help="tokens per request")
+    parser.add_argument("--port", type=int, default=8123, help="HTTP port of the app")
+    parser.add_argument("--json", default=None, help="also write the result here")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    result = run(args.requests, args.concurrency, args.max_tokens, args.port)
+    text = json.dumps(result, indent=1)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
