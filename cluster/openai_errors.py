@@ -93,6 +93,10 @@ def stream_error(exc: BaseException) -> APIError:
             "this request's expert-parallel group lost a member; the group restarts as a "
             "whole, retry the request")
         return APIError(503, message, kind="server_error", code="expert_group_failed")
+    if "EngineStepFailed" in names:
+        message = str(cause) if type(cause).__name__ == "EngineStepFailed" else (
+            "the engine failed this request's step; retry the request")
+        return APIError(500, message, kind="server_error", code="engine_error")
     if names & set(REPLICA_GONE):
         return APIError(503, "the replica serving this request stopped mid-stream "
                         f"({type(exc).__name__}: its process, its node or its expert-parallel "

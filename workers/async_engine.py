@@ -40,7 +40,6 @@ class OverloadedError(RuntimeError):
     name, as it never imports the engine's side)."""
 
 
-@dataclass
 class ExpertGroupFailed(RuntimeError):
     """A collective of the replica's expert-parallel group failed (a peer died or hung): the
     group cannot step again, so its requests end with this error and the engine loop stops
@@ -48,6 +47,20 @@ class ExpertGroupFailed(RuntimeError):
     it by name."""
 
 
+class EngineStepFailed(RuntimeError):
+    """The engine failed the step this request was in (``Engine._fail``: its finish reason
+    ``error: <type>: ...``). The ingress knows it by name and names only the type."""
+
+
+def _step_error(out: RequestOutput) -> str | None:
+    """The exception type of a request the engine failed (None for a normal output)."""
+    reason = out.finish_reason or ""
+    if not (out.finished and reason.startswith("error:")):
+        return None
+    return reason[len("error:"):].split(":", 1)[0].strip() or "error"
+
+
+@dataclass
 class _Submission:
     req_id: str
     prompt_ids: list[int]
@@ -166,14 +179,21 @@ class AsyncEngine:
                 logger.exception("engine step raised")
                 self._fail_all(exc)
                 continue
+            failed = next((e for e in map(_step_error, result.outputs) if e), None)
+            if failed is not None and self.group is not None:
+                # NOTE: a failed step in a group: a collective failed or the ranks are out
+                # of step; neither can go on
+                return self._group_failed(RuntimeError(failed))
             self._publish(result)
 
     def _group_failed(self, exc: Exception) -> None:
         logger.error("expert-parallel group failed (%s: %s); stopping the engine loop",
                      type(exc).__name__, exc)
+        kind = str(exc) if type(exc) is RuntimeError and str(exc).isidentifier() else (
+            type(exc).__name__)
         self.failure = ExpertGroupFailed(
-            f"this request's expert-parallel group lost a member ({type(exc).__name__}); the "
-            "group restarts as a whole, retry the request")
+            f"this request's expert-parallel group lost a member ({kind}); the group "
+            "restarts as a whole, retry the request")
         self._fail_all(self.failure)
         self._drain_inbox()  # NOTE: what arrived meanwhile fails too, never waits
         self._fail_all(self.failure)
@@ -185,7 +205,9 @@ class AsyncEngine:
 
     def _publish(self, result) -> None:
         for out in result.outputs:
-            self._deliver(out.req_id, out)
+            error = _step_error(out)
+            self._deliver(out.req_id, out if error is None else EngineStepFailed(
+                f"the engine failed this request's step ({error}); retry the request"))
         if result.stats is not None:
             self.last_stats = result.stats
             if result.stats.num_drafts:

@@ -89,3 +89,28 @@ def test_a_full_queue_refuses_before_queueing_and_the_loop_reports_alive(make_mo
         gate.set()
         front.shutdown()
     assert not front.is_alive()
+
+
+def test_a_failed_step_raises_in_its_streams_and_the_loop_goes_on(make_model, monkeypatch):
+    """A step the engine fails ends its requests with ``EngineStepFailed`` (naming only the
+    exception's type), never with a finish reason a client would take for an answer; the
+    next request is served."""
+    from dspark.workers.async_engine import EngineStepFailed
+
+    eng = Engine(make_model(), None, EngineConfig(block_size=4, num_blocks=32, max_num_seqs=2),
+                 COST)
+    front = AsyncEngine(eng)
+    real = eng.runner.forward
+    monkeypatch.setattr(eng.runner, "forward", lambda batch: 1 / 0)
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+
+    async def tokens():
+        return sum([len(out.new_token_ids) async for out in front.generate([5, 6, 7], params)])
+
+    try:
+        with pytest.raises(EngineStepFailed, match=r"\(ZeroDivisionError\); retry"):
+            asyncio.run(tokens())
+        monkeypatch.setattr(eng.runner, "forward", real)
+        assert asyncio.run(tokens()) == 4 and front.is_alive()
+    finally:
+        front.shutdown()
