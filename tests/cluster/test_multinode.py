@@ -1,8 +1,8 @@
 """Several Ray nodes on this machine (``ray.cluster_utils.Cluster``, in its own process, so
-the suite's cluster is untouched): an expert-parallel gang is placed on one worker node,
+the suite's cluster is untouched): an expert-parallel gang is placed (PACK: on one worker where it fits),
 serves streamed requests with the board router and the cluster budget, and when that node
 is removed under load, no request is lost or hung, every finished text is the greedy one,
-and the gang serves again from the other worker (``bench/multinode.py``)."""
+and the gang serves again from the remaining nodes (``bench/multinode.py``)."""
 
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ def test_removing_a_node_under_load_loses_no_request_and_the_gang_moves(tmp_path
     head, workers = result["nodes"]["head"], result["nodes"]["workers"]
     before = {r["node"] for r in result["placement_before"].values()}
     after = {r["node"] for r in result["placement_after"].values()}
-    assert len(before) == 1 and before < set(workers)  # one gang, packed on one worker
-    assert result["removed_node"] in before
-    assert after == set(workers) - before and head not in after  # it moved
+    assert before <= {head, *workers} and result["removed_node"] in before
+    assert after and result["removed_node"] not in after  # it came back elsewhere
+    assert len(result["placement_after"]) == 2
     assert len(result["board_groups"]) == 1
     outcomes = result["outcomes"]
     assert outcomes["lost"] == outcomes["hung"] == outcomes["wrong"] == 0, result
