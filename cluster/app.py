@@ -86,9 +86,10 @@ def replica_options(cfg: ServeConfig) -> dict:
             **bounds, target_ongoing_requests=max(1.0, 0.7 * cfg.max_num_seqs))}
     from dspark.cluster.autoscaling import BoardAutoscaler
 
-    # NOTE: Serve holds each decision for the delays, averages each replica's report over the
-    # look-back window, and replicas push reports every second (Serve's default: 10 s)
+    # NOTE: Serve holds each decision for the delays; replicas push reports every second
+    # (Serve's default: 10 s) and the policy reads each replica's latest, so the look-back
+    # window only bounds the history Serve keeps (it must exceed Serve's metrics interval)
     return {"autoscaling_config": AutoscalingConfig(
-        **bounds, look_back_period_s=5.0, policy=AutoscalingPolicy(
+        **bounds, look_back_period_s=12.0, policy=AutoscalingPolicy(
             policy_function=BoardAutoscaler, policy_kwargs={"group_size": cfg.ep_size})),
         "runtime_env": {"env_vars": {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}}}
