@@ -10,6 +10,9 @@ from dspark.cluster.shard import TargetShard
 
 __all__ = ["OpenAIIngress", "TargetShard", "app_builder", "build_app"]
 
+PUSH_INTERVAL_S = 1.0
+"""How often a replica pushes its autoscaling report under the board policy."""
+
 
 def app_builder(args: dict):
     """The app of a Serve config file (``import_path: dspark.cluster.app:app_builder``,
@@ -86,10 +89,13 @@ def replica_options(cfg: ServeConfig) -> dict:
             **bounds, target_ongoing_requests=max(1.0, 0.7 * cfg.max_num_seqs))}
     from dspark.cluster.autoscaling import BoardAutoscaler
 
-    # NOTE: Serve holds each decision for the delays; replicas push reports every second
-    # (Serve's default: 10 s) and the policy reads each replica's latest, so the look-back
-    # window only bounds the history Serve keeps (it must exceed Serve's metrics interval)
+    # NOTE: Serve holds each decision for the delays, averages each replica's report over the
+    # look-back window, and replicas push reports every second (Serve's default: 10 s);
+    # metrics_interval_s (deprecated for the environment variable, which sets the push)
+    # tells Serve's check that the window spans several pushes, and the handles push as often
     return {"autoscaling_config": AutoscalingConfig(
-        **bounds, look_back_period_s=12.0, policy=AutoscalingPolicy(
-            policy_function=BoardAutoscaler, policy_kwargs={"group_size": cfg.ep_size})),
-        "runtime_env": {"env_vars": {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}}}
+        **bounds, look_back_period_s=5.0, metrics_interval_s=PUSH_INTERVAL_S,
+        policy=AutoscalingPolicy(policy_function=BoardAutoscaler,
+                                 policy_kwargs={"group_size": cfg.ep_size})),
+        "runtime_env": {"env_vars": {
+            "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": str(PUSH_INTERVAL_S)}}}

@@ -95,8 +95,7 @@ class BoardAutoscaler:
 
     def desired(self, ctx) -> int | None:
         """Replicas the demand needs (None without reports yet)."""
-        # NOTE: each replica's latest report (raw), not its mean over the look-back window
-        metrics = getattr(ctx, "raw_metrics", None) or ctx.aggregated_metrics or {}
+        metrics = ctx.aggregated_metrics or {}
         demand = [v for m in (metrics.get(DEMAND) or {}).values() for v in _values(m)[-1:]]
         capacity = [v for m in (metrics.get(CAPACITY) or {}).values() for v in _values(m)[-1:]]
         capacity = [c for c in capacity if c > 0]

@@ -42,18 +42,6 @@ def test_the_target_follows_demand_in_whole_groups_within_bounds():
     assert policy(ctx([1] * 6, [100] * 6, 6, now=1.0, lo=4))[0] == 4
 
 
-def test_each_replica_counts_with_its_latest_report_not_its_window_mean():
-    """Serve's raw metrics hold each replica's reports over the look-back window; a burst
-    that just started counts in full at once."""
-    point = lambda t, v: SimpleNamespace(timestamp=t, value=v)  # noqa: E731
-    burst = ctx([0, 0], [100, 100], 2, now=10.0)
-    burst.raw_metrics = {
-        DEMAND: {"r0": [point(t, 0.0) for t in range(9)] + [point(9, 350.0)],
-                 "r1": [point(t, 0.0) for t in range(10)]},
-        CAPACITY: {"r0": [point(9, 100.0)], "r1": [point(9, 100.0)]}}
-    assert BoardAutoscaler()(burst)[0] == 5  # 350 owed at 70 tok/s a replica
-
-
 def test_without_reports_the_standing_decision_holds():
     """Serve asks again while an added replica starts (one runs, two are decided) or before
     any report: the answer is the decision, not the running count; Serve's own decision
