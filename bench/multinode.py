@@ -58,8 +58,8 @@ def _stream(url: str, prompt: str, max_tokens: int, timeout_s: float,
                 except ValueError:
                     error = None
                 if codes is not None:
-                    codes.append(f"{resp.status_code} "
-                                 f"{error.get('code') if error else resp.text[:80]!r}")
+                    codes.append(f"{resp.status_code} {error.get('code')}" if error
+                                 else f"{resp.status_code} {resp.text[:80]!r}")
                 return ("error" if error else "lost"), ""
             for line in resp.iter_lines():
                 if not line.startswith("data: "):
@@ -112,6 +112,50 @@ def _wait(condition, timeout_s: float, what: str, poll_s: float = 0.5):
         time.sleep(poll_s)
 
 
+def _board_groups(cfg) -> list[str]:
+    """The expert-parallel groups on the board once every replica has published."""
+    from dspark.router.board import BoardConfig, BoardReader
+
+    reader = BoardReader(BoardConfig(cfg.redis_url, cluster=cfg.cluster), start=False)
+
+    def board_full():
+        reader.refresh()
+        return len(reader.fresh()) >= REPLICAS and reader.fresh()
+    board = _wait(board_full, 60, "every replica on the board")
+    return sorted({load.ep_group for load in board.values()})
+
+
+def _load_with_a_node_lost(cluster, victim, url: str, prompts: list[str],
+                           expected: dict[str, str], concurrency: int,
+                           max_tokens: int) -> tuple[dict, dict, float]:
+    """The load, with ``victim`` removed once a quarter of it has finished: (outcome
+    counts, error codes, the removal's time)."""
+    done = threading.Semaphore(0)
+    removed: dict = {}
+    codes: list[str] = []
+
+    def remove_after_a_quarter():
+        for _ in range(max(1, len(prompts) // 4)):
+            done.acquire()
+        removed["at"] = time.monotonic()
+        cluster.remove_node(victim, allow_graceful=False)
+
+    def one(prompt):
+        outcome, text = _stream(url, prompt, max_tokens, 180, codes)
+        done.release()
+        if outcome == "ok" and text != expected[prompt]:
+            outcome = "wrong"
+        return outcome
+
+    remover = threading.Thread(target=remove_after_a_quarter, daemon=True)
+    remover.start()
+    with ThreadPoolExecutor(concurrency) as pool:
+        outcomes = list(pool.map(one, prompts))
+    remover.join(timeout=60)
+    return ({k: outcomes.count(k) for k in ("ok", "error", "lost", "hung", "wrong")},
+            {c: codes.count(c) for c in sorted(set(codes))}, removed["at"])
+
+
 def run(num_requests: int, concurrency: int, max_tokens: int, port: int) -> dict:
     import ray
     from ray import serve
@@ -119,7 +163,6 @@ def run(num_requests: int, concurrency: int, max_tokens: int, port: int) -> dict
 
     from dspark.cluster.config import ServeConfig
     from dspark.cluster.serve import start, stop
-    from dspark.router.board import BoardConfig, BoardReader
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": HEAD_CPUS, "include_dashboard": True, "dashboard_port": None})
@@ -138,57 +181,23 @@ def run(num_requests: int, concurrency: int, max_tokens: int, port: int) -> dict
                                                               "port": port})
         cfg, redis = start(cfg)
         url = f"http://127.0.0.1:{port}"
-        result: dict = {"nodes": {"head": cluster.head_node.node_id,
-                                  "workers": [w.node_id for w in workers]}}
         before = _placement("dspark")
-        result["placement_before"] = before
-        reader = BoardReader(BoardConfig(cfg.redis_url, cluster=cfg.cluster), start=False)
-
-        def board_full():
-            reader.refresh()
-            return len(reader.fresh()) >= REPLICAS and reader.fresh()
-        board = _wait(board_full, 60, "every replica on the board")
-        result["board_groups"] = sorted({load.ep_group for load in board.values()})
-
+        result: dict = {"nodes": {"head": cluster.head_node.node_id,
+                                  "workers": [w.node_id for w in workers]},
+                        "placement_before": before, "board_groups": _board_groups(cfg)}
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(num_requests)]
         expected = {p: _stream(url, p, max_tokens, 120)[1] for p in set(prompts)}
-        victim_node = next(w for w in workers
-                           if any(r["node"] == w.node_id for r in before.values()))
-        done = threading.Semaphore(0)
-        removed: dict = {}
-
-        def remove_after_a_quarter():
-            for _ in range(max(1, num_requests // 4)):
-                done.acquire()
-            removed["at"] = time.monotonic()
-            cluster.remove_node(victim_node, allow_graceful=False)
-
-        codes: list[str] = []
-
-        def one(prompt):
-            outcome, text = _stream(url, prompt, max_tokens, 180, codes)
-            done.release()
-            if outcome == "ok" and text != expected[prompt]:
-                outcome = "wrong"
-            return outcome
-
-        remover = threading.Thread(target=remove_after_a_quarter, daemon=True)
-        remover.start()
-        with ThreadPoolExecutor(concurrency) as pool:
-            outcomes = list(pool.map(one, prompts))
-        remover.join(timeout=60)
-        result["removed_node"] = victim_node.node_id
-        result["outcomes"] = {k: outcomes.count(k)
-                              for k in ("ok", "error", "lost", "hung", "wrong")}
-        result["error_codes"] = {c: codes.count(c) for c in sorted(set(codes))}
+        victim = next(w for w in workers if any(r["node"] == w.node_id for r in before.values()))
+        result["removed_node"] = victim.node_id
+        result["outcomes"], result["error_codes"], removed_at = _load_with_a_node_lost(
+            cluster, victim, url, prompts, expected, concurrency, max_tokens)
 
         def recovered():
             placed = _placement("dspark")
             return (len(placed) == REPLICAS and _stream(url, prompts[0], max_tokens, 120)
                     == ("ok", expected[prompts[0]]) and placed)
-        after = _wait(recovered, 300, "the group serving again", poll_s=1.0)
-        result["recovery_s"] = round(time.monotonic() - removed["at"], 1)
-        result["placement_after"] = after
+        result["placement_after"] = _wait(recovered, 300, "the group serving again", poll_s=1.0)
+        result["recovery_s"] = round(time.monotonic() - removed_at, 1)
         return result
     finally:
         try:

@@ -107,7 +107,10 @@ def test_n_samples_are_independent_choices(served_url, served_app, demo_model):
     _, tok = demo_model
     assert out["usage"]["prompt_tokens"] == len(tok.chat_prompt(PROMPT))  # once, not 3x
     spec = out["metrics"]["speculative_decoding"]
-    assert spec["num_spec_steps"] == sum(spec["acceptance_histogram"]) > 0
+    # NOTE: the cost gate may draft none of 48 sampled tokens (it prices drafting from this
+    # replica's measured step costs): the three choices' metrics add up either way
+    assert spec["num_spec_steps"] == sum(spec["acceptance_histogram"])
+    assert spec["num_accepted_draft_tokens"] <= spec["num_draft_tokens"]
     greedy = post(served_url, "/v1/chat/completions", {**body, "temperature": 0}).json()
     want = plain_chat(demo_model, PROMPT, max_tokens=16)
     assert [c["message"]["content"] for c in greedy["choices"]] == [want] * 3

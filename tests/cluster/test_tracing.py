@@ -91,10 +91,21 @@ def traced_app(ray_cluster, served_app, receiver):
     from dspark.cluster.config import ServeConfig
     from dspark.cluster.serve import start
 
+    # NOTE: a fixed budget drafts every step (no cost gate, whose choices follow this
+    # machine's timings), so the drafted events checked below always exist
     cfg = ServeConfig(model_name="traced", max_num_seqs=4, num_blocks=128, threads=1,
                       replica_cpus=0.25, redis_url=served_app.redis_url, cluster="traced",
-                      otlp_traces_endpoint=receiver.url)
+                      otlp_traces_endpoint=receiver.url, budget="fixed")
     start(cfg, app_name="traced", route_prefix="/traced")
+    # NOTE: the router ranks by the board once the replica has published on it (before
+    # that it falls back, and its span says so instead of naming a choice)
+    from dspark.router.board import BoardConfig, BoardReader
+
+    reader = BoardReader(BoardConfig(served_app.redis_url, cluster="traced"), start=False)
+    deadline = time.monotonic() + 30
+    while reader.refresh() is None or not reader.fresh():
+        assert time.monotonic() < deadline, "the traced replica never published its load"
+        time.sleep(0.1)
     yield f"http://{served_app.host}:{served_app.port}/traced"
     serve.delete("traced")
 
