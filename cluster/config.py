@@ -97,8 +97,19 @@ class ServeConfig:
     """Online ECE of the confidence head above which a replica reports drift, in (0, 1)."""
     calibration_refit: bool = False
     """On drift, refit the per-position STS temperatures online from the window."""
+    api_keys: tuple[str, ...] = ()
+    """API keys a request must carry (Authorization: Bearer KEY, or x-api-key); none: no
+    key is asked. An entry env:NAME reads comma-separated keys from that environment
+    variable. /health and /openapi.json never ask."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.api_keys, str):  # NOTE: one key from a YAML scalar
+            object.__setattr__(self, "api_keys", (self.api_keys,))
+        object.__setattr__(self, "api_keys", tuple(self.api_keys))
+        for entry in self.api_keys:
+            if not isinstance(entry, str) or not entry or any(c.isspace() for c in entry):
+                raise ValueError("api_keys must be non-empty strings without whitespace "
+                                 f"(a key, or env:NAME), got {entry!r}")
         if self.router not in ("board", "pow2"):
             raise ValueError(f"router must be board or pow2, got {self.router!r}")
         if self.budget is not None:
@@ -199,7 +210,9 @@ class ServeConfig:
         return str(named) if named.is_dir() else self.drafter
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["api_keys"] = list(self.api_keys)  # NOTE: YAML and JSON have no tuples
+        return out
 
     @classmethod
     def field_docs(cls) -> dict[str, str]:

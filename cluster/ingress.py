@@ -178,6 +178,9 @@ class OpenAIIngress:
 
         self.tracer = make_tracer(self.cfg.otlp_traces_endpoint, self.cfg.trace_sample_ratio,
                                   "ingress")
+        from dspark.cluster.access import ApiKeys
+
+        self.keys = ApiKeys(self.cfg.api_keys)
 
     async def _shard_ready(self, timeout_s: float | None) -> bool:
         """Whether a shard replica answers (its model loaded); remembered once true."""
@@ -207,15 +210,17 @@ class OpenAIIngress:
                 "owned_by": "dspark"}
 
     @api.get("/v1/models", response_model=ModelList)
-    async def models(self) -> dict:
+    async def models(self, request: Request) -> dict:
         # NOTE: clients poll this route to know when to start: it answers once the model
         # is loaded, not as soon as the ingress is
+        self.keys.check(request.headers)
         await self._shard_ready(None)
         return {"object": "list", "data": [self._card()]}
 
     @api.get("/v1/models/{model_id:path}", response_model=ModelCard,
              responses={404: ERROR_RESPONSES[404]})
-    async def model(self, model_id: str) -> dict:
+    async def model(self, model_id: str, request: Request) -> dict:
+        self.keys.check(request.headers)
         check_model(model_id, self.served, "model_id")
         return self._card()
 
@@ -230,9 +235,10 @@ class OpenAIIngress:
                                     True)
 
     @api.get("/v1/load")
-    async def load(self) -> dict:
+    async def load(self, request: Request) -> dict:
         """Load of one replica (the one the handle picks), with its confidence head's
         calibration; for operators and tests."""
+        self.keys.check(request.headers)
         return await self.shard.status.remote()
 
     async def _json(self, request: Request):
@@ -257,6 +263,7 @@ class OpenAIIngress:
         started = time.perf_counter()
         clock = Clock(route, started, self._span(request, chat))
         try:
+            self.keys.check(request.headers)
             body = parse(model, await self._json(request), self.served)
             if clock.span is not None:
                 self._describe(clock.span, body, chat)

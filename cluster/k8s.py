@@ -45,7 +45,8 @@ class Overlay:
     head_serves: bool = True
     """The head takes Serve replicas (demo) or only the controller and the proxy (gpu)."""
     redis_secret: bool = False
-    """Redis comes from an external URL in a Secret (else a Deployment in the cluster)."""
+    """Redis comes from an external URL in a Secret (else a Deployment in the cluster), and
+    the API keys from another (``dspark-api-keys``): the secured, production-like overlay."""
     otlp_endpoint: str | None = None
     node_selector: tuple[tuple[str, str], ...] = ()
 
@@ -72,6 +73,7 @@ def app_config(cfg: ServeConfig, overlay: Overlay) -> dict:
     out = cfg.to_dict()
     if overlay.redis_secret:
         out["redis_url"] = "env:DSPARK_REDIS_URL"
+        out["api_keys"] = ["env:DSPARK_API_KEYS"]
     return out
 
 
@@ -92,8 +94,10 @@ def _container(overlay: Overlay, name: str, cpu: str, memory: str, gpus: int,
         limits["nvidia.com/gpu"] = str(gpus)
     env = [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}]
     if overlay.redis_secret:
-        env.append({"name": "DSPARK_REDIS_URL", "valueFrom": {"secretKeyRef": {
-            "name": "dspark-redis", "key": "url"}}})
+        env += [{"name": "DSPARK_REDIS_URL", "valueFrom": {"secretKeyRef": {
+                    "name": "dspark-redis", "key": "url"}}},
+                {"name": "DSPARK_API_KEYS", "valueFrom": {"secretKeyRef": {
+                    "name": "dspark-api-keys", "key": "keys"}}}]
     if gpus:
         env += [{"name": "NCCL_SOCKET_IFNAME", "value": "eth0"},
                 {"name": "NCCL_IB_DISABLE", "value": "0"},
@@ -155,7 +159,10 @@ def redis_objects(overlay: Overlay) -> list[dict]:
         return [{"apiVersion": "v1", "kind": "Secret",
                  "metadata": {"name": "dspark-redis", "labels": {"app": "dspark"}},
                  "type": "Opaque",
-                 "stringData": {"url": "rediss://:CHANGE-ME@redis.example.internal:6380/0"}}]
+                 "stringData": {"url": "rediss://:CHANGE-ME@redis.example.internal:6380/0"}},
+                {"apiVersion": "v1", "kind": "Secret",
+                 "metadata": {"name": "dspark-api-keys", "labels": {"app": "dspark"}},
+                 "type": "Opaque", "stringData": {"keys": "CHANGE-ME-1,CHANGE-ME-2"}}]
     labels = {"app": "dspark", "component": "redis"}
     return [
         {"apiVersion": "apps/v1", "kind": "Deployment",

@@ -23,9 +23,11 @@ READY_TIMEOUT_S = 900.0
 """How long the app may take to load its replicas before the start counts as failed."""
 
 
-def curl_example(url: str, model: str) -> str:
+def curl_example(url: str, model: str, keyed: bool = False) -> str:
+    """A streamed chat request to paste (``keyed``: with a key from ``$DSPARK_API_KEY``)."""
+    auth = "-H \"Authorization: Bearer $DSPARK_API_KEY\" " if keyed else ""
     return (
-        f"curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' -d "
+        f"curl -N {url}/v1/chat/completions {auth}-H 'Content-Type: application/json' -d "
         f"'{{\"model\": \"{model}\", \"stream\": true, \"max_tokens\": 64, \"messages\": "
         f"[{{\"role\": \"user\", \"content\": \"What is 7 * 8?\"}}]}}'"
     )
@@ -254,7 +256,7 @@ def main(cfg: ServeConfig) -> int:
     url = app_url(cfg)
     print(f"ready in {time.time() - started:.0f} s: {url}  (OpenAI API: {url}/v1, load board: "
           f"{cfg.redis_url})", flush=True)
-    print(curl_example(url, cfg.model_name), flush=True)
+    print(curl_example(url, cfg.model_name, bool(cfg.api_keys)), flush=True)
     print(observability_line(cfg), flush=True)
     print("Ctrl-C stops the server.", file=sys.stderr, flush=True)
     done = threading.Event()

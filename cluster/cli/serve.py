@@ -27,6 +27,10 @@ def add_parser(sub: Subparsers) -> None:
     add_flag(srv, "--config", None, "YAML file of serve settings (flags override it)")
     docs = ServeConfig.field_docs()
     for f in fields(ServeConfig):
+        if f.name == "api_keys":  # NOTE: one flag per key, repeatable
+            add_flag(srv, "--api-key", None, docs[f.name] + " Repeat the flag for each key.",
+                     dest="api_keys", action="append", shown="none")
+            continue
         kind = {"int": int, "float": float, "int | None": int, "bool": _bool}.get(
             str(f.type), str)
         default = f.default if f.default is not MISSING else None
