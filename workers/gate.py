@@ -143,8 +143,10 @@ class CostGate(DraftGate):
         doubles (up to ``max_backoff * probe_every``) until a probe finds a request worth
         drafting; a stale request that never drafted is probed after ``probe_every`` idle
         steps of the drafter whatever the gap. Only stale requests that would be drafted
-        if they accepted every draft are probed (``_worth_probing``). With no request
-        worth drafting, nearly every step is a plain step."""
+        if they accepted every draft are probed (``_worth_probing``), except once the
+        drafter has been idle for the longest gap: then the costs that say drafting never
+        pays are themselves stale, and a probe refreshes them. With no request worth
+        drafting, nearly every step is a plain step."""
         if not candidates:
             return []
         # NOTE: a request with no record yet takes the engine-wide one; before any drafting
@@ -161,10 +163,14 @@ class CostGate(DraftGate):
                                       -candidates[i].record.idle))
         # NOTE: only when a probe is due (the drafter runs anyway, or has been idle long
         # enough): pricing the stale requests at their best costs a pass over everyone
-        if stale and (chosen or self.quiet + 1 >= min(self.gap, self.probe_every)):
+        # NOTE: past the longest gap the drafter's costs are stale too (only drafting steps
+        # refine them; a spike of load may have left them too high to ever pay): probe
+        refresh = self.quiet + 1 >= self.max_backoff * self.probe_every
+        if stale and not refresh and (chosen or self.quiet + 1 >= min(self.gap,
+                                                                    self.probe_every)):
             stale = self._worth_probing(stale, candidates, num_decoding, other_tokens,
                                         other_requests)
-        else:
+        elif not (stale and refresh):
             stale = []
         unseen = bool(stale) and candidates[stale[0]].record.gain is None
         self.probes = set()

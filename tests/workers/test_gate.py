@@ -64,14 +64,19 @@ def test_with_nobody_worth_drafting_probe_steps_back_off():
     assert gaps[:4] == [4, 8, 16, 32]  # the idle gap doubles, up to 8 * probe_every
 
 
-def test_no_probe_where_even_full_acceptance_would_not_pay():
+def test_no_probe_where_even_full_acceptance_would_not_pay_but_a_refresh_at_the_longest_gap():
     # drafting costs 50 ms against a 10 ms step: a request accepting every draft it
-    # verifies still loses, so nothing a probe could learn would make anyone draft
+    # verifies still loses, so a probe could only refresh the costs that say so, which it
+    # does once the drafter has been idle for the longest gap (8 x probe_every steps)
     g = gate(50.0, probe_every=4)
     never = GateCandidate(DraftRecord(idle=30), cap=7)
-    for _ in range(60):
-        assert g.choose([cand(3.0, idle=30), never, cand(0.2, idle=30)], 3, 0) == [False] * 3
-        g.observe([], [], [], [])
+    picks = []
+    for _ in range(70):
+        picks.append(g.choose([cand(3.0, idle=30), never, cand(0.2, idle=30)], 3, 0))
+        g.observe([DraftRecord()] * sum(picks[-1]), [], [], [])
+    probed = [step for step, p in enumerate(picks) if any(p)]
+    assert probed == [31, 63]  # the 32nd and 64th idle steps of the drafter
+    assert all(sum(picks[step]) <= g.probes_per_step for step in probed)
 
 
 def test_a_request_worth_drafting_resets_the_probe_gap():
