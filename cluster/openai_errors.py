@@ -81,23 +81,23 @@ REPLICA_GONE = ("ActorDiedError", "ActorUnavailableError", "RayActorError",
 """Ray's names for a replica process that is gone (killed, crashed, its node lost, or
 stopped by Serve with the rest of its gang)."""
 
+NAMED_FAILURES = {
+    "ExpertGroupFailed": (503, "expert_group_failed"),
+    "EngineStepFailed": (500, "engine_error"),
+}
+"""The replica's own failures (``workers.async_engine``), known by name: status and code.
+Their messages name only an exception type, so they are passed on as they are."""
+
 
 def stream_error(exc: BaseException) -> APIError:
-    """The error chunk of a stream that failed after its first chunk: a replica that died
-    or whose expert-parallel group failed is named as such (503, retry); anything else is
-    an internal error (500)."""
+    """The error of a request that failed in its replica: the replica's named failures
+    (``NAMED_FAILURES``), a replica that is gone (503, retry), else an internal error
+    (500)."""
     cause = getattr(exc, "cause", None) or exc
-    names = {type(exc).__name__, type(cause).__name__}
-    if "ExpertGroupFailed" in names or "ExpertGroupFailed" in str(exc):
-        message = str(cause) if type(cause).__name__ == "ExpertGroupFailed" else (
-            "this request's expert-parallel group lost a member; the group restarts as a "
-            "whole, retry the request")
-        return APIError(503, message, kind="server_error", code="expert_group_failed")
-    if "EngineStepFailed" in names:
-        message = str(cause) if type(cause).__name__ == "EngineStepFailed" else (
-            "the engine failed this request's step; retry the request")
-        return APIError(500, message, kind="server_error", code="engine_error")
-    if names & set(REPLICA_GONE):
+    known = NAMED_FAILURES.get(type(cause).__name__)
+    if known is not None:
+        return APIError(known[0], str(cause), kind="server_error", code=known[1])
+    if {type(exc).__name__, type(cause).__name__} & set(REPLICA_GONE):
         return APIError(503, "the replica serving this request stopped mid-stream "
                         f"({type(exc).__name__}: its process, its node or its expert-parallel "
                         "group failed); retry the request", kind="server_error",

@@ -63,15 +63,8 @@ def join_group(redis_url: str, cluster: str, world_size: int, address: str,
     client = redis.Redis.from_url(redis_url, socket_timeout=5)
     index = int(client.incr(counter_key(cluster))) - 1
     group_index, rank = divmod(index, world_size)
-    key = group_key(cluster, group_index)
-    if rank == 0:
-        client.set(key, json.dumps({"version": RENDEZVOUS_VERSION, "master": address,
-                                    "port": free_port(), "world_size": world_size}))
-    info = _wait_for(client, key, timeout_s, poll_s)
-    if not isinstance(info, dict) or info.get("version") != RENDEZVOUS_VERSION or (
-            info.get("world_size") != world_size):
-        raise RuntimeError(f"{key}: rendezvous entry of another schema or size: {info}")
-    return GroupSeat(f"ep{group_index}", rank, world_size, info["master"], int(info["port"]))
+    return _meet(client, group_key(cluster, group_index), f"ep{group_index}", rank, world_size,
+                 address, None, timeout_s, poll_s)
 
 
 GANG_ENTRY_TTL_S = 24 * 3600
@@ -89,16 +82,23 @@ def join_gang(redis_url: str, cluster: str, gang: str, rank: int, world_size: in
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     client = redis.Redis.from_url(redis_url, socket_timeout=5)
-    key = gang_key(cluster, gang)
+    return _meet(client, gang_key(cluster, gang), f"gang-{gang[:8]}", rank, world_size,
+                 address, GANG_ENTRY_TTL_S, timeout_s, poll_s)
+
+
+def _meet(client: redis.Redis, key: str, group: str, rank: int, world_size: int,
+          address: str, ttl_s: int | None, timeout_s: float, poll_s: float) -> GroupSeat:
+    """Rank 0 publishes ``address`` and a free port under ``key``; every rank reads that
+    entry back and checks its schema and size."""
     if rank == 0:
         client.set(key, json.dumps({"version": RENDEZVOUS_VERSION, "master": address,
                                     "port": free_port(), "world_size": world_size}),
-                   ex=GANG_ENTRY_TTL_S)
+                   ex=ttl_s)
     info = _wait_for(client, key, timeout_s, poll_s)
     if not isinstance(info, dict) or info.get("version") != RENDEZVOUS_VERSION or (
             info.get("world_size") != world_size):
         raise RuntimeError(f"{key}: rendezvous entry of another schema or size: {info}")
-    return GroupSeat(f"gang-{gang[:8]}", rank, world_size, info["master"], int(info["port"]))
+    return GroupSeat(group, rank, world_size, info["master"], int(info["port"]))
 
 
 def _wait_for(client: redis.Redis, key: str, timeout_s: float, poll_s: float):

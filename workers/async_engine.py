@@ -48,16 +48,8 @@ class ExpertGroupFailed(RuntimeError):
 
 
 class EngineStepFailed(RuntimeError):
-    """The engine failed the step this request was in (``Engine._fail``: its finish reason
-    ``error: <type>: ...``). The ingress knows it by name and names only the type."""
-
-
-def _step_error(out: RequestOutput) -> str | None:
-    """The exception type of a request the engine failed (None for a normal output)."""
-    reason = out.finish_reason or ""
-    if not (out.finished and reason.startswith("error:")):
-        return None
-    return reason[len("error:"):].split(":", 1)[0].strip() or "error"
+    """The engine failed the step this request was in (``Engine._fail``, which sets the
+    output's ``error``). The ingress knows it by name and names only the type."""
 
 
 @dataclass
@@ -166,7 +158,8 @@ class AsyncEngine:
                 try:
                     busy = any_rank_busy(busy, self.group)  # one all-reduce per step
                 except Exception as exc:
-                    return self._group_failed(exc)
+                    logger.error("expert-parallel all-reduce failed: %s", exc)
+                    return self._group_failed(type(exc).__name__)
             if not busy:
                 self._wake.wait(self.idle_wait_s)
                 self._wake.clear()
@@ -175,22 +168,21 @@ class AsyncEngine:
                 result = self.engine.step()
             except Exception as exc:  # the engine already fails requests; this is a bug
                 if self.group is not None:  # NOTE: or a collective: the ranks are out of step
-                    return self._group_failed(exc)
+                    return self._group_failed(type(exc).__name__)
                 logger.exception("engine step raised")
                 self._fail_all(exc)
                 continue
-            failed = next((e for e in map(_step_error, result.outputs) if e), None)
+            failed = next((out.error for out in result.outputs if out.error), None)
             if failed is not None and self.group is not None:
                 # NOTE: a failed step in a group: a collective failed or the ranks are out
                 # of step; neither can go on
-                return self._group_failed(RuntimeError(failed))
+                return self._group_failed(failed)
             self._publish(result)
 
-    def _group_failed(self, exc: Exception) -> None:
-        logger.error("expert-parallel group failed (%s: %s); stopping the engine loop",
-                     type(exc).__name__, exc)
-        kind = str(exc) if type(exc) is RuntimeError and str(exc).isidentifier() else (
-            type(exc).__name__)
+    def _group_failed(self, kind: str) -> None:
+        """Fail every request with ``ExpertGroupFailed`` (``kind``: the exception's type)
+        and let the loop end."""
+        logger.error("expert-parallel group failed (%s); stopping the engine loop", kind)
         self.failure = ExpertGroupFailed(
             f"this request's expert-parallel group lost a member ({kind}); the group "
             "restarts as a whole, retry the request")
@@ -205,9 +197,8 @@ class AsyncEngine:
 
     def _publish(self, result) -> None:
         for out in result.outputs:
-            error = _step_error(out)
-            self._deliver(out.req_id, out if error is None else EngineStepFailed(
-                f"the engine failed this request's step ({error}); retry the request"))
+            self._deliver(out.req_id, out if out.error is None else EngineStepFailed(
+                f"the engine failed this request's step ({out.error}); retry the request"))
         if result.stats is not None:
             self.last_stats = result.stats
             if result.stats.num_drafts:

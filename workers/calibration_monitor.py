@@ -188,9 +188,11 @@ class _Window:
         self.head = (self.head + 1) % len(self.accepted)
         self.count = min(self.count + 1, len(self.accepted))
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """Copies of the filled rows: (prefix logits ``[n, k]``, accepted ``[n]``)."""
-        return self.logits[: self.count].copy(), self.accepted[: self.count].copy()
+    def arrays(self, copy: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """The filled rows: (prefix logits ``[n, k]``, accepted ``[n]``); views with
+        ``copy=False``, for a reader that holds the monitor's lock."""
+        logits, accepted = self.logits[: self.count], self.accepted[: self.count]
+        return (logits.copy(), accepted.copy()) if copy else (logits, accepted)
 
 
 def _scores(windows: list[tuple[np.ndarray, np.ndarray]], temps: Sequence[float],
@@ -330,7 +332,7 @@ class CalibrationMonitor:
 
     def _judge_drift(self) -> tuple[float, ...] | None:
         """Update the drift state (lock held); the new temperatures if a refit ran."""
-        windows = [w.arrays() for w in self._windows]
+        windows = [w.arrays(copy=False) for w in self._windows]
         scores = _scores(windows, self._temps, self.config.num_bins)
         drifted = self._is_drifted(scores)
         entering = drifted and not self._drifted

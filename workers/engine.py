@@ -346,8 +346,8 @@ class Engine:
         reason = f"error: {type(exc).__name__}: {exc}"
         for s in seqs:
             self.abort(s.request.req_id)
-        return StepResult([RequestOutput(s.request.req_id, [], True, reason) for s in seqs],
-                          None)
+        return StepResult([RequestOutput(s.request.req_id, [], True, reason,
+                                         error=type(exc).__name__) for s in seqs], None)
 
     # ------------------------------------------------------------------ convenience
     def generate(self, prompts: Sequence[Sequence[int]],

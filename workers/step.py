@@ -39,6 +39,8 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     """On the first output of a request that scores its prompt: one per prompt token (None
     for the first, which has no context)."""
+    error: str | None = None
+    """On a request the engine failed (finish reason ``error: ...``): the exception's type."""
 
 
 @dataclass
