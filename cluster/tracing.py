@@ -52,24 +52,25 @@ def step_event_attributes(record) -> dict:
     """The ``engine_step`` event of one request in one step (a ``workers.stats.RequestStep``).
 
     Every event has the step, the gate's reason (``prefill`` marks a prompt chunk), the
-    tokens committed and the step's target rows. A drafted one (``cost``, ``probe``,
-    ``always``) adds what the budget saw and chose: γ, ℓ_r, the accepted drafts, the
-    survival of each verified position (a space-separated string: one attribute, not an
-    array of seven, which costs the exporter four times as much), the budget mode and the
-    group's external tokens. A gated-off step carries no zeros for what did not happen.
+    tokens committed, the budget mode, the step's target rows and the group's external
+    tokens. A drafted one (``cost``, ``probe``, ``always``) adds what the budget chose and
+    what came of it: γ, ℓ_r, the accepted drafts, the survival of each verified position
+    (a space-separated string: one attribute, where an array costs the exporter a value
+    per element). A gated-off step carries no zeros for what did not
+    happen.
     """
     attrs = {
         "dspark.step": record.step,
         "dspark.spec.gate": record.gate,
         "dspark.spec.committed": record.committed,
+        "dspark.spec.budget_mode": record.budget_mode,
         "dspark.step.verified_tokens": record.step_tokens,
+        "dspark.step.external_tokens": record.external_tokens,
     }
     if record.drafted:
         attrs["dspark.spec.proposed"] = record.proposed
         attrs["dspark.spec.verified"] = record.verified
         attrs["dspark.spec.accepted"] = record.accepted
-        attrs["dspark.spec.budget_mode"] = record.budget_mode
-        attrs["dspark.step.external_tokens"] = record.external_tokens
         if record.survival:
             attrs["dspark.spec.survival"] = " ".join(f"{p:.3f}" for p in record.survival)
     elif record.prefill_tokens:
