@@ -51,10 +51,6 @@ class ApiKeys:
     def __init__(self, entries: Iterable[str]) -> None:
         self.keys = resolve_keys(entries)
 
-    @property
-    def required(self) -> bool:
-        return bool(self.keys)
-
     def check(self, headers: Mapping[str, str]) -> None:
         """Return if the request may be served; raise the 401 otherwise."""
         if not self.keys:
