@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import time
 
+from dspark.router.otlp_wire import PackedEvent
 from dspark.router.tracing import extract, inject, make_tracer
 
-__all__ = ["StepEvents", "extract", "inject", "make_tracer", "request_attributes",
+__all__ = ["StepEvent", "StepEvents", "extract", "inject", "make_tracer", "request_attributes",
            "step_event_attributes"]
 
 PROVIDER_NAME = "dspark"
@@ -72,10 +73,25 @@ def step_event_attributes(record) -> dict:
         attrs["dspark.spec.verified"] = record.verified
         attrs["dspark.spec.accepted"] = record.accepted
         if record.survival:
-            attrs["dspark.spec.survival"] = " ".join(f"{p:.3f}" for p in record.survival)
+            survival = tuple(record.survival)
+            attrs["dspark.spec.survival"] = ("%.3f " * len(survival) % survival)[:-1]
     elif record.prefill_tokens:
         attrs["dspark.step.prefill_tokens"] = record.prefill_tokens
     return attrs
+
+
+class StepEvent(PackedEvent):
+    """One request's ``engine_step`` event: its attributes are built from the engine's row
+    only when they are read, and the exporter writes its OTLP bytes without the SDK's
+    per-attribute objects (``router.otlp_wire``)."""
+
+    def __init__(self, timestamp: int, row) -> None:
+        super().__init__("engine_step", timestamp)
+        self._row = row
+
+    @property
+    def attributes(self) -> dict:
+        return step_event_attributes(self._row)
 
 
 class StepEvents:
@@ -106,5 +122,11 @@ class StepEvents:
 
     def close(self, req_id: str, span) -> None:
         """Write ``req_id``'s step events to ``span`` (before it ends)."""
-        for stamp, row in self._rows.pop(req_id, ()):
-            span.add_event("engine_step", step_event_attributes(row), timestamp=stamp)
+        rows = self._rows.pop(req_id, ())
+        add = getattr(span, "_add_event", None)
+        if add is None:  # NOTE: not the SDK's span: plain events
+            for stamp, row in rows:
+                span.add_event("engine_step", step_event_attributes(row), timestamp=stamp)
+            return
+        for stamp, row in rows:
+            add(StepEvent(stamp, row))

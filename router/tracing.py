@@ -44,11 +44,12 @@ def shutdown_tracing() -> None:
 
 
 def _provider(endpoint: str, sample_ratio: float):
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import SpanLimits, TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    from dspark.router.otlp_wire import packed_exporter
 
     provider = TracerProvider(
         resource=Resource.create({"service.name": "dspark", "service.namespace": "dspark"}),
@@ -57,7 +58,7 @@ def _provider(endpoint: str, sample_ratio: float):
                                else MAX_SPAN_EVENTS))
     # NOTE: the SDK's default export delay (5 s, or OTEL_BSP_SCHEDULE_DELAY): one POST per
     # process every few seconds, not several a second
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    provider.add_span_processor(BatchSpanProcessor(packed_exporter(endpoint)))
     return provider
 
 
