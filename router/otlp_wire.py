@@ -4,10 +4,11 @@ uses them.
 A replica traces one ``engine_step`` event per step of every traced request. The SDK's OTLP
 encoder builds a protobuf object per attribute in Python (about 60 µs for a step's event
 here: ``python -m dspark.bench.otel_event_cost``), on the exporter's thread, which holds
-the replica's GIL. A :class:`PackedEvent` writes its own ``Span.Event`` bytes from cached
-key prefixes instead, and :class:`PackedEventExporter` merges them into the spans the SDK
-encoder made without them: the same OTLP message, and the request is still posted by the
-SDK's exporter (endpoint, headers, compression, retries).
+the replica's GIL. Here spans are written as bytes from cached key prefixes and framed
+attribute pairs, and a :class:`PackedEvent` (the replica's step events) writes its own
+bytes without ever building an attribute dict for the SDK: the same OTLP message (the
+tests compare it with the SDK encoder's), still posted by the SDK's exporter (endpoint,
+headers, compression, retries).
 
 Wire format (opentelemetry/proto/trace/v1/trace.proto, common/v1/common.proto):
 ``Span.events`` = field 11; ``Event`` = time_unix_nano (1, fixed64), name (2),
@@ -129,17 +130,6 @@ class PackedEvent(EventBase):
         return 0
 
 
-class _Shell:
-    """A finished span as the SDK encoder sees it, without its packed events."""
-
-    def __init__(self, span, events) -> None:
-        self._span = span
-        self.events = events
-
-    def __getattr__(self, name):
-        return getattr(self._span, name)
-
-
 def _post(exporter) -> object | None:
     """The SDK exporter's poster of encoded requests, where this SDK version has one."""
     client = getattr(exporter, "_client", None)
@@ -153,29 +143,101 @@ def _encode_any(event) -> bytes:
                         getattr(event, "dropped_attributes", 0))
 
 
-def encode_request(spans) -> bytes:
-    """The ``ExportTraceServiceRequest`` of ``spans``: the SDK's encoder, except that a span
-    with packed events has all its events written here, in their order."""
-    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+def _attributes(tag: int, attributes: Mapping | None) -> bytes:
+    """Repeated ``KeyValue`` field ``tag`` (1 for a resource, 3 for a scope, 9 for a span)."""
+    if not attributes:
+        return b""
+    pairs = [_pair(k, v) for k, v in attributes.items()]
+    return b"".join(pairs) if tag == 3 else b"".join(
+        bytes([(tag << 3) | 2]) + p[1:] for p in pairs)
 
-    events: dict[bytes, bytes] = {}
-    shells = []
-    for span in spans:
-        if not any(isinstance(e, PackedEvent) for e in span.events):
-            shells.append(span)
-            continue
-        shells.append(_Shell(span, ()))
-        events[span.context.span_id.to_bytes(8, "big")] = b"".join(
-            _encode_any(e) for e in span.events)
-    request = encode_spans(shells)
-    if events:
-        for resource in request.resource_spans:
-            for scope in resource.scope_spans:
-                for span in scope.spans:
-                    extra = events.get(span.span_id)
-                    if extra:
-                        span.MergeFromString(extra)
-    return request.SerializePartialToString()
+
+class _Unsupported(Exception):
+    """A span this encoder leaves to the SDK's (links, map or None values)."""
+
+
+def _check_value(value) -> None:
+    if value is None or isinstance(value, Mapping):
+        raise _Unsupported
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            _check_value(v)
+
+
+_KIND = {0: 1, 1: 2, 2: 3, 3: 4, 4: 5}
+"""SDK ``SpanKind`` value -> OTLP ``Span.SpanKind`` (INTERNAL, SERVER, CLIENT, PRODUCER,
+CONSUMER)."""
+
+
+def encode_span(span) -> bytes:
+    """One ``Span`` message (unframed)."""
+    if span.links:
+        raise _Unsupported
+    for value in span.attributes.values():
+        _check_value(value)
+    ctx, parent = span.get_span_context(), span.parent
+    out = [b"\x0a\x10", ctx.trace_id.to_bytes(16, "big"), b"\x12\x08",
+           ctx.span_id.to_bytes(8, "big")]
+    if ctx.trace_state:
+        out.append(_field(0x1A, ",".join(f"{k}={v}" for k, v in ctx.trace_state.items())
+                          .encode()))
+    if parent is not None:
+        out += [b"\x22\x08", parent.span_id.to_bytes(8, "big")]
+    out += [_field(0x2A, span.name.encode()), b"\x30", varint(_KIND[span.kind.value]),
+            b"\x39", struct.pack("<Q", span.start_time), b"\x41", struct.pack("<Q", span.end_time),
+            _attributes(9, span.attributes)]
+    for event in span.events:
+        if not isinstance(event, PackedEvent):
+            for value in (event.attributes or {}).values():
+                _check_value(value)
+        out.append(_encode_any(event))
+    for tag, count in ((0x50, span.dropped_attributes), (0x60, span.dropped_events)):
+        if count:
+            out += [bytes([tag]), varint(count)]
+    status = span.status
+    body = b""
+    if status.description:
+        body += _field(0x12, status.description.encode())
+    if status.status_code.value:
+        body += b"\x18" + varint(status.status_code.value)
+    flags = 0x100 | (0x200 if parent is not None and parent.is_remote else 0)
+    out += [_field(0x7A, body), b"\x85\x01", struct.pack("<I", flags)]
+    return b"".join(out)
+
+
+def _scope(scope) -> bytes:
+    if scope is None:
+        return b""
+    out = _field(0x0A, scope.name.encode()) if scope.name else b""
+    if scope.version:
+        out += _field(0x12, scope.version.encode())
+    return out + _attributes(3, scope.attributes)
+
+
+def encode_request(spans) -> bytes:
+    """The ``ExportTraceServiceRequest`` of ``spans``, the message the SDK's encoder makes
+    (which encodes a batch this one does not cover: links, map or None values)."""
+    groups: dict = {}
+    try:
+        for span in spans:
+            scopes = groups.setdefault(span.resource, {})
+            scopes.setdefault(span.instrumentation_scope or None, []).append(encode_span(span))
+    except _Unsupported:
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+        return encode_spans(spans).SerializePartialToString()
+    out = []
+    for resource, scopes in groups.items():
+        body = [_field(0x0A, _attributes(1, resource.attributes))]
+        for scope, encoded in scopes.items():
+            inner = [_field(0x0A, _scope(scope))] + [_field(0x12, e) for e in encoded]
+            if scope is not None and scope.schema_url:
+                inner.append(_field(0x1A, scope.schema_url.encode()))
+            body.append(_field(0x12, b"".join(inner)))
+        if resource.schema_url:
+            body.append(_field(0x1A, resource.schema_url.encode()))
+        out.append(_field(0x0A, b"".join(body)))
+    return b"".join(out)
 
 
 def packed_exporter(endpoint: str):

@@ -16,8 +16,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
-from dspark.cluster.tracing import StepEvent, StepEvents
+from dspark.cluster.tracing import StepEvent, StepEvents, extract
 from dspark.router.otlp_wire import encode_request, packed_exporter, varint
 
 
@@ -48,8 +49,12 @@ def finished_spans() -> list:
     finished = Finished()
     provider = TracerProvider(resource=Resource.create({"service.name": "test"}))
     provider.add_span_processor(finished)
-    plain = provider.get_tracer("a").start_span("ingress", attributes={"n": 3, "x": 0.5})
-    plain.add_event("first_token", {"ok": True, "ids": [1, -2, 300], "s": "é"})
+    parent = extract({"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                      "tracestate": "k=v,w=1"})
+    plain = provider.get_tracer("a", "1.2", schema_url="https://example.test/s").start_span(
+        "ingress", context=parent, kind=SpanKind.SERVER, attributes={"n": 3, "x": 0.5})
+    plain.add_event("first_token", {"ok": True, "ids": [1, -2, 300], "s": "é", "b": b"\x00"})
+    plain.set_status(Status(StatusCode.ERROR, "boom"))
     plain.end()
     steps = StepEvents()
     for n in range(3):
@@ -71,6 +76,17 @@ def test_packed_events_encode_to_the_message_the_sdk_encoder_makes():
     assert mine == encode_spans(spans)
     replica = mine.resource_spans[0].scope_spans[1].spans[2]
     assert [e.name for e in replica.events] == ["queued"] + ["engine_step"] * 4 + ["finish"]
+
+
+def test_a_batch_with_links_is_left_to_the_sdk_encoder():
+    spans = finished_spans()
+    provider = TracerProvider()
+    finished = Finished()
+    provider.add_span_processor(finished)
+    provider.get_tracer("c").start_span(
+        "linked", links=[Link(spans[0].get_span_context(), {"why": "retry"})]).end()
+    spans += finished.spans
+    assert ExportTraceServiceRequest.FromString(encode_request(spans)) == encode_spans(spans)
 
 
 def test_varint_matches_protobuf_for_edge_values():
