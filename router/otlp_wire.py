@@ -1,5 +1,5 @@
-"""OTLP span events written straight in protobuf's wire format, and the exporter that
-uses them.
+"""Finished spans written straight in OTLP's protobuf wire format, and the exporter that
+posts them.
 
 A replica traces one ``engine_step`` event per step of every traced request. The SDK's OTLP
 encoder builds a protobuf object per attribute in Python (about 60 µs for a step's event
@@ -10,10 +10,14 @@ bytes without ever building an attribute dict for the SDK: the same OTLP message
 tests compare it with the SDK encoder's), still posted by the SDK's exporter (endpoint,
 headers, compression, retries).
 
-Wire format (opentelemetry/proto/trace/v1/trace.proto, common/v1/common.proto):
-``Span.events`` = field 11; ``Event`` = time_unix_nano (1, fixed64), name (2),
-attributes (3, ``KeyValue``); ``KeyValue`` = key (1), value (2, ``AnyValue``); ``AnyValue``
-= string_value (1), bool_value (2), int_value (3, varint), double_value (4, fixed64).
+Wire format (opentelemetry/proto/trace/v1/trace.proto, common/v1/common.proto), as used
+here: ``Span`` = trace_id (1), span_id (2), trace_state (3), parent_span_id (4), name (5),
+kind (6), start and end (7, 8, fixed64), attributes (9), dropped counts (10, 12), events
+(11), status (15), flags (16, fixed32); ``Event`` = time_unix_nano (1, fixed64), name (2),
+attributes (3); ``KeyValue`` = key (1), value (2, ``AnyValue``); ``AnyValue`` =
+string_value (1), bool_value (2), int_value (3, varint), double_value (4, fixed64),
+array_value (5), bytes_value (7). A batch with links (or a value the SDK itself would
+write oddly: None, a map) goes to the SDK's encoder whole.
 """
 
 from __future__ import annotations
@@ -241,7 +245,9 @@ def encode_request(spans) -> bytes:
 
 
 def packed_exporter(endpoint: str):
-    """An OTLP/HTTP span exporter to ``endpoint`` that writes packed events itself."""
+    """An OTLP/HTTP span exporter to ``endpoint`` that encodes with ``encode_request``
+    (where this SDK's exporter has no separate poster, it falls back to the SDK's whole
+    ``export``: the same message, encoded more slowly)."""
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.trace.export import SpanExportResult
 
