@@ -1,9 +1,10 @@
 """The board autoscaling policy against Serve's request-based one, on the same ramp.
 
-    python -m dspark.bench.autoscale_bench [--out docs/results/autoscaling]
+    python -m dspark.bench.autoscale_bench [--rounds 3] [--out docs/results/autoscaling]
 
-Each policy gets a fresh app (DSpark, 1 to ``--max-replicas`` replicas) on one local Ray
-cluster, then the same ramp: ``--idle-s`` idle, ``--burst-s`` of ``--clients`` closed-loop
+In each of ``--rounds`` rounds (the policies' order alternating, so neither always runs
+first on a fresh cluster), each policy gets a fresh app (DSpark, 1 to ``--max-replicas``
+replicas) on one local Ray cluster, then the same ramp: ``--idle-s`` idle, ``--burst-s`` of ``--clients`` closed-loop
 streaming clients, ``--idle-s`` idle again. Every half second the running replicas are
 sampled. Per policy it reports:
 
@@ -11,6 +12,8 @@ sampled. Per policy it reports:
 - requests whose time to first token passed ``--slo-s`` (and their share);
 - replica-seconds over the ramp (the cost);
 - time to scale back down to the minimum after the burst.
+
+Each figure is the median over rounds with [min–max]; every round's row is kept too.
 """
 
 from __future__ import annotations
@@ -106,39 +109,92 @@ def run(args) -> dict:
                        max_num_seqs=4, replicas=args.min_replicas,
                        min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                        upscale_delay_s=2.0, downscale_delay_s=10.0, autoscaling_horizon_s=5.0)
-    results = {}
+    rounds: list[dict] = []
     try:
-        for policy in ("requests", "board"):
-            app = f"scale-{policy}"
-            cfg = replace(base, autoscaling=policy, cluster=app, model_name=app)
-            start(cfg, app_name=app, route_prefix=f"/{app}")
-            url = f"http://127.0.0.1:{base.port}/{app}"
-            results[policy] = ramp(url, app, app, args)
-            serve.delete(app)
+        for k in range(args.rounds):
+            order = POLICIES if k % 2 == 0 else POLICIES[::-1]
+            results = {}
+            for policy in order:
+                app = f"scale-{policy}-{k}"
+                cfg = replace(base, autoscaling=policy, cluster=app, model_name=app)
+                start(cfg, app_name=app, route_prefix=f"/{app}")
+                url = f"http://127.0.0.1:{base.port}/{app}"
+                results[policy] = ramp(url, app, app, args)
+                serve.delete(app)
+                print(f"[{k + 1}/{args.rounds}] {policy}: " + _row(results[policy]), flush=True)
+            rounds.append(results)
     finally:
         serve.shutdown()
         ray.shutdown()
         redis.stop()
-    return {"policies": results, "config": vars(args)}
+    return {"rounds": rounds, "config": vars(args)}
+
+
+POLICIES = ("requests", "board")
+METRICS = ("time_to_scale_up_s", "max_replicas_seen", "requests", "past_slo_share",
+           "replica_seconds", "time_to_scale_down_s")
+
+
+def _row(r: dict) -> str:
+    return ", ".join(f"{m} {r[m]}" if not isinstance(r[m], float) else f"{m} {r[m]:.2f}"
+                     for m in METRICS)
+
+
+def summary(rounds: list[dict]) -> dict[str, dict[str, tuple]]:
+    """Per policy and metric: (median, min, max, rounds where it never happened)."""
+    import statistics
+
+    out: dict[str, dict[str, tuple]] = {}
+    for policy in POLICIES:
+        out[policy] = {}
+        for m in METRICS:
+            values = [r[policy][m] for r in rounds]
+            seen = [v for v in values if v is not None]
+            out[policy][m] = ((statistics.median(seen), min(seen), max(seen)) if seen
+                              else (None, None, None)) + (len(values) - len(seen),)
+    return out
 
 
 def markdown(result: dict, command: str) -> str:
     cfg = result["config"]
+    rounds = result["rounds"]
     lines = [f"Command: `{command}`", "",
              f"Ramp: {cfg['idle_s']:g} s idle, {cfg['burst_s']:g} s of {cfg['clients']} "
              f"streaming clients, {cfg['idle_s']:g} s idle; replicas "
              f"{cfg['min_replicas']}–{cfg['max_replicas']}; SLO: first token within "
-             f"{cfg['slo_s']:g} s.", "",
-             "| policy | time to scale up | most replicas | requests | past the SLO | "
+             f"{cfg['slo_s']:g} s. {len(rounds)} rounds, the policies' order alternating; "
+             "median [min–max] over rounds (\"never\": rounds where it did not happen "
+             f"within the {cfg['idle_s']:g} s after the burst).", "",
+             "| policy | time to scale up | most replicas | requests served | past the SLO | "
              "replica-seconds | time back to the minimum |", "|---|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(stat: tuple, fmt: str, unit: str = "") -> str:
+        med, lo, hi, never = stat
+        if med is None:
+            return "never"
+        text = f"{med:{fmt}}{unit} [{lo:{fmt}}–{hi:{fmt}}]"
+        return text + (f", never in {never}" if never else "")
+
+    for name, stats in summary(rounds).items():
+        share = tuple(None if v is None else 100 * v for v in stats["past_slo_share"][:3]) + (
+            stats["past_slo_share"][3],)
+        lines.append(
+            f"| {name} | {cell(stats['time_to_scale_up_s'], '.1f', ' s')} | "
+            f"{cell(stats['max_replicas_seen'], 'g')} | {cell(stats['requests'], 'g')} | "
+            f"{cell(share, '.0f', ' %')} | {cell(stats['replica_seconds'], '.0f')} | "
+            f"{cell(stats['time_to_scale_down_s'], '.1f', ' s')} |")
+    lines += ["", "Every round:", "", "| round | policy | up | most | served | past SLO | "
+              "replica-s | back down |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
 
     def sec(x):
         return "never" if x is None else f"{x:.1f} s"
 
-    for name, r in result["policies"].items():
-        lines.append(f"| {name} | {sec(r['time_to_scale_up_s'])} | {r['max_replicas_seen']} | "
-                     f"{r['requests']} | {r['past_slo']} ({100 * r['past_slo_share']:.0f} %) | "
-                     f"{r['replica_seconds']:.0f} | {sec(r['time_to_scale_down_s'])} |")
+    for k, results in enumerate(rounds, start=1):
+        for name, r in results.items():
+            lines.append(f"| {k} | {name} | {sec(r['time_to_scale_up_s'])} | "
+                         f"{r['max_replicas_seen']} | {r['requests']} | "
+                         f"{100 * r['past_slo_share']:.0f} % | {r['replica_seconds']:.0f} | "
+                         f"{sec(r['time_to_scale_down_s'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -153,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slo-s", type=float, default=2.0, help="time-to-first-token SLO")
     parser.add_argument("--min-replicas", type=int, default=1, help="fewest replicas")
     parser.add_argument("--max-replicas", type=int, default=3, help="most replicas")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of both policies")
     parser.add_argument("--out", default="runs/autoscaling", help="results directory")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)

@@ -1,12 +1,13 @@
 """dspark on several Ray nodes of this machine, and a node lost under load.
 
-    python -m dspark.bench.multinode [--requests 48] [--concurrency 4] [--json out.json]
+    python -m dspark.bench.multinode [--groups 2] [--requests 48] [--concurrency 4] [--json out.json]
 
 A ``ray.cluster_utils.Cluster`` of three nodes: a head with no room for a replica (one CPU:
-Serve's controller, the HTTP proxy (head only) and the ingress, 0.1 CPU) and two worker nodes of two
-CPUs. The app serves one expert-parallel group of ep_size 2 (two ``TargetShard`` replicas
-of one CPU each, one Serve gang placed PACK: both on one worker), with the load-board
-router and the cluster budget, on an embedded Redis. Then:
+Serve's controller, the HTTP proxy (head only) and the ingress, 0.1 CPU, pinned to the head
+with ``ingress_on_head``) and two worker nodes of two CPUs. The app serves ``--groups``
+expert-parallel groups of ep_size 2 (``TargetShard`` replicas of one CPU with one group,
+half a CPU with more; each group one Serve gang placed PACK), with the load-board router
+and the cluster budget, on an embedded Redis. Then:
 
 1. it records where each replica runs and what the board holds (per replica: its node, its
    group; the router and the budget read them across nodes);
@@ -18,8 +19,8 @@ router and the cluster budget, on an embedded Redis. Then:
    (an OpenAI error body, or an error chunk and ``[DONE]``), ``lost`` (a stream cut with
    neither, or no response), ``hung`` (no end within the deadline), ``wrong`` (a finished
    text that differs);
-5. it waits until the group runs again, on the other worker, and a request succeeds: the
-   time to recover.
+5. it waits until every group runs again on the remaining nodes and a request succeeds:
+   the time to recover.
 
 Prints one JSON document (and writes it to ``--json``).
 """
@@ -36,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 PROMPTS = ["What is 17 times 3?", "Name three colours.", "Write a haiku about rain.",
            "What is 144 divided by 12?", "Say hello in French.", "Explain a variable."]
-HEAD_CPUS, WORKER_CPUS, REPLICA_CPUS, REPLICAS = 1, 2, 1.0, 2
+HEAD_CPUS, WORKER_CPUS, EP_SIZE = 1, 2, 2
 
 
 def _stream(url: str, prompt: str, max_tokens: int, timeout_s: float,
@@ -101,6 +102,15 @@ def _placement(app: str) -> dict[str, dict]:
     return out
 
 
+def _ingress_nodes(app: str) -> list[str]:
+    """The nodes of ``app``'s live ingress replicas."""
+    from ray.util.state import list_actors
+
+    return sorted({a.node_id for a in list_actors(
+        filters=[("class_name", "=", f"ServeReplica:{app}:OpenAIIngress")], limit=100)
+        if a.state == "ALIVE"})
+
+
 def _wait(condition, timeout_s: float, what: str, poll_s: float = 0.5):
     deadline = time.monotonic() + timeout_s
     while True:
@@ -112,7 +122,7 @@ def _wait(condition, timeout_s: float, what: str, poll_s: float = 0.5):
         time.sleep(poll_s)
 
 
-def _board_groups(cfg) -> list[str]:
+def _board_groups(cfg, replicas: int) -> list[str]:
     """The expert-parallel groups on the board once every replica has published."""
     from dspark.router.board import BoardConfig, BoardReader
 
@@ -120,7 +130,7 @@ def _board_groups(cfg) -> list[str]:
 
     def board_full():
         reader.refresh()
-        return len(reader.fresh()) >= REPLICAS and reader.fresh()
+        return len(reader.fresh()) >= replicas and reader.fresh()
     board = _wait(board_full, 60, "every replica on the board")
     return sorted({load.ep_group for load in board.values()})
 
@@ -156,7 +166,8 @@ def _load_with_a_node_lost(cluster, victim, url: str, prompts: list[str],
             {c: codes.count(c) for c in sorted(set(codes))}, removed["at"])
 
 
-def run(num_requests: int, concurrency: int, max_tokens: int, port: int) -> dict:
+def run(num_requests: int, concurrency: int, max_tokens: int, port: int, groups: int = 1
+        ) -> dict:
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
@@ -169,14 +180,17 @@ def run(num_requests: int, concurrency: int, max_tokens: int, port: int) -> dict
     workers = [cluster.add_node(num_cpus=WORKER_CPUS) for _ in range(2)]
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     cluster.wait_for_nodes()
-    cfg = ServeConfig(model_name="multinode", replicas=REPLICAS, ep_size=2, drafter="dspark",
-                      budget="cluster", router="board", max_num_seqs=4, num_blocks=128,
-                      threads=1, replica_cpus=REPLICA_CPUS, port=port, cluster="multinode")
+    replicas = EP_SIZE * groups
+    cfg = ServeConfig(model_name="multinode", replicas=replicas, ep_size=EP_SIZE,
+                      drafter="dspark", budget="cluster", router="board", max_num_seqs=4,
+                      num_blocks=128, threads=1, replica_cpus=1.0 if groups == 1 else 0.5,
+                      port=port, cluster="multinode", ingress_on_head=True)
     redis = None
     try:
-        # NOTE: the clients reach the cluster through the head's proxy. With a proxy on
-        # every node, all three would share port 8123 of this one host, and the removed
-        # node's proxy would take the connections the kernel gave it down with it.
+        # NOTE: the clients reach the cluster through the head's proxy, and the ingress
+        # runs on the head too: a lost worker takes shards only. With a proxy on every
+        # node, all three would share port 8123 of this one host, and the removed node's
+        # proxy would take the connections the kernel gave it down with it.
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1",
                                                               "port": port})
         cfg, redis = start(cfg)
@@ -184,7 +198,9 @@ def run(num_requests: int, concurrency: int, max_tokens: int, port: int) -> dict
         before = _placement("dspark")
         result: dict = {"nodes": {"head": cluster.head_node.node_id,
                                   "workers": [w.node_id for w in workers]},
-                        "placement_before": before, "board_groups": _board_groups(cfg)}
+                        "placement_before": before,
+                        "ingress_nodes": _ingress_nodes("dspark"),
+                        "board_groups": _board_groups(cfg, replicas)}
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(num_requests)]
         expected = {p: _stream(url, p, max_tokens, 120)[1] for p in set(prompts)}
         victim = next(w for w in workers if any(r["node"] == w.node_id for r in before.values()))
@@ -194,7 +210,7 @@ def run(num_requests: int, concurrency: int, max_tokens: int, port: int) -> dict
 
         def recovered():
             placed = _placement("dspark")
-            return (len(placed) == REPLICAS and _stream(url, prompts[0], max_tokens, 120)
+            return (len(placed) == replicas and _stream(url, prompts[0], max_tokens, 120)
                     == ("ok", expected[prompts[0]]) and placed)
         result["placement_after"] = _wait(recovered, 300, "the group serving again", poll_s=1.0)
         result["recovery_s"] = round(time.monotonic() - removed_at, 1)
@@ -210,6 +226,7 @@ def run(num_requests: int, concurrency: int, max_tokens: int, port: int) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--groups", type=int, default=1, help="expert-parallel groups")
     parser.add_argument("--requests", type=int, default=48, help="streamed requests")
     parser.add_argument("--concurrency", type=int, default=4, help="concurrent clients")
     parser.add_argument("--max-tokens", type=int, default=48, help="tokens per request")
@@ -218,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    result = run(args.requests, args.concurrency, args.max_tokens, args.port)
+    result = run(args.requests, args.concurrency, args.max_tokens, args.port, args.groups)
     text = json.dumps(result, indent=1)
     if args.json:
         with open(args.json, "w") as f:

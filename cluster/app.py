@@ -20,6 +20,10 @@ def app_builder(args: dict):
     return build_app(ServeConfig.from_dict(dict(args or {})))
 
 
+HEAD_RESOURCE = "node:__internal_head__"
+"""The resource Ray gives its head node alone (``ingress_on_head`` asks for a sliver)."""
+
+
 def build_app(cfg: ServeConfig):
     # NOTE: max_queued_requests caps the queue of handles *calling* the shard, i.e. the
     # ingress's; past it the ingress gets BackPressureError and answers 503 + Retry-After
@@ -50,9 +54,12 @@ def build_app(cfg: ServeConfig):
         **shutdown,
         **options,
     ).bind(cfg.to_dict())
+    ingress = {"num_cpus": 0.1}
+    if cfg.ingress_on_head:
+        ingress["resources"] = {HEAD_RESOURCE: 0.001}
     return OpenAIIngress.options(
         max_ongoing_requests=1000,
-        ray_actor_options={"num_cpus": 0.1},
+        ray_actor_options=ingress,
         **shutdown,
     ).bind(shard, cfg.to_dict())
 

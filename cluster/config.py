@@ -60,6 +60,10 @@ class ServeConfig:
     """Deepest JSON nesting the API parses (deeper: 400)."""
     replica_cpus: float = 0.5
     """Ray CPUs reserved per replica."""
+    ingress_on_head: bool = False
+    """Place the HTTP ingress replicas on Ray's head node (its ``node:__internal_head__``
+    resource), next to a head-only proxy: a lost worker node then carries no ingress, and
+    the streams of its shards end with an error chunk instead of a cut connection."""
     autoscaling: str = "none"
     """Replicas scale with load: none (``replicas`` fixed), board (the replicas' own demand
     and capacity, in whole expert-parallel groups: cluster/autoscaling.py) or requests
@@ -153,6 +157,9 @@ class ServeConfig:
         if self.metrics_export_port is not None and not 0 < self.metrics_export_port < 65536:
             raise ValueError("metrics_export_port must be in [1, 65535], got "
                              f"{self.metrics_export_port}")
+        if not isinstance(self.ingress_on_head, bool):
+            raise ValueError(f"ingress_on_head must be true or false, got "
+                             f"{self.ingress_on_head!r}")
         if not isinstance(self.calibration_refit, bool):
             raise ValueError(f"calibration_refit must be true or false, got "
                              f"{self.calibration_refit!r}")

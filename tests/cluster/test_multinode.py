@@ -1,8 +1,9 @@
 """Several Ray nodes on this machine (``ray.cluster_utils.Cluster``, in its own process, so
-the suite's cluster is untouched): an expert-parallel gang is placed (PACK: on one worker where it fits),
-serves streamed requests with the board router and the cluster budget, and when that node
-is removed under load, no request is lost or hung, every finished text is the greedy one,
-and the gang serves again from the remaining nodes (``bench/multinode.py``)."""
+the suite's cluster is untouched): two expert-parallel gangs are placed (PACK: each on one
+node where it fits), the ingress on the head, and they serve streamed requests with the
+board router and the cluster budget; when a worker that hosts a gang is removed under load,
+no request is lost or hung, every finished text is the greedy one, and both gangs serve
+again from the remaining nodes (``bench/multinode.py``)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def test_removing_a_node_under_load_loses_no_request_and_the_gang_moves(tmp_path
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
     proc = subprocess.run(
-        [sys.executable, "-m", "dspark.bench.multinode", "--requests", "16",
+        [sys.executable, "-m", "dspark.bench.multinode", "--groups", "2", "--requests", "16",
          "--concurrency", "4", "--max-tokens", "32", "--port", str(free_port()),
          "--json", str(out)], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -29,8 +30,9 @@ def test_removing_a_node_under_load_loses_no_request_and_the_gang_moves(tmp_path
     after = {r["node"] for r in result["placement_after"].values()}
     assert before <= {head, *workers} and result["removed_node"] in before
     assert after and result["removed_node"] not in after  # it came back elsewhere
-    assert len(result["placement_after"]) == 2
-    assert len(result["board_groups"]) == 1
+    assert len(result["placement_after"]) == 4
+    assert len(result["board_groups"]) == 2
+    assert result["ingress_nodes"] == [head]
     outcomes = result["outcomes"]
     assert outcomes["lost"] == outcomes["hung"] == outcomes["wrong"] == 0, result
     assert outcomes["ok"] > 0 and sum(outcomes.values()) == 16
