@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import TYPE_CHECKING
 
 import torch
@@ -125,6 +126,7 @@ def target_probs(
     logits: torch.Tensor,  # [M, V]
     samplers: Sequence[RequestSampling],  # one per request
     rows_per: Sequence[int],  # rows of each request, summing to M
+    top: torch.Tensor | None = None,  # [M] the argmax of every row, when known
 ) -> torch.Tensor:  # [M, V]
     """The target's distribution at every logit row: one-hot argmax at temperature 0,
     ``softmax(logits / T)`` restricted to the top-p nucleus otherwise.
@@ -133,23 +135,28 @@ def target_probs(
     arithmetic of plain decoding, so a seeded text is bit-for-bit the same; the other
     sampled rows without top-p share one batched softmax."""
     logits = logits.float()
-    one_hot = torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    if all(s.greedy for s in samplers):
-        return one_hot
-    probs, start = one_hot, 0
-    batched, temps = [], []
+    if any(s.greedy for s in samplers):
+        top = logits.argmax(-1) if top is None else top
+        probs = torch.zeros_like(logits).scatter_(-1, top[:, None], 1.0)
+        if all(s.greedy for s in samplers):
+            return probs
+    else:  # NOTE: every row is written below
+        probs = torch.empty_like(logits)
+    start, batched, temps = 0, [], []
     for s, n in zip(samplers, rows_per):
         if s.coupled or (not s.greedy and s.params.top_p < 1.0):
             probs[start : start + n] = sampling_probs(
                 logits[start : start + n], s.params.temperature, s.params.top_p)
         elif not s.greedy:
-            batched.append(torch.arange(start, start + n))
+            batched += range(start, start + n)
             temps += [s.params.temperature] * n
         start += n
     if batched:
-        rows = torch.cat(batched).to(logits.device)
-        picked = logits.index_select(0, rows)
         temp = torch.tensor(temps, device=logits.device)[:, None]
+        if len(batched) == logits.shape[0]:  # every row: no gather, no scatter
+            return torch.softmax((logits - logits.amax(-1, keepdim=True)) / temp, -1)
+        rows = torch.tensor(batched, device=logits.device)
+        picked = logits.index_select(0, rows)
         probs[rows] = torch.softmax((picked - picked.amax(-1, keepdim=True)) / temp, -1)
     return probs
 
@@ -169,39 +176,60 @@ def verify(
     probs: torch.Tensor,  # [sum(ℓ_r) + R, V] target distributions, ℓ_r + 1 rows each
     draft_ids: Sequence[Sequence[int]],  # [R] the ℓ_r verified drafts
     draft_probs: torch.Tensor,  # [sum(ℓ_r), V] the distribution each draft was drawn from
+    argmax: torch.Tensor | None = None,  # [sum(ℓ_r) + R] of ``probs``' rows, when known
 ) -> RejectionOutput:
     """Accept a prefix of every request's drafts and draw its next token (module doc)."""
     device, num_req = probs.device, len(samplers)
     lens = [len(d) for d in draft_ids]
+    chosen = _deterministic_tokens(samplers, first_positions, probs, lens, argmax)  # [M]
+    if not any(lens):
+        return _plain(samplers, probs, chosen)
     cu = torch.tensor([0, *lens], device=device).cumsum(0)  # [R + 1] drafts before each
     starts = cu[:-1] + torch.arange(num_req, device=device)  # [R] its first target row
     flat = torch.tensor([t for d in draft_ids for t in d], dtype=torch.long, device=device)
     req_of = torch.repeat_interleave(torch.arange(num_req, device=device),
                                      torch.tensor(lens, dtype=torch.long, device=device))
     target_row = torch.arange(flat.numel(), device=device) + req_of  # [D]
-    chosen = _deterministic_tokens(samplers, first_positions, probs, lens)  # [M]
     deterministic = torch.tensor([s.generator is None for s in samplers], device=device)
     # NOTE: deterministic rows accept iff the draft is the target's token (uniform 0 < 1)
     match = (flat == chosen[target_row]).float()
     ratio = probs[target_row, flat] / draft_probs[torch.arange(flat.numel(), device=device), flat].clamp_min(
         1e-8) if flat.numel() else match
     ratio = torch.where(deterministic[req_of], match, ratio.clamp(max=1.0))
-    uniforms = [torch.rand(n, generator=s.generator) if s.generator is not None
-                else torch.zeros(n) for s, n in zip(samplers, lens)]
-    uniforms = torch.cat(uniforms).to(device) if uniforms else torch.zeros(0, device=device)
-    accepted = accepted_lengths(ratio, uniforms, cu)  # [R]
-    tokens = torch.where(deterministic, chosen[starts + accepted],
-                         _random_tokens(samplers, probs, draft_probs, starts, accepted, cu,
-                                        lens))
+    random = [i for i, s in enumerate(samplers) if s.generator is not None]
+    uniforms = torch.zeros(flat.numel())  # NOTE: deterministic rows compare 0 < match
+    offsets = list(accumulate(lens, initial=0))
+    for i in random:
+        if lens[i]:
+            uniforms[offsets[i] : offsets[i] + lens[i]] = torch.rand(
+                lens[i], generator=samplers[i].generator)
+    accepted = accepted_lengths(ratio, uniforms.to(device), cu)  # [R]
+    tokens = chosen[starts + accepted]
+    if random:
+        tokens = torch.where(deterministic, tokens, _random_tokens(
+            samplers, probs, draft_probs, starts, accepted, cu, lens))
     accepted_l, tokens_l = accepted.tolist(), tokens.tolist()
     return RejectionOutput(
         accepted_l, [list(d[:a]) + [t] for d, a, t in zip(draft_ids, accepted_l, tokens_l)])
 
 
-def _deterministic_tokens(samplers, first_positions, probs, lens) -> torch.Tensor:
+def _plain(samplers, probs, chosen) -> RejectionOutput:
+    """A step without drafts: row r is request r's, and its token is drawn from it (the
+    argmax or Gumbel-max drawn already, or one uniform of its generator)."""
+    random = [i for i, s in enumerate(samplers) if s.generator is not None]
+    if random:
+        index = torch.tensor(random, device=probs.device)
+        draws = torch.stack([torch.rand((), generator=samplers[i].generator) for i in random])
+        chosen = chosen.index_put((index,), inverse_cdf(probs[index].float(),
+                                                        draws.to(probs.device)))
+    return RejectionOutput([0] * len(samplers), [[t] for t in chosen.tolist()])
+
+
+def _deterministic_tokens(samplers, first_positions, probs, lens, argmax=None
+                          ) -> torch.Tensor:
     """The token of every row for greedy (argmax) and coupled (Gumbel-max under the
     position noise) requests: [M]; rejection rows hold the argmax (unused)."""
-    chosen = probs.argmax(-1)
+    chosen = probs.argmax(-1) if argmax is None else argmax.clone()
     rows, seeds, positions, start = [], [], [], 0
     for s, pos, n in zip(samplers, first_positions, lens):
         if s.coupled:
@@ -271,10 +299,13 @@ def sample_step(rows: list[SeqRows], proposal: DraftProposal | None, logits: tor
     raw = logits  # [M, V] what logprobs report
     logits = _process(sampling, logits, rows_per)
     samplers = [lay.seq.state.sampling for lay in sampling]
-    probs = target_probs(logits, samplers, rows_per)
+    # NOTE: one argmax of the logits serves the one-hot rows and the greedy tokens (a
+    # reduction over the vocabulary of every row costs as much as the softmax on a CPU)
+    top = logits.argmax(-1)  # [M]
+    probs = target_probs(logits, samplers, rows_per, top)
     draft_probs = _draft_probs(sampling, proposal, probs)
     out = verify(samplers, [lay.seq.first_position for lay in sampling], probs,
-                 [lay.drafts for lay in sampling], draft_probs)
+                 [lay.drafts for lay in sampling], draft_probs, top)
     start = 0
     for lay, n, ids in zip(sampling, rows_per, out.output_ids):
         state = lay.seq.state
