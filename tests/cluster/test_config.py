@@ -24,6 +24,7 @@ def test_example_config_loads():
     ({"port": 70000}, "port must be in [0, 65535]"),
     ({"router": "random"}, "router must be board or pow2"),
     ({"replicsa": 2}, "unknown serve config keys ['replicsa']"),
+    ({"ingress_on_head": "yes"}, "ingress_on_head must be true or false, got 'yes'"),
 ])
 def test_bad_values_name_the_field(data, fragment):
     with pytest.raises(ValueError) as err:
