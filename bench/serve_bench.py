@@ -86,8 +86,9 @@ class ServeSystem:
     budget: str
     metrics: bool = True
     traced: bool = False
-    """Every request traced (sample ratio 1), exported over OTLP/HTTP to a sink in this
-    process that decodes nothing."""
+    """Requests traced (``sample_ratio`` of them), exported over OTLP/HTTP to a sink in
+    this process that decodes nothing."""
+    sample_ratio: float = 1.0
 
 
 SYSTEMS = (
@@ -104,6 +105,8 @@ SYSTEMS = (
     ServeSystem("dspark-g7-dark", "dspark", "fixed", metrics=False),
     ServeSystem("dspark-g7", "dspark", "fixed"),
     ServeSystem("dspark-g7-traced", "dspark", "fixed", traced=True),
+    # NOTE: one request in ten traced, a production setting
+    ServeSystem("dspark-g7-sampled", "dspark", "fixed", traced=True, sample_ratio=0.1),
 )
 ROUTERS = ("board", "pow2")
 
@@ -415,7 +418,8 @@ def run_serve_benchmark(base: ServeConfig, prompts: Sequence[str], cfg: ServeBen
     sink = OtlpSink() if any(s.traced for s in systems) else None
     system_apps = {s.label: replace(base, drafter=s.drafter, budget=s.budget, replicas=1,
                                     cluster=s.label, metrics=s.metrics,
-                                    otlp_traces_endpoint=sink.url if s.traced else None)
+                                    otlp_traces_endpoint=sink.url if s.traced else None,
+                                    trace_sample_ratio=s.sample_ratio)
                    for s in systems}
     router_apps = {f"router-{r}": replace(base, drafter="dspark", budget="cluster",
                                           replicas=2, router=r, cluster=f"router-{r}")
