@@ -89,13 +89,15 @@ def _pair(key: str, value) -> bytes:
     """One framed ``attributes`` entry (field 3 of ``Event``)."""
     cacheable = type(value) is bool or (type(value) is int and -1 <= value < 4096) or (
         type(value) is str and len(value) <= 16)
+    # NOTE: the type is part of the key: True == 1 and hash alike, but encode apart
+    slot = (key, type(value), value)
     if cacheable:
-        pair = _PAIRS.get((key, value))
+        pair = _PAIRS.get(slot)
         if pair is not None:
             return pair
     pair = _field(0x1A, _key(key) + _field(0x12, _any_value(value)))
     if cacheable and len(_PAIRS) < _MAX_PAIRS:
-        _PAIRS[(key, value)] = pair
+        _PAIRS[slot] = pair
     return pair
 
 

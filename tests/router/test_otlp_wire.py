@@ -54,6 +54,7 @@ def finished_spans() -> list:
     plain = provider.get_tracer("a", "1.2", schema_url="https://example.test/s").start_span(
         "ingress", context=parent, kind=SpanKind.SERVER, attributes={"n": 3, "x": 0.5})
     plain.add_event("first_token", {"ok": True, "ids": [1, -2, 300], "s": "é", "b": b"\x00"})
+    plain.add_event("same_key", {"ok": 1})  # NOTE: True == 1, but not on the wire
     plain.set_status(Status(StatusCode.ERROR, "boom"))
     plain.end()
     steps = StepEvents()
