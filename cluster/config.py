@@ -60,6 +60,10 @@ class ServeConfig:
     """Deepest JSON nesting the API parses (deeper: 400)."""
     replica_cpus: float = 0.5
     """Ray CPUs reserved per replica."""
+    drain_timeout_s: float = 30.0
+    """On SIGINT/SIGTERM, ``dspark serve`` refuses new requests (503, ``shutting_down``)
+    and gives those in flight this long to finish; a stream still running then ends with
+    an error chunk naming the shutdown and ``[DONE]``."""
     ingress_on_head: bool = False
     """Place the HTTP ingress replicas on Ray's head node (its ``node:__internal_head__``
     resource), next to a head-only proxy: a lost worker node then carries no ingress, and
@@ -157,6 +161,8 @@ class ServeConfig:
         if self.metrics_export_port is not None and not 0 < self.metrics_export_port < 65536:
             raise ValueError("metrics_export_port must be in [1, 65535], got "
                              f"{self.metrics_export_port}")
+        if not 0 <= self.drain_timeout_s <= 3600:
+            raise ValueError(f"drain_timeout_s must be in [0, 3600], got {self.drain_timeout_s}")
         if not isinstance(self.ingress_on_head, bool):
             raise ValueError(f"ingress_on_head must be true or false, got "
                              f"{self.ingress_on_head!r}")

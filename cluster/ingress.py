@@ -118,6 +118,10 @@ class Clock:
 
 # NOTE: module helpers the ingress class calls are defined before it: ``serve.ingress``
 # copies the class (cloudpickle) when it is decorated, with the globals that exist then.
+class ShuttingDown(Exception):
+    """The drain's deadline passed during a stream (``cluster.drain``)."""
+
+
 async def _drain(choice: Choice, stream) -> None:
     async for chunk in stream:
         choice.add(chunk)
@@ -181,6 +185,10 @@ class OpenAIIngress:
         from dspark.cluster.access import ApiKeys
 
         self.keys = ApiKeys(self.cfg.api_keys)
+        from dspark.cluster.drain import IngressDrain
+
+        replica = serve.get_replica_context().replica_id
+        self.drain = IngressDrain(replica.deployment_id.app_name, replica.unique_id)
 
     async def _shard_ready(self, timeout_s: float | None) -> bool:
         """Whether a shard replica answers (its model loaded); remembered once true."""
@@ -264,6 +272,10 @@ class OpenAIIngress:
         clock = Clock(route, started, self._span(request, chat))
         try:
             self.keys.check(request.headers)
+            if self.drain.refusing:
+                from dspark.cluster.drain import shutting_down
+
+                raise shutting_down()
             body = parse(model, await self._json(request), self.served)
             if clock.span is not None:
                 self._describe(clock.span, body, chat)
@@ -334,11 +346,13 @@ class OpenAIIngress:
         builder = ResponseBuilder(chat, self.served.name)
         headers = {"x-dspark-replica": ",".join(sorted({f.replica for f in firsts}))}
         if body.stream:
-            return StreamingResponse(
-                self._sse(builder, choices, streams, body.stream_options, body.n, clock),
+            return StreamingResponse(self.drain.track(
+                self._sse(builder, choices, streams, body.stream_options, body.n, clock)),
                 media_type="text/event-stream", headers=headers)
         try:
-            await asyncio.gather(*(_drain(c, s) for c, s in zip(choices, streams)))
+            with self.drain.holding():
+                await self.drain.until_expired(
+                    asyncio.gather(*(_drain(c, s) for c, s in zip(choices, streams))))
         except BaseException:
             _cancel(streams)
             raise
@@ -421,6 +435,8 @@ class OpenAIIngress:
                                         logprobs=c.shape_logprobs(c.first, head=True),
                                         usage=usage_so_far()))
             async for index, chunk in merged(streams):
+                if self.drain.expired:
+                    raise ShuttingDown
                 choice = choices[index]
                 now = time.perf_counter()
                 self.metrics.tokens(now - last[index],
@@ -439,6 +455,14 @@ class OpenAIIngress:
             _cancel(streams)
             self._failed(clock, 499, None)
             raise
+        except ShuttingDown:  # the drain's deadline: end the stream, saying why
+            from dspark.cluster.drain import shutting_down
+
+            error = shutting_down()
+            self._failed(clock, error.status, None)
+            _cancel(streams)
+            yield sse(error.body())
+            yield sse("[DONE]")
         except Exception as exc:  # mid-stream failure: say so in the stream, then end it
             logger.exception("stream failed")
             self._failed(clock, 500, exc)

@@ -80,6 +80,9 @@ def start(cfg: ServeConfig, num_cpus: float | None = None, app_name: str = "dspa
             ray.init(address="local", num_cpus=num_cpus or local_cpus(),
                      include_dashboard=False, log_to_driver=False, configure_logging=False,
                      _metrics_export_port=cfg.metrics_export_port)
+        from dspark.cluster import drain
+
+        drain.clear(app_name)  # NOTE: an earlier drain of the same app on this cluster
         with quiet_serve_logs():
             serve.start(http_options={"host": cfg.host, "port": cfg.port})
             serve.run_many([serve.RunTarget(build_app(cfg), name=app_name,
@@ -258,14 +261,39 @@ def main(cfg: ServeConfig) -> int:
           f"{cfg.redis_url})", flush=True)
     print(curl_example(url, cfg.model_name, bool(cfg.api_keys)), flush=True)
     print(observability_line(cfg), flush=True)
-    print("Ctrl-C stops the server.", file=sys.stderr, flush=True)
-    done = threading.Event()
+    print("Ctrl-C stops the server (twice: without waiting for requests in flight).",
+          file=sys.stderr, flush=True)
+    signals = threading.Semaphore(0)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
+        signal.signal(sig, lambda *_: signals.release())
     try:
-        while not done.wait(1.0):
+        while not signals.acquire(timeout=1.0):
             pass
+        drain_requests(cfg, lambda: signals.acquire(blocking=False))
     finally:
         print("stopping ...", file=sys.stderr, flush=True)
         stop(redis)
     return 0
+
+
+def drain_requests(cfg: ServeConfig, again, app_name: str = "dspark") -> None:
+    """Refuse new requests and give those in flight ``cfg.drain_timeout_s`` to finish
+    (``cluster.drain``); ``again()`` true (a second signal) stops waiting."""
+    from ray import serve
+
+    from dspark.cluster import drain
+
+    try:
+        status = serve.status().applications[app_name].deployments["OpenAIIngress"]
+        ingresses = sum(n for state, n in status.replica_states.items()
+                        if str(state).endswith("RUNNING"))
+        deadline = drain.begin(app_name, cfg.drain_timeout_s)
+    except Exception as exc:  # NOTE: nothing to drain (the app is gone): stop
+        print(f"no drain: {failure_reason(exc)}", file=sys.stderr, flush=True)
+        return
+    print(f"draining: new requests get 503; requests in flight have up to "
+          f"{cfg.drain_timeout_s:g} s", file=sys.stderr, flush=True)
+    held = drain.wait(app_name, deadline, max(1, ingresses), again)
+    if any(held.values()):
+        print(f"drain: {sum(held.values())} request(s) still held at the deadline",
+              file=sys.stderr, flush=True)

@@ -25,6 +25,7 @@ def test_example_config_loads():
     ({"router": "random"}, "router must be board or pow2"),
     ({"replicsa": 2}, "unknown serve config keys ['replicsa']"),
     ({"ingress_on_head": "yes"}, "ingress_on_head must be true or false, got 'yes'"),
+    ({"drain_timeout_s": -1}, "drain_timeout_s must be in [0, 3600], got -1"),
 ])
 def test_bad_values_name_the_field(data, fragment):
     with pytest.raises(ValueError) as err:
