@@ -52,16 +52,28 @@ def _field(tag: int, payload: bytes) -> bytes:
     return bytes([tag]) + varint(len(payload)) + payload
 
 
+class _Unsupported(Exception):
+    """A span this encoder leaves to the SDK's (links, map or None values)."""
+
+
 _KEYS: dict[str, bytes] = {}
+_NAMES: dict[str, bytes] = {}
+
+
+def _framed(cache: dict[str, bytes], tag: int, text: str, limit: int) -> bytes:
+    """``text`` as a framed field ``tag``, kept in ``cache`` (up to ``limit`` entries):
+    attribute keys and event names repeat."""
+    framed = cache.get(text)
+    if framed is None:
+        framed = _field(tag, text.encode())
+        if len(cache) < limit:
+            cache[text] = framed
+    return framed
 
 
 def _key(key: str) -> bytes:
-    prefix = _KEYS.get(key)
-    if prefix is None:
-        prefix = _field(0x0A, key.encode())
-        if len(_KEYS) < 4096:
-            _KEYS[key] = prefix
-    return prefix
+    """``KeyValue.key`` (field 1), framed."""
+    return _framed(_KEYS, 0x0A, key, 4096)
 
 
 def _any_value(value) -> bytes:
@@ -75,6 +87,8 @@ def _any_value(value) -> bytes:
         return _field(0x0A, value.encode())
     if isinstance(value, bytes):
         return _field(0x3A, value)
+    if value is None or isinstance(value, Mapping):
+        raise _Unsupported
     # a sequence: ArrayValue (5) of AnyValue (1)
     return _field(0x2A, b"".join(_field(0x0A, _any_value(v)) for v in value))
 
@@ -104,24 +118,11 @@ def _pair(key: str, value) -> bytes:
 def encode_event(name: str, timestamp: int, attributes: Mapping | None,
                  dropped: int = 0) -> bytes:
     """The bytes of one ``Span.events`` entry (field 11, framed)."""
-    body = b"".join([b"\x09", struct.pack("<Q", timestamp), _key_like(name)]
+    body = b"".join([b"\x09", struct.pack("<Q", timestamp), _framed(_NAMES, 0x12, name, 256)]
                     + [_pair(k, v) for k, v in (attributes or {}).items()])
     if dropped:
         body += b"\x20" + varint(dropped)
     return b"\x5a" + varint(len(body)) + body
-
-
-_NAMES: dict[str, bytes] = {}
-
-
-def _key_like(name: str) -> bytes:
-    """``Event.name`` (field 2), framed; names repeat."""
-    framed = _NAMES.get(name)
-    if framed is None:
-        framed = _field(0x12, name.encode())
-        if len(_NAMES) < 256:
-            _NAMES[name] = framed
-    return framed
 
 
 class PackedEvent(EventBase):
@@ -158,18 +159,6 @@ def _attributes(tag: int, attributes: Mapping | None) -> bytes:
         bytes([(tag << 3) | 2]) + p[1:] for p in pairs)
 
 
-class _Unsupported(Exception):
-    """A span this encoder leaves to the SDK's (links, map or None values)."""
-
-
-def _check_value(value) -> None:
-    if value is None or isinstance(value, Mapping):
-        raise _Unsupported
-    if isinstance(value, (list, tuple)):
-        for v in value:
-            _check_value(v)
-
-
 _KIND = {0: 1, 1: 2, 2: 3, 3: 4, 4: 5}
 """SDK ``SpanKind`` value -> OTLP ``Span.SpanKind`` (INTERNAL, SERVER, CLIENT, PRODUCER,
 CONSUMER)."""
@@ -179,8 +168,6 @@ def encode_span(span) -> bytes:
     """One ``Span`` message (unframed)."""
     if span.links:
         raise _Unsupported
-    for value in span.attributes.values():
-        _check_value(value)
     ctx, parent = span.get_span_context(), span.parent
     out = [b"\x0a\x10", ctx.trace_id.to_bytes(16, "big"), b"\x12\x08",
            ctx.span_id.to_bytes(8, "big")]
@@ -192,11 +179,7 @@ def encode_span(span) -> bytes:
     out += [_field(0x2A, span.name.encode()), b"\x30", varint(_KIND[span.kind.value]),
             b"\x39", struct.pack("<Q", span.start_time), b"\x41", struct.pack("<Q", span.end_time),
             _attributes(9, span.attributes)]
-    for event in span.events:
-        if not isinstance(event, PackedEvent):
-            for value in (event.attributes or {}).values():
-                _check_value(value)
-        out.append(_encode_any(event))
+    out += [_encode_any(event) for event in span.events]
     for tag, count in ((0x50, span.dropped_attributes), (0x60, span.dropped_events)):
         if count:
             out += [bytes([tag]), varint(count)]
