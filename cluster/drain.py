@@ -110,7 +110,8 @@ class IngressDrain:
             try:
                 if self.deadline is None:
                     value = _internal_kv_get(_key(self.app), namespace=NAMESPACE)
-                    self.deadline = float(value) if value is not None else None
+                    if value is not None:  # NOTE: a drain, once seen, is never taken back
+                        self.deadline = float(value)
                 if self.deadline is not None:
                     _internal_kv_put(ack, str(self.active).encode(), namespace=NAMESPACE)
             except Exception:  # NOTE: the store unreachable: keep serving, look again later
