@@ -38,6 +38,7 @@ def build_app(cfg: ServeConfig):
         options["request_router_config"] = RequestRouterConfig(
             request_router_class="dspark.router.load_router:LoadBoardRouter",
             request_router_kwargs={"redis_url": cfg.redis_url, "cluster": cfg.cluster,
+                                   "redis_password": cfg.redis_password,
                                    "otlp_traces_endpoint": cfg.otlp_traces_endpoint,
                                    "trace_sample_ratio": cfg.trace_sample_ratio},
         )

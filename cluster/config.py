@@ -3,7 +3,7 @@ errors that name the field and its allowed values."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from dspark.workers.modes import BudgetMode
@@ -38,6 +38,10 @@ class ServeConfig:
     redis_url: str | None = None
     """Load board; None starts an embedded Redis on a free loopback port; env:NAME reads
     the URL from the environment variable NAME (a Kubernetes Secret)."""
+    redis_password: str | None = field(default=None, repr=False)
+    """Password of the board's Redis when redis_url holds none; env:NAME reads it from the
+    environment variable NAME (a Kubernetes Secret). Never printed. The embedded Redis
+    always has one (random, for its life)."""
     cluster: str = "default"
     """Key prefix on the load board (one cluster = one prefix)."""
     host: str = "127.0.0.1"
@@ -109,15 +113,15 @@ class ServeConfig:
     """API keys a request must carry (Authorization: Bearer KEY, or x-api-key); none: no
     key is asked. An entry env:NAME reads comma-separated keys from that environment
     variable. /health and /openapi.json never ask."""
+    api_key_rate_limit: int = 0
+    """Requests per minute each API key may start (0: no limit); past it, 429 with
+    Retry-After. Counted by each ingress replica."""
+    api_key_max_streams: int = 0
+    """Requests each API key may have in flight at once (0: no limit); past it, 429 with
+    Retry-After. Counted by each ingress replica."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.api_keys, str):  # NOTE: one key from a YAML scalar
-            object.__setattr__(self, "api_keys", (self.api_keys,))
-        object.__setattr__(self, "api_keys", tuple(self.api_keys))
-        for entry in self.api_keys:
-            if not isinstance(entry, str) or not entry or any(c.isspace() for c in entry):
-                raise ValueError("api_keys must be non-empty strings without whitespace "
-                                 f"(a key, or env:NAME), got {entry!r}")
+        self._check_access()
         if self.router not in ("board", "pow2"):
             raise ValueError(f"router must be board or pow2, got {self.router!r}")
         if self.budget is not None:
@@ -169,6 +173,25 @@ class ServeConfig:
         if not isinstance(self.calibration_refit, bool):
             raise ValueError(f"calibration_refit must be true or false, got "
                              f"{self.calibration_refit!r}")
+
+    def _check_access(self) -> None:
+        if isinstance(self.api_keys, str):  # NOTE: one key from a YAML scalar
+            object.__setattr__(self, "api_keys", (self.api_keys,))
+        object.__setattr__(self, "api_keys", tuple(self.api_keys))
+        for entry in self.api_keys:
+            if not isinstance(entry, str) or not entry or any(c.isspace() for c in entry):
+                raise ValueError("api_keys must be non-empty strings without whitespace "
+                                 f"(a key, or env:NAME), got {entry!r}")
+        for name, high in (("api_key_rate_limit", 1_000_000), ("api_key_max_streams", 100_000)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:
+                raise ValueError(f"{name} must be an integer in [0, {high}], got {value!r}")
+        if (self.api_key_rate_limit or self.api_key_max_streams) and not self.api_keys:
+            raise ValueError("api_key_rate_limit and api_key_max_streams need api_keys: "
+                             "they limit each key")
+        if self.redis_password is not None and (not isinstance(self.redis_password, str)
+                                                or not self.redis_password):
+            raise ValueError("redis_password must be a non-empty string (or env:NAME)")
 
     def _check_scaling(self) -> None:
         if self.autoscaling not in ("none", "board", "requests"):

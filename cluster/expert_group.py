@@ -53,9 +53,10 @@ def join_expert_parallel_group(cfg: ServeConfig, target) -> tuple[str, object]:
     ctx = gang_context()
     if ctx is not None and ctx.world_size == cfg.ep_size:
         seat = join_gang(cfg.redis_url, cfg.cluster, gang_name(ctx), ctx.rank, ctx.world_size,
-                         get_node_ip_address())
+                         get_node_ip_address(), password=cfg.redis_password)
     else:
-        seat = join_group(cfg.redis_url, cfg.cluster, cfg.ep_size, get_node_ip_address())
+        seat = join_group(cfg.redis_url, cfg.cluster, cfg.ep_size, get_node_ip_address(),
+                          password=cfg.redis_password)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, init_method=seat.init_method, rank=seat.rank,
                             world_size=seat.world_size,

@@ -184,7 +184,8 @@ class OpenAIIngress:
                                   "ingress")
         from dspark.cluster.access import ApiKeys
 
-        self.keys = ApiKeys(self.cfg.api_keys)
+        self.keys = ApiKeys(self.cfg.api_keys, self.cfg.api_key_rate_limit,
+                            self.cfg.api_key_max_streams)
         from dspark.cluster.drain import IngressDrain
 
         replica = serve.get_replica_context().replica_id
@@ -202,10 +203,21 @@ class OpenAIIngress:
 
     @api.get("/health")
     async def health(self):
-        """200 once a replica serves; 503 while the model is still loading."""
+        """200 once a replica serves (``degraded`` while the load board's Redis does not
+        answer: requests are served, routed by queue length); 503 while the model is
+        still loading."""
         if not await self._shard_ready(2.0):
             return JSONResponse({"status": "loading"}, status_code=503)
-        return {"status": "ok"}
+        from dspark.router.load_router import board_state
+
+        board = board_state()
+        if board is None:
+            return {"status": "ok"}
+        if board["reachable"]:
+            return {"status": "ok", "board": board}
+        return {"status": "degraded", "board": board,
+                "reason": "the load board's Redis does not answer: routing by queue length, "
+                          "budgets on local load"}
 
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi(self) -> dict:
@@ -270,8 +282,9 @@ class OpenAIIngress:
         when it ends, in ``_sse``)."""
         started = time.perf_counter()
         clock = Clock(route, started, self._span(request, chat))
+        lease = None
         try:
-            self.keys.check(request.headers)
+            lease = self.keys.admit(request.headers)
             if self.drain.refusing:
                 from dspark.cluster.drain import shutting_down
 
@@ -279,7 +292,10 @@ class OpenAIIngress:
             body = parse(model, await self._json(request), self.served)
             if clock.span is not None:
                 self._describe(clock.span, body, chat)
-            return await self._serve(body, chat, clock)
+            response = await self._serve(body, chat, clock)
+            if isinstance(response, StreamingResponse):  # NOTE: held until its last event
+                response.body_iterator, lease = lease.held(response.body_iterator), None
+            return response
         except APIError as exc:
             self._failed(clock, exc.status, exc)
             raise
@@ -292,6 +308,9 @@ class OpenAIIngress:
             if error.status == 500:
                 raise
             raise error from exc
+        finally:
+            if lease is not None:
+                lease.release()
 
     def _span(self, request: Request, chat: bool):
         """The request's span (None when tracing is off), opened before the body is read so

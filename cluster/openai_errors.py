@@ -43,9 +43,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in [
         (400, "Invalid request (the message names the field and its allowed range)"),
+        (401, "Missing or wrong API key (when the server asks for one)"),
         (404, "Unknown model or route"),
         (413, "Request body too large"),
-        (429, "Too many requests waiting on the replica; retry later"),
+        (429, "Too many requests waiting on the replica, or past the API key's limits; "
+              "retry after Retry-After seconds"),
         (500, "Internal error"),
         (503, "Server overloaded; retry later"),
     ]

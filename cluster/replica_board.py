@@ -1,5 +1,6 @@
-"""One ``TargetShard`` replica on the load board: it publishes its step-cost table once and
-its load after every step (rate-limited) and on a heartbeat while idle, and, for the
+"""One ``TargetShard`` replica on the load board: it publishes its load after every step
+(rate-limited) and on a heartbeat while idle, with its step-cost table every third of the
+TTL (so a Redis that restarted empty holds both again within a heartbeat), and, for the
 cluster budget, reads what the rest of its expert-parallel group schedules.
 
 NOTE: the reader exists before the engine is built (the engine takes ``group_tokens`` as
@@ -19,9 +20,10 @@ class ReplicaBoard:
     """This replica's entry on the board (``replica_id``, in ``ep_group``)."""
 
     def __init__(self, redis_url: str, cluster: str, replica_id: str, ep_group: str,
-                 read_group: bool) -> None:
-        """``read_group``: also read the board, for ``group_tokens`` (the cluster budget)."""
-        cfg = BoardConfig(redis_url, cluster=cluster)
+                 read_group: bool, password: str | None = None) -> None:
+        """``read_group``: also read the board, for ``group_tokens`` (the cluster budget);
+        ``password``: the Redis password when the URL has none."""
+        cfg = BoardConfig(redis_url, cluster=cluster, password=password)
         self.replica_id, self.ep_group = replica_id, ep_group
         self.publisher = BoardPublisher(cfg)
         self.reader = BoardReader(cfg) if read_group else None
@@ -73,6 +75,10 @@ class ReplicaBoard:
         """An idle replica stays on the board."""
         while not self._closed.wait(self.publisher.cfg.ttl_s / 3):
             self.publish(force=True)
+
+    def state(self) -> dict:
+        """Whether this replica reaches Redis (for ``/v1/load``)."""
+        return self.publisher.outage.state()
 
     def close(self) -> None:
         """Stop the heartbeat and take this replica off the board."""

@@ -73,7 +73,7 @@ def start(cfg: ServeConfig, num_cpus: float | None = None, app_name: str = "dspa
 
     redis = None
     if cfg.redis_url is None:
-        redis = EmbeddedRedis().start()
+        redis = EmbeddedRedis().start().supervise()
         cfg = replace(cfg, redis_url=redis.url)
     try:
         if not ray.is_initialized():
@@ -256,9 +256,11 @@ def main(cfg: ServeConfig) -> int:
     except Exception as exc:
         print(f"dspark serve: cannot start: {failure_reason(exc)}", file=sys.stderr, flush=True)
         return 1
+    from dspark.router.redis_link import redact
+
     url = app_url(cfg)
     print(f"ready in {time.time() - started:.0f} s: {url}  (OpenAI API: {url}/v1, load board: "
-          f"{cfg.redis_url})", flush=True)
+          f"{redact(cfg.redis_url)})", flush=True)
     print(curl_example(url, cfg.model_name, bool(cfg.api_keys)), flush=True)
     print(observability_line(cfg), flush=True)
     print("Ctrl-C stops the server (twice: without waiting for requests in flight).",

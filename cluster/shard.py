@@ -102,7 +102,8 @@ class TargetShard:
         if not self.cfg.redis_url:
             return None
         return ReplicaBoard(self.cfg.redis_url, self.cfg.cluster, self.replica_id,
-                            self.ep_group, self.cfg.budget_mode is BudgetMode.CLUSTER)
+                            self.ep_group, self.cfg.budget_mode is BudgetMode.CLUSTER,
+                            password=self.cfg.redis_password)
 
     def _build_engine(self, target, group):
         """The engine. NOTE: an impossible pair (a confidence budget, a drafter without the
@@ -220,6 +221,7 @@ class TargetShard:
         """The load, with the confidence head's calibration (for ``/v1/load``; the router
         and the board read ``load`` alone: the calibration scores its windows)."""
         return {**self.load(), "ep_group": self.ep_group, "calibration": self.calibration(),
+                "board": self.board.state() if self.board is not None else None,
                 "spec_decode_totals": self.metrics.totals() if self.metrics else None}
 
     def record_routing_stats(self) -> dict:

