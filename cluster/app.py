@@ -44,6 +44,9 @@ def build_app(cfg: ServeConfig):
         )
     if cfg.ep_size > 1:
         options.update(gang_options(cfg))
+    # NOTE: check_health fails once the engine loop has stopped; asked every 2 s (Serve's
+    # default is 10) so that a broken replica is replaced within seconds
+    options.setdefault("health_check_period_s", 2.0)
     scaling = replica_options(cfg)
     runtime_env = scaling.pop("runtime_env", None)
     shard = TargetShard.options(

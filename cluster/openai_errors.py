@@ -86,6 +86,7 @@ stopped by Serve with the rest of its gang)."""
 NAMED_FAILURES = {
     "ExpertGroupFailed": (503, "expert_group_failed"),
     "EngineStepFailed": (500, "engine_error"),
+    "EngineLoopDied": (503, "engine_stopped"),
 }
 """The replica's own failures (``workers.async_engine``), known by name: status and code.
 Their messages name only an exception type, so they are passed on as they are."""

@@ -128,22 +128,21 @@ def app_url(cfg: ServeConfig, route_prefix: str = "/") -> str:
 
 
 def wait_until_answers(url: str, timeout_s: float = 60.0) -> None:
-    """Poll ``/v1/models`` until the HTTP proxy routes to the app.
+    """Poll ``/health`` until the HTTP proxy routes to the app and a shard serves (200).
 
-    NOTE: the ingress comes up before the shards have loaded the model, so ``/v1/models``
-    answers a few seconds before the app is running; a completion sent then waits in the
-    ingress's queue until a shard is up. Ready means both."""
+    NOTE: ``/health``, not ``/v1/models``: it asks for no API key (an app served with keys
+    answers ``/v1/models`` 401 without one)."""
     import httpx
 
     deadline = time.time() + timeout_s
     while True:
         try:
-            if httpx.get(f"{url}/v1/models", timeout=5).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         if time.time() > deadline:
-            raise TimeoutError(f"{url}/v1/models did not answer within {timeout_s:.0f} s")
+            raise TimeoutError(f"{url}/health did not answer within {timeout_s:.0f} s")
         time.sleep(0.1)
 
 

@@ -47,6 +47,12 @@ class ExpertGroupFailed(RuntimeError):
     it by name."""
 
 
+class EngineLoopDied(RuntimeError):
+    """The engine loop thread ended on an error of its own (a bug): the requests it held
+    end with this error, new ones are refused with it, and the replica's health check
+    fails so that Serve replaces the replica. The ingress knows it by name."""
+
+
 class EngineStepFailed(RuntimeError):
     """The engine failed the step this request was in (``Engine._fail``, which sets the
     output's ``error``). The ingress knows it by name and names only the type."""
@@ -87,8 +93,9 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self.failure: ExpertGroupFailed | None = None
-        """Why the loop stopped on its own (its expert-parallel group failed), else None."""
+        self.failure: ExpertGroupFailed | EngineLoopDied | None = None
+        """Why the loop stopped on its own (its expert-parallel group failed, or an error
+        ended the loop), else None."""
         self._thread = threading.Thread(target=self._run, name="dspark-engine", daemon=True)
         self._thread.start()
 
@@ -111,6 +118,8 @@ class AsyncEngine:
         self.validate(prompt_ids, params)
         if self.failure is not None:
             raise self.failure
+        if not self._thread.is_alive():
+            raise EngineLoopDied("the engine is stopped; retry the request")
         if self.max_waiting is not None and self._queued() >= self.max_waiting:
             raise OverloadedError(f"{self.max_waiting} requests are waiting")
         req_id = req_id or f"async-{next(self._ids)}"
@@ -121,6 +130,8 @@ class AsyncEngine:
             self._num_handed += 1
         self._inbox.put(("add", sub))
         self._wake.set()
+        if self.failure is not None and not self._thread.is_alive():
+            raise self.failure  # NOTE: the loop ended after the check above: nobody reads
         finished = False
         try:
             while True:
@@ -151,6 +162,19 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ loop thread
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # NOTE: a bug; without this its requests would wait
+            logger.exception("the engine loop died")
+            self.failure = EngineLoopDied(f"the engine loop stopped ({type(exc).__name__}); "
+                                          "the replica restarts, retry the request")
+            self._fail_all(self.failure)
+            try:
+                self._drain_inbox()  # NOTE: what arrived meanwhile fails too
+            finally:
+                self._fail_all(self.failure)
+
+    def _loop(self) -> None:
         while not self._stop.is_set():
             self._drain_inbox()
             busy = self.engine.has_unfinished()

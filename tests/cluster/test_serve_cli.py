@@ -1,5 +1,7 @@
 """`dspark serve` as a user runs it: it prints a URL and a curl; the pasted curl streams a
-completion; Ctrl-C stops Ray, Redis and the HTTP server and leaves no process behind."""
+completion; Ctrl-C stops Ray, Redis and the HTTP server and leaves no process behind. Here
+with an API key from the environment (``--api-key env:NAME``): the curl sends it, a request
+without it gets 401; the load board's password is never printed."""
 
 from __future__ import annotations
 
@@ -27,9 +29,11 @@ def test_serve_prints_a_working_curl_and_ctrl_c_leaves_nothing_running(tmp_path)
     port = free_port()
     # no RAY_* of the suite's own cluster: the server starts a cluster of its own
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
+               DSPARK_API_KEY="sk-cli-test")
     proc = subprocess.Popen(
-        [str(DSPARK), "serve", "--port", str(port)], stdout=subprocess.PIPE,
+        [str(DSPARK), "serve", "--port", str(port), "--api-key", "env:DSPARK_API_KEY"],
+        stdout=subprocess.PIPE,
         stderr=open(tmp_path / "stderr.txt", "w"), text=True, env=env, start_new_session=True,
     )
     try:
@@ -44,11 +48,18 @@ def test_serve_prints_a_working_curl_and_ctrl_c_leaves_nothing_running(tmp_path)
                 break
         assert lines and lines[-1].startswith("curl "), (lines, (tmp_path / "stderr.txt").read_text())
         assert f"http://127.0.0.1:{port}" in lines[0]
-        redis_port = int(lines[0].split("redis://127.0.0.1:")[1].split("/")[0])
-        out = subprocess.run(shlex.split(lines[-1]), capture_output=True, text=True, timeout=120)
+        assert "redis://:***@127.0.0.1:" in lines[0]  # the board's password is not shown
+        redis_port = int(lines[0].split("@127.0.0.1:")[1].split("/")[0])
+        # the pasted curl, as a shell runs it: $DSPARK_API_KEY from the environment
+        out = subprocess.run(["bash", "-c", lines[-1]], capture_output=True, text=True,
+                             timeout=120, env=env)
         events = [ln for ln in out.stdout.splitlines() if ln.startswith("data: ")]
-        assert len(events) > 3 and events[-1] == "data: [DONE]"
+        assert len(events) > 3 and events[-1] == "data: [DONE]", out
         assert '"object":"chat.completion.chunk"' in events[0]
+        keyless = subprocess.run(shlex.split(lines[-1].replace(
+            '-H "Authorization: Bearer $DSPARK_API_KEY" ', "")), capture_output=True,
+            text=True, timeout=60)
+        assert '"code":"invalid_api_key"' in keyless.stdout, keyless
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         code = proc.wait(timeout=120)

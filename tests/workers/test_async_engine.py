@@ -114,3 +114,46 @@ def test_a_failed_step_raises_in_its_streams_and_the_loop_goes_on(make_model, mo
         assert asyncio.run(tokens()) == 4 and front.is_alive()
     finally:
         front.shutdown()
+
+
+def test_a_dead_engine_loop_fails_its_requests_refuses_new_ones_and_reports_it(make_model,
+                                                                             monkeypatch):
+    """An error that ends the loop thread (a bug outside the step) fails the requests it
+    held with ``EngineLoopDied`` instead of leaving them waiting, refuses new ones at once,
+    and ``is_alive`` (what the replica's health check reads) turns false."""
+    import threading
+
+    from dspark.workers.async_engine import EngineLoopDied
+
+    eng = Engine(make_model(), None, EngineConfig(block_size=4, num_blocks=32, max_num_seqs=2),
+                 COST)
+    front = AsyncEngine(eng)
+    gate, broken = threading.Event(), threading.Event()
+
+    def listener(_stats):
+        gate.wait(60)
+        if broken.is_set():
+            raise SystemExit("a bug")  # NOTE: not an Exception: the listener guard passes it
+
+    front.listeners.append(listener)
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+
+    async def scenario():
+        stream = front.generate([5, 6, 7], params)
+        await stream.__anext__()  # running; the loop waits at the gate
+        broken.set()
+        gate.set()
+        async def rest():
+            return [out async for out in stream]
+
+        with pytest.raises(EngineLoopDied, match=r"\(SystemExit\)"):  # not waiting forever
+            await asyncio.wait_for(rest(), 30)
+        with pytest.raises(EngineLoopDied):
+            await asyncio.wait_for(front.generate([8, 9], params).__anext__(), 30)
+
+    try:
+        asyncio.run(scenario())
+        wait_for(lambda: not front.is_alive())
+    finally:
+        gate.set()
+        front.shutdown()
