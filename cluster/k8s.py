@@ -74,6 +74,8 @@ def app_config(cfg: ServeConfig, overlay: Overlay) -> dict:
     if overlay.redis_secret:
         out["redis_url"] = "env:DSPARK_REDIS_URL"
         out["api_keys"] = ["env:DSPARK_API_KEYS"]
+    else:  # NOTE: the in-cluster Redis asks for the password of the Secret dspark-redis
+        out["redis_password"] = "env:DSPARK_REDIS_PASSWORD"
     return out
 
 
@@ -98,6 +100,8 @@ def _container(overlay: Overlay, name: str, cpu: str, memory: str, gpus: int,
                     "name": "dspark-redis", "key": "url"}}},
                 {"name": "DSPARK_API_KEYS", "valueFrom": {"secretKeyRef": {
                     "name": "dspark-api-keys", "key": "keys"}}}]
+    else:
+        env += [redis_password_env("DSPARK_REDIS_PASSWORD")]
     if gpus:
         env += [{"name": "NCCL_SOCKET_IFNAME", "value": "eth0"},
                 {"name": "NCCL_IB_DISABLE", "value": "0"},
@@ -152,9 +156,16 @@ def ray_service(cfg: ServeConfig, overlay: Overlay) -> dict:
     }
 
 
+def redis_password_env(name: str) -> dict:
+    """The variable ``name`` set from the Secret ``dspark-redis`` (key ``password``)."""
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": "dspark-redis",
+                                                          "key": "password"}}}
+
+
 def redis_objects(overlay: Overlay) -> list[dict]:
-    """Redis for the load board: a Deployment and its Service, or the Secret holding an
-    external Redis URL (``rediss://`` with a password for a managed one)."""
+    """Redis for the load board: a Deployment asking for the password of the Secret
+    ``dspark-redis`` (made by the user: docs/deploy.md), and its Service; or the Secret
+    holding an external Redis URL (``rediss://`` with a password for a managed one)."""
     if overlay.redis_secret:
         return [{"apiVersion": "v1", "kind": "Secret",
                  "metadata": {"name": "dspark-redis", "labels": {"app": "dspark"}},
@@ -170,7 +181,10 @@ def redis_objects(overlay: Overlay) -> list[dict]:
          "spec": {"replicas": 1, "selector": {"matchLabels": labels},
                   "template": {"metadata": {"labels": labels}, "spec": {"containers": [{
                       "name": "redis", "image": "redis:7.2-alpine",
-                      "args": ["--save", "", "--appendonly", "no"],
+                      # NOTE: Kubernetes expands $(REDIS_PASSWORD) from the env below
+                      "args": ["--save", "", "--appendonly", "no",
+                               "--requirepass", "$(REDIS_PASSWORD)"],
+                      "env": [redis_password_env("REDIS_PASSWORD")],
                       "ports": [{"name": "redis", "containerPort": 6379}],
                       "resources": {"requests": {"cpu": "100m", "memory": "128Mi"},
                                     "limits": {"cpu": "500m", "memory": "256Mi"}},

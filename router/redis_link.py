@@ -64,9 +64,8 @@ def redis_client(url: str, password: str | None = None, timeout_s: float = 0.5,
     """A client of the Redis at ``url`` (module docstring); it connects on first use."""
     resolved = resolve_redis_url(url)
     extra = {}
-    secret = resolve_secret(password, "redis_password")
-    if secret and urlsplit(resolved).password is None:
-        extra["password"] = secret
+    if password and urlsplit(resolved).password is None:  # NOTE: the URL's comes first
+        extra["password"] = resolve_secret(password, "redis_password")
     return redis.Redis.from_url(resolved, socket_timeout=timeout_s,
                                 socket_connect_timeout=connect_timeout_s or timeout_s,
                                 **extra)
