@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 
-from dspark.router.otlp_wire import PackedEvent
+from dspark.router.otlp_wire import PackedEvent, encode_fields, pair
 from dspark.router.tracing import extract, inject, make_tracer
 
 __all__ = ["StepEvent", "StepEvents", "extract", "inject", "make_tracer", "request_attributes",
@@ -60,30 +60,39 @@ def step_event_attributes(record) -> dict:
     per element). A gated-off step carries no zeros for what did not
     happen.
     """
-    attrs = {
-        "dspark.step": record.step,
-        "dspark.spec.gate": record.gate,
-        "dspark.spec.committed": record.committed,
-        "dspark.spec.budget_mode": record.budget_mode,
-        "dspark.step.verified_tokens": record.step_tokens,
-        "dspark.step.external_tokens": record.external_tokens,
-    }
-    if record.drafted:
-        attrs["dspark.spec.proposed"] = record.proposed
-        attrs["dspark.spec.verified"] = record.verified
-        attrs["dspark.spec.accepted"] = record.accepted
-        if record.survival:
-            survival = tuple(record.survival)
-            attrs["dspark.spec.survival"] = ("%.3f " * len(survival) % survival)[:-1]
-    elif record.prefill_tokens:
-        attrs["dspark.step.prefill_tokens"] = record.prefill_tokens
+    attrs = dict(_outcome(record))
+    attrs["dspark.step"] = record.step
+    attrs["dspark.step.verified_tokens"] = record.step_tokens
+    attrs["dspark.step.external_tokens"] = record.external_tokens
+    if record.drafted and record.survival:
+        attrs["dspark.spec.survival"] = _survival(record.survival)
     return attrs
+
+
+def _outcome(record) -> list[tuple[str, object]]:
+    """The attributes a step's outcome decides (they repeat from step to step; the step's
+    number and sizes follow them)."""
+    out = [("dspark.spec.gate", record.gate), ("dspark.spec.committed", record.committed),
+           ("dspark.spec.budget_mode", record.budget_mode)]
+    if record.drafted:
+        out += [("dspark.spec.proposed", record.proposed),
+                ("dspark.spec.verified", record.verified),
+                ("dspark.spec.accepted", record.accepted)]
+    elif record.prefill_tokens:
+        out.append(("dspark.step.prefill_tokens", record.prefill_tokens))
+    return out
+
+
+def _survival(survival) -> str:
+    survival = tuple(survival)
+    return ("%.3f " * len(survival) % survival)[:-1]
 
 
 class StepEvent(PackedEvent):
     """One request's ``engine_step`` event: its attributes are built from the engine's row
-    only when they are read, and the exporter writes its OTLP bytes without the SDK's
-    per-attribute objects (``router.otlp_wire``)."""
+    only when they are read, and the exporter writes its OTLP bytes straight from the row
+    (``encode``: the outcome's attributes as one cached run of bytes, then the step's
+    numbers), the same message as the SDK's encoding of ``attributes``."""
 
     def __init__(self, timestamp: int, row) -> None:
         super().__init__("engine_step", timestamp)
@@ -92,6 +101,26 @@ class StepEvent(PackedEvent):
     @property
     def attributes(self) -> dict:
         return step_event_attributes(self._row)
+
+    def encode(self) -> bytes:
+        r = self._row
+        slot = (r.gate, r.committed, r.budget_mode, r.drafted, r.proposed, r.verified,
+                r.accepted, r.prefill_tokens)
+        head = _HEADS.get(slot)
+        if head is None:
+            head = b"".join(pair(k, v) for k, v in _outcome(r))
+            if len(_HEADS) < 4096:
+                _HEADS[slot] = head
+        parts = [head, pair("dspark.step", r.step),
+                 pair("dspark.step.verified_tokens", r.step_tokens),
+                 pair("dspark.step.external_tokens", r.external_tokens)]
+        if r.drafted and r.survival:
+            parts.append(pair("dspark.spec.survival", _survival(r.survival)))
+        return encode_fields(self.timestamp, self.name, b"".join(parts))
+
+
+_HEADS: dict[tuple, bytes] = {}
+"""The framed outcome attributes of a step event, by outcome."""
 
 
 class StepEvents:

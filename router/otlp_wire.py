@@ -99,27 +99,34 @@ short strings): most of a step event is a dict lookup."""
 _MAX_PAIRS = 1 << 16
 
 
-def _pair(key: str, value) -> bytes:
+def pair(key: str, value) -> bytes:
     """One framed ``attributes`` entry (field 3 of ``Event``)."""
     cacheable = type(value) is bool or (type(value) is int and -1 <= value < 4096) or (
         type(value) is str and len(value) <= 16)
     # NOTE: the type is part of the key: True == 1 and hash alike, but encode apart
     slot = (key, type(value), value)
     if cacheable:
-        pair = _PAIRS.get(slot)
-        if pair is not None:
-            return pair
-    pair = _field(0x1A, _key(key) + _field(0x12, _any_value(value)))
+        framed = _PAIRS.get(slot)
+        if framed is not None:
+            return framed
+    framed = _field(0x1A, _key(key) + _field(0x12, _any_value(value)))
     if cacheable and len(_PAIRS) < _MAX_PAIRS:
-        _PAIRS[slot] = pair
-    return pair
+        _PAIRS[slot] = framed
+    return framed
 
 
 def encode_event(name: str, timestamp: int, attributes: Mapping | None,
                  dropped: int = 0) -> bytes:
     """The bytes of one ``Span.events`` entry (field 11, framed)."""
-    body = b"".join([b"\x09", struct.pack("<Q", timestamp), _framed(_NAMES, 0x12, name, 256)]
-                    + [_pair(k, v) for k, v in (attributes or {}).items()])
+    return encode_fields(timestamp, name, b"".join(
+        [pair(k, v) for k, v in (attributes or {}).items()]), dropped)
+
+
+def encode_fields(timestamp: int, name: str, attributes: bytes, dropped: int = 0) -> bytes:
+    """One framed ``Span.events`` entry from its time, its name and its attributes' bytes
+    (framed ``pair``s)."""
+    body = b"".join([b"\x09", struct.pack("<Q", timestamp), _framed(_NAMES, 0x12, name, 256),
+                     attributes])
     if dropped:
         body += b"\x20" + varint(dropped)
     return b"\x5a" + varint(len(body)) + body
@@ -154,7 +161,7 @@ def _attributes(tag: int, attributes: Mapping | None) -> bytes:
     """Repeated ``KeyValue`` field ``tag`` (1 for a resource, 3 for a scope, 9 for a span)."""
     if not attributes:
         return b""
-    pairs = [_pair(k, v) for k, v in attributes.items()]
+    pairs = [pair(k, v) for k, v in attributes.items()]
     return b"".join(pairs) if tag == 3 else b"".join(
         bytes([(tag << 3) | 2]) + p[1:] for p in pairs)
 
