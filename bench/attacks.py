@@ -205,7 +205,8 @@ def table(rows: list[Attempt]) -> str:
 
 
 def main(argv: list[str] | None = None, start: Callable | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dspark bench attacks",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     from dspark.cluster.serve import app_url, start_local, stop

@@ -35,8 +35,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-PROMPTS = ["What is 17 times 3?", "Name three colours.", "Write a haiku about rain.",
-           "What is 144 divided by 12?", "Say hello in French.", "Explain a variable."]
+from dspark.bench.streams import PROMPTS, stream_chat, wait_until
+
 HEAD_CPUS, WORKER_CPUS, EP_SIZE = 1, 2, 2
 
 
@@ -44,47 +44,10 @@ def _stream(url: str, prompt: str, max_tokens: int, timeout_s: float,
             codes: list | None = None) -> tuple[str, str]:
     """(outcome, text) of one streamed greedy request (outcome as in the module doc, before
     the text check); the code of an error it got is appended to ``codes``."""
-    import httpx
-
-    body = {"model": "multinode", "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    text, finished, error = [], False, False
-    try:
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body,
-                          timeout=timeout_s) as resp:
-            if resp.status_code != 200:
-                resp.read()
-                try:
-                    error = resp.json().get("error")
-                except ValueError:
-                    error = None
-                if codes is not None:
-                    codes.append(f"{resp.status_code} {error.get('code')}" if error
-                                 else f"{resp.status_code} {resp.text[:80]!r}")
-                return ("error" if error else "lost"), ""
-            for line in resp.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    return ("error" if error else "ok" if finished else "lost"), "".join(text)
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    error = True
-                    if codes is not None:
-                        codes.append(f"chunk {chunk['error'].get('code')}")
-                    continue
-                for choice in chunk.get("choices", []):
-                    text.append(choice["delta"].get("content") or "")
-                    finished = finished or choice.get("finish_reason") is not None
-    except httpx.TimeoutException:
-        return "hung", ""
-    except httpx.HTTPError as exc:
-        if codes is not None:
-            codes.append(f"cut: {type(exc).__name__}: {exc}")
-        return "lost", ""
-    if codes is not None:
-        codes.append("cut: no [DONE]")
-    return "lost", ""
+    reply = stream_chat(url, prompt, max_tokens, timeout_s, extra={"model": "multinode"})
+    if codes is not None and reply.code:
+        codes.append(reply.code)
+    return reply.kind, reply.text
 
 
 def _placement(app: str) -> dict[str, dict]:
@@ -111,17 +74,6 @@ def _ingress_nodes(app: str) -> list[str]:
         if a.state == "ALIVE"})
 
 
-def _wait(condition, timeout_s: float, what: str, poll_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not within {timeout_s:g} s")
-        time.sleep(poll_s)
-
-
 def _board_groups(cfg, replicas: int) -> list[str]:
     """The expert-parallel groups on the board once every replica has published."""
     from dspark.router.board import BoardConfig, BoardReader
@@ -131,7 +83,7 @@ def _board_groups(cfg, replicas: int) -> list[str]:
     def board_full():
         reader.refresh()
         return len(reader.fresh()) >= replicas and reader.fresh()
-    board = _wait(board_full, 60, "every replica on the board")
+    board = wait_until(board_full, 60, "every replica on the board")
     return sorted({load.ep_group for load in board.values()})
 
 
@@ -212,7 +164,7 @@ def run(num_requests: int, concurrency: int, max_tokens: int, port: int, groups:
             placed = _placement("dspark")
             return (len(placed) == replicas and _stream(url, prompts[0], max_tokens, 120)
                     == ("ok", expected[prompts[0]]) and placed)
-        result["placement_after"] = _wait(recovered, 300, "the group serving again", poll_s=1.0)
+        result["placement_after"] = wait_until(recovered, 300, "the group serving again", poll_s=1.0)
         result["recovery_s"] = round(time.monotonic() - removed_at, 1)
         return result
     finally:

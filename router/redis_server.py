@@ -9,12 +9,10 @@ the ``with`` block) kills it and removes its working folder.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -50,17 +48,12 @@ def redis_binary() -> str:
     return str(bundled)
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGKILL it when the thread that started it ends
-    (Linux's PR_SET_PDEATHSIG; nothing elsewhere)."""
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGKILL)  # NOTE: 1 = PR_SET_PDEATHSIG
-
-
-try:  # NOTE: looked up before any fork: the child only calls it
-    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):
-    _PRCTL = None
+def _with_parent() -> list[str]:
+    """The command prefix that has the server SIGKILLed when the thread that started it
+    ends: util-linux's ``setpriv --pdeathsig`` (Linux's PR_SET_PDEATHSIG, kept across the
+    exec), where there is one; else nothing (``stop`` still ends it)."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL"] if setpriv else []
 
 
 class EmbeddedRedis:
@@ -102,9 +95,9 @@ class EmbeddedRedis:
         # NOTE: a session of its own: a terminal's Ctrl-C reaches `dspark serve`, which
         # drains and then stops this Redis, not the Redis first (which would be restarted);
         # and it dies with the process that started it, even one killed with SIGKILL
-        self.proc = subprocess.Popen([binary, str(conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(_with_parent() + [binary, str(conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
         self._wait_ready(binary, timeout_s)
 
     def supervise(self, poll_s: float = 0.2) -> EmbeddedRedis:

@@ -21,6 +21,8 @@ HANDLERS = {
     ("bench", "serve"): bench.run_serve,
     ("bench", "ep"): bench.run_ep,
     ("bench", "drift"): bench.run_drift,
+    ("bench", "faults"): bench.run_faults,
+    ("bench", "attacks"): bench.run_attacks,
     ("serve", None): serve.run,
     ("dashboards", None): dashboards.run,
     ("k8s", "render"): k8s.run_render,
@@ -39,9 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SCRIPTS = {("bench", "faults"), ("bench", "attacks")}
+"""Subcommands that hand their flags to a script's own parser."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    handler = HANDLERS[(args.command, getattr(args, "what", None))]
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    key = (args.command, getattr(args, "what", None))
+    if key in SCRIPTS:
+        args.rest = extra + args.rest  # NOTE: flags before the first plain argument
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    handler = HANDLERS[key]
     try:
         return handler(args)
     except (ValueError, FileNotFoundError) as exc:

@@ -43,6 +43,12 @@ def add_parser(sub: Subparsers) -> None:
     _add_serve(which)
     _add_ep(which)
     _add_drift(which)
+    for name, text in (("faults", "faults injected into a running dspark serve under load "
+                                  "(bench/faults.py; --help: its flags)"),
+                       ("attacks", "bad input and abuse against a running app, each with its "
+                                   "status (bench/attacks.py)")):
+        script = which.add_parser(name, help=text, add_help=False)
+        script.add_argument("rest", nargs=argparse.REMAINDER)
 
 
 def _add_engine(which: Subparsers) -> None:
@@ -272,3 +278,17 @@ def run_serve(args: argparse.Namespace) -> int:
     for path in write_results(result, args.out, recorded_command("bench", "serve")):
         print(path)
     return 0
+
+
+def run_faults(args: argparse.Namespace) -> int:
+    """``dspark bench faults [flags]``: ``python -m dspark.bench.faults [flags]``."""
+    from dspark.bench.faults import main
+
+    return main(args.rest)
+
+
+def run_attacks(args: argparse.Namespace) -> int:
+    """``dspark bench attacks [flags]``: ``python -m dspark.bench.attacks [flags]``."""
+    from dspark.bench.attacks import main
+
+    return main(args.rest)

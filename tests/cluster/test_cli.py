@@ -151,6 +151,7 @@ def test_every_flag_states_its_default():
     assert set(commands) == {("generate",), ("train", "target"), ("train", "drafter"),
                              ("corpus", "build"), ("eval",), ("bench", "engine"),
                              ("bench", "serve"), ("bench", "ep"), ("bench", "drift"),
+                             ("bench", "faults"), ("bench", "attacks"),
                              ("serve",), ("dashboards",), ("k8s", "render")}
     for path, parser in commands.items():
         for action in parser._actions:

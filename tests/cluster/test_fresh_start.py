@@ -134,7 +134,7 @@ def test_serve_answers_without_redis_installed_and_ctrl_c_leaves_nothing(fresh_m
     assert lines[2].startswith("metrics (Prometheus): http://")
     assert stderr.splitlines()[0].startswith("starting dspark")
     assert stderr.splitlines()[-1] == "stopping ..."
-    redis_port = int(lines[0].split("redis://127.0.0.1:")[1].split("/")[0])
+    redis_port = int(lines[0].split("@127.0.0.1:")[1].split("/")[0])  # NOTE: redis://:***@
     assert not port_open(port) and not port_open(redis_port)
     assert redis_dirs(tmpdir) == []
     wait_until_gone(proc.pid)

@@ -75,7 +75,8 @@ def test_max_completion_tokens_and_stop_strings(url, served_app, plain):
 
 
 def test_models_health_and_openapi(url, served_app):
-    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+    health = httpx.get(f"{url}/health").json()
+    assert health["status"] == "ok" and health["board"]["reachable"], health
     models = httpx.get(f"{url}/v1/models").json()
     assert models["data"][0]["id"] == served_app.model_name
     paths = httpx.get(f"{url}/openapi.json").json()["paths"]
