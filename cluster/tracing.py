@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 
-from dspark.router.otlp_wire import PackedEvent, encode_fields, pair
+from dspark.router.otlp_wire import PackedEvent, encode_fields, int_pair, pair
 from dspark.router.tracing import extract, inject, make_tracer
 
 __all__ = ["StepEvent", "StepEvents", "extract", "inject", "make_tracer", "request_attributes",
@@ -111,9 +111,9 @@ class StepEvent(PackedEvent):
             head = b"".join(pair(k, v) for k, v in _outcome(r))
             if len(_HEADS) < 4096:
                 _HEADS[slot] = head
-        parts = [head, pair("dspark.step", r.step),
-                 pair("dspark.step.verified_tokens", r.step_tokens),
-                 pair("dspark.step.external_tokens", r.external_tokens)]
+        parts = [head, int_pair("dspark.step", r.step),
+                 int_pair("dspark.step.verified_tokens", r.step_tokens),
+                 int_pair("dspark.step.external_tokens", r.external_tokens)]
         if r.drafted and r.survival:
             parts.append(pair("dspark.spec.survival", _survival(r.survival)))
         return encode_fields(self.timestamp, self.name, b"".join(parts))

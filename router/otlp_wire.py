@@ -115,6 +115,23 @@ def pair(key: str, value) -> bytes:
     return framed
 
 
+def int_pair(key: str, value: int) -> bytes:
+    """``pair(key, value)`` for an int that need not repeat (a step's number): its key's
+    bytes cached, the value written straight."""
+    if -1 <= value < 4096:
+        return pair(key, value)
+    head = _INT_HEADS.get(key)
+    if head is None:
+        head = _INT_HEADS[key] = _key(key)
+    number = varint(value)
+    any_value = b"\x12" + _SMALL[len(number) + 1] + b"\x18" + number  # NOTE: < 128 bytes
+    body = head + any_value
+    return b"\x1a" + varint(len(body)) + body
+
+
+_INT_HEADS: dict[str, bytes] = {}
+
+
 def encode_event(name: str, timestamp: int, attributes: Mapping | None,
                  dropped: int = 0) -> bytes:
     """The bytes of one ``Span.events`` entry (field 11, framed)."""

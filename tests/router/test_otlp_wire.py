@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from dspark.cluster.tracing import StepEvent, StepEvents, extract
-from dspark.router.otlp_wire import encode_request, packed_exporter, varint
+from dspark.router.otlp_wire import encode_request, int_pair, packed_exporter, pair, varint
 
 
 def row(step: int, gate: str, **kw) -> SimpleNamespace:
@@ -33,7 +33,8 @@ ROWS = [row(0, "prefill", prefill_tokens=37, committed=1),
         row(1, "cost", proposed=7, verified=5, accepted=3, committed=4, step_tokens=300,
             external_tokens=2 ** 40, survival=(0.97, 0.9, 0.5, 0.25, 0.125)),
         row(2, "gated_off", budget_mode="local"),
-        row(3, "probe", proposed=1, verified=1, accepted=0, survival=[0.0])]
+        row(3, "probe", proposed=1, verified=1, accepted=0, survival=[0.0]),
+        row(10 ** 6, "cost", proposed=2, verified=2, accepted=2, committed=3, step_tokens=5000)]
 
 
 class Finished(SpanProcessor):
@@ -58,7 +59,7 @@ def finished_spans() -> list:
     plain.set_status(Status(StatusCode.ERROR, "boom"))
     plain.end()
     steps = StepEvents()
-    for n in range(3):
+    for n in range(4):
         span = provider.get_tracer("b").start_span("dspark.replica")
         span.add_event("queued")
         steps.open("r", span)
@@ -72,7 +73,7 @@ def finished_spans() -> list:
 
 def test_packed_events_encode_to_the_message_the_sdk_encoder_makes():
     spans = finished_spans()
-    assert sum(isinstance(e, StepEvent) for s in spans for e in s.events) == 2 + 3 + 4
+    assert sum(isinstance(e, StepEvent) for s in spans for e in s.events) == 2 + 3 + 4 + 5
     mine = ExportTraceServiceRequest.FromString(encode_request(spans))
     assert mine == encode_spans(spans)
     replica = mine.resource_spans[0].scope_spans[1].spans[2]
@@ -88,6 +89,11 @@ def test_a_batch_with_links_is_left_to_the_sdk_encoder():
         "linked", links=[Link(spans[0].get_span_context(), {"why": "retry"})]).end()
     spans += finished.spans
     assert ExportTraceServiceRequest.FromString(encode_request(spans)) == encode_spans(spans)
+
+
+def test_an_int_pair_is_the_pair_of_any_int():
+    for value in (-(2 ** 63), -5, -1, 0, 127, 4095, 4096, 10 ** 6, 2 ** 40, 2 ** 63 - 1):
+        assert int_pair("dspark.step", value) == pair("dspark.step", value), value
 
 
 def test_varint_matches_protobuf_for_edge_values():
