@@ -7,6 +7,7 @@ same interpreter yields the same items in the same order.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import sysconfig
 from collections.abc import Iterator
@@ -84,17 +85,30 @@ def clean_paragraphs(text: str) -> list[str]:
 
 
 def iter_documented(include_modules: bool = True) -> Iterator[SourceItem]:
-    """Every documented module, class, function and method, in a fixed order."""
+    """Every documented module, class, function and method, in a fixed order (the module
+    docstrings left out without ``include_modules``)."""
+    for item in _documented():
+        if include_modules or item.kind != "module":
+            yield item
+
+
+@functools.cache
+def _documented() -> tuple[SourceItem, ...]:
+    """The walk of the standard library, parsed once per process: the code and the chat
+    domains both read it, and a corpus built again (another seed) reads it again."""
+    return tuple(_walk())
+
+
+def _walk() -> Iterator[SourceItem]:
     for module, path in iter_stdlib_files():
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
-        if include_modules:
-            full = ast.get_docstring(tree) or ""
-            doc = clean_paragraph(full)
-            if doc:
-                yield SourceItem(module, module.rsplit(".", 1)[-1], "module", doc, None, full)
+        full = ast.get_docstring(tree) or ""
+        doc = clean_paragraph(full)
+        if doc:
+            yield SourceItem(module, module.rsplit(".", 1)[-1], "module", doc, None, full)
         for node in tree.body:
             yield from _items_of(module, node, prefix="")
 
