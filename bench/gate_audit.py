@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="of every request")
     parser.add_argument("--drafter", default="dspark", help="under checkpoints/drafters")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--max-tokens", type=int, default=64, help="of every request")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     target, tok = load_for_generation("checkpoints/target")
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     drafter = load_drafter(Path("checkpoints/drafters") / args.drafter, target)
     c = args.concurrency
     loop = (prompts, tok.stop_ids, c, 4 * c,
-            lambda i: SamplingParams(max_tokens=64, temperature=args.temperature))
+            lambda i: SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature))
     warm = (prompts, tok.stop_ids, 2, 2, lambda i: SamplingParams(max_tokens=8))
     results = {}
     for name, budget, audit in (("gate", "algorithm1", audit_gate),

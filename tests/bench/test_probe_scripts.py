@@ -26,6 +26,6 @@ def test_gate_audit_compares_predictions_with_outcomes(capsys, monkeypatch, demo
     from dspark.bench.gate_audit import main
 
     monkeypatch.chdir(demo_target_dir.parent.parent)
-    assert main(["--concurrency", "1", "--threads", "1"]) == 0
+    assert main(["--concurrency", "1", "--threads", "1", "--max-tokens", "16"]) == 0
     out = capsys.readouterr().out
     assert "gate: tok_s" in out and "drafter: call" in out and "backbone" in out
