@@ -282,7 +282,11 @@ def fault_redis(bench: Bench) -> dict:
     outages = bench.get("/health")[1].get("board", {}).get("outages", 0)
 
     def recovered() -> bool:
-        """A new Redis on the port, and /health ok after the router saw the outage end."""
+        """A new Redis on the port, /health ok, and a request served as before.
+
+        NOTE: the router's reader may never see an outage shorter than its refresh on a
+        busy machine (redis-py reconnects a dead pooled connection when it takes it), so
+        the outages /health counted are reported, not waited for."""
         code, body = bench.get("/health")
         seen.add(status := f"{code} {body.get('status')}")
         fresh = [p for p in bench.server.procs("redis-server") if p.pid != victim.pid]
@@ -290,8 +294,7 @@ def fault_redis(bench: Bench) -> dict:
             marks.setdefault("new_redis_s", round(time.monotonic() - marks["killed"], 1))
             marks["same_port"] = port in " ".join(fresh[0].info["cmdline"] or ()) + " "
         marks["outages_seen"] = body.get("board", {}).get("outages", 0) - outages
-        return (status == "200 ok" and bool(fresh) and marks["outages_seen"] > 0
-                and bench.probe())
+        return status == "200 ok" and bool(fresh) and bench.probe()
 
     def inject():
         marks["killed"] = time.monotonic()
