@@ -11,15 +11,18 @@ when nobody drafts. So rows are deferred:
   rows are written first) or has ``max_pending`` rows waiting;
 - *parked*: when a request finishes, is cancelled or is preempted, its pending rows are
   parked instead of written. Its full blocks stay in the prefix cache, so another request
-  may reuse them: the parked rows of a block are written when a request that reuses the
-  block is scheduled (``shared``), and dropped from that block on when the block is taken
-  for other contents (``reused``: no later request can reach it or the blocks after it
-  through the prefix cache; the rows of its later blocks stay parked). At most ``max_parked`` rows stay parked; the oldest are
-  written beyond that.
+  may reuse them: a request that reuses a block needs the block's rows (``shared``), and
+  they are written with its own when it first drafts (``take``; a request that never
+  drafts writes none). A block's rows are dropped when the block is taken for other
+  contents (``reused``: no later request can reach it or the blocks after it through the
+  prefix cache; the rows of its later blocks stay parked). At most ``max_parked`` rows
+  stay parked; the oldest are written beyond that.
 
 The invariant: a block that a request reads through the prefix cache has its drafter K/V
 written before the request drafts. Pending or parked rows are attached to the blocks that
-hold them (``owners``), so one lookup per reused block finds them.
+hold them (``owners``), so one lookup per reused block finds them. A block a live request
+holds is never taken for other contents, so the rows it needs stay attached until it
+drafts or they are written (spilled, or taken by another request).
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ class DeferredRows:
         self.pending: dict[str, PendingRows] = {}
         self.parked: dict[PendingRows, None] = {}  # oldest first
         self.owners: dict[int, PendingRows] = {}
+        self.needs: dict[str, list[PendingRows]] = {}
+        """Other entries with rows in the blocks a live request reuses (``shared``)."""
         self.parked_rows = 0
 
     def add(self, req_id: str, start: int, features: torch.Tensor) -> PendingRows:
@@ -92,24 +97,37 @@ class DeferredRows:
         return entry.count >= self.max_pending
 
     def take(self, req_ids: Sequence[str]) -> list[PendingRows]:
-        """The pending entries of these live requests, to write now."""
-        return [self._detach(e) for e in (self.pending.get(r) for r in req_ids)
-                if e is not None]
+        """The pending entries of these live requests and the entries they need (those not
+        written since), to write now."""
+        found = {}
+        for req_id in req_ids:
+            for entry in (self.pending.get(req_id), *self.needs.pop(req_id, ())):
+                if entry is not None and self._attached(entry):
+                    found[entry] = None
+        return [self._detach(e) for e in found]
+
+    def _attached(self, entry: PendingRows) -> bool:
+        """Not written yet (pending or parked)."""
+        return entry in self.parked or self.pending.get(entry.req_id) is entry
 
     def park(self, req_id: str) -> list[PendingRows]:
         """The request leaves (finished, cancelled, preempted): its rows are parked; returns
         the oldest parked entries beyond ``max_parked``, to write now."""
+        self.needs.pop(req_id, None)
         entry = self.pending.pop(req_id, None)
         if entry is not None:
             self._attach(entry, parked=True)
         return self._spill()
 
     def shared(self, req_id: str, block_ids: Sequence[int]) -> list[PendingRows]:
-        """``req_id`` reads ``block_ids`` (its computed prefix): the other requests' entries
-        with rows in them, to write now."""
+        """``req_id`` reads ``block_ids`` (its computed prefix): the other entries with rows
+        in them, which it needs written before it drafts (``take``); returns them."""
         own = self.pending.get(req_id)
-        found = {e for b in block_ids if (e := self.owners.get(b)) is not None and e is not own}
-        return [self._detach(e) for e in found]
+        found = list(dict.fromkeys(
+            e for b in block_ids if (e := self.owners.get(b)) is not None and e is not own))
+        if found:
+            self.needs.setdefault(req_id, []).extend(found)
+        return found
 
     def reused(self, block_id: int) -> list[PendingRows]:
         """The block manager takes ``block_id`` for other contents: its rows are dropped.

@@ -110,8 +110,8 @@ class DraftWorker:
 
     def share(self, req_id: str, block_ids: Sequence[int]) -> None:
         """``req_id`` reuses ``block_ids`` (its cached or computed prefix): their deferred
-        rows are written before it can draft."""
-        self._write(self.rows.shared(req_id, block_ids))
+        rows are written before it drafts (with its own, ``flush``), not before."""
+        self.rows.shared(req_id, block_ids)
 
     # ------------------------------------------------------------------ extend
     @torch.no_grad()
@@ -226,7 +226,8 @@ class DraftWorker:
         self.flush(full)
 
     def flush(self, req_ids: Sequence[str]) -> None:
-        """Write the deferred rows of these live requests."""
+        """Write the deferred rows of these live requests, and the rows of the blocks they
+        reuse."""
         self._write(self.rows.take(req_ids))
 
     def _write(self, entries: list[PendingRows]) -> None:

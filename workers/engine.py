@@ -186,8 +186,9 @@ class Engine:
 
     def _share(self, preempted: list[str], admitted: list[str]) -> None:
         """Preempted requests leave the drafter (their blocks may stay cached); an admitted
-        request reads its prefix-cache hits, whose deferred drafter rows are written now (a
-        full hit can leave it decoding, and drafting, in this very step)."""
+        request reads its prefix-cache hits, whose deferred drafter rows it needs written
+        before it drafts (a full hit can leave it decoding, and drafting, in this very
+        step; ``DraftWorker.flush`` writes them then)."""
         for req_id in preempted:
             self.draft_worker.forget(req_id)
         size = self.blocks.block_size

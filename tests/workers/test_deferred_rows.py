@@ -34,14 +34,30 @@ def test_rows_wait_until_taken_and_fill_their_limit():
     assert deferred.take(["a"]) == [] and deferred.owners == {}
 
 
-def test_parked_rows_are_written_for_a_request_that_shares_their_blocks_only():
+def test_parked_rows_are_written_when_a_request_that_shares_their_blocks_drafts():
     tables = {"a": [10, 11, 12], "b": [10, 11, 20]}
     deferred = make(tables)
     deferred.add("a", 0, rows(range(10)))
     assert deferred.park("a") == []
-    assert deferred.shared("b", [20]) == []
-    assert written(deferred.shared("b", [10, 11])) == [("a", p) for p in range(10)]
+    assert deferred.shared("b", [20]) == [] and deferred.take(["b"]) == []
+    assert len(deferred.shared("b", [10, 11])) == 1  # needed, not written yet
+    assert deferred.parked_rows == 10
+    assert written(deferred.take(["b"])) == [("a", p) for p in range(10)]
     assert deferred.parked_rows == 0 and not deferred.parked and not deferred.owners
+
+
+def test_a_request_that_leaves_without_drafting_writes_no_shared_rows():
+    tables = {"a": [10, 11, 12], "b": [10, 11, 20], "c": [10, 30]}
+    deferred = make(tables)
+    deferred.add("a", 0, rows(range(10)))
+    deferred.park("a")
+    deferred.shared("b", [10, 11])
+    deferred.shared("c", [10])
+    assert deferred.park("b") == [] and deferred.take(["b"]) == []  # b never drafted
+    assert deferred.parked_rows == 10
+    assert written(deferred.take(["c"])) == [("a", p) for p in range(10)]
+    deferred.shared("b", [10])  # readmitted: the rows were written meanwhile
+    assert deferred.take(["b"]) == []
 
 
 def test_a_reused_block_drops_its_rows_and_parks_the_later_blocks_apart():
@@ -52,8 +68,10 @@ def test_a_reused_block_drops_its_rows_and_parks_the_later_blocks_apart():
     assert deferred.reused(11) == []  # nothing is written
     # positions 2, 3 stay parked in block 10, 8..14 in blocks 12 and 13; 11 owns nothing
     assert set(deferred.owners) == {10, 12, 13} and deferred.parked_rows == 9
-    # a request that recomputed block 11 reaches block 12 again: 8..14 are written then
-    tail = deferred.shared("b", [10, 20, 12])
+    # a request that recomputed block 11 reaches block 12 again: 8..14 are written when
+    # it drafts
+    assert len(deferred.shared("b", [10, 20, 12])) == 2
+    tail = deferred.take(["b"])
     assert written(tail) == [("a", p) for p in [2, 3, *range(8, 15)]]
     assert sorted(e.start for e in tail) == [2, 8]
     assert deferred.reused(13) == [] and deferred.parked_rows == 0
@@ -81,12 +99,13 @@ def test_the_oldest_parked_rows_spill_beyond_the_limit():
 
 def test_a_readmitted_request_reads_its_own_parked_rows():
     """A preempted request's parked rows and its readmission's rows are two entries: the
-    readmission's prefix hit writes the parked ones."""
+    readmission's prefix hit needs the parked ones, written with its own when it drafts."""
     tables = {"a": [7, 8]}
     deferred = make(tables)
     deferred.add("a", 0, rows(range(6)))
     deferred.park("a")
     tables["a"] = [7, 8, 9]
-    assert written(deferred.shared("a", [7])) == [("a", p) for p in range(6)]
+    assert len(deferred.shared("a", [7])) == 1
     deferred.add("a", 6, rows([6, 7]))
-    assert deferred.shared("a", [7, 8]) == []  # its own pending rows wait
+    assert written(deferred.take(["a"])) == [("a", p) for p in range(8)]
+    assert not deferred.owners and not deferred.needs
