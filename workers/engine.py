@@ -186,9 +186,8 @@ class Engine:
 
     def _share(self, preempted: list[str], admitted: list[str]) -> None:
         """Preempted requests leave the drafter (their blocks may stay cached); an admitted
-        request reads its prefix-cache hits, whose deferred drafter rows it needs written
-        before it drafts (a full hit can leave it decoding, and drafting, in this very
-        step; ``DraftWorker.flush`` writes them then)."""
+        request reads its prefix-cache hits, whose deferred drafter rows are written when it
+        first drafts, which a full hit allows in this very step (``DraftWorker.flush``)."""
         for req_id in preempted:
             self.draft_worker.forget(req_id)
         size = self.blocks.block_size

@@ -68,14 +68,17 @@ class CodeTask:
 
 
 def _signature_with_doc(fn: ast.FunctionDef | ast.AsyncFunctionDef, doc: str) -> str:
-    stub = copy.deepcopy(fn)
+    # NOTE: a shallow copy: only the copy's own decorator and body lists are replaced, and
+    # ast.unparse never mutates, so the shared subtrees stay untouched (a deep copy of every
+    # function was most of the corpus build's time).
+    stub = copy.copy(fn)
     stub.decorator_list = []
     stub.body = [ast.Expr(ast.Constant(doc))]
     return ast.unparse(stub)
 
 
 def _implementation(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> str | None:
-    impl = copy.deepcopy(fn)
+    impl = copy.copy(fn)  # NOTE: shallow, as in _signature_with_doc
     impl.decorator_list = []
     body = impl.body[1:] if ast.get_docstring(fn) is not None else impl.body
     if not body or all(isinstance(s, ast.Pass | ast.Expr) for s in body):
