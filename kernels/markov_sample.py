@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from dspark.kernels.row_argmax import row_argmax
+
 try:
     import triton
     import triton.language as tl
@@ -40,7 +42,7 @@ def sample_rows(
         num = int(is_greedy.sum())
         greedy = True if num == len(is_greedy) else (False if num == 0 else None)
     if greedy:  # no softmax needed
-        argmax = logits.argmax(-1)
+        argmax = row_argmax(logits)
         return argmax, torch.zeros_like(logits).scatter_(-1, argmax[:, None], 1.0)
     inv_temp = torch.where(is_greedy, 1.0, temperatures.float()).reciprocal()
     probs = torch.softmax(logits * inv_temp[:, None], -1)
@@ -50,7 +52,7 @@ def sample_rows(
     drawn = drawn.clamp_max(logits.shape[-1] - 1)
     if greedy is False:
         return drawn, probs
-    argmax = logits.argmax(-1)
+    argmax = row_argmax(logits)
     one_hot = torch.zeros_like(probs).scatter_(-1, argmax[:, None], 1.0)
     return (torch.where(is_greedy, argmax, drawn),
             torch.where(is_greedy[:, None], one_hot, probs))

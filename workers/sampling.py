@@ -34,6 +34,7 @@ import torch
 
 from dspark.kernels.accept import accepted_lengths
 from dspark.kernels.markov_sample import sample_rows
+from dspark.kernels.row_argmax import row_argmax
 from dspark.models.generation import (
     SamplingParams,
     gumbel_max,
@@ -136,7 +137,7 @@ def target_probs(
     sampled rows without top-p share one batched softmax."""
     logits = logits.float()
     if any(s.greedy for s in samplers):
-        top = logits.argmax(-1) if top is None else top
+        top = row_argmax(logits) if top is None else top
         probs = torch.zeros_like(logits).scatter_(-1, top[:, None], 1.0)
         if all(s.greedy for s in samplers):
             return probs
@@ -229,7 +230,7 @@ def _deterministic_tokens(samplers, first_positions, probs, lens, argmax=None
                           ) -> torch.Tensor:
     """The token of every row for greedy (argmax) and coupled (Gumbel-max under the
     position noise) requests: [M]; rejection rows hold the argmax (unused)."""
-    chosen = probs.argmax(-1) if argmax is None else argmax.clone()
+    chosen = row_argmax(probs) if argmax is None else argmax.clone()
     rows, seeds, positions, start = [], [], [], 0
     for s, pos, n in zip(samplers, first_positions, lens):
         if s.coupled:
@@ -301,7 +302,7 @@ def sample_step(rows: list[SeqRows], proposal: DraftProposal | None, logits: tor
     samplers = [lay.seq.state.sampling for lay in sampling]
     # NOTE: one argmax of the logits serves the one-hot rows and the greedy tokens (a
     # reduction over the vocabulary of every row costs as much as the softmax on a CPU)
-    top = logits.argmax(-1)  # [M]
+    top = row_argmax(logits)  # [M]
     probs = target_probs(logits, samplers, rows_per, top)
     draft_probs = _draft_probs(sampling, proposal, probs)
     out = verify(samplers, [lay.seq.first_position for lay in sampling], probs,
