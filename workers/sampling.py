@@ -218,7 +218,10 @@ def _plain(samplers, probs, chosen) -> RejectionOutput:
     """A step without drafts: row r is request r's, and its token is drawn from it (the
     argmax or Gumbel-max drawn already, or one uniform of its generator)."""
     random = [i for i, s in enumerate(samplers) if s.generator is not None]
-    if random:
+    if len(random) == len(samplers):  # every row draws: no gather, no scatter
+        draws = torch.stack([torch.rand((), generator=s.generator) for s in samplers])
+        chosen = inverse_cdf(probs, draws.to(probs.device))
+    elif random:
         index = torch.tensor(random, device=probs.device)
         draws = torch.stack([torch.rand((), generator=samplers[i].generator) for i in random])
         chosen = chosen.index_put((index,), inverse_cdf(probs[index].float(),
@@ -230,7 +233,12 @@ def _deterministic_tokens(samplers, first_positions, probs, lens, argmax=None
                           ) -> torch.Tensor:
     """The token of every row for greedy (argmax) and coupled (Gumbel-max under the
     position noise) requests: [M]; rejection rows hold the argmax (unused)."""
-    chosen = row_argmax(probs) if argmax is None else argmax.clone()
+    if argmax is not None:
+        chosen = argmax.clone()
+    elif any(s.greedy for s in samplers):
+        chosen = row_argmax(probs)
+    else:  # NOTE: no row reads an argmax: coupled rows are written below, the rest drawn
+        chosen = torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)
     rows, seeds, positions, start = [], [], [], 0
     for s, pos, n in zip(samplers, first_positions, lens):
         if s.coupled:
@@ -301,8 +309,9 @@ def sample_step(rows: list[SeqRows], proposal: DraftProposal | None, logits: tor
     logits = _process(sampling, logits, rows_per)
     samplers = [lay.seq.state.sampling for lay in sampling]
     # NOTE: one argmax of the logits serves the one-hot rows and the greedy tokens (a
-    # reduction over the vocabulary of every row costs as much as the softmax on a CPU)
-    top = row_argmax(logits)  # [M]
+    # reduction over the vocabulary of every row costs as much as the softmax on a CPU);
+    # a step without greedy requests needs none
+    top = row_argmax(logits) if any(s.greedy for s in samplers) else None  # [M]
     probs = target_probs(logits, samplers, rows_per, top)
     draft_probs = _draft_probs(sampling, proposal, probs)
     out = verify(samplers, [lay.seq.first_position for lay in sampling], probs,
