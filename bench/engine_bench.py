@@ -62,6 +62,8 @@ class System:
     """Per-request draft gating (``EngineConfig.draft_gating``; cost-aware budgets only)."""
     margin: float = 1.05
     """``EngineConfig.draft_margin``; ``inf``: nobody drafts but the gate's probes."""
+    prior: float | None = None
+    """``EngineConfig.draft_prior`` (None: the engine's default)."""
 
 
 SYSTEMS = (
@@ -78,6 +80,9 @@ SYSTEMS = (
     System("dspark-d1-nogate", "dspark-d1", "algorithm1", gating=False),
     # the serving default when nobody is worth drafting: what the machinery costs
     System("dspark-idle", "dspark", "algorithm1", margin=float("inf")),
+    # the gate's records shrunk toward the engine-wide acceptance by 2 pseudo-steps, and not
+    System("dspark-alg1-prior2", "dspark", "algorithm1", prior=2.0),
+    System("dspark-alg1-prior0", "dspark", "algorithm1", prior=0.0),
 )
 
 
@@ -148,7 +153,9 @@ def run_benchmark(
         drafter = load_drafter(Path(drafters_dir) / system.drafter, target) if system.drafter else None
         ecfg = EngineConfig(**{**asdict(base), "budget": system.budget,
                                "num_speculative_tokens": system.gamma, "seed": cfg.seed,
-                               "draft_gating": system.gating, "draft_margin": system.margin})
+                               "draft_gating": system.gating, "draft_margin": system.margin,
+                               **({"draft_prior": system.prior} if system.prior is not None
+                                  else {})})
         engine = Engine(target, drafter, ecfg)
         tables[system.label] = {"profiled": asdict(engine.profiled_cost_table)}
         # warm-up, not measured

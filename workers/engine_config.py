@@ -40,6 +40,10 @@ class EngineConfig:
     draft_margin: float = 1.05
     """The gate drafts only when drafting promises this many times the step's throughput
     without it (>= 1; ``inf``: nobody drafts but the gate's probes)."""
+    draft_prior: float = 0.0
+    """Pseudo-count of the engine-wide acceptance in each request's gain estimate: the gate
+    prices a request at ``(n * own + prior * engine) / (n + prior)``, n its drafted steps
+    (at most its EWMA's memory). 0: its own record alone, however few steps it holds."""
     probe_every: int = 8
     """A request not drafted for this many decoding steps is stale: the gate probes it (a
     few per step, backing off while nobody is worth drafting) to refresh its record."""
@@ -57,6 +61,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.draft_margin >= 1.0:
             raise ValueError(f"draft_margin must be >= 1.0, got {self.draft_margin}")
+        if not self.draft_prior >= 0.0:
+            raise ValueError(f"draft_prior must be >= 0, got {self.draft_prior}")
         if self.probe_every < 1:
             raise ValueError(f"probe_every must be >= 1, got {self.probe_every}")
         if not self.profile_batch_sizes or min(self.profile_batch_sizes) < 1:

@@ -55,6 +55,8 @@ class DraftRecord:
     """EWMA of the drafts verified per drafted step (ℓ_r)."""
     idle: int = 0
     """Decoding steps since it last drafted."""
+    count: int = 0
+    """Drafted steps observed."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ class DraftGate:
         for rec, ell, gain in zip(records, lengths, accepted):
             rec.gain = float(gain) if rec.gain is None else _ewma(rec.gain, gain, self.alpha)
             rec.ell = float(ell) if rec.ell is None else _ewma(rec.ell, ell, self.alpha)
-            rec.idle = 0
+            rec.idle, rec.count = 0, rec.count + 1
         if records:
             step_gain = sum(accepted) / len(records)
             self.gain = step_gain if self.gain is None else _ewma(self.gain, step_gain,
@@ -122,9 +124,9 @@ class CostGate(DraftGate):
     step_realism_alpha = 0.1
 
     def __init__(self, gamma: int, cost: CostModel, probe_every: int,
-                 margin: float = MARGIN) -> None:
+                 margin: float = MARGIN, prior: float = 0.0) -> None:
         super().__init__(gamma)
-        self.cost, self.probe_every, self.margin = cost, probe_every, margin
+        self.cost, self.probe_every, self.margin, self.prior = cost, probe_every, margin, prior
         self.quiet = 0
         """Steps since the drafter last ran."""
         self.gap = probe_every
@@ -203,7 +205,7 @@ class CostGate(DraftGate):
     def _by_cost(self, candidates, num_decoding, other_tokens, other_requests) -> list[int]:
         """The prefix of the candidates sorted by gain that maximises expected committed
         tokens per second of the whole step (drafting, verification and the rest)."""
-        gains = [c.record.gain if c.record.gain is not None else self.gain for c in candidates]
+        gains = [self._gain(c.record) for c in candidates]
         ells = [self._ell(c) for c in candidates]
         order = sorted(range(len(candidates)), key=lambda i: -gains[i])
         base = num_decoding + other_tokens
@@ -219,6 +221,22 @@ class CostGate(DraftGate):
             if rate > best:
                 best_k, best = k, rate
         return order[:best_k]
+
+    def _gain(self, record: DraftRecord) -> float:
+        """Its expected accepted drafts: its record shrunk toward the engine's by ``prior``
+        pseudo-steps (the requests chosen for the best records are, in part, the luckiest,
+        and regress toward the mean)."""
+        if record.gain is None:
+            return self.gain
+        if not self.prior:
+            return record.gain
+        weight = min(record.count, self.memory)
+        return (weight * record.gain + self.prior * self.gain) / (weight + self.prior)
+
+    @property
+    def memory(self) -> float:
+        """Steps an EWMA of ``alpha`` holds, as a sample size: (2 - alpha) / alpha."""
+        return (2 - self.alpha) / self.alpha
 
     def _ell(self, candidate: GateCandidate) -> float:
         """Drafts it is expected to verify: its record's ℓ (the engine's without one),
@@ -242,8 +260,8 @@ def _ewma(old: float, new: float, alpha: float) -> float:
 
 
 def make_gate(gamma: int, cost: CostModel, enabled: bool, probe_every: int,
-              margin: float = MARGIN) -> DraftGate:
+              margin: float = MARGIN, prior: float = 0.0) -> DraftGate:
     """The cost gate where it is enabled and a drafting cost was profiled, else always."""
     if enabled and cost.draft is not None:
-        return CostGate(gamma, cost, probe_every, margin)
+        return CostGate(gamma, cost, probe_every, margin, prior)
     return DraftGate(gamma)

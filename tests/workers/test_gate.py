@@ -181,3 +181,34 @@ def test_a_request_that_never_drafted_is_probed_whatever_the_back_off():
     picks = g.choose([new, cand(0.2, idle=9), cand(0.2, idle=9), cand(0.2, idle=1)], 4, 0)
     assert picks == [True, True, False, False]
 
+
+
+def test_a_prior_shrinks_a_short_record_toward_the_engine_and_a_long_one_less():
+    # engine-wide: 2 accepted drafts per drafted step (the helper's first observation)
+    g = gate(5.0)
+    g.prior = 2.0
+    lucky = DraftRecord(6.0, 7.0, count=1)  # one probe that accepted 6
+    steady = DraftRecord(6.0, 7.0, count=50)  # the same EWMA over many steps
+    assert g._gain(lucky) == (1 * 6.0 + 2 * 2.0) / 3
+    memory = (2 - g.alpha) / g.alpha  # an EWMA's sample size: a long record counts so much
+    assert g._gain(steady) == (memory * 6.0 + 2 * 2.0) / (memory + 2)
+    assert g._gain(lucky) < g._gain(steady) < 6.0
+    assert g._gain(DraftRecord()) == g.gain  # no record: the engine's
+    g.prior = 0.0
+    assert g._gain(lucky) == 6.0
+    # drafting costs 5 ms and a step 10 ms: a request must gain 0.575 drafts (1.05 × 1 token
+    # per 10 ms against 1 + g per 15 ms). One lucky record of 0.8 is drafted without a
+    # prior, and not with one: (1 * 0.8 + 2 * 0.2) / 3 = 0.4
+    g.gain = 0.2
+    candidates = [GateCandidate(DraftRecord(0.8, 4.0, count=1), 7)]
+    assert g.choose(candidates, 1, 0) == [True]
+    g.prior = 2.0
+    assert g.choose(candidates, 1, 0) == [False]
+
+
+def test_records_count_their_drafted_steps():
+    g, rec = gate(5.0), DraftRecord()
+    g.observe([rec], [4], [3])
+    g.observe([], [], [], idle=[rec])
+    g.observe([rec], [4], [1])
+    assert rec.count == 2 and rec.idle == 0
