@@ -80,8 +80,7 @@ SYSTEMS = (
     System("dspark-d1-nogate", "dspark-d1", "algorithm1", gating=False),
     # the serving default when nobody is worth drafting: what the machinery costs
     System("dspark-idle", "dspark", "algorithm1", margin=float("inf")),
-    # the gate's records shrunk toward the engine-wide acceptance by 2 pseudo-steps, and not
-    System("dspark-alg1-prior2", "dspark", "algorithm1", prior=2.0),
+    # the serving default without its prior: each request's own record alone
     System("dspark-alg1-prior0", "dspark", "algorithm1", prior=0.0),
 )
 

@@ -124,7 +124,7 @@ class CostGate(DraftGate):
     step_realism_alpha = 0.1
 
     def __init__(self, gamma: int, cost: CostModel, probe_every: int,
-                 margin: float = MARGIN, prior: float = 0.0) -> None:
+                 margin: float = MARGIN, prior: float = 2.0) -> None:
         super().__init__(gamma)
         self.cost, self.probe_every, self.margin, self.prior = cost, probe_every, margin, prior
         self.quiet = 0
@@ -260,7 +260,7 @@ def _ewma(old: float, new: float, alpha: float) -> float:
 
 
 def make_gate(gamma: int, cost: CostModel, enabled: bool, probe_every: int,
-              margin: float = MARGIN, prior: float = 0.0) -> DraftGate:
+              margin: float = MARGIN, prior: float = 2.0) -> DraftGate:
     """The cost gate where it is enabled and a drafting cost was profiled, else always."""
     if enabled and cost.draft is not None:
         return CostGate(gamma, cost, probe_every, margin, prior)
