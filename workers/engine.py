@@ -114,8 +114,7 @@ class Engine:
         temps = drafter.config.sts_temperatures if drafter is not None else None
         sts = torch.tensor(temps or [1.0] * max(self.gamma, 1), device=self.device)
         self.budget = make_budget(cfg.budget, self.costs, sts, cfg.threshold, external_tokens)
-        self.gate = make_gate(self.gamma, self.costs, gated, cfg.probe_every, cfg.draft_margin,
-                              cfg.draft_prior)
+        self.gate = make_gate(self.gamma, self.costs, gated, cfg)
         self.states: dict[str, RequestState] = {}
         self.on_request_step: Callable[[list[RequestStep]], None] | None = None
         """Observer of every request's part in every step (tracing); None: not built."""

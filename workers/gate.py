@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dspark.workers.budget import CostModel
+from dspark.workers.engine_config import EngineConfig
 
 MARGIN = 1.05
 """Drafting must promise this much more throughput than not drafting (a break-even guess
@@ -259,9 +260,10 @@ def _ewma(old: float, new: float, alpha: float) -> float:
     return (1 - alpha) * old + alpha * new
 
 
-def make_gate(gamma: int, cost: CostModel, enabled: bool, probe_every: int,
-              margin: float = MARGIN, prior: float = 2.0) -> DraftGate:
-    """The cost gate where it is enabled and a drafting cost was profiled, else always."""
+def make_gate(gamma: int, cost: CostModel, enabled: bool, config: EngineConfig) -> DraftGate:
+    """The cost gate where it is enabled and a drafting cost was profiled, else always
+    (``config``: its probe_every, draft_margin and draft_prior)."""
     if enabled and cost.draft is not None:
-        return CostGate(gamma, cost, probe_every, margin, prior)
+        return CostGate(gamma, cost, config.probe_every, config.draft_margin,
+                        config.draft_prior)
     return DraftGate(gamma)
