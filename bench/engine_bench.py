@@ -62,8 +62,8 @@ class System:
     """Per-request draft gating (``EngineConfig.draft_gating``; cost-aware budgets only)."""
     margin: float = 1.05
     """``EngineConfig.draft_margin``; ``inf``: nobody drafts but the gate's probes."""
-    prior: float | None = None
-    """``EngineConfig.draft_prior`` (None: the engine's default)."""
+    prior: float = EngineConfig.draft_prior
+    """``EngineConfig.draft_prior``."""
 
 
 SYSTEMS = (
@@ -153,8 +153,7 @@ def run_benchmark(
         ecfg = EngineConfig(**{**asdict(base), "budget": system.budget,
                                "num_speculative_tokens": system.gamma, "seed": cfg.seed,
                                "draft_gating": system.gating, "draft_margin": system.margin,
-                               **({"draft_prior": system.prior} if system.prior is not None
-                                  else {})})
+                               "draft_prior": system.prior})
         engine = Engine(target, drafter, ecfg)
         tables[system.label] = {"profiled": asdict(engine.profiled_cost_table)}
         # warm-up, not measured

@@ -125,7 +125,8 @@ class CostGate(DraftGate):
     step_realism_alpha = 0.1
 
     def __init__(self, gamma: int, cost: CostModel, probe_every: int,
-                 margin: float = MARGIN, prior: float = 2.0) -> None:
+                 margin: float = MARGIN, prior: float = 0.0) -> None:
+        """``prior``: ``EngineConfig.draft_prior`` (0 here: each record as it stands)."""
         super().__init__(gamma)
         self.cost, self.probe_every, self.margin, self.prior = cost, probe_every, margin, prior
         self.quiet = 0

@@ -218,21 +218,22 @@ def _plain(samplers, probs, chosen) -> RejectionOutput:
     """A step without drafts: row r is request r's, and its token is drawn from it (the
     argmax or Gumbel-max drawn already, or one uniform of its generator)."""
     random = [i for i, s in enumerate(samplers) if s.generator is not None]
-    if len(random) == len(samplers):  # every row draws: no gather, no scatter
-        draws = torch.stack([torch.rand((), generator=s.generator) for s in samplers])
-        chosen = inverse_cdf(probs, draws.to(probs.device))
-    elif random:
-        index = torch.tensor(random, device=probs.device)
-        draws = torch.stack([torch.rand((), generator=samplers[i].generator) for i in random])
-        chosen = chosen.index_put((index,), inverse_cdf(probs[index].float(),
-                                                        draws.to(probs.device)))
+    if random:
+        draws = torch.stack([torch.rand((), generator=samplers[i].generator)
+                             for i in random]).to(probs.device)
+        if len(random) == len(samplers):  # every row draws: no gather, no scatter
+            chosen = inverse_cdf(probs, draws)
+        else:
+            index = torch.tensor(random, device=probs.device)
+            chosen = chosen.index_put((index,), inverse_cdf(probs[index], draws))
     return RejectionOutput([0] * len(samplers), [[t] for t in chosen.tolist()])
 
 
 def _deterministic_tokens(samplers, first_positions, probs, lens, argmax=None
                           ) -> torch.Tensor:
     """The token of every row for greedy (argmax) and coupled (Gumbel-max under the
-    position noise) requests: [M]; rejection rows hold the argmax (unused)."""
+    position noise) requests: [M]; rejection rows hold the argmax, or 0 when no request
+    is greedy (unused either way)."""
     if argmax is not None:
         chosen = argmax.clone()
     elif any(s.greedy for s in samplers):

@@ -10,13 +10,9 @@ from dspark.workers.gate import CostGate, DraftGate, DraftRecord, GateCandidate
 VERIFY = StepCostTable((1, 8, 64), (100.0, 100.0, 50.0))
 
 
-def gate(draft_ms: float, probe_every: int = 8, verify: StepCostTable = VERIFY,
-         prior: float = 0.0) -> CostGate:
-    """NOTE: no prior by default: these tests price each record as it stands (the prior's
-    own test sets one)."""
+def gate(draft_ms: float, probe_every: int = 8, verify: StepCostTable = VERIFY) -> CostGate:
     rate = 1000.0 / draft_ms
-    g = CostGate(7, CostModel(verify, StepCostTable((1, 64), (rate, rate)), "cpu"), probe_every,
-                 prior=prior)
+    g = CostGate(7, CostModel(verify, StepCostTable((1, 64), (rate, rate)), "cpu"), probe_every)
     g.observe([DraftRecord()], [4], [2])  # an engine-wide record exists
     return g
 
