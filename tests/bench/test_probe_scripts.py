@@ -29,3 +29,36 @@ def test_gate_audit_compares_predictions_with_outcomes(capsys, monkeypatch, demo
     assert main(["--concurrency", "1", "--threads", "1", "--max-tokens", "16"]) == 0
     out = capsys.readouterr().out
     assert "gate: tok_s" in out and "drafter: call" in out and "backbone" in out
+
+
+def test_host_ops_times_the_old_and_new_operations(capsys):
+    from dspark.bench.host_ops import main
+
+    assert main(["--rows", "16,20", "--vocab", "256", "--repeats", "3", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    for rows in (16, 20):
+        assert re.search(rf"{rows} rows: torch.argmax [\d.]+, row_argmax [\d.]+, amax [\d.]+, "
+                         r"inverse CDF, compare and sum [\d.]+, inverse CDF, bisect [\d.]+", out)
+
+
+def test_pool_paired_pools_every_round_of_every_run(tmp_path, capsys):
+    import json
+
+    from dspark.bench.pool_paired import main
+
+    def run(ratios):
+        rounds = []
+        for i, r in enumerate(ratios):
+            rounds += [{"round": i, "system": "dark", "concurrency": 4, "aggregate_tps": 100.0,
+                        "cpu_ms_per_token": 10.0},
+                       {"round": i, "system": "lit", "concurrency": 4, "aggregate_tps": 100 * r,
+                        "cpu_ms_per_token": 10.0 / r}]
+        return {"rounds": rounds}
+
+    paths = []
+    for k, ratios in enumerate(([0.9, 1.0], [1.1])):
+        paths.append(tmp_path / f"run{k}.json")
+        paths[-1].write_text(json.dumps(run(ratios)))
+    assert main([*map(str, paths), "--system", "lit", "--baseline", "dark"]) == 0
+    out = capsys.readouterr().out
+    assert "C=4 rounds 3: aggregate tok/s 1.000 [0.950–1.050] mean 1.000" in out
