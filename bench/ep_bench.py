@@ -8,12 +8,15 @@ request is replaced at once). Both run the same drafter with Algorithm 1, under 
 budgets that differ only in what they believe a step costs:
 
 - ``local`` (``algorithm1``): SPS(B) at this rank's own tokens;
-- ``cluster``: SPS(B) at this rank's tokens plus the other rank's, as a serving replica
-  reads them from the load board. Here they come from the previous step (an all-gather of
-  each rank's verified-token count after every step, the freshest the board can be).
+- ``cluster``: the step priced per rank from what the other rank did in the previous step
+  (its verify tokens and committed tokens, from an all-gather after every step, the
+  freshest the load board can be): the private part of a step at the larger of the two
+  ranks' tokens, the MoE layers' share (profiled) at the group's tokens per rank, and the
+  other rank's committed tokens in the throughput maximised (``CostModel``).
 
-Each round runs ``steps`` lock-step steps per budget, the budgets alternating (the order
-flips every round). Reported per budget (medians over rounds): aggregate tokens/s of the
+Each round runs ``steps`` lock-step steps of each budget's engine, the two engines
+stepping in turn (which goes first flips every round), each timed on its own clock: the
+machine's slow stretches fall on both alike. Reported per budget (medians over rounds): aggregate tokens/s of the
 group, per-user tokens/s on each rank, mean ℓ_r per drafted request on each rank, and the
 mean step time.
 """
@@ -41,7 +44,7 @@ class EpBenchConfig:
     steps: int = 200
     """Lock-step steps per budget per round."""
     rounds: int = 3
-    """Rounds; the budgets take turns, in an order flipped every round."""
+    """Rounds; the budgets step in turn, which goes first flipped every round."""
     max_tokens: int = 64
     """Output tokens per request."""
     temperature: float = 0.0
@@ -64,6 +67,7 @@ def _rank_main(rank: int, port: int, cfg: EpBenchConfig, target_dir: str, drafte
     from dspark.bench.engine_bench import domain_prompts
     from dspark.models.drafter_checkpoint import load_drafter
     from dspark.models.generation import SamplingParams, load_for_generation
+    from dspark.workers.budget import GroupLoad
     from dspark.workers.engine import Engine, EngineConfig
     from dspark.workers.expert_parallel import shard_experts
 
@@ -76,24 +80,23 @@ def _rank_main(rank: int, port: int, cfg: EpBenchConfig, target_dir: str, drafte
                              cfg.max_tokens, 8, rank)
     shard_experts(target, dist.group.WORLD, rank, 2)
     drafter = load_drafter(drafter_dir, target)
-    other = [0]
+    others = {budget: [GroupLoad()] for budget in BUDGETS}
     engines, cost = {}, None
     for budget in BUDGETS:
         # NOTE: both ranks build their engines in the same order: profiling runs target
         # forwards, whose MoE exchanges need both ranks
         engines[budget] = Engine(
             target, drafter, EngineConfig(budget=MODES[budget], max_num_seqs=64), cost,
-            lockstep=True, external_tokens=lambda: other[0])
+            lockstep=True, group_load=lambda seen=others[budget]: seen[0])
         cost = engines[budget].profiled_cost_table
     conc = cfg.heavy if rank == 0 else cfg.light
     params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens)
     rows = []
     for rnd in range(cfg.rounds):
         order = BUDGETS if rnd % 2 == 0 else BUDGETS[::-1]
-        for budget in order:
-            rows.append({"round": rnd, "budget": budget, "rank": rank,
-                         **_run(engines[budget], prompts, tokenizer.stop_ids, conc, params,
-                                cfg.steps, other)})
+        ran = _run({b: engines[b] for b in order}, prompts, tokenizer.stop_ids, conc, params,
+                   cfg.steps, others)
+        rows += [{"round": rnd, "budget": b, "rank": rank, **ran[b]} for b in BUDGETS]
     gathered = [None, None]
     dist.all_gather_object(gathered, rows)
     if rank == 0:
@@ -102,46 +105,71 @@ def _rank_main(rank: int, port: int, cfg: EpBenchConfig, target_dir: str, drafte
     dist.destroy_process_group()
 
 
-def _run(engine, prompts, stop_ids, conc: int, params, steps: int, other: list[int]) -> dict:
-    """``steps`` lock-step steps with ``conc`` requests kept in flight (leftovers aborted)."""
+class _Loop:
+    """One budget's closed loop on this rank, on its own clock: the clock runs only while
+    this budget's engine steps, so a slow stretch of the machine falls on whichever budget
+    is stepping then, and the budgets, stepping in turn, share such stretches alike."""
+
+    def __init__(self, engine, prompts, stop_ids, conc: int, params) -> None:
+        self.engine, self.prompts, self.stop_ids, self.params = engine, prompts, stop_ids, params
+        self.clock, self.issued, self.ells, self.drafted = 0.0, 0, 0, 0
+        self.arrival, self.tokens, self.per_user, self.step_times = {}, {}, [], []
+        for _ in range(conc):
+            self.issue()
+
+    def issue(self) -> None:
+        req = self.engine.add_request(self.prompts[self.issued % len(self.prompts)],
+                                      self.params, self.stop_ids)
+        self.arrival[req], self.tokens[req] = self.clock, 0
+        self.issued += 1
+
+    def step(self) -> list[int]:
+        """One lock-step step; returns [verify tokens, committed tokens] for the group."""
+        start = time.perf_counter()
+        result = self.engine.step()
+        self.clock += time.perf_counter() - start
+        stats = result.stats
+        if stats is not None:
+            self.step_times.append(stats.step_time)
+            self.ells += stats.verify_budget
+            self.drafted += stats.num_drafts
+        for out in result.outputs:
+            self.tokens[out.req_id] += len(out.new_token_ids)
+            if out.finished:
+                elapsed = max(self.clock - self.arrival[out.req_id], 1e-9)
+                self.per_user.append(self.tokens[out.req_id] / elapsed)
+                self.issue()
+        return [stats.num_verify_tokens, stats.num_output_tokens] if stats else [0, 0]
+
+    def result(self) -> dict:
+        for req in list(self.tokens):
+            self.engine.abort(req)
+        return {"tokens": sum(self.tokens.values()), "wall": self.clock,
+                "per_user_tps": statistics.mean(self.per_user) if self.per_user else 0.0,
+                "finished": len(self.per_user),
+                "mean_ell": self.ells / self.drafted if self.drafted else 0.0,
+                "step_ms": 1000 * statistics.mean(self.step_times) if self.step_times else 0.0,
+                "shared": self.engine.costs.shared}
+
+
+def _run(engines: dict, prompts, stop_ids, conc: int, params, steps: int,
+         others: dict) -> dict:
+    """``steps`` lock-step steps of every budget's engine, in turn step by step, with
+    ``conc`` requests kept in flight by each (leftovers aborted); after each step the ranks
+    exchange what they did, and ``others[budget][0]`` gets the other rank's ``GroupLoad``."""
     import torch.distributed as dist
 
-    arrival, tokens, per_user = {}, {}, []
-    issued = [0]
-    ells, drafted = 0, 0
+    from dspark.workers.budget import GroupLoad
 
-    def issue():
-        req = engine.add_request(prompts[issued[0] % len(prompts)], params, stop_ids)
-        arrival[req], tokens[req] = time.perf_counter(), 0
-        issued[0] += 1
-
-    for _ in range(conc):
-        issue()
-    start = time.perf_counter()
-    step_times = []
+    loops = {b: _Loop(e, prompts, stop_ids, conc, params) for b, e in engines.items()}
     for _ in range(steps):
-        result = engine.step()
-        now = time.perf_counter()
-        count = torch.tensor([result.stats.num_verify_tokens if result.stats else 0])
-        both = [torch.zeros(1, dtype=torch.long) for _ in range(2)]
-        dist.all_gather(both, count)
-        other[0] = int(sum(b.item() for b in both) - count.item())
-        if result.stats is not None:
-            step_times.append(result.stats.step_time)
-            ells += result.stats.verify_budget
-            drafted += result.stats.num_drafts
-        for out in result.outputs:
-            tokens[out.req_id] += len(out.new_token_ids)
-            if out.finished:
-                per_user.append(tokens[out.req_id] / max(now - arrival[out.req_id], 1e-9))
-                issue()
-    wall = time.perf_counter() - start
-    for req in list(tokens):
-        engine.abort(req)
-    return {"tokens": sum(tokens.values()), "wall": wall,
-            "per_user_tps": statistics.mean(per_user) if per_user else 0.0,
-            "finished": len(per_user), "mean_ell": ells / drafted if drafted else 0.0,
-            "step_ms": 1000 * statistics.mean(step_times) if step_times else 0.0}
+        for budget, loop in loops.items():
+            mine = torch.tensor(loop.step())
+            both = [torch.zeros(2, dtype=torch.long) for _ in range(2)]
+            dist.all_gather(both, mine)
+            theirs = both[1 - dist.get_rank()].tolist()
+            others[budget][0] = GroupLoad((theirs[0],), float(theirs[1]))
+    return {budget: loop.result() for budget, loop in loops.items()}
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -160,7 +188,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         entry = {"budget": budget, "aggregate_tps": statistics.median(agg),
                  "aggregate_spread": [min(agg), max(agg)]}
         for rank in (0, 1):
-            for key in ("per_user_tps", "mean_ell", "step_ms"):
+            for key in ("per_user_tps", "mean_ell", "step_ms", "shared"):
                 entry[f"rank{rank}_{key}"] = statistics.median(c[key] for c in cells[rank])
         out.append(entry)
     return out
@@ -168,9 +196,12 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def markdown(summary: list[dict], cfg: EpBenchConfig) -> str:
     base = next(s for s in summary if s["budget"] == "local")
+    shared = summary[0].get("rank0_shared")
     lines = [f"ep_size=2, rank 0 with {cfg.heavy} requests in flight, rank 1 with "
              f"{cfg.light}; T={cfg.temperature:g}, {cfg.steps} steps per budget per round, "
-             f"medians of {cfg.rounds} rounds.", "",
+             f"medians of {cfg.rounds} rounds."
+             + (f" Profiled share of a step in the MoE layers (rank 0): {shared:.2f}."
+                if shared is not None else ""), "",
              "| budget | aggregate tok/s [min–max] | × local | per-user tok/s rank 0 / 1 | "
              "mean ℓ rank 0 / 1 | step ms |", "|---|---:|---:|---:|---:|---:|"]
     for s in summary:

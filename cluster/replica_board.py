@@ -3,8 +3,8 @@
 TTL (so a Redis that restarted empty holds both again within a heartbeat), and, for the
 cluster budget, reads what the rest of its expert-parallel group schedules.
 
-NOTE: the reader exists before the engine is built (the engine takes ``group_tokens`` as
-its ``external_tokens``); publishing starts once the engine runs (``start``).
+NOTE: the reader exists before the engine is built (the engine takes ``group_reader``);
+publishing starts once the engine runs (``start``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from dspark.router.board import BoardConfig, BoardPublisher, BoardReader, ReplicaLoad
+from dspark.workers.budget import GroupLoad
 
 
 class ReplicaBoard:
@@ -21,7 +22,7 @@ class ReplicaBoard:
 
     def __init__(self, redis_url: str, cluster: str, replica_id: str, ep_group: str,
                  read_group: bool, password: str | None = None) -> None:
-        """``read_group``: also read the board, for ``group_tokens`` (the cluster budget);
+        """``read_group``: also read the board, for ``group_load`` (the cluster budget);
         ``password``: the Redis password when the URL has none."""
         cfg = BoardConfig(redis_url, cluster=cluster, password=password)
         self.replica_id, self.ep_group = replica_id, ep_group
@@ -30,13 +31,17 @@ class ReplicaBoard:
         self._load: Callable[[], dict] | None = None
         self._closed = threading.Event()
 
-    def group_tokens(self) -> int:
-        """Tokens the other replicas of this expert-parallel group scheduled last step
-        (fresh entries only; 0 without a reader)."""
+    def group_load(self) -> GroupLoad:
+        """What the other replicas of this expert-parallel group did in their last step
+        (fresh entries only; nobody without a reader): each one's verify tokens, and the
+        tokens they commit per step (running requests times their acceptance length)."""
         if self.reader is None:
-            return 0
-        return sum(load.tokens_scheduled for rid, load in self.reader.fresh().items()
-                   if load.ep_group == self.ep_group and rid != self.replica_id)
+            return GroupLoad()
+        others = [load for rid, load in self.reader.fresh().items()
+                  if load.ep_group == self.ep_group and rid != self.replica_id]
+        return GroupLoad(tuple(load.tokens_scheduled for load in others),
+                         sum(load.running * max(1.0, load.acceptance_length)
+                             for load in others))
 
     def age(self) -> float | None:
         """Seconds since this replica last read the board (None: it does not read it, or
@@ -46,10 +51,10 @@ class ReplicaBoard:
         return max(0.0, time.time() - self.reader.ok_at)
 
     @property
-    def external_tokens(self) -> Callable[[], int] | None:
-        """What the engine's cluster budget adds to this replica's tokens (``group_tokens``),
-        or None when this board does not read the group."""
-        return self.group_tokens if self.reader is not None else None
+    def group_reader(self) -> Callable[[], GroupLoad] | None:
+        """What the engine's cluster budget reads (``group_load``), or None when this board
+        does not read the group."""
+        return self.group_load if self.reader is not None else None
 
     def start(self, cost_table, load: Callable[[], dict],
               listeners: list[Callable]) -> None:

@@ -114,12 +114,12 @@ class TargetShard:
         cfg = self.cfg
         drafter = load_drafter(cfg.drafter_path, target) if cfg.drafter_path else None
         self.monitor = self._monitor(drafter)
-        # NOTE: the cluster budget evaluates SPS at this replica's tokens plus what the rest
-        # of its expert-parallel group schedules (one group per replica at ep_size 1)
+        # NOTE: the cluster budget prices a step per rank from what the rest of its
+        # expert-parallel group did last step (alone at ep_size 1: one group per replica)
         engine = Engine(target, drafter, EngineConfig(
             budget=cfg.budget_mode, num_speculative_tokens=cfg.num_speculative_tokens,
             max_num_seqs=cfg.max_num_seqs, num_blocks=cfg.num_blocks,
-        ), external_tokens=self.board.external_tokens if self.board is not None else None,
+        ), group_load=self.board.group_reader if self.board is not None else None,
             lockstep=group is not None,
             on_round=self.monitor.on_round if self.monitor is not None else None)
         if self.monitor is not None:

@@ -42,21 +42,36 @@ def sps_torch(batch: torch.Tensor, sizes: torch.Tensor, rates: torch.Tensor) -> 
     return (rates[lo] * (1 - w) + rates[hi] * w) * (top / batch.float().clamp(min=top))
 
 
+def group_sps_torch(batch: torch.Tensor, sizes: torch.Tensor, rates: torch.Tensor,
+                    group: tuple[int, int, int, float] | None) -> torch.Tensor:
+    """SPS of this rank's step at ``batch`` tokens [N]: ``sps_torch`` alone; in an
+    expert-parallel group ``(most, total, members, shared)`` of the other members, the
+    per-rank model of ``dspark.workers.budget.CostModel``."""
+    if group is None:
+        return sps_torch(batch, sizes, rates)
+    most, total, members, shared = group
+    private = 1.0 / sps_torch(batch.clamp(min=most), sizes, rates)
+    common = 1.0 / sps_torch((batch + total) / members, sizes, rates)
+    return 1.0 / ((1.0 - shared) * private + shared * common)
+
+
 def prefix_cut_torch(
     a_sorted: torch.Tensor,  # [N] survival in descending order, < 0 for no candidate
     sizes: torch.Tensor,  # [T] profiled batch sizes
     rates: torch.Tensor,  # [T] SPS at each size
-    num_req: int,
+    num_req: float,
     base_tokens: int,  # tokens verified with no draft admitted (anchors + other tokens)
     capacity: int,  # < 0: Algorithm 1; else top-K
+    group: tuple[int, int, int, float] | None = None,  # see group_sps_torch
 ) -> torch.Tensor:  # [] int64: the number of candidates admitted
     valid = a_sorted >= 0
     if capacity >= 0:
         return torch.clamp(valid.long().sum(), max=capacity)
     n = torch.arange(1, a_sorted.numel() + 1, device=a_sorted.device)
     cum = torch.cumsum(torch.where(valid, a_sorted, 0.0), 0)  # [N]
-    after = (num_req + cum) * sps_torch(base_tokens + n, sizes, rates)
-    before = (num_req + cum - a_sorted) * sps_torch(base_tokens + n - 1, sizes, rates)
+    after = (num_req + cum) * group_sps_torch(base_tokens + n, sizes, rates, group)
+    before = (num_req + cum - a_sorted) * group_sps_torch(base_tokens + n - 1, sizes, rates,
+                                                          group)
     raises = valid & (after > before)
     return raises.long().cumprod(0).sum()
 
@@ -131,18 +146,22 @@ def select_prefixes(
     rates: torch.Tensor,  # [T]
     other_tokens: int = 0,
     capacity: int = -1,
-    other_requests: int = 0,
+    other_requests: float = 0,
+    group: tuple[int, int, int, float] | None = None,
 ) -> torch.Tensor:  # [R] int64 ℓ_r
+    """ℓ_r of every request; ``group``: the rest of an expert-parallel group, priced per
+    rank (``group_sps_torch``; on the tensor path)."""
     num_req, width = surv.shape
     # j-major flattening so that a stable sort breaks ties by position, then request
     flat = surv.T.reshape(-1)  # [K * R]
     order = torch.sort(flat, descending=True, stable=True).indices
     a_sorted = flat[order]
     base = num_req + other_tokens
-    if a_sorted.is_cuda and triton is not None:
+    if a_sorted.is_cuda and triton is not None and group is None:
         cut = prefix_cut_triton(a_sorted, sizes, rates, num_req + other_requests, base, capacity)
     else:
-        cut = prefix_cut_torch(a_sorted, sizes, rates, num_req + other_requests, base, capacity)
+        cut = prefix_cut_torch(a_sorted, sizes, rates, num_req + other_requests, base, capacity,
+                               group)
     taken = torch.arange(flat.numel(), device=surv.device) < cut
     req_of = order % num_req
     return torch.bincount(req_of[taken], minlength=num_req)

@@ -11,8 +11,8 @@ Policies, one class per ``BudgetMode`` (``make_budget``): ``fixed`` (γ per requ
 ``threshold`` (cut at the first per-position confidence below θ), ``algorithm1`` (the
 paper's Algorithm 1: causal greedy admission in descending survival with early stop),
 ``topk`` (§5.2: a capacity K computed from confidences of an earlier step, then the K most
-confident candidates, no early stop), ``cluster`` (Algorithm 1 with the rest of the
-expert-parallel group's tokens counted in B). The per-request draft gate
+confident candidates, no early stop), ``cluster`` (Algorithm 1 over the expert-parallel
+group: per-rank step costs, the group's progress in the throughput). The per-request draft gate
 (``dspark.workers.gate``) decides before drafting which requests draft; both read the
 ``CostModel``.
 
@@ -47,10 +47,17 @@ class StepCostTable:
     """Increasing verify batch sizes B (tokens per step) that were measured."""
     steps_per_second: tuple[float, ...]
     """SPS at each measured B."""
+    shared: tuple[float, ...] = ()
+    """Share of each measured step spent in the expert-parallel MoE layers (token exchange
+    and experts), whose cost follows the whole group's tokens; empty without expert
+    parallelism."""
 
     def __post_init__(self) -> None:
         if len(self.batch_sizes) != len(self.steps_per_second) or not self.batch_sizes:
             raise ValueError("batch_sizes and steps_per_second must be non-empty, equal length")
+        if self.shared and (len(self.shared) != len(self.batch_sizes)
+                            or not all(0.0 <= f <= 1.0 for f in self.shared)):
+            raise ValueError("shared must hold one share in [0, 1] per batch size")
         if any(b <= a for a, b in zip(self.batch_sizes, self.batch_sizes[1:])):
             raise ValueError("batch_sizes must be strictly increasing")
         if any(s <= 0 for s in self.steps_per_second):
@@ -95,9 +102,28 @@ class OnlineCostTable:
         self.table = StepCostTable(tuple(self.sizes), tuple(1.0 / t for t in monotone))
 
 
+@dataclass(frozen=True)
+class GroupLoad:
+    """What the rest of this replica's expert-parallel group did in its last step."""
+
+    tokens: tuple[int, ...] = ()
+    """Verify tokens of each other member."""
+    committed: float = 0.0
+    """Tokens the other members committed for their requests: their users' progress, which
+    a longer group step delays."""
+
+
 class CostModel:
     """What a step costs: SPS(B) of the verify forward and the drafter's calls per second
-    against the requests drafted for, both profiled at start-up and refined online."""
+    against the requests drafted for, both profiled at start-up and refined online.
+
+    In an expert-parallel group (``group`` set, the cluster budget) a step is priced per
+    rank: the members run in lock-step, so the private part of a step (attention, dense
+    layers, LM head) lasts as long as the most loaded member's, and the shared part (the
+    MoE layers' exchange and experts, ``shared`` of the profiled step) follows the group's
+    tokens per member. With ``t(B) = 1 / SPS(B)`` profiled with B tokens on every member:
+    ``t_step(b) = (1 - f) t(max(b, max others)) + f t((b + sum others) / members)``.
+    """
 
     overhead_alpha = 0.1
 
@@ -105,6 +131,12 @@ class CostModel:
         self.verify = OnlineCostTable(verify)
         self.draft = OnlineCostTable(draft) if draft is not None else None
         self.device = device
+        shares = sorted(verify.shared)
+        self.shared = shares[len(shares) // 2] if shares else 0.0
+        """The profiled share of a step that is the group's (median over batch sizes)."""
+        self.group: GroupLoad | None = None
+        """The rest of the group in its last step, set by the engine before each step
+        (cluster budget only); None prices the replica alone."""
         self.overhead = 0.0
         """The rest of a step (schedule, budget, sampling, drafter-cache extension, commit)
         per second of verify forward: EWMA of the observed ratio. The profiles time the
@@ -118,7 +150,17 @@ class CostModel:
 
     def observe(self, verify_tokens: int, verify_seconds: float, drafted: int,
                 draft_seconds: float, other_seconds: float = 0.0) -> None:
-        """One step: its verify forward, its proposal, and ``other_seconds`` of the rest."""
+        """One step: its verify forward, its proposal, and ``other_seconds`` of the rest.
+        In a group the table holds equal-load steps: a forward beside other loads refines
+        it at the most loaded member's tokens, scaled by what the per-rank model says an
+        equal-load step there costs against this one (a forward beside a lighter member is
+        cheaper, and is not learnt as the heavier step's price)."""
+        group = self._group()
+        if group is not None:
+            most = max(verify_tokens, group[0])
+            equal = 1.0 / self.verify.table.sps(most)
+            verify_seconds *= equal / self.verify_seconds(verify_tokens)
+            verify_tokens = most
         self.verify.observe(verify_tokens, verify_seconds)
         self._refresh()
         if drafted and self.draft is not None:
@@ -130,16 +172,41 @@ class CostModel:
     def step_seconds(self, verify_tokens: int, drafted: int = 0) -> float:
         """A whole step that verifies ``verify_tokens`` and drafts for ``drafted``
         requests, as the model believes it costs."""
-        seconds = (1.0 + self.overhead) / self.verify.table.sps(verify_tokens)
+        seconds = (1.0 + self.overhead) * self.verify_seconds(verify_tokens)
         if drafted and self.draft is not None:
             seconds += 1.0 / self.draft.table.sps(drafted)
         return seconds
 
+    def verify_seconds(self, verify_tokens: int) -> float:
+        """The verify forward of a step with ``verify_tokens`` on this replica (per rank
+        in a group: class docstring)."""
+        table, group = self.verify.table, self._group()
+        if group is None:
+            return 1.0 / table.sps(verify_tokens)
+        most, total, members, shared = group
+        return ((1.0 - shared) / table.sps(max(verify_tokens, most))
+                + shared / table.sps((verify_tokens + total) / members))
+
+    @property
+    def group_committed(self) -> float:
+        """Tokens the rest of the group commits per step (0 alone): a longer step delays
+        them as it delays this replica's requests."""
+        return self.group.committed if self.group is not None else 0.0
+
+    def _group(self) -> tuple[int, int, int, float] | None:
+        """(most loaded other member's tokens, all other members' tokens, members, shared
+        share), or None when the replica is priced alone."""
+        if self.group is None or not self.group.tokens:
+            return None
+        tokens = self.group.tokens
+        return max(tokens), sum(tokens), len(tokens) + 1, self.shared
+
     def select(self, surv: torch.Tensor, other_tokens: int, capacity: int = -1,
                other_requests: int = 0) -> torch.Tensor:
-        """Algorithm 1 (or top-K under ``capacity``) over ``surv`` [R, n]: ℓ_r [R]."""
+        """Algorithm 1 (or top-K under ``capacity``) over ``surv`` [R, n]: ℓ_r [R]; in a
+        group, per-rank step costs and the group's committed tokens count too."""
         return select_prefixes(surv, self.sizes, self.rates, other_tokens, capacity,
-                               other_requests)
+                               other_requests + self.group_committed, self._group())
 
 
 @dataclass(frozen=True)
@@ -189,10 +256,10 @@ class BudgetPolicy:
         """ℓ_r [R] (conf: per-position acceptance [R, n], surv: prefix survival)."""
         raise NotImplementedError
 
-    def external(self) -> int:
-        """Tokens the rest of this replica's expert-parallel group verifies per step, as far
-        as this policy counts them (only the cluster budget does)."""
-        return 0
+    def group(self) -> GroupLoad | None:
+        """What the rest of this replica's expert-parallel group did last step, as far as
+        this policy counts it (only the cluster budget does)."""
+        return None
 
 
 class FixedBudget(BudgetPolicy):
@@ -216,22 +283,25 @@ class Algorithm1Budget(BudgetPolicy):
 
 
 class ClusterBudget(Algorithm1Budget):
-    """Algorithm 1 with SPS evaluated at this replica's tokens plus what the rest of its
-    expert-parallel group schedules (``external_tokens``, from the load board)."""
+    """Algorithm 1 over the whole expert-parallel group: per-rank step costs from what the
+    rest of the group did last step (``group_load``, from the load board), and the group's
+    committed tokens in the throughput it maximises (``CostModel``)."""
 
     def __init__(self, cost: CostModel, sts: torch.Tensor,
-                 external_tokens: Callable[[], int] | None) -> None:
+                 group_load: Callable[[], GroupLoad] | None) -> None:
         super().__init__(cost, sts)
-        self.external_tokens = external_tokens
+        self.group_load = group_load
 
-    def external(self) -> int:
-        if self.external_tokens is None:
-            return 0
+    def group(self) -> GroupLoad | None:
+        if self.group_load is None:
+            return None
         try:
-            return max(0, int(self.external_tokens()))
+            load = self.group_load()
+            return GroupLoad(tuple(max(0, int(t)) for t in load.tokens),
+                             max(0.0, float(load.committed)))
         except Exception:  # NOTE: stale load is safe: fall back to local information
-            logger.debug("external load unavailable", exc_info=True)
-            return 0
+            logger.debug("group load unavailable", exc_info=True)
+            return None
 
 
 class TopKBudget(BudgetPolicy):
@@ -252,7 +322,7 @@ class TopKBudget(BudgetPolicy):
 
 
 def make_budget(mode: BudgetMode, cost: CostModel, sts: torch.Tensor, threshold: float,
-                external_tokens: Callable[[], int] | None = None) -> BudgetPolicy:
+                group_load: Callable[[], GroupLoad] | None = None) -> BudgetPolicy:
     """The policy of ``mode`` (the one place modes map to classes)."""
     if mode is BudgetMode.FIXED:
         return FixedBudget(cost, sts)
@@ -262,4 +332,4 @@ def make_budget(mode: BudgetMode, cost: CostModel, sts: torch.Tensor, threshold:
         return Algorithm1Budget(cost, sts)
     if mode is BudgetMode.TOPK:
         return TopKBudget(cost, sts)
-    return ClusterBudget(cost, sts, external_tokens)
+    return ClusterBudget(cost, sts, group_load)

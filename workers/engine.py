@@ -23,7 +23,7 @@ from dspark.models.drafter_checkpoint import Drafter
 from dspark.models.generation import SamplingParams
 from dspark.models.target import TargetModel
 from dspark.workers.block_manager import BlockManager
-from dspark.workers.budget import CostModel, StepCostTable, make_budget
+from dspark.workers.budget import CostModel, GroupLoad, StepCostTable, make_budget
 from dspark.workers.drafting import DraftWorker, profile_draft_costs
 from dspark.workers.engine_config import EngineConfig
 from dspark.workers.expert_parallel import forward_empty
@@ -73,12 +73,12 @@ class Engine:
         cost_table: StepCostTable | None = None,
         draft_cost_table: StepCostTable | None = None,
         *,
-        external_tokens: Callable[[], int] | None = None,
+        group_load: Callable[[], GroupLoad] | None = None,
         lockstep: bool = False,
         on_round: Callable[[str, RoundRecord], None] | None = None,
     ) -> None:
-        """``external_tokens``: cluster budget: tokens the other ranks of this replica's
-        expert-parallel group schedule per step (None counts as 0). ``lockstep``: this
+        """``group_load``: cluster budget: what the other ranks of this replica's
+        expert-parallel group did last step (None: priced alone). ``lockstep``: this
         engine is one rank of an expert-parallel group: every step runs exactly one target
         forward (an empty one when nothing is scheduled). ``on_round``: called with every
         drafted request's round (proposed, accepted, committed, confidences)."""
@@ -113,7 +113,7 @@ class Engine:
         self.costs = CostModel(self.profiled_cost_table, draft_cost_table, self.device)
         temps = drafter.config.sts_temperatures if drafter is not None else None
         sts = torch.tensor(temps or [1.0] * max(self.gamma, 1), device=self.device)
-        self.budget = make_budget(cfg.budget, self.costs, sts, cfg.threshold, external_tokens)
+        self.budget = make_budget(cfg.budget, self.costs, sts, cfg.threshold, group_load)
         self.gate = make_gate(self.gamma, self.costs, gated, cfg)
         self.states: dict[str, RequestState] = {}
         self.on_request_step: Callable[[list[RequestStep]], None] | None = None
@@ -225,7 +225,7 @@ class Engine:
         # NOTE: prefilling requests are part of the step's cost: a longer step delays their
         # first token as much as it delays a decoding request's next one
         prefilling = sum(s.prefill for s in seqs)
-        load = sum(len(s.known) for s in seqs if s.prefill) + self.budget.external()
+        load, self.costs.group = sum(len(s.known) for s in seqs if s.prefill), self.budget.group()
         decoding = [s for s in seqs if not s.prefill]
         proposal = self._propose(decoding, load, prefilling, tables)
         clock.append(time.perf_counter())

@@ -16,6 +16,8 @@ the unsharded ``SparseMoeBlock.combine_experts`` does.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -36,6 +38,11 @@ class ExpertParallelMoE(nn.Module):
         local = list(block.experts)[self.first : self.first + self.per_rank]
         # NOTE: only the local experts stay in memory
         block.experts = nn.ModuleList(local)
+        self.timing = False
+        """Accumulate the wall time of this layer's experts on the tokens they received in
+        ``seconds`` (step-cost profiling only: on a GPU it synchronises). That is the part
+        of a step that follows the group's tokens per member, not this rank's own."""
+        self.seconds = 0.0
 
     def _exchange(self, send: torch.Tensor, send_counts: list[int], recv_counts: list[int]):
         recv = send.new_empty((sum(recv_counts), *send.shape[1:]))
@@ -59,11 +66,7 @@ class ExpertParallelMoE(nn.Module):
         send_counts, recv_counts = send_counts_t.tolist(), recv_counts_t.tolist()
         recv_x = self._exchange(flat.index_select(0, token_of), send_counts, recv_counts)
         recv_ids = self._exchange(sorted_ids, send_counts, recv_counts) - self.first
-        out_rows = torch.zeros_like(recv_x)
-        for e, expert in enumerate(block.experts):
-            rows = (recv_ids == e).nonzero(as_tuple=True)[0]
-            if rows.numel():
-                out_rows[rows] = expert(recv_x[rows])
+        out_rows = self._experts(recv_x, recv_ids)
         back = self._exchange(out_rows, recv_counts, send_counts)  # [N * k, d], sorted order
         expert_out = back * routing.weights.reshape(-1)[order, None]
         out = torch.zeros_like(flat)
@@ -71,6 +74,22 @@ class ExpertParallelMoE(nn.Module):
         if block.shared_expert is not None:
             out = out + torch.sigmoid(block.shared_expert_gate(flat)) * block.shared_expert(flat)
         return out.reshape(shape)
+
+
+    def _experts(self, recv_x: torch.Tensor, recv_ids: torch.Tensor) -> torch.Tensor:
+        """This rank's experts on the rows the group sent them (local expert ids)."""
+        sync = torch.cuda.synchronize if recv_x.is_cuda and self.timing else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        out_rows = torch.zeros_like(recv_x)
+        for e, expert in enumerate(self.block.experts):
+            rows = (recv_ids == e).nonzero(as_tuple=True)[0]
+            if rows.numel():
+                out_rows[rows] = expert(recv_x[rows])
+        if self.timing:
+            sync()
+            self.seconds += time.perf_counter() - start
+        return out_rows
 
 
 def shard_experts(target: TargetModel, group, rank: int, world: int) -> int:
@@ -82,6 +101,15 @@ def shard_experts(target: TargetModel, group, rank: int, world: int) -> int:
             layer.mlp = ExpertParallelMoE(layer.mlp, group, rank, world)
             count += 1
     return count
+
+
+def timed_layers(target: nn.Module, on: bool) -> list[ExpertParallelMoE]:
+    """Switch the wall-time accounting of ``target``'s expert-parallel layers on or off;
+    returns them (none without expert parallelism)."""
+    layers = [m for m in target.modules() if isinstance(m, ExpertParallelMoE)]
+    for layer in layers:
+        layer.timing = on
+    return layers
 
 
 class _NoTokens:

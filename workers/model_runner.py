@@ -22,6 +22,7 @@ import torch
 from dspark.kernels.paged_attention import paged_attention, paged_layout, slot_table
 from dspark.models.target import TargetModel
 from dspark.workers.budget import StepCostTable, VerificationPlan
+from dspark.workers.expert_parallel import timed_layers
 from dspark.workers.step import DraftProposal, SeqRows, StepSeq
 
 
@@ -222,26 +223,47 @@ def profile_step_costs(
     num_blocks: int,
     repeats: int = 3,
 ) -> StepCostTable:
-    """SPS(B): verify forwards per second at each verify batch size B (median of repeats).
+    """SPS(B): verify forwards per second at each verify batch size B (median of repeats),
+    and with expert parallelism the share of each forward spent in the MoE layers (their
+    exchange and experts: the part of a step that follows the whole group's tokens).
 
     Must run before any request holds KV: the dummy requests overwrite blocks from 0 on.
     """
     vocab = runner.target.config.vocab_size
-    sizes, rates = [], []
-    for num_tokens in sorted(set(batch_sizes)):
-        num_req = max(1, min(max_requests, num_tokens))
-        sizes_per = -(-num_tokens // num_req)
-        if num_req * -(-(context + sizes_per) // runner.block_size) > num_blocks:
-            break  # not enough KV to lay this batch out
-        batch = dummy_batch(num_tokens, num_req, context, runner.block_size, vocab, runner.device)
-        runner.forward(batch)  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            runner.forward(batch)
-            if runner.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        sizes.append(num_tokens)
-        rates.append(1.0 / sorted(times)[len(times) // 2])
-    return StepCostTable(tuple(sizes), tuple(rates))
+    sizes, rates, shared = [], [], []
+    moe = timed_layers(runner.target, True)
+    try:
+        for num_tokens in sorted(set(batch_sizes)):
+            timed = _profile_size(runner, num_tokens, max_requests, context, num_blocks,
+                                  vocab, repeats, moe)
+            if timed is None:
+                break  # not enough KV to lay this batch out
+            sizes.append(num_tokens)
+            rates.append(1.0 / timed[0])
+            shared.append(timed[1])
+    finally:
+        timed_layers(runner.target, False)
+    return StepCostTable(tuple(sizes), tuple(rates), tuple(shared) if moe else ())
+
+
+def _profile_size(runner, num_tokens, max_requests, context, num_blocks, vocab, repeats,
+                  moe) -> tuple[float, float] | None:
+    """(median seconds of a forward of ``num_tokens``, the MoE layers' share of it)."""
+    num_req = max(1, min(max_requests, num_tokens))
+    sizes_per = -(-num_tokens // num_req)
+    if num_req * -(-(context + sizes_per) // runner.block_size) > num_blocks:
+        return None
+    batch = dummy_batch(num_tokens, num_req, context, runner.block_size, vocab, runner.device)
+    runner.forward(batch)  # warm-up
+    times = []
+    for _ in range(repeats):
+        before = sum(layer.seconds for layer in moe)
+        start = time.perf_counter()
+        runner.forward(batch)
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        share = (sum(layer.seconds for layer in moe) - before) / elapsed
+        times.append((elapsed, min(1.0, max(0.0, share))))
+    times.sort()
+    return times[len(times) // 2]

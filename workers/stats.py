@@ -212,7 +212,8 @@ def request_steps(engine, seqs, proposal, plan, verified, stats: StepStats) -> l
         for i, (s, n) in enumerate(zip(proposal.seqs, plan.lengths)):
             drafted[s.request.req_id] = (n, tuple(surv[i][:n]) if surv is not None else ())
     mode = engine.config.budget.value
-    external = stats.num_verify_tokens and engine.budget.external()
+    group = engine.costs.group
+    external = stats.num_verify_tokens and (sum(group.tokens) if group is not None else 0)
     rows = []
     for s in seqs:
         req_id = s.request.req_id

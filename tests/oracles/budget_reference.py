@@ -84,3 +84,17 @@ def capacity_from_stale(
 ) -> int:
     """§5.2: the capacity K for this step, from survival estimates of an earlier step."""
     return sum(algorithm1(stale_surv, cost, other_tokens))
+
+
+class GroupCost:
+    """A step's cost per rank of an expert-parallel group (``sps`` as a ``StepCostTable``
+    has it): the private part at the most loaded member's tokens, the shared part at the
+    group's tokens per member."""
+
+    def __init__(self, table: StepCostTable, others: Sequence[int], shared: float) -> None:
+        self.table, self.others, self.shared = table, list(others), shared
+
+    def sps(self, batch: int) -> float:
+        private = 1.0 / self.table.sps(max([batch, *self.others]))
+        common = 1.0 / self.table.sps((batch + sum(self.others)) / (len(self.others) + 1))
+        return 1.0 / ((1.0 - self.shared) * private + self.shared * common)

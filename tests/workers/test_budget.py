@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from budget_reference import (
+    GroupCost,
     algorithm1,
     capacity_from_stale,
     fixed_budget,
@@ -15,7 +16,7 @@ from budget_reference import (
 )
 
 from dspark.models.generation import SamplingParams
-from dspark.workers.budget import StepCostTable
+from dspark.workers.budget import CostModel, GroupLoad, StepCostTable
 from dspark.workers.sampling import RequestSampling, verify
 
 SAMPLED = SamplingParams(temperature=1.0)
@@ -114,3 +115,38 @@ def test_requests_the_step_also_serves_shrink_algorithm1():
     crowded = algorithm1(surv, cost, 2, other_requests=12)
     assert sum(crowded) < sum(alone)
     assert all(c <= a for c, a in zip(crowded, alone))
+
+
+def test_a_ranks_step_is_private_at_the_heaviest_member_and_shared_per_member():
+    """t(B) = 1/SPS(B) profiled with B tokens on every member; a rank's step is
+    (1 - f) t(max of the members' tokens) + f t(the group's tokens per member)."""
+    table = StepCostTable((1, 10, 20, 40), (100.0, 50.0, 25.0, 10.0), (0.2, 0.4, 0.4, 0.6))
+    cost = CostModel(table, None, "cpu")
+    assert cost.shared == 0.4  # the median over batch sizes
+    assert cost.verify_seconds(10) == pytest.approx(1 / 50)  # alone: the table
+    cost.group = GroupLoad((30,), 12.0)
+    # private at max(10, 30) = 30 (SPS 17.5), shared at (10 + 30) / 2 = 20 (SPS 25)
+    assert cost.verify_seconds(10) == pytest.approx(0.6 / 17.5 + 0.4 / 25.0)
+    assert cost.group_committed == 12.0
+    cost.group = GroupLoad((), 0.0)  # a group of one: alone again
+    assert cost.verify_seconds(10) == pytest.approx(1 / 50)
+    with pytest.raises(ValueError, match="shared"):
+        StepCostTable((1, 10), (10.0, 5.0), (0.5,))
+
+
+@pytest.mark.parametrize("others,committed", [((3,), 0.0), ((40,), 6.0), ((12, 50), 30.0)])
+def test_cluster_selection_equals_algorithm1_on_per_rank_costs(others, committed):
+    """The cluster budget's tensor selection is Algorithm 1 with the per-rank step cost and
+    the rest of the group's committed tokens among the requests the step serves."""
+    table = StepCostTable((1, 8, 16, 32, 64), (100.0, 80.0, 60.0, 35.0, 15.0),
+                          (0.3, 0.5, 0.5, 0.6, 0.7))
+    cost = CostModel(table, None, "cpu")
+    cost.group = GroupLoad(others, committed)
+    gen = torch.Generator().manual_seed(len(others))
+    conf = (0.3 + 0.7 * torch.rand(6, 7, generator=gen)).tolist()
+    surv = survival(conf)
+    want = algorithm1(surv, GroupCost(table, others, cost.shared), 3, 2 + committed)
+    got = cost.select(torch.tensor(surv), 3, other_requests=2)
+    assert got.tolist() == want
+    alone = CostModel(table, None, "cpu").select(torch.tensor(surv), 3, other_requests=2)
+    assert alone.tolist() == algorithm1(surv, table, 3, 2)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dspark.models.generation import SamplingParams, generate_tokens
-from dspark.workers.budget import StepCostTable
+from dspark.workers.budget import GroupLoad, StepCostTable
 from dspark.workers.engine import Engine, EngineConfig
 
 COST = StepCostTable((1, 8, 64), (100.0, 90.0, 40.0))
@@ -269,25 +269,33 @@ def test_prefix_cache_hits_reuse_target_and_drafter_kv(make_model, make_drafter,
     assert eng.blocks.cached, "the prompts' full blocks must be in the prefix cache"
 
 
-def test_cluster_budget_evaluates_sps_with_the_groups_tokens(make_model, make_drafter):
-    """With SPS flat up to 200 tokens and falling 10x by 210, a replica alone verifies many
-    drafts; when the rest of its group already schedules 199 tokens, it verifies fewer."""
+def test_cluster_budget_prices_a_step_per_rank(make_model, make_drafter):
+    """With SPS falling steeply past 8 tokens, a replica alone verifies few drafts. Beside
+    a group member that schedules 60 tokens, its own tokens below 60 make the lock-step
+    step no longer (nothing shared): it verifies many more. When that member's requests
+    also commit 40 tokens a step and the whole step is shared, a longer step delays them
+    too: it verifies fewer than with the member's committed tokens left out."""
     target = make_model()
     drafter = make_drafter(target, "dspark")
-    cliff = StepCostTable((1, 200, 210), (100.0, 100.0, 10.0))
-    budgets = {}
-    for other in (0, 199):
+
+    def verified_per_draft(shared, group):
+        table = StepCostTable((1, 8, 64), (100.0, 50.0, 5.0), (shared,) * 3)
         eng = Engine(target, drafter, EngineConfig(budget="cluster", block_size=4,
                                                    num_blocks=200, draft_gating=False),
-                     cliff, DRAFT_COST, external_tokens=lambda other=other: other)
+                     table, DRAFT_COST, group_load=lambda: group)
         eng.add_request([5, 6, 7, 8], SamplingParams(max_tokens=20, ignore_eos=True))
         verified = drafted = 0
         while eng.has_unfinished():
             stats = eng.step().stats
             verified += stats.verify_budget
             drafted += stats.num_drafts
-        budgets[other] = verified / drafted
-    assert budgets[0] > 2 * budgets[199]
+        return verified / drafted
+
+    alone = verified_per_draft(0.0, GroupLoad())
+    beside_heavy = verified_per_draft(0.0, GroupLoad((60,)))
+    assert beside_heavy > 1.5 * alone
+    assert verified_per_draft(1.0, GroupLoad((60,), 40.0)) < verified_per_draft(
+        1.0, GroupLoad((60,)))
 
 
 MODIFIED = [

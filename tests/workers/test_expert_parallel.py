@@ -1,6 +1,7 @@
 """Expert parallelism over real torch.distributed (gloo, two processes on loopback): the
-sharded MoE layer equals the unsharded one, and an engine rank of an ep_size=2 group
-produces exactly the greedy output of ep_size=1 while the other rank idles in lock-step."""
+sharded MoE layer equals the unsharded one, an engine rank of an ep_size=2 group produces
+exactly the greedy output of ep_size=1 while the other rank idles in lock-step, and the
+step-cost profile measures the MoE layers' share of a forward."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ WORKER = textwrap.dedent('''
     from dspark.workers.budget import StepCostTable
     from dspark.workers.engine import Engine, EngineConfig
     from dspark.workers.expert_parallel import any_rank_busy, shard_experts
+    from dspark.workers.model_runner import profile_step_costs
 
     rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     torch.set_num_threads(1)
@@ -47,6 +49,9 @@ WORKER = textwrap.dedent('''
                     num_blocks=200, max_num_batched_tokens=64, max_num_seqs=4),
                     StepCostTable((1, 8, 64), (100.0, 90.0, 40.0)),
                     StepCostTable((1, 8), (400.0, 300.0)), lockstep=True)
+    # 3. the profile measures the MoE layers' share of a lock-step forward (both ranks
+    # profile together, before any request holds KV)
+    shared = list(profile_step_costs(engine.runner, (1, 8), 4, 16, 200).shared)
     gen = torch.Generator().manual_seed(10 + rank)
     prompts = [torch.randint(5, 97, (int(n),), generator=gen).tolist()
                for n in torch.randint(1, 25, (5 if rank == 0 else 1,), generator=gen)]
@@ -60,7 +65,7 @@ WORKER = textwrap.dedent('''
     outputs = [delivered[i] for i in ids]
     with open(out, "w") as f:
         json.dump({"layer_err": layer_err, "prompts": prompts, "outputs": outputs,
-                   "steps": steps}, f)
+                   "steps": steps, "shared": shared}, f)
     dist.barrier()
     dist.destroy_process_group()
     # NOTE: skip interpreter teardown: rank 0 hosts the TCPStore, whose server thread can
@@ -98,3 +103,5 @@ def test_ep_size_2_equals_ep_size_1(tmp_path, make_model):
         assert res["outputs"] == expected
     # lock-step: both ranks ran the same number of steps although rank 1 had less work
     assert results[0]["steps"] == results[1]["steps"]
+    for res in results:  # one share per profiled size, strictly inside the forward
+        assert len(res["shared"]) == 2 and all(0.0 < f < 1.0 for f in res["shared"])

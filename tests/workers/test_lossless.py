@@ -13,23 +13,23 @@ import torch
 
 from dspark.models.generation import SamplingParams, generate_tokens
 from dspark.workers import step as step_module
-from dspark.workers.budget import StepCostTable
+from dspark.workers.budget import GroupLoad, StepCostTable
 from dspark.workers.drafting import DraftWorker
 from dspark.workers.engine import Engine, EngineConfig
 from dspark.workers.gate import DraftGate
 
-COST = StepCostTable((1, 8, 64), (100.0, 90.0, 40.0))
+COST = StepCostTable((1, 8, 64), (100.0, 90.0, 40.0), (0.3, 0.4, 0.5))
 DRAFT_COST = StepCostTable((1, 8), (400.0, 300.0))
 # 0.999 quantile of the chi-square distribution with 11 degrees of freedom
 CHI2_11_999 = 31.26
 
 
-def engine(target, drafter=None, on_round=None, external_tokens=None, **cfg):
+def engine(target, drafter=None, on_round=None, group_load=None, **cfg):
     cfg.setdefault("block_size", 4)
     cfg.setdefault("num_blocks", 400)
     cfg.setdefault("max_num_seqs", 8)
     return Engine(target, drafter, EngineConfig(**cfg), COST, DRAFT_COST, on_round=on_round,
-                  external_tokens=external_tokens)
+                  group_load=group_load)
 
 
 def prompts(num, vocab, seed=0):
@@ -133,10 +133,14 @@ def test_a_seeded_request_has_one_text_whatever_the_drafter_budget_and_load(
     load_params = [SamplingParams(temperature=0.7, max_tokens=20,
                                   seed=i if i % 2 else None) for i in range(len(load))]
     drafters = {m: make_drafter(target, m) for m in ("dspark", "dflash", "eagle3", "mtp")}
+
+    def group():  # the rest of a busy expert-parallel group
+        return GroupLoad((50, 3), 12.0)
+
     for method, budget in SYSTEMS:
         drafter = drafters[method] if method else None
         alone = engine(target, drafter, budget=budget).generate([prompt], mine)[0]
-        loaded = engine(target, drafter, budget=budget, external_tokens=lambda: 50).generate(
+        loaded = engine(target, drafter, budget=budget, group_load=group).generate(
             [*load[:6], prompt, *load[6:]], [*load_params[:6], mine, *load_params[6:]])[6]
         assert alone == want, (method, budget)
         assert loaded == want, (method, budget)
