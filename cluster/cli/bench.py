@@ -120,8 +120,8 @@ def _add_ep(which: Subparsers) -> None:
     add_flag(ep, "--heavy", 16, "Requests in flight on rank 0.", type=int)
     add_flag(ep, "--light", 2, "Requests in flight on rank 1.", type=int)
     add_flag(ep, "--steps", 200, "Lock-step steps per budget per round.", type=int)
-    add_flag(ep, "--rounds", 3, "Rounds; the budgets take turns, in an order flipped every "
-             "round.", type=int)
+    add_flag(ep, "--rounds", 3, "Rounds; the budgets step in turn, which goes first flipped "
+             "every round.", type=int)
     add_flag(ep, "--max-tokens", 64, "Output tokens per request.", type=int)
     add_flag(ep, "--temperature", 0.0, "Sampling temperature of every request.", type=float)
     add_flag(ep, "--threads", 1, "torch threads per rank.", type=int)
