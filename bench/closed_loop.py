@@ -33,6 +33,8 @@ class ClosedLoop:
         self.arrival: dict[str, float] = {}
         self.tokens: dict[str, int] = {}
         self.per_user: list[float] = []
+        self.ttft: list[float] = []
+        """Seconds from each request's arrival to its first token, on the loop's clock."""
         self.stats: list[StepStats] = []
         self.issued = 0
         start = time.perf_counter()
@@ -59,6 +61,8 @@ class ClosedLoop:
         if result.stats is not None:
             self.stats.append(result.stats)
         for out in result.outputs:
+            if not self.tokens[out.req_id] and out.new_token_ids:
+                self.ttft.append(now - self.arrival[out.req_id])
             self.tokens[out.req_id] += len(out.new_token_ids)
             if out.finished:
                 self.per_user.append(self.tokens[out.req_id]

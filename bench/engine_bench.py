@@ -17,6 +17,7 @@ interleaved, the same list for every configuration.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,6 +65,8 @@ class System:
     """``EngineConfig.draft_margin``; ``inf``: nobody drafts but the gate's probes."""
     prior: float = EngineConfig.draft_prior
     """``EngineConfig.draft_prior``."""
+    prefill_weight: float = EngineConfig.prefill_weight
+    """``EngineConfig.prefill_weight``."""
 
 
 SYSTEMS = (
@@ -82,6 +85,8 @@ SYSTEMS = (
     System("dspark-idle", "dspark", "algorithm1", margin=float("inf")),
     # the serving default without its prior: each request's own record alone
     System("dspark-alg1-prior0", "dspark", "algorithm1", prior=0.0),
+    # the serving default with first tokens weighted 4x in the step's cost model
+    System("dspark-alg1-pw4", "dspark", "algorithm1", prefill_weight=4.0),
 )
 
 
@@ -105,9 +110,22 @@ class Cell:
     """Share of step time in the scheduler, the budget and rejection sampling."""
     phase_ms: dict = field(default_factory=dict)
     num_errors: int = 0
+    ttft_p50_ms: float = 0.0
+    """Time to first token, median over the cell's requests (arrival to first token on the
+    engine's clock: queueing and the prefill step)."""
+    ttft_p90_ms: float = 0.0
 
 
-def summarize(system, temperature, concurrency, per_user, num_tokens, wall, stats) -> Cell:
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-quantile (0..1) of ``values``, nearest rank; 0.0 for none."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def summarize(system, temperature, concurrency, per_user, num_tokens, wall, stats,
+              ttft: Sequence[float] = ()) -> Cell:
     drafted = sum(s.num_drafts for s in stats)
     step_time = sum(s.step_time for s in stats)
     overhead = sum(s.time_schedule + s.time_budget + s.time_sample for s in stats)
@@ -131,6 +149,8 @@ def summarize(system, temperature, concurrency, per_user, num_tokens, wall, stat
         / drafted if drafted else 0.0,
         schedule_and_sampling_frac=overhead / step_time if step_time else 0.0,
         phase_ms=phases,
+        ttft_p50_ms=1000 * percentile(ttft, 0.5),
+        ttft_p90_ms=1000 * percentile(ttft, 0.9),
     )
 
 
@@ -153,7 +173,8 @@ def run_benchmark(
         ecfg = EngineConfig(**{**asdict(base), "budget": system.budget,
                                "num_speculative_tokens": system.gamma, "seed": cfg.seed,
                                "draft_gating": system.gating, "draft_margin": system.margin,
-                               "draft_prior": system.prior})
+                               "draft_prior": system.prior,
+                               "prefill_weight": system.prefill_weight})
         engine = Engine(target, drafter, ecfg)
         tables[system.label] = {"profiled": asdict(engine.profiled_cost_table)}
         # warm-up, not measured
@@ -177,7 +198,7 @@ def run_benchmark(
                          for s in order]
                 interleave(loops)
                 for system, loop in zip(order, loops):
-                    cell = summarize(system.label, temp, conc, *loop.result())
+                    cell = summarize(system.label, temp, conc, *loop.result(), loop.ttft)
                     cell.num_errors = engines[system.label].num_errors
                     raw.append(cell)
                     log(f"[{rnd + 1}/{cfg.rounds}] {cell_line(cell)}")
@@ -225,7 +246,8 @@ def median_cells(raw: Sequence[Cell]) -> list[Cell]:
         first = runs[0]
         fields = {name: med([getattr(r, name) for r in runs]) for name in (
             "wall_time", "per_user_tps", "aggregate_tps", "mean_tau", "mean_budget_per_request",
-            "step_time_ms", "draft_ms_per_request", "schedule_and_sampling_frac")}
+            "step_time_ms", "draft_ms_per_request", "schedule_and_sampling_frac",
+            "ttft_p50_ms", "ttft_p90_ms")}
         phases = {k: med([r.phase_ms[k] for r in runs]) for k in first.phase_ms}
         out.append(Cell(
             system=first.system, temperature=first.temperature,
@@ -261,8 +283,25 @@ def ratio_columns(row: dict) -> str:
             f"{x('per_user_vs_mtp-1')} / {x('aggregate_vs_mtp-1')}")
 
 
+def ttft_ratios(row: dict) -> str:
+    """``p50 / p90`` of TTFT against no speculation's, or dashes."""
+    def x(key: str) -> str:
+        return f"{row[key]:.2f}" if key in row else "–"
+
+    return f"{x('ttft_p50_vs_no-spec')} / {x('ttft_p90_vs_no-spec')}"
+
+
 def ratios(cells: Sequence[Cell]) -> list[dict]:
-    return baseline_ratios([asdict(c) for c in cells], ("temperature", "concurrency"))
+    """``baseline_ratios``, and each cell's TTFT p50 and p90 over no speculation's."""
+    rows = baseline_ratios([asdict(c) for c in cells], ("temperature", "concurrency"))
+    base = {(c.temperature, c.concurrency): c for c in cells if c.system == "no-spec"}
+    for row, cell in zip(rows, cells):
+        ref = base.get((cell.temperature, cell.concurrency))
+        for q in ("p50", "p90"):
+            if ref is not None and getattr(ref, f"ttft_{q}_ms") > 0:
+                row[f"ttft_{q}_vs_no-spec"] = (getattr(cell, f"ttft_{q}_ms")
+                                               / getattr(ref, f"ttft_{q}_ms"))
+    return rows
 
 
 def domain_prompts(tokenizer, context: int, max_tokens: int, per_domain: int, seed: int):
@@ -287,8 +326,8 @@ def markdown(result: dict) -> str:
         lines += [f"### T = {temp:g}", "",
                   "| system | C | per-user tok/s | aggregate tok/s | × no-spec (user / agg) "
                   "| × MTP-1 (user / agg) | τ | mean ℓ | step ms | draft ms / request "
-                  "| sched+budget+sample |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| sched+budget+sample | TTFT p50 / p90 ms | TTFT × no-spec (p50 / p90) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for c in cells:
             if c["temperature"] != temp:
                 continue
@@ -298,7 +337,9 @@ def markdown(result: dict) -> str:
                 f"{c['aggregate_tps']:.1f} | {ratio_columns(r)} | {c['mean_tau']:.2f} | "
                 f"{c['mean_budget_per_request']:.2f} | {c['step_time_ms']:.1f} | "
                 f"{c.get('draft_ms_per_request', 0.0):.2f} | "
-                f"{100 * c['schedule_and_sampling_frac']:.1f}% |"
+                f"{100 * c['schedule_and_sampling_frac']:.1f}% | "
+                f"{c.get('ttft_p50_ms', 0.0):.0f} / {c.get('ttft_p90_ms', 0.0):.0f} | "
+                f"{ttft_ratios(r)} |"
             )
         lines.append("")
     return "\n".join(lines + depth_table(result))

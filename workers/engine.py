@@ -224,7 +224,7 @@ class Engine:
         clock.append(time.perf_counter())
         # NOTE: prefilling requests are part of the step's cost: a longer step delays their
         # first token as much as it delays a decoding request's next one
-        prefilling = sum(s.prefill for s in seqs)
+        prefilling = self.config.prefill_weight * sum(s.prefill for s in seqs)
         load, self.costs.group = sum(len(s.known) for s in seqs if s.prefill), self.budget.group()
         decoding = [s for s in seqs if not s.prefill]
         proposal = self._propose(decoding, load, prefilling, tables)
@@ -251,7 +251,7 @@ class Engine:
         self.step_count += 1
         return StepResult(outputs, stats)
 
-    def _propose(self, decoding: list[StepSeq], load: int, prefilling: int, tables
+    def _propose(self, decoding: list[StepSeq], load: int, prefilling: float, tables
                  ) -> DraftProposal | None:
         """The gate picks which decoding requests draft; the drafter drafts for them."""
         if self.draft_worker is None or not decoding:

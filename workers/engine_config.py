@@ -48,6 +48,10 @@ class EngineConfig:
     probe_every: int = 8
     """A request not drafted for this many decoding steps is stale: the gate probes it (a
     few per step, backing off while nobody is worth drafting) to refresh its record."""
+    prefill_weight: float = 1.0
+    """How many decoding requests a prefilling request counts as in the step's cost model
+    (the gate and the budget): a longer step delays its first token as it delays their next
+    one; above 1, first tokens matter more than throughput (>= 0)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budget", BudgetMode.parse(self.budget))
@@ -64,6 +68,8 @@ class EngineConfig:
             raise ValueError(f"draft_margin must be >= 1.0, got {self.draft_margin}")
         if not self.draft_prior >= 0.0:
             raise ValueError(f"draft_prior must be >= 0, got {self.draft_prior}")
+        if not self.prefill_weight >= 0.0:
+            raise ValueError(f"prefill_weight must be >= 0, got {self.prefill_weight}")
         if self.probe_every < 1:
             raise ValueError(f"probe_every must be >= 1, got {self.probe_every}")
         if not self.profile_batch_sizes or min(self.profile_batch_sizes) < 1:

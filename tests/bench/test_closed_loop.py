@@ -1,5 +1,5 @@
-"""Closed loops interleaved step by step: each engine decodes what it decodes alone, and
-each loop's clock holds only its own steps."""
+"""Closed loops interleaved step by step: each engine decodes what it decodes alone, each
+loop's clock holds only its own steps, and every request's time to first token is kept."""
 
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ def test_interleaved_loops_decode_alone_and_time_only_themselves(demo_target_dir
         assert loop.done and len(loop.per_user) == len(per_user) == 5
         assert sum(loop.tokens.values()) == tokens  # greedy: the same tokens as alone
         assert len(loop.stats) > 0 and len(stats) > 0
+        # one first token per request, each within the loop's own clock
+        assert len(loop.ttft) == 5 and all(0 < t <= loop.clock for t in loop.ttft)
     # the two clocks hold disjoint stretches of the interleaved run
     assert loops[0].clock + loops[1].clock <= wall
     assert all(loop.clock > 0 for loop in loops)

@@ -298,6 +298,39 @@ def test_cluster_budget_prices_a_step_per_rank(make_model, make_drafter):
         1.0, GroupLoad((60,)))
 
 
+def test_a_heavy_prefill_weight_keeps_verification_out_of_steps_that_prefill(
+        make_model, make_drafter):
+    """``prefill_weight``: a prefilling request counts as that many decoding requests in the
+    gate's and the budget's throughput. Weighted 1000, a step that prefills a newcomer
+    verifies no draft of the request already decoding (each would delay that first token
+    more than it is worth); weighted 1, the same steps verify drafts."""
+    target = make_model()
+    drafter = make_drafter(target, "dspark")
+    steep = StepCostTable((1, 64), (100.0, 50.0))
+
+    def verified_in_prefill_steps(weight):
+        eng = Engine(target, drafter, EngineConfig(budget="algorithm1", block_size=4,
+                                                   num_blocks=200, draft_gating=False,
+                                                   prefill_weight=weight),
+                     steep, DRAFT_COST)
+        eng.add_request([5, 6, 7, 8], SamplingParams(max_tokens=40, ignore_eos=True))
+        verified, prefill_steps = 0, 0
+        for step in range(30):
+            if step % 6 == 5:  # a newcomer while the first request decodes
+                eng.add_request([9 + step, 10, 11], SamplingParams(max_tokens=2))
+            stats = eng.step().stats
+            if stats.num_prefill_tokens and stats.num_drafts:
+                prefill_steps += 1
+                verified += stats.verify_budget
+        assert prefill_steps >= 3
+        return verified
+
+    assert verified_in_prefill_steps(1000.0) == 0
+    assert verified_in_prefill_steps(1.0) > 0
+    with pytest.raises(ValueError, match="prefill_weight must be >= 0"):
+        EngineConfig(prefill_weight=-1.0)
+
+
 MODIFIED = [
     dict(presence_penalty=1.5),
     dict(frequency_penalty=2.0, presence_penalty=-0.5),
