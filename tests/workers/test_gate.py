@@ -212,3 +212,57 @@ def test_records_count_their_drafted_steps():
     g.observe([], [], [], idle=[rec])
     g.observe([rec], [4], [1])
     assert rec.count == 2 and rec.idle == 0
+
+
+def loop_by_cost(g: CostGate, candidates, num_decoding, other_tokens, other_requests):
+    """The gate's choice written as a loop over the prefixes of the candidates sorted by
+    gain, one ``step_seconds`` at a time: the reference of the vectorised ``_by_cost``."""
+    gains = [g._gain(c.record) for c in candidates]
+    ells = [g._ell(c) for c in candidates]
+    order = sorted(range(len(candidates)), key=lambda i: -gains[i])
+    base, served = num_decoding + other_tokens, num_decoding + other_requests
+    best_k = 0
+    best = served / (g.step_realism[False] * g.cost.step_seconds(base)) * g.margin
+    tokens, extra = float(served), 0.0
+    for k, i in enumerate(order, start=1):
+        tokens += gains[i]
+        extra += ells[i]
+        rate = tokens / (g.step_realism[True] * g.cost.step_seconds(base + round(extra), k))
+        if rate > best:
+            best_k, best = k, rate
+    return order[:best_k]
+
+
+def test_the_vectorised_choice_equals_the_loop_over_prefixes():
+    import random
+
+    import numpy as np
+
+    from dspark.workers.budget import GroupLoad
+
+    rng = random.Random(5)
+    verify = StepCostTable((1, 8, 16, 64, 256), (100.0, 95.0, 80.0, 40.0, 12.0),
+                           (0.1, 0.2, 0.2, 0.3, 0.3))
+    draft = StepCostTable((1, 4, 64), (300.0, 250.0, 60.0))
+    # the table arithmetic is the same in both forms, below, inside and past the profile
+    batch = np.array([0.5, 1, 3, 8, 8.5, 100, 256, 300, 1000])
+    assert verify.sps_many(batch).tolist() == [verify.sps(b) for b in batch]
+    one = StepCostTable((4,), (50.0,))
+    assert one.sps_many(np.array([2.0, 4.0, 8.0])).tolist() == [one.sps(b) for b in (2, 4, 8)]
+    chosen_sizes = set()
+    for trial in range(60):
+        g = CostGate(7, CostModel(verify, draft, "cpu"), 8, prior=rng.choice((0.0, 2.0)))
+        g.observe([DraftRecord()], [4], [rng.uniform(0.5, 4)])
+        g.cost.overhead = rng.uniform(0, 0.3)
+        g.step_realism = {False: rng.uniform(0.9, 1.2), True: rng.uniform(0.9, 1.4)}
+        if trial % 3 == 2:
+            g.cost.group = GroupLoad((rng.randint(0, 80),), rng.uniform(0, 40))
+        cands = [GateCandidate(DraftRecord(rng.choice((None, rng.uniform(0, 6))),
+                                           rng.uniform(0.5, 7), rng.randint(0, 9),
+                                           rng.randint(0, 9)), cap=rng.randint(1, 7))
+                 for _ in range(rng.randint(1, 40))]
+        args = (cands, len(cands), rng.randint(0, 30), rng.randint(0, 3))
+        got = g._by_cost(*args)
+        assert got == loop_by_cost(g, *args)
+        chosen_sizes.add(min(len(got), 2))
+    assert chosen_sizes == {0, 1, 2}  # nobody, one, and several chosen, all covered
