@@ -31,7 +31,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from dspark.kernels.prefix_select import select_prefixes
@@ -77,20 +76,6 @@ class StepCostTable:
         lo, hi = sizes[i - 1], sizes[i]
         w = (batch - lo) / (hi - lo)
         return rates[i - 1] * (1 - w) + rates[i] * w
-
-    def sps_many(self, batch: np.ndarray) -> np.ndarray:
-        """``sps`` of every entry of ``batch`` (float64), with the same arithmetic."""
-        sizes = np.asarray(self.batch_sizes, dtype=np.float64)
-        rates = np.asarray(self.steps_per_second, dtype=np.float64)
-        batch = np.asarray(batch, dtype=np.float64)
-        if len(sizes) == 1:
-            return np.where(batch <= sizes[0], rates[0], rates[0] * sizes[0] / batch)
-        i = np.clip(np.searchsorted(sizes, batch, side="right"), 1, len(sizes) - 1)
-        lo, hi = sizes[i - 1], sizes[i]
-        w = (batch - lo) / (hi - lo)
-        inside = rates[i - 1] * (1 - w) + rates[i] * w
-        return np.where(batch <= sizes[0], rates[0],
-                        np.where(batch >= sizes[-1], rates[-1] * sizes[-1] / batch, inside))
 
 
 class OnlineCostTable:
@@ -190,23 +175,6 @@ class CostModel:
         seconds = (1.0 + self.overhead) * self.verify_seconds(verify_tokens)
         if drafted and self.draft is not None:
             seconds += 1.0 / self.draft.table.sps(drafted)
-        return seconds
-
-    def step_seconds_many(self, verify_tokens: np.ndarray, drafted: np.ndarray) -> np.ndarray:
-        """``step_seconds`` of every pair of entries (float64), with the same arithmetic:
-        the gate prices all its candidate sets at once."""
-        table, group = self.verify.table, self._group()
-        if group is None:
-            verify = 1.0 / table.sps_many(verify_tokens)
-        else:
-            most, total, members, shared = group
-            verify = ((1.0 - shared) / table.sps_many(np.maximum(verify_tokens, most))
-                      + shared / table.sps_many((verify_tokens + total) / members))
-        seconds = (1.0 + self.overhead) * verify
-        if self.draft is not None:
-            drafted = np.asarray(drafted)
-            seconds = np.where(drafted > 0, seconds + 1.0 / self.draft.table.sps_many(
-                np.maximum(drafted, 1)), seconds)
         return seconds
 
     def verify_seconds(self, verify_tokens: int) -> float:

@@ -36,8 +36,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from dspark.workers.budget import CostModel
 from dspark.workers.engine_config import EngineConfig
 
@@ -209,21 +207,22 @@ class CostGate(DraftGate):
     def _by_cost(self, candidates, num_decoding, other_tokens, other_requests) -> list[int]:
         """The prefix of the candidates sorted by gain that maximises expected committed
         tokens per second of the whole step (drafting, verification and the rest)."""
-        gains = np.array([self._gain(c.record) for c in candidates], dtype=np.float64)
-        ells = np.array([self._ell(c) for c in candidates], dtype=np.float64)
-        order = np.argsort(-gains, kind="stable")
+        gains = [self._gain(c.record) for c in candidates]
+        ells = [self._ell(c) for c in candidates]
+        order = sorted(range(len(candidates)), key=lambda i: -gains[i])
         base = num_decoding + other_tokens
         served = num_decoding + other_requests
         plain, drafting = self.step_realism[False], self.step_realism[True]
         # NOTE: drafting must beat not drafting by the margin (inf: never)
-        best = served / (plain * self.cost.step_seconds(base)) * self.margin
-        # every prefix of the sorted candidates at once: its tokens over its step's seconds
-        tokens = np.cumsum(np.concatenate(([float(served)], gains[order])))[1:]
-        extra = np.rint(np.cumsum(ells[order]))  # NOTE: round half to even, as round()
-        drafted = np.arange(1, len(order) + 1)
-        rates = tokens / (drafting * self.cost.step_seconds_many(base + extra, drafted))
-        k = int(np.argmax(rates))  # the first of the best prefixes
-        return order[: k + 1].tolist() if rates[k] > best else []
+        best_k, best = 0, served / (plain * self.cost.step_seconds(base)) * self.margin
+        tokens, extra = float(served), 0.0
+        for k, i in enumerate(order, start=1):
+            tokens += gains[i]
+            extra += ells[i]
+            rate = tokens / (drafting * self.cost.step_seconds(base + round(extra), k))
+            if rate > best:
+                best_k, best = k, rate
+        return order[:best_k]
 
     def _gain(self, record: DraftRecord) -> float:
         """Its expected accepted drafts: its record shrunk toward the engine's by ``prior``
