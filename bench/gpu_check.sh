@@ -4,7 +4,9 @@
 #   2. the step-cost curve SPS(B) of a larger randomly initialised MoE target, and the
 #      drafting cost per drafted request of 1- and 3-layer DSpark drafters on it;
 #   3. the expert-parallel MoE layer over NCCL (one-rank group) against the unsharded layer;
-#   4. `dspark bench engine` on the demo checkpoints on the GPU.
+#   4. one drafter call eager and compiled (torch.compile, and CUDA graphs through its
+#      reduce-overhead mode), side by side (bench/compile_probe.py);
+#   5. `dspark bench engine` on the demo checkpoints on the GPU.
 # Results go to $OUT (default runs/gpu-check). Usage: bash bench/gpu_check.sh [cpu]
 # ("cpu" runs a tiny version of the same steps here, to check the script itself).
 set -euo pipefail
@@ -110,6 +112,15 @@ json.dump({"backend": backend, "max_abs_err": err, "tokens": 300}, open(out, "w"
 dist.destroy_process_group()
 assert err < 1e-4, err
 PY
+
+echo "== a drafter call eager and compiled (torch.compile; CUDA graphs with reduce-overhead)"
+if [ "$DEVICE" = cuda ]; then
+    "$PY" -P -m dspark.bench.compile_probe --device cuda --requests 1,4,16,64 \
+        --modes eager,default,reduce-overhead 2>&1 | tee "$OUT/compile.txt"
+else
+    "$PY" -P -m dspark.bench.compile_probe --requests 1 --repeats 3 --modes eager 2>&1 \
+        | tee "$OUT/compile.txt"
+fi
 
 echo "== engine benchmark on the demo checkpoints ($DEVICE)"
 "$PY" -P -m dspark.cluster.cli bench engine --device "$DEVICE" --concurrency "$CONC" \

@@ -62,3 +62,25 @@ def test_pool_paired_pools_every_round_of_every_run(tmp_path, capsys):
     assert main([*map(str, paths), "--system", "lit", "--baseline", "dark"]) == 0
     out = capsys.readouterr().out
     assert "C=4 rounds 3: aggregate tok/s 1.000 [0.950–1.050] mean 1.000" in out
+
+
+def test_compile_probe_times_each_mode_and_names_a_bad_one(capsys, demo_target_dir):
+    """Eager only here (a compile takes seconds to minutes on CI's cores); the compiled modes
+    run in `bench/gpu_check.sh` and by hand (docs/engine.md)."""
+    import pytest
+
+    from dspark.bench.compile_probe import main
+
+    root = demo_target_dir.parent
+    args = ["--target", str(demo_target_dir), "--drafter", str(root / "drafters" / "dspark"),
+            "--requests", "1,3", "--context", "16", "--repeats", "2", "--threads", "1"]
+    assert main([*args, "--modes", "eager"]) == 0
+    out = capsys.readouterr().out
+    for requests in (1, 3):
+        assert re.search(rf"R=\s*{requests} eager\s+first\s+[\d.]+ s\s+[\d.]+ ms  x1.00 eager", out)
+    with pytest.raises(SystemExit):
+        main([*args, "--modes", "eager,fast"])
+    assert "--modes: ['fast'] not in" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--modes", "reduce-overhead"])
+    assert "needs --device cuda" in capsys.readouterr().err
