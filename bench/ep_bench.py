@@ -11,7 +11,7 @@ budgets that differ only in what they believe a step costs:
 - ``cluster``: the step priced per rank from what the other rank did in the previous step
   (its verify tokens and committed tokens, from an all-gather after every step, the
   freshest the load board can be): the private part of a step at the larger of the two
-  ranks' tokens, the MoE layers' share (profiled) at the group's tokens per rank, and the
+  ranks' tokens, the experts' profiled share at the group's tokens per rank, and the
   other rank's committed tokens in the throughput maximised (``CostModel``).
 
 Each round runs ``steps`` lock-step steps of each budget's engine, the two engines
@@ -200,7 +200,7 @@ def markdown(summary: list[dict], cfg: EpBenchConfig) -> str:
     lines = [f"ep_size=2, rank 0 with {cfg.heavy} requests in flight, rank 1 with "
              f"{cfg.light}; T={cfg.temperature:g}, {cfg.steps} steps per budget per round, "
              f"medians of {cfg.rounds} rounds."
-             + (f" Profiled share of a step in the MoE layers (rank 0): {shared:.2f}."
+             + (f" Profiled share of a step in the experts (rank 0): {shared:.2f}."
                 if shared is not None else ""), "",
              "| budget | aggregate tok/s [min–max] | × local | per-user tok/s rank 0 / 1 | "
              "mean ℓ rank 0 / 1 | step ms |", "|---|---:|---:|---:|---:|---:|"]

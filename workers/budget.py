@@ -48,9 +48,9 @@ class StepCostTable:
     steps_per_second: tuple[float, ...]
     """SPS at each measured B."""
     shared: tuple[float, ...] = ()
-    """Share of each measured step spent in the expert-parallel MoE layers (token exchange
-    and experts), whose cost follows the whole group's tokens; empty without expert
-    parallelism."""
+    """Share of each measured step spent in the expert-parallel MoE layers' experts on the
+    rows the group sent them, the work that follows the whole group's tokens; empty
+    without expert parallelism."""
 
     def __post_init__(self) -> None:
         if len(self.batch_sizes) != len(self.steps_per_second) or not self.batch_sizes:
@@ -119,9 +119,9 @@ class CostModel:
 
     In an expert-parallel group (``group`` set, the cluster budget) a step is priced per
     rank: the members run in lock-step, so the private part of a step (attention, dense
-    layers, LM head) lasts as long as the most loaded member's, and the shared part (the
-    MoE layers' exchange and experts, ``shared`` of the profiled step) follows the group's
-    tokens per member. With ``t(B) = 1 / SPS(B)`` profiled with B tokens on every member:
+    layers, LM head, the exchanges' waits) lasts as long as the most loaded member's, and
+    the shared part (the experts on the rows the group sent them, ``shared`` of the
+    profiled step) follows the group's tokens per member. With ``t(B) = 1 / SPS(B)`` profiled with B tokens on every member:
     ``t_step(b) = (1 - f) t(max(b, max others)) + f t((b + sum others) / members)``.
     """
 

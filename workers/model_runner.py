@@ -224,8 +224,8 @@ def profile_step_costs(
     repeats: int = 3,
 ) -> StepCostTable:
     """SPS(B): verify forwards per second at each verify batch size B (median of repeats),
-    and with expert parallelism the share of each forward spent in the MoE layers (their
-    exchange and experts: the part of a step that follows the whole group's tokens).
+    and with expert parallelism the share of each forward spent in the MoE layers' experts
+    on the rows the group sent them (the part of a step that follows the group's tokens).
 
     Must run before any request holds KV: the dummy requests overwrite blocks from 0 on.
     """

@@ -26,7 +26,7 @@ def test_summary_uses_the_slower_rank_and_medians():
     assert cluster["rank1_mean_ell"] == 5.0 and local["rank0_mean_ell"] == 2.0
     table = markdown([local, cluster], EpBenchConfig())
     assert "| cluster | 250.0 [200–400] | 1.25 |" in table
-    assert "MoE layers (rank 0): 0.40." in table
+    assert "share of a step in the experts (rank 0): 0.40." in table
 
 
 def test_config_names_the_bad_field():
