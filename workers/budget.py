@@ -177,6 +177,19 @@ class CostModel:
             seconds += 1.0 / self.draft.table.sps(drafted)
         return seconds
 
+    def step_pricer(self) -> Callable[[int, int], float]:
+        """``step_seconds`` as one function for many prices in a row (the tables and the
+        group as they are now; the replica priced alone skips the per-rank model)."""
+        if self._group() is not None:
+            return self.step_seconds
+        scale, verify = 1.0 + self.overhead, self.verify.table.sps
+        draft = self.draft.table.sps if self.draft is not None else None
+
+        def price(verify_tokens: int, drafted: int = 0) -> float:
+            seconds = scale * (1.0 / verify(verify_tokens))
+            return seconds + 1.0 / draft(drafted) if drafted and draft is not None else seconds
+        return price
+
     def verify_seconds(self, verify_tokens: int) -> float:
         """The verify forward of a step with ``verify_tokens`` on this replica (per rank
         in a group: class docstring)."""

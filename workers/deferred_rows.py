@@ -48,9 +48,20 @@ class PendingRows:
 
     def cut(self, rows: int) -> None:
         """Keep the first ``rows`` rows."""
-        feats = torch.cat(self.features)[:rows] if rows else None
-        self.features = [feats] if feats is not None else []
+        self.features = rows_between(self.features, 0, rows)
         self.count = rows
+
+
+def rows_between(features: list[torch.Tensor], start: int, stop: int) -> list[torch.Tensor]:
+    """Rows start..stop-1 of the stacked ``features``, as views of the pieces (no copy)."""
+    kept, at = [], 0
+    for piece in features:
+        rows = piece.shape[0]
+        lo, hi = max(start - at, 0), min(stop - at, rows)
+        if lo < hi:
+            kept.append(piece if (lo, hi) == (0, rows) else piece[lo:hi])
+        at += rows
+    return kept
 
 
 class DeferredRows:
@@ -144,7 +155,7 @@ class DeferredRows:
         after = (index + 1) * size - entry.start
         tail = None
         if after < entry.count:
-            tail = PendingRows(entry.req_id, [torch.cat(entry.features)[after:]],
+            tail = PendingRows(entry.req_id, rows_between(entry.features, after, entry.count),
                                entry.start + after, entry.blocks, entry.count - after)
         self._detach(entry)
         if keep:

@@ -138,15 +138,17 @@ class DraftWorker:
             self.last_h[req_id] = last[r]
 
     # ------------------------------------------------------------------ a step
-    def caps(self, decoding: Sequence[StepSeq]) -> list[int]:
-        """Drafts each decoding request may propose this step (0: it cannot draft)."""
+    def caps(self, decoding: Sequence[StepSeq], rooms: Sequence[int]) -> list[int]:
+        """Drafts each decoding request could propose this step at most (0: it cannot
+        draft): its lookahead room (``Scheduler.lookahead_room``) and its remaining
+        max_tokens."""
         caps = []
-        for s in decoding:
+        for s, room in zip(decoding, rooms):
             remaining = s.request.max_tokens - len(s.request.output_ids)
             # NOTE: a prefix-cache hit can leave a request decoding before the drafter has seen
             # any of its rows; it drafts from the next step on
             ready = self.ready(s.request.req_id)
-            caps.append(max(0, min(s.item.num_lookahead, remaining - 1)) if ready else 0)
+            caps.append(max(0, min(room, remaining - 1)) if ready else 0)
         return caps
 
     @torch.no_grad()
@@ -217,10 +219,9 @@ class DraftWorker:
         idx = torch.tensor([i for _, a, n in waiting for i in range(a, a + n)],
                            device=features.device)
         kept = features.index_select(0, idx)  # one copy; the verify output is not held
-        full, at = [], 0
-        for s, _, num in waiting:
-            entry = self.rows.add(s.request.req_id, s.start, kept[at : at + num])
-            at += num
+        full = []
+        for (s, _, _), rows in zip(waiting, kept.split([n for _, _, n in waiting])):
+            entry = self.rows.add(s.request.req_id, s.start, rows)
             if self.rows.full(entry):
                 full.append(s.request.req_id)
         self.flush(full)

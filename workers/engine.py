@@ -227,7 +227,7 @@ class Engine:
         prefilling = self.config.prefill_weight * sum(s.prefill for s in seqs)
         load, self.costs.group = sum(len(s.known) for s in seqs if s.prefill), self.budget.group()
         decoding = [s for s in seqs if not s.prefill]
-        proposal = self._propose(decoding, load, prefilling, tables)
+        proposal, tables = self._propose(sched, seqs, decoding, load, prefilling, tables)
         clock.append(time.perf_counter())
         plan = None
         if proposal is not None:
@@ -251,22 +251,29 @@ class Engine:
         self.step_count += 1
         return StepResult(outputs, stats)
 
-    def _propose(self, decoding: list[StepSeq], load: int, prefilling: float, tables
-                 ) -> DraftProposal | None:
-        """The gate picks which decoding requests draft; the drafter drafts for them."""
+    def _propose(self, sched, seqs, decoding: list[StepSeq], load: int, prefilling: float,
+                 tables) -> tuple[DraftProposal | None, torch.Tensor]:
+        """The gate picks which decoding requests draft, the scheduler grants them
+        lookahead slots, and the drafter drafts for them; returns the proposal and the
+        step's block tables (grown by the grants)."""
         if self.draft_worker is None or not decoding:
-            return None
-        caps = self.draft_worker.caps(decoding)
+            return None, tables
+        caps = self.draft_worker.caps(decoding, [self.scheduler.lookahead_room(s.request)
+                                                 for s in decoding])
         able = [(s, c) for s, c in zip(decoding, caps) if c > 0]
         picks = self.gate.choose([GateCandidate(s.state.drafting, c) for s, c in able],
                                  len(decoding), load, prefilling)
         chosen = [sc for sc, pick in zip(able, picks) if pick]
         if self.on_request_step is not None:
             self._note_gate(decoding, caps, able, picks)
+        granted = self.scheduler.grant_lookahead(
+            sched, [(s.request.req_id, c) for s, c in chosen]) if chosen else []
+        chosen = [(s, n) for (s, _), n in zip(chosen, granted) if n > 0]
         if not chosen:
-            return None
-        return self.draft_worker.propose_step([s for s, _ in chosen], [c for _, c in chosen],
-                                              tables)
+            return None, tables
+        tables = block_tables(self.blocks, seqs, self.device)  # NOTE: grants add blocks
+        return self.draft_worker.propose_step([s for s, _ in chosen], [n for _, n in chosen],
+                                              tables), tables
 
     def _note_gate(self, decoding, caps, able, picks) -> None:
         probes = self.gate.probes if isinstance(self.gate, CostGate) else None
@@ -313,7 +320,7 @@ class Engine:
             for s in seqs])
         done = {r.req_id for r in finished}
         if proposal is not None:
-            self._record_rounds(proposal, plan, new_tokens, before)
+            record_rounds(proposal, plan, new_tokens, before, self.on_round)
         outputs = []
         for s in seqs:
             req_id = s.request.req_id
@@ -325,19 +332,6 @@ class Engine:
             if req_id in done:
                 self._forget(req_id)
         return outputs
-
-    def _record_rounds(self, proposal: DraftProposal, plan, new_tokens, before) -> None:
-        conf = proposal.conf_logits.tolist() if proposal.conf_logits is not None else None
-        for i, (s, n) in enumerate(zip(proposal.seqs, plan.lengths)):
-            accepted = len(new_tokens[s.request.req_id]) - 1
-            s.state.spec.record(n, accepted)
-            if self.on_round is not None:
-                committed = len(s.request.output_ids) - before[s.request.req_id]
-                try:
-                    self.on_round(s.request.req_id, RoundRecord(
-                        n, accepted, committed, conf[i][:n] if conf is not None else None))
-                except Exception:  # NOTE: an observer never fails committed requests
-                    logger.exception("on_round observer failed")
 
     def _fail(self, seqs: list[StepSeq], exc: Exception) -> StepResult:
         self.num_errors += 1
@@ -363,3 +357,20 @@ class Engine:
             for out in self.step().outputs:
                 outputs[out.req_id] += out.new_token_ids
         return [outputs[i] for i in ids]
+
+
+def record_rounds(proposal: DraftProposal, plan, new_tokens: dict[str, list[int]],
+                  before: dict[str, int], on_round) -> None:
+    """Each drafted request's round into its stats, and to ``on_round`` (which never fails
+    the step) with what it proposed, accepted and committed and its confidences."""
+    conf = proposal.conf_logits.tolist() if proposal.conf_logits is not None else None
+    for i, (s, n) in enumerate(zip(proposal.seqs, plan.lengths)):
+        accepted = len(new_tokens[s.request.req_id]) - 1
+        s.state.spec.record(n, accepted)
+        if on_round is not None:
+            committed = len(s.request.output_ids) - before[s.request.req_id]
+            try:
+                on_round(s.request.req_id, RoundRecord(
+                    n, accepted, committed, conf[i][:n] if conf is not None else None))
+            except Exception:  # NOTE: an observer never fails committed requests
+                logger.exception("on_round observer failed")

@@ -158,22 +158,27 @@ class CostGate(DraftGate):
         if self.gain is None:
             self.probes = set(range(len(candidates)))
             return [True] * len(candidates)
-        chosen = set(self._by_cost(candidates, num_decoding, other_tokens, other_requests))
+        gains = [self._gain(c.record) for c in candidates]
+        ells = [self._ell(c) for c in candidates]
+        step = (num_decoding, other_tokens, other_requests)
+        chosen = set(self._by_cost(gains, ells, *step))
         # NOTE: stale requests that never drafted first: a request without a record of its
         # own has only the engine-wide one, which stops moving while nobody drafts
         stale = sorted((i for i, c in enumerate(candidates)
                         if i not in chosen and c.record.idle + 1 >= self.probe_every),
                        key=lambda i: (candidates[i].record.gain is not None,
                                       -candidates[i].record.idle))
-        # NOTE: only when a probe is due (the drafter runs anyway, or has been idle long
-        # enough): pricing the stale requests at their best costs a pass over everyone
         # NOTE: past the longest gap the drafter's costs are stale too (only drafting steps
         # refine them; a spike of load may have left them too high to ever pay): probe
         refresh = self.quiet + 1 >= self.max_backoff * self.probe_every
-        if stale and not refresh and (chosen or self.quiet + 1 >= min(self.gap,
-                                                                    self.probe_every)):
-            stale = self._worth_probing(stale, candidates, num_decoding, other_tokens,
-                                        other_requests)
+        # NOTE: only when a probe is due (the drafter runs anyway, has been idle for the
+        # gap, or a request never drafted): pricing the stale requests at their best costs
+        # a pass over everyone
+        due = bool(chosen) or self.quiet + 1 >= self.gap or (
+            self.quiet + 1 >= self.probe_every and candidates[stale[0]].record.gain is None
+            if stale else False)
+        if stale and not refresh and due:
+            stale = self._worth_probing(stale, gains, ells, *step)
         elif not (stale and refresh):
             stale = []
         unseen = bool(stale) and candidates[stale[0]].record.gain is None
@@ -186,40 +191,44 @@ class CostGate(DraftGate):
             self.gap = min(2 * self.gap, self.max_backoff * self.probe_every)
             self.probes = set(stale[: self.probes_per_step])
         chosen |= self.probes
-        extra = sum(self._ell(candidates[i]) for i in chosen)
+        extra = sum(ells[i] for i in chosen)
         self.prediction = (bool(chosen), self.cost.step_seconds(
             num_decoding + other_tokens + round(extra), len(chosen)))
         return [i in chosen for i in range(len(candidates))]
 
-    def _worth_probing(self, stale: list[int], candidates, num_decoding, other_tokens,
-                       other_requests) -> list[int]:
+    def _worth_probing(self, stale: list[int], gains: list[float], ells: list[float],
+                       num_decoding, other_tokens, other_requests) -> list[int]:
         """The stale candidates a probe could change the decision for: those that would be
-        drafted if every draft they verify were accepted. Where even that does not pay (a
-        step bound by computing every verified token, at high load), a probe would learn
-        nothing that matters and costs a drafter call."""
+        drafted with a fresh record of every draft they verify accepted (priced as any
+        record: with ``prior``, a record of no drafted steps is the engine's gain). Where
+        even that does not pay (a step bound by computing every verified token, at high
+        load), a probe would learn nothing that matters and costs a drafter call."""
         if not stale:
             return stale
-        best = [GateCandidate(DraftRecord(self._ell(c), self._ell(c), c.record.idle), c.cap)
-                if i in stale else c for i, c in enumerate(candidates)]
-        paying = set(self._by_cost(best, num_decoding, other_tokens, other_requests))
+        best = list(gains)
+        for i in stale:
+            best[i] = self._gain(DraftRecord(ells[i], ells[i]))
+        paying = set(self._by_cost(best, ells, num_decoding, other_tokens, other_requests))
         return [i for i in stale if i in paying]
 
-    def _by_cost(self, candidates, num_decoding, other_tokens, other_requests) -> list[int]:
-        """The prefix of the candidates sorted by gain that maximises expected committed
-        tokens per second of the whole step (drafting, verification and the rest)."""
-        gains = [self._gain(c.record) for c in candidates]
-        ells = [self._ell(c) for c in candidates]
-        order = sorted(range(len(candidates)), key=lambda i: -gains[i])
+    def _by_cost(self, gains: list[float], ells: list[float], num_decoding, other_tokens,
+                 other_requests) -> list[int]:
+        """The prefix of the candidates (their expected accepted and verified drafts)
+        sorted by gain that maximises expected committed tokens per second of the whole
+        step (drafting, verification and the rest)."""
+        # NOTE: a stable sort, ties in candidate order
+        order = sorted(range(len(gains)), key=gains.__getitem__, reverse=True)
         base = num_decoding + other_tokens
         served = num_decoding + other_requests
+        price = self.cost.step_pricer()
         plain, drafting = self.step_realism[False], self.step_realism[True]
         # NOTE: drafting must beat not drafting by the margin (inf: never)
-        best_k, best = 0, served / (plain * self.cost.step_seconds(base)) * self.margin
+        best_k, best = 0, served / (plain * price(base, 0)) * self.margin
         tokens, extra = float(served), 0.0
         for k, i in enumerate(order, start=1):
             tokens += gains[i]
             extra += ells[i]
-            rate = tokens / (drafting * self.cost.step_seconds(base + round(extra), k))
+            rate = tokens / (drafting * price(base + round(extra), k))
             if rate > best:
                 best_k, best = k, rate
         return order[:best_k]

@@ -2,8 +2,14 @@
 
 Vocabulary:
 - *scheduled tokens* of a request this step: a prefill chunk of its prompt, or, while
-  decoding, its anchor plus up to γ draft tokens (lookahead slots). All count against the
-  same per-step token budget; the scheduler counts tokens, not phases.
+  decoding, its anchor. All count against the same per-step token budget; the scheduler
+  counts tokens, not phases.
+- *lookahead slots*: up to γ draft tokens after a decoding request's anchor. They are
+  granted after the draft gate has chosen who drafts (``grant_lookahead``), from what the
+  step's token budget and the free KV blocks leave once every anchor and prefill chunk is
+  scheduled: a request that does not draft reserves nothing, and a queued prefill is never
+  squeezed by drafts. A grant never preempts (fewer drafts instead); the update frees the
+  slots of rejected drafts.
 - *num_computed_tokens*: tokens whose KV is committed; rejected drafts roll back to it.
 - *preemption by recomputation*: when KV blocks run out, the most recently admitted running
   request gives back all its blocks and waits again; its prompt and committed output are
@@ -60,7 +66,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     """Token budget of one step (prefill chunks + anchors + draft tokens)."""
     num_lookahead: int = 7
-    """Draft slots reserved per decoding request (γ)."""
+    """Draft slots a drafting request may be granted in a step (γ)."""
     max_model_len: int = 512
     """Context length: prompt + output never exceeds it."""
 
@@ -77,8 +83,6 @@ class ScheduledRequest:
     req_id: str
     num_new_tokens: int
     """Known tokens fed this step (a prefill chunk, or 1 for the anchor)."""
-    num_lookahead: int
-    """Draft slots reserved after them (0 during prefill)."""
 
 
 @dataclass
@@ -125,12 +129,12 @@ class Scheduler:
                 f"{self.cfg.max_model_len} tokens (at most {self.cfg.max_model_len - 1})"
             )
         # NOTE: a request that could not finish even alone in the whole KV cache would be
-        # preempted and readmitted forever: it is refused here instead
-        peak = min(len(prompt_ids) + max_tokens - 1 + self.cfg.num_lookahead,
-                   self.cfg.max_model_len)
+        # preempted and readmitted forever: it is refused here instead (its drafts need no
+        # room: lookahead is granted only where it fits)
+        peak = min(len(prompt_ids) + max_tokens - 1, self.cfg.max_model_len)
         total = self.blocks.num_blocks
         if self.blocks.blocks_needed(peak) > total:
-            fits = total * self.blocks.block_size - self.cfg.num_lookahead - len(prompt_ids) + 1
+            fits = total * self.blocks.block_size - len(prompt_ids) + 1
             raise ValueError(
                 f"max_tokens: the prompt ({len(prompt_ids)} tokens) plus max_tokens "
                 f"({max_tokens}) need {self.blocks.blocks_needed(peak)} KV blocks of "
@@ -175,7 +179,7 @@ class Scheduler:
             if request.status is not Status.RUNNING:
                 continue
             scheduled.append(item)
-            budget -= item.num_new_tokens + item.num_lookahead
+            budget -= item.num_new_tokens
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             request = self.waiting[0]
             if self.blocks.allocate(request.req_id, request.all_ids,
@@ -195,7 +199,7 @@ class Scheduler:
             request.status = Status.RUNNING
             self.running.append(request)
             scheduled.append(item)
-            budget -= item.num_new_tokens + item.num_lookahead
+            budget -= item.num_new_tokens
         used = self.cfg.max_num_batched_tokens - budget
         return SchedulerOutput(scheduled, preempted, used, admitted, admitted_tokens,
                                cached_tokens)
@@ -205,15 +209,39 @@ class Scheduler:
             return None
         if request.is_prefill:
             remaining = request.num_tokens - request.num_computed_tokens
-            return ScheduledRequest(request.req_id, min(remaining, budget), 0)
-        # NOTE: a step commits up to lookahead + 1 tokens; none may pass the context end
-        room = self.cfg.max_model_len - request.num_tokens - 1
-        lookahead = max(0, min(self.cfg.num_lookahead, budget - 1, room))
-        return ScheduledRequest(request.req_id, 1, lookahead)
+            return ScheduledRequest(request.req_id, min(remaining, budget))
+        return ScheduledRequest(request.req_id, 1)
 
     def _reserve(self, request: Request, item: ScheduledRequest) -> bool:
-        total = request.num_computed_tokens + item.num_new_tokens + item.num_lookahead
+        total = request.num_computed_tokens + item.num_new_tokens
         return self.blocks.ensure_slots(request.req_id, total)
+
+    def lookahead_room(self, request: Request) -> int:
+        """Draft slots a decoding request could take this step at most: γ, and never past
+        the context end (a step commits up to lookahead + 1 tokens)."""
+        return max(0, min(self.cfg.num_lookahead,
+                          self.cfg.max_model_len - request.num_tokens - 1))
+
+    def grant_lookahead(self, output: SchedulerOutput, wants: Sequence[tuple[str, int]]
+                        ) -> list[int]:
+        """Draft slots for decoding requests scheduled in ``output`` (each asks for
+        ``want``), granted in order from the token budget the step left and the free KV
+        blocks; a request's slots follow its anchor. A grant never preempts: a request
+        gets fewer slots, or none, instead. The update frees what its drafts do not use."""
+        budget = self.cfg.max_num_batched_tokens - output.num_scheduled_tokens
+        size = self.blocks.block_size
+        granted = []
+        for req_id, want in wants:
+            request = self.requests[req_id]
+            fed = request.num_computed_tokens + 1  # the anchor's slot is reserved
+            held = len(self.blocks.table(req_id).block_ids) * size
+            num = min(want, budget, self.lookahead_room(request),
+                      held + self.blocks.num_free_blocks * size - fed)
+            if num <= 0 or not self.blocks.ensure_slots(req_id, fed + num):
+                num = 0
+            budget -= num
+            granted.append(num)
+        return granted
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)

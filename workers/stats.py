@@ -33,7 +33,8 @@ class StepStats:
     num_verify_tokens: int
     """Rows of the target forward (prefill chunks + anchors + kept drafts)."""
     num_scheduled_tokens: int
-    """Tokens the scheduler reserved (prefill chunks + anchors + lookahead slots)."""
+    """Known tokens the scheduler scheduled (prefill chunks + anchors; the drafters'
+    lookahead slots are granted after the gate and counted in ``num_verify_tokens``)."""
     ell_histogram: list[int]
     accepted_per_position: list[int]
     num_preempted: int

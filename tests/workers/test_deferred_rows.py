@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from dspark.workers.deferred_rows import DeferredRows
+from dspark.workers.deferred_rows import DeferredRows, rows_between
 
 SIZE = 4
 
@@ -109,3 +109,12 @@ def test_a_readmitted_request_reads_its_own_parked_rows():
     deferred.add("a", 6, rows([6, 7]))
     assert written(deferred.take(["a"])) == [("a", p) for p in range(8)]
     assert not deferred.owners and not deferred.needs
+
+
+def test_rows_between_takes_rows_across_pieces_without_copying():
+    pieces = [rows(range(0, 2)), rows(range(2, 5)), rows([5])]
+    for start, stop in [(0, 6), (1, 4), (2, 5), (4, 6), (3, 3)]:
+        got = rows_between(pieces, start, stop)
+        assert [int(f) for piece in got for f in piece[:, 0]] == list(range(start, stop))
+        assert all(any(p.data_ptr() <= g.data_ptr() < p.data_ptr() + p.numel() * 4
+                       for p in pieces) for g in got)  # views into the pieces

@@ -234,7 +234,9 @@ def test_deferred_drafter_rows_draft_what_eager_extension_drafts(make_model, mak
                                    lambda *args, seen=shared: seen.extend(args[-1]))
         outs = run_turns(eng, [first], params)
         second = [p + o + [7, 8, 9] for p, o in zip(first, outs[0])]
-        outs += run_turns(eng, [second], params)
+        # NOTE: latest conversations first: theirs are the blocks still cached in so small
+        # a cache (the first turn's early blocks were reused for later requests)
+        outs += run_turns(eng, [second[::-1]], params[::-1])
         runs.append((rounds, outs, sum(written), len(shared)))
     (eager, eager_out, eager_rows, _), (lazy, lazy_out, lazy_rows, num_shared) = runs
     assert lazy_out == eager_out

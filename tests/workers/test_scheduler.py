@@ -22,19 +22,22 @@ def make(num_blocks=64, block_size=4, **cfg):
 
 
 def step(sched, rng, accept_max=7, stop_id=None):
-    """Run one step: prefill chunks that reach the prompt end sample one token; decoding
-    requests commit a random number of accepted drafts plus one token."""
+    """Run one step: prefill chunks that reach the prompt end sample one token; every
+    decoding request asks for its full lookahead and commits a random number of accepted
+    drafts plus one token."""
     out = sched.schedule()
+    decoding = [item.req_id for item in out.scheduled
+                if not sched.requests[item.req_id].is_prefill]
+    granted = dict(zip(decoding, sched.grant_lookahead(
+        out, [(r, sched.cfg.num_lookahead) for r in decoding])))
     results = []
     for item in out.scheduled:
         req = sched.requests[item.req_id]
-        if (
-            item.num_lookahead == 0
-            and req.num_computed_tokens + item.num_new_tokens < req.num_tokens
-        ):
+        if item.req_id not in granted and (
+                req.num_computed_tokens + item.num_new_tokens < req.num_tokens):
             results.append(RequestResult(item.req_id, []))
             continue
-        accepted = rng.randint(0, min(accept_max, item.num_lookahead))
+        accepted = rng.randint(0, min(accept_max, granted.get(item.req_id, 0)))
         results.append(
             RequestResult(item.req_id, [rng.randrange(5, 50) for _ in range(accepted + 1)])
         )
@@ -45,26 +48,50 @@ def test_prefill_is_chunked_by_the_token_budget():
     sched = make(max_num_batched_tokens=16)
     sched.add(Request("a", list(range(40)), max_tokens=4))
     out = sched.schedule()
-    assert [(s.num_new_tokens, s.num_lookahead) for s in out.scheduled] == [(16, 0)]
+    assert [s.num_new_tokens for s in out.scheduled] == [16]
     sched.update(out, [RequestResult("a", [])])
     assert sched.requests["a"].num_computed_tokens == 16
     out = sched.schedule()
     assert out.scheduled[0].num_new_tokens == 16 and out.num_scheduled_tokens == 16
 
 
-def test_decoding_requests_reserve_lookahead_and_free_rejected_slots():
+def test_decoding_requests_are_granted_lookahead_and_rejected_slots_are_freed():
     sched = make(num_lookahead=7)
     sched.add(Request("a", [1, 2, 3], max_tokens=50))
     out = sched.schedule()
     sched.update(out, [RequestResult("a", [9])])  # prefill done, first token sampled
     out = sched.schedule()
     item = out.scheduled[0]
-    assert (item.num_new_tokens, item.num_lookahead) == (1, 7)
+    assert item.num_new_tokens == 1 and out.num_scheduled_tokens == 1
+    assert len(sched.blocks.table("a").block_ids) == 1  # nothing reserved before a grant
+    assert sched.grant_lookahead(out, [("a", 7)]) == [7]
     assert len(sched.blocks.table("a").block_ids) == 3  # 3 + 1 + 7 = 11 slots
     sched.update(out, [RequestResult("a", [4, 5])])  # one draft accepted + bonus
     req = sched.requests["a"]
     assert req.num_computed_tokens == 5 and req.output_ids == [9, 4, 5]
     assert len(sched.blocks.table("a").block_ids) == 2  # rejected slots freed
+
+
+def test_lookahead_takes_what_anchors_and_prefills_leave_and_never_preempts():
+    sched = make(num_blocks=6, block_size=4, max_num_batched_tokens=12, num_lookahead=7)
+    sched.add(Request("a", [1, 2, 3], max_tokens=20))
+    out = sched.schedule()
+    sched.update(out, [RequestResult("a", [9])])
+    sched.add(Request("b", list(range(10, 20)), max_tokens=4))
+    out = sched.schedule()
+    # a's anchor and b's whole 10-token prompt first: one token of budget is left
+    assert [(i.req_id, i.num_new_tokens) for i in out.scheduled] == [("a", 1), ("b", 10)]
+    assert sched.grant_lookahead(out, [("a", 7)]) == [1]
+    sched.update(out, [RequestResult("a", [4]), RequestResult("b", [5])])
+    # blocks, not budget: a's anchor sits at slot 5 of its 2 blocks, b's at slot 11 of
+    # its 3; the one free block lets a take all 7, and b only the last slot of its own
+    out = sched.schedule()
+    assert sched.blocks.num_free_blocks == 1
+    assert sched.grant_lookahead(out, [("a", 7), ("b", 7)]) == [7, 1]
+    assert not out.preempted and {r.req_id for r in sched.running} == {"a", "b"}
+    assert sched.blocks.num_free_blocks == 0
+    sched.update(out, [RequestResult("a", [6]), RequestResult("b", [7])])
+    assert sched.blocks.num_free_blocks == 1  # a's unused lookahead block is back
 
 
 def test_preemption_by_recomputation_and_no_leak():
@@ -101,8 +128,9 @@ def test_cancel_frees_everything_at_once_and_stops_are_honoured():
     out = sched.schedule()
     item = next(s for s in out.scheduled if s.req_id == "b")
     assert item.num_new_tokens == 1
-    sched.update(out, [RequestResult("b", [8, 3, 9][: item.num_lookahead + 1])])
-    if item.num_lookahead >= 1:
+    granted = sched.grant_lookahead(out, [("b", 7)])[0]
+    sched.update(out, [RequestResult("b", [8, 3, 9][: granted + 1])])
+    if granted >= 1:
         assert b.finish_reason == "stop" and b.output_ids[-1] == 3
     sched.cancel("b")
     assert sched.blocks.num_free_blocks == 32
