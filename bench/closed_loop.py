@@ -53,8 +53,9 @@ class ClosedLoop:
     def done(self) -> bool:
         return not self.engine.has_unfinished()
 
-    def tick(self) -> None:
-        """One engine step; finished requests are replaced by new ones."""
+    def tick(self) -> StepStats | None:
+        """One engine step; finished requests are replaced by new ones. Returns the step's
+        stats (None: nothing was scheduled)."""
         start = time.perf_counter()
         result = self.engine.step()
         now = self.clock + time.perf_counter() - start
@@ -70,6 +71,12 @@ class ClosedLoop:
                 if self.issued < self.num_requests:
                     self._issue(self.clock + time.perf_counter() - start)
         self.clock += time.perf_counter() - start
+        return result.stats
+
+    def abort(self) -> None:
+        """Cancel the requests still in flight (a loop stopped after a number of steps)."""
+        for req_id in self.arrival:
+            self.engine.abort(req_id)  # NOTE: a finished request's id is unknown: a no-op
 
     def result(self) -> tuple[list[float], int, float, list[StepStats]]:
         """(per-user tokens/s, output tokens, seconds on the loop's clock, step stats)."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -105,71 +105,42 @@ def _rank_main(rank: int, port: int, cfg: EpBenchConfig, target_dir: str, drafte
     dist.destroy_process_group()
 
 
-class _Loop:
-    """One budget's closed loop on this rank, on its own clock: the clock runs only while
-    this budget's engine steps, so a slow stretch of the machine falls on whichever budget
-    is stepping then, and the budgets, stepping in turn, share such stretches alike."""
-
-    def __init__(self, engine, prompts, stop_ids, conc: int, params) -> None:
-        self.engine, self.prompts, self.stop_ids, self.params = engine, prompts, stop_ids, params
-        self.clock, self.issued, self.ells, self.drafted = 0.0, 0, 0, 0
-        self.arrival, self.tokens, self.per_user, self.step_times = {}, {}, [], []
-        for _ in range(conc):
-            self.issue()
-
-    def issue(self) -> None:
-        req = self.engine.add_request(self.prompts[self.issued % len(self.prompts)],
-                                      self.params, self.stop_ids)
-        self.arrival[req], self.tokens[req] = self.clock, 0
-        self.issued += 1
-
-    def step(self) -> list[int]:
-        """One lock-step step; returns [verify tokens, committed tokens] for the group."""
-        start = time.perf_counter()
-        result = self.engine.step()
-        self.clock += time.perf_counter() - start
-        stats = result.stats
-        if stats is not None:
-            self.step_times.append(stats.step_time)
-            self.ells += stats.verify_budget
-            self.drafted += stats.num_drafts
-        for out in result.outputs:
-            self.tokens[out.req_id] += len(out.new_token_ids)
-            if out.finished:
-                elapsed = max(self.clock - self.arrival[out.req_id], 1e-9)
-                self.per_user.append(self.tokens[out.req_id] / elapsed)
-                self.issue()
-        return [stats.num_verify_tokens, stats.num_output_tokens] if stats else [0, 0]
-
-    def result(self) -> dict:
-        for req in list(self.tokens):
-            self.engine.abort(req)
-        return {"tokens": sum(self.tokens.values()), "wall": self.clock,
-                "per_user_tps": statistics.mean(self.per_user) if self.per_user else 0.0,
-                "finished": len(self.per_user),
-                "mean_ell": self.ells / self.drafted if self.drafted else 0.0,
-                "step_ms": 1000 * statistics.mean(self.step_times) if self.step_times else 0.0,
-                "shared": self.engine.costs.shared}
-
-
 def _run(engines: dict, prompts, stop_ids, conc: int, params, steps: int,
          others: dict) -> dict:
-    """``steps`` lock-step steps of every budget's engine, in turn step by step, with
-    ``conc`` requests kept in flight by each (leftovers aborted); after each step the ranks
-    exchange what they did, and ``others[budget][0]`` gets the other rank's ``GroupLoad``."""
+    """``steps`` lock-step steps of every budget's engine, in turn step by step, each a
+    closed loop on its own clock with ``conc`` requests kept in flight (leftovers aborted);
+    after each step the ranks exchange what they did, and ``others[budget][0]`` gets the
+    other rank's ``GroupLoad``."""
     import torch.distributed as dist
 
+    from dspark.bench.closed_loop import ClosedLoop
     from dspark.workers.budget import GroupLoad
 
-    loops = {b: _Loop(e, prompts, stop_ids, conc, params) for b, e in engines.items()}
+    loops = {b: ClosedLoop(e, prompts, stop_ids, conc, sys.maxsize, lambda i: params)
+             for b, e in engines.items()}
     for _ in range(steps):
         for budget, loop in loops.items():
-            mine = torch.tensor(loop.step())
+            stats = loop.tick()
+            mine = torch.tensor([stats.num_verify_tokens, stats.num_output_tokens]
+                                if stats is not None else [0, 0])
             both = [torch.zeros(2, dtype=torch.long) for _ in range(2)]
             dist.all_gather(both, mine)
             theirs = both[1 - dist.get_rank()].tolist()
             others[budget][0] = GroupLoad((theirs[0],), float(theirs[1]))
-    return {budget: loop.result() for budget, loop in loops.items()}
+    return {budget: _result(loop) for budget, loop in loops.items()}
+
+
+def _result(loop) -> dict:
+    """One budget's loop on this rank, its requests in flight aborted."""
+    loop.abort()
+    per_user, tokens, wall, stats = loop.result()
+    drafted = sum(s.num_drafts for s in stats)
+    return {"tokens": tokens, "wall": wall,
+            "per_user_tps": statistics.mean(per_user) if per_user else 0.0,
+            "finished": len(per_user),
+            "mean_ell": sum(s.verify_budget for s in stats) / drafted if drafted else 0.0,
+            "step_ms": 1000 * statistics.mean(s.step_time for s in stats) if stats else 0.0,
+            "shared": loop.engine.costs.shared}
 
 
 def summarize(rows: list[dict]) -> list[dict]:

@@ -40,3 +40,18 @@ def test_interleaved_loops_decode_alone_and_time_only_themselves(demo_target_dir
     # the two clocks hold disjoint stretches of the interleaved run
     assert loops[0].clock + loops[1].clock <= wall
     assert all(loop.clock > 0 for loop in loops)
+
+
+def test_a_loop_stopped_after_some_steps_returns_their_stats_and_aborts_the_rest(
+        demo_target_dir):
+    from dspark.models.generation import SamplingParams, load_for_generation
+    from dspark.workers.engine import Engine, EngineConfig
+
+    target, tok = load_for_generation(demo_target_dir)
+    engine = Engine(target, None, EngineConfig(max_num_seqs=4))
+    loop = ClosedLoop(engine, [tok.chat_prompt("Count to twenty.")], tok.stop_ids, 3,
+                      10 ** 9, lambda i: SamplingParams(max_tokens=40))
+    ticks = [loop.tick() for _ in range(4)]
+    assert ticks == loop.stats and all(t.num_output_tokens == 3 for t in ticks)
+    loop.abort()
+    assert not engine.has_unfinished() and engine.states == {}
