@@ -147,7 +147,8 @@ class CostGate(DraftGate):
         doubles (up to ``max_backoff * probe_every``) until a probe finds a request worth
         drafting; a stale request that never drafted is probed after ``probe_every`` idle
         steps of the drafter whatever the gap. Only stale requests that would be drafted
-        if they accepted every draft are probed (``_worth_probing``), except once the
+        with a fresh record of every draft accepted are probed (``_worth_probing``; the
+        prior prices a fresh record at the engine's gain), except once the
         drafter has been idle for the longest gap: then the costs that say drafting never
         pays are themselves stale, and a probe refreshes them. With no request worth
         drafting, nearly every step is a plain step."""
