@@ -67,6 +67,8 @@ class System:
     """``EngineConfig.draft_prior``."""
     prefill_weight: float = EngineConfig.prefill_weight
     """``EngineConfig.prefill_weight``."""
+    online_costs: str = EngineConfig.online_costs
+    """``EngineConfig.online_costs``."""
 
 
 SYSTEMS = (
@@ -87,6 +89,8 @@ SYSTEMS = (
     System("dspark-alg1-prior0", "dspark", "algorithm1", prior=0.0),
     # the serving default with first tokens weighted 4x in the step's cost model
     System("dspark-alg1-pw4", "dspark", "algorithm1", prefill_weight=4.0),
+    # the serving default with the online cost tables of observed times (before 2026-12-02)
+    System("dspark-alg1-times", "dspark", "algorithm1", online_costs="times"),
 )
 
 
@@ -174,7 +178,8 @@ def run_benchmark(
                                "num_speculative_tokens": system.gamma, "seed": cfg.seed,
                                "draft_gating": system.gating, "draft_margin": system.margin,
                                "draft_prior": system.prior,
-                               "prefill_weight": system.prefill_weight})
+                               "prefill_weight": system.prefill_weight,
+                               "online_costs": system.online_costs})
         engine = Engine(target, drafter, ecfg)
         tables[system.label] = {"profiled": asdict(engine.profiled_cost_table)}
         # warm-up, not measured

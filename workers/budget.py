@@ -81,23 +81,49 @@ class StepCostTable:
 class OnlineCostTable:
     """A profiled ``StepCostTable`` kept up to date with the step times the engine sees.
 
-    Each observation (B, seconds) moves the EWMA of the bucket nearest to B (log scale);
-    the table is rebuilt with step time non-decreasing in B. Profiling at start-up alone
-    misjudges the running engine (a tight profiling loop keeps caches and threads warm).
+    Profiling at start-up alone misjudges the running engine: a tight profiling loop keeps
+    caches and threads warm. The profile keeps the table's shape (how a step's time grows
+    with B) and the engine's steps set its level: each observation (B, seconds) moves an
+    EWMA of observed over profiled time at the bucket nearest to B (log scale), and a
+    bucket never observed takes the ratio of the nearest one observed. The table is kept
+    with step time non-decreasing in B.
+
+    Until 2026-12-02 the buckets held observed times themselves. The engine observes only
+    the sizes it runs, so a run of slow single-token steps lifted every larger bucket it
+    never observed to their time through the non-decreasing rule: the table went flat,
+    and on a flat table every verified token looks free.
     """
 
-    def __init__(self, table: StepCostTable, alpha: float = 0.1) -> None:
+    def __init__(self, table: StepCostTable, alpha: float = 0.1, keep_shape: bool = True
+                 ) -> None:
+        """``keep_shape`` False: each bucket holds the EWMA of the times observed there,
+        as until 2026-12-02 (kept to compare: ``EngineConfig.online_costs``)."""
+        self.profile, self.keep_shape = table, keep_shape
         self.sizes = list(table.batch_sizes)
-        self.times = [1.0 / s for s in table.steps_per_second]
+        num = len(self.sizes)
+        # NOTE: without the shape kept, every bucket starts at its profiled time (ratio 1)
+        # and reads only its own
+        self.ratios: list[float | None] = [None] * num if keep_shape else [1.0] * num
+        """Observed over profiled step time per bucket (None: never observed)."""
         self.alpha = alpha
         self.table = table
+        self._near: list[int] = [] if keep_shape else list(range(num))
+        """The observed bucket whose ratio each bucket takes."""
 
     def observe(self, batch: int, seconds: float) -> None:
         nearest = min(range(len(self.sizes)), key=lambda i: abs(math.log(self.sizes[i] / batch)))
-        self.times[nearest] += self.alpha * (seconds - self.times[nearest])
+        # NOTE: without the shape kept, the ratio is to the bucket's own profiled time
+        ratio = seconds * (self.profile.sps(batch) if self.keep_shape
+                           else self.profile.steps_per_second[nearest])
+        old = self.ratios[nearest]
+        self.ratios[nearest] = ratio if old is None else old + self.alpha * (ratio - old)
+        if old is None:  # NOTE: a bucket observed for the first time: who reads which
+            seen = [i for i, r in enumerate(self.ratios) if r is not None]
+            self._near = [min(seen, key=lambda j: (abs(math.log(self.sizes[j] / size)), j))
+                          for size in self.sizes]
         monotone, worst = [], 0.0
-        for t in self.times:
-            worst = max(worst, t)
+        for near, rate in zip(self._near, self.profile.steps_per_second):
+            worst = max(worst, self.ratios[near] / rate)
             monotone.append(worst)
         self.table = StepCostTable(tuple(self.sizes), tuple(1.0 / t for t in monotone))
 
@@ -127,9 +153,11 @@ class CostModel:
 
     overhead_alpha = 0.1
 
-    def __init__(self, verify: StepCostTable, draft: StepCostTable | None, device) -> None:
-        self.verify = OnlineCostTable(verify)
-        self.draft = OnlineCostTable(draft) if draft is not None else None
+    def __init__(self, verify: StepCostTable, draft: StepCostTable | None, device,
+                 keep_shape: bool = True) -> None:
+        """``keep_shape``: ``OnlineCostTable``'s (``EngineConfig.online_costs``)."""
+        self.verify = OnlineCostTable(verify, keep_shape=keep_shape)
+        self.draft = OnlineCostTable(draft, keep_shape=keep_shape) if draft is not None else None
         self.device = device
         shares = sorted(verify.shared)
         self.shared = shares[len(shares) // 2] if shares else 0.0

@@ -110,7 +110,8 @@ class Engine:
                 self.draft_worker, cfg.draft_profile_sizes(), cfg.profile_context, self.gamma,
                 cfg.num_blocks)
         self.profiled_draft_cost_table = draft_cost_table
-        self.costs = CostModel(self.profiled_cost_table, draft_cost_table, self.device)
+        self.costs = CostModel(self.profiled_cost_table, draft_cost_table, self.device,
+                               cfg.online_costs == "ratio")
         temps = drafter.config.sts_temperatures if drafter is not None else None
         sts = torch.tensor(temps or [1.0] * max(self.gamma, 1), device=self.device)
         self.budget = make_budget(cfg.budget, self.costs, sts, cfg.threshold, group_load)

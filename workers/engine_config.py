@@ -48,6 +48,11 @@ class EngineConfig:
     probe_every: int = 8
     """A request not drafted for this many decoding steps is stale: the gate probes it (a
     few per step, backing off while nobody is worth drafting) to refresh its record."""
+    online_costs: str = "ratio"
+    """How the engine's step times refine the profiled cost tables: ``ratio`` (the
+    profile's shape, the observed level per bucket; buckets never observed take the
+    nearest observed one's) or ``times`` (the observed times per bucket, as until
+    2026-12-02: a table that goes flat when small batches run slow)."""
     prefill_weight: float = 1.0
     """How many decoding requests a prefilling request counts as in the step's cost model
     (the gate and the budget): a longer step delays its first token as it delays their next
@@ -70,6 +75,8 @@ class EngineConfig:
             raise ValueError(f"draft_prior must be >= 0, got {self.draft_prior}")
         if not self.prefill_weight >= 0.0:
             raise ValueError(f"prefill_weight must be >= 0, got {self.prefill_weight}")
+        if self.online_costs not in ("ratio", "times"):
+            raise ValueError(f"online_costs must be 'ratio' or 'times', got {self.online_costs!r}")
         if self.probe_every < 1:
             raise ValueError(f"probe_every must be >= 1, got {self.probe_every}")
         if not self.profile_batch_sizes or min(self.profile_batch_sizes) < 1:

@@ -16,7 +16,7 @@ from budget_reference import (
 )
 
 from dspark.models.generation import SamplingParams
-from dspark.workers.budget import CostModel, GroupLoad, StepCostTable
+from dspark.workers.budget import CostModel, GroupLoad, OnlineCostTable, StepCostTable
 from dspark.workers.sampling import RequestSampling, verify
 
 SAMPLED = SamplingParams(temperature=1.0)
@@ -30,6 +30,24 @@ def test_step_cost_table_interpolates_and_validates():
     assert cost.sps(18) == 1.0
     with pytest.raises(ValueError, match="increasing"):
         StepCostTable((4, 2), (1.0, 1.0))
+
+
+def test_the_online_table_keeps_the_profiles_shape_and_learns_its_level():
+    # profiled: 10 ms at B=1, 12 at 8, 20 at 64
+    profile = StepCostTable((1, 8, 64), (100.0, 1000 / 12, 50.0))
+    online = OnlineCostTable(profile, alpha=1.0)
+    # the live engine runs slower than the profile: only single-token steps seen, at 15 ms
+    online.observe(1, 0.015)
+    times = [1000 / online.table.sps(b) for b in (1, 8, 64)]
+    # every bucket takes B=1's ratio (1.5): the table keeps its slope (it used to go flat at
+    # 15 ms up to B=8: drafts looked free)
+    assert times == pytest.approx([15.0, 18.0, 30.0])
+    # a bucket observed keeps its own ratio; the unobserved one takes its nearest's
+    online.observe(8, 0.0132)  # 1.1 x the profile
+    assert [1000 / online.table.sps(b) for b in (1, 8, 64)] == pytest.approx([15.0, 15.0, 22.0])
+    # B=5 maps to bucket 8 (log scale) and is compared with the profile at 5
+    online.observe(5, 0.022)
+    assert online.ratios[:2] == pytest.approx([1.5, 0.022 * profile.sps(5)])
 
 
 def test_fixed_and_threshold_budgets():
@@ -150,3 +168,19 @@ def test_cluster_selection_equals_algorithm1_on_per_rank_costs(others, committed
     assert got.tolist() == want
     alone = CostModel(table, None, "cpu").select(torch.tensor(surv), 3, other_requests=2)
     assert alone.tolist() == algorithm1(surv, table, 3, 2)
+
+
+def test_the_online_table_of_observed_times_is_kept_to_compare():
+    """``online_costs='times'``: each bucket's EWMA of the times seen there, as before."""
+    profile = StepCostTable((1, 8, 64), (100.0, 1000 / 12, 50.0))
+    online = OnlineCostTable(profile, alpha=0.5, keep_shape=False)
+    online.observe(1, 0.016)
+    online.observe(2, 0.016)  # nearest bucket: 1
+    # bucket 1: 10 -> 13 -> 14.5 ms; 8 and 64 unobserved: 12 and 20, lifted to stay
+    # non-decreasing (the table goes flat up to B=8)
+    times = [1000 / online.table.sps(b) for b in (1, 8, 64)]
+    assert times == pytest.approx([14.5, 14.5, 20.0])
+    from dspark.workers.engine_config import EngineConfig
+
+    with pytest.raises(ValueError, match="online_costs must be 'ratio' or 'times'"):
+        EngineConfig(online_costs="median")
