@@ -97,7 +97,9 @@ class OnlineCostTable:
     def __init__(self, table: StepCostTable, alpha: float = 0.1, keep_shape: bool = True
                  ) -> None:
         """``keep_shape`` False: each bucket holds the EWMA of the times observed there,
-        as until 2026-12-02 (kept to compare: ``EngineConfig.online_costs``)."""
+        as until 2026-12-02 (kept to compare: ``EngineConfig.online_costs``). Held as a
+        ratio to each bucket's profiled time, so equal to the old table up to rounding (a
+        near-tie can go the other way)."""
         self.profile, self.keep_shape = table, keep_shape
         self.sizes = list(table.batch_sizes)
         num = len(self.sizes)
@@ -200,21 +202,21 @@ class CostModel:
     def step_seconds(self, verify_tokens: int, drafted: int = 0) -> float:
         """A whole step that verifies ``verify_tokens`` and drafts for ``drafted``
         requests, as the model believes it costs."""
-        seconds = (1.0 + self.overhead) * self.verify_seconds(verify_tokens)
-        if drafted and self.draft is not None:
-            seconds += 1.0 / self.draft.table.sps(drafted)
-        return seconds
+        return self.step_pricer()(verify_tokens, drafted)
 
     def step_pricer(self) -> Callable[[int, int], float]:
-        """``step_seconds`` as one function for many prices in a row (the tables and the
-        group as they are now; the replica priced alone skips the per-rank model)."""
-        if self._group() is not None:
-            return self.step_seconds
-        scale, verify = 1.0 + self.overhead, self.verify.table.sps
+        """``step_seconds`` as one function for many prices in a row (the tables, the
+        overhead and the group as they are now; a replica priced alone reads its verify
+        table directly)."""
+        scale = 1.0 + self.overhead
+        verify = self.verify_seconds
+        if self._group() is None:
+            sps = self.verify.table.sps
+            verify = lambda tokens: 1.0 / sps(tokens)  # noqa: E731
         draft = self.draft.table.sps if self.draft is not None else None
 
         def price(verify_tokens: int, drafted: int = 0) -> float:
-            seconds = scale * (1.0 / verify(verify_tokens))
+            seconds = scale * verify(verify_tokens)
             return seconds + 1.0 / draft(drafted) if drafted and draft is not None else seconds
         return price
 

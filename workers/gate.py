@@ -175,9 +175,9 @@ class CostGate(DraftGate):
         # NOTE: only when a probe is due (the drafter runs anyway, has been idle for the
         # gap, or a request never drafted): pricing the stale requests at their best costs
         # a pass over everyone
+        never_drafted = bool(stale) and candidates[stale[0]].record.gain is None
         due = bool(chosen) or self.quiet + 1 >= self.gap or (
-            self.quiet + 1 >= self.probe_every and candidates[stale[0]].record.gain is None
-            if stale else False)
+            never_drafted and self.quiet + 1 >= self.probe_every)
         if stale and not refresh and due:
             stale = self._worth_probing(stale, gains, ells, *step)
         elif not (stale and refresh):
