@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dspark.models.config import TargetConfig
+from dspark.models.dense_experts import dense_experts
 from dspark.models.kv_cache import AttentionBackend, ContiguousAttention, KVCache
 
 
@@ -155,8 +156,22 @@ class SparseMoeBlock(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return Routing(expert_ids=expert_ids, weights=weights.to(x.dtype), probs=probs)
 
+    dense_max_tokens = 48
+    """Up to this many tokens on the CPU, every expert runs on every token in two linear
+    layers (``dense_experts``) instead of one chain of calls per active expert: a small
+    batch's cost there is the count of operations, not their arithmetic
+    (``python -m dspark.bench.moe_paths``, docs/engine.md). 0: never."""
+
     def combine_experts(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Sum over each token's top-k experts of ``weight * expert(x)``; x: [N, d]."""
+        if (x.shape[0] <= self.dense_max_tokens and x.device.type == "cpu"
+                and not torch.is_grad_enabled()):
+            return dense_experts(self, x, routing)
+        return self.sparse_experts(x, routing)
+
+    def sparse_experts(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """``combine_experts`` by sorting the tokens' expert slots and running each active
+        expert on its rows."""
         flat_ids = routing.expert_ids.reshape(-1)  # [N * k]
         order = torch.argsort(flat_ids, stable=True)
         token_of = order // self.top_k  # [N * k] source token of each sorted slot

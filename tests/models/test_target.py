@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from dspark.models.dense_experts import dense_experts
 from dspark.models.target import SparseMoeBlock
 
 VARIANTS = {
@@ -77,6 +78,31 @@ def test_moe_matches_naive_per_token_loop(make_model):
             expected[t] += weight * block.experts[int(e)](x[t])
         expected[t] += torch.sigmoid(block.shared_expert_gate(x[t])) * block.shared_expert(x[t])
     torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_dense_small_batch_experts_equal_the_sparse_path(make_model, norm):
+    """Small inference batches on the CPU run every expert on every token
+    (``dense_experts``); the same sums as running each token's routed experts, and the
+    stacked weights follow a weight changed in place."""
+    model = make_model(shared_expert_intermediate_size=24, norm_topk_prob=norm)
+    block = model.model.layers[0].mlp
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for num in (1, 5, block.dense_max_tokens):
+            x = torch.randn(num, model.config.hidden_size, generator=gen)
+            routing = block.route(x)
+            torch.testing.assert_close(dense_experts(block, x, routing),
+                                       block.sparse_experts(x, routing), atol=1e-5, rtol=1e-4)
+        block.experts[1].down_proj.weight.mul_(2.0)
+        routing = block.route(x)
+        torch.testing.assert_close(dense_experts(block, x, routing),
+                                   block.sparse_experts(x, routing), atol=1e-5, rtol=1e-4)
+        # NOTE: past dense_max_tokens, and with gradients, the sparse path itself
+        big = torch.randn(block.dense_max_tokens + 1, model.config.hidden_size, generator=gen)
+        assert torch.equal(block.combine_experts(big, block.route(big)),
+                           block.sparse_experts(big, block.route(big)))
+    assert torch.equal(block.combine_experts(x, routing), block.sparse_experts(x, routing))
 
 
 def test_unnormalised_topk_keeps_softmax_weights(make_model):
