@@ -40,11 +40,12 @@ class EngineConfig:
     draft_margin: float = 1.05
     """The gate drafts only when drafting promises this many times the step's throughput
     without it (>= 1; ``inf``: nobody drafts but the gate's probes)."""
-    draft_prior: float = 2.0
+    draft_prior: float = 4.0
     """Pseudo-count of the engine-wide acceptance in each request's gain estimate: the gate
     prices a request at ``(n * own + prior * engine) / (n + prior)``, n its drafted steps
     (at most its EWMA's memory). 0: its own record alone, however few steps it holds
-    (docs/engine.md: 2 lifted the worst cell of the benchmark from 0.87 to 0.94)."""
+    (docs/engine.md: 2 lifted the worst cell of the benchmark from 0.87 to 0.94; 4 with
+    the longer memories of session 13)."""
     probe_every: int = 8
     """A request not drafted for this many decoding steps is stale: the gate probes it (a
     few per step, backing off while nobody is worth drafting) to refresh its record."""

@@ -74,7 +74,14 @@ class DraftGate:
     acceptance (EWMAs of accepted drafts and of ℓ_r per drafted request) that load reports
     read."""
 
-    alpha = 0.3
+    alpha = 0.1
+    """Per drafted step of a request, its own record's EWMA weight (a memory of about 19
+    drafted steps: a request's accepted drafts per step scatter from 0 to γ, and a record
+    that one unlucky step sinks below the cost stops drafting until a probe; 0.3 until
+    session 13)."""
+    engine_alpha = 0.03
+    """Per drafted request-step, the engine-wide EWMAs' weight (a memory of about 65
+    drafted request-steps, whatever the concurrency)."""
 
     def __init__(self, gamma: int) -> None:
         self.gain: float | None = None
@@ -102,10 +109,12 @@ class DraftGate:
             rec.ell = float(ell) if rec.ell is None else _ewma(rec.ell, ell, self.alpha)
             rec.idle, rec.count = 0, rec.count + 1
         if records:
+            # NOTE: weighted by the drafted requests, not the steps: one step at C=1 is one
+            # noisy count (0 to γ accepted), one step at C=64 the mean of 64
             step_gain = sum(accepted) / len(records)
-            self.gain = step_gain if self.gain is None else _ewma(self.gain, step_gain,
-                                                                  self.alpha)
-            self.ell = _ewma(self.ell, sum(lengths) / len(records), self.alpha)
+            alpha = 1.0 - (1.0 - self.engine_alpha) ** len(records)
+            self.gain = step_gain if self.gain is None else _ewma(self.gain, step_gain, alpha)
+            self.ell = _ewma(self.ell, sum(lengths) / len(records), alpha)
 
     @property
     def mean_survival(self) -> float:

@@ -111,9 +111,18 @@ def test_observe_updates_records_from_accepted_counts():
     a, b, idle = DraftRecord(), DraftRecord(gain=2.0, ell=4.0, idle=3), DraftRecord(idle=1)
     g.observe([a, b], [5, 2], [4, 0], [idle])
     assert (a.gain, a.ell, a.idle) == (4.0, 5.0, 0)
-    assert b.gain == 0.7 * 2.0 and b.ell == 0.7 * 4.0 + 0.3 * 2 and b.idle == 0
+    keep = 1 - g.alpha
+    assert b.gain == keep * 2.0 and b.ell == keep * 4.0 + g.alpha * 2 and b.idle == 0
     assert idle.idle == 2
-    assert g.gain == 2.0 and abs(g.mean_survival - 2.0 / (0.7 * 7 + 0.3 * 3.5)) < 1e-9
+    # NOTE: the engine-wide EWMAs weigh each drafted request-step: two here
+    step = 1 - (1 - g.engine_alpha) ** 2
+    assert g.gain == 2.0 and abs(g.mean_survival - 2.0 / ((1 - step) * 7 + step * 3.5)) < 1e-9
+    g.observe([DraftRecord()] * 64, [2] * 64, [0] * 64)
+    one = DraftGate(7)
+    one.gain = 2.0
+    one.observe([DraftRecord()], [2], [0])
+    # one step of 64 drafted requests moves the engine's gain more than a step of one
+    assert g.gain < 0.5 * 2.0 < one.gain < 2.0
 
 
 def test_prefilling_requests_in_the_step_count_against_drafting():
