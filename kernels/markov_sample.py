@@ -72,15 +72,21 @@ def markov_sample_torch(
     greedy = True if num_greedy == num_req else (False if num_greedy == 0 else None)
     w2t = w2.float().T if w1 is not None else None  # [rank, V]
     tokens = torch.empty(num_req, slots, dtype=torch.long, device=base.device)
-    probs = torch.empty_like(base)
+    # NOTE: every row greedy: the argmax alone in the loop, the one-hot rows built once
+    probs = None if greedy else torch.empty_like(base)
     prev = anchors
     for k in range(slots):
         logits = base[:, k]
         if w1 is not None:
             logits = torch.addmm(logits, w1[prev].float(), w2t)  # [R, V]
-        token, probs[:, k] = sample_rows(logits, temperatures, uniforms[:, k], greedy)
+        if greedy:
+            token = row_argmax(logits)
+        else:
+            token, probs[:, k] = sample_rows(logits, temperatures, uniforms[:, k], greedy)
         tokens[:, k] = token
         prev = token
+    if probs is None:
+        probs = torch.zeros_like(base).scatter_(-1, tokens[:, :, None], 1.0)
     return tokens, probs
 
 

@@ -214,6 +214,22 @@ def verify(
         accepted_l, [list(d[:a]) + [t] for d, a, t in zip(draft_ids, accepted_l, tokens_l)])
 
 
+def verify_greedy(top: torch.Tensor, draft_ids: Sequence[Sequence[int]]) -> RejectionOutput:
+    """``verify`` when every request is greedy: a draft is accepted while it is the
+    target's argmax at its row (``top`` [M]: ℓ_r + 1 rows per request), then the argmax
+    of the first row not accepted is the next token. One read of ``top``; no
+    distribution is built."""
+    chosen, accepted, output, start = top.tolist(), [], [], 0
+    for drafts in draft_ids:
+        n = 0
+        while n < len(drafts) and drafts[n] == chosen[start + n]:
+            n += 1
+        accepted.append(n)
+        output.append([*drafts[:n], chosen[start + n]])
+        start += len(drafts) + 1
+    return RejectionOutput(accepted, output)
+
+
 def _plain(samplers, probs, chosen) -> RejectionOutput:
     """A step without drafts: row r is request r's, and its token is drawn from it (the
     argmax or Gumbel-max drawn already, or one uniform of its generator)."""
@@ -313,10 +329,13 @@ def sample_step(rows: list[SeqRows], proposal: DraftProposal | None, logits: tor
     # reduction over the vocabulary of every row costs as much as the softmax on a CPU);
     # a step without greedy requests needs none
     top = row_argmax(logits) if any(s.greedy for s in samplers) else None  # [M]
-    probs = target_probs(logits, samplers, rows_per, top)
-    draft_probs = _draft_probs(sampling, proposal, probs)
-    out = verify(samplers, [lay.seq.first_position for lay in sampling], probs,
-                 [lay.drafts for lay in sampling], draft_probs, top)
+    if all(s.greedy for s in samplers):
+        out = verify_greedy(top, [lay.drafts for lay in sampling])
+    else:
+        probs = target_probs(logits, samplers, rows_per, top)
+        draft_probs = _draft_probs(sampling, proposal, probs)
+        out = verify(samplers, [lay.seq.first_position for lay in sampling], probs,
+                     [lay.drafts for lay in sampling], draft_probs, top)
     start = 0
     for lay, n, ids in zip(sampling, rows_per, out.output_ids):
         state = lay.seq.state

@@ -39,6 +39,20 @@ def test_twin_bias_follows_the_sampled_token():
     torch.testing.assert_close(probs[2], torch.softmax(logits[2] / 0.7, -1))
 
 
+def test_an_all_greedy_batch_drafts_what_the_mixed_loop_drafts():
+    """All rows greedy: the argmax-only loop (one-hot rows built once) returns what a
+    batch with one sampled row returns for its greedy rows."""
+    for seed in range(3):
+        c = case(seed, num_req=3)
+        greedy = {**c, "temperatures": torch.zeros(3)}
+        tokens, probs = markov_sample_torch(**greedy)
+        mixed = {**c, "temperatures": torch.tensor([0.0, 0.0, 1.0])}
+        want_tokens, want_probs = markov_sample_torch(**mixed)
+        assert torch.equal(tokens[:2], want_tokens[:2])
+        assert torch.equal(probs[:2], want_probs[:2])
+        assert torch.equal(probs, torch.zeros_like(probs).scatter_(-1, tokens[..., None], 1.0))
+
+
 @needs_triton
 @pytest.mark.parametrize("markov", [True, False])
 def test_kernel_matches_twin(markov):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dspark.models.generation import SamplingParams, gumbel_max, inverse_cdf, position_gumbel
-from dspark.workers.sampling import RequestSampling, draft_noise, verify
+from dspark.workers.sampling import RequestSampling, draft_noise, verify, verify_greedy
 
 SAMPLED = SamplingParams(temperature=1.0)
 GREEDY = SamplingParams()
@@ -70,6 +70,22 @@ def test_greedy_requests_accept_exactly_the_argmax_prefix():
     assert out.num_accepted == [2] and out.output_ids == [[1, 2, 3]]
     out = verify(greedy, [0], p, [[1, 2, 3]], torch.eye(5)[[1, 2, 3]])
     assert out.num_accepted == [3] and out.output_ids == [[1, 2, 3, 4]]
+
+
+def test_all_greedy_steps_verify_without_distributions_as_verify_does():
+    """``verify_greedy`` (a step of greedy requests only) commits what ``verify`` commits
+    from the one-hot argmax distributions, drafts of every length, none included."""
+    lens = [7, 0, 3, 5, 1]
+    greedy = [RequestSampling.create(GREEDY, r) for r in range(len(lens))]
+    for trial in range(30):
+        drafts, q, p = random_batch(lens, 5, trial)  # NOTE: 5 tokens: drafts often match
+        one_hot = torch.zeros_like(p).scatter_(-1, p.argmax(-1, keepdim=True), 1.0)
+        expected = verify(greedy, [0] * len(lens), one_hot, drafts, q)
+        out = verify_greedy(p.argmax(-1), drafts)
+        assert (out.num_accepted, out.output_ids) == (expected.num_accepted,
+                                                      expected.output_ids)
+    out = verify_greedy(torch.tensor([1, 2, 3, 4]), [[1, 2, 0]])
+    assert out.num_accepted == [2] and out.output_ids == [[1, 2, 3]]
 
 
 def test_coupled_requests_commit_the_targets_gumbel_max_token_whatever_was_drafted():
