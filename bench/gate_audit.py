@@ -42,8 +42,8 @@ def audit_gate(engine, loop_args) -> dict:
     def audited_observe(records, lengths, accepted, idle=(), seconds=None):
         pairs.extend((promised[id(r)], a) for r, a in zip(records, accepted) if id(r) in promised)
         if gate.prediction is not None and seconds:
-            drafted, predicted = gate.prediction
-            steps.append((drafted, predicted * gate.step_realism[drafted], seconds))
+            (drafted, mixed), predicted = gate.prediction
+            steps.append((drafted, predicted * gate.step_realism[drafted, mixed], seconds))
         return observe(records, lengths, accepted, idle, seconds)
 
     assert isinstance(gate, CostGate)

@@ -117,6 +117,15 @@ class DeferredRows:
                     found[entry] = None
         return [self._detach(e) for e in found]
 
+    def owed(self, req_id: str) -> int:
+        """Rows ``take([req_id])`` would return now (its pending rows and the rows of the
+        blocks it reuses that are not written yet)."""
+        found = {}
+        for entry in (self.pending.get(req_id), *self.needs.get(req_id, ())):
+            if entry is not None and self._attached(entry):
+                found[entry] = None
+        return sum(e.count for e in found)
+
     def _attached(self, entry: PendingRows) -> bool:
         """Not written yet (pending or parked)."""
         return entry in self.parked or self.pending.get(entry.req_id) is entry

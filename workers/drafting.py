@@ -35,7 +35,6 @@ from dspark.kernels.markov_sample import markov_sample
 from dspark.kernels.paged_attention import gather_kv, slot_table
 from dspark.models.autoregressive_drafter import AutoregressiveDrafter
 from dspark.models.drafter_checkpoint import Drafter
-from dspark.workers.budget import StepCostTable
 from dspark.workers.deferred_rows import DeferredRows, PendingRows
 from dspark.workers.model_runner import PagedAttention, PagedKV, token_slots
 from dspark.workers.sampling import DraftNoise, draft_noise, draw_drafts
@@ -88,6 +87,8 @@ class DraftWorker:
             param.dtype, param.device,
         )
         self.last_h: dict[str, torch.Tensor] = {}  # autoregressive: [d] per request
+        self.last_flush = (0, 0.0)
+        """(rows, seconds) the last ``propose_step`` wrote before proposing."""
         self._buffers: dict[str, torch.Tensor] = {}
         self.lazy = not self.autoregressive and block_ids is not None
         # NOTE: parked rows sit in freed blocks, so they never outnumber the cache's slots
@@ -156,7 +157,9 @@ class DraftWorker:
                      ) -> DraftProposal:
         """Draft up to ``caps[i]`` tokens for each of ``seqs`` (every cap >= 1), after
         writing their pending rows."""
-        self.flush([s.request.req_id for s in seqs])
+        start = time.perf_counter()
+        rows = self.flush([s.request.req_id for s in seqs])
+        self.last_flush = (rows, time.perf_counter() - start)
         device, cfg = tables.device, self.config
         noise = draft_noise([s.state.sampling for s in seqs], [s.first_position for s in seqs],
                             cfg.block_size, cfg.vocab_size, device, max(caps))
@@ -226,16 +229,21 @@ class DraftWorker:
                 full.append(s.request.req_id)
         self.flush(full)
 
-    def flush(self, req_ids: Sequence[str]) -> None:
+    def flush(self, req_ids: Sequence[str]) -> int:
         """Write the deferred rows of these live requests, and the rows of the blocks they
-        reuse."""
-        self._write(self.rows.take(req_ids))
+        reuse; returns the rows written."""
+        return self._write(self.rows.take(req_ids))
 
-    def _write(self, entries: list[PendingRows]) -> None:
-        """Write deferred rows into the drafter cache, in one batched call."""
+    def owed(self, req_id: str) -> int:
+        """Rows a proposal for this request would write first (``flush``)."""
+        return self.rows.owed(req_id) if self.lazy else 0
+
+    def _write(self, entries: list[PendingRows]) -> int:
+        """Write deferred rows into the drafter cache, in one batched call; returns the
+        rows written."""
         entries = [e for e in entries if e.count]
         if not entries:
-            return
+            return 0
         dev = self.kv.k.device
         counts = [e.count for e in entries]
         cu = torch.tensor([0, *itertools.accumulate(counts)], device=dev)
@@ -252,6 +260,7 @@ class DraftWorker:
             block_tables=tables,
             max_q=max(counts),
         ))
+        return int(cu[-1])
 
     # ------------------------------------------------------------------ propose
     @torch.no_grad()
@@ -413,48 +422,3 @@ class DraftPairs:
         return F.scaled_dot_product_attention(
             q, self.keys, self.values, attn_mask=self.visible[:, None, None, :], enable_gqa=True
         )
-
-
-def profile_draft_costs(
-    worker: DraftWorker,
-    num_requests: Sequence[int],
-    context: int,
-    num_tokens: int,
-    num_blocks: int,
-    repeats: int = 3,
-) -> StepCostTable:
-    """Drafting calls per second against the number of requests drafted for (median of
-    ``repeats``). Like the verify profile, it must run before any request holds KV."""
-    device = worker.drafter.lm_head.weight.device
-    vocab = worker.config.vocab_size
-    sizes, rates = [], []
-    per_req = -(-(context + 1) // worker.block_size)
-    for num in sorted(set(num_requests)):
-        if num * per_req > num_blocks:
-            break
-        req_ids = [f"profile-{i}" for i in range(num)]
-        for r in req_ids:
-            worker.last_h[r] = torch.zeros(worker.config.hidden_size, device=device)
-        tables = torch.arange(num * per_req, device=device).view(num, per_req)
-        args = (
-            req_ids,
-            torch.randint(5, vocab, (num,), device=device),
-            torch.full((num,), context, device=device),
-            tables,
-            num_tokens,
-            torch.zeros(num, device=device),
-            torch.zeros(num, worker.config.block_size, device=device),
-        )
-        worker.propose(*args)  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            worker.propose(*args)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        for r in req_ids:
-            worker.forget(r)
-        sizes.append(num)
-        rates.append(1.0 / sorted(times)[len(times) // 2])
-    return StepCostTable(tuple(sizes), tuple(rates))

@@ -24,7 +24,8 @@ from dspark.models.generation import SamplingParams
 from dspark.models.target import TargetModel
 from dspark.workers.block_manager import BlockManager
 from dspark.workers.budget import CostModel, GroupLoad, StepCostTable, make_budget
-from dspark.workers.drafting import DraftWorker, profile_draft_costs
+from dspark.workers.draft_profile import profile_drafting
+from dspark.workers.drafting import DraftWorker
 from dspark.workers.engine_config import EngineConfig
 from dspark.workers.expert_parallel import forward_empty
 from dspark.workers.gate import CostGate, GateCandidate, make_gate
@@ -105,13 +106,13 @@ class Engine:
             self.runner, cfg.verify_profile_sizes(), cfg.max_num_seqs, cfg.profile_context,
             cfg.num_blocks)
         gated = self.draft_worker is not None and cfg.gates_drafting
-        if gated and draft_cost_table is None:
-            draft_cost_table = profile_draft_costs(
-                self.draft_worker, cfg.draft_profile_sizes(), cfg.profile_context, self.gamma,
-                cfg.num_blocks)
+        write_row = 0.0
+        if gated:
+            draft_cost_table, write_row = profile_drafting(
+                self.draft_worker, cfg, self.gamma, draft_cost_table)
         self.profiled_draft_cost_table = draft_cost_table
         self.costs = CostModel(self.profiled_cost_table, draft_cost_table, self.device,
-                               cfg.online_costs == "ratio")
+                               cfg.online_costs == "ratio", write_row)
         temps = drafter.config.sts_temperatures if drafter is not None else None
         sts = torch.tensor(temps or [1.0] * max(self.gamma, 1), device=self.device)
         self.budget = make_budget(cfg.budget, self.costs, sts, cfg.threshold, group_load)
@@ -262,8 +263,9 @@ class Engine:
         caps = self.draft_worker.caps(decoding, [self.scheduler.lookahead_room(s.request)
                                                  for s in decoding])
         able = [(s, c) for s, c in zip(decoding, caps) if c > 0]
-        picks = self.gate.choose([GateCandidate(s.state.drafting, c) for s, c in able],
-                                 len(decoding), load, prefilling)
+        owed = self.draft_worker.owed
+        picks = self.gate.choose([GateCandidate(s.state.drafting, c, owed(s.request.req_id))
+                                  for s, c in able], len(decoding), load, prefilling)
         chosen = [sc for sc, pick in zip(able, picks) if pick]
         if self.on_request_step is not None:
             self._note_gate(decoding, caps, able, picks)
@@ -305,11 +307,15 @@ class Engine:
                 [verified.num_accepted[s.request.req_id] for s in drafted],
                 [s.state.drafting for s in decoding if s.request.req_id not in ids],
                 clock[-1] - clock[0])
-        # NOTE: drafting is charged its proposal, which writes the drafted requests'
-        # pending drafter-cache rows first (``DraftWorker.flush``)
+        # NOTE: drafting is charged its proposal; the deferred drafter-cache rows the
+        # proposal wrote first (``DraftWorker.flush``) are priced per row apart
         verify, draft = clock[4] - clock[3], clock[2] - clock[1]
+        written = 0.0
+        if proposal is not None:
+            rows, written = self.draft_worker.last_flush
+            self.costs.observe_write(rows, written)
         self.costs.observe(verified.num_tokens, verify, len(proposal.seqs) if proposal else 0,
-                           draft, clock[-1] - clock[0] - verify - draft)
+                           draft - written, clock[-1] - clock[0] - verify - draft)
 
     def _commit(self, sched, seqs: list[StepSeq], proposal: DraftProposal | None, plan,
                 new_tokens: dict[str, list[int]]) -> list[RequestOutput]:

@@ -67,6 +67,8 @@ class GateCandidate:
     record: DraftRecord
     cap: int
     """Drafts it may propose (its lookahead, its remaining max_tokens)."""
+    owed: int = 0
+    """Deferred drafter rows its proposal would write first (``DraftWorker.owed``)."""
 
 
 class DraftGate:
@@ -142,11 +144,21 @@ class CostGate(DraftGate):
         """Steps since the drafter last ran."""
         self.gap = probe_every
         """Steps the drafter may stay idle before a step that runs it for probes only."""
-        self.step_realism = {False: 1.0, True: 1.0}
-        """Observed over predicted whole-step time, for steps without and with drafting
-        (EWMA each): the cost tables come from decode-like profiles and miss what a step
-        also carries (a long prefill chunk's attention, the rows the budget admits)."""
-        self.prediction: tuple[bool, float] | None = None
+        self.step_realism = {(d, m): 1.0 for d in (False, True) for m in (False, True)}
+        """Observed over predicted whole-step time, per (drafted, mixed) kind of step (EWMA
+        each; mixed: a request prefills in it): the cost tables come from decode-like
+        profiles and miss what a step also carries (a long prefill chunk's attention over
+        every request's padded queries, the rows the budget admits). Apart since session
+        13: at C=64 drafted steps with a prefill chunk took 61-73 ms against 38-44
+        predicted, decode-only ones 39 against 32."""
+        self.prediction: tuple[tuple[bool, bool], float] | None = None
+        self.gain_realism = 1.0
+        """Accepted over promised drafts of the requests drafted for cost (not probes),
+        EWMA per request-step: the gate drafts for the best records, and the best are in
+        part the luckiest, so they promise more than they then accept (session 13, C=64:
+        2.96 promised, 1.81 accepted). Every gain the gate prices is scaled by it."""
+        self.promised: dict[int, float] = {}
+        """This step's promised gain per record drafted for cost (by ``id``)."""
 
     def choose(self, candidates, num_decoding, other_tokens, other_requests=0):
         """Drafters chosen by cost, plus probes: a request undrafted for ``probe_every``
@@ -170,8 +182,9 @@ class CostGate(DraftGate):
             return [True] * len(candidates)
         gains = [self._gain(c.record) for c in candidates]
         ells = [self._ell(c) for c in candidates]
+        owed = [c.owed for c in candidates]
         step = (num_decoding, other_tokens, other_requests)
-        chosen = set(self._by_cost(gains, ells, *step))
+        chosen = set(self._by_cost(gains, ells, owed, *step))
         # NOTE: stale requests that never drafted first: a request without a record of its
         # own has only the engine-wide one, which stops moving while nobody drafts
         stale = sorted((i for i, c in enumerate(candidates)
@@ -188,7 +201,7 @@ class CostGate(DraftGate):
         due = bool(chosen) or self.quiet + 1 >= self.gap or (
             never_drafted and self.quiet + 1 >= self.probe_every)
         if stale and not refresh and due:
-            stale = self._worth_probing(stale, gains, ells, *step)
+            stale = self._worth_probing(stale, gains, ells, owed, *step)
         elif not (stale and refresh):
             stale = []
         unseen = bool(stale) and candidates[stale[0]].record.gain is None
@@ -200,14 +213,17 @@ class CostGate(DraftGate):
                         or unseen and self.quiet + 1 >= self.probe_every):
             self.gap = min(2 * self.gap, self.max_backoff * self.probe_every)
             self.probes = set(stale[: self.probes_per_step])
+        self.promised = {id(candidates[i].record): gains[i] for i in chosen - self.probes}
         chosen |= self.probes
         extra = sum(ells[i] for i in chosen)
-        self.prediction = (bool(chosen), self.cost.step_seconds(
-            num_decoding + other_tokens + round(extra), len(chosen)))
+        self.prediction = ((bool(chosen), other_requests > 0), self.cost.step_seconds(
+            num_decoding + other_tokens + round(extra), len(chosen))
+            + self.cost.write_row * sum(owed[i] for i in chosen))
         return [i in chosen for i in range(len(candidates))]
 
     def _worth_probing(self, stale: list[int], gains: list[float], ells: list[float],
-                       num_decoding, other_tokens, other_requests) -> list[int]:
+                       owed: list[int], num_decoding, other_tokens, other_requests
+                       ) -> list[int]:
         """The stale candidates a probe could change the decision for: those that would be
         drafted with a fresh record of every draft they verify accepted (priced as any
         record: with ``prior``, a record of no drafted steps is the engine's gain). Where
@@ -218,27 +234,34 @@ class CostGate(DraftGate):
         best = list(gains)
         for i in stale:
             best[i] = self._gain(DraftRecord(ells[i], ells[i]))
-        paying = set(self._by_cost(best, ells, num_decoding, other_tokens, other_requests))
+        paying = set(self._by_cost(best, ells, owed, num_decoding, other_tokens,
+                                   other_requests))
         return [i for i in stale if i in paying]
 
-    def _by_cost(self, gains: list[float], ells: list[float], num_decoding, other_tokens,
-                 other_requests) -> list[int]:
-        """The prefix of the candidates (their expected accepted and verified drafts)
-        sorted by gain that maximises expected committed tokens per second of the whole
-        step (drafting, verification and the rest)."""
-        # NOTE: a stable sort, ties in candidate order
-        order = sorted(range(len(gains)), key=gains.__getitem__, reverse=True)
+    def _by_cost(self, gains: list[float], ells: list[float], owed: list[int], num_decoding,
+                 other_tokens, other_requests) -> list[int]:
+        """The prefix of the candidates (their expected accepted and verified drafts, the
+        deferred rows they owe) sorted by net gain that maximises expected committed
+        tokens per second of the whole step (drafting, writing the rows owed,
+        verification and the rest); gains scaled by ``gain_realism``. Net gain: the gain
+        less the tokens a plain step commits while its owed rows are written."""
         base = num_decoding + other_tokens
         served = num_decoding + other_requests
-        price = self.cost.step_pricer()
-        plain, drafting = self.step_realism[False], self.step_realism[True]
+        price, write = self.cost.step_pricer(), self.cost.write_row
+        mixed = other_requests > 0
+        plain, drafting = self.step_realism[False, mixed], self.step_realism[True, mixed]
+        plain_rate = served / (plain * price(base, 0))
+        net = [g * self.gain_realism - plain_rate * write * o for g, o in zip(gains, owed)]
+        # NOTE: a stable sort, ties in candidate order
+        order = sorted(range(len(gains)), key=net.__getitem__, reverse=True)
         # NOTE: drafting must beat not drafting by the margin (inf: never)
-        best_k, best = 0, served / (plain * price(base, 0)) * self.margin
-        tokens, extra = float(served), 0.0
+        best_k, best = 0, plain_rate * self.margin
+        tokens, extra, rows = float(served), 0.0, 0
         for k, i in enumerate(order, start=1):
-            tokens += gains[i]
+            tokens += gains[i] * self.gain_realism
             extra += ells[i]
-            rate = tokens / (drafting * price(base + round(extra), k))
+            rows += owed[i]
+            rate = tokens / (drafting * (price(base + round(extra), k) + write * rows))
             if rate > best:
                 best_k, best = k, rate
         return order[:best_k]
@@ -268,11 +291,19 @@ class CostGate(DraftGate):
     def observe(self, records, lengths, accepted, idle=(), seconds=None):
         self.quiet = 0 if records else self.quiet + 1
         if self.prediction is not None and seconds is not None:
-            drafted, predicted = self.prediction
+            kind, predicted = self.prediction
             ratio = min(4.0, max(0.25, seconds / predicted))
-            self.step_realism[drafted] += self.step_realism_alpha * (
-                ratio - self.step_realism[drafted])
+            self.step_realism[kind] += self.step_realism_alpha * (
+                ratio - self.step_realism[kind])
         self.prediction = None
+        pairs = [(self.promised[id(r)], a) for r, a in zip(records, accepted)
+                 if id(r) in self.promised]
+        if pairs:
+            ratio = min(2.0, max(0.25, sum(a for _, a in pairs)
+                                 / max(sum(p for p, _ in pairs), 1e-9)))
+            alpha = 1.0 - (1.0 - self.engine_alpha) ** len(pairs)
+            self.gain_realism = _ewma(self.gain_realism, ratio, alpha)
+        self.promised = {}
         super().observe(records, lengths, accepted, idle)
 
 

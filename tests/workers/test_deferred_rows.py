@@ -118,3 +118,12 @@ def test_rows_between_takes_rows_across_pieces_without_copying():
         assert [int(f) for piece in got for f in piece[:, 0]] == list(range(start, stop))
         assert all(any(p.data_ptr() <= g.data_ptr() < p.data_ptr() + p.numel() * 4
                        for p in pieces) for g in got)  # views into the pieces
+
+
+def test_owed_counts_what_take_would_write():
+    rows = DeferredRows(4, 64, 64, lambda req_id: [0, 1, 2, 3])
+    assert rows.owed("a") == 0
+    rows.add("a", 0, torch.zeros(5, 2))
+    rows.add("a", 5, torch.zeros(1, 2))
+    assert rows.owed("a") == 6 == sum(e.count for e in rows.take(["a"]))
+    assert rows.owed("a") == 0

@@ -166,14 +166,17 @@ def test_steps_that_draft_and_take_longer_than_predicted_make_drafting_dearer():
     for _ in range(80):
         steps += 1
         picks = g.choose([GateCandidate(rec, 7)], 1, 0)
-        drafted, predicted = g.prediction
-        assert drafted == picks[0]
+        (drafted, mixed), predicted = g.prediction
+        assert drafted == picks[0] and not mixed
         if not picks[0]:
             break
         g.observe([rec], [4], [3], seconds=3 * predicted)
-    assert not picks[0] and steps > 5 and g.step_realism[True] > 2.5
+    assert not picks[0] and steps > 5 and g.step_realism[True, False] > 2.5
     g.observe([], [], [], [rec], seconds=predicted)  # a plain step as predicted
-    assert g.step_realism[False] == 1.0 and g.prediction is None
+    assert g.step_realism[False, False] == 1.0 and g.prediction is None
+    # NOTE: steps with a prefill chunk keep their own: the same request drafts there
+    assert g.step_realism[True, True] == 1.0
+    assert g.choose([GateCandidate(rec, 7)], 1, 0, other_requests=1) == [True]
 
 
 
@@ -221,3 +224,36 @@ def test_records_count_their_drafted_steps():
     g.observe([], [], [], idle=[rec])
     g.observe([rec], [4], [1])
     assert rec.count == 2 and rec.idle == 0
+
+
+def test_rows_owed_are_priced_and_the_cheaper_request_drafts_first():
+    # drafting costs 5 ms and each owed row 0.05 ms: the same record pays with no rows
+    # owed and not with 600 (30 ms more); of two, the one owing nothing is drafted
+    g = gate(5.0)
+    g.cost.write_row = 5e-5
+    owing = GateCandidate(DraftRecord(3.0, 4.0), cap=7, owed=600)
+    fresh = GateCandidate(DraftRecord(3.0, 4.0), cap=7, owed=0)
+    assert g.choose([owing], 1, 0) == [False]
+    assert g.choose([owing, fresh], 2, 0) == [False, True]
+    (drafted, _), predicted = g.prediction
+    assert drafted and predicted < 0.030  # NOTE: the owing request's rows are not in it
+    g.cost.write_row = 0.0
+    assert g.choose([owing], 1, 0) == [True]
+
+
+def test_records_that_promise_more_than_they_accept_are_discounted():
+    # requests drafted for cost keep accepting a third of what their records promise:
+    # the gate learns it (gain_realism) and stops drafting the records that only pay at
+    # face value; probes do not count
+    g = gate(5.0)
+    recs = [DraftRecord(1.2, 4.0, count=30) for _ in range(2)]
+    cands = [GateCandidate(r, 7) for r in recs]
+    assert g.choose(cands, 2, 0) == [True, True]
+    for _ in range(40):
+        picks = g.choose(cands, 2, 0)
+        if not any(picks):
+            break
+        g.observe([r for r, p in zip(recs, picks) if p], [4] * sum(picks), [0] * sum(picks))
+        for r in recs:  # NOTE: their records as they were: only the realism moves
+            r.gain, r.ell = 1.2, 4.0
+    assert not any(picks) and g.gain_realism < 0.5
