@@ -210,9 +210,9 @@ class CostModel:
     write_alpha = 0.2
 
     def observe_write(self, rows: int, seconds: float) -> None:
-        """A proposal's writes of deferred rows (batches of at least 16 rows: smaller ones
-        are mostly the call's fixed cost)."""
-        if rows >= 16:
+        """A proposal's writes of deferred rows (batches of at least 64 rows: in smaller
+        ones the call's fixed cost weighs too much per row)."""
+        if rows >= 64:
             per_row = seconds / rows
             self.write_row += self.write_alpha * (per_row - self.write_row)
 

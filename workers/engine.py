@@ -263,9 +263,8 @@ class Engine:
         caps = self.draft_worker.caps(decoding, [self.scheduler.lookahead_room(s.request)
                                                  for s in decoding])
         able = [(s, c) for s, c in zip(decoding, caps) if c > 0]
-        owed = self.draft_worker.owed
-        picks = self.gate.choose([GateCandidate(s.state.drafting, c, owed(s.request.req_id))
-                                  for s, c in able], len(decoding), load, prefilling)
+        picks = self.gate.choose(gate_candidates(able, self.draft_worker.owed), len(decoding),
+                                 load, prefilling)
         chosen = [sc for sc, pick in zip(able, picks) if pick]
         if self.on_request_step is not None:
             self._note_gate(decoding, caps, able, picks)
@@ -381,3 +380,10 @@ def record_rounds(proposal: DraftProposal, plan, new_tokens: dict[str, list[int]
                     n, accepted, committed, conf[i][:n] if conf is not None else None))
             except Exception:  # NOTE: an observer never fails committed requests
                 logger.exception("on_round observer failed")
+
+
+def gate_candidates(able: list[tuple[StepSeq, int]], owed: Callable[[str], int]
+                    ) -> list[GateCandidate]:
+    """The gate's view of each decoding request that could draft (with its cap)."""
+    return [GateCandidate(s.state.drafting, cap, owed(s.request.req_id),
+                          s.request.max_tokens - len(s.request.output_ids)) for s, cap in able]

@@ -69,6 +69,8 @@ class GateCandidate:
     """Drafts it may propose (its lookahead, its remaining max_tokens)."""
     owed: int = 0
     """Deferred drafter rows its proposal would write first (``DraftWorker.owed``)."""
+    remaining: int = 0
+    """Tokens it may still generate (its max_tokens less its output; 0: one step)."""
 
 
 class DraftGate:
@@ -182,7 +184,7 @@ class CostGate(DraftGate):
             return [True] * len(candidates)
         gains = [self._gain(c.record) for c in candidates]
         ells = [self._ell(c) for c in candidates]
-        owed = [c.owed for c in candidates]
+        owed = [self._owed(c, g) for c, g in zip(candidates, gains)]
         step = (num_decoding, other_tokens, other_requests)
         chosen = set(self._by_cost(gains, ells, owed, *step))
         # NOTE: stale requests that never drafted first: a request without a record of its
@@ -218,11 +220,11 @@ class CostGate(DraftGate):
         extra = sum(ells[i] for i in chosen)
         self.prediction = ((bool(chosen), other_requests > 0), self.cost.step_seconds(
             num_decoding + other_tokens + round(extra), len(chosen))
-            + self.cost.write_row * sum(owed[i] for i in chosen))
+            + self.cost.write_row * sum(candidates[i].owed for i in chosen))
         return [i in chosen for i in range(len(candidates))]
 
     def _worth_probing(self, stale: list[int], gains: list[float], ells: list[float],
-                       owed: list[int], num_decoding, other_tokens, other_requests
+                       owed: list[float], num_decoding, other_tokens, other_requests
                        ) -> list[int]:
         """The stale candidates a probe could change the decision for: those that would be
         drafted with a fresh record of every draft they verify accepted (priced as any
@@ -238,12 +240,12 @@ class CostGate(DraftGate):
                                    other_requests))
         return [i for i in stale if i in paying]
 
-    def _by_cost(self, gains: list[float], ells: list[float], owed: list[int], num_decoding,
+    def _by_cost(self, gains: list[float], ells: list[float], owed: list[float], num_decoding,
                  other_tokens, other_requests) -> list[int]:
         """The prefix of the candidates (their expected accepted and verified drafts, the
         deferred rows they owe) sorted by net gain that maximises expected committed
         tokens per second of the whole step (drafting, writing the rows owed,
-        verification and the rest); gains scaled by ``gain_realism``. Net gain: the gain
+        verification and the rest); gains as realized (``_realized``). Net gain: that
         less the tokens a plain step commits while its owed rows are written."""
         base = num_decoding + other_tokens
         served = num_decoding + other_requests
@@ -251,20 +253,33 @@ class CostGate(DraftGate):
         mixed = other_requests > 0
         plain, drafting = self.step_realism[False, mixed], self.step_realism[True, mixed]
         plain_rate = served / (plain * price(base, 0))
-        net = [g * self.gain_realism - plain_rate * write * o for g, o in zip(gains, owed)]
+        real = [self._realized(g) for g in gains]
+        net = [r - plain_rate * write * o for r, o in zip(real, owed)]
         # NOTE: a stable sort, ties in candidate order
         order = sorted(range(len(gains)), key=net.__getitem__, reverse=True)
         # NOTE: drafting must beat not drafting by the margin (inf: never)
         best_k, best = 0, plain_rate * self.margin
-        tokens, extra, rows = float(served), 0.0, 0
+        tokens, extra, rows = float(served), 0.0, 0.0
         for k, i in enumerate(order, start=1):
-            tokens += gains[i] * self.gain_realism
+            tokens += real[i]
             extra += ells[i]
             rows += owed[i]
             rate = tokens / (drafting * (price(base + round(extra), k) + write * rows))
             if rate > best:
                 best_k, best = k, rate
         return order[:best_k]
+
+    def _owed(self, candidate: GateCandidate, gain: float) -> float:
+        """The rows owed this step is charged: all of them, spread over the drafted steps
+        the request could still take (one write lets it draft from then on: a request's
+        first proposal owes its whole prompt, which charged to one step alone would never
+        pay, and the rows would keep growing)."""
+        steps = candidate.remaining / (1.0 + self._realized(gain))
+        return candidate.owed / max(1.0, steps)
+
+    def _realized(self, gain: float) -> float:
+        """The accepted drafts a promised ``gain`` comes to (``gain_realism``)."""
+        return gain * self.gain_realism
 
     def _gain(self, record: DraftRecord) -> float:
         """Its expected accepted drafts: its record shrunk toward the engine's by ``prior``

@@ -257,3 +257,16 @@ def test_records_that_promise_more_than_they_accept_are_discounted():
         for r in recs:  # NOTE: their records as they were: only the realism moves
             r.gain, r.ell = 1.2, 4.0
     assert not any(picks) and g.gain_realism < 0.5
+
+
+def test_rows_owed_are_spread_over_the_steps_the_request_may_still_draft():
+    # 600 rows (30 ms) do not pay in one step; a request with 400 tokens to go drafts
+    # about 100 more steps at a gain of 3, so its first write pays
+    g = gate(5.0)
+    g.cost.write_row = 5e-5
+    assert g.choose([GateCandidate(DraftRecord(3.0, 4.0), 7, owed=600)], 1, 0) == [False]
+    assert g.choose([GateCandidate(DraftRecord(3.0, 4.0), 7, owed=600, remaining=400)],
+                    1, 0) == [True]
+    (_, _), predicted = g.prediction
+    assert predicted > 0.030  # NOTE: the step is predicted with every row it writes
+
