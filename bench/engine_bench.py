@@ -37,7 +37,7 @@ class BenchConfig:
     temperatures: tuple[float, ...] = (0.0, 1.0)
     max_tokens: int = 64
     """Output tokens per request (requests may stop earlier at end of turn)."""
-    min_requests: int = 8
+    min_requests: int = 32
     """Requests finished per cell: max(min_requests, 2 * C)."""
     seed: int = 0
     """The engines' seed: the random streams of the (unseeded) requests."""

@@ -65,7 +65,7 @@ def _add_engine(which: Subparsers) -> None:
     add_flag(eng, "--temperatures", "0,1", "temperatures to sweep, comma-separated")
     add_flag(eng, "--max-tokens", 64,
              "Output tokens per request (requests may stop earlier at end of turn).", type=int)
-    add_flag(eng, "--min-requests", 8, "Requests finished per cell: max(min_requests, 2 * C).",
+    add_flag(eng, "--min-requests", 32, "Requests finished per cell: max(min_requests, 2 * C).",
              type=int)
     add_flag(eng, "--prompts-per-domain", 24, "prompts of each domain (math, code, chat)",
              type=int)

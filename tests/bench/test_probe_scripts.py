@@ -84,3 +84,13 @@ def test_compile_probe_times_each_mode_and_names_a_bad_one(capsys, demo_target_d
     with pytest.raises(SystemExit):
         main([*args, "--modes", "reduce-overhead"])
     assert "needs --device cuda" in capsys.readouterr().err
+
+
+def test_moe_paths_times_both_paths_per_size(capsys, demo_target_dir):
+    from dspark.bench.moe_paths import main
+
+    assert main(["--target", str(demo_target_dir), "--tokens", "1,8", "--threads", "1",
+                 "--repeats", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "N  sparse  dense  dense/sparse" in out
+    assert re.search(r"^8 +\d+ +\d+ +[\d.]+$", out, re.M)
