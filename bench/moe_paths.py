@@ -7,19 +7,10 @@ per call of each and their ratio, per N."""
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-
-def median_us(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e6 * sorted(times)[len(times) // 2]
+from dspark.bench.host_ops import median_ms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,10 +38,10 @@ def main(argv: list[str] | None = None) -> int:
                                        block.sparse_experts(x, routing), atol=1e-5, rtol=1e-4)
             sparse, dense = 0.0, 0.0
             for _ in range(3):  # NOTE: in turn, so a slow stretch falls on both
-                sparse += median_us(lambda x=x, r=routing: block.sparse_experts(x, r),
-                                    args.repeats // 3)
-                dense += median_us(lambda x=x, r=routing: dense_experts(block, x, r),
-                                   args.repeats // 3)
+                sparse += 1000 * median_ms(lambda x=x, r=routing: block.sparse_experts(x, r),
+                                           args.repeats // 3)
+                dense += 1000 * median_ms(lambda x=x, r=routing: dense_experts(block, x, r),
+                                          args.repeats // 3)
             print(f"{n:<3}{sparse / 3:7.0f}{dense / 3:7.0f}{dense / sparse:8.2f}")
     return 0
 
