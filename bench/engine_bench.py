@@ -91,6 +91,8 @@ SYSTEMS = (
     System("dspark-alg1-pw4", "dspark", "algorithm1", prefill_weight=4.0),
     # the serving default with the online cost tables of observed times (before 2026-12-02)
     System("dspark-alg1-times", "dspark", "algorithm1", online_costs="times"),
+    # the serving default drafting for every request in every step (no gate)
+    System("dspark-alg1-nogate", "dspark", "algorithm1", gating=False),
 )
 
 
