@@ -176,9 +176,8 @@ class CostModel:
         """Seconds per deferred drafter row a proposal writes first (profiled, then EWMA
         of the writes observed; 0 for a drafter that defers nothing). A request's first
         proposal writes its whole prompt's rows, and one drafted after a long pause every
-        row since: at C=64 a step that drafted for a few such requests took 73 ms against
-        19.5 ms plain (session 13), which the drafting table, profiled with no rows owed,
-        did not price."""
+        row since, which the drafting table, profiled with no rows owed, does not price
+        (docs/engine.md, session 13)."""
         self._refresh()
 
     def _refresh(self) -> None:

@@ -110,21 +110,20 @@ class DeferredRows:
     def take(self, req_ids: Sequence[str]) -> list[PendingRows]:
         """The pending entries of these live requests and the entries they need (those not
         written since), to write now."""
-        found = {}
-        for req_id in req_ids:
-            for entry in (self.pending.get(req_id), *self.needs.pop(req_id, ())):
-                if entry is not None and self._attached(entry):
-                    found[entry] = None
+        found = {e: None for req_id in req_ids for e in self._unwritten(req_id, drop=True)}
         return [self._detach(e) for e in found]
 
     def owed(self, req_id: str) -> int:
         """Rows ``take([req_id])`` would return now (its pending rows and the rows of the
         blocks it reuses that are not written yet)."""
-        found = {}
-        for entry in (self.pending.get(req_id), *self.needs.get(req_id, ())):
-            if entry is not None and self._attached(entry):
-                found[entry] = None
-        return sum(e.count for e in found)
+        return sum(e.count for e in dict.fromkeys(self._unwritten(req_id, drop=False)))
+
+    def _unwritten(self, req_id: str, drop: bool) -> list[PendingRows]:
+        """Its pending entry and the entries it needs, those not written yet (``drop``:
+        it needs them no more)."""
+        needs = self.needs.pop(req_id, ()) if drop else self.needs.get(req_id, ())
+        return [e for e in (self.pending.get(req_id), *needs)
+                if e is not None and self._attached(e)]
 
     def _attached(self, entry: PendingRows) -> bool:
         """Not written yet (pending or parked)."""

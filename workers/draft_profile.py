@@ -43,18 +43,11 @@ def profile_draft_costs(
             torch.zeros(num, device=device),
             torch.zeros(num, worker.config.block_size, device=device),
         )
-        worker.propose(*args)  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            worker.propose(*args)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+        seconds = median_seconds(lambda args=args: worker.propose(*args), repeats, device)
         for r in req_ids:
             worker.forget(r)
         sizes.append(num)
-        rates.append(1.0 / sorted(times)[len(times) // 2])
+        rates.append(1.0 / seconds)
     return StepCostTable(tuple(sizes), tuple(rates))
 
 
@@ -77,15 +70,20 @@ def profile_write_cost(worker: DraftWorker, rows: int, num_blocks: int, repeats:
         block_tables=torch.arange(blocks, device=device)[None],
         max_q=rows,
     )
-    worker.extend(batch)  # warm-up
+    return median_seconds(lambda: worker.extend(batch), repeats, device) / rows
+
+
+def median_seconds(call, repeats: int, device) -> float:
+    """Median wall time of ``call()`` over ``repeats`` calls after one warm-up call."""
+    call()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        worker.extend(batch)
+        call()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] / rows
+    return sorted(times)[len(times) // 2]
 
 
 def profile_drafting(worker: DraftWorker, cfg, gamma: int, table: StepCostTable | None = None

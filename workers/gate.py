@@ -151,14 +151,15 @@ class CostGate(DraftGate):
         each; mixed: a request prefills in it): the cost tables come from decode-like
         profiles and miss what a step also carries (a long prefill chunk's attention over
         every request's padded queries, the rows the budget admits). Apart since session
-        13: at C=64 drafted steps with a prefill chunk took 61-73 ms against 38-44
-        predicted, decode-only ones 39 against 32."""
+        13: a step with a prefill chunk costs far more than the profile says, drafted or
+        not."""
         self.prediction: tuple[tuple[bool, bool], float] | None = None
         self.gain_realism = 1.0
         """Accepted over promised drafts of the requests drafted for cost (not probes),
         EWMA per request-step: the gate drafts for the best records, and the best are in
-        part the luckiest, so they promise more than they then accept (session 13, C=64:
-        2.96 promised, 1.81 accepted). Every gain the gate prices is scaled by it."""
+        part the luckiest, so they promise more than they then accept
+        (``python -m dspark.bench.gate_audit``, docs/engine.md). Every gain the gate prices
+        is scaled by it."""
         self.promised: dict[int, float] = {}
         """This step's promised gain per record drafted for cost (by ``id``)."""
 
