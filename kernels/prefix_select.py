@@ -14,12 +14,16 @@ decoding requests and prefilling ones, whose progress a longer step delays as mu
 Because survival never rises along a request's drafts, each request's admitted candidates
 form a prefix, and ℓ_r is simply how many of the first n* candidates belong to r.
 
-``prefix_cut_torch`` is the oracle and CPU path, ``prefix_cut_triton`` the kernel (one
-program, the sorted candidates in one block); ``select_prefixes`` does the sort and count.
-This equals ``dspark.workers.budget.algorithm1`` / ``topk_budget`` (tested).
+``prefix_cut_torch`` is the tensor twin, ``prefix_cut_triton`` the kernel (one program, the
+sorted candidates in one block); ``select_prefixes`` does the sort and count.
+``select_prefixes_host`` is the CPU path: the same rule over Python floats from one
+``tolist()``; a step's few dozen candidates cost a few microseconds there against some 40
+tensor operations. All equal the oracle's Algorithm 1 / top-K (tested).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -138,6 +142,37 @@ def prefix_cut_triton(a_sorted, sizes, rates, num_req, base_tokens, capacity):
         BLOCK=triton.next_power_of_2(num),
     )
     return out
+
+
+def select_prefixes_host(
+    surv: torch.Tensor,  # [R, K] survival, < 0 where nothing was proposed
+    sps: Callable[[float], float],  # SPS of a step of B tokens (per rank in a group)
+    other_tokens: int = 0,
+    capacity: int = -1,
+    other_requests: float = 0,
+) -> list[int]:  # ℓ_r
+    """``select_prefixes`` over Python floats (one ``tolist()``)."""
+    rows = surv.tolist()
+    num_req = len(rows)
+    lengths = [0] * num_req
+    # NOTE: j-major, and a stable sort: ties go to the earlier position, then the request
+    cands = [(a, r) for j in range(len(rows[0]) if rows else 0)
+             for r, row in enumerate(rows) if (a := row[j]) >= 0]
+    cands.sort(key=lambda c: -c[0])
+    if capacity >= 0:
+        for _, r in cands[:capacity]:
+            lengths[r] += 1
+        return lengths
+    batch = num_req + other_tokens
+    expected = num_req + other_requests
+    best = expected * sps(batch)
+    for a, r in cands:
+        after = (expected + a) * sps(batch + 1)
+        if not after > best:
+            break  # NOTE: the early stop is what keeps the admission causal
+        lengths[r] += 1
+        batch, expected, best = batch + 1, expected + a, after
+    return lengths
 
 
 def select_prefixes(

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dspark.kernels.prefix_select import select_prefixes
+from dspark.kernels.prefix_select import select_prefixes, select_prefixes_host
 from dspark.workers.modes import BudgetMode
 
 logger = logging.getLogger(__name__)
@@ -264,8 +264,15 @@ class CostModel:
                other_requests: int = 0) -> torch.Tensor:
         """Algorithm 1 (or top-K under ``capacity``) over ``surv`` [R, n]: ℓ_r [R]; in a
         group, per-rank step costs and the group's committed tokens count too."""
-        return select_prefixes(surv, self.sizes, self.rates, other_tokens, capacity,
-                               other_requests + self.group_committed, self._group())
+        served = other_requests + self.group_committed
+        if surv.device.type == "cpu":
+            table = self.verify.table
+            sps = table.sps if self._group() is None else (
+                lambda tokens: 1.0 / self.verify_seconds(tokens))
+            lengths = select_prefixes_host(surv, sps, other_tokens, capacity, served)
+            return torch.tensor(lengths)
+        return select_prefixes(surv, self.sizes, self.rates, other_tokens, capacity, served,
+                               self._group())
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""Prefix selection: the vectorised twin equals Algorithm 1 / top-K of workers.budget, and
-the Triton kernel (interpreted on CPU) cuts where the twin does."""
+"""Prefix selection: the vectorised twin and the host path equal Algorithm 1 / top-K of the
+oracle, and the Triton kernel (interpreted on CPU) cuts where the twin does."""
 
 from __future__ import annotations
 
@@ -10,7 +10,12 @@ import pytest
 import torch
 from budget_reference import algorithm1, survival, topk_budget
 
-from dspark.kernels.prefix_select import prefix_cut_torch, prefix_cut_triton, select_prefixes
+from dspark.kernels.prefix_select import (
+    prefix_cut_torch,
+    prefix_cut_triton,
+    select_prefixes,
+    select_prefixes_host,
+)
 from dspark.workers.budget import StepCostTable
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -41,6 +46,11 @@ def test_twin_equals_algorithm1_and_topk():
             algorithm1(surv, cost, other, served))
         cap = rng.randint(0, 20)
         assert select_prefixes(padded, sizes, rates, other, cap).tolist() == topk_budget(surv, cap)
+        # the host path, on the profile's own piecewise-linear SPS
+        assert select_prefixes_host(padded, cost.sps, other) == algorithm1(surv, cost, other)
+        assert select_prefixes_host(padded, cost.sps, other, other_requests=served) == (
+            algorithm1(surv, cost, other, served))
+        assert select_prefixes_host(padded, cost.sps, other, cap) == topk_budget(surv, cap)
 
 
 @pytest.mark.skipif(not INTERPRETED and not torch.cuda.is_available(),

@@ -15,6 +15,7 @@ from budget_reference import (
     topk_budget,
 )
 
+from dspark.kernels.prefix_select import select_prefixes
 from dspark.models.generation import SamplingParams
 from dspark.workers.budget import CostModel, GroupLoad, OnlineCostTable, StepCostTable
 from dspark.workers.sampling import RequestSampling, verify
@@ -164,8 +165,11 @@ def test_cluster_selection_equals_algorithm1_on_per_rank_costs(others, committed
     conf = (0.3 + 0.7 * torch.rand(6, 7, generator=gen)).tolist()
     surv = survival(conf)
     want = algorithm1(surv, GroupCost(table, others, cost.shared), 3, 2 + committed)
-    got = cost.select(torch.tensor(surv), 3, other_requests=2)
+    got = cost.select(torch.tensor(surv), 3, other_requests=2)  # the host path on the CPU
     assert got.tolist() == want
+    twin = select_prefixes(torch.tensor(surv), cost.sizes, cost.rates, 3, -1, 2 + committed,
+                           cost._group())
+    assert twin.tolist() == want
     alone = CostModel(table, None, "cpu").select(torch.tensor(surv), 3, other_requests=2)
     assert alone.tolist() == algorithm1(surv, table, 3, 2)
 
