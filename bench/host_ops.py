@@ -2,7 +2,9 @@
 replaced, timed side by side on this machine (docs/engine.md, "Less host work, second
 pass"): ``torch.argmax`` against ``row_argmax`` and a max reduction, and the inverse CDF by
 comparison and sum (the code before) against bisection (``inverse_cdf``). Each result is
-checked equal before it is timed."""
+checked equal before it is timed. Then the verification budget's Algorithm 1 over a step of
+R requests with 7 drafts each: the tensor twin (``select_prefixes``) against the host path
+(``select_prefixes_host``, the CPU's since session 14), ``--budget-requests``."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from dspark.kernels.prefix_select import select_prefixes, select_prefixes_host
 from dspark.kernels.row_argmax import row_argmax
 from dspark.models.generation import inverse_cdf
 
@@ -45,12 +48,32 @@ def time_ops(logits: torch.Tensor, probs: torch.Tensor, uniforms: torch.Tensor,
     }
 
 
+def time_selection(num_req: int, gen: torch.Generator, repeats: int) -> dict[str, float]:
+    """Algorithm 1 over R requests' 7 drafts on a decode-like SPS(B), both paths."""
+    from dspark.workers.budget import StepCostTable
+
+    sizes = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+    table = StepCostTable(sizes, tuple(250.0 / (1.0 + b / 24.0) for b in sizes))
+    surv = (0.4 + 0.6 * torch.rand(num_req, 7, generator=gen)).cumprod(1)
+    size_t, rate_t = torch.tensor(sizes), torch.tensor(table.steps_per_second)
+    twin = select_prefixes(surv, size_t, rate_t)
+    assert twin.tolist() == select_prefixes_host(surv, table.sps)
+    return {
+        "Algorithm 1, tensor twin": median_ms(lambda: select_prefixes(surv, size_t, rate_t),
+                                              repeats),
+        "Algorithm 1, host path": median_ms(lambda: select_prefixes_host(surv, table.sps),
+                                            repeats),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vocab", type=int, default=4096, help="row width (the demo's)")
     parser.add_argument("--rows", default="32,128", help="row counts, comma-separated")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--repeats", type=int, default=300, help="timed calls per number")
+    parser.add_argument("--budget-requests", default="1,8,64",
+                        help="requests per step of the budget's selection, comma-separated")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
@@ -63,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         assert torch.equal(inverse_cdf(probs, uniforms), compare_and_sum(probs, uniforms))
         cells = time_ops(logits, probs, uniforms, args.repeats)
         print(f"{rows} rows: " + ", ".join(f"{k} {v:.3f}" for k, v in cells.items()))
+    for num_req in (int(r) for r in args.budget_requests.split(",")):
+        cells = time_selection(num_req, gen, args.repeats)
+        print(f"budget, {num_req} requests: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in cells.items()))
     return 0
 
 

@@ -39,6 +39,9 @@ def test_host_ops_times_the_old_and_new_operations(capsys):
     for rows in (16, 20):
         assert re.search(rf"{rows} rows: torch.argmax [\d.]+, row_argmax [\d.]+, amax [\d.]+, "
                          r"inverse CDF, compare and sum [\d.]+, inverse CDF, bisect [\d.]+", out)
+    for num_req in (1, 8, 64):
+        assert re.search(rf"budget, {num_req} requests: Algorithm 1, tensor twin [\d.]+, "
+                         r"Algorithm 1, host path [\d.]+", out)
 
 
 def test_pool_paired_pools_every_round_of_every_run(tmp_path, capsys):
