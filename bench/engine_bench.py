@@ -69,6 +69,15 @@ class System:
     """``EngineConfig.prefill_weight``."""
     online_costs: str = EngineConfig.online_costs
     """``EngineConfig.online_costs``."""
+    arms: bool = EngineConfig.draft_arms
+    """``EngineConfig.draft_arms``."""
+
+    def engine_fields(self) -> dict:
+        """The ``EngineConfig`` fields this system sets."""
+        return {"budget": self.budget, "num_speculative_tokens": self.gamma,
+                "draft_gating": self.gating, "draft_margin": self.margin,
+                "draft_prior": self.prior, "prefill_weight": self.prefill_weight,
+                "online_costs": self.online_costs, "draft_arms": self.arms}
 
 
 SYSTEMS = (
@@ -93,6 +102,9 @@ SYSTEMS = (
     System("dspark-alg1-times", "dspark", "algorithm1", online_costs="times"),
     # the serving default drafting for every request in every step (no gate)
     System("dspark-alg1-nogate", "dspark", "algorithm1", gating=False),
+    # the serving default without the measured arms per load (the cost gate alone, as
+    # until session 14)
+    System("dspark-alg1-noarms", "dspark", "algorithm1", arms=False),
 )
 
 
@@ -176,12 +188,7 @@ def run_benchmark(
     tables = {}
     for system in systems:
         drafter = load_drafter(Path(drafters_dir) / system.drafter, target) if system.drafter else None
-        ecfg = EngineConfig(**{**asdict(base), "budget": system.budget,
-                               "num_speculative_tokens": system.gamma, "seed": cfg.seed,
-                               "draft_gating": system.gating, "draft_margin": system.margin,
-                               "draft_prior": system.prior,
-                               "prefill_weight": system.prefill_weight,
-                               "online_costs": system.online_costs})
+        ecfg = EngineConfig(**{**asdict(base), **system.engine_fields(), "seed": cfg.seed})
         engine = Engine(target, drafter, ecfg)
         tables[system.label] = {"profiled": asdict(engine.profiled_cost_table)}
         # warm-up, not measured

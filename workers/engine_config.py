@@ -46,6 +46,12 @@ class EngineConfig:
     (at most its EWMA's memory). 0: its own record alone, however few steps it holds
     (docs/engine.md: 2 lifted the worst cell of the benchmark from 0.87 to 0.94; 4 with
     the longer memories of session 13)."""
+    draft_arms: bool = True
+    """With the cost gate: in steps without a prefill chunk, measure per load (decoding
+    requests, by powers of two) the tokens per second of steps where everyone drafted and
+    of steps where nobody did, and draft for everyone while that measures faster
+    (``dspark.workers.gate.LoadArms``); False: the per-request cost gate alone, as until
+    session 14."""
     probe_every: int = 8
     """A request not drafted for this many decoding steps is stale: the gate probes it (a
     few per step, backing off while nobody is worth drafting) to refresh its record."""

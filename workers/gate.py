@@ -126,6 +126,66 @@ class DraftGate:
         return self.gain / self.ell if self.gain is not None and self.ell else 0.0
 
 
+class LoadArms:
+    """Two measured policies per load, for steps without a prefill chunk: everyone drafts
+    (``all``) and nobody does (``none``). Load is the step's decoding requests bucketed by
+    powers of two; each arm's rate is committed tokens per second, a ratio of EWMAs of a
+    step's tokens and seconds. The per-request cost model prices each request from its
+    record, and the records predict the next step only weakly (docs/engine.md, session
+    13); where drafting for everyone pays on average (low load), this measures it. The
+    ``all`` arm is tried again after ``gap`` decode-only steps of its load, a gap that
+    doubles while it loses (up to ``max_gap`` times 2^load: a step where everyone drafts
+    costs more the more requests draft, and at high load it rarely pays) and resets when
+    it wins."""
+
+    alpha = 0.1
+    max_gap = 32
+
+    def __init__(self, gap: int, margin: float = 1.02) -> None:
+        self.min_gap, self.margin = gap, margin
+        self.sums: dict[tuple[int, str], tuple[float, float]] = {}
+        """(load, arm) -> EWMAs of tokens committed and of seconds per step."""
+        self.gap: dict[int, int] = {}
+        self.since: dict[int, int] = {}
+        """Decode-only steps of each load since the ``all`` arm last ran there."""
+
+    @staticmethod
+    def load(num_decoding: int) -> int:
+        return max(num_decoding, 1).bit_length() - 1
+
+    def rate(self, load: int, arm: str) -> float | None:
+        sums = self.sums.get((load, arm))
+        return sums[0] / sums[1] if sums is not None and sums[1] > 0 else None
+
+    def everyone(self, load: int) -> bool:
+        """Whether this decode-only step at ``load`` drafts for everyone: ``all`` measures
+        faster than ``none`` by the margin, or it is due to be tried again (once ``none``
+        has been measured there)."""
+        self.since[load] = self.since.get(load, 0) + 1
+        drafted, plain = self.rate(load, "all"), self.rate(load, "none")
+        if plain is None:
+            return False
+        if drafted is not None and drafted > self.margin * plain:
+            return True
+        if drafted is None or self.since[load] >= self.gap.get(load, self.min_gap):
+            self.since[load] = 0
+            return True
+        return False
+
+    def observe(self, load: int, arm: str, tokens: int, seconds: float) -> None:
+        old = self.sums.get((load, arm))
+        new = (float(tokens), seconds) if old is None else (
+            _ewma(old[0], tokens, self.alpha), _ewma(old[1], seconds, self.alpha))
+        self.sums[load, arm] = new
+        if arm != "all":
+            return
+        self.since[load] = 0
+        plain, drafted = self.rate(load, "none"), self.rate(load, "all")
+        wins = plain is None or (drafted is not None and drafted > self.margin * plain)
+        gap = self.gap.get(load, self.min_gap)
+        self.gap[load] = self.min_gap if wins else min(2 * gap, self.max_gap << load)
+
+
 class CostGate(DraftGate):
     """Drafts for the requests whose expected accepted drafts pay for their drafting and
     verification at this step's load (module docstring), and probes stale records at a
@@ -138,9 +198,14 @@ class CostGate(DraftGate):
     step_realism_alpha = 0.1
 
     def __init__(self, gamma: int, cost: CostModel, probe_every: int,
-                 margin: float = MARGIN, prior: float = 0.0) -> None:
-        """``prior``: ``EngineConfig.draft_prior`` (0 here: each record as it stands)."""
+                 margin: float = MARGIN, prior: float = 0.0, arms: bool = False) -> None:
+        """``prior``: ``EngineConfig.draft_prior`` (0 here: each record as it stands);
+        ``arms``: ``EngineConfig.draft_arms``."""
         super().__init__(gamma)
+        self.arms = LoadArms(probe_every) if arms and margin != float("inf") else None
+        self.arm: tuple[int, str] | None = None
+        """This step's load and arm, when it is one of ``arms``'s (everyone or nobody
+        drafted in a step without a prefill chunk)."""
         self.cost, self.probe_every, self.margin, self.prior = cost, probe_every, margin, prior
         self.quiet = 0
         """Steps since the drafter last ran."""
@@ -155,15 +220,40 @@ class CostGate(DraftGate):
         not."""
         self.prediction: tuple[tuple[bool, bool], float] | None = None
         self.gain_realism = 1.0
-        """Accepted over promised drafts of the requests drafted for cost (not probes),
-        EWMA per request-step: the gate drafts for the best records, and the best are in
-        part the luckiest, so they promise more than they then accept
-        (``python -m dspark.bench.gate_audit``, docs/engine.md). Every gain the gate prices
-        is scaled by it."""
+        """Accepted over promised drafts of the requests drafted for cost (not probes): the
+        gate drafts for the best records, and the best are in part the luckiest, so they
+        promise more than they then accept (``python -m dspark.bench.gate_audit``,
+        docs/engine.md). Every gain the gate prices is scaled by it. The ratio of two
+        EWMAs per request-step (``_realism_sums``), not an EWMA of each step's ratio (until
+        session 14): at C=1 a step's ratio is one count (0 to γ) over one promise, and
+        clipping it to [0.25, 2] skewed the mean of such ratios."""
+        self._realism_sums: tuple[float, float] | None = None
+        """EWMAs of accepted and of promised drafts per request drafted for cost."""
         self.promised: dict[int, float] = {}
         """This step's promised gain per record drafted for cost (by ``id``)."""
 
     def choose(self, candidates, num_decoding, other_tokens, other_requests=0):
+        """Everyone, where the load's measured arms say so (``LoadArms``); else by cost
+        (``_by_records``)."""
+        load = None
+        if self.arms is not None and candidates and not other_tokens and not other_requests:
+            load = LoadArms.load(num_decoding)
+        if load is not None and self.gain is not None and self.arms.everyone(load):
+            self.probes, self.promised, self.arm = set(), {}, (load, "all")
+            extra = sum(self._ell(c) for c in candidates)
+            self.prediction = ((True, False), self.cost.step_seconds(
+                num_decoding + round(extra), len(candidates))
+                + self.cost.write_row * sum(c.owed for c in candidates))
+            return [True] * len(candidates)
+        picks = self._by_records(candidates, num_decoding, other_tokens, other_requests)
+        self.arm = None
+        if load is not None and not any(picks):
+            self.arm = (load, "none")
+        elif load is not None and all(picks) and not self.probes:
+            self.arm = (load, "all")
+        return picks
+
+    def _by_records(self, candidates, num_decoding, other_tokens, other_requests=0):
         """Drafters chosen by cost, plus probes: a request undrafted for ``probe_every``
         steps is stale. Stale requests ride along (``probes_per_step`` of them) in a step
         whose drafter runs anyway, which costs their rows only; when nobody is chosen, the
@@ -305,6 +395,9 @@ class CostGate(DraftGate):
         return min(candidate.cap, ell if ell is not None else self.ell)
 
     def observe(self, records, lengths, accepted, idle=(), seconds=None):
+        if self.arm is not None and seconds:
+            self.arms.observe(*self.arm, len(records) + sum(accepted) + len(idle), seconds)
+        self.arm = None
         self.quiet = 0 if records else self.quiet + 1
         if self.prediction is not None and seconds is not None:
             kind, predicted = self.prediction
@@ -315,10 +408,15 @@ class CostGate(DraftGate):
         pairs = [(self.promised[id(r)], a) for r, a in zip(records, accepted)
                  if id(r) in self.promised]
         if pairs:
-            ratio = min(2.0, max(0.25, sum(a for _, a in pairs)
-                                 / max(sum(p for p, _ in pairs), 1e-9)))
+            got = sum(a for _, a in pairs) / len(pairs)
+            promise = sum(p for p, _ in pairs) / len(pairs)
+            # NOTE: the first pairs start both sums at their promise (a ratio of 1), so one
+            # unlucky first step cannot stop drafting before any evidence
+            old_acc, old_prom = self._realism_sums or (promise, promise)
             alpha = 1.0 - (1.0 - self.engine_alpha) ** len(pairs)
-            self.gain_realism = _ewma(self.gain_realism, ratio, alpha)
+            self._realism_sums = (_ewma(old_acc, got, alpha), _ewma(old_prom, promise, alpha))
+            acc, prom = self._realism_sums
+            self.gain_realism = min(2.0, max(0.25, acc / max(prom, 1e-9)))
         self.promised = {}
         super().observe(records, lengths, accepted, idle)
 
@@ -332,5 +430,5 @@ def make_gate(gamma: int, cost: CostModel, enabled: bool, config: EngineConfig) 
     (``config``: its probe_every, draft_margin and draft_prior)."""
     if enabled and cost.draft is not None:
         return CostGate(gamma, cost, config.probe_every, config.draft_margin,
-                        config.draft_prior)
+                        config.draft_prior, config.draft_arms)
     return DraftGate(gamma)

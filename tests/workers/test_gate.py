@@ -270,3 +270,49 @@ def test_rows_owed_are_spread_over_the_steps_the_request_may_still_draft():
     (_, _), predicted = g.prediction
     assert predicted > 0.030  # NOTE: the step is predicted with every row it writes
 
+
+
+def armed(draft_ms: float = 5.0) -> CostGate:
+    rate = 1000.0 / draft_ms
+    g = CostGate(7, CostModel(VERIFY, StepCostTable((1, 64), (rate, rate)), "cpu"), 4,
+                 arms=True)
+    g.observe([DraftRecord()], [4], [2])  # an engine-wide record exists
+    return g
+
+
+def test_everyone_drafts_at_a_load_where_drafting_for_everyone_measured_faster():
+    """The arms per load: a poor record is not drafted by cost; once a step where
+    everyone drafted measured more tokens per second than a plain one at that load,
+    everyone drafts there, and a load with a prefill chunk is left to the cost gate."""
+    g = armed()
+    poor = DraftRecord(0.1, 4.0, count=30)
+    cands = [GateCandidate(poor, 7), GateCandidate(poor, 7)]
+    assert g.choose(cands, 2, 0) == [False, False]  # by cost; a plain step at load 2
+    g.observe([], [], [], idle=[poor, poor], seconds=0.010)  # 200 tokens per second
+    assert g.choose(cands, 2, 0) == [True, True]  # the other arm, never measured: tried
+    g.observe([poor, poor], [4, 4], [3, 3], seconds=0.016)  # 8 tokens: 500 per second
+    for _ in range(5):
+        poor.gain = 0.1  # NOTE: its record as it was: only the arms move
+        assert g.choose(cands, 2, 0) == [True, True]
+        g.observe([poor, poor], [4, 4], [3, 3], seconds=0.016)
+    poor.gain = 0.1
+    assert g.choose(cands, 2, 0, other_requests=1) == [False, False]  # a prefill in it
+    g.observe([], [], [], idle=[poor, poor], seconds=0.012)
+    assert g.choose(cands, 1, 0) == [False, False]  # another load: its own arms
+
+
+def test_a_losing_arm_is_tried_again_after_a_gap_that_doubles():
+    g = armed()
+    poor = DraftRecord(0.1, 4.0, count=30)
+    cands = [GateCandidate(poor, 7)]
+    tried = []
+    for step in range(120):
+        picks = g.choose(cands, 1, 0)
+        if g.arm == (0, "all"):
+            assert picks == [True]
+            tried.append(step)
+            g.observe([poor], [4], [0], seconds=0.020)  # 1 token in 20 ms: loses
+        else:
+            g.observe([], [], [], idle=[poor], seconds=0.010)
+    gaps = [b - a for a, b in zip(tried, tried[1:])]
+    assert tried[0] == 1 and gaps[:3] == [8, 16, 32] and max(gaps) == 32  # 32 << load 0
