@@ -136,15 +136,21 @@ class LoadArms:
     ``all`` arm is tried again after ``gap`` decode-only steps of its load, a gap that
     doubles while it loses (up to ``max_gap`` times 2^load: a step where everyone drafts
     costs more the more requests draft, and at high load it rarely pays) and resets when
-    it wins."""
+    it wins.
+
+    NOTE: an arm's first steps are averaged, not weighed by ``alpha`` (weight ``1/n`` of
+    the n-th step until that is below ``alpha``), and a retry after a gap starts the
+    ``all`` arm's average afresh: one slow step (a replica warming up beside others) must
+    not hold the arm down through retries that would each move it by ``alpha`` only."""
 
     alpha = 0.1
     max_gap = 32
 
     def __init__(self, gap: int, margin: float = 1.02) -> None:
         self.min_gap, self.margin = gap, margin
-        self.sums: dict[tuple[int, str], tuple[float, float]] = {}
-        """(load, arm) -> EWMAs of tokens committed and of seconds per step."""
+        self.sums: dict[tuple[int, str], tuple[float, float, int]] = {}
+        """(load, arm) -> averages of tokens committed and of seconds per step, and the
+        steps they count (``alpha`` weighs new steps once they are many)."""
         self.gap: dict[int, int] = {}
         self.since: dict[int, int] = {}
         """Decode-only steps of each load since the ``all`` arm last ran there."""
@@ -169,14 +175,16 @@ class LoadArms:
             return True
         if drafted is None or self.since[load] >= self.gap.get(load, self.min_gap):
             self.since[load] = 0
+            # NOTE: a retry measures afresh: the estimate it would correct is stale
+            self.sums.pop((load, "all"), None)
             return True
         return False
 
     def observe(self, load: int, arm: str, tokens: int, seconds: float) -> None:
-        old = self.sums.get((load, arm))
-        new = (float(tokens), seconds) if old is None else (
-            _ewma(old[0], tokens, self.alpha), _ewma(old[1], seconds, self.alpha))
-        self.sums[load, arm] = new
+        old_tokens, old_seconds, count = self.sums.get((load, arm), (0.0, 0.0, 0))
+        weight = max(self.alpha, 1.0 / (count + 1))
+        self.sums[load, arm] = (_ewma(old_tokens, tokens, weight),
+                                _ewma(old_seconds, seconds, weight), count + 1)
         if arm != "all":
             return
         self.since[load] = 0

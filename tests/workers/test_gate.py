@@ -316,3 +316,25 @@ def test_a_losing_arm_is_tried_again_after_a_gap_that_doubles():
             g.observe([], [], [], idle=[poor], seconds=0.010)
     gaps = [b - a for a, b in zip(tried, tried[1:])]
     assert tried[0] == 1 and gaps[:3] == [8, 16, 32] and max(gaps) == 32  # 32 << load 0
+
+
+def test_one_slow_first_step_does_not_hold_the_drafting_arm_down():
+    """A replica warming up beside others: its first step where everyone drafted took 20
+    times its time. A retry measures the arm afresh, so the first retry wins it back."""
+    g = armed()
+    poor = DraftRecord(0.1, 4.0, count=30)
+    cands = [GateCandidate(poor, 7)]
+    drafted = []
+    for step in range(60):
+        poor.gain = 0.1  # NOTE: its record as it was: only the arms move
+        picks = g.choose(cands, 1, 0)
+        if g.arm == (0, "all"):
+            slow = 20 if not drafted else 1  # 4 tokens in 8 ms, the first in 160 ms
+            drafted.append(step)
+            g.observe([poor], [4], [3], seconds=0.008 * slow)
+        elif picks[0]:  # a probe of the cost gate, not an arm's step
+            g.observe([poor], [4], [3], seconds=0.008)
+        else:
+            g.observe([], [], [], idle=[poor], seconds=0.004)  # 1 token in 4 ms
+    # tried, lost to the slow step, tried again after the gap: won for good from there
+    assert drafted[:2] == [1, 9] and drafted[2:] == list(range(10, 60))
