@@ -136,7 +136,7 @@ class LoadArms:
     ``all`` arm is tried again after ``gap`` decode-only steps of its load, a gap that
     doubles while it loses (up to ``max_gap`` times 2^load: a step where everyone drafts
     costs more the more requests draft, and at high load it rarely pays) and resets when
-    it wins.
+    it wins; a try lasts ``trial`` steps.
 
     NOTE: an arm's first steps are averaged, not weighed by ``alpha`` (weight ``1/n`` of
     the n-th step until that is below ``alpha``), and a retry after a gap starts the
@@ -145,6 +145,9 @@ class LoadArms:
 
     alpha = 0.1
     max_gap = 32
+    trial = 4
+    """Steps a try of the ``all`` arm lasts before it is judged: one step's count at one
+    request scatters from 0 to γ accepted, too little to judge by."""
 
     def __init__(self, gap: int, margin: float = 1.02) -> None:
         self.min_gap, self.margin = gap, margin
@@ -154,6 +157,8 @@ class LoadArms:
         self.gap: dict[int, int] = {}
         self.since: dict[int, int] = {}
         """Decode-only steps of each load since the ``all`` arm last ran there."""
+        self.measured: object = None
+        """The request (its record) the last try at load 0 measured."""
 
     @staticmethod
     def load(num_decoding: int) -> int:
@@ -163,18 +168,26 @@ class LoadArms:
         sums = self.sums.get((load, arm))
         return sums[0] / sums[1] if sums is not None and sums[1] > 0 else None
 
-    def everyone(self, load: int) -> bool:
+    def everyone(self, load: int, alone: object = None) -> bool:
         """Whether this decode-only step at ``load`` drafts for everyone: ``all`` measures
         faster than ``none`` by the margin, or it is due to be tried again (once ``none``
-        has been measured there)."""
+        has been measured there). ``alone``: at load 0, the one decoding request (its
+        record): a request the last try did not measure is tried at once. One request's
+        acceptance says little about the next one's (math and code accept far more than
+        chat), and at one request a try costs a few of its steps; at higher loads a try
+        costs every request's drafting, and the gap alone decides."""
         self.since[load] = self.since.get(load, 0) + 1
         drafted, plain = self.rate(load, "all"), self.rate(load, "none")
         if plain is None:
             return False
-        if drafted is not None and drafted > self.margin * plain:
+        if drafted is not None and (self.sums[load, "all"][2] < self.trial
+                                    or drafted > self.margin * plain):
             return True
-        if drafted is None or self.since[load] >= self.gap.get(load, self.min_gap):
+        new = load == 0 and alone is not None and alone is not self.measured
+        if drafted is None or new or self.since[load] >= self.gap.get(load, self.min_gap):
             self.since[load] = 0
+            if load == 0:
+                self.measured = alone
             # NOTE: a retry measures afresh: the estimate it would correct is stale
             self.sums.pop((load, "all"), None)
             return True
@@ -188,6 +201,8 @@ class LoadArms:
         if arm != "all":
             return
         self.since[load] = 0
+        if count + 1 < self.trial:
+            return
         plain, drafted = self.rate(load, "none"), self.rate(load, "all")
         wins = plain is None or (drafted is not None and drafted > self.margin * plain)
         gap = self.gap.get(load, self.min_gap)
@@ -246,7 +261,8 @@ class CostGate(DraftGate):
         load = None
         if self.arms is not None and candidates and not other_tokens and not other_requests:
             load = LoadArms.load(num_decoding)
-        if load is not None and self.gain is not None and self.arms.everyone(load):
+        if load is not None and self.gain is not None and self.arms.everyone(
+                load, candidates[0].record if num_decoding == 1 else None):
             self.probes, self.promised, self.arm = set(), {}, (load, "all")
             extra = sum(self._ell(c) for c in candidates)
             self.prediction = ((True, False), self.cost.step_seconds(

@@ -314,8 +314,12 @@ def test_a_losing_arm_is_tried_again_after_a_gap_that_doubles():
             g.observe([poor], [4], [0], seconds=0.020)  # 1 token in 20 ms: loses
         else:
             g.observe([], [], [], idle=[poor], seconds=0.010)
-    gaps = [b - a for a, b in zip(tried, tried[1:])]
-    assert tried[0] == 1 and gaps[:3] == [8, 16, 32] and max(gaps) == 32  # 32 << load 0
+    # each try lasts LoadArms.trial (4) steps; the gap between tries (plain steps + 1)
+    # doubles from probe_every (4) to 32 << load 0
+    tries = [tried[i:i + 4] for i in range(0, len(tried), 4)]
+    assert all(t == list(range(t[0], t[0] + 4)) for t in tries)
+    gaps = [b[0] - a[-1] - 1 for a, b in zip(tries, tries[1:])]
+    assert tried[0] == 1 and gaps[:3] == [7, 15, 31] and set(gaps[3:]) == {31}
 
 
 def test_one_slow_first_step_does_not_hold_the_drafting_arm_down():
@@ -336,5 +340,22 @@ def test_one_slow_first_step_does_not_hold_the_drafting_arm_down():
             g.observe([poor], [4], [3], seconds=0.008)
         else:
             g.observe([], [], [], idle=[poor], seconds=0.004)  # 1 token in 4 ms
-    # tried, lost to the slow step, tried again after the gap: won for good from there
-    assert drafted[:2] == [1, 9] and drafted[2:] == list(range(10, 60))
+    # tried for 4 steps, lost to the slow one, tried again after the gap: won for good
+    assert drafted == [1, 2, 3, 4, *range(12, 60)]
+
+
+def test_at_one_request_a_new_request_is_tried_at_once():
+    """The drafting arm lost on one request (nothing accepted); the next request alone is
+    tried at its first step, whatever the gap."""
+    g = armed()
+    first, second = DraftRecord(0.1, 4.0, count=30), DraftRecord(0.1, 4.0, count=30)
+    for _ in range(5):  # a plain step, then a try of 4 steps that loses
+        g.choose([GateCandidate(first, 7)], 1, 0)
+        arm = g.arm
+        if arm == (0, "all"):
+            g.observe([first], [4], [0], seconds=0.020)
+        else:
+            g.observe([], [], [], idle=[first], seconds=0.010)
+    assert g.choose([GateCandidate(first, 7)], 1, 0) == [False] and g.arm == (0, "none")
+    g.observe([], [], [], idle=[first], seconds=0.010)
+    assert g.choose([GateCandidate(second, 7)], 1, 0) == [True] and g.arm == (0, "all")
