@@ -281,7 +281,8 @@ class Engine:
         probes = self.gate.probes if isinstance(self.gate, CostGate) else None
         notes = {s.request.req_id: ("no_room", c) for s, c in zip(decoding, caps)}
         for i, ((s, cap), pick) in enumerate(zip(able, picks)):
-            reason = "always" if probes is None else "probe" if i in probes else "cost"
+            reason = ("always" if probes is None else "probe" if i in probes
+                      else "arm" if self.gate.by_arm else "cost")
             notes[s.request.req_id] = (reason if pick else "gated_off", cap)
         self.gate_notes = notes
 

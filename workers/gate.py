@@ -23,7 +23,11 @@ step time it saw over the one it predicted, separately for steps with and withou
 (``step_realism``). A request not drafted for ``probe_every`` decoding steps is stale; stale
 requests are probed a few at a time, riding along in steps whose drafter runs anyway, or,
 when nobody drafts, in a probe step after an idle gap that backs off while probes find
-nothing worth drafting (``CostGate.choose``). A probe refreshes that request's record.
+nothing worth drafting (``CostGate._by_records``). A probe refreshes that request's record.
+
+Before all that, in a step without a prefill chunk, the gate reads what it measured at this
+load (``LoadArms``, ``EngineConfig.draft_arms``): while steps in which everyone drafted have
+committed more tokens per second than steps in which nobody did, everyone drafts.
 
 NOTE (losslessness): the choice reads only earlier steps' records and the cost model, never
 this step's drafts; a request that does not draft takes a plain decoding step (its anchor
@@ -229,6 +233,8 @@ class CostGate(DraftGate):
         self.arm: tuple[int, str] | None = None
         """This step's load and arm, when it is one of ``arms``'s (everyone or nobody
         drafted in a step without a prefill chunk)."""
+        self.by_arm = False
+        """The last ``choose`` drafted for everyone because the arms said so."""
         self.cost, self.probe_every, self.margin, self.prior = cost, probe_every, margin, prior
         self.quiet = 0
         """Steps since the drafter last ran."""
@@ -263,14 +269,14 @@ class CostGate(DraftGate):
             load = LoadArms.load(num_decoding)
         if load is not None and self.gain is not None and self.arms.everyone(
                 load, candidates[0].record if num_decoding == 1 else None):
-            self.probes, self.promised, self.arm = set(), {}, (load, "all")
+            self.probes, self.promised, self.arm, self.by_arm = set(), {}, (load, "all"), True
             extra = sum(self._ell(c) for c in candidates)
             self.prediction = ((True, False), self.cost.step_seconds(
                 num_decoding + round(extra), len(candidates))
                 + self.cost.write_row * sum(c.owed for c in candidates))
             return [True] * len(candidates)
         picks = self._by_records(candidates, num_decoding, other_tokens, other_requests)
-        self.arm = None
+        self.arm, self.by_arm = None, False
         if load is not None and not any(picks):
             self.arm = (load, "none")
         elif load is not None and all(picks) and not self.probes:
@@ -451,7 +457,7 @@ def _ewma(old: float, new: float, alpha: float) -> float:
 
 def make_gate(gamma: int, cost: CostModel, enabled: bool, config: EngineConfig) -> DraftGate:
     """The cost gate where it is enabled and a drafting cost was profiled, else always
-    (``config``: its probe_every, draft_margin and draft_prior)."""
+    (``config``: its probe_every, draft_margin, draft_prior and draft_arms)."""
     if enabled and cost.draft is not None:
         return CostGate(gamma, cost, config.probe_every, config.draft_margin,
                         config.draft_prior, config.draft_arms)

@@ -182,7 +182,9 @@ class RequestStep(NamedTuple):
     gate: str
     """Why it drafted or not: ``prefill``; ``no_room`` (no draft fits its max_tokens or the
     context); ``gated_off`` (the gate found drafting not worth its cost); ``cost`` (drafted:
-    worth it); ``probe`` (drafted to refresh its record); ``always`` (no cost gate)."""
+    worth it); ``arm`` (drafted: everyone drafts at this load, measured faster,
+    ``dspark.workers.gate.LoadArms``); ``probe`` (drafted to refresh its record); ``always``
+    (no cost gate)."""
     proposed: int
     """Drafts proposed (γ, its cap this step)."""
     verified: int

@@ -177,7 +177,7 @@ def test_one_streamed_request_is_one_trace_from_ingress_to_replica(traced_app, r
     assert steps and steps[0]["dspark.spec.gate"] == "prefill"
     chunks = [a["dspark.step.prefill_tokens"] for a in steps if a["dspark.spec.gate"] == "prefill"]
     assert 0 < sum(chunks) <= usage["prompt_tokens"]
-    drafted = [a for a in steps if a["dspark.spec.gate"] in ("cost", "probe", "always")]
+    drafted = [a for a in steps if a["dspark.spec.gate"] in ("cost", "arm", "probe", "always")]
     assert len(drafted) == spec["num_spec_steps"] > 0
     assert sum(a["dspark.spec.verified"] for a in drafted) == spec["num_draft_tokens"]
     assert sum(a["dspark.spec.accepted"] for a in drafted) == spec["num_accepted_draft_tokens"]

@@ -23,7 +23,7 @@ from dspark.router.otlp_wire import encode_request, int_pair, packed_exporter, p
 
 
 def row(step: int, gate: str, **kw) -> SimpleNamespace:
-    fields = dict(req_id="r", step=step, gate=gate, drafted=gate in ("cost", "probe", "always"),
+    fields = dict(req_id="r", step=step, gate=gate, drafted=gate in ("cost", "arm", "probe", "always"),
                   proposed=0, verified=0, accepted=0, committed=1, budget_mode="cluster",
                   step_tokens=40, external_tokens=0, prefill_tokens=0, survival=())
     return SimpleNamespace(**{**fields, **kw})
