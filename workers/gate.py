@@ -149,6 +149,10 @@ class LoadArms:
 
     alpha = 0.1
     max_gap = 32
+    max_load = 2
+    """The arms run at loads up to this (up to 7 decoding requests): above, a try costs
+    every request's drafting, and in session 14's runs of ``dspark bench engine`` the
+    arms lost 1-6 % to the per-request choice there (docs/engine.md, "Session 14")."""
     trial = 4
     """Steps a try of the ``all`` arm lasts before it is judged: one step's count at one
     request scatters from 0 to γ accepted, too little to judge by."""
@@ -197,9 +201,14 @@ class LoadArms:
             return True
         return False
 
-    def observe(self, load: int, arm: str, tokens: int, seconds: float) -> None:
+    def observe(self, load: int, arm: str, tokens: int, seconds: float,
+                verified: int | None = None) -> None:
+        """One step of ``arm`` at ``load``; ``verified``: drafts the budget verified in it
+        (a try in which it verified none ends there: it measures the drafter's cost and
+        nothing the drafts could bring)."""
         old_tokens, old_seconds, count = self.sums.get((load, arm), (0.0, 0.0, 0))
         weight = max(self.alpha, 1.0 / (count + 1))
+        count = self.trial - 1 if arm == "all" and verified == 0 else count
         self.sums[load, arm] = (_ewma(old_tokens, tokens, weight),
                                 _ewma(old_seconds, seconds, weight), count + 1)
         if arm != "all":
@@ -267,6 +276,7 @@ class CostGate(DraftGate):
         load = None
         if self.arms is not None and candidates and not other_tokens and not other_requests:
             load = LoadArms.load(num_decoding)
+            load = load if load <= LoadArms.max_load else None
         if load is not None and self.gain is not None and self.arms.everyone(
                 load, candidates[0].record if num_decoding == 1 else None):
             self.probes, self.promised, self.arm, self.by_arm = set(), {}, (load, "all"), True
@@ -426,7 +436,8 @@ class CostGate(DraftGate):
 
     def observe(self, records, lengths, accepted, idle=(), seconds=None):
         if self.arm is not None and seconds:
-            self.arms.observe(*self.arm, len(records) + sum(accepted) + len(idle), seconds)
+            self.arms.observe(*self.arm, len(records) + sum(accepted) + len(idle), seconds,
+                              sum(lengths))
         self.arm = None
         self.quiet = 0 if records else self.quiet + 1
         if self.prediction is not None and seconds is not None:

@@ -359,3 +359,17 @@ def test_at_one_request_a_new_request_is_tried_at_once():
     assert g.choose([GateCandidate(first, 7)], 1, 0) == [False] and g.arm == (0, "none")
     g.observe([], [], [], idle=[first], seconds=0.010)
     assert g.choose([GateCandidate(second, 7)], 1, 0) == [True] and g.arm == (0, "all")
+
+
+def test_a_try_whose_drafts_go_unverified_ends_at_once_and_high_loads_have_no_arms():
+    g = armed()
+    poor = DraftRecord(0.1, 4.0, count=30)
+    cands = [GateCandidate(poor, 7)]
+    g.choose(cands, 1, 0)
+    g.observe([], [], [], idle=[poor], seconds=0.010)
+    assert g.choose(cands, 1, 0) == [True] and g.arm == (0, "all")
+    g.observe([poor], [0], [0], seconds=0.015)  # the budget verified no draft
+    assert g.choose(cands, 1, 0) == [False]  # judged after one step, not four
+    # 8 decoding requests (load 3): the per-request choice alone, no arm
+    many = [GateCandidate(poor, 7) for _ in range(8)]
+    assert g.choose(many, 8, 0) == [False] * 8 and g.arm is None
