@@ -71,13 +71,16 @@ class System:
     """``EngineConfig.online_costs``."""
     arms: bool = EngineConfig.draft_arms
     """``EngineConfig.draft_arms``."""
+    with_prefill: bool = EngineConfig.draft_with_prefill
+    """``EngineConfig.draft_with_prefill``."""
 
     def engine_fields(self) -> dict:
         """The ``EngineConfig`` fields this system sets."""
         return {"budget": self.budget, "num_speculative_tokens": self.gamma,
                 "draft_gating": self.gating, "draft_margin": self.margin,
                 "draft_prior": self.prior, "prefill_weight": self.prefill_weight,
-                "online_costs": self.online_costs, "draft_arms": self.arms}
+                "online_costs": self.online_costs, "draft_arms": self.arms,
+                "draft_with_prefill": self.with_prefill}
 
 
 SYSTEMS = (
@@ -105,6 +108,8 @@ SYSTEMS = (
     # the serving default without the measured arms per load (the cost gate alone, as
     # until session 14)
     System("dspark-alg1-noarms", "dspark", "algorithm1", arms=False),
+    # the serving default drafting in steps with a prefill chunk too (as until session 14)
+    System("dspark-alg1-prefill", "dspark", "algorithm1", with_prefill=True),
 )
 
 

@@ -60,6 +60,11 @@ class EngineConfig:
     profile's shape, the observed level per bucket; buckets never observed take the
     nearest observed one's) or ``times`` (the observed times per bucket, as until
     2026-12-02: a table that goes flat when small batches run slow)."""
+    draft_with_prefill: bool = False
+    """With the cost gate: whether a step that carries a prefill chunk may draft. False
+    (since session 14): such a step drafts for nobody, so a new request's first token
+    waits for a plain step (a drafted one costs about twice as much here); True: the gate
+    prices it as any step, with ``prefill_weight``."""
     prefill_weight: float = 1.0
     """How many decoding requests a prefilling request counts as in the step's cost model
     (the gate and the budget): a longer step delays its first token as it delays their next

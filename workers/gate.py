@@ -234,10 +234,13 @@ class CostGate(DraftGate):
     step_realism_alpha = 0.1
 
     def __init__(self, gamma: int, cost: CostModel, probe_every: int,
-                 margin: float = MARGIN, prior: float = 0.0, arms: bool = False) -> None:
+                 margin: float = MARGIN, prior: float = 0.0, arms: bool = False,
+                 with_prefill: bool = True) -> None:
         """``prior``: ``EngineConfig.draft_prior`` (0 here: each record as it stands);
-        ``arms``: ``EngineConfig.draft_arms``."""
+        ``arms``: ``EngineConfig.draft_arms``; ``with_prefill``:
+        ``EngineConfig.draft_with_prefill``."""
         super().__init__(gamma)
+        self.with_prefill = with_prefill
         self.arms = LoadArms(probe_every) if arms and margin != float("inf") else None
         self.arm: tuple[int, str] | None = None
         """This step's load and arm, when it is one of ``arms``'s (everyone or nobody
@@ -271,8 +274,13 @@ class CostGate(DraftGate):
         """This step's promised gain per record drafted for cost (by ``id``)."""
 
     def choose(self, candidates, num_decoding, other_tokens, other_requests=0):
-        """Everyone, where the load's measured arms say so (``LoadArms``); else by cost
-        (``_by_records``)."""
+        """Nobody in a step with a prefill chunk (unless ``with_prefill``); everyone, where
+        the load's measured arms say so (``LoadArms``); else by cost (``_by_records``)."""
+        if other_tokens and not self.with_prefill:
+            self.probes, self.promised, self.arm, self.by_arm = set(), {}, None, False
+            self.prediction = ((False, True), self.cost.step_seconds(
+                num_decoding + other_tokens))
+            return [False] * len(candidates)
         load = None
         if self.arms is not None and candidates and not other_tokens and not other_requests:
             load = LoadArms.load(num_decoding)
@@ -468,8 +476,9 @@ def _ewma(old: float, new: float, alpha: float) -> float:
 
 def make_gate(gamma: int, cost: CostModel, enabled: bool, config: EngineConfig) -> DraftGate:
     """The cost gate where it is enabled and a drafting cost was profiled, else always
-    (``config``: its probe_every, draft_margin, draft_prior and draft_arms)."""
+    (``config``: its probe_every, draft_margin, draft_prior, draft_arms and
+    draft_with_prefill)."""
     if enabled and cost.draft is not None:
         return CostGate(gamma, cost, config.probe_every, config.draft_margin,
-                        config.draft_prior, config.draft_arms)
+                        config.draft_prior, config.draft_arms, config.draft_with_prefill)
     return DraftGate(gamma)

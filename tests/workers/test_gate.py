@@ -4,7 +4,8 @@ costs; probes cost only the requests probed; records follow what verification ac
 from __future__ import annotations
 
 from dspark.workers.budget import CostModel, StepCostTable
-from dspark.workers.gate import CostGate, DraftGate, DraftRecord, GateCandidate
+from dspark.workers.engine_config import EngineConfig
+from dspark.workers.gate import CostGate, DraftGate, DraftRecord, GateCandidate, make_gate
 
 # a plain step of B tokens costs 10 ms (B <= 8) up to 20 ms (B = 64)
 VERIFY = StepCostTable((1, 8, 64), (100.0, 100.0, 50.0))
@@ -373,3 +374,16 @@ def test_a_try_whose_drafts_go_unverified_ends_at_once_and_high_loads_have_no_ar
     # 8 decoding requests (load 3): the per-request choice alone, no arm
     many = [GateCandidate(poor, 7) for _ in range(8)]
     assert g.choose(many, 8, 0) == [False] * 8 and g.arm is None
+
+
+def test_a_step_with_a_prefill_chunk_drafts_for_nobody_unless_asked():
+    """``EngineConfig.draft_with_prefill`` False (the default): a newcomer's prefill step
+    is a plain step, even for a request whose record pays; True: priced as any step."""
+    rate = 1000.0 / 5.0
+    cost = CostModel(VERIFY, StepCostTable((1, 64), (rate, rate)), "cpu")
+    for with_prefill, want in ((False, [False]), (True, [True])):
+        g = CostGate(7, cost, 8, with_prefill=with_prefill)
+        g.observe([DraftRecord()], [4], [2])
+        assert g.choose([cand(6.0)], 1, 3, other_requests=1) == want
+        assert g.choose([cand(6.0)], 1, 0) == [True]  # decode-only: drafts either way
+    assert not make_gate(7, cost, True, EngineConfig(budget="algorithm1")).with_prefill
