@@ -68,7 +68,8 @@ class EngineConfig:
     prefill_weight: float = 1.0
     """How many decoding requests a prefilling request counts as in the step's cost model
     (the gate and the budget): a longer step delays its first token as it delays their next
-    one; above 1, first tokens matter more than throughput (>= 0)."""
+    one; above 1, first tokens matter more than throughput (>= 0). With the cost gate it
+    acts only where ``draft_with_prefill`` lets a step that prefills draft."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budget", BudgetMode.parse(self.budget))
