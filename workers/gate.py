@@ -278,8 +278,7 @@ class CostGate(DraftGate):
         the load's measured arms say so (``LoadArms``); else by cost (``_by_records``)."""
         if other_tokens and not self.with_prefill:
             self.probes, self.promised, self.arm, self.by_arm = set(), {}, None, False
-            self.prediction = ((False, True), self.cost.step_seconds(
-                num_decoding + other_tokens))
+            self._predict((False, True), candidates, (), [], num_decoding + other_tokens)
             return [False] * len(candidates)
         load = None
         if self.arms is not None and candidates and not other_tokens and not other_requests:
@@ -288,10 +287,8 @@ class CostGate(DraftGate):
         if load is not None and self.gain is not None and self.arms.everyone(
                 load, candidates[0].record if num_decoding == 1 else None):
             self.probes, self.promised, self.arm, self.by_arm = set(), {}, (load, "all"), True
-            extra = sum(self._ell(c) for c in candidates)
-            self.prediction = ((True, False), self.cost.step_seconds(
-                num_decoding + round(extra), len(candidates))
-                + self.cost.write_row * sum(c.owed for c in candidates))
+            self._predict((True, False), candidates, range(len(candidates)),
+                          [self._ell(c) for c in candidates], num_decoding)
             return [True] * len(candidates)
         picks = self._by_records(candidates, num_decoding, other_tokens, other_requests)
         self.arm, self.by_arm = None, False
@@ -356,11 +353,17 @@ class CostGate(DraftGate):
             self.probes = set(stale[: self.probes_per_step])
         self.promised = {id(candidates[i].record): gains[i] for i in chosen - self.probes}
         chosen |= self.probes
-        extra = sum(ells[i] for i in chosen)
-        self.prediction = ((bool(chosen), other_requests > 0), self.cost.step_seconds(
-            num_decoding + other_tokens + round(extra), len(chosen))
-            + self.cost.write_row * sum(candidates[i].owed for i in chosen))
+        self._predict((bool(chosen), other_requests > 0), candidates, chosen, ells,
+                      num_decoding + other_tokens)
         return [i in chosen for i in range(len(candidates))]
+
+    def _predict(self, kind: tuple[bool, bool], candidates, chosen, ells: list[float],
+                 base: int) -> None:
+        """The step time this choice should take (``prediction``, for ``step_realism``):
+        ``base`` tokens verified without drafts, the chosen ones' expected ℓ and owed rows."""
+        extra = sum(ells[i] for i in chosen)
+        self.prediction = (kind, self.cost.step_seconds(base + round(extra), len(chosen))
+                           + self.cost.write_row * sum(candidates[i].owed for i in chosen))
 
     def _worth_probing(self, stale: list[int], gains: list[float], ells: list[float],
                        owed: list[float], num_decoding, other_tokens, other_requests
