@@ -17,7 +17,7 @@ NOTE: draft tokens are never hashed, so a rejected draft can never be served fro
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -51,9 +51,6 @@ class BlockManager:
         self.free_ids: deque[int] = deque(range(num_blocks))
         self.cached: dict[int, int] = {}  # prefix hash -> block id
         self.tables: dict[str, BlockTable] = {}
-        self.on_reuse: Callable[[int], None] | None = None
-        """Called with a block's id when it is taken for new contents (its old contents,
-        cached or not, are about to be overwritten)."""
 
     # ------------------------------------------------------------------ queries
     @property
@@ -174,8 +171,6 @@ class BlockManager:
             del self.cached[block.hash]  # its old contents are about to be overwritten
         block.hash = None
         block.ref_count = 1
-        if self.on_reuse is not None:
-            self.on_reuse(block_id)
         return block_id
 
     def _release(self, block_id: int) -> None:

@@ -178,12 +178,6 @@ class CostModel:
         proposal writes its whole prompt's rows, and one drafted after a long pause every
         row since, which the drafting table, profiled with no rows owed, does not price
         (docs/engine.md, session 13)."""
-        self._refresh()
-
-    def _refresh(self) -> None:
-        table = self.verify.table
-        self.sizes = torch.tensor(table.batch_sizes, device=self.device)
-        self.rates = torch.tensor(table.steps_per_second, device=self.device)
 
     def observe(self, verify_tokens: int, verify_seconds: float, drafted: int,
                 draft_seconds: float, other_seconds: float = 0.0) -> None:
@@ -199,7 +193,6 @@ class CostModel:
             verify_seconds *= equal / self.verify_seconds(verify_tokens)
             verify_tokens = most
         self.verify.observe(verify_tokens, verify_seconds)
-        self._refresh()
         if drafted and self.draft is not None:
             self.draft.observe(drafted, draft_seconds)
         if verify_seconds > 0:
@@ -273,6 +266,16 @@ class CostModel:
             return torch.tensor(lengths)
         return select_prefixes(surv, self.sizes, self.rates, other_tokens, capacity, served,
                                self._group())
+
+    @property
+    def sizes(self) -> torch.Tensor:
+        """The verify table's batch sizes, on the device (the tensor twin's input)."""
+        return torch.tensor(self.verify.table.batch_sizes, device=self.device)
+
+    @property
+    def rates(self) -> torch.Tensor:
+        """The verify table's steps per second, on the device."""
+        return torch.tensor(self.verify.table.steps_per_second, device=self.device)
 
 
 @dataclass(frozen=True)

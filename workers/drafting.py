@@ -22,10 +22,9 @@ K/V of a position depends only on the tokens up to it.
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,9 +34,9 @@ from dspark.kernels.markov_sample import markov_sample
 from dspark.kernels.paged_attention import gather_kv, slot_table
 from dspark.models.autoregressive_drafter import AutoregressiveDrafter
 from dspark.models.drafter_checkpoint import Drafter
-from dspark.workers.deferred_rows import DeferredRows, PendingRows
 from dspark.workers.model_runner import PagedAttention, PagedKV, token_slots
 from dspark.workers.sampling import DraftNoise, draft_noise, draw_drafts
+from dspark.workers.slot_features import SlotFeatures
 from dspark.workers.step import DraftProposal, SeqRows, StepSeq
 
 
@@ -64,19 +63,16 @@ class ExtendBatch:
 class DraftWorker:
     """Holds the drafter's paged cache; prepares extend and propose inputs per step.
 
-    Parallel drafters (DSpark, DFlash) extend lazily when they know the requests' block
-    ids (``block_ids``): committed rows, prompt rows included, wait with their target
-    features until they are read (the request drafts, or another request reuses their
-    blocks through the prefix cache) and are then written in one batched call
-    (``DeferredRows``). A step in which nobody drafts then writes no drafter K/V, so it
-    costs about what a plain step costs."""
-
-    max_pending_rows = 512
-    """Rows one live request may keep waiting (its features: rows x F floats)."""
+    Parallel drafters (DSpark, DFlash) extend lazily in the engine (``lazy``): every fed
+    row's target features are stored at its KV slot, and a request's unwritten context rows,
+    prompt rows included, are written in one batched call when it drafts
+    (``SlotFeatures``). A step in which nobody drafts then writes no drafter K/V and does
+    no work per request, so it costs about what a plain step costs."""
 
     def __init__(self, drafter: Drafter, num_blocks: int, block_size: int,
-                 block_ids: Callable[[str], list[int]] | None = None) -> None:
-        """``block_ids``: a live request's block ids (the block manager's list)."""
+                 lazy: bool = False) -> None:
+        """``lazy``: a parallel drafter's rows are written when read (``SlotFeatures``);
+        else every committed row is written at once."""
         cfg = drafter.config
         self.drafter, self.config, self.block_size = drafter, cfg, block_size
         self.autoregressive = isinstance(drafter, AutoregressiveDrafter)
@@ -90,29 +86,41 @@ class DraftWorker:
         self.last_flush = (0, 0.0)
         """(rows, seconds) the last ``propose_step`` wrote before proposing."""
         self._buffers: dict[str, torch.Tensor] = {}
-        self.lazy = not self.autoregressive and block_ids is not None
-        # NOTE: parked rows sit in freed blocks, so they never outnumber the cache's slots
-        self.rows = DeferredRows(block_size, self.max_pending_rows, num_blocks * block_size,
-                                 block_ids or (lambda req_id: []))
+        self.lazy = lazy and not self.autoregressive
+        self.slots = None if self.autoregressive else SlotFeatures(
+            num_blocks * block_size, cfg.feature_dim, param.dtype, param.device)
+        self.upto: dict[str, int | list[int]] = {}
+        """Positions of each live request known written (its context when it last drafted,
+        or its leading prefix-cache hits; their block ids until counted); what it owes is
+        counted from there."""
 
     def ready(self, req_id: str) -> bool:
         """Can propose for this request (autoregressive drafters need its last output)."""
         return not self.autoregressive or req_id in self.last_h
 
     def forget(self, req_id: str) -> None:
-        """A request leaves (finished, cancelled or preempted): its state is dropped, its
-        deferred rows parked (its full blocks stay in the prefix cache)."""
+        """A request leaves (finished, cancelled or preempted): its state is dropped (its
+        stored features stay with its blocks, which may stay in the prefix cache)."""
         self.last_h.pop(req_id, None)
-        self._write(self.rows.park(req_id))
+        self.upto.pop(req_id, None)
 
-    def reused(self, block_id: int) -> None:
-        """The block manager takes ``block_id`` for other contents (``DeferredRows``)."""
-        self._write(self.rows.reused(block_id))
+    def admit(self, preempted: Sequence[str], admitted: Sequence[str], blocks) -> None:
+        """After the scheduler: preempted requests leave (their blocks may stay cached);
+        an admitted request starts on its prefix-cache hits (``blocks``: the block
+        manager), whose unwritten rows are written when it first drafts, which a full hit
+        allows in this very step (``flush``)."""
+        for req_id in preempted:
+            self.forget(req_id)
+        for req_id in admitted:
+            table = blocks.table(req_id)
+            if table.num_committed >= blocks.block_size:
+                self.share(req_id, table.block_ids[: table.num_committed // blocks.block_size])
 
-    def share(self, req_id: str, block_ids: Sequence[int]) -> None:
-        """``req_id`` reuses ``block_ids`` (its cached or computed prefix): their deferred
-        rows are written before it drafts (with its own, ``flush``), not before."""
-        self.rows.shared(req_id, block_ids)
+    def share(self, req_id: str, block_ids: list[int]) -> None:
+        """``req_id`` starts on ``block_ids`` (its prefix-cache hits): the rows written
+        there count as written for it (counted when first asked, ``owed``)."""
+        if self.lazy:
+            self.upto[req_id] = block_ids
 
     # ------------------------------------------------------------------ extend
     @torch.no_grad()
@@ -158,7 +166,7 @@ class DraftWorker:
         """Draft up to ``caps[i]`` tokens for each of ``seqs`` (every cap >= 1), after
         writing their pending rows."""
         start = time.perf_counter()
-        rows = self.flush([s.request.req_id for s in seqs])
+        rows = self.flush(seqs, tables)
         self.last_flush = (rows, time.perf_counter() - start)
         device, cfg = tables.device, self.config
         noise = draft_noise([s.state.sampling for s in seqs], [s.first_position for s in seqs],
@@ -176,11 +184,15 @@ class DraftWorker:
         return DraftProposal(seqs, caps, out.tokens, out.probs, out.conf_logits)
 
     def extend_step(self, layout: list[SeqRows], new_tokens: dict[str, list[int]],
-                    features: torch.Tensor, tables: torch.Tensor) -> None:
-        """Write the drafter K/V of the positions committed this step (a lazy worker keeps
-        decoding requests' rows pending instead)."""
+                    features: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor
+                    ) -> None:
+        """After the verify forward (its fed rows' ``features`` and ``slots``): a lazy
+        worker stores the features (``SlotFeatures``); else the drafter K/V of the
+        positions committed this step is written."""
+        if self.lazy:
+            self.slots.store(slots, features)
+            return
         rows, next_ids, positions, cu, req_ids, table_rows = [], [], [], [0], [], []
-        waiting: list[tuple[StepSeq, int, int]] = []  # (seq, first row, rows)
         offset = 0
         for lay in layout:
             s = lay.seq
@@ -191,11 +203,6 @@ class DraftWorker:
                 following = req.all_ids[s.start + 1 : s.start + num + 1] + new[:1]
             else:
                 num, following = len(new), new
-            if self.lazy:
-                if num:
-                    waiting.append((s, offset, num))
-                offset += len(lay.fed)
-                continue
             rows += range(offset, offset + num)
             next_ids += following[:num]
             positions += range(s.start, s.start + num)
@@ -214,53 +221,35 @@ class DraftWorker:
                 block_tables=tables[torch.tensor(table_rows, device=dev)],
                 max_q=max(b - a for a, b in zip(cu, cu[1:])),
             ))
-        if waiting:
-            self._keep_pending(waiting, features)
 
-    def _keep_pending(self, waiting: list[tuple[StepSeq, int, int]], features: torch.Tensor
-                      ) -> None:
-        idx = torch.tensor([i for _, a, n in waiting for i in range(a, a + n)],
-                           device=features.device)
-        kept = features.index_select(0, idx)  # one copy; the verify output is not held
-        full = []
-        for (s, _, _), rows in zip(waiting, kept.split([n for _, _, n in waiting])):
-            entry = self.rows.add(s.request.req_id, s.start, rows)
-            if self.rows.full(entry):
-                full.append(s.request.req_id)
-        self.flush(full)
-
-    def flush(self, req_ids: Sequence[str]) -> int:
-        """Write the deferred rows of these live requests, and the rows of the blocks they
-        reuse; returns the rows written."""
-        return self._write(self.rows.take(req_ids))
-
-    def owed(self, req_id: str) -> int:
-        """Rows a proposal for this request would write first (``flush``)."""
-        return self.rows.owed(req_id) if self.lazy else 0
-
-    def _write(self, entries: list[PendingRows]) -> int:
-        """Write deferred rows into the drafter cache, in one batched call; returns the
-        rows written."""
-        entries = [e for e in entries if e.count]
-        if not entries:
+    def flush(self, seqs: Sequence[StepSeq], tables: torch.Tensor) -> int:
+        """Write the unwritten context rows of these requests (a lazy worker; ``tables``:
+        the step's block tables) in one batched call; returns the rows written."""
+        if not self.lazy or not seqs:
             return 0
-        dev = self.kv.k.device
-        counts = [e.count for e in entries]
-        cu = torch.tensor([0, *itertools.accumulate(counts)], device=dev)
-        width = max(len(e.blocks) for e in entries)
-        tables = torch.tensor([e.blocks + [0] * (width - len(e.blocks)) for e in entries],
-                              device=dev)
-        self.extend(ExtendBatch(
-            req_ids=[e.req_id for e in entries],
-            features=torch.cat([f for e in entries for f in e.features]),
-            next_ids=torch.zeros(int(cu[-1]), dtype=torch.long, device=dev),  # unused
-            positions=torch.cat([torch.arange(e.start, e.start + e.count, device=dev)
-                                 for e in entries]),
-            cu=cu,
-            block_tables=tables,
-            max_q=max(counts),
-        ))
-        return int(cu[-1])
+        dev = tables.device
+        slots, positions = self.slots.unwritten(
+            tables.index_select(0, torch.tensor([s.row for s in seqs], device=dev)),
+            torch.tensor([s.start for s in seqs], device=dev), self.block_size)
+        for s in seqs:
+            self.upto[s.request.req_id] = s.start
+        num = slots.numel()
+        if num:
+            ctx_kvs = self.drafter.context_kv(self.slots.features[slots][None], positions[None])
+            for i, (k, v) in enumerate(ctx_kvs):  # [1, kv, N, hd] each
+                self.kv.write(i, slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+            self.slots.mark_written(slots)
+        return num
+
+    def owed(self, req_id: str, context: int) -> int:
+        """Rows a proposal for this request would write first (``flush``), as its record
+        says (its context is ``context`` positions)."""
+        if not self.lazy:
+            return 0
+        upto = self.upto.get(req_id, 0)
+        if isinstance(upto, list):
+            upto = self.upto[req_id] = self.slots.leading_written(upto, self.block_size)
+        return max(0, context - upto)
 
     # ------------------------------------------------------------------ propose
     @torch.no_grad()

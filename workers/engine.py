@@ -99,8 +99,7 @@ class Engine:
         self.draft_worker = None
         if drafter is not None:
             self.draft_worker = DraftWorker(drafter, cfg.num_blocks, cfg.block_size,
-                                            lambda req_id: self.blocks.table(req_id).block_ids)
-            self.blocks.on_reuse = self.draft_worker.reused
+                                            lazy=True)
         self.device = target.lm_head.weight.device
         self.profiled_cost_table = cost_table or profile_step_costs(
             self.runner, cfg.verify_profile_sizes(), cfg.max_num_seqs, cfg.profile_context,
@@ -186,18 +185,6 @@ class Engine:
         if self.draft_worker is not None:
             self.draft_worker.forget(req_id)
 
-    def _share(self, preempted: list[str], admitted: list[str]) -> None:
-        """Preempted requests leave the drafter (their blocks may stay cached); an admitted
-        request reads its prefix-cache hits, whose deferred drafter rows are written when it
-        first drafts, which a full hit allows in this very step (``DraftWorker.flush``)."""
-        for req_id in preempted:
-            self.draft_worker.forget(req_id)
-        size = self.blocks.block_size
-        for req_id in admitted:
-            table = self.blocks.table(req_id)
-            if table.num_committed >= size:
-                self.draft_worker.share(req_id, table.block_ids[: table.num_committed // size])
-
     # ------------------------------------------------------------------ the step
     def step(self) -> StepResult:
         clock = [time.perf_counter()]
@@ -210,7 +197,7 @@ class Engine:
                                self.states[item.req_id])
                 for row, item in enumerate(sched.scheduled)]
         if self.draft_worker is not None:
-            self._share(sched.preempted, sched.admitted)
+            self.draft_worker.admit(sched.preempted, sched.admitted, self.blocks)
         forwards = self.runner.num_forwards
         try:
             return self._run(sched, seqs, clock)
@@ -243,7 +230,8 @@ class Engine:
         verified = Verified(*sample_step(rows, proposal, result.logits), num_rows)
         clock.append(time.perf_counter())
         if self.draft_worker is not None:
-            self.draft_worker.extend_step(rows, verified.new_tokens, result.features, tables)
+            self.draft_worker.extend_step(rows, verified.new_tokens, result.features,
+                                          result.slots, tables)
         outputs = self._commit(sched, seqs, proposal, plan, verified.new_tokens)
         clock.append(time.perf_counter())
         self._learn(decoding, proposal, plan, verified, clock)
@@ -260,11 +248,14 @@ class Engine:
         step's block tables (grown by the grants)."""
         if self.draft_worker is None or not decoding:
             return None, tables
+        declined = self.gate.declines(len(decoding), load, prefilling)
+        if declined and self.on_request_step is None:
+            return None, tables  # NOTE: no pass over the requests
         caps = self.draft_worker.caps(decoding, [self.scheduler.lookahead_room(s.request)
                                                  for s in decoding])
         able = [(s, c) for s, c in zip(decoding, caps) if c > 0]
-        picks = self.gate.choose(gate_candidates(able, self.draft_worker.owed), len(decoding),
-                                 load, prefilling)
+        picks = [False] * len(able) if declined else self.gate.choose(
+            gate_candidates(able, self.draft_worker.owed), len(decoding), load, prefilling)
         chosen = [sc for sc, pick in zip(able, picks) if pick]
         if self.on_request_step is not None:
             self._note_gate(decoding, caps, able, picks)
@@ -383,8 +374,8 @@ def record_rounds(proposal: DraftProposal, plan, new_tokens: dict[str, list[int]
                 logger.exception("on_round observer failed")
 
 
-def gate_candidates(able: list[tuple[StepSeq, int]], owed: Callable[[str], int]
+def gate_candidates(able: list[tuple[StepSeq, int]], owed: Callable[[str, int], int]
                     ) -> list[GateCandidate]:
     """The gate's view of each decoding request that could draft (with its cap)."""
-    return [GateCandidate(s.state.drafting, cap, owed(s.request.req_id),
+    return [GateCandidate(s.state.drafting, cap, owed(s.request.req_id, s.start),
                           s.request.max_tokens - len(s.request.output_ids)) for s, cap in able]

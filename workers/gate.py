@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 from dspark.workers.budget import CostModel
 from dspark.workers.engine_config import EngineConfig
+from dspark.workers.load_arms import LoadArms, ewma
 
 MARGIN = 1.05
 """Drafting must promise this much more throughput than not drafting (a break-even guess
@@ -105,6 +106,11 @@ class DraftGate:
         expert-parallel group); ``other_requests``: prefilling requests in the step."""
         return [True] * len(candidates)
 
+    def declines(self, num_decoding: int, other_tokens: int, other_requests: int = 0) -> bool:
+        """Whether nobody drafts this step, decided without pricing any candidate (then
+        ``choose`` is not called; arguments as ``choose``'s)."""
+        return False
+
     def observe(self, records: Sequence[DraftRecord], lengths: Sequence[int],
                 accepted: Sequence[int], idle: Sequence[DraftRecord] = (),
                 seconds: float | None = None) -> None:
@@ -113,113 +119,21 @@ class DraftGate:
         for rec in idle:
             rec.idle += 1
         for rec, ell, gain in zip(records, lengths, accepted):
-            rec.gain = float(gain) if rec.gain is None else _ewma(rec.gain, gain, self.alpha)
-            rec.ell = float(ell) if rec.ell is None else _ewma(rec.ell, ell, self.alpha)
+            rec.gain = float(gain) if rec.gain is None else ewma(rec.gain, gain, self.alpha)
+            rec.ell = float(ell) if rec.ell is None else ewma(rec.ell, ell, self.alpha)
             rec.idle, rec.count = 0, rec.count + 1
         if records:
             # NOTE: weighted by the drafted requests, not the steps: one step at C=1 is one
             # noisy count (0 to γ accepted), one step at C=64 the mean of 64
             step_gain = sum(accepted) / len(records)
             alpha = 1.0 - (1.0 - self.engine_alpha) ** len(records)
-            self.gain = step_gain if self.gain is None else _ewma(self.gain, step_gain, alpha)
-            self.ell = _ewma(self.ell, sum(lengths) / len(records), alpha)
+            self.gain = step_gain if self.gain is None else ewma(self.gain, step_gain, alpha)
+            self.ell = ewma(self.ell, sum(lengths) / len(records), alpha)
 
     @property
     def mean_survival(self) -> float:
         """Share of verified drafts accepted, recently (0 before any drafting)."""
         return self.gain / self.ell if self.gain is not None and self.ell else 0.0
-
-
-class LoadArms:
-    """Two measured policies per load, for steps without a prefill chunk: everyone drafts
-    (``all``) and nobody does (``none``). Load is the step's decoding requests bucketed by
-    powers of two; each arm's rate is committed tokens per second, a ratio of EWMAs of a
-    step's tokens and seconds. The per-request cost model prices each request from its
-    record, and the records predict the next step only weakly (docs/engine.md, session
-    13); where drafting for everyone pays on average (low load), this measures it. The
-    ``all`` arm is tried again after ``gap`` decode-only steps of its load, a gap that
-    doubles while it loses (up to ``max_gap`` times 2^load: a step where everyone drafts
-    costs more the more requests draft, and at high load it rarely pays) and resets when
-    it wins; a try lasts ``trial`` steps.
-
-    NOTE: an arm's first steps are averaged, not weighed by ``alpha`` (weight ``1/n`` of
-    the n-th step until that is below ``alpha``), and a retry after a gap starts the
-    ``all`` arm's average afresh: one slow step (a replica warming up beside others) must
-    not hold the arm down through retries that would each move it by ``alpha`` only."""
-
-    alpha = 0.1
-    max_gap = 32
-    max_load = 2
-    """The arms run at loads up to this (up to 7 decoding requests): above, a try costs
-    every request's drafting, and in session 14's runs of ``dspark bench engine`` the
-    arms lost 1-6 % to the per-request choice there (docs/engine.md, "Session 14")."""
-    trial = 4
-    """Steps a try of the ``all`` arm lasts before it is judged: one step's count at one
-    request scatters from 0 to γ accepted, too little to judge by."""
-
-    def __init__(self, gap: int, margin: float = 1.02) -> None:
-        self.min_gap, self.margin = gap, margin
-        self.sums: dict[tuple[int, str], tuple[float, float, int]] = {}
-        """(load, arm) -> averages of tokens committed and of seconds per step, and the
-        steps they count (``alpha`` weighs new steps once they are many)."""
-        self.gap: dict[int, int] = {}
-        self.since: dict[int, int] = {}
-        """Decode-only steps of each load since the ``all`` arm last ran there."""
-        self.measured: object = None
-        """The request (its record) the last try at load 0 measured."""
-
-    @staticmethod
-    def load(num_decoding: int) -> int:
-        return max(num_decoding, 1).bit_length() - 1
-
-    def rate(self, load: int, arm: str) -> float | None:
-        sums = self.sums.get((load, arm))
-        return sums[0] / sums[1] if sums is not None and sums[1] > 0 else None
-
-    def everyone(self, load: int, alone: object = None) -> bool:
-        """Whether this decode-only step at ``load`` drafts for everyone: ``all`` measures
-        faster than ``none`` by the margin, or it is due to be tried again (once ``none``
-        has been measured there). ``alone``: at load 0, the one decoding request (its
-        record): a request the last try did not measure is tried at once. One request's
-        acceptance says little about the next one's (math and code accept far more than
-        chat), and at one request a try costs a few of its steps; at higher loads a try
-        costs every request's drafting, and the gap alone decides."""
-        self.since[load] = self.since.get(load, 0) + 1
-        drafted, plain = self.rate(load, "all"), self.rate(load, "none")
-        if plain is None:
-            return False
-        if drafted is not None and (self.sums[load, "all"][2] < self.trial
-                                    or drafted > self.margin * plain):
-            return True
-        new = load == 0 and alone is not None and alone is not self.measured
-        if drafted is None or new or self.since[load] >= self.gap.get(load, self.min_gap):
-            self.since[load] = 0
-            if load == 0:
-                self.measured = alone
-            # NOTE: a retry measures afresh: the estimate it would correct is stale
-            self.sums.pop((load, "all"), None)
-            return True
-        return False
-
-    def observe(self, load: int, arm: str, tokens: int, seconds: float,
-                verified: int | None = None) -> None:
-        """One step of ``arm`` at ``load``; ``verified``: drafts the budget verified in it
-        (a try in which it verified none ends there: it measures the drafter's cost and
-        nothing the drafts could bring)."""
-        old_tokens, old_seconds, count = self.sums.get((load, arm), (0.0, 0.0, 0))
-        weight = max(self.alpha, 1.0 / (count + 1))
-        count = self.trial - 1 if arm == "all" and verified == 0 else count
-        self.sums[load, arm] = (_ewma(old_tokens, tokens, weight),
-                                _ewma(old_seconds, seconds, weight), count + 1)
-        if arm != "all":
-            return
-        self.since[load] = 0
-        if count + 1 < self.trial:
-            return
-        plain, drafted = self.rate(load, "none"), self.rate(load, "all")
-        wins = plain is None or (drafted is not None and drafted > self.margin * plain)
-        gap = self.gap.get(load, self.min_gap)
-        self.gap[load] = self.min_gap if wins else min(2 * gap, self.max_gap << load)
 
 
 class CostGate(DraftGate):
@@ -231,7 +145,17 @@ class CostGate(DraftGate):
     """Stale requests probed in one step, stalest first."""
     max_backoff = 8
     """The drafter's longest idle gap between probe steps, in units of ``probe_every``."""
+    max_refresh_backoff = 8
+    """Refresh probes (past the longest gap) that find nobody worth drafting double their
+    gap, up to this many times ``max_backoff * probe_every`` steps: while the costs say
+    that drafting never pays, each refresh costs a drafter call and the rows owed."""
     step_realism_alpha = 0.1
+    hold = 3
+    """Decode-only steps that a priced choice of nobody (no draft, no probe) stands for
+    afterwards, unpriced, at the same number of decoding requests and a load the arms do
+    not run (``declines``): pricing costs a pass over every request per step, which at
+    high load is the whole cost of a step in which nobody drafts. A request that joins
+    meanwhile is priced at most ``hold`` steps late, and so is a probe."""
 
     def __init__(self, gamma: int, cost: CostModel, probe_every: int,
                  margin: float = MARGIN, prior: float = 0.0, arms: bool = False,
@@ -252,6 +176,8 @@ class CostGate(DraftGate):
         """Steps since the drafter last ran."""
         self.gap = probe_every
         """Steps the drafter may stay idle before a step that runs it for probes only."""
+        self.refresh_gap = self.max_backoff * probe_every
+        """Steps the drafter may stay idle before a refresh probe."""
         self.step_realism = {(d, m): 1.0 for d in (False, True) for m in (False, True)}
         """Observed over predicted whole-step time, per (drafted, mixed) kind of step (EWMA
         each; mixed: a request prefills in it): the cost tables come from decode-like
@@ -272,13 +198,33 @@ class CostGate(DraftGate):
         """EWMAs of accepted and of promised drafts per request drafted for cost."""
         self.promised: dict[int, float] = {}
         """This step's promised gain per record drafted for cost (by ``id``)."""
+        self.held: tuple[int, int] | None = None
+        """(decoding requests, steps left) of the last priced choice of nobody
+        (``hold``)."""
+
+    def declines(self, num_decoding, other_tokens, other_requests=0):
+        """Nobody drafts, unpriced, in a step with a prefill chunk (unless
+        ``with_prefill``) and in the ``hold`` decode-only steps after a priced choice of
+        nobody at this number of decoding requests."""
+        if other_tokens and not self.with_prefill:
+            self._decline((False, True), num_decoding + other_tokens)
+            return True
+        held, self.held = self.held, None
+        if (held is not None and held[0] == num_decoding and held[1] > 0
+                and not other_tokens and not other_requests):
+            self.held = (num_decoding, held[1] - 1)
+            self._decline((False, False), num_decoding)
+            return True
+        return False
+
+    def _decline(self, kind: tuple[bool, bool], base: int) -> None:
+        self.probes, self.promised, self.arm, self.by_arm = set(), {}, None, False
+        self.prediction = (kind, self.cost.step_seconds(base))
 
     def choose(self, candidates, num_decoding, other_tokens, other_requests=0):
-        """Nobody in a step with a prefill chunk (unless ``with_prefill``); everyone, where
-        the load's measured arms say so (``LoadArms``); else by cost (``_by_records``)."""
-        if other_tokens and not self.with_prefill:
-            self.probes, self.promised, self.arm, self.by_arm = set(), {}, None, False
-            self._predict((False, True), candidates, (), [], num_decoding + other_tokens)
+        """Nobody where ``declines``; everyone, where the load's measured arms say so
+        (``LoadArms``); else by cost (``_by_records``)."""
+        if self.declines(num_decoding, other_tokens, other_requests):
             return [False] * len(candidates)
         load = None
         if self.arms is not None and candidates and not other_tokens and not other_requests:
@@ -296,6 +242,8 @@ class CostGate(DraftGate):
             self.arm = (load, "none")
         elif load is not None and all(picks) and not self.probes:
             self.arm = (load, "all")
+        elif load is None and not any(picks) and not (other_tokens or other_requests):
+            self.held = (num_decoding, self.hold)
         return picks
 
     def _by_records(self, candidates, num_decoding, other_tokens, other_requests=0):
@@ -308,9 +256,9 @@ class CostGate(DraftGate):
         steps of the drafter whatever the gap. Only stale requests that would be drafted
         with a fresh record of every draft accepted are probed (``_worth_probing``; the
         prior prices a fresh record at the engine's gain), except once the
-        drafter has been idle for the longest gap: then the costs that say drafting never
-        pays are themselves stale, and a probe refreshes them. With no request worth
-        drafting, nearly every step is a plain step."""
+        drafter has been idle for the longest gap (``refresh_gap``): then the costs that
+        say drafting never pays are themselves stale, and a probe refreshes them. With no
+        request worth drafting, nearly every step is a plain step."""
         if not candidates:
             return []
         # NOTE: a request with no record yet takes the engine-wide one; before any drafting
@@ -331,7 +279,7 @@ class CostGate(DraftGate):
                                       -candidates[i].record.idle))
         # NOTE: past the longest gap the drafter's costs are stale too (only drafting steps
         # refine them; a spike of load may have left them too high to ever pay): probe
-        refresh = self.quiet + 1 >= self.max_backoff * self.probe_every
+        refresh = self.quiet + 1 >= self.refresh_gap
         # NOTE: only when a probe is due (the drafter runs anyway, has been idle for the
         # gap, or a request never drafted): pricing the stale requests at their best costs
         # a pass over everyone
@@ -343,19 +291,29 @@ class CostGate(DraftGate):
         elif not (stale and refresh):
             stale = []
         unseen = bool(stale) and candidates[stale[0]].record.gain is None
-        self.probes = set()
-        if chosen:
-            self.gap = self.probe_every
-            self.probes = set(stale[: self.probes_per_step])
-        elif stale and (self.quiet + 1 >= self.gap
-                        or unseen and self.quiet + 1 >= self.probe_every):
-            self.gap = min(2 * self.gap, self.max_backoff * self.probe_every)
-            self.probes = set(stale[: self.probes_per_step])
+        self.probes = self._probes(bool(chosen), stale, refresh, unseen)
         self.promised = {id(candidates[i].record): gains[i] for i in chosen - self.probes}
         chosen |= self.probes
         self._predict((bool(chosen), other_requests > 0), candidates, chosen, ells,
                       num_decoding + other_tokens)
         return [i in chosen for i in range(len(candidates))]
+
+    def _probes(self, chosen: bool, stale: list[int], refresh: bool, unseen: bool
+                ) -> set[int]:
+        """The stale candidates (stalest first) probed this step, and the gaps after it:
+        riding along where someone is ``chosen``; a refresh; a probe step after ``gap``
+        (``unseen``: the stalest never drafted)."""
+        longest = self.max_backoff * self.probe_every
+        if chosen:
+            self.gap, self.refresh_gap = self.probe_every, longest
+        elif stale and refresh:
+            self.refresh_gap = min(2 * self.refresh_gap, self.max_refresh_backoff * longest)
+        elif stale and (self.quiet + 1 >= self.gap
+                        or unseen and self.quiet + 1 >= self.probe_every):
+            self.gap = min(2 * self.gap, longest)
+        else:
+            return set()
+        return set(stale[: self.probes_per_step])
 
     def _predict(self, kind: tuple[bool, bool], candidates, chosen, ells: list[float],
                  base: int) -> None:
@@ -466,15 +424,11 @@ class CostGate(DraftGate):
             # unlucky first step cannot stop drafting before any evidence
             old_acc, old_prom = self._realism_sums or (promise, promise)
             alpha = 1.0 - (1.0 - self.engine_alpha) ** len(pairs)
-            self._realism_sums = (_ewma(old_acc, got, alpha), _ewma(old_prom, promise, alpha))
+            self._realism_sums = (ewma(old_acc, got, alpha), ewma(old_prom, promise, alpha))
             acc, prom = self._realism_sums
             self.gain_realism = min(2.0, max(0.25, acc / max(prom, 1e-9)))
         self.promised = {}
         super().observe(records, lengths, accepted, idle)
-
-
-def _ewma(old: float, new: float, alpha: float) -> float:
-    return (1 - alpha) * old + alpha * new
 
 
 def make_gate(gamma: int, cost: CostModel, enabled: bool, config: EngineConfig) -> DraftGate:

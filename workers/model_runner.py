@@ -45,6 +45,7 @@ class VerifyBatch:
 class RunnerOutput:
     logits: torch.Tensor  # [M, V]
     features: torch.Tensor | None  # [N, F] the drafter's input features, or None
+    slots: torch.Tensor  # [N] the KV slot of each fed row
 
 
 class PagedKV:
@@ -189,7 +190,8 @@ class ModelRunner:
             features = out.layer_features[0]  # [N, len(layers) * d]
         else:
             features = None
-        return RunnerOutput(logits=out.logits[0], features=features)
+        return RunnerOutput(logits=out.logits[0], features=features,
+                            slots=attention.slots)
 
 
 def dummy_batch(

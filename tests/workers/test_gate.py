@@ -11,9 +11,12 @@ from dspark.workers.gate import CostGate, DraftGate, DraftRecord, GateCandidate,
 VERIFY = StepCostTable((1, 8, 64), (100.0, 100.0, 50.0))
 
 
-def gate(draft_ms: float, probe_every: int = 8, verify: StepCostTable = VERIFY) -> CostGate:
+def gate(draft_ms: float, probe_every: int = 8, verify: StepCostTable = VERIFY,
+         hold: int = 0) -> CostGate:
+    """A cost gate; ``hold`` 0: every step priced (``test_a_choice_of_nobody_holds...``)."""
     rate = 1000.0 / draft_ms
     g = CostGate(7, CostModel(verify, StepCostTable((1, 64), (rate, rate)), "cpu"), probe_every)
+    g.hold = hold
     g.observe([DraftRecord()], [4], [2])  # an engine-wide record exists
     return g
 
@@ -68,16 +71,38 @@ def test_with_nobody_worth_drafting_probe_steps_back_off():
 def test_no_probe_where_even_full_acceptance_would_not_pay_but_a_refresh_at_the_longest_gap():
     # drafting costs 50 ms against a 10 ms step: a request accepting every draft it
     # verifies still loses, so a probe could only refresh the costs that say so, which it
-    # does once the drafter has been idle for the longest gap (8 x probe_every steps)
+    # does once the drafter has been idle for the longest gap (8 x probe_every steps),
+    # then after twice that, and so on while the refreshes find nobody worth drafting
     g = gate(50.0, probe_every=4)
     never = GateCandidate(DraftRecord(idle=30), cap=7)
     picks = []
-    for _ in range(70):
+    for _ in range(240):
         picks.append(g.choose([cand(3.0, idle=30), never, cand(0.2, idle=30)], 3, 0))
         g.observe([DraftRecord()] * sum(picks[-1]), [], [], [])
     probed = [step for step, p in enumerate(picks) if any(p)]
-    assert probed == [31, 63]  # the 32nd and 64th idle steps of the drafter
+    assert probed == [31, 95, 223]  # idle gaps of 32, 64 and 128 steps
     assert all(sum(picks[step]) <= g.probes_per_step for step in probed)
+
+
+def test_a_choice_of_nobody_holds_for_a_few_steps_at_the_same_load_unpriced():
+    # drafting costs 1 s: nobody pays; the choice stands for `hold` decode-only steps at
+    # 4 decoding requests without pricing (even once drafting has become cheap), and ends
+    # at once when the number of decoding requests changes
+    g = gate(1000.0, probe_every=100, hold=2)
+    worth = [cand(3.0)] * 4
+    assert g.choose(worth, 4, 0) == [False] * 4
+    g.cost = CostModel(VERIFY, StepCostTable((1, 64), (2000.0, 2000.0)), "cpu")  # cheap now
+    assert g.declines(4, 0) and g.declines(4, 0)
+    assert not g.declines(4, 0)  # held twice: priced again
+    assert g.choose(worth, 4, 0) == [True] * 4
+    g.cost = CostModel(VERIFY, StepCostTable((1, 64), (1.0, 1.0)), "cpu")  # dear again
+    g.observe([DraftRecord()] * 4, [4] * 4, [3] * 4)
+    assert g.choose(worth, 4, 0) == [False] * 4
+    assert g.declines(4, 0)
+    assert not g.declines(5, 0)  # another load: priced
+    # a step with a prefill chunk drafts for nobody, unpriced, where it may not draft
+    g.with_prefill = False  # EngineConfig.draft_with_prefill's default
+    assert g.declines(3, 16) and g.choose(worth, 3, 16) == [False] * 4
 
 
 def test_a_request_worth_drafting_resets_the_probe_gap():

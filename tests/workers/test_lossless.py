@@ -206,12 +206,12 @@ def run_turns(eng, turns, params):
 
 
 def test_deferred_drafter_rows_draft_what_eager_extension_drafts(make_model, make_drafter):
-    """Drafter-cache rows deferred (prompt and decode rows wait with their features until
-    the request drafts; a request that leaves parks them; a request reusing cached blocks
-    gets them written; a reused block drops them) give every drafted round the same
-    confidences and accepted counts as writing every committed row at once, over a second
-    chat turn that reuses the first turn's blocks, with preemption and block reuse in a
-    small cache; and they write fewer rows."""
+    """Drafter-cache rows deferred (every fed row's features stored at its slot, a
+    request's unwritten context rows written when it drafts, a request that reuses cached
+    blocks reading the rows written there or writing them) give every drafted round the
+    same confidences and accepted counts as writing every committed row at once, over a
+    second chat turn that reuses the first turn's blocks, with preemption and block reuse
+    in a small cache; and they write fewer rows."""
     target = make_model(seed=2)
     drafter = make_drafter(target, "dspark")
     gen = torch.Generator().manual_seed(9)
@@ -227,11 +227,10 @@ def test_deferred_drafter_rows_draft_what_eager_extension_drafts(make_model, mak
         eng.gate = CoinGate(eng.gamma, chance=0.2)
         worker = eng.draft_worker
         worker.lazy = lazy
-        worker.rows.max_pending = 6  # some requests fill it between drafts
         worker.extend = watch(worker.extend, lambda batch, _, seen=written: seen.append(
             batch.features.shape[0]))
-        worker.rows.shared = watch(worker.rows.shared,
-                                   lambda *args, seen=shared: seen.extend(args[-1]))
+        worker.share = watch(worker.share,
+                             lambda _, blocks, out, seen=shared: seen.extend(blocks))
         outs = run_turns(eng, [first], params)
         second = [p + o + [7, 8, 9] for p, o in zip(first, outs[0])]
         # NOTE: latest conversations first: theirs are the blocks still cached in so small
@@ -244,5 +243,5 @@ def test_deferred_drafter_rows_draft_what_eager_extension_drafts(make_model, mak
     for (ra, a), (rb, b) in zip(eager, lazy):
         assert ra == rb and (a.proposed, a.accepted) == (b.proposed, b.accepted)
         torch.testing.assert_close(torch.tensor(a.conf_logits), torch.tensor(b.conf_logits))
-    assert num_shared > 0  # the second turn reused parked rows
+    assert num_shared > 0  # the second turn started on the first turn's cached blocks
     assert lazy_rows < eager_rows
