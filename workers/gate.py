@@ -26,8 +26,11 @@ when nobody drafts, in a probe step after an idle gap that backs off while probe
 nothing worth drafting (``CostGate._by_records``). A probe refreshes that request's record.
 
 Before all that, in a step without a prefill chunk, the gate reads what it measured at this
-load (``LoadArms``, ``EngineConfig.draft_arms``): while steps in which everyone drafted have
-committed more tokens per second than steps in which nobody did, everyone drafts.
+load (``LoadArms``, ``EngineConfig.draft_arms``): at up to 7 decoding requests, while steps
+in which everyone drafted have committed more tokens per second than steps in which nobody
+did, everyone drafts; above, while steps in which the per-request choice drafted have
+committed fewer than steps in which nobody did, nobody drafts (tried again after a gap).
+A priced choice of nobody stands for a few steps unpriced (``CostGate.hold``).
 
 NOTE (losslessness): the choice reads only earlier steps' records and the cost model, never
 this step's drafts; a request that does not draft takes a plain decoding step (its anchor
@@ -152,10 +155,13 @@ class CostGate(DraftGate):
     step_realism_alpha = 0.1
     hold = 3
     """Decode-only steps that a priced choice of nobody (no draft, no probe) stands for
-    afterwards, unpriced, at the same number of decoding requests and a load the arms do
-    not run (``declines``): pricing costs a pass over every request per step, which at
-    high load is the whole cost of a step in which nobody drafts. A request that joins
-    meanwhile is priced at most ``hold`` steps late, and so is a probe."""
+    afterwards, unpriced, at the same number of decoding requests, above the loads where
+    everyone drafts in the arms (``declines``): pricing costs a pass over every request
+    per step, which at high load is the whole cost of a step in which nobody drafts. Each
+    such choice right after the last one's hold, at the same number of requests, holds
+    twice as long, up to ``max_hold``; a choice that drafts resets it. A request that
+    joins meanwhile is priced that many steps late at most, and so is a probe."""
+    max_hold = 24
 
     def __init__(self, gamma: int, cost: CostModel, probe_every: int,
                  margin: float = MARGIN, prior: float = 0.0, arms: bool = False,
@@ -201,36 +207,52 @@ class CostGate(DraftGate):
         self.held: tuple[int, int] | None = None
         """(decoding requests, steps left) of the last priced choice of nobody
         (``hold``)."""
+        self.last_hold = (0, self.hold)
+        """(decoding requests, steps) of the last hold given."""
 
     def declines(self, num_decoding, other_tokens, other_requests=0):
-        """Nobody drafts, unpriced, in a step with a prefill chunk (unless
-        ``with_prefill``) and in the ``hold`` decode-only steps after a priced choice of
-        nobody at this number of decoding requests."""
+        """Nobody drafts, unpriced: in a step with a prefill chunk (unless
+        ``with_prefill``); in the ``hold`` decode-only steps after a priced choice of
+        nobody at this number of decoding requests; and at a load above the arms' where
+        the steps in which the gate drafted have measured fewer tokens per second than
+        those in which nobody did (``LoadArms``: the gate's own choice is the ``all`` arm
+        there, tried again after a gap). The engine asks this first, and calls ``choose``
+        only where it says no."""
         if other_tokens and not self.with_prefill:
-            self._decline((False, True), num_decoding + other_tokens)
+            self._decline((False, True), num_decoding + other_tokens, None)
             return True
+        load = self._arm_load(num_decoding, other_tokens, other_requests)
         held, self.held = self.held, None
         if (held is not None and held[0] == num_decoding and held[1] > 0
                 and not other_tokens and not other_requests):
             self.held = (num_decoding, held[1] - 1)
-            self._decline((False, False), num_decoding)
+            self._decline((False, False), num_decoding, load)
+            return True
+        if (load is not None and load > LoadArms.max_load and self.gain is not None
+                and not self.arms.everyone(load)):
+            self._decline((False, False), num_decoding, load)
             return True
         return False
 
-    def _decline(self, kind: tuple[bool, bool], base: int) -> None:
-        self.probes, self.promised, self.arm, self.by_arm = set(), {}, None, False
+    def _arm_load(self, num_decoding, other_tokens, other_requests) -> int | None:
+        """The load whose arms this step counts toward (None: no arms, or a prefill in
+        the step)."""
+        if self.arms is None or other_tokens or other_requests:
+            return None
+        return LoadArms.load(num_decoding)
+
+    def _decline(self, kind: tuple[bool, bool], base: int, load: int | None) -> None:
+        self.probes, self.promised, self.by_arm = set(), {}, False
+        self.arm = (load, "none") if load is not None else None
         self.prediction = (kind, self.cost.step_seconds(base))
 
     def choose(self, candidates, num_decoding, other_tokens, other_requests=0):
-        """Nobody where ``declines``; everyone, where the load's measured arms say so
-        (``LoadArms``); else by cost (``_by_records``)."""
-        if self.declines(num_decoding, other_tokens, other_requests):
-            return [False] * len(candidates)
-        load = None
-        if self.arms is not None and candidates and not other_tokens and not other_requests:
-            load = LoadArms.load(num_decoding)
-            load = load if load <= LoadArms.max_load else None
-        if load is not None and self.gain is not None and self.arms.everyone(
+        """Everyone, where the load's measured arms say so (``LoadArms``, up to its
+        ``max_load``); else by cost (``_by_records``). Call it where ``declines`` did
+        not."""
+        load = self._arm_load(num_decoding, other_tokens, other_requests)
+        low = load is not None and load <= LoadArms.max_load
+        if low and candidates and self.gain is not None and self.arms.everyone(
                 load, candidates[0].record if num_decoding == 1 else None):
             self.probes, self.promised, self.arm, self.by_arm = set(), {}, (load, "all"), True
             self._predict((True, False), candidates, range(len(candidates)),
@@ -240,10 +262,14 @@ class CostGate(DraftGate):
         self.arm, self.by_arm = None, False
         if load is not None and not any(picks):
             self.arm = (load, "none")
-        elif load is not None and all(picks) and not self.probes:
+        elif load is not None and (not low or all(picks) and not self.probes):
             self.arm = (load, "all")
-        elif load is None and not any(picks) and not (other_tokens or other_requests):
-            self.held = (num_decoding, self.hold)
+        if not low and not any(picks) and not (other_tokens or other_requests):
+            count, steps = self.last_hold
+            steps = min(2 * steps, self.max_hold) if count == num_decoding else self.hold
+            self.held = self.last_hold = (num_decoding, steps)
+        elif any(picks):
+            self.last_hold = (0, self.hold)
         return picks
 
     def _by_records(self, candidates, num_decoding, other_tokens, other_requests=0):

@@ -1,12 +1,13 @@
-"""Measured arms per load: whether everyone drafting commits more tokens per second than
-nobody drafting, at each load (``CostGate``'s first question in a decode-only step)."""
+"""Measured arms per load: whether drafting commits more tokens per second than nobody
+drafting, at each load (``CostGate``'s first question in a decode-only step)."""
 
 from __future__ import annotations
 
 
 class LoadArms:
-    """Two measured policies per load, for steps without a prefill chunk: everyone drafts
-    (``all``) and nobody does (``none``). Load is the step's decoding requests bucketed by
+    """Two measured policies per load, for steps without a prefill chunk: drafting
+    (``all``: everyone up to ``max_load``, the cost gate's own choice above) and nobody
+    drafting (``none``). Load is the step's decoding requests bucketed by
     powers of two; each arm's rate is committed tokens per second, a ratio of EWMAs of a
     step's tokens and seconds. The per-request cost model prices each request from its
     record, and the records predict the next step only weakly (docs/engine.md, session
@@ -24,9 +25,11 @@ class LoadArms:
     alpha = 0.1
     max_gap = 32
     max_load = 2
-    """The arms run at loads up to this (up to 7 decoding requests): above, a try costs
-    every request's drafting, and in session 14's runs of ``dspark bench engine`` the
-    arms lost 1-6 % to the per-request choice there (docs/engine.md, "Session 14")."""
+    """Everyone drafts in the ``all`` arm at loads up to this (up to 7 decoding
+    requests): above, such a try costs every request's drafting, and in session 14's runs
+    of ``dspark bench engine`` it lost 1-6 % to the per-request choice there
+    (docs/engine.md, "Session 14"). Above, the ``all`` arm is the per-request choice, and
+    where it measures slower than ``none`` nobody drafts until a retry (session 15)."""
     trial = 4
     """Steps a try of the ``all`` arm lasts before it is judged: one step's count at one
     request scatters from 0 to γ accepted, too little to judge by."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dspark.workers.budget import CostModel, StepCostTable
 from dspark.workers.engine_config import EngineConfig
 from dspark.workers.gate import CostGate, DraftGate, DraftRecord, GateCandidate, make_gate
+from dspark.workers.load_arms import LoadArms
 
 # a plain step of B tokens costs 10 ms (B <= 8) up to 20 ms (B = 64)
 VERIFY = StepCostTable((1, 8, 64), (100.0, 100.0, 50.0))
@@ -86,8 +87,9 @@ def test_no_probe_where_even_full_acceptance_would_not_pay_but_a_refresh_at_the_
 
 def test_a_choice_of_nobody_holds_for_a_few_steps_at_the_same_load_unpriced():
     # drafting costs 1 s: nobody pays; the choice stands for `hold` decode-only steps at
-    # 4 decoding requests without pricing (even once drafting has become cheap), and ends
-    # at once when the number of decoding requests changes
+    # 4 decoding requests without pricing (even once drafting has become cheap), twice as
+    # long after each repeat, and ends at once when the number of decoding requests
+    # changes
     g = gate(1000.0, probe_every=100, hold=2)
     worth = [cand(3.0)] * 4
     assert g.choose(worth, 4, 0) == [False] * 4
@@ -98,11 +100,16 @@ def test_a_choice_of_nobody_holds_for_a_few_steps_at_the_same_load_unpriced():
     g.cost = CostModel(VERIFY, StepCostTable((1, 64), (1.0, 1.0)), "cpu")  # dear again
     g.observe([DraftRecord()] * 4, [4] * 4, [3] * 4)
     assert g.choose(worth, 4, 0) == [False] * 4
+    assert g.declines(4, 0) and g.declines(4, 0) and not g.declines(4, 0)
+    assert g.choose(worth, 4, 0) == [False] * 4  # nobody again: held twice as long
+    assert all(g.declines(4, 0) for _ in range(4)) and not g.declines(4, 0)
+    assert g.choose(worth, 4, 0) == [False] * 4
     assert g.declines(4, 0)
     assert not g.declines(5, 0)  # another load: priced
+    assert g.choose(worth, 5, 0) == [False] * 4 and g.held == (5, 2)  # held afresh
     # a step with a prefill chunk drafts for nobody, unpriced, where it may not draft
     g.with_prefill = False  # EngineConfig.draft_with_prefill's default
-    assert g.declines(3, 16) and g.choose(worth, 3, 16) == [False] * 4
+    assert g.declines(3, 16)
 
 
 def test_a_request_worth_drafting_resets_the_probe_gap():
@@ -298,6 +305,13 @@ def test_rows_owed_are_spread_over_the_steps_the_request_may_still_draft():
 
 
 
+def decide(g: CostGate, candidates, num_decoding, other_tokens, other_requests=0):
+    """The engine's way: ``declines`` first, ``choose`` where it does not."""
+    if g.declines(num_decoding, other_tokens, other_requests):
+        return [False] * len(candidates)
+    return g.choose(candidates, num_decoding, other_tokens, other_requests)
+
+
 def armed(draft_ms: float = 5.0) -> CostGate:
     rate = 1000.0 / draft_ms
     g = CostGate(7, CostModel(VERIFY, StepCostTable((1, 64), (rate, rate)), "cpu"), 4,
@@ -387,7 +401,7 @@ def test_at_one_request_a_new_request_is_tried_at_once():
     assert g.choose([GateCandidate(second, 7)], 1, 0) == [True] and g.arm == (0, "all")
 
 
-def test_a_try_whose_drafts_go_unverified_ends_at_once_and_high_loads_have_no_arms():
+def test_a_try_whose_drafts_go_unverified_ends_at_once():
     g = armed()
     poor = DraftRecord(0.1, 4.0, count=30)
     cands = [GateCandidate(poor, 7)]
@@ -396,9 +410,29 @@ def test_a_try_whose_drafts_go_unverified_ends_at_once_and_high_loads_have_no_ar
     assert g.choose(cands, 1, 0) == [True] and g.arm == (0, "all")
     g.observe([poor], [0], [0], seconds=0.015)  # the budget verified no draft
     assert g.choose(cands, 1, 0) == [False]  # judged after one step, not four
-    # 8 decoding requests (load 3): the per-request choice alone, no arm
-    many = [GateCandidate(poor, 7) for _ in range(8)]
-    assert g.choose(many, 8, 0) == [False] * 8 and g.arm is None
+
+
+def test_above_the_arms_loads_the_gate_stops_where_its_drafting_steps_measure_slower():
+    """8 decoding requests (load 3): the cost gate's own choice is the ``all`` arm and
+    nobody drafting the ``none`` arm; once steps in which it drafted have measured fewer
+    tokens per second than plain ones, nobody drafts there, unpriced, until a retry after
+    the gap (which doubles from probe_every)."""
+    g = armed(draft_ms=0.5)  # drafting is cheap: the cost gate drafts good records
+    g.hold = 0
+    good = [GateCandidate(DraftRecord(3.0, 4.0, count=30), 7) for _ in range(8)]
+    records = [c.record for c in good]
+    assert decide(g, good, 8, 0) == [False] * 8 and g.arm == (3, "none")  # measured first
+    g.observe([], [], [], idle=records, seconds=0.010)  # 8 tokens in 10 ms
+    for _ in range(LoadArms.trial):
+        assert decide(g, good, 8, 0) == [True] * 8 and g.arm == (3, "all")
+        g.observe(records, [4] * 8, [1] * 8, seconds=0.030)  # 16 tokens in 30 ms
+    declined = 0
+    while g.declines(8, 0):
+        assert g.arm == (3, "none")
+        g.observe([], [], [], idle=records, seconds=0.010)
+        declined += 1
+    assert declined == 7  # the 8th step tries the gate again
+    assert g.choose(good, 8, 0) == [True] * 8
 
 
 def test_a_step_with_a_prefill_chunk_drafts_for_nobody_unless_asked():
@@ -409,6 +443,6 @@ def test_a_step_with_a_prefill_chunk_drafts_for_nobody_unless_asked():
     for with_prefill, want in ((False, [False]), (True, [True])):
         g = CostGate(7, cost, 8, with_prefill=with_prefill)
         g.observe([DraftRecord()], [4], [2])
-        assert g.choose([cand(6.0)], 1, 3, other_requests=1) == want
-        assert g.choose([cand(6.0)], 1, 0) == [True]  # decode-only: drafts either way
+        assert decide(g, [cand(6.0)], 1, 3, other_requests=1) == want
+        assert decide(g, [cand(6.0)], 1, 0) == [True]  # decode-only: drafts either way
     assert not make_gate(7, cost, True, EngineConfig(budget="algorithm1")).with_prefill
