@@ -13,7 +13,7 @@ class LoadArms:
     record, and the records predict the next step only weakly (docs/engine.md, session
     13); where drafting for everyone pays on average (low load), this measures it. The
     ``all`` arm is tried again after ``gap`` decode-only steps of its load, a gap that
-    doubles while it loses (up to ``max_gap`` times 2^load: a step where everyone drafts
+    doubles while it loses (up to ``max_gap`` times 2^``level``: a step where everyone drafts
     costs more the more requests draft, and at high load it rarely pays) and resets when
     it wins; a try lasts ``trial`` steps.
 
@@ -24,7 +24,7 @@ class LoadArms:
 
     alpha = 0.1
     max_gap = 32
-    max_load = 2
+    max_load = 6
     """Everyone drafts in the ``all`` arm at loads up to this (up to 7 decoding
     requests): above, such a try costs every request's drafting, and in session 14's runs
     of ``dspark bench engine`` it lost 1-6 % to the per-request choice there
@@ -47,7 +47,18 @@ class LoadArms:
 
     @staticmethod
     def load(num_decoding: int) -> int:
-        return max(num_decoding, 1).bit_length() - 1
+        """Each number of decoding requests up to 7 is a load of its own (0 to 6): a
+        step's tokens per second grows with its requests, so an arm measured mostly at 6
+        requests and the other at 4 do not compare (session 15; powers of two before).
+        Above, powers of two: 8-15 is 7, 16-31 is 8, and so on."""
+        n = max(num_decoding, 1)
+        return n - 1 if n < 8 else n.bit_length() + 3
+
+    @staticmethod
+    def level(load: int) -> int:
+        """The power of two of a load's requests (0 for 1, 1 for 2-3, 2 for 4-7, 3 for
+        8-15, ...): the longest gap between tries is ``max_gap`` times 2^level."""
+        return (load + 1).bit_length() - 1 if load < 7 else load - 4
 
     def rate(self, load: int, arm: str) -> float | None:
         sums = self.sums.get((load, arm))
@@ -96,7 +107,8 @@ class LoadArms:
         plain, drafted = self.rate(load, "none"), self.rate(load, "all")
         wins = plain is None or (drafted is not None and drafted > self.margin * plain)
         gap = self.gap.get(load, self.min_gap)
-        self.gap[load] = self.min_gap if wins else min(2 * gap, self.max_gap << load)
+        cap = self.max_gap << self.level(load)
+        self.gap[load] = self.min_gap if wins else min(2 * gap, cap)
 
 
 def ewma(old: float, new: float, alpha: float) -> float:

@@ -401,6 +401,12 @@ def test_at_one_request_a_new_request_is_tried_at_once():
     assert g.choose([GateCandidate(second, 7)], 1, 0) == [True] and g.arm == (0, "all")
 
 
+def test_each_number_of_requests_up_to_7_is_a_load_of_its_own_then_powers_of_two():
+    loads = [LoadArms.load(n) for n in (1, 2, 4, 6, 7, 8, 15, 16, 64)]
+    assert loads == [0, 1, 3, 5, 6, 7, 7, 8, 10]
+    assert [LoadArms.level(load) for load in loads] == [0, 1, 2, 2, 2, 3, 3, 4, 6]
+
+
 def test_a_try_whose_drafts_go_unverified_ends_at_once():
     g = armed()
     poor = DraftRecord(0.1, 4.0, count=30)
@@ -413,7 +419,7 @@ def test_a_try_whose_drafts_go_unverified_ends_at_once():
 
 
 def test_above_the_arms_loads_the_gate_stops_where_its_drafting_steps_measure_slower():
-    """8 decoding requests (load 3): the cost gate's own choice is the ``all`` arm and
+    """8 decoding requests (load 7): the cost gate's own choice is the ``all`` arm and
     nobody drafting the ``none`` arm; once steps in which it drafted have measured fewer
     tokens per second than plain ones, nobody drafts there, unpriced, until a retry after
     the gap (which doubles from probe_every)."""
@@ -421,14 +427,14 @@ def test_above_the_arms_loads_the_gate_stops_where_its_drafting_steps_measure_sl
     g.hold = 0
     good = [GateCandidate(DraftRecord(3.0, 4.0, count=30), 7) for _ in range(8)]
     records = [c.record for c in good]
-    assert decide(g, good, 8, 0) == [False] * 8 and g.arm == (3, "none")  # measured first
+    assert decide(g, good, 8, 0) == [False] * 8 and g.arm == (7, "none")  # measured first
     g.observe([], [], [], idle=records, seconds=0.010)  # 8 tokens in 10 ms
     for _ in range(LoadArms.trial):
-        assert decide(g, good, 8, 0) == [True] * 8 and g.arm == (3, "all")
+        assert decide(g, good, 8, 0) == [True] * 8 and g.arm == (7, "all")
         g.observe(records, [4] * 8, [1] * 8, seconds=0.030)  # 16 tokens in 30 ms
     declined = 0
     while g.declines(8, 0):
-        assert g.arm == (3, "none")
+        assert g.arm == (7, "none")
         g.observe([], [], [], idle=records, seconds=0.010)
         declined += 1
     assert declined == 7  # the 8th step tries the gate again
