@@ -117,9 +117,17 @@ class OnlineCostTable:
         # NOTE: without the shape kept, the ratio is to the bucket's own profiled time
         ratio = seconds * (self.profile.sps(batch) if self.keep_shape
                            else self.profile.steps_per_second[nearest])
-        old = self.ratios[nearest]
-        self.ratios[nearest] = ratio if old is None else old + self.alpha * (ratio - old)
-        if old is None:  # NOTE: a bucket observed for the first time: who reads which
+        old = first = self.ratios[nearest]
+        if first is None:
+            # NOTE: a bucket's first observation moves it by alpha from the ratio it took
+            # (its nearest observed bucket's; the profile's before any), as any later one
+            # does. Until session 15 it set the bucket outright: one slow step at B=2 (a
+            # cold one, a burst beside it) priced every draft at twice a plain step, the
+            # budget then verified none, and the bucket was never observed again (the
+            # freeze of one request over HTTP, docs/serving.md)
+            old = self.ratios[self._near[nearest]] if self._near else 1.0
+        self.ratios[nearest] = old + self.alpha * (ratio - old)
+        if first is None:  # NOTE: a bucket observed for the first time: who reads which
             seen = [i for i, r in enumerate(self.ratios) if r is not None]
             self._near = [min(seen, key=lambda j: (abs(math.log(self.sizes[j] / size)), j))
                           for size in self.sizes]

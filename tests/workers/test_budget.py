@@ -51,6 +51,19 @@ def test_the_online_table_keeps_the_profiles_shape_and_learns_its_level():
     assert online.ratios[:2] == pytest.approx([1.5, 0.022 * profile.sps(5)])
 
 
+def test_a_buckets_first_observation_moves_it_by_alpha_not_outright():
+    """One slow step at a bucket never observed (a cold step, a burst beside it) must not
+    price that bucket outright: the budget would then keep away from it, and it would
+    never be observed again (the C=1 freeze over HTTP, session 15)."""
+    profile = StepCostTable((1, 8, 64), (100.0, 1000 / 12, 50.0))
+    online = OnlineCostTable(profile, alpha=0.5)
+    online.observe(1, 0.015)  # from the profile's ratio 1.0 toward 1.5
+    assert online.ratios[0] == pytest.approx(1.25)
+    online.observe(8, 0.024)  # 2 x the profile: from bucket 1's 1.25 toward 2.0
+    assert online.ratios[1] == pytest.approx(1.625)
+    assert 1000 / online.table.sps(8) == pytest.approx(12 * 1.625)
+
+
 def test_fixed_and_threshold_budgets():
     assert fixed_budget([7, 3, 0], 5) == [5, 3, 0]
     conf = [[0.9, 0.8, 0.3, 0.9], [0.2, 0.9], []]
