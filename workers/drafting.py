@@ -133,9 +133,7 @@ class DraftWorker:
             lens = batch.cu[1:] - batch.cu[:-1]  # [R]
             req_of = torch.repeat_interleave(torch.arange(num_req, device=lens.device), lens)
             slots = token_slots(batch.block_tables, req_of, batch.positions, self.block_size)
-            ctx_kvs = d.context_kv(batch.features[None], batch.positions[None])
-            for i, (k, v) in enumerate(ctx_kvs):  # [1, kv, N, hd] each
-                self.kv.write(i, slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+            self._write_context(batch.features, batch.positions, slots)
             return
         seq_lens = batch.positions[batch.cu[1:] - 1] + 1  # [R]
         attention = PagedAttention(self.kv, batch.block_tables, batch.cu, batch.positions,
@@ -235,11 +233,17 @@ class DraftWorker:
             self.upto[s.request.req_id] = s.start
         num = slots.numel()
         if num:
-            ctx_kvs = self.drafter.context_kv(self.slots.features[slots][None], positions[None])
-            for i, (k, v) in enumerate(ctx_kvs):  # [1, kv, N, hd] each
-                self.kv.write(i, slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+            self._write_context(self.slots.features[slots], positions, slots)
             self.slots.mark_written(slots)
         return num
+
+    def _write_context(self, features: torch.Tensor, positions: torch.Tensor,
+                       slots: torch.Tensor) -> None:
+        """A parallel drafter's context K/V of rows [N] (their target features, positions
+        and slots) into its cache, in one call."""
+        ctx_kvs = self.drafter.context_kv(features[None], positions[None])
+        for i, (k, v) in enumerate(ctx_kvs):  # [1, kv, N, hd] each
+            self.kv.write(i, slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
 
     def owed(self, req_id: str, context: int) -> int:
         """Rows a proposal for this request would write first (``flush``), as its record
