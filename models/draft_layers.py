@@ -19,7 +19,8 @@ from torch import nn
 
 from dspark.models.drafter_config import DrafterConfig
 from dspark.models.kv_cache import AttentionBackend
-from dspark.models.target import RMSNorm, SwiGLU, apply_rope
+from dspark.models.stacked import stacked_weight
+from dspark.models.target import RMSNorm, SwiGLU, apply_rope, rms_normalize
 
 
 class ContextAttention:
@@ -67,16 +68,6 @@ class InjectedAttention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
-    def project_kv(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [B, S, in] -> k, v: [B, kv_heads, S, head_dim] (k normed and rotated)."""
-        bsz, num, _ = x.shape
-        k = self.k_norm(self.k_proj(x).view(bsz, num, self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x).view(bsz, num, self.num_kv_heads, self.head_dim)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
-        return apply_rope(k, cos, sin), v
-
     def forward(
         self,
         x: torch.Tensor,  # [B, Q, in] draft-token inputs (already normed)
@@ -85,10 +76,18 @@ class InjectedAttention(nn.Module):
         attention: AttentionBackend,
     ) -> torch.Tensor:  # [B, Q, d]
         bsz, num_q, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(bsz, num_q, self.num_heads, self.head_dim))
-        q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, H, Q, hd]
-        k, v = self.project_kv(x, cos, sin)  # [B, kv, Q, hd]
-        out = attention.attend(self.layer_idx, q, k, v)  # [B, H, Q, hd]
+        heads, kv_heads, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        # NOTE: one product for q, k and v; q and k normed (each head by its own norm's
+        # weight) and rotated together, in fewer operators than one by one
+        qkv = F.linear(x, stacked_weight(self, "qkv", (
+            self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)))
+        qkv = qkv.view(bsz, num_q, heads + 2 * kv_heads, hd)
+        norms = stacked_weight(self, "qk_norm", (self.q_norm.weight.expand(heads, hd),
+                                                 self.k_norm.weight.expand(kv_heads, hd)))
+        qk = norms * rms_normalize(qkv[:, :, : heads + kv_heads], self.q_norm.eps)
+        qk = apply_rope(qk.transpose(1, 2), cos, sin)  # [B, H + kv, Q, hd]
+        v = qkv[:, :, heads + kv_heads :].transpose(1, 2)  # [B, kv, Q, hd]
+        out = attention.attend(self.layer_idx, qk[:, :heads], qk[:, heads:], v)  # [B, H, Q, hd]
         return self.o_proj(out.transpose(1, 2).reshape(bsz, num_q, -1))
 
 

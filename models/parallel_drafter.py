@@ -16,6 +16,7 @@ confidence head; DFlash samples every slot independently from the backbone logit
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dspark.models.draft_layers import (
@@ -27,7 +28,8 @@ from dspark.models.draft_layers import (
 )
 from dspark.models.drafter_config import DrafterConfig
 from dspark.models.kv_cache import AttentionBackend
-from dspark.models.target import RMSNorm, RotaryEmbedding
+from dspark.models.stacked import stacked_weight
+from dspark.models.target import RMSNorm, RotaryEmbedding, apply_rope, rms_normalize
 
 
 def block_attention_mask(
@@ -73,10 +75,29 @@ class ParallelDrafter(DrafterBase):
     def context_kv(
         self, features: torch.Tensor, positions: torch.Tensor
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Fuse features [B, S, F] (paper Eq. 2) and project them per layer at ``positions``."""
+        """Fuse features [B, S, F] (paper Eq. 2) and project them per layer at ``positions``:
+        each layer's (k, v), [B, kv, S, hd] each."""
+        k, v = self.context_kv_stacked(features, positions)
+        return list(zip(k.unbind(0), v.unbind(0)))
+
+    def context_kv_stacked(
+        self, features: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``context_kv`` with the layers stacked: k, v [L, B, kv, S, hd]. Every layer's
+        keys and values come from one product, normed and rotated as its block's are."""
         fused = self.hidden_norm(self.fc(features.float()))  # [B, S, d]
         cos, sin = self.rotary_emb(positions)
-        return [layer.self_attn.project_kv(fused, cos, sin) for layer in self.layers]
+        attns = [layer.self_attn for layer in self.layers]
+        kv_heads, hd, num = attns[0].num_kv_heads, attns[0].head_dim, len(attns)
+        bsz, seq, _ = fused.shape
+        both = F.linear(fused, stacked_weight(
+            self, "context_kv", [w for a in attns for w in (a.k_proj.weight, a.v_proj.weight)]))
+        both = both.view(bsz, seq, num, 2, kv_heads, hd)
+        norms = stacked_weight(self, "context_k_norm", [a.k_norm.weight for a in attns])
+        k = norms.view(num, 1, hd) * rms_normalize(both[:, :, :, 0], attns[0].k_norm.eps)
+        k = apply_rope(k.reshape(bsz, seq, num * kv_heads, hd).transpose(1, 2), cos, sin)
+        k = k.view(bsz, num, kv_heads, seq, hd).transpose(0, 1)  # [L, B, kv, S, hd]
+        return k, both[:, :, :, 1].permute(2, 0, 3, 1, 4)
 
     def draft_blocks(
         self, anchors: torch.Tensor, anchor_pos: torch.Tensor

@@ -27,6 +27,7 @@ from torch import nn
 from dspark.models.config import TargetConfig
 from dspark.models.dense_experts import dense_experts
 from dspark.models.kv_cache import AttentionBackend, ContiguousAttention, KVCache
+from dspark.models.stacked import stacked_weight
 
 
 class RMSNorm(nn.Module):
@@ -36,10 +37,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * rms_normalize(x, self.eps)
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / rms(x)`` over the last dimension, computed in float32 (RMSNorm before its
+    weight)."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -112,7 +117,9 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        both = stacked_weight(self, "gate_up", (self.gate_proj.weight, self.up_proj.weight))
+        gate, up = F.linear(x, both).chunk(2, -1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 @dataclass

@@ -241,9 +241,8 @@ class DraftWorker:
                        slots: torch.Tensor) -> None:
         """A parallel drafter's context K/V of rows [N] (their target features, positions
         and slots) into its cache, in one call."""
-        ctx_kvs = self.drafter.context_kv(features[None], positions[None])
-        for i, (k, v) in enumerate(ctx_kvs):  # [1, kv, N, hd] each
-            self.kv.write(i, slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        k, v = self.drafter.context_kv_stacked(features[None], positions[None])
+        self.kv.write_layers(slots, k[:, 0].transpose(1, 2), v[:, 0].transpose(1, 2))
 
     def owed(self, req_id: str, context: int) -> int:
         """Rows a proposal for this request would write first (``flush``), as its record

@@ -62,6 +62,11 @@ class PagedKV:
         self.k[layer, slots] = k.to(self.k.dtype)
         self.v[layer, slots] = v.to(self.v.dtype)
 
+    def write_layers(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Every layer at once: slots [N]; k, v [layers, N, kv_heads, head_dim]."""
+        self.k[:, slots] = k.to(self.k.dtype)
+        self.v[:, slots] = v.to(self.v.dtype)
+
 
 def token_slots(batch_tables: torch.Tensor, req_of: torch.Tensor, positions: torch.Tensor,
                 block_size: int) -> torch.Tensor:
