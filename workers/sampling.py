@@ -26,8 +26,7 @@ How a request samples is fixed when it is added (``RequestSampling.create``):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from itertools import accumulate
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -49,6 +48,29 @@ if TYPE_CHECKING:  # NOTE: step.py imports this module at run time
     from dspark.workers.step import DraftProposal, SeqRows
 
 
+class UniformStream:
+    """A rejection-sampling request's uniforms: its generator's draws, in order, fetched
+    ``CHUNK`` at a time. A CPU generator gives the same numbers in the same order however
+    its draws are split, so this is the stream of drawing them one by one, without a
+    tensor operation per request per step."""
+
+    CHUNK = 64
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+        self._ahead: list[float] = []
+        self._next = 0
+
+    def take(self, num: int) -> list[float]:
+        """The stream's next ``num`` uniforms in [0, 1)."""
+        if self._next + num > len(self._ahead):
+            fresh = torch.rand(max(self.CHUNK, num), generator=self.generator).tolist()
+            self._ahead, self._next = self._ahead[self._next :] + fresh, 0
+        out = self._ahead[self._next : self._next + num]
+        self._next += num
+        return out
+
+
 @dataclass(frozen=True)
 class RequestSampling:
     """How one request draws its tokens (made once, when the request is added)."""
@@ -56,24 +78,33 @@ class RequestSampling:
     params: SamplingParams
     seed: int
     """The request's seed, or the engine's seed for its arrival when it gave none."""
-    generator: torch.Generator | None
+    stream: UniformStream | None
     """The rejection-sampling stream (None for greedy and coupled requests)."""
+
+    greedy: bool = field(init=False)
+    """Temperature 0."""
+    coupled: bool = field(init=False)
+    """A seeded request sampled at a temperature above 0."""
+    batched: bool = field(init=False)
+    """Sampled from a plain softmax (no seed, no top-p): its rows share one batched
+    softmax."""
+    modifies_logits: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        # NOTE: fixed for the request's life; read several times per request per step
+        p = self.params
+        object.__setattr__(self, "greedy", p.temperature == 0.0)
+        object.__setattr__(self, "coupled", not self.greedy and p.seed is not None)
+        object.__setattr__(self, "batched", not (self.greedy or self.coupled or p.top_p < 1.0))
+        object.__setattr__(self, "modifies_logits", p.modifies_logits)
 
     @classmethod
     def create(cls, params: SamplingParams, fallback_seed: int) -> RequestSampling:
         seed = params.seed if params.seed is not None else fallback_seed
-        gen = None
+        stream = None
         if params.temperature > 0 and params.seed is None:
-            gen = torch.Generator(device="cpu").manual_seed(seed)
-        return cls(params, seed, gen)
-
-    @property
-    def greedy(self) -> bool:
-        return self.params.temperature == 0.0
-
-    @property
-    def coupled(self) -> bool:
-        return not self.greedy and self.params.seed is not None
+            stream = UniformStream(torch.Generator(device="cpu").manual_seed(seed))
+        return cls(params, seed, stream)
 
 
 @dataclass(frozen=True)
@@ -93,11 +124,9 @@ def draft_noise(samplers: Sequence[RequestSampling], first_positions: Sequence[i
     documented order); the position noise of coupled rows is computed on ``device`` for the
     first ``slots`` slots only (the ones drafted this step)."""
     slots = block if slots is None else slots
-    uniforms = torch.zeros(len(samplers), block)
-    for r, s in enumerate(samplers):
-        if s.generator is not None:
-            uniforms[r] = torch.rand(block, generator=s.generator)
-    uniforms = uniforms.to(device)
+    draws = [s.stream.take(block) if s.stream is not None else [0.0] * block
+             for s in samplers]
+    uniforms = torch.tensor(draws, device=device).view(len(samplers), block)
     coupled = [s.coupled for s in samplers]
     gumbel = None
     if any(coupled):
@@ -145,15 +174,17 @@ def target_probs(
         probs = torch.empty_like(logits)
     start, batched, temps = 0, [], []
     for s, n in zip(samplers, rows_per):
-        if s.coupled or (not s.greedy and s.params.top_p < 1.0):
-            probs[start : start + n] = sampling_probs(
-                logits[start : start + n], s.params.temperature, s.params.top_p)
-        elif not s.greedy:
+        if s.batched:
             batched += range(start, start + n)
             temps += [s.params.temperature] * n
+        elif not s.greedy:
+            probs[start : start + n] = sampling_probs(
+                logits[start : start + n], s.params.temperature, s.params.top_p)
         start += n
     if batched:
         temp = torch.tensor(temps, device=logits.device)[:, None]
+        # NOTE: the maximum is subtracted before dividing: logits / T overflows float32
+        # for tiny temperatures
         if len(batched) == logits.shape[0]:  # every row: no gather, no scatter
             return torch.softmax((logits - logits.amax(-1, keepdim=True)) / temp, -1)
         rows = torch.tensor(batched, device=logits.device)
@@ -191,20 +222,17 @@ def verify(
     req_of = torch.repeat_interleave(torch.arange(num_req, device=device),
                                      torch.tensor(lens, dtype=torch.long, device=device))
     target_row = torch.arange(flat.numel(), device=device) + req_of  # [D]
-    deterministic = torch.tensor([s.generator is None for s in samplers], device=device)
+    deterministic = torch.tensor([s.stream is None for s in samplers], device=device)
     # NOTE: deterministic rows accept iff the draft is the target's token (uniform 0 < 1)
     match = (flat == chosen[target_row]).float()
     ratio = probs[target_row, flat] / draft_probs[torch.arange(flat.numel(), device=device), flat].clamp_min(
         1e-8) if flat.numel() else match
     ratio = torch.where(deterministic[req_of], match, ratio.clamp(max=1.0))
-    random = [i for i, s in enumerate(samplers) if s.generator is not None]
-    uniforms = torch.zeros(flat.numel())  # NOTE: deterministic rows compare 0 < match
-    offsets = list(accumulate(lens, initial=0))
-    for i in random:
-        if lens[i]:
-            uniforms[offsets[i] : offsets[i] + lens[i]] = torch.rand(
-                lens[i], generator=samplers[i].generator)
-    accepted = accepted_lengths(ratio, uniforms.to(device), cu)  # [R]
+    random = [i for i, s in enumerate(samplers) if s.stream is not None]
+    # NOTE: deterministic rows compare 0 < match
+    uniforms = [u for s, n in zip(samplers, lens)
+                for u in (s.stream.take(n) if s.stream is not None else [0.0] * n)]
+    accepted = accepted_lengths(ratio, torch.tensor(uniforms, device=device), cu)  # [R]
     tokens = chosen[starts + accepted]
     if random:
         tokens = torch.where(deterministic, tokens, _random_tokens(
@@ -233,10 +261,10 @@ def verify_greedy(top: torch.Tensor, draft_ids: Sequence[Sequence[int]]) -> Reje
 def _plain(samplers, probs, chosen) -> RejectionOutput:
     """A step without drafts: row r is request r's, and its token is drawn from it (the
     argmax or Gumbel-max drawn already, or one uniform of its generator)."""
-    random = [i for i, s in enumerate(samplers) if s.generator is not None]
+    random = [i for i, s in enumerate(samplers) if s.stream is not None]
     if random:
-        draws = torch.stack([torch.rand((), generator=samplers[i].generator)
-                             for i in random]).to(probs.device)
+        draws = torch.tensor([samplers[i].stream.take(1)[0] for i in random],
+                             device=probs.device)
         if len(random) == len(samplers):  # every row draws: no gather, no scatter
             chosen = inverse_cdf(probs, draws)
         else:
@@ -283,10 +311,8 @@ def _random_tokens(samplers, probs, draft_probs, starts, accepted, cu, lens) -> 
         # p == q up to rounding leaves nothing to correct: draw from p
         usable = residual.sum(-1, keepdim=True) > 1e-8
         dist = torch.where(rejected[:, None] & usable, residual, dist)
-    draws = torch.stack([
-        torch.rand((), generator=s.generator) if s.generator is not None else torch.zeros(())
-        for s in samplers]) if samplers else torch.zeros(0)
-    return inverse_cdf(dist, draws.to(probs.device))
+    draws = [s.stream.take(1)[0] if s.stream is not None else 0.0 for s in samplers]
+    return inverse_cdf(dist, torch.tensor(draws, device=probs.device))
 
 
 def score_prompts(rows: list[SeqRows], logits: torch.Tensor) -> None:
@@ -350,7 +376,7 @@ def sample_step(rows: list[SeqRows], proposal: DraftProposal | None, logits: tor
 def _process(sampling: list[SeqRows], logits: torch.Tensor, rows_per) -> torch.Tensor:
     """Apply each request's penalties, bias and min_tokens at every verified position
     (the drafts before a position count as generated there)."""
-    if not any(lay.seq.state.params.modifies_logits for lay in sampling):
+    if not any(lay.seq.state.sampling.modifies_logits for lay in sampling):
         return logits
     logits, start = logits.clone(), 0
     for lay, n in zip(sampling, rows_per):

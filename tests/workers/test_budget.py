@@ -18,7 +18,7 @@ from budget_reference import (
 from dspark.kernels.prefix_select import select_prefixes
 from dspark.models.generation import SamplingParams
 from dspark.workers.budget import CostModel, GroupLoad, OnlineCostTable, StepCostTable
-from dspark.workers.sampling import RequestSampling, verify
+from dspark.workers.sampling import RequestSampling, UniformStream, verify
 
 SAMPLED = SamplingParams(temperature=1.0)
 FLAT = StepCostTable((1, 64), (10.0, 10.0))  # verifying more never costs more
@@ -126,7 +126,7 @@ def first_token_frequency(policy, runs=4000):
         x2 = int(torch.multinomial(p[1], 1, generator=gen))
         conf = [[0.5, 0.95 if x1 == 0 else 0.05]]
         length = policy(survival(conf), cost)[0]
-        out = verify([RequestSampling(SAMPLED, 0, gen)], [0], p[: length + 1],
+        out = verify([RequestSampling(SAMPLED, 0, UniformStream(gen))], [0], p[: length + 1],
                      [[x1, x2][:length]], p[:length])
         hits += out.output_ids[0][0] == 0
     return hits / runs

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from dspark.models.generation import SamplingParams, gumbel_max, inverse_cdf, position_gumbel
-from dspark.workers.sampling import RequestSampling, draft_noise, verify, verify_greedy
+from dspark.workers.sampling import (
+    RequestSampling,
+    UniformStream,
+    draft_noise,
+    verify,
+    verify_greedy,
+)
 
 SAMPLED = SamplingParams(temperature=1.0)
 GREEDY = SamplingParams()
@@ -91,7 +97,7 @@ def test_all_greedy_steps_verify_without_distributions_as_verify_does():
 def test_coupled_requests_commit_the_targets_gumbel_max_token_whatever_was_drafted():
     seeded = SamplingParams(temperature=1.0, seed=1234)
     sampler = RequestSampling.create(seeded, 0)
-    assert sampler.coupled and sampler.generator is None
+    assert sampler.coupled and sampler.stream is None
     gen = torch.Generator().manual_seed(0)
     p = torch.softmax(torch.randn(5, 13, generator=gen), -1)  # positions 40..44
     noise = position_gumbel(torch.full((5,), 1234), torch.arange(40, 45), 13)
@@ -136,3 +142,11 @@ def test_draft_noise_draws_in_the_documented_order():
     assert torch.equal(noise.gumbel[1], want) and not noise.gumbel[[0, 2]].any()
     fewer = draft_noise([seeded], [20], block=4, vocab=7, device="cpu", slots=2)
     assert torch.equal(fewer.gumbel[0], want[:2])  # only the slots drafted this step
+
+
+def test_a_uniform_stream_is_its_generators_draws_one_by_one_in_order():
+    stream = UniformStream(torch.Generator().manual_seed(7))
+    got = stream.take(5) + stream.take(1) + stream.take(70) + stream.take(3)
+    gen = torch.Generator().manual_seed(7)
+    want = [float(torch.rand((), generator=gen)) for _ in range(79)]
+    assert got == want
