@@ -183,6 +183,9 @@ class DrafterBase(nn.Module):
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
         self.lm_head.weight = frozen_copy(head_weight)
         self.fc = nn.Linear(cfg.feature_dim, d, bias=False)
+        self.token_ranking: torch.Tensor | None = None
+        """The target's vocabulary ids, most often generated first (its checkpoint's
+        ``draft_vocab.json``); None: not known. Not a weight."""
 
 
 def frozen_copy(weight: torch.Tensor) -> nn.Parameter:

@@ -1,4 +1,6 @@
-"""Drafter checkpoints: ``config.json`` (a ``DrafterConfig``) and ``model.safetensors``.
+"""Drafter checkpoints: ``config.json`` (a ``DrafterConfig``), ``model.safetensors`` and,
+optionally, ``draft_vocab.json`` (the target's vocabulary ranked by how often it generated
+each token; ``dspark train draft-vocab``).
 
 Only trainable weights are stored; the frozen embedding and LM head are copied from the
 target at load time, which is why a drafter refuses any target but its own.
@@ -82,7 +84,36 @@ def load_drafter(path: str | Path, target: TargetModel) -> Drafter:
                 f"expected {tuple(expected[name].shape)}"
             )
     drafter.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    drafter.token_ranking = read_token_ranking(path, cfg.vocab_size)
     return drafter.to(target.lm_head.weight.device).eval()
+
+
+VOCAB_FILE = "draft_vocab.json"
+
+
+def write_token_ranking(path: str | Path, counts: torch.Tensor, source: str) -> dict:
+    """Rank the vocabulary by ``counts`` [V] (most frequent first, ties by id) into the
+    checkpoint's ``draft_vocab.json``; returns what was written."""
+    order = sorted(range(counts.numel()), key=lambda i: (-int(counts[i]), i))
+    record = {"source": source, "num_tokens": int(counts.sum()), "ranked_ids": order,
+              "counts": [int(counts[i]) for i in order]}
+    (Path(path) / VOCAB_FILE).write_text(json.dumps(record) + "\n")
+    return record
+
+
+def read_token_ranking(path: str | Path, vocab_size: int) -> torch.Tensor | None:
+    """The ranked vocabulary of a checkpoint (None without ``draft_vocab.json``); a file
+    that is not a permutation of the vocabulary is refused."""
+    file = Path(path) / VOCAB_FILE
+    if not file.is_file():
+        return None
+    try:
+        ranked = json.loads(file.read_text())["ranked_ids"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{file}: not a draft vocabulary ({exc})") from exc
+    if sorted(ranked) != list(range(vocab_size)):
+        raise CheckpointError(f"{file}: ranked_ids must order every id in [0, {vocab_size})")
+    return torch.tensor(ranked, dtype=torch.long)
 
 
 __all__ = [

@@ -34,6 +34,7 @@ from dspark.kernels.markov_sample import markov_sample
 from dspark.kernels.paged_attention import gather_kv, slot_table
 from dspark.models.autoregressive_drafter import AutoregressiveDrafter
 from dspark.models.drafter_checkpoint import Drafter
+from dspark.workers.draft_vocab import DraftVocab
 from dspark.workers.model_runner import PagedAttention, PagedKV, token_slots
 from dspark.workers.sampling import DraftNoise, draft_noise, draw_drafts
 from dspark.workers.slot_features import SlotFeatures
@@ -43,8 +44,10 @@ from dspark.workers.step import DraftProposal, SeqRows, StepSeq
 @dataclass
 class DraftOutput:
     tokens: torch.Tensor  # [R, n]
-    probs: torch.Tensor  # [R, n, V] draft distribution of each token
+    probs: torch.Tensor  # [R, n, V] draft distribution of each token ([R, n, N] over vocab)
     conf_logits: torch.Tensor | None  # [R, n] raw confidence logits (DSpark), else None
+    vocab: DraftVocab | None = None
+    """The draft vocabulary ``probs`` is over (None: the whole vocabulary)."""
 
 
 @dataclass
@@ -70,12 +73,14 @@ class DraftWorker:
     no work per request, so it costs about what a plain step costs."""
 
     def __init__(self, drafter: Drafter, num_blocks: int, block_size: int,
-                 lazy: bool = False) -> None:
+                 lazy: bool = False, vocab: int = 0) -> None:
         """``lazy``: a parallel drafter's rows are written when read (``SlotFeatures``);
-        else every committed row is written at once."""
+        else every committed row is written at once. ``vocab``: a parallel drafter drafts
+        among this many of its ranking's tokens (``DraftVocab``; 0: all)."""
         cfg = drafter.config
         self.drafter, self.config, self.block_size = drafter, cfg, block_size
         self.autoregressive = isinstance(drafter, AutoregressiveDrafter)
+        self.vocab = None if self.autoregressive else DraftVocab.of(drafter, vocab)
         num_layers = 1 if self.autoregressive else cfg.num_layers
         param = drafter.lm_head.weight
         self.kv = PagedKV(
@@ -179,7 +184,7 @@ class DraftWorker:
             noise.uniforms,
             noise,
         )
-        return DraftProposal(seqs, caps, out.tokens, out.probs, out.conf_logits)
+        return DraftProposal(seqs, caps, out.tokens, out.probs, out.conf_logits, out.vocab)
 
     def extend_step(self, layout: list[SeqRows], new_tokens: dict[str, list[int]],
                     features: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor
@@ -294,20 +299,28 @@ class DraftWorker:
         )[:, None]  # [R, 1, K, S + K]
         context = PagedContext(self.kv, table, mask, self._buffers)
         h = d.run_blocks(block_ids, block_pos, context)[:, :num]  # [R, n, d]
-        base = d.lm_head(h)  # [R, n, V]
-        markov = d.markov
+        markov, vocab = d.markov, None
         if noise is None and (markov is None or markov.kind == "vanilla"):
-            w1 = markov.w1.weight if markov is not None else None
-            w2 = markov.w2.weight if markov is not None else None
-            tokens, probs = markov_sample(base, anchors, w1, w2, temps, uniforms[:, :num])
+            vocab = self.vocab
+            if vocab is not None:  # NOTE: slots draft among the draft vocabulary only
+                w1, prev = vocab.markov_rows(anchors) if markov is not None else (None, anchors)
+                tokens, probs = markov_sample(F.linear(h, vocab.head), prev, w1, vocab.w2,
+                                              temps, uniforms[:, :num])
+                tokens = vocab.ids[tokens]
+            else:
+                w1 = markov.w1.weight if markov is not None else None
+                w2 = markov.w2.weight if markov is not None else None
+                tokens, probs = markov_sample(d.lm_head(h), anchors, w1, w2, temps,
+                                              uniforms[:, :num])
         else:
-            tokens, probs = self._sample_stateful(base, h, anchors, temps, uniforms, noise)
+            tokens, probs = self._sample_stateful(d.lm_head(h), h, anchors, temps, uniforms,
+                                                  noise)
         conf = None
         if d.confidence is not None:
             prev = torch.cat([anchors[:, None], tokens[:, :-1]], 1)  # [R, n]
             prev_embed = markov.w1(prev) if markov is not None else None
             conf = d.confidence(h, prev_embed)  # [R, n]
-        return DraftOutput(tokens, probs, conf)
+        return DraftOutput(tokens, probs, conf, vocab)
 
     def _sample_stateful(self, base, h, anchors, temps, uniforms, noise=None):
         """Gated and RNN Markov heads, and any head with coupled rows: the slot-by-slot loop

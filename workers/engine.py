@@ -99,7 +99,7 @@ class Engine:
         self.draft_worker = None
         if drafter is not None:
             self.draft_worker = DraftWorker(drafter, cfg.num_blocks, cfg.block_size,
-                                            lazy=True)
+                                            lazy=True, vocab=cfg.draft_vocab)
         self.device = target.lm_head.weight.device
         self.profiled_cost_table = cost_table or profile_step_costs(
             self.runner, cfg.verify_profile_sizes(), cfg.max_num_seqs, cfg.profile_context,

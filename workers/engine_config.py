@@ -65,6 +65,11 @@ class EngineConfig:
     (since session 14): such a step drafts for nobody, so a new request's first token
     waits for a plain step (a drafted one costs about twice as much here); True: the gate
     prices it as any step, with ``prefill_weight``."""
+    draft_vocab: int = 1024
+    """Parallel drafters (DSpark, DFlash) draft among this many of the target's most often
+    generated tokens (the ranking in the drafter's ``draft_vocab.json``), which cuts their
+    LM head and Markov head to that share of the vocabulary; 0, or a drafter without a
+    ranking: the whole vocabulary. Lossless either way (q is zero outside them)."""
     prefill_weight: float = 1.0
     """How many decoding requests a prefilling request counts as in the step's cost model
     (the gate and the budget): a longer step delays its first token as it delays their next
@@ -90,6 +95,9 @@ class EngineConfig:
             raise ValueError(f"prefill_weight must be >= 0, got {self.prefill_weight}")
         if self.online_costs not in ("ratio", "times"):
             raise ValueError(f"online_costs must be 'ratio' or 'times', got {self.online_costs!r}")
+        if self.draft_vocab < 0:
+            raise ValueError(f"draft_vocab must be >= 0 (0: the whole vocabulary), got "
+                             f"{self.draft_vocab}")
         if self.probe_every < 1:
             raise ValueError(f"probe_every must be >= 1, got {self.probe_every}")
         if not self.profile_batch_sizes or min(self.profile_batch_sizes) < 1:

@@ -393,5 +393,6 @@ def _draft_probs(sampling, proposal, probs) -> torch.Tensor:
     if proposal is None or not sum(len(lay.drafts) for lay in sampling):
         return probs.new_zeros(0, probs.shape[-1])
     index = {s.row: i for i, s in enumerate(proposal.seqs)}
-    return torch.cat([proposal.probs[index[lay.seq.row], : len(lay.drafts)]
+    rows = torch.cat([proposal.probs[index[lay.seq.row], : len(lay.drafts)]
                       for lay in sampling if lay.drafts])
+    return rows if proposal.vocab is None else proposal.vocab.full(rows)

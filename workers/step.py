@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dspark.models.generation import SamplingParams, TokenLogprob
+from dspark.workers.draft_vocab import DraftVocab
 from dspark.workers.gate import DraftRecord
 from dspark.workers.sampling import RequestSampling
 from dspark.workers.scheduler import Request, ScheduledRequest
@@ -133,6 +134,8 @@ class DraftProposal:
     tokens: torch.Tensor  # [R, n]
     probs: torch.Tensor  # [R, n, V] the distribution each draft was drawn from
     conf_logits: torch.Tensor | None  # [R, n] raw confidence logits (DSpark)
+    vocab: DraftVocab | None = None
+    """The draft vocabulary ``probs`` is over ([R, n, N]); None: the whole vocabulary."""
 
 
 def block_tables(blocks, seqs: list[StepSeq], device) -> torch.Tensor:

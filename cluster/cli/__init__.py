@@ -16,6 +16,7 @@ HANDLERS = {
     ("train", "target"): train.run_target,
     ("corpus", "build"): corpus.run_build,
     ("train", "drafter"): train.run_drafter,
+    ("train", "draft-vocab"): train.run_draft_vocab,
     ("eval", None): eval_cmd.run,
     ("bench", "engine"): bench.run_engine,
     ("bench", "serve"): bench.run_serve,

@@ -32,6 +32,7 @@ def add_parser(sub: Subparsers) -> None:
     which = train.add_subparsers(dest="what", required=True)
     _add_target(which)
     _add_drafter(which)
+    _add_draft_vocab(which)
 
 
 def _add_target(which: Subparsers) -> None:
@@ -88,6 +89,44 @@ def _add_drafter(which: Subparsers) -> None:
              "and the calibration.", type=int)
     add_switch(dr, "--resume", "continue from the variant's state under --work-dir")
     add_switch(dr, "--no-progress", "no progress bar")
+
+
+def _add_draft_vocab(which: Subparsers) -> None:
+    dv = which.add_parser("draft-vocab", help="rank the target's vocabulary by how often it "
+                          "generates each token, into drafter checkpoints (draft_vocab.json)")
+    add_flag(dv, "--drafters", ",".join(str(DEFAULT_DRAFTERS / n) for n in VOCAB_DRAFTERS),
+             "comma-separated drafter checkpoint directories to write it into",
+             shown="the committed parallel drafters")
+    add_flag(dv, "--target", str(DEFAULT_TARGET), "target checkpoint directory",
+             shown="checkpoints/target")
+    add_flag(dv, "--work-dir", "runs/drafters", "shared data cache (the drafters' training "
+             "data; made when missing)")
+    add_flag(dv, "--prompts-per-domain", 1000, "Training prompts taken from each domain's train "
+             "split (math, code, chat).", type=int)
+    add_flag(dv, "--seed", 0, "Seeds prompt choice and sampling.", type=int)
+    add_switch(dv, "--no-progress", "no progress bar")
+
+
+VOCAB_DRAFTERS = ("dspark", "dspark-d1", "dspark-d2", "dspark-ce", "dflash", "dflash-d1",
+                  "dflash-d2", "dflash-l1")
+"""The committed parallel drafters (the ones that draft among a draft vocabulary)."""
+
+
+def run_draft_vocab(args: argparse.Namespace) -> int:
+    from dspark.models.checkpoint import read_config
+    from dspark.training.draft_vocab import rank_drafters
+    from dspark.training.drafter_data import DrafterDataConfig, prepare_drafter_data
+
+    data_cfg = DrafterDataConfig(prompts_per_domain=args.prompts_per_domain, seed=args.seed)
+    cache = prepare_drafter_data(args.target, args.work_dir, data_cfg,
+                                 progress=not args.no_progress)
+    drafters = [d for d in args.drafters.split(",") if d]
+    vocab = read_config(args.target).vocab_size
+    source = (f"reply tokens of the drafter training data ({cache.num_samples} samples, "
+              f"{data_cfg.prompts_per_domain} prompts per domain, seed {data_cfg.seed})")
+    shares = rank_drafters(cache, vocab, drafters, source)
+    print(json.dumps({"drafters": drafters, "coverage": shares}, indent=2))
+    return 0
 
 
 def run_target(args: argparse.Namespace) -> int:

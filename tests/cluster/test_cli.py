@@ -149,6 +149,7 @@ def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
 def test_every_flag_states_its_default():
     commands = dict(_commands(build_parser()))
     assert set(commands) == {("generate",), ("train", "target"), ("train", "drafter"),
+                             ("train", "draft-vocab"),
                              ("corpus", "build"), ("eval",), ("bench", "engine"),
                              ("bench", "serve"), ("bench", "ep"), ("bench", "drift"),
                              ("bench", "faults"), ("bench", "attacks"),

@@ -140,3 +140,36 @@ def test_ttt_step_matches_inference_drafting(make_drafter, make_model):
         token = ids[0, t + s + 2].view(1, 1)
         h = drafter.step(h, token, torch.tensor([[t + 1 + s]]), attention)
         session.cache.advance(1)
+
+
+def test_a_draft_vocabulary_ranking_is_saved_with_the_drafter_and_checked(
+        make_model, make_drafter, tmp_path):
+    from dspark.models.checkpoint import CheckpointError
+    from dspark.models.drafter_checkpoint import VOCAB_FILE, write_token_ranking
+
+    target = make_model()
+    drafter = make_drafter(target, "dspark")
+    save_drafter(drafter, tmp_path)
+    assert load_drafter(tmp_path, target).token_ranking is None
+    vocab = drafter.config.vocab_size
+    counts = torch.zeros(vocab, dtype=torch.long)
+    counts[[9, 3, 5]] = torch.tensor([2, 7, 7])
+    written = write_token_ranking(tmp_path, counts, "test counts")
+    assert written["ranked_ids"][:4] == [3, 5, 9, 0] and written["num_tokens"] == 16
+    assert load_drafter(tmp_path, target).token_ranking[:4].tolist() == [3, 5, 9, 0]
+    (tmp_path / VOCAB_FILE).write_text('{"ranked_ids": [0, 0, 1]}')
+    with pytest.raises(CheckpointError, match="draft_vocab.json: ranked_ids must order"):
+        load_drafter(tmp_path, target)
+
+
+def test_reply_tokens_are_counted_and_their_coverage_reported():
+    from dspark.training.draft_vocab import coverage, reply_token_counts
+    from dspark.training.feature_cache import FeatureCache
+
+    ids = torch.tensor([1, 2, 2, 3, 3, 3, 0])
+    mask = torch.tensor([0, 1, 1, 1, 1, 1, 0], dtype=torch.uint8)  # the prompt is not counted
+    cache = FeatureCache(ids, mask, torch.zeros(7, 2), torch.zeros(7, 2),
+                         torch.tensor([0, 7]), {})
+    counts = reply_token_counts(cache, 5)
+    assert counts.tolist() == [0, 0, 2, 3, 0]
+    assert coverage(counts, (1, 2, 9)) == {1: 0.6, 2: 1.0, 9: 1.0}

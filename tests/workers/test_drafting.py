@@ -48,3 +48,51 @@ def test_batched_proposals_equal_single_request_sessions(make_model, make_drafte
         torch.testing.assert_close(got.probs[r], want.probs)
         if want.conf_logits is not None:
             torch.testing.assert_close(got.conf_logits[r], want.conf_logits, atol=1e-5, rtol=1e-4)
+
+
+
+@pytest.mark.parametrize("method, temperature", [("dspark", 0.0), ("dspark", 1.0),
+                                                 ("dflash", 1.0)])
+def test_drafting_in_a_draft_vocabulary_follows_the_slot_by_slot_definition(
+        make_model, make_drafter, method, temperature):
+    """Each slot draws among the draft vocabulary (in rank order) from the LM head's logits
+    plus the Markov bias of the token before it, whose embedding is its own even when the
+    anchor lies outside the vocabulary; q is zero outside it."""
+    from dspark.kernels.markov_sample import markov_sample
+    from dspark.models.generation import inverse_cdf
+    from dspark.workers.draft_vocab import DraftVocab
+
+    target = make_model()
+    drafter = make_drafter(target, method)
+    size = drafter.config.vocab_size
+    drafter.token_ranking = torch.randperm(size, generator=torch.Generator().manual_seed(4))
+    vocab = DraftVocab.of(drafter, size // 3)
+    gen = torch.Generator().manual_seed(5)
+    h = torch.randn(3, 5, drafter.config.hidden_size, generator=gen)
+    anchors = torch.tensor([int(vocab.ids[0]), int(drafter.token_ranking[-1]), 3])
+    temps, uniforms = torch.full((3,), temperature), torch.rand(3, 5, generator=gen)
+    markov = drafter.markov
+    with torch.no_grad():
+        w1, prev = vocab.markov_rows(anchors) if markov is not None else (None, anchors)
+        tokens, probs = markov_sample(torch.nn.functional.linear(h, vocab.head), prev, w1,
+                                      vocab.w2, temps, uniforms)
+        tokens, probs = vocab.ids[tokens], vocab.full(probs)
+        base = drafter.lm_head(h)
+        for r in range(3):
+            before = int(anchors[r])
+            for k in range(5):
+                logits = base[r, k].clone()
+                if markov is not None:
+                    logits += markov.w2(markov.w1(torch.tensor(before)))
+                sub = logits[vocab.ids]
+                if temperature == 0.0:
+                    want = int(vocab.ids[sub.argmax()])
+                else:
+                    q = torch.softmax(sub / temperature, -1)
+                    want = int(vocab.ids[inverse_cdf(q[None], uniforms[r, k : k + 1])[0]])
+                    torch.testing.assert_close(probs[r, k, vocab.ids], q)
+                assert int(tokens[r, k]) == want
+                before = want
+    outside = torch.ones(size, dtype=torch.bool)
+    outside[vocab.ids] = False
+    assert torch.all(probs[..., outside] == 0)

@@ -245,3 +245,42 @@ def test_deferred_drafter_rows_draft_what_eager_extension_drafts(make_model, mak
         torch.testing.assert_close(torch.tensor(a.conf_logits), torch.tensor(b.conf_logits))
     assert num_shared > 0  # the second turn started on the first turn's cached blocks
     assert lazy_rows < eager_rows
+
+
+def ranked(drafter, seed):
+    """A drafter whose draft vocabulary ranking is a random order of the ids."""
+    vocab = drafter.config.vocab_size
+    drafter.token_ranking = torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))
+    return drafter
+
+
+@pytest.mark.parametrize("method", ["dspark", "dflash"])
+def test_a_draft_vocabulary_leaves_greedy_output_unchanged(make_drafter, make_model, method):
+    """Half the vocabulary may never be drafted; the output is plain decoding's."""
+    target = make_model(seed=0)
+    drafter = ranked(make_drafter(target, method), 1)
+    params = SamplingParams(temperature=0.0, max_tokens=30)
+    batch = prompts(20, target.config.vocab_size)
+    rounds = []
+    eng = engine(target, drafter, on_round=lambda req_id, r: rounds.append(r),
+                 draft_vocab=target.config.vocab_size // 2)
+    assert eng.draft_worker.vocab is not None
+    got = eng.generate(batch, params, (7,))
+    assert got == [list(generate_tokens(target, p, params, (7,))) for p in batch]
+    assert rounds and any(r.accepted for r in rounds)
+
+
+def test_t1_distribution_is_exact_with_half_the_vocabulary_draftable(make_drafter, make_model):
+    """Rejection sampling against q restricted to 6 of 12 tokens (zero elsewhere) still
+    commits the target's exact distribution."""
+    target = make_model(seed=6, vocab_size=12, max_position_embeddings=32)
+    drafter = ranked(make_drafter(target, "dspark", seed=3, std=0.4, markov_rank=4,
+                                  num_layers=1), 2)
+    ids = [5, 9, 6]
+    exact = exact_marginal(target, ids, 2)
+    params = [SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True)] * 1000
+    eng = engine(target, drafter, num_blocks=4000, max_num_seqs=128,
+                 max_num_batched_tokens=2048, draft_vocab=6)
+    outs = eng.generate([ids] * 1000, params)
+    counts = torch.bincount(torch.tensor([o[2] for o in outs]), minlength=12).float()
+    assert chi_square(counts, exact) < CHI2_11_999
