@@ -73,6 +73,8 @@ class System:
     """``EngineConfig.draft_arms``."""
     with_prefill: bool = EngineConfig.draft_with_prefill
     """``EngineConfig.draft_with_prefill``."""
+    vocab: int = EngineConfig.draft_vocab
+    """``EngineConfig.draft_vocab``."""
 
     def engine_fields(self) -> dict:
         """The ``EngineConfig`` fields this system sets."""
@@ -80,7 +82,7 @@ class System:
                 "draft_gating": self.gating, "draft_margin": self.margin,
                 "draft_prior": self.prior, "prefill_weight": self.prefill_weight,
                 "online_costs": self.online_costs, "draft_arms": self.arms,
-                "draft_with_prefill": self.with_prefill}
+                "draft_with_prefill": self.with_prefill, "draft_vocab": self.vocab}
 
 
 SYSTEMS = (
@@ -110,6 +112,10 @@ SYSTEMS = (
     System("dspark-alg1-noarms", "dspark", "algorithm1", arms=False),
     # the serving default drafting in steps with a prefill chunk too (as until session 14)
     System("dspark-alg1-prefill", "dspark", "algorithm1", with_prefill=True),
+    # the serving default drafting over the whole vocabulary (as until session 16)
+    System("dspark-alg1-fullvocab", "dspark", "algorithm1", vocab=0),
+    # the 1-layer drafter over the whole vocabulary
+    System("dspark-d1-fullvocab", "dspark-d1", "algorithm1", vocab=0),
 )
 
 

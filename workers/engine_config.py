@@ -65,7 +65,7 @@ class EngineConfig:
     (since session 14): such a step drafts for nobody, so a new request's first token
     waits for a plain step (a drafted one costs about twice as much here); True: the gate
     prices it as any step, with ``prefill_weight``."""
-    draft_vocab: int = 1024
+    draft_vocab: int = 2048
     """Parallel drafters (DSpark, DFlash) draft among this many of the target's most often
     generated tokens (the ranking in the drafter's ``draft_vocab.json``), which cuts their
     LM head and Markov head to that share of the vocabulary; 0, or a drafter without a
