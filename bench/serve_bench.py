@@ -32,7 +32,7 @@ import httpx
 
 from dspark.bench.engine_bench import baseline_ratios, turn_order
 from dspark.bench.proc_cpu import app_pids, cpu_seconds
-from dspark.cluster.config import ServeConfig
+from dspark.cluster.config import DEFAULT_DRAFTER, ServeConfig
 
 
 @dataclass(frozen=True)
@@ -94,12 +94,12 @@ class ServeSystem:
 SYSTEMS = (
     ServeSystem("no-spec", "none", "fixed"),
     ServeSystem("mtp-1", "mtp", "fixed"),
-    ServeSystem("dspark-local", "dspark", "algorithm1"),
-    ServeSystem("dspark-cluster", "dspark", "cluster"),
+    ServeSystem("dspark-local", DEFAULT_DRAFTER, "algorithm1"),
+    ServeSystem("dspark-cluster", DEFAULT_DRAFTER, "cluster"),
     # NOTE: the serving default without metrics, and with every request traced: the cost
     # of observability, side by side (docs/observability.md)
-    ServeSystem("dspark-dark", "dspark", "cluster", metrics=False),
-    ServeSystem("dspark-traced", "dspark", "cluster", traced=True),
+    ServeSystem("dspark-dark", DEFAULT_DRAFTER, "cluster", metrics=False),
+    ServeSystem("dspark-traced", DEFAULT_DRAFTER, "cluster", traced=True),
     # NOTE: the same pair with a fixed γ=7 (every request drafts 7 every step, no gate):
     # nothing adapts to timing, so a round's two cells differ by what observing costs
     ServeSystem("dspark-g7-dark", "dspark", "fixed", metrics=False),
@@ -421,7 +421,7 @@ def run_serve_benchmark(base: ServeConfig, prompts: Sequence[str], cfg: ServeBen
                                     otlp_traces_endpoint=sink.url if s.traced else None,
                                     trace_sample_ratio=s.sample_ratio)
                    for s in systems}
-    router_apps = {f"router-{r}": replace(base, drafter="dspark", budget="cluster",
+    router_apps = {f"router-{r}": replace(base, drafter=DEFAULT_DRAFTER, budget="cluster",
                                           replicas=2, router=r, cluster=f"router-{r}")
                    for r in routers}
     num_cpus = ray_cpus([system_apps, router_apps])

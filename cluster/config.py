@@ -12,14 +12,21 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 """The names of the verification budgets (``BudgetMode`` lists them)."""
 
 
+DEFAULT_DRAFTER = "dspark-d2"
+"""The drafter ``dspark serve`` decodes with unless told otherwise."""
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     model_name: str = "dspark-demo"
     """The name clients put in ``model``."""
     target: str = str(REPO_ROOT / "checkpoints" / "target")
     """Target checkpoint directory."""
-    drafter: str = "dspark"
-    """A drafter under checkpoints/drafters (dspark, dflash, eagle3, mtp), a path, or none."""
+    drafter: str = DEFAULT_DRAFTER
+    """A drafter under checkpoints/drafters (dspark-d2, dspark, dspark-d1, dflash, eagle3,
+    mtp, ...), a path, or none. The default, DSpark with a 2-layer backbone, served the most
+    tokens per second per user and in aggregate of the committed drafters at 1 to 4
+    concurrent requests, and tied at 8 and 64 (docs/engine.md, session 16)."""
     budget: str | None = None
     """Verification budget (a ``BudgetMode``): cluster (Algorithm 1 with the expert-parallel
     group's load from the board), algorithm1 (local load only), topk, threshold or fixed.
@@ -28,6 +35,9 @@ class ServeConfig:
     a silent change."""
     num_speculative_tokens: int | None = None
     """γ, draft tokens proposed per request per step (none: the drafter's block size)."""
+    draft_vocab: int = 2048
+    """DSpark and DFlash draft among this many of the target's most often generated tokens
+    (the drafter's draft_vocab.json); 0: the whole vocabulary. Lossless either way."""
     replicas: int = 1
     """TargetShard replicas (ep_size ranks each form one expert-parallel group)."""
     ep_size: int = 1
@@ -139,6 +149,9 @@ class ServeConfig:
                 f"replicas ({self.replicas}) must be a multiple of ep_size ({self.ep_size}): "
                 "each expert-parallel group is ep_size replicas"
             )
+        if self.draft_vocab < 0:
+            raise ValueError(f"draft_vocab must be >= 0 (0: the whole vocabulary), got "
+                             f"{self.draft_vocab}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         self._check_scaling()

@@ -119,6 +119,7 @@ class TargetShard:
         engine = Engine(target, drafter, EngineConfig(
             budget=cfg.budget_mode, num_speculative_tokens=cfg.num_speculative_tokens,
             max_num_seqs=cfg.max_num_seqs, num_blocks=cfg.num_blocks,
+            draft_vocab=cfg.draft_vocab,
         ), group_load=self.board.group_reader if self.board is not None else None,
             lockstep=group is not None,
             on_round=self.monitor.on_round if self.monitor is not None else None)

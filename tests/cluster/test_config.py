@@ -26,6 +26,7 @@ def test_example_config_loads():
     ({"replicsa": 2}, "unknown serve config keys ['replicsa']"),
     ({"ingress_on_head": "yes"}, "ingress_on_head must be true or false, got 'yes'"),
     ({"drain_timeout_s": -1}, "drain_timeout_s must be in [0, 3600], got -1"),
+    ({"draft_vocab": -5}, "draft_vocab must be >= 0 (0: the whole vocabulary), got -5"),
 ])
 def test_bad_values_name_the_field(data, fragment):
     with pytest.raises(ValueError) as err:
@@ -70,3 +71,9 @@ def test_every_serve_field_is_a_flag_with_its_doc_and_default():
     cfg = serve_config(args)
     assert (cfg.max_num_seqs, cfg.replica_cpus, cfg.num_speculative_tokens) == (4, 0.25, 3)
     assert cfg.replicas == 2  # from the YAML file, not overridden
+
+
+def test_the_served_draft_vocabulary_is_the_engines_default():
+    from dspark.workers.engine_config import EngineConfig
+
+    assert ServeConfig().draft_vocab == EngineConfig().draft_vocab
