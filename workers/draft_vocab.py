@@ -2,8 +2,8 @@
 
 The LM head and the Markov head of a parallel drafter (DSpark, DFlash) are products over
 the whole vocabulary for every slot of every drafted request; on the small demo target
-they are most of a drafting call at a few requests and up (``bench/frspec`` in
-docs/engine.md). Restricted to the N tokens the target generates most often (counted over
+they are most of a drafting call at a few requests and up (docs/engine.md, "Session
+16"). Restricted to the N tokens the target generates most often (counted over
 the drafter's training replies: ``dspark train draft-vocab``, kept in the drafter's
 checkpoint as ``draft_vocab.json``), they cost about N / V of that.
 
