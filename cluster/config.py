@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from dspark.workers.engine_config import EngineConfig
 from dspark.workers.modes import BudgetMode
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +36,7 @@ class ServeConfig:
     a silent change."""
     num_speculative_tokens: int | None = None
     """γ, draft tokens proposed per request per step (none: the drafter's block size)."""
-    draft_vocab: int = 2048
+    draft_vocab: int = EngineConfig.draft_vocab
     """DSpark and DFlash draft among this many of the target's most often generated tokens
     (the drafter's draft_vocab.json); 0: the whole vocabulary. Lossless either way."""
     replicas: int = 1

@@ -48,8 +48,6 @@ wait $b
 
 # the draft vocabulary of the parallel drafters: the target's tokens ranked by how often
 # its regenerated replies use them (the same data, from the cache)
-dspark train draft-vocab --work-dir "$WORK" --no-progress \
-  --drafters "$(printf '%s,' "$OUT"/dspark "$OUT"/dspark-d1 "$OUT"/dspark-d2 "$OUT"/dspark-ce \
-    "$OUT"/dflash "$OUT"/dflash-d1 "$OUT"/dflash-d2 "$OUT"/dflash-l1)"
+dspark train draft-vocab --work-dir "$WORK" --drafters "$OUT" --no-progress
 
 dspark eval --drafters "$OUT" --out "$RESULTS" --jobs 2 --no-progress

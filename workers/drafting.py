@@ -301,17 +301,17 @@ class DraftWorker:
         h = d.run_blocks(block_ids, block_pos, context)[:, :num]  # [R, n, d]
         markov, vocab = d.markov, None
         if noise is None and (markov is None or markov.kind == "vanilla"):
-            vocab = self.vocab
+            vocab, prev = self.vocab, anchors
             if vocab is not None:  # NOTE: slots draft among the draft vocabulary only
-                w1, prev = vocab.markov_rows(anchors) if markov is not None else (None, anchors)
-                tokens, probs = markov_sample(F.linear(h, vocab.head), prev, w1, vocab.w2,
-                                              temps, uniforms[:, :num])
-                tokens = vocab.ids[tokens]
+                logits, w2 = F.linear(h, vocab.head), vocab.w2
+                w1, prev = vocab.markov_rows(anchors) if markov is not None else (None, prev)
             else:
+                logits = d.lm_head(h)
                 w1 = markov.w1.weight if markov is not None else None
                 w2 = markov.w2.weight if markov is not None else None
-                tokens, probs = markov_sample(d.lm_head(h), anchors, w1, w2, temps,
-                                              uniforms[:, :num])
+            tokens, probs = markov_sample(logits, prev, w1, w2, temps, uniforms[:, :num])
+            if vocab is not None:
+                tokens = vocab.ids[tokens]
         else:
             tokens, probs = self._sample_stateful(d.lm_head(h), h, anchors, temps, uniforms,
                                                   noise)

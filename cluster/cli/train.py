@@ -94,9 +94,9 @@ def _add_drafter(which: Subparsers) -> None:
 def _add_draft_vocab(which: Subparsers) -> None:
     dv = which.add_parser("draft-vocab", help="rank the target's vocabulary by how often it "
                           "generates each token, into drafter checkpoints (draft_vocab.json)")
-    add_flag(dv, "--drafters", ",".join(str(DEFAULT_DRAFTERS / n) for n in VOCAB_DRAFTERS),
-             "comma-separated drafter checkpoint directories to write it into",
-             shown="the committed parallel drafters")
+    add_flag(dv, "--drafters", str(DEFAULT_DRAFTERS), "directory of drafter checkpoints: "
+             "the ranking goes into every parallel drafter (DSpark, DFlash) under it",
+             shown="checkpoints/drafters")
     add_flag(dv, "--target", str(DEFAULT_TARGET), "target checkpoint directory",
              shown="checkpoints/target")
     add_flag(dv, "--work-dir", "runs/drafters", "shared data cache (the drafters' training "
@@ -107,20 +107,17 @@ def _add_draft_vocab(which: Subparsers) -> None:
     add_switch(dv, "--no-progress", "no progress bar")
 
 
-VOCAB_DRAFTERS = ("dspark", "dspark-d1", "dspark-d2", "dspark-ce", "dflash", "dflash-d1",
-                  "dflash-d2", "dflash-l1")
-"""The committed parallel drafters (the ones that draft among a draft vocabulary)."""
-
-
 def run_draft_vocab(args: argparse.Namespace) -> int:
     from dspark.models.checkpoint import read_config
+    from dspark.models.drafter_checkpoint import read_drafter_config
     from dspark.training.draft_vocab import rank_drafters
     from dspark.training.drafter_data import DrafterDataConfig, prepare_drafter_data
 
     data_cfg = DrafterDataConfig(prompts_per_domain=args.prompts_per_domain, seed=args.seed)
     cache = prepare_drafter_data(args.target, args.work_dir, data_cfg,
                                  progress=not args.no_progress)
-    drafters = [d for d in args.drafters.split(",") if d]
+    drafters = [str(d) for d in sorted(Path(args.drafters).iterdir())
+                if (d / "config.json").is_file() and read_drafter_config(d).is_parallel]
     vocab = read_config(args.target).vocab_size
     source = (f"reply tokens of the drafter training data ({cache.num_samples} samples, "
               f"{data_cfg.prompts_per_domain} prompts per domain, seed {data_cfg.seed})")
