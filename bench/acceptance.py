@@ -40,10 +40,17 @@ class EvalConfig:
     coupled: bool = False
     """At T > 0: Gumbel coupling (each prompt a request seeded with seed + i) instead of
     rejection sampling (the paper's rule)."""
+    draft_vocab: int = 0
+    """DSpark and DFlash draft among their checkpoint's N most generated tokens, as the
+    serving engine's ``--draft-vocab`` (0: the whole vocabulary, as every other drafter:
+    the table compares methods)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.temperature <= 2.0:
             raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
+        if self.draft_vocab < 0:
+            raise ValueError(f"draft_vocab must be >= 0 (0: the whole vocabulary), got "
+                             f"{self.draft_vocab}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 

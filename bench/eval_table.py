@@ -94,7 +94,7 @@ def _job(args: tuple) -> tuple[str, str, list[dict], int]:
     drafter = load_drafter(drafter_dir, target)
     rounds = run_rounds(
         target, drafter, prompts, tokenizer.stop_ids, cfg.temperature, cfg.max_new_tokens,
-        cfg.seed, coupled=cfg.coupled,
+        cfg.seed, coupled=cfg.coupled, draft_vocab=cfg.draft_vocab,
     )
     return name, set_name, [asdict(r) for r in rounds.records], rounds.prompts
 

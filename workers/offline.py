@@ -63,15 +63,17 @@ class Rounds:
 
 
 def offline_engine(target, drafter, num_prompts: int, on_round=None, seed: int = 0,
-                   max_num_seqs: int = 16) -> Engine:
+                   max_num_seqs: int = 16, draft_vocab: int | None = None) -> Engine:
     """An engine for offline decoding: fixed budget (every proposed draft is verified, as
-    the paper's τ is measured), enough KV for ``max_num_seqs`` full contexts."""
+    the paper's τ is measured), enough KV for ``max_num_seqs`` full contexts;
+    ``draft_vocab``: ``EngineConfig.draft_vocab`` (None: the serving default)."""
     context = target.config.max_position_embeddings
     seqs = max(1, min(max_num_seqs, num_prompts))
     block = 16
     config = EngineConfig(
         budget="fixed", block_size=block, num_blocks=seqs * (-(-context // block) + 1),
         max_num_seqs=seqs, max_num_batched_tokens=max(1024, context), seed=seed,
+        **({} if draft_vocab is None else {"draft_vocab": draft_vocab}),
     )
     return Engine(target, drafter, config, UNIT_COST, on_round=on_round)
 
@@ -87,15 +89,18 @@ def run_rounds(
     coupled: bool = False,
     progress: bool = False,
     label: str = "rounds",
+    draft_vocab: int | None = None,
 ) -> Rounds:
     """Decode every prompt speculatively on the engine; record all rounds. Prompt i samples
     with seed + i: through rejection sampling (an unseeded request of an engine seeded with
-    ``seed``), or with ``coupled`` as a request seeded with seed + i (Gumbel coupling)."""
+    ``seed``), or with ``coupled`` as a request seeded with seed + i (Gumbel coupling).
+    ``draft_vocab``: ``offline_engine``'s."""
     from rich.progress import Progress
 
     out = Rounds()
     engine = offline_engine(target, drafter, len(prompts),
-                            lambda req_id, r: out.records.append(r), seed)
+                            lambda req_id, r: out.records.append(r), seed,
+                            draft_vocab=draft_vocab)
     with Progress(disable=not progress) as bar:
         task = bar.add_task(label, total=len(prompts))
         for i, ids in enumerate(prompts):

@@ -37,6 +37,9 @@ def add_parser(sub: Subparsers) -> None:
     add_flag(ev, "--seed", 980406, "Prompt i is decoded with seed + i.", type=int)
     add_switch(ev, "--coupled", "At T > 0: Gumbel coupling (each prompt a request seeded with "
                "seed + i) instead of rejection sampling (the paper's rule).")
+    add_flag(ev, "--draft-vocab", 0, "DSpark and DFlash draft among their checkpoint's N most "
+             "generated tokens, as the serving engine's ``--draft-vocab`` (0: the whole "
+             "vocabulary, as every other drafter: the table compares methods).", type=int)
     add_flag(ev, "--jobs", 2, "worker processes (one thread each)", type=int)
     add_flag(ev, "--out", "runs/eval", "JSON, markdown table and PNGs")
     add_switch(ev, "--no-progress", "no progress bar")
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = EvalConfig(
         temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
-        coupled=args.coupled,
+        coupled=args.coupled, draft_vocab=args.draft_vocab,
     )
     if args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
@@ -76,9 +79,11 @@ def run(args: argparse.Namespace) -> int:
     table = markdown(report)
     details = markdown_details(report)
     rule = "Gumbel coupling" if cfg.coupled else "rejection sampling"
+    vocab = (f"DSpark and DFlash drafting among {cfg.draft_vocab} tokens" if cfg.draft_vocab
+             else "whole vocabulary")
     header = (f"Command: `{command}`\n\nAccepted length τ per round (T={cfg.temperature}, "
               f"{rule}, block 7, bonus counted, pooled over rounds; decoded on the serving "
-              "engine, fixed budget)\n\n")
+              f"engine, fixed budget, {vocab})\n\n")
     (Path(args.out) / "acceptance.md").write_text(header + table + details)
     print(table)
     print(json.dumps(report["ratios"], indent=2))

@@ -50,3 +50,19 @@ def test_seeded_sampling_couples_the_drafter_and_keeps_the_plain_text(demo, demo
                     for ids, p in zip(prompts[:8], params)]
     tau = sum(r.committed for r in rounds) / len(rounds)
     assert tau > 1.3, tau
+
+
+def test_offline_engines_draft_vocabulary(demo, demo_target_dir):
+    """``dspark eval`` compares drafters over the whole vocabulary unless asked
+    (``EvalConfig.draft_vocab``); the offline engine otherwise drafts as serving does."""
+    from dspark.bench.acceptance import EvalConfig
+    from dspark.workers.engine_config import EngineConfig
+
+    target, _, _ = demo
+    drafter = load_drafter(demo_target_dir.parent / "drafters" / "dspark", target)
+    whole = offline_engine(target, drafter, 1, draft_vocab=EvalConfig().draft_vocab)
+    assert whole.draft_worker.vocab is None
+    served = offline_engine(target, drafter, 1)
+    assert served.draft_worker.vocab.ids.numel() == EngineConfig().draft_vocab
+    with pytest.raises(ValueError, match="draft_vocab must be >= 0"):
+        EvalConfig(draft_vocab=-1)
