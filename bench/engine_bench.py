@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from dspark.bench.closed_loop import ClosedLoop, interleave, run_cell
+from dspark.bench.paired import paired_markdown, paired_ratios
 from dspark.models.drafter_checkpoint import load_drafter
 from dspark.models.generation import SamplingParams
 from dspark.models.target import TargetModel
@@ -143,6 +144,8 @@ class Cell:
     """Time to first token, median over the cell's requests (arrival to first token on the
     engine's clock: queueing and the prefill step)."""
     ttft_p90_ms: float = 0.0
+    round: int = 0
+    """The round a measured cell ran in (a median over rounds: 0)."""
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -224,7 +227,7 @@ def run_benchmark(
                 interleave(loops)
                 for system, loop in zip(order, loops):
                     cell = summarize(system.label, temp, conc, *loop.result(), loop.ttft)
-                    cell.num_errors = engines[system.label].num_errors
+                    cell.num_errors, cell.round = engines[system.label].num_errors, rnd
                     raw.append(cell)
                     log(f"[{rnd + 1}/{cfg.rounds}] {cell_line(cell)}")
     cells = median_cells(raw)
@@ -235,9 +238,16 @@ def run_benchmark(
     errors = {label: e.num_errors for label, e in engines.items() if e.num_errors}
     if errors:
         raise RuntimeError(f"engine steps failed during the benchmark: {errors}")
+    rounds = [asdict(c) for c in raw]
     return {"cells": [asdict(c) for c in cells], "cost_tables": tables,
-            "ratios": ratios(cells), "config": asdict(cfg),
-            "rounds": [asdict(c) for c in raw]}
+            "ratios": ratios(cells), "config": asdict(cfg), "rounds": rounds,
+            "paired": paired_ratios(rounds, "system", "no-spec", [k for k, _ in PAIRED],
+                                    ("temperature", "concurrency"))}
+
+
+PAIRED = (("aggregate_tps", "aggregate tok/s"), ("per_user_tps", "per-user tok/s"),
+          ("ttft_p50_ms", "TTFT p50"), ("ttft_p90_ms", "TTFT p90"))
+"""The paired ratios against no-spec (``bench/paired.py``): key and column header."""
 
 
 def cell_line(cell: Cell) -> str:
@@ -367,6 +377,8 @@ def markdown(result: dict) -> str:
                 f"{ttft_ratios(r)} |"
             )
         lines.append("")
+    lines += paired_markdown(result.get("paired", []), "system",
+                             (("temperature", "T"), ("concurrency", "C")), PAIRED)
     return "\n".join(lines + depth_table(result))
 
 

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, replace
 import httpx
 
 from dspark.bench.engine_bench import baseline_ratios, turn_order
+from dspark.bench.paired import paired_ratios
 from dspark.bench.proc_cpu import app_pids, cpu_seconds
 from dspark.cluster.config import DEFAULT_DRAFTER, ServeConfig
 
@@ -239,32 +240,6 @@ PAIRED = ("aggregate_tps", "per_user_tps", "ttft_p50", "ttft_p90", "cpu_ms_per_t
 output token, ``bench/proc_cpu.py``; where measured)."""
 
 
-def paired_ratios(raw: Sequence[dict], label: str, baseline: str) -> list[dict]:
-    """Per (``label`` value, concurrency): each round's number over the ``baseline``'s in
-    the same round and at the same concurrency, for the ``PAIRED`` numbers; the median
-    over rounds with its min and max. A round's systems ran back to back, so a drift of
-    the machine's speed between rounds cancels out of the round's ratio."""
-    base = {(c["round"], c["concurrency"]): c for c in raw if c[label] == baseline}
-    groups: dict[tuple, list[dict]] = {}
-    for c in raw:
-        ref = base.get((c["round"], c["concurrency"]))
-        if c[label] == baseline or ref is None:
-            continue
-        groups.setdefault((c[label], c["concurrency"]), []).append(
-            {q: c[q] / ref[q] if ref[q] else float("nan") for q in PAIRED
-             if q in c and q in ref})
-    out = []
-    for (name, conc), rows in groups.items():
-        row = {label: name, "concurrency": conc, "baseline": baseline, "rounds": len(rows)}
-        for q in PAIRED:
-            values = [r[q] for r in rows if q in r]
-            if values:
-                row[q], row[f"{q}_min"], row[f"{q}_max"] = (statistics.median(values),
-                                                            min(values), max(values))
-        out.append(row)
-    return out
-
-
 def router_ratios(cells: Sequence[dict], baseline: str = "pow2") -> list[dict]:
     """Per router cell: aggregate tok/s and TTFT p50 / p90 over the ``baseline`` router's
     (medians; empty without the baseline)."""
@@ -441,8 +416,8 @@ def run_serve_benchmark(base: ServeConfig, prompts: Sequence[str], cfg: ServeBen
     baseline = cfg.baseline or ("no-spec" if "no-spec" in labels else labels[0] if labels
                                 else "")
     return {"cells": cells, "ratios": ratios(cells), "rounds": raw,
-            "paired": paired_ratios(raw, "system", baseline),
+            "paired": paired_ratios(raw, "system", baseline, PAIRED),
             "routers": router_cells, "router_ratios": router_ratios(router_cells),
             "router_rounds": router_raw,
-            "router_paired": paired_ratios(router_raw, "router", "pow2"),
+            "router_paired": paired_ratios(router_raw, "router", "pow2", PAIRED),
             "config": {**asdict(cfg), "serve": asdict(base)}}

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dspark.bench.engine_bench import ratio_columns
+from dspark.bench.paired import paired_markdown
 
 
 def spread(cell: dict, name: str, scale: float = 1.0, digits: int = 1) -> str:
@@ -24,30 +25,19 @@ def _x(row: dict | None, key: str) -> str:
 
 
 def markdown(result: dict) -> str:
-    return "\n".join(system_markdown(result) + paired_markdown(result.get("paired", []))
+    return "\n".join(system_markdown(result) + paired_table(result.get("paired", []))
                      + router_markdown(result)
-                     + paired_markdown(result.get("router_paired", []), "router")) + "\n"
+                     + paired_table(result.get("router_paired", []), "router")) + "\n"
 
 
-def paired_markdown(rows: Sequence[dict], label: str = "system") -> list[str]:
-    """The paired ratios: median [min–max] over rounds of the round's own ratio."""
-    if not rows:
-        return []
+PAIRED_COLUMNS = (("aggregate_tps", "aggregate tok/s"), ("per_user_tps", "per-user tok/s"),
+                  ("ttft_p50", "TTFT p50"), ("ttft_p90", "TTFT p90"),
+                  ("cpu_ms_per_token", "app CPU ms per token"))
 
-    def r(row: dict, q: str) -> str:
-        if q not in row:
-            return "–"
-        return f"{row[q]:.3f} [{row[q + '_min']:.3f}–{row[q + '_max']:.3f}]"
 
-    lines = ["", f"Paired ratios against {rows[0]['baseline']}: in each round, the {label}'s "
-             f"number over the baseline's in the same round and at the same C; the median "
-             f"over rounds with [min–max]:", "",
-             f"| {label} | C | rounds | aggregate tok/s | per-user tok/s | TTFT p50 | "
-             f"TTFT p90 | app CPU ms per token |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {row[label]} | {row['concurrency']} | {row['rounds']} | "
-              f"{r(row, 'aggregate_tps')} | {r(row, 'per_user_tps')} | {r(row, 'ttft_p50')} | "
-              f"{r(row, 'ttft_p90')} | {r(row, 'cpu_ms_per_token')} |" for row in rows]
-    return lines + [""]
+def paired_table(rows: Sequence[dict], label: str = "system") -> list[str]:
+    """The paired ratios of the HTTP benchmark (``bench/paired.py``)."""
+    return paired_markdown(rows, label, (("concurrency", "C"),), PAIRED_COLUMNS)
 
 
 def system_markdown(result: dict) -> list[str]:

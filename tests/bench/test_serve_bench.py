@@ -8,11 +8,12 @@ import asyncio
 
 import pytest
 
+from dspark.bench.paired import paired_ratios
 from dspark.bench.serve_bench import (
+    PAIRED,
     ServeBenchConfig,
     closed_loop,
     median_cells,
-    paired_ratios,
     ratios,
     router_ratios,
     turn_order,
@@ -133,7 +134,7 @@ def test_paired_ratios_cancel_a_drift_between_rounds():
     # the machine is twice as fast in round 1; B is 4 % slower than A in every round
     raw = [measured(r, "system", s, 4, agg * (2 if r else 1), ttft)
            for r in (0, 1, 2) for s, agg, ttft in (("A", 100.0, 0.10), ("B", 96.0, 0.11))]
-    rows = paired_ratios(raw, "system", "A")
+    rows = paired_ratios(raw, "system", "A", PAIRED)
     assert len(rows) == 1 and rows[0]["system"] == "B" and rows[0]["rounds"] == 3
     assert rows[0]["aggregate_tps"] == pytest.approx(0.96)
     assert rows[0]["aggregate_tps_min"] == pytest.approx(0.96)
