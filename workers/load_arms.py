@@ -15,10 +15,7 @@ class LoadArms:
     ``all`` arm is tried again after ``gap`` decode-only steps of its load, a gap that
     doubles while it loses (up to ``max_gap`` times 2^``level``: a step where everyone drafts
     costs more the more requests draft, and at high load it rarely pays) and resets when
-    it wins; a try lasts ``trial`` steps. Above ``max_load`` a load whose last try lost
-    lends its gap to every higher load (``lost``): drafting gains less the more requests a
-    step carries, so a higher load, tried or not, waits at least as long before its next
-    try (session 17).
+    it wins; a try lasts ``trial`` steps.
 
     NOTE: an arm's first steps are averaged, not weighed by ``alpha`` (weight ``1/n`` of
     the n-th step until that is below ``alpha``), and a retry after a gap starts the
@@ -47,8 +44,6 @@ class LoadArms:
         """Decode-only steps of each load since the ``all`` arm last ran there."""
         self.measured: object = None
         """The request (its record) the last try at load 0 measured."""
-        self.lost: dict[int, int] = {}
-        """Loads above ``max_load`` whose last try lost, with the gap it set."""
 
     @staticmethod
     def load(num_decoding: int) -> int:
@@ -85,9 +80,7 @@ class LoadArms:
                                     or drafted > self.margin * plain):
             return True
         new = load == 0 and alone is not None and alone is not self.measured
-        lent = max((gap for lower, gap in self.lost.items() if lower < load), default=0)
-        due = self.since[load] >= max(self.gap.get(load, self.min_gap), lent)
-        if (drafted is None and not lent) or new or due:
+        if drafted is None or new or self.since[load] >= self.gap.get(load, self.min_gap):
             self.since[load] = 0
             if load == 0:
                 self.measured = alone
@@ -116,11 +109,6 @@ class LoadArms:
         gap = self.gap.get(load, self.min_gap)
         cap = self.max_gap << self.level(load)
         self.gap[load] = self.min_gap if wins else min(2 * gap, cap)
-        if load > self.max_load:
-            if wins:
-                self.lost.pop(load, None)
-            else:
-                self.lost[load] = self.gap[load]
 
 
 def ewma(old: float, new: float, alpha: float) -> float:

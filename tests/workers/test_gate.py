@@ -452,33 +452,3 @@ def test_a_step_with_a_prefill_chunk_drafts_for_nobody_unless_asked():
         assert decide(g, [cand(6.0)], 1, 3, other_requests=1) == want
         assert decide(g, [cand(6.0)], 1, 0) == [True]  # decode-only: drafts either way
     assert not make_gate(7, cost, True, EngineConfig(budget="algorithm1")).with_prefill
-
-
-def test_a_loss_above_the_arms_loads_defers_the_tries_of_higher_loads():
-    """Drafting lost at 8 decoding requests (load 7): at 16 (load 8) it is not tried at
-    once but after load 7's gap, and once load 7's drafting wins, load 8 has its own
-    gap again."""
-    arms = LoadArms(gap=4)
-    lo, hi = LoadArms.load(8), LoadArms.load(16)
-    assert LoadArms.max_load < lo < hi
-
-    def try_at(load, seconds):  # one try: trial steps of the all arm
-        assert arms.everyone(load)
-        for _ in range(LoadArms.trial):
-            arms.observe(load, "all", 8, seconds, verified=4)
-
-    arms.observe(lo, "none", 8, 0.010)
-    try_at(lo, 0.020)  # half the tokens per second: lost, the gap doubles to 8
-    assert arms.lost == {lo: 8}
-    arms.observe(hi, "none", 16, 0.015)
-    waited = 1
-    while not arms.everyone(hi):
-        waited += 1
-    assert waited == 8  # without load 7's loss: tried at its first step
-    for _ in range(LoadArms.trial):
-        arms.observe(hi, "all", 16, 0.030, verified=4)  # lost at load 8 too
-    while not arms.everyone(lo):
-        arms.observe(lo, "none", 8, 0.010)
-    for _ in range(LoadArms.trial):
-        arms.observe(lo, "all", 16, 0.010, verified=4)  # twice the tokens: load 7 wins
-    assert lo not in arms.lost and arms.lost == {hi: 8}
