@@ -117,6 +117,8 @@ SYSTEMS = (
     System("dspark-alg1-fullvocab", "dspark", "algorithm1", vocab=0),
     # the 1-layer drafter over the whole vocabulary
     System("dspark-d1-fullvocab", "dspark-d1", "algorithm1", vocab=0),
+    # the serving default (2 layers) drafting over the whole vocabulary
+    System("dspark-d2-fullvocab", "dspark-d2", "algorithm1", vocab=0),
 )
 
 
