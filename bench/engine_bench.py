@@ -243,7 +243,7 @@ def run_benchmark(
     rounds = [asdict(c) for c in raw]
     return {"cells": [asdict(c) for c in cells], "cost_tables": tables,
             "ratios": ratios(cells), "config": asdict(cfg), "rounds": rounds,
-            "paired": paired_ratios(rounds, "system", "no-spec", [k for k, _ in PAIRED],
+            "paired": paired_ratios(rounds, "system", "no-spec", PAIRED,
                                     ("temperature", "concurrency"))}
 
 

@@ -11,12 +11,16 @@ import statistics
 from collections.abc import Sequence
 
 
-def paired_ratios(raw: Sequence[dict], label: str, baseline: str, numbers: Sequence[str],
+def paired_ratios(raw: Sequence[dict], label: str, baseline: str,
+                  columns: Sequence[tuple[str, str]],
                   within: Sequence[str] = ("concurrency",)) -> list[dict]:
-    """Per (``label`` value, ``within`` values): each round's ``numbers`` over the
+    """Per (``label`` value, ``within`` values): each round's numbers (the keys of
+    ``columns``, (key, header) pairs as ``paired_markdown`` takes them) over the
     ``baseline``'s in the same round with the same ``within`` values; the median over
     rounds with its min and max (``<number>_min``, ``<number>_max``). Every record of
     ``raw`` carries ``round``."""
+    numbers = [key for key, _ in columns]
+
     def cell(c: dict) -> tuple:
         return tuple(c[k] for k in within)
 

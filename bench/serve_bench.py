@@ -235,9 +235,11 @@ def ratios(cells: Sequence[dict]) -> list[dict]:
     return rows
 
 
-PAIRED = ("aggregate_tps", "per_user_tps", "ttft_p50", "ttft_p90", "cpu_ms_per_token")
-"""Numbers of the paired ratios (``cpu_ms_per_token``: the app's processes' CPU time per
-output token, ``bench/proc_cpu.py``; where measured)."""
+PAIRED = (("aggregate_tps", "aggregate tok/s"), ("per_user_tps", "per-user tok/s"),
+          ("ttft_p50", "TTFT p50"), ("ttft_p90", "TTFT p90"),
+          ("cpu_ms_per_token", "app CPU ms per token"))
+"""Numbers of the paired ratios, key and column header (``cpu_ms_per_token``: the app's
+processes' CPU time per output token, ``bench/proc_cpu.py``; where measured)."""
 
 
 def router_ratios(cells: Sequence[dict], baseline: str = "pow2") -> list[dict]:

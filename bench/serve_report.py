@@ -9,6 +9,7 @@ from pathlib import Path
 
 from dspark.bench.engine_bench import ratio_columns
 from dspark.bench.paired import paired_markdown
+from dspark.bench.serve_bench import PAIRED
 
 
 def spread(cell: dict, name: str, scale: float = 1.0, digits: int = 1) -> str:
@@ -30,14 +31,9 @@ def markdown(result: dict) -> str:
                      + paired_table(result.get("router_paired", []), "router")) + "\n"
 
 
-PAIRED_COLUMNS = (("aggregate_tps", "aggregate tok/s"), ("per_user_tps", "per-user tok/s"),
-                  ("ttft_p50", "TTFT p50"), ("ttft_p90", "TTFT p90"),
-                  ("cpu_ms_per_token", "app CPU ms per token"))
-
-
 def paired_table(rows: Sequence[dict], label: str = "system") -> list[str]:
     """The paired ratios of the HTTP benchmark (``bench/paired.py``)."""
-    return paired_markdown(rows, label, (("concurrency", "C"),), PAIRED_COLUMNS)
+    return paired_markdown(rows, label, (("concurrency", "C"),), PAIRED)
 
 
 def system_markdown(result: dict) -> list[str]:

@@ -73,7 +73,7 @@ def offline_engine(target, drafter, num_prompts: int, on_round=None, seed: int =
     config = EngineConfig(
         budget="fixed", block_size=block, num_blocks=seqs * (-(-context // block) + 1),
         max_num_seqs=seqs, max_num_batched_tokens=max(1024, context), seed=seed,
-        **({} if draft_vocab is None else {"draft_vocab": draft_vocab}),
+        draft_vocab=EngineConfig.draft_vocab if draft_vocab is None else draft_vocab,
     )
     return Engine(target, drafter, config, UNIT_COST, on_round=on_round)
 
