@@ -76,6 +76,9 @@ class System:
     """``EngineConfig.draft_with_prefill``."""
     vocab: int = EngineConfig.draft_vocab
     """``EngineConfig.draft_vocab``."""
+    light: str | None = None
+    """The engine's light drafter (a subdirectory of the drafters directory; ``Engine``'s
+    ``light_drafter``), or None."""
 
     def engine_fields(self) -> dict:
         """The ``EngineConfig`` fields this system sets."""
@@ -119,6 +122,8 @@ SYSTEMS = (
     System("dspark-d1-fullvocab", "dspark-d1", "algorithm1", vocab=0),
     # the serving default (2 layers) drafting over the whole vocabulary
     System("dspark-d2-fullvocab", "dspark-d2", "algorithm1", vocab=0),
+    # the 2-layer DSpark with MTP-1 beside it for the steps its gate drafts for nobody
+    System("dspark-d2-mtp", "dspark-d2", "algorithm1", light="mtp"),
 )
 
 
@@ -204,8 +209,9 @@ def run_benchmark(
     tables = {}
     for system in systems:
         drafter = load_drafter(Path(drafters_dir) / system.drafter, target) if system.drafter else None
+        light = load_drafter(Path(drafters_dir) / system.light, target) if system.light else None
         ecfg = EngineConfig(**{**asdict(base), **system.engine_fields(), "seed": cfg.seed})
-        engine = Engine(target, drafter, ecfg)
+        engine = Engine(target, drafter, ecfg, light_drafter=light)
         tables[system.label] = {"profiled": asdict(engine.profiled_cost_table)}
         # warm-up, not measured
         run_cell(engine, prompts, stop_ids, 2, 2, lambda i: SamplingParams(max_tokens=8))

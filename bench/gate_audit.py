@@ -39,12 +39,13 @@ def audit_gate(engine, loop_args) -> dict:
                 promised[id(c.record)] = c.record.gain if c.record.gain is not None else gate.gain
         return picks
 
-    def audited_observe(records, lengths, accepted, idle=(), seconds=None):
+    def audited_observe(records, lengths, accepted, idle=(), seconds=None, others=0,
+                        written=0.0):
         pairs.extend((promised[id(r)], a) for r, a in zip(records, accepted) if id(r) in promised)
         if gate.prediction is not None and seconds:
             (drafted, mixed), predicted = gate.prediction
             steps.append((drafted, predicted * gate.step_realism[drafted, mixed], seconds))
-        return observe(records, lengths, accepted, idle, seconds)
+        return observe(records, lengths, accepted, idle, seconds, others, written)
 
     assert isinstance(gate, CostGate)
     gate.choose, gate.observe = audited_choose, audited_observe

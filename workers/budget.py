@@ -25,6 +25,7 @@ candidates before deciding earlier ones does not (paper Appendix A).
 from __future__ import annotations
 
 import bisect
+import copy
 import logging
 import math
 from collections import deque
@@ -201,13 +202,30 @@ class CostModel:
             verify_seconds *= equal / self.verify_seconds(verify_tokens)
             verify_tokens = most
         self.verify.observe(verify_tokens, verify_seconds)
-        if drafted and self.draft is not None:
-            self.draft.observe(drafted, draft_seconds)
+        self.observe_draft(drafted, draft_seconds)
         if verify_seconds > 0:
             ratio = other_seconds / verify_seconds
             self.overhead += self.overhead_alpha * (ratio - self.overhead)
 
+    def sibling(self, draft: StepCostTable, write_row: float) -> CostModel:
+        """The cost model of a second drafter of the same engine (its light drafter): its
+        own drafting table and row price; the verify table, the overhead and the group are
+        this model's, which the engine keeps in step (``follow``)."""
+        other = copy.copy(self)  # NOTE: shallow: ``verify`` is the one shared table
+        other.draft = OnlineCostTable(draft, keep_shape=self.verify.keep_shape)
+        other.write_row = write_row
+        return other
+
+    def follow(self, primary: CostModel) -> None:
+        """Take ``primary``'s overhead and group (a ``sibling`` after each step)."""
+        self.overhead, self.group = primary.overhead, primary.group
+
     write_alpha = 0.2
+
+    def observe_draft(self, drafted: int, seconds: float) -> None:
+        """A proposal for ``drafted`` requests took ``seconds`` (its rows' writes apart)."""
+        if drafted and self.draft is not None:
+            self.draft.observe(drafted, seconds)
 
     def observe_write(self, rows: int, seconds: float) -> None:
         """A proposal's writes of deferred rows (batches of at least 64 rows: in smaller

@@ -70,7 +70,9 @@ def profile_write_cost(worker: DraftWorker, rows: int, num_blocks: int, repeats:
         block_tables=torch.arange(blocks, device=device)[None],
         max_q=rows,
     )
-    return median_seconds(lambda: worker.extend(batch), repeats, device) / rows
+    seconds = median_seconds(lambda: worker.extend(batch), repeats, device)
+    worker.forget("profile-write")
+    return seconds / rows
 
 
 def median_seconds(call, repeats: int, device) -> float:

@@ -66,20 +66,24 @@ class ExtendBatch:
 class DraftWorker:
     """Holds the drafter's paged cache; prepares extend and propose inputs per step.
 
-    Parallel drafters (DSpark, DFlash) extend lazily in the engine (``lazy``): every fed
-    row's target features are stored at its KV slot, and a request's unwritten context rows,
-    prompt rows included, are written in one batched call when it drafts
-    (``SlotFeatures``). A step in which nobody drafts then writes no drafter K/V and does
-    no work per request, so it costs about what a plain step costs."""
+    Every drafter extends lazily in the engine (``lazy``): every fed row's target features
+    are stored at its KV slot, and a request's unwritten context rows, prompt rows
+    included, are written in one batched call when it drafts (``SlotFeatures``). A step in
+    which nobody drafts then writes no drafter K/V and does no work per request, so it
+    costs about what a plain step costs. An autoregressive drafter's (EAGLE-3, MTP-1) write
+    is its layer over the unwritten pairs, which also gives the hidden its drafts start
+    from; its pair before the anchor is run again whenever it drafts (``flush``)."""
 
     def __init__(self, drafter: Drafter, num_blocks: int, block_size: int,
                  lazy: bool = False, vocab: int = 0) -> None:
-        """``lazy``: a parallel drafter's rows are written when read (``SlotFeatures``);
-        else every committed row is written at once. ``vocab``: a parallel drafter drafts
+        """``lazy``: the drafter's rows are written when read (``SlotFeatures``); else
+        every committed row is written at once. ``vocab``: a parallel drafter drafts
         among this many of its ranking's tokens (``DraftVocab``; 0: all)."""
         cfg = drafter.config
         self.drafter, self.config, self.block_size = drafter, cfg, block_size
         self.autoregressive = isinstance(drafter, AutoregressiveDrafter)
+        self.from_hidden = cfg.method == "mtp"
+        """It reads the target's final normed hidden (MTP-1), not feature layers."""
         self.vocab = None if self.autoregressive else DraftVocab.of(drafter, vocab)
         num_layers = 1 if self.autoregressive else cfg.num_layers
         param = drafter.lm_head.weight
@@ -91,17 +95,24 @@ class DraftWorker:
         self.last_flush = (0, 0.0)
         """(rows, seconds) the last ``propose_step`` wrote before proposing."""
         self._buffers: dict[str, torch.Tensor] = {}
-        self.lazy = lazy and not self.autoregressive
-        self.slots = None if self.autoregressive else SlotFeatures(
-            num_blocks * block_size, cfg.feature_dim, param.dtype, param.device)
+        self.lazy = lazy
+        self.slots = SlotFeatures(num_blocks * block_size, cfg.feature_dim, param.dtype,
+                                  param.device) if lazy else None
         self.upto: dict[str, int | list[int]] = {}
         """Positions of each live request known written (its context when it last drafted,
         or its leading prefix-cache hits; their block ids until counted); what it owes is
         counted from there."""
 
     def ready(self, req_id: str) -> bool:
-        """Can propose for this request (autoregressive drafters need its last output)."""
-        return not self.autoregressive or req_id in self.last_h
+        """Can propose for this request (an autoregressive drafter that writes at once
+        needs its last output; a lazy one computes it when it drafts)."""
+        return self.lazy or not self.autoregressive or req_id in self.last_h
+
+    def features_of(self, features: torch.Tensor | None, hidden: torch.Tensor
+                    ) -> torch.Tensor:
+        """What this drafter reads of a verify forward's rows (``RunnerOutput``'s
+        ``features`` and ``hidden``)."""
+        return hidden if self.from_hidden else features
 
     def forget(self, req_id: str) -> None:
         """A request leaves (finished, cancelled or preempted): its state is dropped (its
@@ -152,15 +163,15 @@ class DraftWorker:
     # ------------------------------------------------------------------ a step
     def caps(self, decoding: Sequence[StepSeq], rooms: Sequence[int]) -> list[int]:
         """Drafts each decoding request could propose this step at most (0: it cannot
-        draft): its lookahead room (``Scheduler.lookahead_room``) and its remaining
-        max_tokens."""
-        caps = []
+        draft): its lookahead room (``Scheduler.lookahead_room``), its remaining
+        max_tokens, and the drafter's block."""
+        caps, block = [], self.config.block_size
         for s, room in zip(decoding, rooms):
             remaining = s.request.max_tokens - len(s.request.output_ids)
             # NOTE: a prefix-cache hit can leave a request decoding before the drafter has seen
             # any of its rows; it drafts from the next step on
             ready = self.ready(s.request.req_id)
-            caps.append(max(0, min(room, remaining - 1)) if ready else 0)
+            caps.append(max(0, min(room, remaining - 1, block)) if ready else 0)
         return caps
 
     @torch.no_grad()
@@ -231,16 +242,51 @@ class DraftWorker:
         if not self.lazy or not seqs:
             return 0
         dev = tables.device
-        slots, positions = self.slots.unwritten(
-            tables.index_select(0, torch.tensor([s.row for s in seqs], device=dev)),
-            torch.tensor([s.start for s in seqs], device=dev), self.block_size)
+        rows = tables.index_select(0, torch.tensor([s.row for s in seqs], device=dev))
+        starts = torch.tensor([s.start for s in seqs], device=dev)
+        if self.autoregressive:
+            # NOTE: the pair before the anchor is run whatever its flag: its output is the
+            # hidden this request's drafts start from
+            last = token_slots(rows, torch.arange(len(seqs), device=dev), starts - 1,
+                               self.block_size)
+            self.slots.written.index_fill_(0, last, False)
+        slots, positions, counts = self.slots.unwritten(rows, starts, self.block_size)
         for s in seqs:
             self.upto[s.request.req_id] = s.start
         num = slots.numel()
-        if num:
+        if num and self.autoregressive:
+            self._write_pairs(seqs, slots, positions, counts, rows)
+        elif num:
             self._write_context(self.slots.features[slots], positions, slots)
+        if num:
             self.slots.mark_written(slots)
         return num
+
+    def _write_pairs(self, seqs: Sequence[StepSeq], slots: torch.Tensor,
+                     positions: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor
+                     ) -> None:
+        """An autoregressive drafter's unwritten pairs (each position's stored features
+        with the committed token after it), request by request in position order, through
+        its layer (``extend``), which leaves each request's last output in ``last_h``."""
+        pos, per = positions.tolist(), counts.tolist()
+        next_ids, at = [], 0
+        for s, n in zip(seqs, per):
+            ids = s.request.all_ids
+            next_ids += [ids[p + 1] for p in pos[at : at + n]]
+            at += n
+        dev = rows.device
+        cu = [0]
+        for n in per:
+            cu.append(cu[-1] + n)
+        self.extend(ExtendBatch(
+            req_ids=[s.request.req_id for s in seqs],
+            features=self.slots.features[slots],
+            next_ids=torch.tensor(next_ids, device=dev),
+            positions=positions,
+            cu=torch.tensor(cu, device=dev),
+            block_tables=rows,
+            max_q=max(per),
+        ))
 
     def _write_context(self, features: torch.Tensor, positions: torch.Tensor,
                        slots: torch.Tensor) -> None:

@@ -23,12 +23,19 @@ from dspark.models.drafter_checkpoint import Drafter
 from dspark.models.generation import SamplingParams
 from dspark.models.target import TargetModel
 from dspark.workers.block_manager import BlockManager
-from dspark.workers.budget import CostModel, GroupLoad, StepCostTable, make_budget
+from dspark.workers.budget import (
+    CostModel,
+    FixedBudget,
+    GroupLoad,
+    StepCostTable,
+    make_budget,
+)
 from dspark.workers.draft_profile import profile_drafting
 from dspark.workers.drafting import DraftWorker
 from dspark.workers.engine_config import EngineConfig
 from dspark.workers.expert_parallel import forward_empty
-from dspark.workers.gate import CostGate, GateCandidate, make_gate
+from dspark.workers.gate import DraftGate, make_gate
+from dspark.workers.lanes import DraftLane, light_lane, observe_lanes, propose_lane
 from dspark.workers.model_runner import ModelRunner, profile_step_costs
 from dspark.workers.sampling import sample_step, score_prompts
 from dspark.workers.scheduler import Request, RequestResult, Scheduler, SchedulerConfig
@@ -74,17 +81,22 @@ class Engine:
         cost_table: StepCostTable | None = None,
         draft_cost_table: StepCostTable | None = None,
         *,
+        light_drafter: Drafter | None = None,
+        light_cost_table: StepCostTable | None = None,
         group_load: Callable[[], GroupLoad] | None = None,
         lockstep: bool = False,
         on_round: Callable[[str, RoundRecord], None] | None = None,
     ) -> None:
-        """``group_load``: cluster budget: what the other ranks of this replica's
+        """``light_drafter``: MTP-1 beside ``drafter`` for the steps whose gate drafts for
+        nobody (``dspark.workers.lanes``), with its drafting costs ``light_cost_table``.
+        ``group_load``: cluster budget: what the other ranks of this replica's
         expert-parallel group did last step (None: priced alone). ``lockstep``: this
         engine is one rank of an expert-parallel group: every step runs exactly one target
         forward (an empty one when nothing is scheduled). ``on_round``: called with every
         drafted request's round (proposed, accepted, committed, confidences)."""
         cfg = config or EngineConfig()
         cfg.check_drafter(drafter, target)
+        cfg.check_light_drafter(light_drafter, drafter, target)
         self.config, self.target, self.drafter = cfg, target, drafter
         self.lockstep, self.on_round = lockstep, on_round
         self.gamma = cfg.gamma(drafter)
@@ -94,13 +106,30 @@ class Engine:
             num_lookahead=self.gamma, max_model_len=target.config.max_position_embeddings,
         ), self.blocks)
         layers = drafter.config.feature_layers if drafter is not None else ()
-        from_hidden = drafter is not None and drafter.config.method == "mtp"
-        self.runner = ModelRunner(target, cfg.num_blocks, cfg.block_size, layers, from_hidden)
+        self.runner = ModelRunner(target, cfg.num_blocks, cfg.block_size, layers)
         self.draft_worker = None
         if drafter is not None:
             self.draft_worker = DraftWorker(drafter, cfg.num_blocks, cfg.block_size,
                                             lazy=True, vocab=cfg.draft_vocab)
         self.device = target.lm_head.weight.device
+        self._price(drafter, cost_table, draft_cost_table, light_drafter, light_cost_table,
+                    group_load)
+        self.lane: DraftLane | None = None
+        """The lane that drafted this step (None: nobody drafted)."""
+        self.states: dict[str, RequestState] = {}
+        self.on_request_step: Callable[[list[RequestStep]], None] | None = None
+        """Observer of every request's part in every step (tracing); None: not built."""
+        self.gate_notes: dict[str, tuple[str, int]] = {}
+        """This step's gate decision per decoding request: (reason, cap); kept only with
+        ``on_request_step``."""
+        self.step_count = self.num_errors = 0
+        self._ids, self._seeds = itertools.count(), itertools.count()
+
+    def _price(self, drafter, cost_table, draft_cost_table, light_drafter, light_cost_table,
+               group_load) -> None:
+        """The cost model (profiled here unless given), the budget, the gates and the
+        drafters' lanes (``__init__``'s arguments of the same names)."""
+        cfg = self.config
         self.profiled_cost_table = cost_table or profile_step_costs(
             self.runner, cfg.verify_profile_sizes(), cfg.max_num_seqs, cfg.profile_context,
             cfg.num_blocks)
@@ -115,15 +144,22 @@ class Engine:
         temps = drafter.config.sts_temperatures if drafter is not None else None
         sts = torch.tensor(temps or [1.0] * max(self.gamma, 1), device=self.device)
         self.budget = make_budget(cfg.budget, self.costs, sts, cfg.threshold, group_load)
-        self.gate = make_gate(self.gamma, self.costs, gated, cfg)
-        self.states: dict[str, RequestState] = {}
-        self.on_request_step: Callable[[list[RequestStep]], None] | None = None
-        """Observer of every request's part in every step (tracing); None: not built."""
-        self.gate_notes: dict[str, tuple[str, int]] = {}
-        """This step's gate decision per decoding request: (reason, cap); kept only with
-        ``on_request_step``."""
-        self.step_count = self.num_errors = 0
-        self._ids, self._seeds = itertools.count(), itertools.count()
+        self._gate = make_gate(self.gamma, self.costs, gated, cfg)
+        # NOTE: the lanes are asked in order each step; the first that drafts drafts it
+        self.lanes = [DraftLane(self.draft_worker, self._gate, self.costs, False)
+                      ] if self.draft_worker is not None else []
+        if light_drafter is not None:
+            self.lanes.append(light_lane(light_drafter, cfg, self.costs, light_cost_table))
+        self.light_budget = FixedBudget(self.costs, sts)
+
+    @property
+    def gate(self) -> DraftGate:
+        """The main drafter's gate (a test may replace it)."""
+        return self._gate
+
+    @gate.setter
+    def gate(self, gate: DraftGate) -> None:
+        self._gate = self.lanes[0].gate = gate
 
     def set_confidence_temperatures(self, temperatures) -> None:
         """The budget's per-position STS temperatures (a calibration refit); call it on the
@@ -182,8 +218,8 @@ class Engine:
 
     def _forget(self, req_id: str) -> None:
         self.states.pop(req_id, None)
-        if self.draft_worker is not None:
-            self.draft_worker.forget(req_id)
+        for lane in self.lanes:
+            lane.worker.forget(req_id)
 
     # ------------------------------------------------------------------ the step
     def step(self) -> StepResult:
@@ -196,8 +232,8 @@ class Engine:
         seqs = [StepSeq.create(row, item, self.scheduler.requests[item.req_id],
                                self.states[item.req_id])
                 for row, item in enumerate(sched.scheduled)]
-        if self.draft_worker is not None:
-            self.draft_worker.admit(sched.preempted, sched.admitted, self.blocks)
+        for lane in self.lanes:
+            lane.worker.admit(sched.preempted, sched.admitted, self.blocks)
         forwards = self.runner.num_forwards
         try:
             return self._run(sched, seqs, clock)
@@ -221,17 +257,19 @@ class Engine:
         plan = None
         if proposal is not None:
             undrafted = len(decoding) - len(proposal.seqs)
-            plan = self.budget.plan(proposal.conf_logits, proposal.caps, load + undrafted,
-                                    prefilling + undrafted)
+            budget = self.light_budget if proposal.light else self.budget
+            plan = budget.plan(proposal.conf_logits, proposal.caps, load + undrafted,
+                               prefilling + undrafted)
         clock.append(time.perf_counter())
         result, rows, num_rows = self.runner.verify(seqs, proposal, plan, tables)
         clock.append(time.perf_counter())
         score_prompts(rows, result.logits)
         verified = Verified(*sample_step(rows, proposal, result.logits), num_rows)
         clock.append(time.perf_counter())
-        if self.draft_worker is not None:
-            self.draft_worker.extend_step(rows, verified.new_tokens, result.features,
-                                          result.slots, tables)
+        for lane in self.lanes:
+            lane.worker.extend_step(rows, verified.new_tokens,
+                                    lane.worker.features_of(result.features, result.hidden),
+                                    result.slots, tables)
         outputs = self._commit(sched, seqs, proposal, plan, verified.new_tokens)
         clock.append(time.perf_counter())
         self._learn(decoding, proposal, plan, verified, clock)
@@ -243,39 +281,16 @@ class Engine:
 
     def _propose(self, sched, seqs, decoding: list[StepSeq], load: int, prefilling: float,
                  tables) -> tuple[DraftProposal | None, torch.Tensor]:
-        """The gate picks which decoding requests draft, the scheduler grants them
-        lookahead slots, and the drafter drafts for them; returns the proposal and the
-        step's block tables (grown by the grants)."""
-        if self.draft_worker is None or not decoding:
-            return None, tables
-        declined = self.gate.declines(len(decoding), load, prefilling)
-        if declined and self.on_request_step is None:
-            return None, tables  # NOTE: no pass over the requests
-        caps = self.draft_worker.caps(decoding, [self.scheduler.lookahead_room(s.request)
-                                                 for s in decoding])
-        able = [(s, c) for s, c in zip(decoding, caps) if c > 0]
-        picks = [False] * len(able) if declined else self.gate.choose(
-            gate_candidates(able, self.draft_worker.owed), len(decoding), load, prefilling)
-        chosen = [sc for sc, pick in zip(able, picks) if pick]
-        if self.on_request_step is not None:
-            self._note_gate(decoding, caps, able, picks)
-        granted = self.scheduler.grant_lookahead(
-            sched, [(s.request.req_id, c) for s, c in chosen]) if chosen else []
-        chosen = [(s, n) for (s, _), n in zip(chosen, granted) if n > 0]
-        if not chosen:
-            return None, tables
-        tables = block_tables(self.blocks, seqs, self.device)  # NOTE: grants add blocks
-        return self.draft_worker.propose_step([s for s, _ in chosen], [n for _, n in chosen],
-                                              tables), tables
-
-    def _note_gate(self, decoding, caps, able, picks) -> None:
-        probes = self.gate.probes if isinstance(self.gate, CostGate) else None
-        notes = {s.request.req_id: ("no_room", c) for s, c in zip(decoding, caps)}
-        for i, ((s, cap), pick) in enumerate(zip(able, picks)):
-            reason = ("always" if probes is None else "probe" if i in probes
-                      else "arm" if self.gate.by_arm else "cost")
-            notes[s.request.req_id] = (reason if pick else "gated_off", cap)
-        self.gate_notes = notes
+        """Each lane in turn (``lanes``, ``propose_lane``) until one drafts for someone;
+        returns its proposal and the step's block tables (grown by its grants)."""
+        self.lane = None
+        for lane in self.lanes if decoding else ():
+            proposal, tables = propose_lane(self, lane, sched, seqs, decoding, load,
+                                            prefilling, tables)
+            if proposal is not None:
+                self.lane = lane
+                return proposal, tables
+        return None, tables
 
     def _observe_requests(self, seqs, proposal, plan, verified: Verified, stats) -> None:
         """Every request's part in this step, to ``on_request_step`` (which never fails the
@@ -288,25 +303,25 @@ class Engine:
             logger.exception("on_request_step observer failed")
 
     def _learn(self, decoding, proposal, plan, verified: Verified, clock: list[float]) -> None:
-        """Refine the cost model (verify forward; drafting = proposing) and the gate's
-        per-request records."""
-        if self.draft_worker is not None:
-            drafted = proposal.seqs if proposal is not None else []
-            ids = {s.request.req_id for s in drafted}
-            self.gate.observe(
-                [s.state.drafting for s in drafted], plan.lengths if plan is not None else [],
-                [verified.num_accepted[s.request.req_id] for s in drafted],
-                [s.state.drafting for s in decoding if s.request.req_id not in ids],
-                clock[-1] - clock[0])
+        """Refine the cost model (verify forward; drafting = proposing) and every lane's
+        gate and per-request records (a lane that did not draft saw its requests decode
+        without drafting)."""
+        drafted = proposal.seqs if proposal is not None else []
+        written = self.lane.worker.last_flush[1] if self.lane is not None else 0.0
+        observe_lanes(self.lanes, self.lane, decoding, drafted, plan, verified.num_accepted,
+                      clock[-1] - clock[0], written)
         # NOTE: drafting is charged its proposal; the deferred drafter-cache rows the
         # proposal wrote first (``DraftWorker.flush``) are priced per row apart
         verify, draft = clock[4] - clock[3], clock[2] - clock[1]
-        written = 0.0
-        if proposal is not None:
-            rows, written = self.draft_worker.last_flush
-            self.costs.observe_write(rows, written)
-        self.costs.observe(verified.num_tokens, verify, len(proposal.seqs) if proposal else 0,
+        main = self.lane is not None and not self.lane.light
+        if self.lane is not None:
+            self.lane.costs.observe_write(self.lane.worker.last_flush[0], written)
+        self.costs.observe(verified.num_tokens, verify, len(drafted) if main else 0,
                            draft - written, clock[-1] - clock[0] - verify - draft)
+        for lane in self.lanes[1:]:
+            if lane is self.lane:
+                lane.costs.observe_draft(len(drafted), draft - written)
+            lane.costs.follow(self.costs)
 
     def _commit(self, sched, seqs: list[StepSeq], proposal: DraftProposal | None, plan,
                 new_tokens: dict[str, list[int]]) -> list[RequestOutput]:
@@ -372,10 +387,3 @@ def record_rounds(proposal: DraftProposal, plan, new_tokens: dict[str, list[int]
                     n, accepted, committed, conf[i][:n] if conf is not None else None))
             except Exception:  # NOTE: an observer never fails committed requests
                 logger.exception("on_round observer failed")
-
-
-def gate_candidates(able: list[tuple[StepSeq, int]], owed: Callable[[str, int], int]
-                    ) -> list[GateCandidate]:
-    """The gate's view of each decoding request that could draft (with its cap)."""
-    return [GateCandidate(s.state.drafting, cap, owed(s.request.req_id, s.start),
-                          s.request.max_tokens - len(s.request.output_ids)) for s, cap in able]

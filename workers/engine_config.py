@@ -119,6 +119,21 @@ class EngineConfig:
                 f"budget {self.budget.value!r} needs a drafter with a confidence head "
                 f"(dspark); {drafter.config.method} has none: use budget='fixed'")
 
+    def check_light_drafter(self, light, drafter, target) -> None:
+        """A light drafter (``Engine``'s ``light_drafter``) is a one-slot MTP-1 beside a
+        main drafter, under the cost gate that decides when each drafts."""
+        if light is None:
+            return
+        light.config.check_target(target.config)
+        if light.config.method != "mtp":
+            raise ValueError(f"light_drafter must be an mtp drafter (one slot), got "
+                             f"{light.config.method}")
+        if drafter is None or drafter.config.method == "mtp":
+            raise ValueError("light_drafter needs a main drafter other than mtp")
+        if not self.gates_drafting:
+            raise ValueError("light_drafter needs the cost gate (draft_gating with budget "
+                             "algorithm1, topk or cluster)")
+
     def gamma(self, drafter) -> int:
         """Drafts proposed per request per step (0 without a drafter)."""
         if drafter is None:

@@ -116,9 +116,13 @@ class DraftGate:
 
     def observe(self, records: Sequence[DraftRecord], lengths: Sequence[int],
                 accepted: Sequence[int], idle: Sequence[DraftRecord] = (),
-                seconds: float | None = None) -> None:
+                seconds: float | None = None, others: int = 0, written: float = 0.0
+                ) -> None:
         """After a step: ``records`` drafted, with the ℓ_r verified and the drafts
-        accepted of each; ``idle`` decoded without drafting; ``seconds`` the whole step."""
+        accepted of each; ``idle`` decoded without drafting with this gate's drafter;
+        ``seconds`` the whole step; ``others``: drafts accepted in it that another
+        drafter of the engine proposed (its light drafter's); ``written``: seconds of it
+        spent writing deferred drafter rows (``DraftWorker.flush``)."""
         for rec in idle:
             rec.idle += 1
         for rec, ell, gain in zip(records, lengths, accepted):
@@ -165,12 +169,14 @@ class CostGate(DraftGate):
 
     def __init__(self, gamma: int, cost: CostModel, probe_every: int,
                  margin: float = MARGIN, prior: float = 0.0, arms: bool = False,
-                 with_prefill: bool = True) -> None:
+                 with_prefill: bool = True, max_load: int = LoadArms.max_load) -> None:
         """``prior``: ``EngineConfig.draft_prior`` (0 here: each record as it stands);
         ``arms``: ``EngineConfig.draft_arms``; ``with_prefill``:
-        ``EngineConfig.draft_with_prefill``."""
+        ``EngineConfig.draft_with_prefill``; ``max_load``: the highest load
+        (``LoadArms.load``) at which the arms' ``all`` is everyone drafting (above, it is
+        the per-request choice)."""
         super().__init__(gamma)
-        self.with_prefill = with_prefill
+        self.with_prefill, self.max_load = with_prefill, max_load
         self.arms = LoadArms(probe_every) if arms and margin != float("inf") else None
         self.arm: tuple[int, str] | None = None
         """This step's load and arm, when it is one of ``arms``'s (everyone or nobody
@@ -228,7 +234,7 @@ class CostGate(DraftGate):
             self.held = (num_decoding, held[1] - 1)
             self._decline((False, False), num_decoding, load)
             return True
-        if (load is not None and load > LoadArms.max_load and self.gain is not None
+        if (load is not None and load > self.max_load and self.gain is not None
                 and not self.arms.everyone(load)):
             self._decline((False, False), num_decoding, load)
             return True
@@ -251,7 +257,7 @@ class CostGate(DraftGate):
         ``max_load``); else by cost (``_by_records``). Call it where ``declines`` did
         not."""
         load = self._arm_load(num_decoding, other_tokens, other_requests)
-        low = load is not None and load <= LoadArms.max_load
+        low = load is not None and load <= self.max_load
         if low and candidates and self.gain is not None and self.arms.everyone(
                 load, candidates[0].record if num_decoding == 1 else None):
             self.probes, self.promised, self.arm, self.by_arm = set(), {}, (load, "all"), True
@@ -429,10 +435,18 @@ class CostGate(DraftGate):
         ell = candidate.record.ell
         return min(candidate.cap, ell if ell is not None else self.ell)
 
-    def observe(self, records, lengths, accepted, idle=(), seconds=None):
+    def observe(self, records, lengths, accepted, idle=(), seconds=None, others=0,
+                written=0.0):
         if self.arm is not None and seconds:
-            self.arms.observe(*self.arm, len(records) + sum(accepted) + len(idle), seconds,
-                              sum(lengths))
+            # NOTE: a try's first step without its deferred rows' writes: it writes every
+            # row since its requests last drafted, once, which later steps of drafting do
+            # not pay again (they write the rows of the steps between, new prompts
+            # included, and those count); judged with them, a try at a load where drafting
+            # pays could lose and back off for hundreds of steps
+            if self.arm[1] == "all" and (self.arm[0], "all") not in self.arms.sums:
+                seconds = max(seconds - written, 1e-9)
+            self.arms.observe(*self.arm, len(records) + sum(accepted) + len(idle) + others,
+                              seconds, sum(lengths))
         self.arm = None
         self.quiet = 0 if records else self.quiet + 1
         if self.prediction is not None and seconds is not None:
@@ -457,11 +471,13 @@ class CostGate(DraftGate):
         super().observe(records, lengths, accepted, idle)
 
 
-def make_gate(gamma: int, cost: CostModel, enabled: bool, config: EngineConfig) -> DraftGate:
+def make_gate(gamma: int, cost: CostModel, enabled: bool, config: EngineConfig,
+              max_load: int = LoadArms.max_load) -> DraftGate:
     """The cost gate where it is enabled and a drafting cost was profiled, else always
     (``config``: its probe_every, draft_margin, draft_prior, draft_arms and
-    draft_with_prefill)."""
+    draft_with_prefill; ``max_load``: ``CostGate``'s)."""
     if enabled and cost.draft is not None:
         return CostGate(gamma, cost, config.probe_every, config.draft_margin,
-                        config.draft_prior, config.draft_arms, config.draft_with_prefill)
+                        config.draft_prior, config.draft_arms, config.draft_with_prefill,
+                        max_load)
     return DraftGate(gamma)

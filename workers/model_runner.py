@@ -7,8 +7,8 @@ Vocabulary:
   anchor plus the ℓ_r drafts kept by the verification budget), with a per-token position;
 - *logit rows*: the rows whose next-token distribution is needed (all rows of a decoding
   request, the last row of a prefill chunk that completes its prompt);
-- *features*: what the drafter reads per row (raw residuals of its feature layers, or the
-  final normed hidden for MTP).
+- *features*: what a parallel drafter or EAGLE-3 reads per row (raw residuals of its
+  feature layers); MTP-1 reads the final normed *hidden* of each row instead.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ class VerifyBatch:
 @dataclass
 class RunnerOutput:
     logits: torch.Tensor  # [M, V]
-    features: torch.Tensor | None  # [N, F] the drafter's input features, or None
+    features: torch.Tensor | None  # [N, F] the feature layers' residuals, or None
+    hidden: torch.Tensor  # [N, d] the final normed hidden of each fed row (MTP-1's input)
     slots: torch.Tensor  # [N] the KV slot of each fed row
 
 
@@ -116,13 +117,11 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         feature_layers: Sequence[int] = (),
-        features_from_hidden: bool = False,
     ) -> None:
         cfg = target.config
         self.target, self.block_size = target, block_size
         self.feature_layers = tuple(feature_layers)
         self.num_forwards = 0
-        self.features_from_hidden = features_from_hidden
         param = target.lm_head.weight
         self.device = param.device
         self.kv = PagedKV(
@@ -184,19 +183,14 @@ class ModelRunner:
         self.num_forwards += 1
         attention = PagedAttention(self.kv, batch.block_tables, batch.cu_q, batch.positions,
                                    batch.seq_lens, batch.max_q)
-        layers = () if self.features_from_hidden else self.feature_layers
+        layers = self.feature_layers
         out = self.target(
             batch.input_ids[None], positions=batch.positions[None], feature_layers=layers,
             attention=attention, logit_rows=batch.logit_rows,
         )
-        if self.features_from_hidden:
-            features = out.hidden_states[0]  # [N, d]
-        elif layers:
-            features = out.layer_features[0]  # [N, len(layers) * d]
-        else:
-            features = None
+        features = out.layer_features[0] if layers else None  # [N, len(layers) * d]
         return RunnerOutput(logits=out.logits[0], features=features,
-                            slots=attention.slots)
+                            hidden=out.hidden_states[0], slots=attention.slots)
 
 
 def dummy_batch(

@@ -44,20 +44,20 @@ class SlotFeatures:
         self.written.index_fill_(0, slots, False)
 
     def unwritten(self, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                  block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The slots and positions [M] of the context rows (positions < context_lens[r] of
         each request's table [R, max_blocks]) whose drafter K/V is not written, request by
-        request in position order. A slot two requests share (a cached block) is listed
-        once per request."""
+        request in position order, and how many of them each request has [R]. A slot two
+        requests share (a cached block) is listed once per request."""
         width = int(context_lens.max()) if context_lens.numel() else 0
         if width == 0:
             empty = torch.zeros(0, dtype=torch.long, device=self.written.device)
-            return empty, empty
+            return empty, empty, torch.zeros_like(context_lens)
         grid = slot_table(block_tables, width, block_size)  # [R, S]
         pos = torch.arange(width, device=grid.device)
         need = (pos[None] < context_lens[:, None]) & ~self.written[grid]
         rows, positions = need.nonzero(as_tuple=True)
-        return grid[rows, positions], positions
+        return grid[rows, positions], positions, need.sum(1)
 
     def mark_written(self, slots: torch.Tensor) -> None:
         self.written[slots] = True

@@ -58,6 +58,8 @@ class RequestState:
     """This step's logprobs of the committed tokens (consumed by the commit)."""
     drafting: DraftRecord = field(default_factory=DraftRecord)
     """Its recent drafting record, which the draft gate reads."""
+    light_drafting: DraftRecord = field(default_factory=DraftRecord)
+    """Its record with the engine's light drafter (``Engine``'s ``light_drafter``)."""
 
     @classmethod
     def create(cls, params: SamplingParams, fallback_seed: int, gamma: int) -> RequestState:
@@ -136,6 +138,8 @@ class DraftProposal:
     conf_logits: torch.Tensor | None  # [R, n] raw confidence logits (DSpark)
     vocab: DraftVocab | None = None
     """The draft vocabulary ``probs`` is over ([R, n, N]); None: the whole vocabulary."""
+    light: bool = False
+    """Drafted by the engine's light drafter (its own gate, every draft verified)."""
 
 
 def block_tables(blocks, seqs: list[StepSeq], device) -> torch.Tensor:

@@ -205,15 +205,18 @@ def run_turns(eng, turns, params):
     return outs
 
 
-def test_deferred_drafter_rows_draft_what_eager_extension_drafts(make_model, make_drafter):
+@pytest.mark.parametrize("method", ["dspark", "mtp"])
+def test_deferred_drafter_rows_draft_what_eager_extension_drafts(make_model, make_drafter,
+                                                                 method):
     """Drafter-cache rows deferred (every fed row's features stored at its slot, a
     request's unwritten context rows written when it drafts, a request that reuses cached
     blocks reading the rows written there or writing them) give every drafted round the
     same confidences and accepted counts as writing every committed row at once, over a
     second chat turn that reuses the first turn's blocks, with preemption and block reuse
-    in a small cache; and they write fewer rows."""
+    in a small cache; and they write fewer rows. MTP-1's deferred rows are its layer over
+    the unwritten pairs, whose last output its drafts start from."""
     target = make_model(seed=2)
-    drafter = make_drafter(target, "dspark")
+    drafter = make_drafter(target, method)
     gen = torch.Generator().manual_seed(9)
     first = [torch.randint(5, target.config.vocab_size, (3 + 3 * i,), generator=gen).tolist()
              for i in range(8)]
@@ -221,7 +224,7 @@ def test_deferred_drafter_rows_draft_what_eager_extension_drafts(make_model, mak
               for i in range(8)]
     runs = []
     for lazy in (False, True):
-        rounds, written, shared = [], [], []
+        rounds, written, shared, dists = [], [], [], []
         eng = engine(target, drafter, budget="fixed", num_blocks=40,  # NOTE: it preempts
                      on_round=lambda req_id, rec, rounds=rounds: rounds.append((req_id, rec)))
         eng.gate = CoinGate(eng.gamma, chance=0.2)
@@ -231,18 +234,25 @@ def test_deferred_drafter_rows_draft_what_eager_extension_drafts(make_model, mak
             batch.features.shape[0]))
         worker.share = watch(worker.share,
                              lambda _, blocks, out, seen=shared: seen.extend(blocks))
+        worker.propose_step = watch(worker.propose_step, lambda *args, seen=dists: seen.append(
+            args[-1].probs.float().flatten(0, 1)))
         outs = run_turns(eng, [first], params)
         second = [p + o + [7, 8, 9] for p, o in zip(first, outs[0])]
         # NOTE: latest conversations first: theirs are the blocks still cached in so small
         # a cache (the first turn's early blocks were reused for later requests)
         outs += run_turns(eng, [second[::-1]], params[::-1])
-        runs.append((rounds, outs, sum(written), len(shared)))
-    (eager, eager_out, eager_rows, _), (lazy, lazy_out, lazy_rows, num_shared) = runs
+        runs.append((rounds, outs, sum(written), len(shared), torch.cat(dists)))
+    (eager, eager_out, eager_rows, _, eager_q), (lazy, lazy_out, lazy_rows, num_shared,
+                                                 lazy_q) = runs
     assert lazy_out == eager_out
+    # NOTE: every draft was drawn from the same distribution
+    torch.testing.assert_close(lazy_q, eager_q, rtol=1e-4, atol=1e-5)
     assert len(lazy) == len(eager) > 20
     for (ra, a), (rb, b) in zip(eager, lazy):
         assert ra == rb and (a.proposed, a.accepted) == (b.proposed, b.accepted)
-        torch.testing.assert_close(torch.tensor(a.conf_logits), torch.tensor(b.conf_logits))
+        if method == "dspark":
+            torch.testing.assert_close(torch.tensor(a.conf_logits),
+                                       torch.tensor(b.conf_logits))
     assert num_shared > 0  # the second turn started on the first turn's cached blocks
     assert lazy_rows < eager_rows
 
@@ -284,3 +294,67 @@ def test_t1_distribution_is_exact_with_half_the_vocabulary_draftable(make_drafte
     outs = eng.generate([ids] * 1000, params)
     counts = torch.bincount(torch.tensor([o[2] for o in outs]), minlength=12).float()
     assert chi_square(counts, exact) < CHI2_11_999
+
+
+class TurnGate(DraftGate):
+    """Drafts on a seeded coin flip per candidate in every other decoding step, for nobody
+    in the others (where the engine asks its light drafter's gate)."""
+
+    def __init__(self, gamma: int) -> None:
+        super().__init__(gamma)
+        self.coin, self.turn = CoinGate(gamma), 0
+
+    def declines(self, num_decoding, other_tokens, other_requests=0):
+        self.turn += 1
+        return self.turn % 2 == 0
+
+    def choose(self, candidates, num_decoding, other_tokens, other_requests=0):
+        return self.coin.choose(candidates, num_decoding, other_tokens, other_requests)
+
+
+def test_a_light_drafter_beside_the_main_one_changes_no_output(make_model, make_drafter):
+    """DSpark with MTP-1 as the light drafter, each drafting for random requests in turns
+    (so each writes the rows the other's steps committed): greedy and seeded T=1 requests
+    give exactly plain decoding's tokens, both drafters drafted, the light one one slot
+    at a time, and unseeded T=1 requests finish."""
+    target = make_model(seed=2)
+    drafter, light = make_drafter(target, "dspark"), make_drafter(target, "mtp")
+    batch = prompts(10, target.config.vocab_size, seed=8)
+    params = [SamplingParams(temperature=0.0 if i % 2 else 1.0, max_tokens=24, seed=i)
+              for i in range(len(batch))]
+    want = [list(generate_tokens(target, p, sp)) for p, sp in zip(batch, params)]
+    eng = Engine(target, drafter, EngineConfig(budget="algorithm1", block_size=4,
+                                               num_blocks=400, max_num_seqs=8),
+                 COST, DRAFT_COST, light_drafter=light, light_cost_table=DRAFT_COST)
+    eng.gate = TurnGate(eng.gamma)
+    eng.lanes[1].gate = CoinGate(1)
+    proposed = {False: [], True: []}
+    real = eng._propose
+
+    def seen(*args):
+        out = real(*args)
+        if out[0] is not None:
+            proposed[out[0].light].append(out[0].tokens.shape[1])
+        return out
+
+    eng._propose = seen
+    assert eng.generate(batch, params) == want
+    assert len(proposed[False]) >= 5 and len(proposed[True]) >= 5, proposed
+    assert set(proposed[True]) == {1} and max(proposed[False]) > 1
+    unseeded = eng.generate(batch, SamplingParams(temperature=1.0, max_tokens=12,
+                                                  ignore_eos=True))
+    assert [len(o) for o in unseeded] == [12] * len(batch)
+
+
+def test_a_light_drafter_must_be_mtp_beside_another_drafter_under_the_gate(
+        make_model, make_drafter):
+    target = make_model(seed=2)
+    dspark, mtp = make_drafter(target, "dspark"), make_drafter(target, "mtp")
+    for main, light, cfg, field in (
+            (dspark, dspark, {"budget": "algorithm1"}, "light_drafter must be an mtp"),
+            (None, mtp, {"budget": "algorithm1"}, "needs a main drafter"),
+            (mtp, mtp, {"budget": "fixed"}, "needs a main drafter"),
+            (dspark, mtp, {"budget": "fixed"}, "needs the cost gate")):
+        with pytest.raises(ValueError, match=field):
+            Engine(target, main, EngineConfig(block_size=4, num_blocks=64, **cfg), COST,
+                   DRAFT_COST, light_drafter=light)

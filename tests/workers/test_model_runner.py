@@ -55,7 +55,7 @@ def test_final_hidden_features_and_logits_at_chosen_rows(make_model):
     seq = torch.randint(5, 97, (6,), generator=torch.Generator().manual_seed(1)).tolist()
     blocks = BlockManager(16, 4)
     blocks.allocate("0", seq)
-    runner = ModelRunner(target, 16, 4, features_from_hidden=True)
+    runner = ModelRunner(target, 16, 4)
     out = runner.forward(VerifyBatch(
         input_ids=torch.tensor(seq),
         positions=torch.arange(6),
@@ -66,7 +66,8 @@ def test_final_hidden_features_and_logits_at_chosen_rows(make_model):
         logit_rows=torch.tensor([2, 5]),
     ))
     ref = target(torch.tensor([seq]))
-    torch.testing.assert_close(out.features, ref.hidden_states[0])
+    assert out.features is None  # no feature layers asked
+    torch.testing.assert_close(out.hidden, ref.hidden_states[0])
     torch.testing.assert_close(out.logits, ref.logits[0, [2, 5]])
 
 

@@ -20,7 +20,10 @@ def fed(features: SlotFeatures, slots: list[int]) -> None:
 
 
 def unwritten(features, tables, lens):
-    slots, positions = features.unwritten(torch.tensor(tables), torch.tensor(lens), SIZE)
+    slots, positions, counts = features.unwritten(torch.tensor(tables), torch.tensor(lens),
+                                                  SIZE)
+    # NOTE: the counts split the rows per request, in order
+    assert sum(counts.tolist()) == slots.numel() and len(counts) == len(tables)
     return slots.tolist(), positions.tolist()
 
 
