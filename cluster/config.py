@@ -28,6 +28,11 @@ class ServeConfig:
     mtp, ...), a path, or none. The default, DSpark with a 2-layer backbone, served the most
     tokens per second per user and in aggregate of the committed drafters at 1 to 4
     concurrent requests, and tied at 8 and 64 (docs/engine.md, session 16)."""
+    light_drafter: str = "none"
+    """A one-slot MTP-1 drafter (mtp under checkpoints/drafters, or a path) beside the
+    drafter, for the steps in which the drafter's gate drafts for nobody (loaded steps);
+    its own gate decides who drafts with it (dspark.workers.lanes). none: no light
+    drafter. Needs a gated budget (cluster, algorithm1 or topk)."""
     budget: str | None = None
     """Verification budget (a ``BudgetMode``): cluster (Algorithm 1 with the expert-parallel
     group's load from the board), algorithm1 (local load only), topk, threshold or fixed.
@@ -254,10 +259,11 @@ class ServeConfig:
 
     @property
     def drafter_path(self) -> str | None:
-        if self.drafter in ("", "none", "None"):
-            return None
-        named = REPO_ROOT / "checkpoints" / "drafters" / self.drafter
-        return str(named) if named.is_dir() else self.drafter
+        return drafter_path(self.drafter)
+
+    @property
+    def light_drafter_path(self) -> str | None:
+        return drafter_path(self.light_drafter)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -297,3 +303,12 @@ class ServeConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of serve config keys")
         return cls.from_dict(data)
+
+
+def drafter_path(name: str) -> str | None:
+    """A drafter's checkpoint directory: a name under checkpoints/drafters, else the path
+    as given; None for none."""
+    if name in ("", "none", "None"):
+        return None
+    named = REPO_ROOT / "checkpoints" / "drafters" / name
+    return str(named) if named.is_dir() else name

@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from dspark.cluster.config import ServeConfig
+from dspark.workers.modes import BudgetMode
 
 READY_TIMEOUT_S = 900.0
 """How long the app may take to load its replicas before the start counts as failed."""
@@ -180,13 +181,18 @@ def delete_apps(serve, timeout_s: float = 60.0) -> None:
 
 def check_startable(cfg: ServeConfig) -> None:
     """Fail fast, before anything starts, on what would otherwise fail minutes in."""
-    for what, path in (("target", cfg.target), ("drafter", cfg.drafter_path)):
+    for what, path in (("target", cfg.target), ("drafter", cfg.drafter_path),
+                       ("light_drafter", cfg.light_drafter_path)):
         if path is not None and not (Path(path) / "config.json").is_file():
             raise ValueError(f"{what} checkpoint {path!r} not found (no config.json in it)")
     if (cfg.drafter_path is not None and cfg.budget_mode.needs_confidence
             and not cfg.drafter_has_confidence):
         raise ValueError(f"budget {cfg.effective_budget!r} needs a drafter with a confidence head "
                          f"(dspark); {cfg.drafter!r} has none: use --budget fixed")
+    if cfg.light_drafter_path is not None and cfg.budget_mode not in (
+            BudgetMode.CLUSTER, BudgetMode.ALGORITHM1, BudgetMode.TOPK):
+        raise ValueError(f"light_drafter needs a gated budget (cluster, algorithm1 or topk); "
+                         f"budget is {cfg.effective_budget!r}")
     most = cfg.max_replicas if cfg.autoscaling != "none" else cfg.replicas
     needed = most * cfg.replica_cpus + 0.1  # + the ingress
     if needed > local_cpus():

@@ -113,6 +113,7 @@ class TargetShard:
 
         cfg = self.cfg
         drafter = load_drafter(cfg.drafter_path, target) if cfg.drafter_path else None
+        light = load_drafter(cfg.light_drafter_path, target) if cfg.light_drafter_path else None
         self.monitor = self._monitor(drafter)
         # NOTE: the cluster budget prices a step per rank from what the rest of its
         # expert-parallel group did last step (alone at ep_size 1: one group per replica)
@@ -120,7 +121,8 @@ class TargetShard:
             budget=cfg.budget_mode, num_speculative_tokens=cfg.num_speculative_tokens,
             max_num_seqs=cfg.max_num_seqs, num_blocks=cfg.num_blocks,
             draft_vocab=cfg.draft_vocab,
-        ), group_load=self.board.group_reader if self.board is not None else None,
+        ), light_drafter=light,
+            group_load=self.board.group_reader if self.board is not None else None,
             lockstep=group is not None,
             on_round=self.monitor.on_round if self.monitor is not None else None)
         if self.monitor is not None:

@@ -169,15 +169,21 @@ class CostGate(DraftGate):
 
     def __init__(self, gamma: int, cost: CostModel, probe_every: int,
                  margin: float = MARGIN, prior: float = 0.0, arms: bool = False,
-                 with_prefill: bool = True, max_load: int = LoadArms.max_load) -> None:
+                 with_prefill: bool = True, max_load: int = LoadArms.max_load,
+                 per_plain: bool = False) -> None:
         """``prior``: ``EngineConfig.draft_prior`` (0 here: each record as it stands);
         ``arms``: ``EngineConfig.draft_arms``; ``with_prefill``:
         ``EngineConfig.draft_with_prefill``; ``max_load``: the highest load
         (``LoadArms.load``) at which the arms' ``all`` is everyone drafting (above, it is
-        the per-request choice)."""
+        the per-request choice); ``per_plain``: the light drafter's arms (``observe``,
+        ``LoadArms``'s ``recheck``; everyone or nobody, ``declines``)."""
         super().__init__(gamma)
-        self.with_prefill, self.max_load = with_prefill, max_load
-        self.arms = LoadArms(probe_every) if arms and margin != float("inf") else None
+        self.with_prefill, self.max_load, self.per_plain = with_prefill, max_load, per_plain
+        self.verdict = False
+        """A ``per_plain`` gate: this step's arms said everyone (``declines``)."""
+        recheck = LoadArms.recheck_every * probe_every if per_plain else 0
+        self.arms = LoadArms(probe_every, recheck=recheck) if (
+            arms and margin != float("inf")) else None
         self.arm: tuple[int, str] | None = None
         """This step's load and arm, when it is one of ``arms``'s (everyone or nobody
         drafted in a step without a prefill chunk)."""
@@ -234,10 +240,13 @@ class CostGate(DraftGate):
             self.held = (num_decoding, held[1] - 1)
             self._decline((False, False), num_decoding, load)
             return True
-        if (load is not None and load > self.max_load and self.gain is not None
-                and not self.arms.everyone(load)):
-            self._decline((False, False), num_decoding, load)
-            return True
+        if load is not None and self.gain is not None and (load > self.max_load
+                                                           or self.per_plain):
+            # NOTE: a ``per_plain`` gate asks its arms at every load: no request is priced
+            self.verdict = self.arms.everyone(load)
+            if not self.verdict:
+                self._decline((False, False), num_decoding, load)
+                return True
         return False
 
     def _arm_load(self, num_decoding, other_tokens, other_requests) -> int | None:
@@ -258,8 +267,9 @@ class CostGate(DraftGate):
         not."""
         load = self._arm_load(num_decoding, other_tokens, other_requests)
         low = load is not None and load <= self.max_load
-        if low and candidates and self.gain is not None and self.arms.everyone(
-                load, candidates[0].record if num_decoding == 1 else None):
+        if low and candidates and self.gain is not None and (
+                self.verdict if self.per_plain else self.arms.everyone(
+                    load, candidates[0].record if num_decoding == 1 else None)):
             self.probes, self.promised, self.arm, self.by_arm = set(), {}, (load, "all"), True
             self._predict((True, False), candidates, range(len(candidates)),
                           [self._ell(c) for c in candidates], num_decoding)
@@ -441,12 +451,19 @@ class CostGate(DraftGate):
             # NOTE: a try's first step without its deferred rows' writes: it writes every
             # row since its requests last drafted, once, which later steps of drafting do
             # not pay again (they write the rows of the steps between, new prompts
-            # included, and those count); judged with them, a try at a load where drafting
-            # pays could lose and back off for hundreds of steps
+            # included); judged with them, a try where drafting pays could lose and back
+            # off for hundreds of steps
             if self.arm[1] == "all" and (self.arm[0], "all") not in self.arms.sums:
                 seconds = max(seconds - written, 1e-9)
-            self.arms.observe(*self.arm, len(records) + sum(accepted) + len(idle) + others,
-                              seconds, sum(lengths))
+            tokens, requests = len(records) + sum(accepted) + len(idle) + others, 1
+            if self.per_plain and (records or idle):
+                # NOTE: a load above 7 spans a power of two of requests, and a step's tokens
+                # per second grow with them: arms measured at 16 and at 31 requests compare
+                # batch sizes. Per request over the cost model's plain step of as many, a
+                # step of nobody drafting measures about 1
+                requests = len(records) + len(idle)
+                seconds /= self.cost.step_seconds(requests)
+            self.arms.observe(*self.arm, tokens / requests, seconds, sum(lengths))
         self.arm = None
         self.quiet = 0 if records else self.quiet + 1
         if self.prediction is not None and seconds is not None:
@@ -472,12 +489,12 @@ class CostGate(DraftGate):
 
 
 def make_gate(gamma: int, cost: CostModel, enabled: bool, config: EngineConfig,
-              max_load: int = LoadArms.max_load) -> DraftGate:
+              max_load: int = LoadArms.max_load, per_plain: bool = False) -> DraftGate:
     """The cost gate where it is enabled and a drafting cost was profiled, else always
     (``config``: its probe_every, draft_margin, draft_prior, draft_arms and
-    draft_with_prefill; ``max_load``: ``CostGate``'s)."""
+    draft_with_prefill; ``max_load``, ``per_plain``: ``CostGate``'s)."""
     if enabled and cost.draft is not None:
         return CostGate(gamma, cost, config.probe_every, config.draft_margin,
                         config.draft_prior, config.draft_arms, config.draft_with_prefill,
-                        max_load)
+                        max_load, per_plain)
     return DraftGate(gamma)

@@ -11,8 +11,9 @@ features every verify forward stores (``DraftWorker``), so a lane that did not d
 a while writes the rows since when it next drafts.
 
 The light lane's gate measures drafting for everyone against nobody at every load
-(``LIGHT_MAX_LOAD``; the main gate only up to ``LoadArms.max_load``), and its drafts are
-all verified (``Engine.light_budget``). Losslessness is the engine's: whichever lane
+(``LIGHT_MAX_LOAD``; the main gate only up to ``LoadArms.max_load``), each step against a
+plain step of as many requests (``CostGate``'s ``per_plain``), and its drafts are all
+verified (``Engine.light_budget``). Losslessness is the engine's: whichever lane
 drafts, verification commits the target's tokens.
 """
 
@@ -60,7 +61,7 @@ def light_lane(drafter: Drafter, cfg: EngineConfig, costs: CostModel,
     worker = DraftWorker(drafter, cfg.num_blocks, cfg.block_size, lazy=True)
     table, write_row = profile_drafting(worker, cfg, 1, table)
     light_costs = costs.sibling(table, write_row)
-    gate = make_gate(1, light_costs, True, cfg, max_load=LIGHT_MAX_LOAD)
+    gate = make_gate(1, light_costs, True, cfg, max_load=LIGHT_MAX_LOAD, per_plain=True)
     return DraftLane(worker, gate, light_costs, True)
 
 

@@ -34,8 +34,18 @@ class LoadArms:
     """Steps a try of the ``all`` arm lasts before it is judged: one step's count at one
     request scatters from 0 to γ accepted, too little to judge by."""
 
-    def __init__(self, gap: int, margin: float = 1.02) -> None:
-        self.min_gap, self.margin = gap, margin
+    recheck_every = 8
+    """With ``recheck``: the ``none`` arm is measured afresh every this many times the
+    drafting arm's shortest gap, in steps of its load (``CostGate``'s ``per_plain``)."""
+
+    def __init__(self, gap: int, margin: float = 1.02, recheck: int = 0) -> None:
+        """``recheck``: while ``all`` wins at a load, ``none`` is measured afresh for
+        ``trial`` steps after this many steps of that load (0: never; it then holds the
+        rate it measured when ``all`` last lost, which a drafter asked every step of a
+        varying batch cannot trust)."""
+        self.min_gap, self.margin, self.recheck = gap, margin, recheck
+        self.none_since: dict[int, int] = {}
+        """Steps of each load since ``none`` was last measured afresh (``recheck``)."""
         self.sums: dict[tuple[int, str], tuple[float, float, int]] = {}
         """(load, arm) -> averages of tokens committed and of seconds per step, and the
         steps they count (``alpha`` weighs new steps once they are many)."""
@@ -74,7 +84,7 @@ class LoadArms:
         costs every request's drafting, and the gap alone decides."""
         self.since[load] = self.since.get(load, 0) + 1
         drafted, plain = self.rate(load, "all"), self.rate(load, "none")
-        if plain is None:
+        if plain is None or self.recheck and self._rechecking(load):
             return False
         if drafted is not None and (self.sums[load, "all"][2] < self.trial
                                     or drafted > self.margin * plain):
@@ -89,7 +99,19 @@ class LoadArms:
             return True
         return False
 
-    def observe(self, load: int, arm: str, tokens: int, seconds: float,
+    def _rechecking(self, load: int) -> bool:
+        """With ``recheck``: whether this step measures ``none`` (its first ``trial``
+        steps, and a fresh trial every ``recheck`` steps of the load)."""
+        if self.sums[load, "none"][2] < self.trial:
+            return True
+        self.none_since[load] = self.none_since.get(load, 0) + 1
+        if self.none_since[load] < self.recheck:
+            return False
+        self.none_since[load] = 0
+        self.sums.pop((load, "none"))
+        return True
+
+    def observe(self, load: int, arm: str, tokens: float, seconds: float,
                 verified: int | None = None) -> None:
         """One step of ``arm`` at ``load``; ``verified``: drafts the budget verified in it
         (a try in which it verified none ends there: it measures the drafter's cost and

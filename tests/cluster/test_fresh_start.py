@@ -184,6 +184,13 @@ def test_a_port_in_use_or_a_missing_target_fails_in_one_line(fresh_machine):
     result = run_to_exit(env, tmpdir, "--port", str(free_port()), "--drafter", "eagle3",
                          "--budget", "cluster")
     assert_one_clear_line(*result, "needs a drafter with a confidence head")
+    # a light drafter where no gate decides when it drafts
+    result = run_to_exit(env, tmpdir, "--port", str(free_port()), "--light-drafter", "mtp",
+                         "--budget", "fixed")
+    assert_one_clear_line(*result, "light_drafter needs a gated budget")
+    result = run_to_exit(env, tmpdir, "--port", str(free_port()), "--light-drafter",
+                         str(missing))
+    assert_one_clear_line(*result, str(missing))
     assert redis_dirs(tmpdir) == []
 
 

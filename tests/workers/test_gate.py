@@ -452,3 +452,4 @@ def test_a_step_with_a_prefill_chunk_drafts_for_nobody_unless_asked():
         assert decide(g, [cand(6.0)], 1, 3, other_requests=1) == want
         assert decide(g, [cand(6.0)], 1, 0) == [True]  # decode-only: drafts either way
     assert not make_gate(7, cost, True, EngineConfig(budget="algorithm1")).with_prefill
+

@@ -1,0 +1,77 @@
+"""The light drafter's gate (``dspark.workers.lanes``): everyone or nobody drafts with
+it, at every load, each step measured against a plain step of as many requests, and
+nobody drafting measured afresh while drafting wins."""
+
+from __future__ import annotations
+
+from dspark.workers.budget import CostModel, StepCostTable
+from dspark.workers.gate import CostGate, DraftRecord, GateCandidate
+from dspark.workers.lanes import LIGHT_MAX_LOAD
+from dspark.workers.load_arms import LoadArms
+
+# a plain step of B tokens costs 10 ms (B <= 8) up to 20 ms (B = 64)
+VERIFY = StepCostTable((1, 8, 64), (100.0, 100.0, 50.0))
+
+
+def decide(g: CostGate, candidates, num_decoding):
+    """The engine's way: ``declines`` first, ``choose`` where it does not."""
+    if g.declines(num_decoding, 0):
+        return [False] * len(candidates)
+    return g.choose(candidates, num_decoding, 0)
+
+
+
+def light(probe_every: int = 4) -> CostGate:
+    """The light drafter's gate (``dspark.workers.lanes``): arms at every load, measured
+    against a plain step of as many requests."""
+    g = CostGate(1, CostModel(VERIFY, StepCostTable((1, 64), (2000.0, 2000.0)), "cpu"),
+                 probe_every, arms=True, max_load=LIGHT_MAX_LOAD, per_plain=True)
+    g.observe([DraftRecord()], [1], [1])  # an engine-wide record exists
+    return g
+
+
+def test_a_light_gate_compares_each_step_with_a_plain_step_of_as_many_requests():
+    """16 and 31 decoding requests share a load (16-31). Nobody drafting measured at 16,
+    everyone drafting at 31 with nothing accepted: more tokens per second than at 16 (a
+    bigger batch), no more than a plain step of 31 would give; so it stops, and it never
+    drafts for some requests only."""
+    g = light()
+    plain = g.cost.step_seconds
+    recs = [DraftRecord(0.7, 1.0, count=30) for _ in range(31)]
+    cands = [GateCandidate(r, 1) for r in recs]
+    for _ in range(LoadArms.trial):  # nobody first, measured at 16 requests
+        assert decide(g, cands[:16], 16) == [False] * 16
+        g.observe([], [], [], idle=recs[:16], seconds=plain(16))
+    picks = decide(g, cands, 31)  # then everyone, tried at 31
+    assert picks == [True] * 31
+    for _ in range(LoadArms.trial):
+        g.observe(recs, [1] * 31, [0] * 31, seconds=plain(31))
+        assert 31.0 / plain(31) > 16.0 / plain(16) * 1.02  # faster by the raw rates
+        assert decide(g, cands, 31) in ([True] * 31, [False] * 31)
+    assert decide(g, cands, 31) == [False] * 31 and g.arm == (8, "none")
+
+
+def test_a_light_gate_measures_nobody_drafting_afresh_while_drafting_wins():
+    """While everyone drafting wins, nobody drafting is measured again for a trial every
+    ``recheck`` steps of the load; a plain step that now measures faster stops drafting."""
+    g = light()
+    plain = g.cost.step_seconds
+    recs = [DraftRecord(0.7, 1.0, count=30) for _ in range(20)]
+    cands = [GateCandidate(r, 1) for r in recs]
+    kinds = []
+    for step in range(260):
+        picks = decide(g, cands, 20)
+        kinds.append("a" if picks[0] else "n")
+        assert picks in ([True] * 20, [False] * 20)
+        if picks[0]:
+            g.observe(recs, [1] * 20, [1] * 14 + [0] * 6 if step < 60 else [0] * 20,
+                      seconds=1.2 * plain(20))
+        else:
+            g.observe([], [], [], idle=recs, seconds=plain(20))
+    runs = "".join(kinds)
+    recheck = LoadArms.recheck_every * 4
+    assert runs.startswith("n" * LoadArms.trial + "a")
+    first = runs.index("a")
+    assert runs[first:first + recheck - 1] == "a" * (recheck - 1)
+    assert "a" + "n" * LoadArms.trial + "a" in runs[:60]  # a recheck, and drafting wins
+    assert runs[-100:].count("a") <= 2 * LoadArms.trial, runs  # it stops: rare retries
