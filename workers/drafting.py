@@ -275,15 +275,12 @@ class DraftWorker:
             next_ids += [ids[p + 1] for p in pos[at : at + n]]
             at += n
         dev = rows.device
-        cu = [0]
-        for n in per:
-            cu.append(cu[-1] + n)
         self.extend(ExtendBatch(
             req_ids=[s.request.req_id for s in seqs],
             features=self.slots.features[slots],
             next_ids=torch.tensor(next_ids, device=dev),
             positions=positions,
-            cu=torch.tensor(cu, device=dev),
+            cu=F.pad(counts.cumsum(0), (1, 0)),
             block_tables=rows,
             max_q=max(per),
         ))
