@@ -11,6 +11,7 @@ new tokens); the scheduler commits them; the step ends with ``RequestOutput``s a
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -159,7 +160,8 @@ class Engine:
 
     @gate.setter
     def gate(self, gate: DraftGate) -> None:
-        self._gate = self.lanes[0].gate = gate
+        self._gate = gate  # NOTE: the main lane's too (an engine without a drafter has none)
+        self.lanes[:1] = [dataclasses.replace(lane, gate=gate) for lane in self.lanes[:1]]
 
     def set_confidence_temperatures(self, temperatures) -> None:
         """The budget's per-position STS temperatures (a calibration refit); call it on the
