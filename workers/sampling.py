@@ -25,6 +25,7 @@ How a request samples is fixed when it is added (``RequestSampling.create``):
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -210,7 +211,23 @@ def verify(
     draft_probs: torch.Tensor,  # [sum(ℓ_r), V] the distribution each draft was drawn from
     argmax: torch.Tensor | None = None,  # [sum(ℓ_r) + R] of ``probs``' rows, when known
 ) -> RejectionOutput:
-    """Accept a prefix of every request's drafts and draw its next token (module doc)."""
+    """Accept a prefix of every request's drafts and draw its next token (module doc): on
+    the CPU without coupled requests by ``verify_host``, else by ``verify_tensors``."""
+    if probs.device.type == "cpu" and any(draft_ids) and not any(s.coupled
+                                                                 for s in samplers):
+        return verify_host(samplers, probs, draft_ids, draft_probs, argmax)
+    return verify_tensors(samplers, first_positions, probs, draft_ids, draft_probs, argmax)
+
+
+def verify_tensors(
+    samplers: Sequence[RequestSampling],
+    first_positions: Sequence[int],
+    probs: torch.Tensor,
+    draft_ids: Sequence[Sequence[int]],
+    draft_probs: torch.Tensor,
+    argmax: torch.Tensor | None = None,
+) -> RejectionOutput:
+    """``verify`` in tensor operations (every device, coupled requests included)."""
     device, num_req = probs.device, len(samplers)
     lens = [len(d) for d in draft_ids]
     chosen = _deterministic_tokens(samplers, first_positions, probs, lens, argmax)  # [M]
@@ -240,6 +257,74 @@ def verify(
     accepted_l, tokens_l = accepted.tolist(), tokens.tolist()
     return RejectionOutput(
         accepted_l, [list(d[:a]) + [t] for d, a, t in zip(draft_ids, accepted_l, tokens_l)])
+
+
+def verify_host(
+    samplers: Sequence[RequestSampling],
+    probs: torch.Tensor,
+    draft_ids: Sequence[Sequence[int]],
+    draft_probs: torch.Tensor,
+    argmax: torch.Tensor | None = None,
+) -> RejectionOutput:
+    """``verify`` on the CPU for greedy and rejection requests (no coupled one; arguments
+    as ``verify``'s): the target's and the drafter's probabilities of every rejection draft
+    in one gather, each request's accepted prefix found in Python, and the rejection
+    requests' next tokens in one draw (``_next_tokens``). The same arithmetic, uniforms and
+    order as the tensor path, so the same tokens, with a third of its operations: a step at
+    a few requests costs their count, not their arithmetic."""
+    lens = [len(d) for d in draft_ids]
+    greedy = any(s.greedy for s in samplers)
+    top = (row_argmax(probs) if argmax is None else argmax).tolist() if greedy else None
+    starts = list(itertools.accumulate((n + 1 for n in lens), initial=0))
+    firsts = list(itertools.accumulate(lens, initial=0))  # each request's first draft row
+    rows, qrows, ids = [], [], []
+    for s, start, first, drafts in zip(samplers, starts, firsts, draft_ids):
+        if s.stream is not None and drafts:
+            rows += range(start, start + len(drafts))
+            qrows += range(first, first + len(drafts))
+            ids += drafts
+    ratios: list[float] = []
+    if ids:
+        index = torch.tensor(ids)
+        ratios = (probs[torch.tensor(rows), index]
+                  / draft_probs[torch.tensor(qrows), index].clamp_min(1e-8)).clamp(
+                      max=1.0).tolist()
+    accepted, output, rest, at = [], [], [], 0
+    for i, (s, start, first, drafts) in enumerate(zip(samplers, starts, firsts, draft_ids)):
+        n = a = len(drafts)
+        if s.stream is None:  # NOTE: greedy: the draft is the target's argmax
+            a = next((k for k in range(n) if drafts[k] != top[start + k]), n)
+            output.append([*drafts[:a], top[start + a]])
+        else:
+            draws = s.stream.take(n)
+            a = next((k for k in range(n) if not draws[k] < ratios[at + k]), n)
+            at += n
+            rest.append((i, start + a, first + a if a < n else -1))
+            output.append(list(drafts[:a]))
+        accepted.append(a)
+    for (i, _, _), token in zip(rest, _next_tokens(samplers, probs, draft_probs, rest)):
+        output[i].append(token)
+    return RejectionOutput(accepted, output)
+
+
+def _next_tokens(samplers, probs, draft_probs, rest) -> list[int]:
+    """The recovered token (after a rejection: from ``max(p - q, 0)``) or the bonus token
+    (from p) of each (request, target row, draft row or -1: none rejected) of ``rest``,
+    one uniform each (``_random_tokens``' arithmetic)."""
+    if not rest:
+        return []
+    dist = probs[torch.tensor([row for _, row, _ in rest])].float()
+    rejected = [k for k, (_, _, q) in enumerate(rest) if q >= 0]
+    if rejected:
+        at = torch.tensor(rejected)
+        p = dist[at]
+        residual = (p - draft_probs[torch.tensor([rest[k][2] for k in rejected])].float()
+                    ).clamp_min(0.0)
+        # p == q up to rounding leaves nothing to correct: draw from p
+        usable = residual.sum(-1, keepdim=True) > 1e-8
+        dist[at] = torch.where(usable, residual, p)
+    draws = [samplers[i].stream.take(1)[0] for i, _, _ in rest]
+    return inverse_cdf(dist, torch.tensor(draws)).tolist()
 
 
 def verify_greedy(top: torch.Tensor, draft_ids: Sequence[Sequence[int]]) -> RejectionOutput:

@@ -14,6 +14,8 @@ from dspark.workers.sampling import (
     draft_noise,
     verify,
     verify_greedy,
+    verify_host,
+    verify_tensors,
 )
 
 SAMPLED = SamplingParams(temperature=1.0)
@@ -150,3 +152,26 @@ def test_a_uniform_stream_is_its_generators_draws_one_by_one_in_order():
     gen = torch.Generator().manual_seed(7)
     want = [float(torch.rand((), generator=gen)) for _ in range(79)]
     assert got == want
+
+
+def test_the_host_path_commits_what_the_tensor_path_commits():
+    """``verify_host`` (the CPU's, without coupled requests) against ``verify_tensors``:
+    the same accepted drafts and tokens, and each rejection stream left at the same draw,
+    over mixed batches of greedy and rejection requests with drafts of every length."""
+    lens = [7, 0, 3, 5, 1, 2]
+    params = [SAMPLED, SAMPLED, GREEDY, SAMPLED, GREEDY, SamplingParams(temperature=0.7)]
+    for trial in range(40):
+        drafts, q, p = random_batch(lens, 7 if trial % 2 else 11, trial)
+        if trial % 3 == 0:  # NOTE: drafts equal to the target's argmax: long prefixes
+            q = torch.softmax(p[[i for i, n in enumerate(lens) for _ in range(n)]] * 4, -1)
+        runs = []
+        for fn in (verify_host, verify_tensors):
+            samplers = [RequestSampling.create(pr, 100 * trial + r)
+                        for r, pr in enumerate(params)]
+            args = (samplers, p, drafts, q) if fn is verify_host else (
+                samplers, [0] * len(lens), p, drafts, q)
+            out = fn(*args)
+            after = [s.stream.take(1) if s.stream is not None else None for s in samplers]
+            runs.append((out.num_accepted, out.output_ids, after))
+        assert runs[0] == runs[1]
+    assert any(a > 0 for a in runs[0][0])
