@@ -4,7 +4,9 @@ pass"): ``torch.argmax`` against ``row_argmax`` and a max reduction, and the inv
 comparison and sum (the code before) against bisection (``inverse_cdf``). Each result is
 checked equal before it is timed. Then the verification budget's Algorithm 1 over a step of
 R requests with 7 drafts each: the tensor twin (``select_prefixes``) against the host path
-(``select_prefixes_host``, the CPU's since session 14), ``--budget-requests``."""
+(``select_prefixes_host``, the CPU's since session 14), ``--budget-requests``. Then the
+verification of R rejection-sampling requests with ℓ drafts each: ``verify_tensors``
+against ``verify_host`` (the CPU's since session 19), checked equal, ``--verify``."""
 
 from __future__ import annotations
 
@@ -66,6 +68,33 @@ def time_selection(num_req: int, gen: torch.Generator, repeats: int) -> dict[str
     }
 
 
+def time_verification(num_req: int, drafts: int, vocab: int, gen: torch.Generator,
+                      repeats: int) -> dict[str, float]:
+    """``verify_tensors`` against ``verify_host``: R unseeded T=1 requests with ℓ drafts
+    each over ``vocab`` tokens (checked equal on fresh streams of the same seeds, then
+    timed on streams that go on drawing)."""
+    from dspark.models.generation import SamplingParams
+    from dspark.workers.sampling import RequestSampling, verify_host, verify_tensors
+
+    q = torch.softmax(torch.randn(num_req * drafts, vocab, generator=gen) * 2, -1)
+    p = torch.softmax(torch.randn(num_req * (drafts + 1), vocab, generator=gen) * 2, -1)
+    ids = torch.multinomial(q, 1, generator=gen)[:, 0].view(num_req, drafts).tolist()
+
+    def samplers():
+        return [RequestSampling.create(SamplingParams(temperature=1.0), r)
+                for r in range(num_req)]
+
+    host, tensors = verify_host(samplers(), p, ids, q), verify_tensors(
+        samplers(), [0] * num_req, p, ids, q)
+    assert (host.num_accepted, host.output_ids) == (tensors.num_accepted, tensors.output_ids)
+    on_tensors, on_host = samplers(), samplers()
+    return {
+        "verify, tensor path": median_ms(
+            lambda: verify_tensors(on_tensors, [0] * num_req, p, ids, q), repeats),
+        "verify, host path": median_ms(lambda: verify_host(on_host, p, ids, q), repeats),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vocab", type=int, default=4096, help="row width (the demo's)")
@@ -74,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=300, help="timed calls per number")
     parser.add_argument("--budget-requests", default="1,8,64",
                         help="requests per step of the budget's selection, comma-separated")
+    parser.add_argument("--verify", default="1x5,4x3,16x2,64x1,64x3",
+                        help="verified steps timed, RxL (requests x drafts), comma-separated")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
@@ -89,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     for num_req in (int(r) for r in args.budget_requests.split(",")):
         cells = time_selection(num_req, gen, args.repeats)
         print(f"budget, {num_req} requests: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in cells.items()))
+    for shape in filter(None, args.verify.split(",")):
+        num_req, drafts = (int(x) for x in shape.split("x"))
+        cells = time_verification(num_req, drafts, args.vocab, gen, args.repeats)
+        print(f"verification, {num_req} requests x {drafts} drafts: "
               + ", ".join(f"{k} {v:.3f}" for k, v in cells.items()))
     return 0
 

@@ -34,7 +34,8 @@ def test_gate_audit_compares_predictions_with_outcomes(capsys, monkeypatch, demo
 def test_host_ops_times_the_old_and_new_operations(capsys):
     from dspark.bench.host_ops import main
 
-    assert main(["--rows", "16,20", "--vocab", "256", "--repeats", "3", "--threads", "1"]) == 0
+    assert main(["--rows", "16,20", "--vocab", "256", "--repeats", "3", "--threads", "1",
+                 "--verify", "1x5,8x2"]) == 0
     out = capsys.readouterr().out
     for rows in (16, 20):
         assert re.search(rf"{rows} rows: torch.argmax [\d.]+, row_argmax [\d.]+, amax [\d.]+, "
@@ -42,6 +43,9 @@ def test_host_ops_times_the_old_and_new_operations(capsys):
     for num_req in (1, 8, 64):
         assert re.search(rf"budget, {num_req} requests: Algorithm 1, tensor twin [\d.]+, "
                          r"Algorithm 1, host path [\d.]+", out)
+    for num_req, drafts in ((1, 5), (8, 2)):
+        assert re.search(rf"verification, {num_req} requests x {drafts} drafts: verify, "
+                         r"tensor path [\d.]+, verify, host path [\d.]+", out)
 
 
 def test_pool_paired_pools_every_round_of_every_run(tmp_path, capsys):
