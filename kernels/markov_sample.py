@@ -72,14 +72,16 @@ def markov_sample_torch(
     num_greedy = int(is_greedy.sum())  # the loop's one device sync
     greedy = True if num_greedy == num_req else (False if num_greedy == 0 else None)
     w2t = w2.float().T if w1 is not None else None  # [rank, V]
-    tokens = torch.empty(num_req, slots, dtype=torch.long, device=base.device)
+    w1 = w1.float() if w1 is not None else None  # NOTE: once, not once per slot
     if greedy:  # NOTE: the argmax alone in the loop, the one-hot rows built once
-        prev = anchors
+        drawn, prev = [], anchors
         for k in range(slots):
             logits = base[:, k]
             if w1 is not None:
-                logits = torch.addmm(logits, w1[prev].float(), w2t)  # [R, V]
-            prev = tokens[:, k] = row_argmax(logits)
+                logits = torch.addmm(logits, w1[prev], w2t)  # [R, V]
+            prev = row_argmax(logits)
+            drawn.append(prev)
+        tokens = torch.stack(drawn, 1)
         return tokens, torch.zeros_like(base).scatter_(-1, tokens[:, :, None], 1.0)
     # NOTE: what ``sample_rows`` does per slot, with what does not change between slots
     # (the temperatures, the uniforms' layout) made once: the same arithmetic in the
@@ -87,11 +89,11 @@ def markov_sample_torch(
     inv_temp = torch.where(is_greedy, 1.0, temperatures.float()).reciprocal()[:, None]
     draws = uniforms.float().T.contiguous()[:, :, None]  # [K, R, 1]
     probs = torch.empty_like(base)
-    prev = anchors
+    drawn, prev = [], anchors
     for k in range(slots):
         logits = base[:, k]
         if w1 is not None:
-            logits = torch.addmm(logits, w1[prev].float(), w2t)  # [R, V]
+            logits = torch.addmm(logits, w1[prev], w2t)  # [R, V]
         p = torch.softmax(logits * inv_temp, -1)
         token = torch.searchsorted(p.cumsum(-1), draws[k], right=True)[:, 0].clamp_max(vocab - 1)
         if greedy is None:
@@ -100,8 +102,8 @@ def markov_sample_torch(
                 -1, top[:, None], 1.0), p)
             token = torch.where(is_greedy, top, token)
         probs[:, k], prev = p, token
-        tokens[:, k] = token
-    return tokens, probs
+        drawn.append(token)
+    return torch.stack(drawn, 1), probs
 
 
 if triton is not None:

@@ -145,3 +145,21 @@ def test_a_given_attention_backend_needs_explicit_positions(make_model):
         model(ids, attention=ContiguousAttention())
     out = model(ids, positions=torch.arange(5)[None], attention=ContiguousAttention())
     torch.testing.assert_close(out.logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 192), (1, 8, 192), (3, 7, 576), (1, 64, 8, 48)])
+def test_rms_normalize_in_float32_is_the_formula_bit_for_bit(shape):
+    """The fused operator ``rms_normalize`` uses for float32 computes what the written-out
+    formula computes, bit for bit, on contiguous rows and on slices of them (the drafter
+    norms q and k as a slice of its qkv product)."""
+    from dspark.models.target import rms_normalize
+
+    gen = torch.Generator().manual_seed(0)
+    for scale in (1e-3, 1.0, 50.0):
+        x = torch.randn(*shape[:-1], shape[-1] + 16, generator=gen)[..., : shape[-1]] * scale
+        for rows in (x, x.contiguous()):
+            formula = rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + 1e-6)
+            assert torch.equal(rms_normalize(rows, 1e-6), formula)
+    half = torch.randn(*shape, generator=gen).bfloat16()
+    want = (half.float() * torch.rsqrt(half.float().pow(2).mean(-1, keepdim=True) + 1e-6))
+    assert torch.equal(rms_normalize(half, 1e-6), want.bfloat16())
