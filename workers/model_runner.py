@@ -21,6 +21,7 @@ import torch
 
 from dspark.kernels.paged_attention import paged_attention, paged_layout, slot_table
 from dspark.models.target import TargetModel
+from dspark.workers.allocator import keep_freed_memory
 from dspark.workers.budget import StepCostTable, VerificationPlan
 from dspark.workers.expert_parallel import timed_layers
 from dspark.workers.step import DraftProposal, SeqRows, StepSeq
@@ -118,6 +119,8 @@ class ModelRunner:
         block_size: int,
         feature_layers: Sequence[int] = (),
     ) -> None:
+        # NOTE: process-wide: each forward's temporaries reuse the pages of the one before
+        keep_freed_memory()
         cfg = target.config
         self.target, self.block_size = target, block_size
         self.feature_layers = tuple(feature_layers)
