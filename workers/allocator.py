@@ -6,7 +6,7 @@ an allocation above its mmap threshold (128 KB at start, raised as such blocks a
 with a fresh mapping that it unmaps when the block is freed, and it returns the top of its
 heap to the system once more than its trim threshold is free there. Either way the next
 step writes to pages the kernel must supply again, a page fault each 4 KB, for every
-temporary of every step: at 64 requests on the CPU machine, about 7 % of a step
+temporary of every step: at 64 requests on the CPU machine, 8-10 % of a step
 (docs/engine.md, "Session 19"). ``keep_freed_memory`` makes allocations up to 32 MB come
 from the heap and keeps what is freed there, so a step's temporaries reuse the pages of the
 step before. The process's resident memory then stays at its peak, as with the allocators
