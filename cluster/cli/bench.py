@@ -96,6 +96,8 @@ def _add_serve(which: Subparsers) -> None:
              "spread [min-max] over rounds.", type=int)
     add_flag(srv, "--skew-rounds", 0, "Rounds of the router comparison, the routers taking "
              "turns the same way (0: rounds).", type=int)
+    add_flag(srv, "--skew-requests", 0, "Requests finished per round of the router "
+             "comparison (0: 4 * skew_concurrency).", type=int)
     add_flag(srv, "--min-requests", 8, "Requests finished per cell of the system comparison: "
              "max(min_requests, 2 * C).", type=int)
     add_switch(srv, "--together", "The systems run at the same time, each under its own "
@@ -254,7 +256,7 @@ def run_serve(args: argparse.Namespace) -> int:
     cfg = ServeBenchConfig(
         concurrencies=int_list(args.concurrency, "--concurrency"), max_tokens=args.max_tokens,
         skew_concurrency=args.skew_concurrency, rounds=args.rounds, skew_rounds=args.skew_rounds,
-        min_requests=args.min_requests, baseline=args.baseline, together=args.together,
+        skew_requests=args.skew_requests, min_requests=args.min_requests, baseline=args.baseline, together=args.together,
     )
     known = {s.label: s for s in SYSTEMS}
     wanted = [s.strip() for s in args.systems.split(",") if s.strip()]

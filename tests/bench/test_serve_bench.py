@@ -124,8 +124,11 @@ def test_markdown_shows_medians_spreads_and_every_router_round():
 def test_config_names_the_bad_field():
     assert ServeBenchConfig().router_rounds == 3
     assert ServeBenchConfig(rounds=2, skew_rounds=5).router_rounds == 5
+    assert ServeBenchConfig(skew_concurrency=8).router_requests == 32
+    assert ServeBenchConfig(skew_requests=96).router_requests == 96
     for bad, field in (({"max_tokens": 3}, "max_tokens"), ({"concurrencies": ()}, "concurrencies"),
-                       ({"rounds": 0}, "rounds"), ({"skew_rounds": -1}, "skew_rounds")):
+                       ({"rounds": 0}, "rounds"), ({"skew_rounds": -1}, "skew_rounds"),
+                       ({"skew_requests": -1}, "skew_requests")):
         with pytest.raises(ValueError, match=field):
             ServeBenchConfig(**bad)
 
