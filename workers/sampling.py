@@ -303,7 +303,7 @@ def verify_host(
     for i, (s, start, first, drafts) in enumerate(zip(samplers, starts, firsts, draft_ids)):
         n = a = len(drafts)
         if s.stream is None:  # NOTE: greedy: the draft is the target's argmax
-            a = next((k for k in range(n) if drafts[k] != top[start + k]), n)
+            a = _argmax_prefix(drafts, top, start)
             output.append([*drafts[:a], top[start + a]])
         else:
             draws = s.stream.take(n)
@@ -328,11 +328,7 @@ def _next_tokens(samplers, probs, draft_probs, rest) -> list[int]:
     if rejected:
         at = torch.tensor(rejected)
         p = dist[at]
-        residual = (p - draft_probs[torch.tensor([rest[k][2] for k in rejected])].float()
-                    ).clamp_min(0.0)
-        # p == q up to rounding leaves nothing to correct: draw from p
-        usable = residual.sum(-1, keepdim=True) > 1e-8
-        dist[at] = torch.where(usable, residual, p)
+        dist[at] = _recovery(p, draft_probs[torch.tensor([rest[k][2] for k in rejected])])
     draws = [samplers[i].stream.take(1)[0] for i, _, _ in rest]
     return inverse_cdf(dist, torch.tensor(draws)).tolist()
 
@@ -344,13 +340,17 @@ def verify_greedy(top: torch.Tensor, draft_ids: Sequence[Sequence[int]]) -> Reje
     distribution is built."""
     chosen, accepted, output, start = top.tolist(), [], [], 0
     for drafts in draft_ids:
-        n = 0
-        while n < len(drafts) and drafts[n] == chosen[start + n]:
-            n += 1
+        n = _argmax_prefix(drafts, chosen, start)
         accepted.append(n)
         output.append([*drafts[:n], chosen[start + n]])
         start += len(drafts) + 1
     return RejectionOutput(accepted, output)
+
+
+def _argmax_prefix(drafts: Sequence[int], top: list[int], start: int) -> int:
+    """Drafts of a greedy request accepted: while each is the target's argmax at its row
+    (``top[start + k]``)."""
+    return next((k for k, d in enumerate(drafts) if d != top[start + k]), len(drafts))
 
 
 def _plain(samplers, probs, chosen) -> RejectionOutput:
@@ -395,6 +395,15 @@ def _deterministic_tokens(samplers, first_positions, probs, lens, argmax=None
     return chosen
 
 
+def _recovery(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The distribution a rejected draft's recovered token is drawn from, rows [N, V] of
+    the target's ``p`` and the drafter's ``q``: ``max(p - q, 0)`` (normalized by the
+    draw), or p where p == q up to rounding leaves nothing to correct."""
+    residual = (p - q.float()).clamp_min(0.0)
+    usable = residual.sum(-1, keepdim=True) > 1e-8
+    return torch.where(usable, residual, p)
+
+
 def _random_tokens(samplers, probs, draft_probs, starts, accepted, cu, lens) -> torch.Tensor:
     """Rejection requests' recovered (after a rejection) or bonus token: [R]; one uniform
     each, drawn after its acceptance uniforms."""
@@ -402,10 +411,7 @@ def _random_tokens(samplers, probs, draft_probs, starts, accepted, cu, lens) -> 
     if draft_probs.shape[0]:
         rejected = accepted < torch.tensor(lens, device=probs.device)
         q_rows = (cu[:-1] + accepted).clamp_max(draft_probs.shape[0] - 1)
-        residual = (dist - draft_probs[q_rows].float()).clamp_min(0.0)
-        # p == q up to rounding leaves nothing to correct: draw from p
-        usable = residual.sum(-1, keepdim=True) > 1e-8
-        dist = torch.where(rejected[:, None] & usable, residual, dist)
+        dist = torch.where(rejected[:, None], _recovery(dist, draft_probs[q_rows]), dist)
     draws = [s.stream.take(1)[0] if s.stream is not None else 0.0 for s in samplers]
     return inverse_cdf(dist, torch.tensor(draws, device=probs.device))
 
