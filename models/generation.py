@@ -122,6 +122,19 @@ def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return drawn.clamp_max(probs.shape[-1] - 1)
 
 
+def draw_softmax(logits: torch.Tensor, temperatures: Sequence[float],
+                 uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``softmax(logits / T)`` (logits [R, V], a temperature above 0
+    and a uniform in [0, 1) per row) by ``inverse_cdf`` over the unnormalised
+    ``exp((logits - max) / T)``: the same distribution as ``sampling_probs`` without
+    top-p, without the softmax's pass that normalises it (the inversion scales the uniform
+    by the total instead)."""
+    weights = logits.float() - logits.amax(-1, keepdim=True)  # NOTE: a new tensor
+    if any(t != 1.0 for t in temperatures):
+        weights /= torch.tensor(temperatures, device=logits.device)[:, None]
+    return inverse_cdf(weights.exp_(), uniforms)
+
+
 def process_logits(
     logits: torch.Tensor,  # [R, V] rows of one request, row k after k more generated tokens
     params: SamplingParams,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from dspark.models.drafter_checkpoint import Drafter
-from dspark.models.generation import SamplingParams
+from dspark.models.generation import SamplingParams, token_logprobs
 from dspark.models.target import TargetModel
 from dspark.workers.block_manager import BlockManager
 from dspark.workers.budget import (
@@ -38,13 +38,14 @@ from dspark.workers.expert_parallel import forward_empty
 from dspark.workers.gate import DraftGate, make_gate
 from dspark.workers.lanes import DraftLane, light_lane, observe_lanes, propose_lane
 from dspark.workers.model_runner import ModelRunner, profile_step_costs
-from dspark.workers.sampling import sample_step, score_prompts
+from dspark.workers.sampling import sample_step
 from dspark.workers.scheduler import Request, RequestResult, Scheduler, SchedulerConfig
 from dspark.workers.stats import RequestStep, RoundRecord, StepStats, request_steps, step_stats
 from dspark.workers.step import (
     DraftProposal,
     RequestOutput,
     RequestState,
+    SeqRows,
     StepSeq,
     Verified,
     block_tables,
@@ -389,3 +390,23 @@ def record_rounds(proposal: DraftProposal, plan, new_tokens: dict[str, list[int]
                     n, accepted, committed, conf[i][:n] if conf is not None else None))
             except Exception:  # NOTE: an observer never fails committed requests
                 logger.exception("on_round observer failed")
+
+
+def score_prompts(rows: list[SeqRows], logits: torch.Tensor) -> None:
+    """Record the target's log-probability of every prompt token a chunk's rows
+    predict."""
+    for lay in rows:
+        s = lay.seq
+        if not s.scores:
+            continue
+        state, prompt = s.state, s.request.prompt_ids
+        wanted = [k for k in range(len(lay.fed))
+                  if s.start + k + 1 < len(prompt) and s.start + k not in state.prompt_scores]
+        if not wanted:
+            continue
+        index = torch.tensor([lay.logit_start + k for k in wanted], device=logits.device)
+        scores = token_logprobs(logits.index_select(0, index),
+                                [prompt[s.start + k + 1] for k in wanted],
+                                state.params.prompt_logprobs)
+        for k, score in zip(wanted, scores):
+            state.prompt_scores[s.start + k] = score

@@ -37,6 +37,7 @@ from dspark.kernels.markov_sample import sample_rows
 from dspark.kernels.row_argmax import row_argmax
 from dspark.models.generation import (
     SamplingParams,
+    draw_softmax,
     gumbel_max,
     inverse_cdf,
     position_gumbel,
@@ -205,9 +206,8 @@ class RejectionOutput:
 
 HOST_MAX_DRAFTS = 128
 """Most drafts in a step that ``verify`` checks on the host path: above, the tensor path's
-fixed number of operations costs less than the host's Python per draft (``python -m
-dspark.bench.host_ops``: 64 requests x 3 drafts 0.73 ms tensor, 0.76 ms host; x 1 draft
-0.67 and 0.62)."""
+fixed operations cost less than the host's Python per draft (``python -m
+dspark.bench.host_ops``: 64 requests x 3 drafts 0.73 ms tensor, 0.76 ms host)."""
 
 
 def verify(
@@ -368,6 +368,14 @@ def _plain(samplers, probs, chosen) -> RejectionOutput:
     return RejectionOutput([0] * len(samplers), [[t] for t in chosen.tolist()])
 
 
+def _plain_softmax(samplers, logits) -> RejectionOutput:
+    """``_plain`` when every request samples a plain softmax: its uniforms, in order, over
+    ``draw_softmax`` (no distribution built first)."""
+    draws = torch.tensor([s.stream.take(1)[0] for s in samplers], device=logits.device)
+    tokens = draw_softmax(logits, [s.params.temperature for s in samplers], draws)
+    return RejectionOutput([0] * len(samplers), [[t] for t in tokens.tolist()])
+
+
 def _deterministic_tokens(samplers, first_positions, probs, lens, argmax=None
                           ) -> torch.Tensor:
     """The token of every row for greedy (argmax) and coupled (Gumbel-max under the
@@ -416,26 +424,6 @@ def _random_tokens(samplers, probs, draft_probs, starts, accepted, cu, lens) -> 
     return inverse_cdf(dist, torch.tensor(draws, device=probs.device))
 
 
-def score_prompts(rows: list[SeqRows], logits: torch.Tensor) -> None:
-    """Record the target's log-probability of every prompt token a chunk's rows
-    predict."""
-    for lay in rows:
-        s = lay.seq
-        if not s.scores:
-            continue
-        state, prompt = s.state, s.request.prompt_ids
-        wanted = [k for k in range(len(lay.fed))
-                  if s.start + k + 1 < len(prompt) and s.start + k not in state.prompt_scores]
-        if not wanted:
-            continue
-        index = torch.tensor([lay.logit_start + k for k in wanted], device=logits.device)
-        scores = token_logprobs(logits.index_select(0, index),
-                                [prompt[s.start + k + 1] for k in wanted],
-                                state.params.prompt_logprobs)
-        for k, score in zip(wanted, scores):
-            state.prompt_scores[s.start + k] = score
-
-
 def sample_step(rows: list[SeqRows], proposal: DraftProposal | None, logits: torch.Tensor
                 ) -> tuple[dict[str, list[int]], dict[str, int]]:
     """The committed tokens of every request that samples this step: its logit rows
@@ -458,6 +446,8 @@ def sample_step(rows: list[SeqRows], proposal: DraftProposal | None, logits: tor
     top = row_argmax(logits) if any(s.greedy for s in samplers) else None  # [M]
     if all(s.greedy for s in samplers):
         out = verify_greedy(top, [lay.drafts for lay in sampling])
+    elif len(samplers) == logits.shape[0] and all(s.batched for s in samplers):
+        out = _plain_softmax(samplers, logits)  # NOTE: no drafts: a row per request
     else:
         probs = target_probs(logits, samplers, rows_per, top)
         draft_probs = _draft_probs(sampling, proposal, probs)

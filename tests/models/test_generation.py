@@ -3,6 +3,7 @@ import torch
 
 from dspark.models.generation import (
     SamplingParams,
+    draw_softmax,
     generate_tokens,
     sampling_probs,
 )
@@ -51,6 +52,27 @@ def test_stops_at_stop_token_and_at_context_end(make_model):
 def test_tiny_temperature_behaves_like_greedy():
     logits = torch.tensor([40.0, 3.0, 1.0])
     torch.testing.assert_close(sampling_probs(logits, 1e-40, 1.0), torch.tensor([1.0, 0.0, 0.0]))
+
+
+def test_draw_softmax_inverts_the_softmax_cdf_of_every_row():
+    # NOTE: every token's interval of the normalised CDF, probed at its middle (away from
+    # the rounding at its ends): the token drawn there is that token, so each is drawn
+    # with exactly its softmax probability; masked tokens have no interval
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 32, generator=gen) * 3
+    logits[2, 5:] = -float("inf")
+    temperatures = [1.0, 0.5, 2.0, 1e-3]
+    for row, temp in enumerate(temperatures):
+        probs = sampling_probs(logits[row], temp, 1.0).double()
+        cdf = probs.cumsum(0)
+        lower = torch.cat([torch.zeros(1, dtype=cdf.dtype), cdf[:-1]])
+        tokens = [k for k in range(32) if probs[k] > 1e-6]
+        middles = ((lower + cdf) / 2)[tokens].float()
+        rows = logits[row].expand(len(tokens), 32)
+        drawn = draw_softmax(rows, [temp] * len(tokens), middles)
+        assert drawn.tolist() == tokens, (row, temp)
+    assert set(draw_softmax(logits[2:3].expand(100, 32), [1.0] * 100,
+                            torch.rand(100, generator=gen)).tolist()) <= set(range(5))
 
 
 def test_top_p_keeps_the_smallest_nucleus():
