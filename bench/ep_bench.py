@@ -140,6 +140,7 @@ def _result(loop) -> dict:
             "finished": len(per_user),
             "mean_ell": sum(s.verify_budget for s in stats) / drafted if drafted else 0.0,
             "step_ms": 1000 * statistics.mean(s.step_time for s in stats) if stats else 0.0,
+            "drafted": sum(1 for s in stats if s.num_drafts) / len(stats) if stats else 0.0,
             "shared": loop.engine.costs.shared}
 
 
@@ -159,7 +160,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         entry = {"budget": budget, "aggregate_tps": statistics.median(agg),
                  "aggregate_spread": [min(agg), max(agg)]}
         for rank in (0, 1):
-            for key in ("per_user_tps", "mean_ell", "step_ms", "shared"):
+            for key in ("per_user_tps", "mean_ell", "step_ms", "shared", "drafted"):
                 entry[f"rank{rank}_{key}"] = statistics.median(c[key] for c in cells[rank])
         out.append(entry)
     return out
@@ -174,7 +175,8 @@ def markdown(summary: list[dict], cfg: EpBenchConfig) -> str:
              + (f" Profiled share of a step in the experts (rank 0): {shared:.2f}."
                 if shared is not None else ""), "",
              "| budget | aggregate tok/s [min–max] | × local | per-user tok/s rank 0 / 1 | "
-             "mean ℓ rank 0 / 1 | step ms |", "|---|---:|---:|---:|---:|---:|"]
+             "mean ℓ rank 0 / 1 | steps drafted rank 0 / 1 | step ms |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for s in summary:
         lo, hi = s["aggregate_spread"]
         lines.append(
@@ -182,7 +184,7 @@ def markdown(summary: list[dict], cfg: EpBenchConfig) -> str:
             f"{s['aggregate_tps'] / base['aggregate_tps']:.2f} | "
             f"{s['rank0_per_user_tps']:.1f} / {s['rank1_per_user_tps']:.1f} | "
             f"{s['rank0_mean_ell']:.2f} / {s['rank1_mean_ell']:.2f} | "
-            f"{s['rank0_step_ms']:.1f} |")
+            f"{s['rank0_drafted']:.0%} / {s['rank1_drafted']:.0%} | {s['rank0_step_ms']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -10,7 +10,8 @@ from dspark.bench.ep_bench import EpBenchConfig, markdown, summarize
 
 def row(rnd, budget, rank, tokens, wall, ell):
     return {"round": rnd, "budget": budget, "rank": rank, "tokens": tokens, "wall": wall,
-            "per_user_tps": tokens / wall / 2, "finished": 2, "mean_ell": ell, "step_ms": 10.0, "shared": 0.4}
+            "per_user_tps": tokens / wall / 2, "finished": 2, "mean_ell": ell, "step_ms": 10.0, "shared": 0.4,
+            "drafted": 0.25 * rank}
 
 
 def test_summary_uses_the_slower_rank_and_medians():
@@ -26,6 +27,7 @@ def test_summary_uses_the_slower_rank_and_medians():
     assert cluster["rank1_mean_ell"] == 5.0 and local["rank0_mean_ell"] == 2.0
     table = markdown([local, cluster], EpBenchConfig())
     assert "| cluster | 250.0 [200–400] | 1.25 |" in table
+    assert "| 0% / 25% | 10.0 |" in table
     assert "share of a step in the experts (rank 0): 0.40." in table
 
 
