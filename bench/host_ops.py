@@ -1,8 +1,9 @@
 """`python -m dspark.bench.host_ops`: the per-step vocabulary-wide operations the engine
 replaced, timed side by side on this machine (docs/engine.md, "Less host work, second
 pass"): ``torch.argmax`` against ``row_argmax`` and a max reduction, and the inverse CDF by
-comparison and sum (the code before) against bisection (``inverse_cdf``). Each result is
-checked equal before it is timed. Then the verification budget's Algorithm 1 over a step of
+comparison and sum (the code before) against bisection (``inverse_cdf``), and a step
+without drafts of R requests at T=1: ``target_probs`` then ``verify`` (until session 20)
+against ``_plain_softmax``. Each result is checked equal before it is timed. Then the verification budget's Algorithm 1 over a step of
 R requests with 7 drafts each: the tensor twin (``select_prefixes``) against the host path
 (``select_prefixes_host``, the CPU's since session 14), ``--budget-requests``. Then the
 verification of R rejection-sampling requests with ℓ drafts each: ``verify_tensors``
@@ -47,7 +48,30 @@ def time_ops(logits: torch.Tensor, probs: torch.Tensor, uniforms: torch.Tensor,
         "inverse CDF, compare and sum": median_ms(lambda: compare_and_sum(probs, uniforms),
                                                   repeats),
         "inverse CDF, bisect": median_ms(lambda: inverse_cdf(probs, uniforms), repeats),
+        **time_plain_step(logits, repeats),
     }
+
+
+def time_plain_step(logits: torch.Tensor, repeats: int) -> dict[str, float]:
+    """A step without drafts, a row per unseeded T=1 request: the general path against
+    ``_plain_softmax`` (checked equal on fresh streams of the same seeds)."""
+    from dspark.models.generation import SamplingParams
+    from dspark.workers.sampling import RequestSampling, _plain_softmax, target_probs, verify
+
+    rows = logits.shape[0]
+    empty = logits.new_zeros(0, logits.shape[1])
+
+    def samplers():
+        return [RequestSampling.create(SamplingParams(temperature=1.0), r) for r in range(rows)]
+
+    def general(on):
+        return verify(on, [0] * rows, target_probs(logits, on, [1] * rows), [[]] * rows, empty)
+
+    assert general(samplers()).output_ids == _plain_softmax(samplers(), logits).output_ids
+    on_general, on_plain = samplers(), samplers()
+    return {"plain step, target_probs + verify": median_ms(lambda: general(on_general), repeats),
+            "plain step, _plain_softmax": median_ms(
+                lambda: _plain_softmax(on_plain, logits), repeats)}
 
 
 def time_selection(num_req: int, gen: torch.Generator, repeats: int) -> dict[str, float]:

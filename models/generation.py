@@ -125,14 +125,13 @@ def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 def draw_softmax(logits: torch.Tensor, temperatures: Sequence[float],
                  uniforms: torch.Tensor) -> torch.Tensor:
     """One token per row of ``softmax(logits / T)`` (logits [R, V], a temperature above 0
-    and a uniform in [0, 1) per row) by ``inverse_cdf`` over the unnormalised
-    ``exp((logits - max) / T)``: the same distribution as ``sampling_probs`` without
-    top-p, without the softmax's pass that normalises it (the inversion scales the uniform
-    by the total instead)."""
-    weights = logits.float() - logits.amax(-1, keepdim=True)  # NOTE: a new tensor
+    and a uniform in [0, 1) per row) by ``inverse_cdf``: ``sampling_probs``' arithmetic
+    without top-p, for all rows at once (no division where every T is 1: the same
+    values)."""
+    shifted = logits.float() - logits.amax(-1, keepdim=True)
     if any(t != 1.0 for t in temperatures):
-        weights /= torch.tensor(temperatures, device=logits.device)[:, None]
-    return inverse_cdf(weights.exp_(), uniforms)
+        shifted = shifted / torch.tensor(temperatures, device=logits.device)[:, None]
+    return inverse_cdf(torch.softmax(shifted, -1), uniforms)
 
 
 def process_logits(

@@ -369,8 +369,8 @@ def _plain(samplers, probs, chosen) -> RejectionOutput:
 
 
 def _plain_softmax(samplers, logits) -> RejectionOutput:
-    """``_plain`` when every request samples a plain softmax: its uniforms, in order, over
-    ``draw_softmax`` (no distribution built first)."""
+    """``target_probs`` then ``verify`` when every request samples a plain softmax and none
+    drafted: the same arithmetic and uniforms (so the same tokens) in a few operations."""
     draws = torch.tensor([s.stream.take(1)[0] for s in samplers], device=logits.device)
     tokens = draw_softmax(logits, [s.params.temperature for s in samplers], draws)
     return RejectionOutput([0] * len(samplers), [[t] for t in tokens.tolist()])

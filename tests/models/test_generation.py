@@ -5,6 +5,7 @@ from dspark.models.generation import (
     SamplingParams,
     draw_softmax,
     generate_tokens,
+    inverse_cdf,
     sampling_probs,
 )
 
@@ -73,6 +74,11 @@ def test_draw_softmax_inverts_the_softmax_cdf_of_every_row():
         assert drawn.tolist() == tokens, (row, temp)
     assert set(draw_softmax(logits[2:3].expand(100, 32), [1.0] * 100,
                             torch.rand(100, generator=gen)).tolist()) <= set(range(5))
+    # NOTE: and the very arithmetic of ``sampling_probs``, row by row
+    uniforms = torch.rand(4, generator=gen)
+    each = torch.stack([sampling_probs(logits[r], t, 1.0) for r, t in enumerate(temperatures)])
+    assert torch.equal(draw_softmax(logits, temperatures, uniforms),
+                       inverse_cdf(each, uniforms))
 
 
 def test_top_p_keeps_the_smallest_nucleus():

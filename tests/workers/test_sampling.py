@@ -11,7 +11,9 @@ from dspark.models.generation import SamplingParams, gumbel_max, inverse_cdf, po
 from dspark.workers.sampling import (
     RequestSampling,
     UniformStream,
+    _plain_softmax,
     draft_noise,
+    target_probs,
     verify,
     verify_greedy,
     verify_host,
@@ -175,3 +177,24 @@ def test_the_host_path_commits_what_the_tensor_path_commits():
             runs.append((out.num_accepted, out.output_ids, after))
         assert runs[0] == runs[1]
     assert any(a > 0 for a in runs[0][0])
+
+
+def test_a_plain_softmax_step_draws_what_the_general_path_draws():
+    # NOTE: a step without drafts whose requests all sample a plain softmax takes
+    # ``_plain_softmax``; the general path (``target_probs``, then ``verify``) is the
+    # reference, uniform for uniform, at mixed temperatures
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(12, 64, generator=gen) * 4
+    temps = [1.0, 0.7, 1.3, 0.05] * 3
+
+    def samplers():
+        return [RequestSampling.create(SamplingParams(temperature=t), 10 + r)
+                for r, t in enumerate(temps)]
+
+    general, fast = samplers(), samplers()
+    for _ in range(20):  # NOTE: the streams go on drawing, step after step
+        want = verify(general, [0] * 12, target_probs(logits, general, [1] * 12), [[]] * 12,
+                      logits.new_zeros(0, 64))
+        got = _plain_softmax(fast, logits)
+        assert got.output_ids == want.output_ids and got.num_accepted == [0] * 12
+        logits = torch.randn(12, 64, generator=gen) * 4
