@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from dspark.bench.closed_loop import ClosedLoop, interleave, run_cell
+from dspark.bench.machine import describe, header
 from dspark.bench.paired import paired_markdown, paired_ratios
 from dspark.models.drafter_checkpoint import load_drafter
 from dspark.models.generation import SamplingParams
@@ -479,9 +480,11 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
 def write_results(result: dict, out_dir: str | Path, command: str) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = dict(result, command=command, torch_threads=torch.get_num_threads())
+    machine = describe()
+    result = dict(result, command=command, torch_threads=torch.get_num_threads(),
+                  machine=machine)
     (out_dir / "engine.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out_dir / "engine.md").write_text(f"Command: `{command}`\n\n" + markdown(result))
+    (out_dir / "engine.md").write_text(header(command, machine) + markdown(result))
     written = [out_dir / "engine.json", out_dir / "engine.md"]
     try:
         written += plot(result, out_dir)

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from dspark.bench.machine import describe, header
+
 BUDGETS = ("local", "cluster")
 MODES = {"local": "algorithm1", "cluster": "cluster"}
 
@@ -208,8 +210,9 @@ def run_ep_benchmark(cfg: EpBenchConfig, target_dir: str, drafter_dir: str) -> d
 def write_results(result: dict, out_dir: str | Path, command: str) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "ep.json").write_text(json.dumps(dict(result, command=command), indent=1))
+    machine = describe()
+    (out_dir / "ep.json").write_text(json.dumps(dict(result, command=command,
+                                                     machine=machine), indent=1))
     cfg = EpBenchConfig(**result["config"])
-    (out_dir / "ep.md").write_text(f"Command: `{command}`\n\n"
-                                   + markdown(result["summary"], cfg))
+    (out_dir / "ep.md").write_text(header(command, machine) + markdown(result["summary"], cfg))
     return [out_dir / "ep.json", out_dir / "ep.md"]

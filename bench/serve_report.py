@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dspark.bench.engine_bench import ratio_columns
+from dspark.bench.machine import describe, header
 from dspark.bench.paired import paired_markdown
 from dspark.bench.serve_bench import PAIRED
 
@@ -88,6 +89,8 @@ def router_markdown(result: dict) -> list[str]:
 def write_results(result: dict, out_dir: str | Path, command: str) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "serve.json").write_text(json.dumps(dict(result, command=command), indent=1))
-    (out_dir / "serve.md").write_text(f"Command: `{command}`\n\n" + markdown(result))
+    machine = describe()
+    (out_dir / "serve.json").write_text(json.dumps(dict(result, command=command,
+                                                        machine=machine), indent=1))
+    (out_dir / "serve.md").write_text(header(command, machine) + markdown(result))
     return [out_dir / "serve.json", out_dir / "serve.md"]

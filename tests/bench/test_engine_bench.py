@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from dspark.bench.engine_bench import SYSTEMS, BenchConfig, run_benchmark, write_results
 
 
@@ -42,6 +44,9 @@ def test_tiny_benchmark_writes_a_consistent_report(demo_target_dir, tmp_path):
     assert json.loads((tmp_path / "engine.json").read_text())["command"].endswith("--test")
     report = (tmp_path / "engine.md").read_text()
     assert "| dspark-alg1 | 2 |" in report
+    machine = json.loads((tmp_path / "engine.json").read_text())["machine"]
+    assert report.splitlines()[2] == f"Machine: {machine['cpu']}, {machine['cpus']} CPUs; " \
+        f"torch {torch.__version__}; {torch.get_num_threads()} torch threads."
     row = paired[("dspark-alg1", 2)]
     assert (f"| dspark-alg1 | 0 | 2 | 2 | {row['aggregate_tps']:.3f} "
             f"[{row['aggregate_tps_min']:.3f}–{row['aggregate_tps_max']:.3f}] |") in report
