@@ -122,16 +122,20 @@ def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return drawn.clamp_max(probs.shape[-1] - 1)
 
 
-def draw_softmax(logits: torch.Tensor, temperatures: Sequence[float],
-                 uniforms: torch.Tensor) -> torch.Tensor:
-    """One token per row of ``softmax(logits / T)`` (logits [R, V], a temperature above 0
-    and a uniform in [0, 1) per row) by ``inverse_cdf``: ``sampling_probs``' arithmetic
-    without top-p, for all rows at once (no division where every T is 1: the same
-    values)."""
+def softmax_rows(logits: torch.Tensor, temperatures: Sequence[float]) -> torch.Tensor:
+    """``softmax(logits / T)`` of each row (logits [R, V], a temperature above 0 per row):
+    ``sampling_probs``' arithmetic without top-p, for all rows at once (the maximum
+    subtracted before dividing; no division where every T is 1: the same values)."""
     shifted = logits.float() - logits.amax(-1, keepdim=True)
     if any(t != 1.0 for t in temperatures):
         shifted = shifted / torch.tensor(temperatures, device=logits.device)[:, None]
-    return inverse_cdf(torch.softmax(shifted, -1), uniforms)
+    return torch.softmax(shifted, -1)
+
+
+def draw_softmax(logits: torch.Tensor, temperatures: Sequence[float],
+                 uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``softmax_rows`` by ``inverse_cdf`` at ``uniforms`` [R]."""
+    return inverse_cdf(softmax_rows(logits, temperatures), uniforms)
 
 
 def process_logits(

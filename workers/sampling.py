@@ -43,6 +43,7 @@ from dspark.models.generation import (
     position_gumbel,
     process_logits,
     sampling_probs,
+    softmax_rows,
     token_logprobs,
 )
 
@@ -184,14 +185,10 @@ def target_probs(
                 logits[start : start + n], s.params.temperature, s.params.top_p)
         start += n
     if batched:
-        temp = torch.tensor(temps, device=logits.device)[:, None]
-        # NOTE: the maximum is subtracted before dividing: logits / T overflows float32
-        # for tiny temperatures
         if len(batched) == logits.shape[0]:  # every row: no gather, no scatter
-            return torch.softmax((logits - logits.amax(-1, keepdim=True)) / temp, -1)
+            return softmax_rows(logits, temps)
         rows = torch.tensor(batched, device=logits.device)
-        picked = logits.index_select(0, rows)
-        probs[rows] = torch.softmax((picked - picked.amax(-1, keepdim=True)) / temp, -1)
+        probs[rows] = softmax_rows(logits.index_select(0, rows), temps)
     return probs
 
 

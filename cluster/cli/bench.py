@@ -256,7 +256,8 @@ def run_serve(args: argparse.Namespace) -> int:
     cfg = ServeBenchConfig(
         concurrencies=int_list(args.concurrency, "--concurrency"), max_tokens=args.max_tokens,
         skew_concurrency=args.skew_concurrency, rounds=args.rounds, skew_rounds=args.skew_rounds,
-        skew_requests=args.skew_requests, min_requests=args.min_requests, baseline=args.baseline, together=args.together,
+        skew_requests=args.skew_requests, min_requests=args.min_requests,
+        baseline=args.baseline, together=args.together,
     )
     known = {s.label: s for s in SYSTEMS}
     wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
