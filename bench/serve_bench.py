@@ -100,6 +100,8 @@ class ServeSystem:
     """Requests traced (``sample_ratio`` of them), exported over OTLP/HTTP to a sink in
     this process that decodes nothing."""
     sample_ratio: float = 1.0
+    stream_interval: int = 1
+    """Tokens per server-sent event after the first (``ServeConfig.stream_interval``)."""
 
 
 SYSTEMS = (
@@ -118,6 +120,10 @@ SYSTEMS = (
     ServeSystem("dspark-g7-traced", "dspark", "fixed", traced=True),
     # NOTE: one request in ten traced, a production setting
     ServeSystem("dspark-g7-sampled", "dspark", "fixed", traced=True, sample_ratio=0.1),
+    # NOTE: no speculation and the default streaming 4 tokens per event: what the path to
+    # the client costs per event, side by side with the one-token default
+    ServeSystem("no-spec-s4", "none", "fixed", stream_interval=4),
+    ServeSystem("dspark-cluster-s4", DEFAULT_DRAFTER, "cluster", stream_interval=4),
 )
 ROUTERS = ("board", "pow2")
 
@@ -406,7 +412,8 @@ def run_serve_benchmark(base: ServeConfig, prompts: Sequence[str], cfg: ServeBen
     system_apps = {s.label: replace(base, drafter=s.drafter, budget=s.budget, replicas=1,
                                     cluster=s.label, metrics=s.metrics,
                                     otlp_traces_endpoint=sink.url if s.traced else None,
-                                    trace_sample_ratio=s.sample_ratio)
+                                    trace_sample_ratio=s.sample_ratio,
+                                    stream_interval=s.stream_interval)
                    for s in systems}
     router_apps = {f"router-{r}": replace(base, drafter=DEFAULT_DRAFTER, budget="cluster",
                                           replicas=2, router=r, cluster=f"router-{r}")

@@ -349,7 +349,8 @@ class OpenAIIngress:
             clock.span.end()
 
     async def _serve(self, body, chat: bool, clock: Clock):
-        requests = body.shard_requests()
+        interval = self.cfg.stream_interval if body.stream else 0
+        requests = [replace(r, stream_interval=interval) for r in body.shard_requests()]
         if clock.span is not None:
             from dspark.cluster.tracing import inject
 

@@ -59,6 +59,9 @@ class ShardRequest:
     """None, or return each token's log-probability with this many alternatives."""
     echo: bool = False
     """Return the prompt's text (and, with ``logprobs``, its scores) on the first chunk."""
+    stream_interval: int = 1
+    """Tokens the replica gathers into one chunk after the first (the last chunk goes at
+    once); 0: all of them into the last chunk (a response that is not streamed)."""
     trace_context: Mapping[str, str] | None = None
     """The W3C trace context of the ingress's span (``traceparent``), when it is traced: the
     router and the replica open their spans under it."""

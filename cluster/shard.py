@@ -151,17 +151,20 @@ class TargetShard:
     async def generate(self, request: ShardRequest) -> AsyncIterator[ShardChunk]:
         """Stream one choice. Bad input raises ValueError (the engine's check, naming the
         field), a full engine queue ``OverloadedError``, both before the first chunk."""
-        from dspark.cluster.shard_stream import ChunkStream
+        from dspark.cluster.shard_stream import ChunkStream, Gather
 
         prompt_ids = self._prompt_ids(request)
         params = self._params(request, len(prompt_ids))
         stream = ChunkStream(self.texts, request, prompt_ids, params, self.replica_id)
+        gather = Gather(request.stream_interval)
         req_id = f"{self.replica_id}-{next(self._ids)}"
         span = self._open_span(request, req_id, len(prompt_ids))
         try:
             async for out in self.engine.generate(prompt_ids, params, self.tokenizer.stop_ids,
                                                   req_id=req_id):
-                yield stream.push(out)
+                chunk = gather.add(stream.push(out), last=stream.done or out.finished)
+                if chunk is not None:
+                    yield chunk
                 if stream.done:
                     return  # NOTE: leaving the loop aborts the engine request
         finally:

@@ -5,7 +5,9 @@ from an environment variable (``env:NAME``, as a Kubernetes Secret hands them ov
 to the same list (``resolve_keys``, which the ingress calls at start). Per-key limits: a key
 with a request in flight at its limit gets OpenAI's 429 with Retry-After while another key
 is served, and its allowance comes back when the stream ends; a key past its requests per
-minute is refused until the window frees a slot."""
+minute is refused until the window frees a slot. The same app streams 3 tokens per event
+(``stream_interval``): its events carry the tokens of a response that is not streamed,
+one at first, then 3 per event, the rest last."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def keyed(ray_cluster, served_app):
     cfg = ServeConfig(model_name="keyed", drafter="none", max_num_seqs=2, num_blocks=64,
                       threads=1, replica_cpus=0.25, redis_url=served_app.redis_url,
                       cluster="keyed", api_keys=(KEY, ENV_KEY), api_key_max_streams=1,
-                      api_key_rate_limit=1000)
+                      api_key_rate_limit=1000, stream_interval=3)
     start(cfg, app_name="keyed", route_prefix="/keyed")
     yield f"http://{served_app.host}:{served_app.port}/keyed"
     serve.delete("keyed")
@@ -148,3 +150,23 @@ def test_limits_without_keys_are_refused_by_name():
         ServeConfig(api_key_max_streams=2)
     with pytest.raises(ValueError, match=r"api_key_rate_limit must be an integer in \[0, "):
         ServeConfig(api_keys=(KEY,), api_key_rate_limit=-1)
+
+
+def test_a_streamed_response_sends_stream_interval_tokens_per_event(keyed):
+    import json
+
+    body = {**CHAT, "max_tokens": 11, "ignore_eos": True, "logprobs": True}
+    headers = {"x-api-key": KEY}
+    whole = httpx.post(f"{keyed}/v1/chat/completions", json=body, headers=headers, timeout=120)
+    assert whole.status_code == 200, whole.text
+    tokens = [e["token"] for e in whole.json()["choices"][0]["logprobs"]["content"]]
+    events = []
+    with httpx.stream("POST", f"{keyed}/v1/chat/completions", json={**body, "stream": True},
+                      headers=headers, timeout=120) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                if choice["logprobs"]:
+                    events.append([e["token"] for e in choice["logprobs"]["content"]])
+    assert [len(e) for e in events] == [1, 3, 3, 3, 1]
+    assert [t for e in events for t in e] == tokens

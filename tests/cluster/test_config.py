@@ -21,6 +21,7 @@ def test_example_config_loads():
     ({"budget": "greedy"}, "budget must be one of"),
     ({"replicas": 3, "ep_size": 2}, "replicas (3) must be a multiple of ep_size (2)"),
     ({"replicas": 0}, "replicas must be an integer >= 1"),
+    ({"stream_interval": 0}, "stream_interval must be an integer >= 1, got 0"),
     ({"port": 70000}, "port must be in [0, 65535]"),
     ({"router": "random"}, "router must be board or pow2"),
     ({"replicsa": 2}, "unknown serve config keys ['replicsa']"),
