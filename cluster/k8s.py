@@ -94,7 +94,9 @@ def _container(overlay: Overlay, name: str, cpu: str, memory: str, gpus: int,
     limits = {"cpu": cpu, "memory": memory}
     if gpus:
         limits["nvidia.com/gpu"] = str(gpus)
-    env = [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}]
+    env = [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+           # NOTE: as `dspark serve` sets it (cluster/serve.py): Serve's traffic over gRPC
+           {"name": "RAY_SERVE_USE_GRPC_BY_DEFAULT", "value": "1"}]
     if overlay.redis_secret:
         env += [{"name": "DSPARK_REDIS_URL", "valueFrom": {"secretKeyRef": {
                     "name": "dspark-redis", "key": "url"}}},

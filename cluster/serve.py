@@ -66,6 +66,10 @@ def start(cfg: ServeConfig, num_cpus: float | None = None, app_name: str = "dspa
     RAY_ADDRESS or ``ray start`` points at), which ``stop`` ends."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # NOTE: Serve's proxy and handles reach replicas over gRPC instead of Ray's actor calls
+    # and object streams: a streamed event costs less on the way to the client (docs/serving.md,
+    # session 21). Read by every Serve process of the cluster this call starts; 0 opts out.
+    os.environ.setdefault("RAY_SERVE_USE_GRPC_BY_DEFAULT", "1")
     import ray
     from ray import serve
 
