@@ -19,7 +19,7 @@ import asyncio
 
 from dspark.bench.engine_bench import turn_order
 from dspark.bench.paired import paired_markdown, paired_ratios
-from dspark.bench.serve_bench import closed_loop
+from dspark.bench.serve_bench import closed_loop, serve_prompts
 
 NUMBERS = (("aggregate_tps", "aggregate tok/s"), ("ttft_p50", "TTFT p50"),
            ("ttft_p90", "TTFT p90"))
@@ -61,9 +61,7 @@ def run(urls: dict[str, str], prompts: list[str], concurrencies: list[int], roun
 def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
-    from dspark.bench.acceptance import fitting_texts
     from dspark.models.tokenizer import Tokenizer
-    from dspark.training.corpus.build import CorpusConfig, build_corpus
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", action="append", default=[], help="NAME=URL, repeated")
@@ -80,10 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1 or not concurrencies or min(concurrencies) < 1:
         raise ValueError("--rounds and every --concurrency must be >= 1")
     tok = Tokenizer.from_file(Path(args.target) / "tokenizer.json")
-    corpus = build_corpus(CorpusConfig(seed=0))
-    groups = [fitting_texts([r["messages"][0]["content"] for r in corpus[d]["heldout"]], tok,
-                            512 - 4 * 64 - 8, 16, 0) for d in ("math", "code", "chat")]
-    prompts = [p for group in zip(*groups) for p in group]
+    prompts = serve_prompts(tok, 64, 16)
     raw = run(urls, prompts, concurrencies, args.rounds, args.requests, args.model)
     rows = paired_ratios(raw, "server", next(iter(urls)), NUMBERS)
     print(f"\nPaired against {next(iter(urls))} (median over rounds [min–max]):")

@@ -284,6 +284,19 @@ def skewed_body(max_tokens: int) -> Callable[[int], dict]:
     return body
 
 
+def serve_prompts(tokenizer, max_tokens: int, per_domain: int) -> list[str]:
+    """The held-out math, code and chat prompts that leave room for ``max_tokens`` (and the
+    skewed workload's 4 times as many) in the demo target's 512 positions, interleaved."""
+    from dspark.bench.acceptance import fitting_texts
+    from dspark.training.corpus.build import CorpusConfig, build_corpus
+
+    corpus = build_corpus(CorpusConfig(seed=0))
+    limit = 512 - 4 * max_tokens - 8
+    groups = [fitting_texts([r["messages"][0]["content"] for r in corpus[d]["heldout"]],
+                            tokenizer, limit, per_domain, 0) for d in ("math", "code", "chat")]
+    return [p for group in zip(*groups) for p in group]
+
+
 def deploy(apps: dict[str, ServeConfig], prompts: Sequence[str], num_cpus: float) -> dict[str, str]:
     """Deploy every app (one after another: each replica profiles its step costs alone)
     on its own route prefix, warm each up; returns label -> base URL."""

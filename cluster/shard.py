@@ -162,7 +162,7 @@ class TargetShard:
         try:
             async for out in self.engine.generate(prompt_ids, params, self.tokenizer.stop_ids,
                                                   req_id=req_id):
-                chunk = gather.add(stream.push(out), last=stream.done or out.finished)
+                chunk = gather.add(stream.push(out))
                 if chunk is not None:
                     yield chunk
                 if stream.done:

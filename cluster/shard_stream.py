@@ -165,11 +165,12 @@ class Gather:
         self.waiting: ShardChunk | None = None
         self.sent: int | None = None  # completion tokens when the last chunk was sent
 
-    def add(self, chunk: ShardChunk, last: bool) -> ShardChunk | None:
-        """The chunk to send now (``chunk`` joined to what waited), or None to wait."""
+    def add(self, chunk: ShardChunk) -> ShardChunk | None:
+        """The chunk to send now (``chunk`` joined to what waited), or None to wait. The
+        last chunk is the one with a finish reason."""
         if self.waiting is not None:
             chunk = joined(self.waiting, chunk)
-        due = (self.sent is None or last or chunk.finish_reason is not None
+        due = (self.sent is None or chunk.finish_reason is not None
                or (self.interval > 0
                    and chunk.completion_tokens - self.sent >= self.interval))
         if not due:

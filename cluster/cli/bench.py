@@ -244,14 +244,18 @@ def run_engine(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from dspark.bench.acceptance import fitting_texts
-    from dspark.bench.serve_bench import ROUTERS, SYSTEMS, ServeBenchConfig, run_serve_benchmark
+    from dspark.bench.serve_bench import (
+        ROUTERS,
+        SYSTEMS,
+        ServeBenchConfig,
+        run_serve_benchmark,
+        serve_prompts,
+    )
     from dspark.bench.serve_report import write_results
     from dspark.cluster.config import ServeConfig
     from dspark.cluster.serve import stop
     from dspark.models.tokenizer import Tokenizer
     from dspark.router.redis_server import EmbeddedRedis
-    from dspark.training.corpus.build import CorpusConfig, build_corpus
 
     cfg = ServeBenchConfig(
         concurrencies=int_list(args.concurrency, "--concurrency"), max_tokens=args.max_tokens,
@@ -270,11 +274,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--routers: distinct names from {list(ROUTERS)}, got {args.routers!r}")
     base = ServeConfig(port=args.port, threads=args.threads)
     tok = Tokenizer.from_file(Path(base.target) / "tokenizer.json")
-    corpus = build_corpus(CorpusConfig(seed=0))
-    limit = 512 - 4 * cfg.max_tokens - 8
-    groups = [fitting_texts([r["messages"][0]["content"] for r in corpus[d]["heldout"]], tok,
-                            limit, args.prompts_per_domain, 0) for d in ("math", "code", "chat")]
-    prompts = [p for group in zip(*groups) for p in group]
+    prompts = serve_prompts(tok, cfg.max_tokens, args.prompts_per_domain)
     redis = EmbeddedRedis().start()
     try:
         result = run_serve_benchmark(replace(base, redis_url=redis.url), prompts, cfg,

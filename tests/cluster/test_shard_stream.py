@@ -20,7 +20,7 @@ def sent_sizes(interval: int, steps: list[int]) -> list[tuple[str, int]]:
     for i, n in enumerate(steps):
         produced += n
         last = i == len(steps) - 1
-        out = gather.add(chunk("x" * n, produced, "length" if last else None), last=last)
+        out = gather.add(chunk("x" * n, produced, "length" if last else None))
         if out is not None:
             sent.append((out.text, out.completion_tokens - before))
             before = out.completion_tokens
@@ -44,9 +44,9 @@ def test_interval_zero_sends_the_first_chunk_and_then_all_the_rest_at_the_end():
 
 def test_a_stop_string_or_an_error_ends_the_wait():
     gather = Gather(8)
-    assert gather.add(chunk("a", 1), last=False).text == "a"
-    assert gather.add(chunk("b", 2), last=False) is None
-    out = gather.add(chunk("c", 3, "error: boom"), last=False)
+    assert gather.add(chunk("a", 1)).text == "a"
+    assert gather.add(chunk("b", 2)) is None
+    out = gather.add(chunk("c", 3, "error: boom"))
     assert (out.text, out.finish_reason, out.completion_tokens) == ("bc", "error: boom", 3)
 
 
