@@ -93,6 +93,18 @@ def interleave(loops: Sequence[ClosedLoop]) -> None:
             loop.tick()
 
 
+def step_order(items: Sequence, rnd: int) -> list:
+    """The engine benchmark's order of turns in round ``rnd``: ``items`` rotated left by
+    ``rnd`` (as ``engine_bench.turn_order``), reversed in odd rounds. ``interleave`` steps
+    the loops in a cycle, and a rotation keeps which one steps right after which; reversed,
+    each follows its other neighbour, so over rounds no system always steps after the same
+    one (a step pays for what the step before it left in the caches: after a drafting
+    engine's, the drafter's weights)."""
+    k = rnd % len(items) if items else 0
+    order = [*items[k:], *items[:k]]
+    return order[::-1] if rnd % 2 else order
+
+
 def run_cell(engine: Engine, prompts: Sequence[list[int]], stop_ids: Sequence[int],
              concurrency: int, num_requests: int,
              params_for: Callable[[int], SamplingParams],

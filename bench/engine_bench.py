@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dspark.bench.closed_loop import ClosedLoop, interleave, run_cell
+from dspark.bench.closed_loop import ClosedLoop, interleave, run_cell, step_order
 from dspark.bench.machine import describe, header
 from dspark.bench.paired import paired_markdown, paired_ratios
 from dspark.models.drafter_checkpoint import load_drafter
@@ -230,7 +230,7 @@ def run_benchmark(
 
                 # NOTE: the systems share the machine step by step, each on its own clock
                 # (bench/closed_loop.py): drift of the machine's speed hits them alike
-                order = turn_order(list(systems), rnd)
+                order = step_order(list(systems), rnd)
                 loops = [ClosedLoop(engines[s.label], prompts, stop_ids, conc, num, params_for)
                          for s in order]
                 interleave(loops)

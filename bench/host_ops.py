@@ -7,7 +7,11 @@ against ``_plain_softmax``. Each result is checked equal before it is timed. The
 R requests with 7 drafts each: the tensor twin (``select_prefixes``) against the host path
 (``select_prefixes_host``, the CPU's since session 14), ``--budget-requests``. Then the
 verification of R rejection-sampling requests with ℓ drafts each: ``verify_tensors``
-against ``verify_host`` (the CPU's since session 19), checked equal, ``--verify``."""
+against ``verify_host`` (the CPU's since session 19), checked equal, ``--verify``. Then
+two things tried and not used (docs/engine.md, "Session 22"): the inverse CDF in two
+levels (sums of blocks of 64 tokens, then bisection inside the block drawn), with the rows
+of ``--rows``; and the drafter's matrix products (the demo drafter's shapes: a draft block
+of 7 rows per request) in float32 against bfloat16, ``--linear-requests``."""
 
 from __future__ import annotations
 
@@ -29,6 +33,29 @@ def compare_and_sum(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor
     return drawn.clamp_max(probs.shape[-1] - 1)
 
 
+def two_level_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor,
+                          block: int = 64) -> torch.Tensor:
+    """The inverse CDF by blocks: the block whose running sum first exceeds u * total,
+    then the token inside it (another order of summation than ``inverse_cdf``'s, so a
+    draw at an interval's very end may differ; never a zero-probability token)."""
+    rows = probs.shape[0]
+    blocks = probs.float().view(rows, -1, block)  # [R, nb, B]
+    sums = blocks.sum(-1)
+    ends = sums.cumsum(-1)
+    value = (uniforms[:, None] * ends[:, -1:]).contiguous()
+    drawn = torch.minimum(torch.searchsorted(ends, value, right=True), _last_positive(sums))
+    start = torch.nn.functional.pad(ends, (1, 0)).gather(1, drawn)
+    inner = blocks.gather(1, drawn[:, :, None].expand(-1, -1, block))[:, 0]  # [R, B]
+    at = torch.searchsorted(inner.cumsum(-1), (value - start).contiguous(), right=True)
+    return (drawn * block + torch.minimum(at, _last_positive(inner)))[:, 0]
+
+
+def _last_positive(x: torch.Tensor) -> torch.Tensor:
+    """[R, n] -> [R, 1] the index of each row's last positive entry."""
+    ranks = torch.arange(1, x.shape[-1] + 1, device=x.device)
+    return ((x > 0) * ranks).argmax(-1, keepdim=True)
+
+
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
     fn()
     times = []
@@ -48,6 +75,8 @@ def time_ops(logits: torch.Tensor, probs: torch.Tensor, uniforms: torch.Tensor,
         "inverse CDF, compare and sum": median_ms(lambda: compare_and_sum(probs, uniforms),
                                                   repeats),
         "inverse CDF, bisect": median_ms(lambda: inverse_cdf(probs, uniforms), repeats),
+        "inverse CDF, two levels (not used)": median_ms(
+            lambda: two_level_inverse_cdf(probs, uniforms), repeats),
         **time_plain_step(logits, repeats),
     }
 
@@ -72,6 +101,27 @@ def time_plain_step(logits: torch.Tensor, repeats: int) -> dict[str, float]:
     return {"plain step, target_probs + verify": median_ms(lambda: general(on_general), repeats),
             "plain step, _plain_softmax": median_ms(
                 lambda: _plain_softmax(on_plain, logits), repeats)}
+
+
+DRAFT_LINEARS = {"qkv": (192, 384), "gate+up": (192, 1024), "down": (512, 192),
+                 "draft vocabulary head": (192, 2048)}
+"""The demo drafter's products per layer and its head: (in, out) features."""
+
+
+def time_linears(num_req: int, gen: torch.Generator, repeats: int) -> dict[str, float]:
+    """Each of the drafter's products on a draft block of 7 rows per request, float32
+    against bfloat16 weights (the input cast to bfloat16 and the output back to float32,
+    as a drafter computing in bfloat16 beside a float32 target would)."""
+    out = {}
+    for name, (fan_in, fan_out) in DRAFT_LINEARS.items():
+        x = torch.randn(num_req * 7, fan_in, generator=gen)
+        weight = torch.randn(fan_out, fan_in, generator=gen) / fan_in ** 0.5
+        half = weight.bfloat16()
+        out[f"{name} float32"] = median_ms(
+            lambda x=x, w=weight: torch.nn.functional.linear(x, w), repeats)
+        out[f"{name} bfloat16"] = median_ms(
+            lambda x=x, w=half: torch.nn.functional.linear(x.bfloat16(), w).float(), repeats)
+    return out
 
 
 def time_selection(num_req: int, gen: torch.Generator, repeats: int) -> dict[str, float]:
@@ -129,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests per step of the budget's selection, comma-separated")
     parser.add_argument("--verify", default="1x5,4x3,16x2,64x1,64x3",
                         help="verified steps timed, RxL (requests x drafts), comma-separated")
+    parser.add_argument("--linear-requests", default="1,8",
+                        help="requests per drafting call of the products timed, "
+                             "comma-separated ('' to skip)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
@@ -139,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         uniforms = torch.rand(rows, generator=gen)
         assert torch.equal(row_argmax(logits), logits.argmax(-1))
         assert torch.equal(inverse_cdf(probs, uniforms), compare_and_sum(probs, uniforms))
+        drawn = two_level_inverse_cdf(probs, uniforms)
+        assert bool((probs.gather(1, drawn[:, None]) > 0).all())
         cells = time_ops(logits, probs, uniforms, args.repeats)
         print(f"{rows} rows: " + ", ".join(f"{k} {v:.3f}" for k, v in cells.items()))
     for num_req in (int(r) for r in args.budget_requests.split(",")):
@@ -149,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         num_req, drafts = (int(x) for x in shape.split("x"))
         cells = time_verification(num_req, drafts, args.vocab, gen, args.repeats)
         print(f"verification, {num_req} requests x {drafts} drafts: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in cells.items()))
+    for num_req in (int(r) for r in filter(None, args.linear_requests.split(","))):
+        cells = time_linears(num_req, gen, args.repeats)
+        print(f"drafter products, {num_req} requests x 7 rows: "
               + ", ".join(f"{k} {v:.3f}" for k, v in cells.items()))
     return 0
 

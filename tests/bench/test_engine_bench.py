@@ -7,6 +7,7 @@ import json
 
 import torch
 
+from dspark.bench.closed_loop import step_order
 from dspark.bench.engine_bench import SYSTEMS, BenchConfig, run_benchmark, write_results
 
 
@@ -56,3 +57,20 @@ def test_the_cli_default_lists_every_system():
     from dspark.cluster.cli.bench import ENGINE_SYSTEMS
 
     assert ENGINE_SYSTEMS == tuple(s.label for s in SYSTEMS)
+
+
+def test_over_two_rounds_every_system_steps_after_both_others():
+    # NOTE: the systems step in a cycle (bench/closed_loop.py ``interleave``): the one
+    # before a system is its left neighbour in the order, wrapping around
+    systems = ["no-spec", "mtp-1", "dspark"]
+
+    def before(order):
+        return {s: order[i - 1] for i, s in enumerate(order)}
+
+    seen = {s: set() for s in systems}
+    for rnd in range(2):
+        order = step_order(systems, rnd)
+        assert sorted(order) == sorted(systems)
+        for s, prev in before(order).items():
+            seen[s].add(prev)
+    assert all(seen[s] == set(systems) - {s} for s in systems)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 
 def test_machine_noise_prints_its_windows(capsys):
     from dspark.bench.machine_noise import main
@@ -46,6 +48,32 @@ def test_host_ops_times_the_old_and_new_operations(capsys):
     for num_req, drafts in ((1, 5), (8, 2)):
         assert re.search(rf"verification, {num_req} requests x {drafts} drafts: verify, "
                          r"tensor path [\d.]+, verify, host path [\d.]+", out)
+    assert re.search(r"16 rows: .*inverse CDF, two levels \(not used\) [\d.]+", out)
+    for num_req in (1, 8):
+        assert re.search(rf"drafter products, {num_req} requests x 7 rows: qkv float32 [\d.]+, "
+                         r"qkv bfloat16 [\d.]+, .*draft vocabulary head bfloat16 [\d.]+", out)
+
+
+def test_the_two_level_inverse_cdf_draws_the_token_whose_interval_holds_u():
+    from dspark.bench.host_ops import two_level_inverse_cdf
+
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(3, 256, generator=gen) * 3, -1)
+    probs[1, 64:192] = 0.0  # NOTE: whole blocks without mass, and a last block without it
+    probs[2, 128:] = 0.0
+    probs = probs / probs.sum(-1, keepdim=True)
+    for row in range(3):
+        p = probs[row].double()
+        ends = p.cumsum(0)
+        starts = ends - p
+        tokens = [k for k in range(256) if p[k] > 1e-5]
+        middles = ((starts + ends) / 2)[tokens].float()
+        rows = probs[row].expand(len(tokens), 256)
+        assert two_level_inverse_cdf(rows, middles).tolist() == tokens, row
+    edges = torch.tensor([0.0, 1.0 - 2 ** -24, 0.5])  # NOTE: u at 0, just under 1
+    for row in range(3):
+        drawn = two_level_inverse_cdf(probs[row].expand(3, 256), edges)
+        assert bool((probs[row, drawn] > 0).all()), row
 
 
 def test_pool_paired_pools_every_round_of_every_run(tmp_path, capsys):
