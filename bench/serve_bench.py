@@ -139,11 +139,13 @@ class RequestResult:
     total: float
 
 
-async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> RequestResult:
+async def stream_one(client: httpx.AsyncClient, url: str, body: dict,
+                     headers: dict | None = None) -> RequestResult:
     start = time.perf_counter()
     first = last = None
     tokens = 0
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body,
+                             headers=headers) as resp:
         if resp.status_code != 200:
             await resp.aread()
             raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:200]}")

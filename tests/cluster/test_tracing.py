@@ -7,16 +7,12 @@ from __future__ import annotations
 
 import json
 import secrets
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
+
+from dspark.bench.ttft_path import SpanReceiver
 
 GENAI = ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model",
          "gen_ai.request.max_tokens", "gen_ai.request.temperature", "gen_ai.request.top_p",
@@ -26,62 +22,11 @@ GENAI = ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model"
 PARENT_ID = "00f067aa0ba902b7"
 
 
-def value(any_value):
-    kind = any_value.WhichOneof("value")
-    if kind == "array_value":
-        return [value(v) for v in any_value.array_value.values]
-    return getattr(any_value, kind) if kind else None
-
-
-def attributes(items) -> dict:
-    return {kv.key: value(kv.value) for kv in items}
-
-
-class Receiver:
-    """An OTLP/HTTP trace receiver: every exported span, decoded."""
-
-    def __init__(self) -> None:
-        self.spans: list[dict] = []
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (the http.server API)
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                request = ExportTraceServiceRequest.FromString(body)
-                with receiver.lock:
-                    for rs in request.resource_spans:
-                        for ss in rs.scope_spans:
-                            receiver.spans += [{
-                                "name": s.name, "trace_id": s.trace_id.hex(),
-                                "span_id": s.span_id.hex(), "parent": s.parent_span_id.hex(),
-                                "attributes": attributes(s.attributes),
-                                "events": [(e.name, attributes(e.attributes)) for e in s.events],
-                            } for s in ss.spans]
-                reply = ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def trace(self, trace_id: str) -> list[dict]:
-        with self.lock:
-            return [s for s in self.spans if s["trace_id"] == trace_id]
-
-
 @pytest.fixture(scope="module")
 def receiver():
-    r = Receiver()
+    r = SpanReceiver()
     yield r
-    r.server.shutdown()
+    r.close()
 
 
 @pytest.fixture(scope="module")
@@ -213,3 +158,23 @@ def test_a_span_keeps_every_step_event_of_a_long_request():
     for step in range(300):  # the SDK's default keeps 128
         span.add_event("engine_step", {"dspark.step": step})
     assert [e.attributes["dspark.step"] for e in span.events] == list(range(300))
+
+
+def test_ttft_path_cuts_each_first_token_into_its_parts(traced_app, receiver):
+    import asyncio
+
+    from dspark.bench.ttft_path import PARTS, collect, summary, traced_loop
+
+    sent = asyncio.run(traced_loop(traced_app, "traced", ["What is 6 * 7?", "Name a colour."],
+                                   2, 4, 8))
+    assert len(sent) == 4 and len({t for t, _, _ in sent}) == 4
+    parts = collect(receiver, sent, timeout_s=60)
+    assert len(parts) == 4, "every request's trace arrives whole"
+    for p, (_, sent_ns, first_ns) in zip(parts, sent):
+        assert list(p) == list(PARTS)
+        # NOTE: the parts follow one another on one clock (every process is on this host)
+        assert all(ms >= 0 for ms in p.values()), p
+        assert p["engine"] > 0
+        assert abs(sum(p.values()) - (first_ns - sent_ns) / 1e6) < 1e-3
+    rows = summary(parts)
+    assert set(rows) == {*PARTS, "TTFT"} and all(med <= p90 for med, p90 in rows.values())
