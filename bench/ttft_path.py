@@ -13,8 +13,8 @@ share the clients' clock. Each request's TTFT is cut into consecutive parts:
 
 - ``to ingress``: sent -> the ingress span opens (the HTTP proxy and its hop to the
   ingress);
-- ``ingress``: -> the router's span opens (reading, validating and tokenizing the
-  request);
+- ``ingress``: -> the router's span opens (reading and validating the request, the
+  handle's call to its router; the prompt is tokenized on the replica);
 - ``route``: the router's span (choosing a replica);
 - ``to replica``: -> the replica's ``queued`` event (the hop to the replica);
 - ``engine``: -> the end of the first engine step that committed a token for it (the step
