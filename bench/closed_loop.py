@@ -93,15 +93,23 @@ def interleave(loops: Sequence[ClosedLoop]) -> None:
             loop.tick()
 
 
+def turn_order(items: Sequence, shift: int) -> list:
+    """``items`` rotated left by ``shift``: round r runs the systems in
+    ``turn_order(systems, r)`` (the HTTP benchmark: ``r + j`` at concurrency index j), so
+    that over rounds each goes first in turn."""
+    if not items:
+        return []
+    k = shift % len(items)
+    return [*items[k:], *items[:k]]
+
+
 def step_order(items: Sequence, rnd: int) -> list:
-    """The engine benchmark's order of turns in round ``rnd``: ``items`` rotated left by
-    ``rnd`` (as ``engine_bench.turn_order``), reversed in odd rounds. ``interleave`` steps
-    the loops in a cycle, and a rotation keeps which one steps right after which; reversed,
-    each follows its other neighbour, so over rounds no system always steps after the same
-    one (a step pays for what the step before it left in the caches: after a drafting
-    engine's, the drafter's weights)."""
-    k = rnd % len(items) if items else 0
-    order = [*items[k:], *items[:k]]
+    """The engine benchmark's order of turns in round ``rnd``: ``turn_order``, reversed in
+    odd rounds. ``interleave`` steps the loops in a cycle, and a rotation keeps which one
+    steps right after which; reversed, each follows its other neighbour, so over rounds no
+    system always steps after the same one (a step pays for what the step before it left
+    in the caches: after a drafting engine's, the drafter's weights)."""
+    order = turn_order(items, rnd)
     return order[::-1] if rnd % 2 else order
 
 

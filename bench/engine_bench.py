@@ -265,16 +265,6 @@ def cell_line(cell: Cell) -> str:
             f"{cell.mean_tau:.2f}  budget {cell.mean_budget_per_request:.2f}")
 
 
-def turn_order(items: Sequence, shift: int) -> list:
-    """``items`` rotated left by ``shift``: round r runs the systems in
-    ``turn_order(systems, r)`` (the HTTP benchmark: ``r + j`` at concurrency index j), so
-    that over rounds each goes first in turn."""
-    if not items:
-        return []
-    k = shift % len(items)
-    return [*items[k:], *items[:k]]
-
-
 def median_cells(raw: Sequence[Cell]) -> list[Cell]:
     """One cell per (system, T, C): the median of every measured number over rounds."""
     groups: dict[tuple, list[Cell]] = {}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from dspark.bench.engine_bench import turn_order
+from dspark.bench.closed_loop import turn_order
 from dspark.bench.paired import paired_markdown, paired_ratios
 from dspark.bench.serve_bench import closed_loop, serve_prompts
 

@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass, replace
 
 import httpx
 
-from dspark.bench.engine_bench import baseline_ratios, turn_order
+from dspark.bench.closed_loop import turn_order
+from dspark.bench.engine_bench import baseline_ratios
 from dspark.bench.paired import paired_ratios
 from dspark.bench.proc_cpu import app_pids, cpu_seconds
 from dspark.cluster.config import DEFAULT_DRAFTER, ServeConfig
