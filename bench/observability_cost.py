@@ -51,13 +51,15 @@ def _observe(engine, tracer, metrics):
     written to its span and the span ended (the replica's event loop does that part).
     Returns the timed parts: (listener, step rows, span close)."""
     from dspark.cluster.tracing import StepEvents
+    from dspark.workers import engine as engine_module
 
     events = StepEvents()
     spans: dict[str, object] = {}
     listener = Timed(metrics.on_step)
     engine.on_request_step = events.on_request_step
-    # NOTE: timed where the engine builds the step's records and hands them over
-    steps = engine._observe_requests = Timed(engine._observe_requests)
+    # NOTE: timed where the engine builds the step's records and hands them over (only an
+    # engine with ``on_request_step`` calls it)
+    steps = engine_module.observe_requests = Timed(engine_module.observe_requests)
 
     def close(req_id: str) -> None:
         span = spans.pop(req_id)

@@ -90,6 +90,8 @@ class AsyncEngine:
         self._num_handed = 0  # "add"s in the inbox; guarded by _handed_lock
         self._handed_lock = threading.Lock()
         self._streams: dict[str, _Submission] = {}
+        self._deferred_aborts: list[str] = []
+        engine.intake = lambda: self._drain_inbox(adds_only=True)
         self._ids = itertools.count()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -235,13 +237,23 @@ class AsyncEngine:
                 except Exception:  # NOTE: an exporter never stops the loop
                     logger.exception("step listener failed")
 
-    def _drain_inbox(self) -> None:
+    def _drain_inbox(self, adds_only: bool = False) -> None:
+        """Hand what callers sent to the engine, in order. ``adds_only`` (``Engine.intake``,
+        called in the middle of a step): requests are added, and aborts wait for the next
+        drain (a request of the running step keeps its blocks until the step commits)."""
+        if not adds_only:
+            for req_id in self._deferred_aborts:
+                self.engine.abort(req_id)
+                self._streams.pop(req_id, None)
+            self._deferred_aborts.clear()
         while True:
             try:
                 kind, payload = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if kind == "add":
+            if kind == "abort" and adds_only:
+                self._deferred_aborts.append(payload)
+            elif kind == "add":
                 sub: _Submission = payload
                 with self._handed_lock:
                     self._num_handed -= 1

@@ -124,6 +124,9 @@ class Engine:
         self.gate_notes: dict[str, tuple[str, int]] = {}
         """This step's gate decision per decoding request: (reason, cap); kept only with
         ``on_request_step``."""
+        self.intake: Callable[[], None] | None = None
+        """Queues what arrived since the step was scheduled (``add_request`` only), called
+        on the engine's thread once a step has drafted (``admit_late``)."""
         self.step_count = self.num_errors = 0
         self._ids, self._seeds = itertools.count(), itertools.count()
 
@@ -250,12 +253,14 @@ class Engine:
         ``clock`` gets each stage's end."""
         tables = block_tables(self.blocks, seqs, self.device)
         clock.append(time.perf_counter())
-        # NOTE: prefilling requests are part of the step's cost: a longer step delays their
-        # first token as much as it delays a decoding request's next one
-        prefilling = self.config.prefill_weight * sum(s.prefill for s in seqs)
-        load, self.costs.group = sum(len(s.known) for s in seqs if s.prefill), self.budget.group()
+        load, prefilling = prefill_load(seqs, self.config.prefill_weight)
+        self.costs.group = self.budget.group()
         decoding = [s for s in seqs if not s.prefill]
         proposal, tables = self._propose(sched, seqs, decoding, load, prefilling, tables)
+        if proposal is not None and self.intake is not None and admit_late(
+                self, sched, seqs, proposal):
+            tables = block_tables(self.blocks, seqs, self.device)
+            load, prefilling = prefill_load(seqs, self.config.prefill_weight)
         clock.append(time.perf_counter())
         plan = None
         if proposal is not None:
@@ -278,7 +283,7 @@ class Engine:
         self._learn(decoding, proposal, plan, verified, clock)
         stats = step_stats(self, sched, seqs, proposal, plan, verified, outputs, clock)
         if self.on_request_step is not None:
-            self._observe_requests(seqs, proposal, plan, verified, stats)
+            observe_requests(self, seqs, proposal, plan, verified, stats)
         self.step_count += 1
         return StepResult(outputs, stats)
 
@@ -294,16 +299,6 @@ class Engine:
                 self.lane = lane
                 return proposal, tables
         return None, tables
-
-    def _observe_requests(self, seqs, proposal, plan, verified: Verified, stats) -> None:
-        """Every request's part in this step, to ``on_request_step`` (which never fails the
-        step)."""
-        try:
-            rows = request_steps(self, seqs, proposal, plan, verified, stats)
-            self.gate_notes = {}
-            self.on_request_step(rows)
-        except Exception:
-            logger.exception("on_request_step observer failed")
 
     def _learn(self, decoding, proposal, plan, verified: Verified, clock: list[float]) -> None:
         """Refine the cost model (verify forward; drafting = proposing) and every lane's
@@ -390,6 +385,45 @@ def record_rounds(proposal: DraftProposal, plan, new_tokens: dict[str, list[int]
                     n, accepted, committed, conf[i][:n] if conf is not None else None))
             except Exception:  # NOTE: an observer never fails committed requests
                 logger.exception("on_round observer failed")
+
+
+def observe_requests(engine: Engine, seqs, proposal, plan, verified: Verified, stats
+                     ) -> None:
+    """Every request's part in this step, to ``on_request_step`` (which never fails the
+    step)."""
+    try:
+        rows = request_steps(engine, seqs, proposal, plan, verified, stats)
+        engine.gate_notes = {}
+        engine.on_request_step(rows)
+    except Exception:
+        logger.exception("on_request_step observer failed")
+
+
+def prefill_load(seqs: Sequence[StepSeq], weight: float) -> tuple[int, float]:
+    """A step's prefill tokens, and its prefilling requests at ``prefill_weight``: they
+    are part of the step's cost (a longer step delays their first token as much as it
+    delays a decoding request's next one)."""
+    return sum(len(s.known) for s in seqs if s.prefill), weight * sum(s.prefill for s in seqs)
+
+
+def admit_late(engine: Engine, sched, seqs: list[StepSeq], proposal: DraftProposal) -> bool:
+    """Requests that arrived while this step drafted (``Engine.intake``) join its verify
+    forward, as prefill, where the step's token budget (less the lookahead it granted),
+    the free blocks and ``max_num_seqs`` leave room: their first token then comes from
+    this step instead of the next. Drafting makes a step longer, and an arrival would
+    otherwise wait for all of it and then for a step of its own. Appends to ``sched`` and
+    ``seqs``; returns whether anyone joined."""
+    scheduler = engine.scheduler
+    waiting = len(scheduler.waiting)
+    engine.intake()
+    if len(scheduler.waiting) == waiting:
+        return False  # NOTE: nobody new; those already waiting did not fit at schedule
+    late = scheduler.admit(sched, reserved=sum(proposal.caps))
+    seqs += [StepSeq.create(len(seqs) + i, item, scheduler.requests[item.req_id],
+                            engine.states[item.req_id]) for i, item in enumerate(late)]
+    for lane in engine.lanes:
+        lane.worker.admit((), [item.req_id for item in late], engine.blocks)
+    return bool(late)
 
 
 def score_prompts(rows: list[SeqRows], logits: torch.Tensor) -> None:

@@ -162,8 +162,6 @@ class Scheduler:
         budget = self.cfg.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
-        admitted: list[str] = []
-        admitted_tokens = cached_tokens = 0
         for request in list(self.running):
             if request.status is not Status.RUNNING:
                 continue
@@ -180,6 +178,18 @@ class Scheduler:
                 continue
             scheduled.append(item)
             budget -= item.num_new_tokens
+        out = SchedulerOutput(scheduled, preempted, self.cfg.max_num_batched_tokens - budget)
+        self.admit(out)
+        return out
+
+    def admit(self, output: SchedulerOutput, reserved: int = 0) -> list[ScheduledRequest]:
+        """Admit waiting requests, in order, into ``output`` (the step being scheduled)
+        while its token budget, less ``reserved`` tokens (lookahead granted since), the
+        free KV blocks and ``max_num_seqs`` allow; never preempts. Returns what it
+        scheduled. ``schedule`` admits this way after the running requests; the engine
+        calls it again for requests that arrived while the step drafted."""
+        budget = self.cfg.max_num_batched_tokens - output.num_scheduled_tokens - reserved
+        start = len(output.scheduled)
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             request = self.waiting[0]
             if self.blocks.allocate(request.req_id, request.all_ids,
@@ -193,16 +203,15 @@ class Scheduler:
                 request.num_computed_tokens = 0
                 break
             self.waiting.popleft()
-            admitted.append(request.req_id)
-            admitted_tokens += request.num_tokens
-            cached_tokens += cached
+            output.admitted.append(request.req_id)
+            output.admitted_tokens += request.num_tokens
+            output.cached_tokens += cached
             request.status = Status.RUNNING
             self.running.append(request)
-            scheduled.append(item)
+            output.scheduled.append(item)
+            output.num_scheduled_tokens += item.num_new_tokens
             budget -= item.num_new_tokens
-        used = self.cfg.max_num_batched_tokens - budget
-        return SchedulerOutput(scheduled, preempted, used, admitted, admitted_tokens,
-                               cached_tokens)
+        return output.scheduled[start:]
 
     def _plan(self, request: Request, budget: int) -> ScheduledRequest | None:
         if budget <= 0:

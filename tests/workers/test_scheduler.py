@@ -171,3 +171,21 @@ def test_random_mix_returns_every_block():
         sched.cancel(req_id)
     assert sched.blocks.num_free_blocks == 40
     assert all(b.ref_count == 0 for b in sched.blocks.blocks)
+
+
+def test_a_late_admission_takes_what_the_step_and_its_lookahead_left():
+    """``admit`` on a scheduled step (requests that arrived while it drafted) gives a
+    newcomer the token budget left after the step's own tokens and the lookahead granted
+    since (``reserved``), chunking its prompt; with no budget left it stays waiting."""
+    sched = make(max_num_batched_tokens=16)
+    sched.add(Request("a", [5, 6, 7], max_tokens=20))
+    step(sched, random.Random(0))  # "a" prefills and starts decoding
+    out = sched.schedule()  # its anchor: 1 token
+    granted = sched.grant_lookahead(out, [("a", 7)])
+    assert granted == [7]
+    sched.add(Request("b", list(range(5, 30)), max_tokens=4))
+    late = sched.admit(out, reserved=7)
+    assert [(i.req_id, i.num_new_tokens) for i in late] == [("b", 8)]  # 16 - 1 - 7
+    assert out.admitted == ["b"] and out.num_scheduled_tokens == 9
+    sched.add(Request("c", [5, 6], max_tokens=4))
+    assert sched.admit(out, reserved=7) == [] and [r.req_id for r in sched.waiting] == ["c"]
