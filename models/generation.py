@@ -125,10 +125,13 @@ def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 def softmax_rows(logits: torch.Tensor, temperatures: Sequence[float]) -> torch.Tensor:
     """``softmax(logits / T)`` of each row (logits [R, V], a temperature above 0 per row):
     ``sampling_probs``' arithmetic without top-p, for all rows at once (the maximum
-    subtracted before dividing; no division where every T is 1: the same values)."""
+    subtracted before dividing). Where every T is 1 neither is needed: softmax subtracts
+    the maximum itself, and ``x - max`` has a maximum of exactly 0, so the same values bit
+    for bit (``tests/models/test_generation.py``)."""
+    if all(t == 1.0 for t in temperatures):
+        return torch.softmax(logits.float(), -1)
     shifted = logits.float() - logits.amax(-1, keepdim=True)
-    if any(t != 1.0 for t in temperatures):
-        shifted = shifted / torch.tensor(temperatures, device=logits.device)[:, None]
+    shifted = shifted / torch.tensor(temperatures, device=logits.device)[:, None]
     return torch.softmax(shifted, -1)
 
 

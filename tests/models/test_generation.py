@@ -7,6 +7,7 @@ from dspark.models.generation import (
     generate_tokens,
     inverse_cdf,
     sampling_probs,
+    softmax_rows,
 )
 
 
@@ -79,6 +80,11 @@ def test_draw_softmax_inverts_the_softmax_cdf_of_every_row():
     each = torch.stack([sampling_probs(logits[r], t, 1.0) for r, t in enumerate(temperatures)])
     assert torch.equal(draw_softmax(logits, temperatures, uniforms),
                        inverse_cdf(each, uniforms))
+    # NOTE: where every T is 1 the maximum is not subtracted first (softmax does it): the
+    # same probabilities, bit for bit, far from zero and with masked tokens too
+    wide = torch.randn(8, 4096, generator=gen) * 30 + torch.randn(8, 1, generator=gen) * 50
+    wide[3, 100:] = -float("inf")
+    assert torch.equal(softmax_rows(wide, [1.0] * 8), sampling_probs(wide, 1.0, 1.0))
 
 
 def test_top_p_keeps_the_smallest_nucleus():
