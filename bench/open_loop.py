@@ -126,9 +126,20 @@ def build_fronts(names: Sequence[str], target, drafters_dir: Path, max_num_seqs:
     return fronts
 
 
-def markdown(raw: list[dict], rows: list[dict], header: str) -> str:
-    """Every cell, the paired ratios, the medians over rounds; ``header``: the command and
-    the machine (``bench/machine.py``)."""
+def paired(raw: list[dict], names: Sequence[str]) -> list[list[dict]]:
+    """The paired ratios against the first system, then each ``NAME`` against ``NAME/serial``
+    where both ran (what late admission changes)."""
+    sets = [paired_ratios(raw, "system", names[0], NUMBERS, ("rate",))]
+    for name in names:
+        if f"{name}/serial" in names:
+            sets.append([r for r in paired_ratios(raw, "system", f"{name}/serial", NUMBERS,
+                                                  ("rate",)) if r["system"] == name])
+    return sets
+
+
+def markdown(raw: list[dict], sets: list[list[dict]], header: str) -> str:
+    """Every cell, the paired ratios (``paired``), the medians over rounds; ``header``: the
+    command and the machine (``bench/machine.py``)."""
     lines = [header.rstrip("\n"), "",
              "| round | system | rate /s | tok/s | TTFT p50 ms | TTFT p90 ms | TPOT p50 ms | "
              "in flight |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -136,7 +147,8 @@ def markdown(raw: list[dict], rows: list[dict], header: str) -> str:
         lines.append(f"| {c['round']} | {c['system']} | {c['rate']:g} | "
                      f"{c['aggregate_tps']:.1f} | {c['ttft_p50_ms']:.1f} | "
                      f"{c['ttft_p90_ms']:.1f} | {c['tpot_p50_ms']:.1f} | {c['in_flight']:.1f} |")
-    lines += paired_markdown(rows, "system", (("rate", "rate /s"),), NUMBERS)
+    for rows in sets:
+        lines += paired_markdown(rows, "system", (("rate", "rate /s"),), NUMBERS)
     medians = {}
     for c in raw:
         medians.setdefault((c["system"], c["rate"]), []).append(c)
@@ -150,14 +162,46 @@ def markdown(raw: list[dict], rows: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write(result: dict, out: str | None) -> str:
+    """The report of ``result`` (cells, systems, command, machine), printed, and with the
+    result written to ``out``/results.json and results.md when given."""
+    from dspark.bench.machine import header
+
+    text = markdown(result["cells"], paired(result["cells"], result["systems"]),
+                    header(result["command"], result["machine"]))
+    print(text)
+    if out:
+        path = Path(out)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "results.json").write_text(json.dumps(result, indent=1))
+        (path / "results.md").write_text(text)
+    return text
+
+
+def measure(args, names: list[str], rates: list[float]) -> list[dict]:
+    import torch
+
+    from dspark.models.generation import load_for_generation
+
+    torch.set_num_threads(args.threads)
+    target, tok = load_for_generation(args.target)
+    prompts = domain_prompts(tok, target.config.max_position_embeddings, args.max_tokens, 24, 0)
+    fronts = build_fronts(names, target, Path(args.drafters), 64, 0)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    try:
+        for front in fronts.values():  # warm-up, not measured
+            asyncio.run(run_cell(front, prompts, [0.0] * 4, params, tok.stop_ids))
+        return run(fronts, prompts, tok.stop_ids, rates, args.rounds, args.requests, params)
+    finally:
+        for front in fronts.values():
+            front.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     import shlex
     import sys
 
-    import torch
-
-    from dspark.bench.machine import describe, header
-    from dspark.models.generation import load_for_generation
+    from dspark.bench.machine import describe
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--systems", default="no-spec,dspark-d2-alg1,dspark-d2-alg1/serial",
@@ -171,34 +215,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="checkpoints/target")
     parser.add_argument("--drafters", default="checkpoints/drafters")
     parser.add_argument("--out", default=None, help="directory for results.json and results.md")
+    parser.add_argument("--report", default=None, metavar="DIR",
+                        help="measure nothing: report DIR/results.json again (into --out)")
     args = parser.parse_args(argv)
+    if args.report:
+        result = json.loads((Path(args.report) / "results.json").read_text())
+        result.setdefault("systems", [s for s in args.systems.split(",") if s.strip()])
+        write(result, args.out)
+        return 0
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
     names = [s for s in args.systems.split(",") if s.strip()]
     if not rates or min(rates) <= 0 or args.rounds < 1 or args.requests < 2 or len(names) < 2:
         raise ValueError("--rates must be > 0, --rounds >= 1, --requests >= 2, and "
                          "--systems must name at least two systems")
-    torch.set_num_threads(args.threads)
-    target, tok = load_for_generation(args.target)
-    prompts = domain_prompts(tok, target.config.max_position_embeddings, args.max_tokens, 24, 0)
-    fronts = build_fronts(names, target, Path(args.drafters), 64, 0)
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
-    try:
-        for front in fronts.values():  # warm-up, not measured
-            asyncio.run(run_cell(front, prompts, [0.0] * 4, params, tok.stop_ids))
-        raw = run(fronts, prompts, tok.stop_ids, rates, args.rounds, args.requests, params)
-    finally:
-        for front in fronts.values():
-            front.shutdown()
-    rows = paired_ratios(raw, "system", names[0], NUMBERS, ("rate",))
+    raw = measure(args, names, rates)
     command = shlex.join(["python", "-m", "dspark.bench.open_loop", *sys.argv[1:]])
-    text = markdown(raw, rows, header(command, describe()))
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(
-            {"cells": raw, "paired": rows, "command": command, "machine": describe()}, indent=1))
-        (out / "results.md").write_text(text)
+    write({"cells": raw, "systems": names, "command": command, "machine": describe()},
+          args.out)
     return 0
 
 

@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from dspark.bench.open_loop import arrival_times, build_fronts, run, summarize
+from dspark.bench.open_loop import (
+    arrival_times,
+    build_fronts,
+    main,
+    paired,
+    run,
+    summarize,
+    write,
+)
 from dspark.models.generation import SamplingParams
 from dspark.workers.async_engine import AsyncEngine
 from dspark.workers.budget import StepCostTable
@@ -69,3 +77,25 @@ def test_a_serial_system_has_no_late_admission(demo_target_dir):
             front.shutdown()
     with pytest.raises(ValueError, match="--systems: 'no-spec/later'"):
         build_fronts(["no-spec/later"], target, drafters, 4, 0)
+
+
+def test_each_system_is_paired_with_its_serial_variant_and_a_report_reruns(tmp_path):
+    def cell(system, rnd, ttft):
+        return {"system": system, "rate": 4.0, "round": rnd, "aggregate_tps": 100.0,
+                "ttft_p50_ms": ttft, "ttft_p90_ms": 2 * ttft, "tpot_p50_ms": 10.0,
+                "in_flight": 2.0}
+
+    raw = [cell("base", r, 40.0) for r in range(2)] + [
+        cell("x", 0, 30.0), cell("x", 1, 50.0), cell("x/serial", 0, 60.0),
+        cell("x/serial", 1, 50.0)]
+    first, against_serial = paired(raw, ["base", "x", "x/serial"])
+    assert {r["system"] for r in first} == {"x", "x/serial"}
+    (row,) = against_serial
+    assert row["system"] == "x" and row["baseline"] == "x/serial"
+    assert (row["ttft_p50_ms_min"], row["ttft_p50_ms_max"]) == (0.5, 1.0)
+    result = {"cells": raw, "systems": ["base", "x", "x/serial"], "command": "cmd",
+              "machine": {"cpu": "cpu", "cpus": 2, "torch": "t", "torch_threads": 2}}
+    text = write(result, str(tmp_path / "a"))
+    assert "against x/serial" in text
+    assert main(["--report", str(tmp_path / "a"), "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "b" / "results.md").read_text() == text
