@@ -3,7 +3,8 @@ replaced, timed side by side on this machine (docs/engine.md, "Less host work, s
 pass"): ``torch.argmax`` against ``row_argmax`` and a max reduction, and the inverse CDF by
 comparison and sum (the code before) against bisection (``inverse_cdf``), and a step
 without drafts of R requests at T=1: ``target_probs`` then ``verify`` (until session 20)
-against ``_plain_softmax``. Each result is checked equal before it is timed. Then the verification budget's Algorithm 1 over a step of
+against ``_plain_softmax``, and its softmax with the maximum subtracted first (until
+session 23) against ``softmax_rows``. Each result is checked equal before it is timed. Then the verification budget's Algorithm 1 over a step of
 R requests with 7 drafts each: the tensor twin (``select_prefixes``) against the host path
 (``select_prefixes_host``, the CPU's since session 14), ``--budget-requests``. Then the
 verification of R rejection-sampling requests with ℓ drafts each: ``verify_tensors``
@@ -84,7 +85,7 @@ def time_ops(logits: torch.Tensor, probs: torch.Tensor, uniforms: torch.Tensor,
 def time_plain_step(logits: torch.Tensor, repeats: int) -> dict[str, float]:
     """A step without drafts, a row per unseeded T=1 request: the general path against
     ``_plain_softmax`` (checked equal on fresh streams of the same seeds)."""
-    from dspark.models.generation import SamplingParams
+    from dspark.models.generation import SamplingParams, softmax_rows
     from dspark.workers.sampling import RequestSampling, _plain_softmax, target_probs, verify
 
     rows = logits.shape[0]
@@ -96,11 +97,17 @@ def time_plain_step(logits: torch.Tensor, repeats: int) -> dict[str, float]:
     def general(on):
         return verify(on, [0] * rows, target_probs(logits, on, [1] * rows), [[]] * rows, empty)
 
+    def shifted_first():  # NOTE: ``softmax_rows`` at T=1 until session 23
+        return torch.softmax(logits.float() - logits.amax(-1, keepdim=True), -1)
+
     assert general(samplers()).output_ids == _plain_softmax(samplers(), logits).output_ids
+    assert torch.equal(shifted_first(), softmax_rows(logits, [1.0] * rows))
     on_general, on_plain = samplers(), samplers()
     return {"plain step, target_probs + verify": median_ms(lambda: general(on_general), repeats),
             "plain step, _plain_softmax": median_ms(
-                lambda: _plain_softmax(on_plain, logits), repeats)}
+                lambda: _plain_softmax(on_plain, logits), repeats),
+            "T=1 softmax, max subtracted first": median_ms(shifted_first, repeats),
+            "T=1 softmax_rows": median_ms(lambda: softmax_rows(logits, [1.0] * rows), repeats)}
 
 
 DRAFT_LINEARS = {"qkv": (192, 384), "gate+up": (192, 1024), "down": (512, 192),
