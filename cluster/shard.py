@@ -95,15 +95,19 @@ class TargetShard:
 
     def _open_board(self):
         """This replica's load-board entry (None without Redis); it reads the group's load
-        for the cluster budget."""
+        for the cluster budget of an expert-parallel group (ep_size > 1).
+
+        NOTE: a replica alone in its group has nobody to read (the cluster budget prices
+        it alone), and a reader polls Redis ten times a second on a thread of the
+        replica's process, taking the interpreter's lock from the engine's thread."""
         from dspark.cluster.replica_board import ReplicaBoard
         from dspark.workers.modes import BudgetMode
 
         if not self.cfg.redis_url:
             return None
+        reads = self.cfg.budget_mode is BudgetMode.CLUSTER and self.cfg.ep_size > 1
         return ReplicaBoard(self.cfg.redis_url, self.cfg.cluster, self.replica_id,
-                            self.ep_group, self.cfg.budget_mode is BudgetMode.CLUSTER,
-                            password=self.cfg.redis_password)
+                            self.ep_group, reads, password=self.cfg.redis_password)
 
     def _build_engine(self, target, group):
         """The engine. NOTE: an impossible pair (a confidence budget, a drafter without the
