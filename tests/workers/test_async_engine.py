@@ -1,14 +1,17 @@
 """The asyncio front leaves no request state behind once an output is delivered: after a
-finish, after the caller stops listening (abort), and after a refused request."""
+finish, after the caller stops listening (abort), and after a refused request; what is sent
+while a step drafts reaches the engine then (late admission), aborts after the commit."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
 
-from dspark.models.generation import SamplingParams
+from dspark.models.generation import SamplingParams, generate_tokens
+from dspark.workers import engine as engine_module
 from dspark.workers.async_engine import AsyncEngine
 from dspark.workers.budget import StepCostTable
 from dspark.workers.engine import Engine, EngineConfig
@@ -156,4 +159,57 @@ def test_a_dead_engine_loop_fails_its_requests_refuses_new_ones_and_reports_it(m
         wait_for(lambda: not front.is_alive())
     finally:
         gate.set()
+        front.shutdown()
+
+
+def test_a_request_sent_while_a_step_drafts_joins_it_and_an_abort_waits_for_the_commit(
+        make_model, make_drafter, monkeypatch):
+    """Through ``AsyncEngine``: a request sent while a step drafts joins that step, and an
+    abort of a request of the step, sent meanwhile, waits until the step has committed
+    (applied at once, the step would still write into its freed blocks), then leaves no
+    state and no block behind."""
+    target = make_model()
+    eng = Engine(target, make_drafter(target, "dspark"), EngineConfig(
+        block_size=4, num_blocks=200, max_num_batched_tokens=64, budget="fixed",
+        draft_gating=False, max_num_seqs=4), COST)
+    free = eng.blocks.num_free_blocks
+    worker, drafting, joined = eng.draft_worker, threading.Event(), []
+    propose, admit_late = worker.propose_step, engine_module.admit_late
+
+    def held_propose(*args):
+        if not drafting.is_set():  # the first drafting step waits until the new request
+            drafting.set()         # and the abort are both sent
+            wait_for(lambda: front._inbox.qsize() >= 2)
+        return propose(*args)
+
+    def counted_admit_late(*args):
+        joined.append(admit_late(*args))
+        return joined[-1]
+
+    worker.propose_step = held_propose
+    monkeypatch.setattr(engine_module, "admit_late", counted_admit_late)
+    front = AsyncEngine(eng)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+
+    async def scenario():
+        first = front.generate([5, 6, 7], SamplingParams(max_tokens=30, ignore_eos=True))
+        await first.__anext__()  # its prefill step is done; its next step drafts
+        await asyncio.to_thread(wait_for, drafting.is_set)
+
+        async def collect():
+            return [t async for out in front.generate([8, 9, 10, 11], params)
+                    for t in out.new_token_ids]
+
+        second = asyncio.create_task(collect())
+        await asyncio.to_thread(wait_for, lambda: front._inbox.qsize() >= 1)
+        await first.aclose()  # its abort reaches the inbox while the step drafts
+        return await asyncio.wait_for(second, 30)
+
+    try:
+        tokens = asyncio.run(scenario())
+        assert joined[0] is True, "the request sent while the step drafted joined it"
+        assert tokens == list(generate_tokens(target, [8, 9, 10, 11], params, ()))
+        wait_for(lambda: not eng.scheduler.requests and not eng.states)
+        assert eng.blocks.num_free_blocks == free
+    finally:
         front.shutdown()

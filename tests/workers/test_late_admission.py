@@ -1,29 +1,18 @@
 """Requests that arrive while a step drafts join that step (``Engine.intake``,
-``admit_late``): their first token comes one step sooner, every output stays plain
-decoding's, and an abort sent meanwhile waits for the step's commit."""
+``admit_late``): their first token comes one step sooner and every output stays plain
+decoding's (through ``AsyncEngine``, with an abort sent meanwhile:
+tests/workers/test_async_engine.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import random
-import threading
-import time
 
 from dspark.models.generation import SamplingParams, generate_tokens
-from dspark.workers import engine as engine_module
-from dspark.workers.async_engine import AsyncEngine
 from dspark.workers.budget import StepCostTable
 from dspark.workers.engine import Engine, EngineConfig
 
 COST = StepCostTable((1, 8, 64), (100.0, 90.0, 40.0))
 STOP = (3,)
-
-
-def wait_for(condition, timeout_s=30.0):
-    deadline = time.time() + timeout_s
-    while not condition():
-        assert time.time() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 def drafting_engine(target, drafter, **cfg):
@@ -68,53 +57,3 @@ def test_requests_that_arrive_while_a_step_drafts_join_that_step(make_model, mak
     assert eng.blocks.num_free_blocks == free
     assert not eng.scheduler.requests and not eng.states
 
-
-def test_a_request_sent_while_a_step_drafts_joins_it_and_an_abort_waits_for_the_commit(
-        make_model, make_drafter, monkeypatch):
-    """Through ``AsyncEngine``: a request sent while a step drafts joins that step, and an
-    abort of a request of the step, sent meanwhile, waits until the step has committed
-    (applied at once, the step would still write into its freed blocks), then leaves no
-    state and no block behind."""
-    target = make_model()
-    eng = drafting_engine(target, make_drafter(target, "dspark"), max_num_seqs=4)
-    free = eng.blocks.num_free_blocks
-    worker, drafting, joined = eng.draft_worker, threading.Event(), []
-    propose, admit_late = worker.propose_step, engine_module.admit_late
-
-    def held_propose(*args):
-        if not drafting.is_set():  # the first drafting step waits until the new request
-            drafting.set()         # and the abort are both sent
-            wait_for(lambda: front._inbox.qsize() >= 2)
-        return propose(*args)
-
-    def counted_admit_late(*args):
-        joined.append(admit_late(*args))
-        return joined[-1]
-
-    worker.propose_step = held_propose
-    monkeypatch.setattr(engine_module, "admit_late", counted_admit_late)
-    front = AsyncEngine(eng)
-    params = SamplingParams(max_tokens=6, ignore_eos=True)
-
-    async def scenario():
-        first = front.generate([5, 6, 7], SamplingParams(max_tokens=30, ignore_eos=True))
-        await first.__anext__()  # its prefill step is done; its next step drafts
-        await asyncio.to_thread(wait_for, drafting.is_set)
-
-        async def collect():
-            return [t async for out in front.generate([8, 9, 10, 11], params)
-                    for t in out.new_token_ids]
-
-        second = asyncio.create_task(collect())
-        await asyncio.to_thread(wait_for, lambda: front._inbox.qsize() >= 1)
-        await first.aclose()  # its abort reaches the inbox while the step drafts
-        return await asyncio.wait_for(second, 30)
-
-    try:
-        tokens = asyncio.run(scenario())
-        assert joined[0] is True, "the request sent while the step drafted joined it"
-        assert tokens == list(generate_tokens(target, [8, 9, 10, 11], params, ()))
-        wait_for(lambda: not eng.scheduler.requests and not eng.states)
-        assert eng.blocks.num_free_blocks == free
-    finally:
-        front.shutdown()
