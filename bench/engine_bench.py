@@ -89,6 +89,16 @@ class System:
                 "online_costs": self.online_costs, "draft_arms": self.arms,
                 "draft_with_prefill": self.with_prefill, "draft_vocab": self.vocab}
 
+    def build(self, target: TargetModel, drafters_dir: str | Path, base: EngineConfig,
+              seed: int) -> Engine:
+        """This system's engine over ``target``: ``base`` with this system's fields and
+        ``seed``, its drafters loaded from ``drafters_dir``."""
+        def load(sub: str | None):
+            return load_drafter(Path(drafters_dir) / sub, target) if sub else None
+
+        config = EngineConfig(**{**asdict(base), **self.engine_fields(), "seed": seed})
+        return Engine(target, load(self.drafter), config, light_drafter=load(self.light))
+
 
 SYSTEMS = (
     System("no-spec", None),
@@ -209,10 +219,7 @@ def run_benchmark(
     engines: dict[str, Engine] = {}
     tables = {}
     for system in systems:
-        drafter = load_drafter(Path(drafters_dir) / system.drafter, target) if system.drafter else None
-        light = load_drafter(Path(drafters_dir) / system.light, target) if system.light else None
-        ecfg = EngineConfig(**{**asdict(base), **system.engine_fields(), "seed": cfg.seed})
-        engine = Engine(target, drafter, ecfg, light_drafter=light)
+        engine = system.build(target, drafters_dir, base, cfg.seed)
         tables[system.label] = {"profiled": asdict(engine.profiled_cost_table)}
         # warm-up, not measured
         run_cell(engine, prompts, stop_ids, 2, 2, lambda i: SamplingParams(max_tokens=8))

@@ -24,7 +24,6 @@ import random
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 from dspark.bench.closed_loop import turn_order
@@ -104,9 +103,8 @@ def run(fronts: dict[str, AsyncEngine], prompts: Sequence[list[int]],
 def build_fronts(names: Sequence[str], target, drafters_dir: Path, max_num_seqs: int,
                  seed: int) -> dict[str, AsyncEngine]:
     """One engine and its front per system name (``NAME`` or ``NAME/serial``, NAME a ``dspark
-    bench engine`` system), warmed up."""
-    from dspark.models.drafter_checkpoint import load_drafter
-    from dspark.workers.engine import Engine, EngineConfig
+    bench engine`` system)."""
+    from dspark.workers.engine import EngineConfig
 
     known = {s.label: s for s in SYSTEMS}
     fronts = {}
@@ -115,11 +113,8 @@ def build_fronts(names: Sequence[str], target, drafters_dir: Path, max_num_seqs:
         if label not in known or variant not in ("", "serial"):
             raise ValueError(f"--systems: {name!r} is not one of {sorted(known)}, "
                              "optionally with /serial")
-        system = known[label]
-        load = lambda sub: load_drafter(drafters_dir / sub, target) if sub else None  # noqa: E731
-        config = EngineConfig(**{**asdict(EngineConfig(max_num_seqs=max_num_seqs)),
-                                 **system.engine_fields(), "seed": seed})
-        engine = Engine(target, load(system.drafter), config, light_drafter=load(system.light))
+        engine = known[label].build(target, drafters_dir, EngineConfig(
+            max_num_seqs=max_num_seqs), seed)
         fronts[name] = AsyncEngine(engine)
         if variant == "serial":
             engine.intake = None  # NOTE: arrivals wait for the next step, as before
