@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from dspark.models.linear import linear
+
 if TYPE_CHECKING:
     from dspark.models.target import Routing, SparseMoeBlock
 
@@ -30,13 +32,13 @@ def dense_experts(block: SparseMoeBlock, x: torch.Tensor, routing: Routing) -> t
     """``block.combine_experts(x, routing)`` with every expert on every row; x: [N, d]."""
     gate_up, down = stacked_weights(block)  # [E * 2h, d], [d, E * h]
     num, experts = x.shape[0], len(block.experts)
-    act = F.linear(x, gate_up).view(num, experts, 2, -1)  # [N, E, 2, h]
+    act = linear(x, gate_up).view(num, experts, 2, -1)  # [N, E, 2, h]
     weights = torch.zeros(num, experts, 1, dtype=x.dtype, device=x.device)
     weights.scatter_(1, routing.expert_ids[:, :, None], routing.weights[:, :, None])
     # NOTE: weighting an expert's hidden row weights its output (the down projection is
     # linear); 0 where the token was not routed
     hidden = F.silu(act[:, :, 0]) * act[:, :, 1] * weights  # [N, E, h]
-    return F.linear(hidden.reshape(num, -1), down)  # the sum over experts in one product
+    return linear(hidden.reshape(num, -1), down)  # the sum over experts in one product
 
 
 def stacked_weights(block: SparseMoeBlock) -> tuple[torch.Tensor, torch.Tensor]:

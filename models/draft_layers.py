@@ -19,6 +19,7 @@ from torch import nn
 
 from dspark.models.drafter_config import DrafterConfig
 from dspark.models.kv_cache import AttentionBackend
+from dspark.models.linear import Linear, linear
 from dspark.models.stacked import stacked_weight
 from dspark.models.target import RMSNorm, SwiGLU, apply_rope, rms_normalize
 
@@ -61,10 +62,10 @@ class InjectedAttention(nn.Module):
             cfg.num_key_value_heads,
             hd,
         )
-        self.q_proj = nn.Linear(in_dim, self.num_heads * hd, bias=False)
-        self.k_proj = nn.Linear(in_dim, self.num_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(in_dim, self.num_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
+        self.q_proj = Linear(in_dim, self.num_heads * hd, bias=False)
+        self.k_proj = Linear(in_dim, self.num_kv_heads * hd, bias=False)
+        self.v_proj = Linear(in_dim, self.num_kv_heads * hd, bias=False)
+        self.o_proj = Linear(self.num_heads * hd, d, bias=False)
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
@@ -79,7 +80,7 @@ class InjectedAttention(nn.Module):
         heads, kv_heads, hd = self.num_heads, self.num_kv_heads, self.head_dim
         # NOTE: one product for q, k and v; q and k normed (each head by its own norm's
         # weight) and rotated together, in fewer operators than one by one
-        qkv = F.linear(x, stacked_weight(self, "qkv", (
+        qkv = linear(x, stacked_weight(self, "qkv", (
             self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)))
         qkv = qkv.view(bsz, num_q, heads + 2 * kv_heads, hd)
         norms = stacked_weight(self, "qk_norm", (self.q_norm.weight.expand(heads, hd),
@@ -117,11 +118,11 @@ class MarkovHead(nn.Module):
         super().__init__()
         self.kind, self.rank = kind, rank
         self.w1 = nn.Embedding(vocab, rank)
-        self.w2 = nn.Linear(rank, vocab, bias=False)
+        self.w2 = Linear(rank, vocab, bias=False)
         if kind == "gated":
-            self.gate_proj = nn.Linear(hidden + rank, rank)
+            self.gate_proj = Linear(hidden + rank, rank)
         if kind == "rnn":
-            self.joint = nn.Linear(2 * rank + hidden, 3 * rank)
+            self.joint = Linear(2 * rank + hidden, 3 * rank)
 
     def init_state(self, batch: int, like: torch.Tensor) -> torch.Tensor | None:
         return like.new_zeros(batch, self.rank) if self.kind == "rnn" else None
@@ -162,7 +163,7 @@ class ConfidenceHead(nn.Module):
 
     def __init__(self, hidden: int, rank: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(hidden + rank, 1)
+        self.proj = Linear(hidden + rank, 1)
 
     def forward(self, h: torch.Tensor, prev_embed: torch.Tensor | None) -> torch.Tensor:
         # h: [..., d], prev_embed: [..., r] -> [...]
@@ -180,9 +181,9 @@ class DrafterBase(nn.Module):
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
         self.embed_tokens.weight = frozen_copy(embed_weight)
-        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(d, cfg.vocab_size, bias=False)
         self.lm_head.weight = frozen_copy(head_weight)
-        self.fc = nn.Linear(cfg.feature_dim, d, bias=False)
+        self.fc = Linear(cfg.feature_dim, d, bias=False)
         self.token_ranking: torch.Tensor | None = None
         """The target's vocabulary ids, most often generated first (its checkpoint's
         ``draft_vocab.json``); None: not known. Not a weight."""

@@ -16,7 +16,6 @@ confidence head; DFlash samples every slot independently from the backbone logit
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dspark.models.draft_layers import (
@@ -28,6 +27,7 @@ from dspark.models.draft_layers import (
 )
 from dspark.models.drafter_config import DrafterConfig
 from dspark.models.kv_cache import AttentionBackend
+from dspark.models.linear import linear
 from dspark.models.stacked import stacked_weight
 from dspark.models.target import RMSNorm, RotaryEmbedding, apply_rope, rms_normalize
 
@@ -90,7 +90,7 @@ class ParallelDrafter(DrafterBase):
         attns = [layer.self_attn for layer in self.layers]
         kv_heads, hd, num = attns[0].num_kv_heads, attns[0].head_dim, len(attns)
         bsz, seq, _ = fused.shape
-        both = F.linear(fused, stacked_weight(
+        both = linear(fused, stacked_weight(
             self, "context_kv", [w for a in attns for w in (a.k_proj.weight, a.v_proj.weight)]))
         both = both.view(bsz, seq, num, 2, kv_heads, hd)
         norms = stacked_weight(self, "context_k_norm", [a.k_norm.weight for a in attns])

@@ -27,6 +27,7 @@ from torch import nn
 from dspark.models.config import TargetConfig
 from dspark.models.dense_experts import dense_experts
 from dspark.models.kv_cache import AttentionBackend, ContiguousAttention, KVCache
+from dspark.models.linear import Linear, linear
 from dspark.models.stacked import stacked_weight
 
 
@@ -86,10 +87,10 @@ class Attention(nn.Module):
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         d, hd, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
-        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=bias)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=bias)
+        self.q_proj = Linear(d, self.num_heads * hd, bias=bias)
+        self.k_proj = Linear(d, self.num_kv_heads * hd, bias=bias)
+        self.v_proj = Linear(d, self.num_kv_heads * hd, bias=bias)
+        self.o_proj = Linear(self.num_heads * hd, d, bias=bias)
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
@@ -116,13 +117,13 @@ class SwiGLU(nn.Module):
 
     def __init__(self, d: int, hidden: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(d, hidden, bias=False)
-        self.up_proj = nn.Linear(d, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d, bias=False)
+        self.gate_proj = Linear(d, hidden, bias=False)
+        self.up_proj = Linear(d, hidden, bias=False)
+        self.down_proj = Linear(hidden, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         both = stacked_weight(self, "gate_up", (self.gate_proj.weight, self.up_proj.weight))
-        gate, up = F.linear(x, both).chunk(2, -1)
+        gate, up = linear(x, both).chunk(2, -1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -148,7 +149,7 @@ class SparseMoeBlock(nn.Module):
         self.num_experts = cfg.num_experts
         self.top_k = cfg.num_experts_per_tok
         self.norm_topk_prob = cfg.norm_topk_prob
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.gate = Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList(
             SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts)
         )
@@ -156,7 +157,7 @@ class SparseMoeBlock(nn.Module):
         self.shared_expert_gate = None
         if cfg.shared_expert_intermediate_size > 0:
             self.shared_expert = SwiGLU(cfg.hidden_size, cfg.shared_expert_intermediate_size)
-            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+            self.shared_expert_gate = Linear(cfg.hidden_size, 1, bias=False)
         self.last_aux_loss: torch.Tensor | None = None
 
     def route(self, x: torch.Tensor) -> Routing:
@@ -257,7 +258,7 @@ class TargetModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = TargetBackbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

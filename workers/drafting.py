@@ -34,6 +34,7 @@ from dspark.kernels.markov_sample import markov_sample
 from dspark.kernels.paged_attention import gather_kv, slot_table
 from dspark.models.autoregressive_drafter import AutoregressiveDrafter
 from dspark.models.drafter_checkpoint import Drafter
+from dspark.models.linear import linear
 from dspark.workers.draft_vocab import DraftVocab
 from dspark.workers.model_runner import PagedAttention, PagedKV, token_slots
 from dspark.workers.sampling import DraftNoise, draft_noise, draw_drafts
@@ -346,7 +347,7 @@ class DraftWorker:
         if noise is None and (markov is None or markov.kind == "vanilla"):
             vocab, prev = self.vocab, anchors
             if vocab is not None:  # NOTE: slots draft among the draft vocabulary only
-                logits, w2 = F.linear(h, vocab.head), vocab.w2
+                logits, w2 = linear(h, vocab.head), vocab.w2
                 w1, prev = vocab.markov_rows(anchors) if markov is not None else (None, prev)
             else:
                 logits = d.lm_head(h)
