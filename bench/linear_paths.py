@@ -33,9 +33,13 @@ SHAPES = {"attention qkv": (192, 384), "dense experts gate+up": (192, 3072),
           "draft vocabulary head": (192, 2048)}
 
 
+SMALL_ROWS = linear_module.SMALL_ROWS  # NOTE: the models' own range, whatever it is
+
+
 def small_rows(on: bool) -> None:
-    """Turn ``linear``'s small-row path on, or off (every row count takes ``F.linear``)."""
-    linear_module.SMALL_ROWS = (2, 32) if on else (2, 1)
+    """Turn ``linear``'s small-row path on (its own range), or off (every row count takes
+    ``F.linear``)."""
+    linear_module.SMALL_ROWS = SMALL_ROWS if on else (2, 1)
 
 
 def time_pair(first: Callable[[], object], second: Callable[[], object], repeats: int,

@@ -3,19 +3,19 @@ CPU for a few rows as ``(W @ x^T)^T``.
 
 A verify forward of one request and its drafts, a draft block and a small decode batch feed
 the model a few rows. For those, the CPU's BLAS (MKL under torch) computes ``x @ W^T``
-through a path whose cost on this project's machines grew with every row from the second
-one: a DSpark step's verify forward over 5 to 8 tokens cost 1.3 to 1.5 times a one-token
-forward, almost all of it in the matrix products, although the arithmetic of 8 rows against
-a weight matrix is small next to reading the weight. The same product written as
+through a path that, on this project's machines and with the weight coming from memory (as
+it does in a step: the whole model passes through the caches between two uses of a layer),
+cost far more from the second row on than its one-row path, although the arithmetic of 8
+rows against a weight matrix is small next to reading the weight. The same product written as
 ``W @ x^T`` (the weight as the left operand, not transposed) takes another path that reads
 the weight once for all rows; its result is transposed back into a contiguous ``[rows,
-out]``. Measured in docs/engine.md (session 24): ``python -m dspark.bench.linear_paths``.
+out]``. Measured by ``python -m dspark.bench.linear_paths`` (docs/engine.md, session 24).
 
 Equal to ``F.linear`` up to rounding: the two paths sum the products in other orders (as
 ``F.linear`` itself does for one row against several). Losslessness does not depend on it:
 the engine's greedy and T=1 contracts compare with a reference that runs the same models.
 One row keeps ``F.linear`` (a matrix-vector product either way), and so do large batches
-(prefill chunks, training), where the other path is slower; so do CUDA tensors and layers
+(prefill chunks, training), where the other path was no faster (64 rows) or slower; so do CUDA tensors and layers
 with a bias.
 """
 
