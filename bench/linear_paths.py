@@ -7,12 +7,15 @@ machine (docs/engine.md, "Session 24").
    ``--cold`` a 64 MB buffer is written before every call, so the weight comes from memory
    as in a step, where the whole model passes through the caches between two uses of a
    layer.
+   The column "the rule takes it" says whether the models take ``W @ x^T`` for that shape
+   (output at least ``MIN_WIDENING`` x the input).
 2. Whole verify forwards of the demo target (``checkpoints/target``) at ``--tokens`` tokens
    (one request up to 8 tokens, then 8 tokens per request, 100 tokens of context each):
-   each path's median over ``--forwards`` forwards, the paths alternating forward by
+   ``F.linear`` everywhere, ``W @ x^T`` on every shape (session 24's rule) and the models'
+   rule, each one's median over ``--forwards`` forwards, the three taking turns forward by
    forward; the results are checked equal up to rounding before timing.
 
-Ratios are the small-row path over ``F.linear`` (below 1: it is faster).
+Ratios are over ``F.linear`` (below 1: faster).
 """
 
 from __future__ import annotations
@@ -33,27 +36,31 @@ SHAPES = {"attention qkv": (192, 384), "dense experts gate+up": (192, 3072),
           "draft vocabulary head": (192, 2048)}
 
 
-SMALL_ROWS = linear_module.SMALL_ROWS  # NOTE: the models' own range, whatever it is
+SMALL_ROWS = linear_module.SMALL_ROWS  # NOTE: the models' own rule, whatever it is
+MIN_WIDENING = linear_module.MIN_WIDENING
+MODES = ("F.linear", "every shape", "rule")
+"""``F.linear`` everywhere; ``W @ x^T`` on every shape at the models' row counts (session 24);
+the models' own rule (only outputs ``MIN_WIDENING`` x their input or wider)."""
 
 
-def small_rows(on: bool) -> None:
-    """Turn ``linear``'s small-row path on (its own range), or off (every row count takes
-    ``F.linear``)."""
-    linear_module.SMALL_ROWS = SMALL_ROWS if on else (2, 1)
+def paths(mode: str) -> None:
+    """Set ``linear``'s small-row path to one of ``MODES``."""
+    linear_module.SMALL_ROWS = (2, 1) if mode == "F.linear" else SMALL_ROWS
+    linear_module.MIN_WIDENING = 0 if mode == "every shape" else MIN_WIDENING
 
 
-def time_pair(first: Callable[[], object], second: Callable[[], object], repeats: int,
-              before: Callable[[], object] = lambda: None) -> tuple[float, float]:
+def time_turns(fns: list[Callable[[], object]], repeats: int,
+               before: Callable[[], object] = lambda: None) -> list[float]:
     """Median ms of each function, called in turn ``repeats`` times (``before`` untimed
     ahead of every call)."""
-    times: tuple[list[float], list[float]] = ([], [])
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, out in zip((first, second), times):
+        for fn, out in zip(fns, times):
             before()
             start = time.perf_counter()
             fn()
             out.append(time.perf_counter() - start)
-    return tuple(1000 * statistics.median(t) for t in times)  # type: ignore[return-value]
+    return [1000 * statistics.median(t) for t in times]
 
 
 def products(rows: list[int], repeats: int, cold: bool) -> None:
@@ -61,21 +68,24 @@ def products(rows: list[int], repeats: int, cold: bool) -> None:
     before = (lambda: junk.add_(1.0)) if junk is not None else (lambda: None)
     print(f"products ({'weights from memory' if cold else 'weights in cache'}): "
           "ms F.linear / ms W @ x^T (ratio)")
-    print("| shape (in -> out) | " + " | ".join(f"{r} rows" for r in rows) + " |")
-    print("|---|" + "---:|" * len(rows))
+    print("| shape (in -> out) | the rule takes it | " + " | ".join(f"{r} rows" for r in rows)
+          + " |")
+    print("|---|---|" + "---:|" * len(rows))
     for name, (width, out) in SHAPES.items():
         weight = torch.randn(out, width)
         cells = []
         for num in rows:
             x = torch.randn(num, width)
-            small_rows(True)
+            paths("every shape")
             torch.testing.assert_close(linear_module.linear(x, weight), F.linear(x, weight),
                                        rtol=1e-5, atol=1e-4)
-            old, new = time_pair(lambda x=x, w=weight: F.linear(x, w),
-                                 lambda x=x, w=weight: linear_module.linear(x, w), repeats,
-                                 before)
+            old, new = time_turns([lambda x=x, w=weight: F.linear(x, w),
+                                   lambda x=x, w=weight: linear_module.linear(x, w)],
+                                  repeats, before)
             cells.append(f"{old:.3f} / {new:.3f} ({new / old:.2f})")
-        print(f"| {name} ({width} -> {out}) | " + " | ".join(cells) + " |")
+        taken = "yes" if out >= MIN_WIDENING * width else "no"
+        print(f"| {name} ({width} -> {out}) | {taken} | " + " | ".join(cells) + " |")
+    paths("rule")
 
 
 def forwards(tokens: list[int], repeats: int) -> None:
@@ -88,21 +98,24 @@ def forwards(tokens: list[int], repeats: int) -> None:
     runner.feature_layers = [1, 3, 4]  # NOTE: the serving default's features, as with DSpark
     vocab = target.config.vocab_size
 
-    def run(batch, on: bool):
-        small_rows(on)
+    def run(batch, mode: str):
+        paths(mode)
         return runner.forward(batch)
 
-    print("\nverify forwards of the demo target: ms F.linear / ms W @ x^T (ratio)")
-    print("| tokens (requests) | F.linear ms | W @ x^T ms | ratio |")
+    print("\nverify forwards of the demo target: ms with F.linear, with W @ x^T on every shape, "
+          "with the models' rule (ratios over F.linear)")
+    print("| tokens (requests) | F.linear ms | every shape ms (ratio) | rule ms (ratio) |")
     print("|---|---:|---:|---:|")
     for num in tokens:
         batch = dummy_batch(num, max(1, num // 8), 100, runner.block_size, vocab,
                             runner.device)
-        torch.testing.assert_close(run(batch, True).logits, run(batch, False).logits,
-                                   rtol=1e-4, atol=1e-4)
-        old, new = time_pair(lambda b=batch: run(b, False), lambda b=batch: run(b, True), repeats)
-        print(f"| {num} ({max(1, num // 8)}) | {old:.2f} | {new:.2f} | {new / old:.2f} |")
-    small_rows(True)
+        ref = run(batch, "F.linear").logits
+        for mode in MODES[1:]:
+            torch.testing.assert_close(run(batch, mode).logits, ref, rtol=1e-4, atol=1e-4)
+        ms = time_turns([lambda b=batch, m=m: run(b, m) for m in MODES], repeats)
+        print(f"| {num} ({max(1, num // 8)}) | {ms[0]:.2f} | "
+              + " | ".join(f"{t:.2f} ({t / ms[0]:.2f})" for t in ms[1:]) + " |")
+    paths("rule")
 
 
 def main(argv: list[str] | None = None) -> int:

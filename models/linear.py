@@ -15,8 +15,10 @@ Equal to ``F.linear`` up to rounding: the two paths sum the products in other or
 ``F.linear`` itself does for one row against several). Losslessness does not depend on it:
 the engine's greedy and T=1 contracts compare with a reference that runs the same models.
 One row keeps ``F.linear`` (a matrix-vector product either way), and so do large batches
-(prefill chunks, training), where the other path was no faster (64 rows) or slower; so do CUDA tensors and layers
-with a bias.
+(prefill chunks, training), where the other path was no faster (64 rows) or slower; so do
+narrow products (output less than ``MIN_WIDENING`` times the input: attention q/k/v, down
+projections), which lost with ``W @ x^T`` at every row count, CUDA tensors and layers with
+a bias.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ from torch import nn
 SMALL_ROWS = (2, 32)
 """Row counts (inclusive) that take ``W @ x^T`` on the CPU."""
 
+MIN_WIDENING = 4
+"""Only products whose output is at least this many times as wide as their input take
+``W @ x^T``: LM heads, the experts' gate and up projections. Narrow ones (attention q/k/v,
+down projections) measured slower that way at every row count, from memory as in cache."""
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
            ) -> torch.Tensor:
@@ -35,6 +42,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     width = x.shape[-1]
     rows = x.numel() // width if width else 0
     if (bias is not None or x.device.type != "cpu" or weight.dim() != 2
+            or weight.shape[0] < MIN_WIDENING * width
             or not SMALL_ROWS[0] <= rows <= SMALL_ROWS[1]):
         return F.linear(x, weight, bias)
     out = torch.mm(weight, x.reshape(rows, width).t()).t().contiguous()  # [rows, out]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dspark.models.linear import SMALL_ROWS, Linear, linear
+from dspark.models.linear import MIN_WIDENING, SMALL_ROWS, Linear, linear
 
 
 class Products(TorchDispatchMode):
@@ -23,31 +23,38 @@ class Products(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("out_width", [12, 48, 24 * MIN_WIDENING])
 @pytest.mark.parametrize("lead", [(1,), (2,), (5,), (3, 7), (32,), (33,), (4, 40), (0,)])
-def test_equals_f_linear_in_every_shape(lead):
+def test_equals_f_linear_in_every_shape(lead, out_width):
     gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(48, 24, generator=gen)
+    weight = torch.randn(out_width, 24, generator=gen)
     x = torch.randn(*lead, 24, generator=gen)
     out = linear(x, weight)
-    assert out.shape == (*lead, 48) and out.is_contiguous()
+    assert out.shape == (*lead, out_width) and out.is_contiguous()
     torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-5)
 
 
-def test_a_few_rows_take_the_weight_as_left_operand_and_others_do_not():
-    weight = torch.randn(48, 24)
+def left_operand_rows(weight: torch.Tensor) -> list[int]:
+    """The row counts at which ``linear`` takes ``weight`` as the first operand."""
     seen = {}
     for rows in (1, SMALL_ROWS[0], 7, SMALL_ROWS[1], SMALL_ROWS[1] + 1):
         with Products() as mode:
-            linear(torch.randn(rows, 24), weight)
+            linear(torch.randn(rows, weight.shape[1]), weight)
         seen[rows] = [shapes[0] for _, shapes in mode.calls]
-    # the weight [48, 24] is the first operand exactly where the rows are few
-    assert [rows for rows, firsts in seen.items() if (48, 24) in firsts] == [
+    return [rows for rows, firsts in seen.items() if tuple(weight.shape) in firsts]
+
+
+def test_a_few_rows_of_a_wide_product_take_the_weight_as_left_operand_and_others_do_not():
+    assert left_operand_rows(torch.randn(24 * MIN_WIDENING, 24)) == [
         SMALL_ROWS[0], 7, SMALL_ROWS[1]]
+    # narrower outputs (q/k/v-like, down projections) keep F.linear at every row count
+    assert left_operand_rows(torch.randn(24 * MIN_WIDENING - 1, 24)) == []
+    assert left_operand_rows(torch.randn(24, 96)) == []
 
 
 def test_the_module_keeps_nn_linear_state_and_gradients():
     torch.manual_seed(0)
-    layer, plain = Linear(24, 48, bias=False), torch.nn.Linear(24, 48, bias=False)
+    layer, plain = Linear(24, 96, bias=False), torch.nn.Linear(24, 96, bias=False)
     plain.load_state_dict(layer.state_dict())
     assert list(layer.state_dict()) == ["weight"]
     x = torch.randn(5, 24, requires_grad=True)
@@ -56,5 +63,5 @@ def test_the_module_keeps_nn_linear_state_and_gradients():
     plain(ref).square().sum().backward()
     torch.testing.assert_close(x.grad, ref.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-5)
-    biased = Linear(24, 48)  # a bias keeps F.linear
+    biased = Linear(24, 96)  # a bias keeps F.linear
     torch.testing.assert_close(biased(x), F.linear(x, biased.weight, biased.bias))
