@@ -10,12 +10,21 @@ Vocabulary:
 NOTE: the new keys of this forward must already be written to their slots; a query sees
 them exactly like older ones, which is what makes verify causal among the drafts. The
 layout (who sees what) depends on the batch only, so it is planned once per forward
-(``paged_layout``) and shared by every layer.
+(``paged_layout``, or ``split_layout`` for requests grouped by query length) and shared by
+every layer.
+
+*Query groups*: the torch twin pads every request's queries to the longest run of its
+layout, so one request with 8 rows (7 drafts, or a prefill chunk) among 31 decoding ones
+made the attention compute 32 x 8 query rows; a verify forward of 39 tokens cost 1.4 x one
+of 32 (docs/engine.md, "Session 25"). ``query_groups`` splits the requests by query length
+where the padding saved outweighs another attention call.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -79,12 +88,100 @@ def paged_layout(
     return PagedLayout(slots, req_of, col, visible[:, None], q_pos.shape[0] == num_req * max_q)
 
 
+GROUP_ROWS = 16
+"""What one more query group costs, in padded query rows: its own gathers, mask and
+attention call in every layer (a guess the forwards of ``python -m
+dspark.bench.query_groups`` bear out: 7 decoding requests and one with 8 rows, split,
+cost what one group does; docs/engine.md, "Session 25")."""
+
+MAX_GROUPS = 3
+
+
+def query_groups(q_lens: Sequence[int], group_rows: int | None = None,
+                 most: int | None = None) -> list[list[int]]:
+    """The requests (indices, ascending in each group) split into at most ``most`` groups
+    of neighbouring query lengths, so that the padded query rows (each group's requests
+    times its longest run) plus ``group_rows`` per group beyond the first are fewest
+    (defaults: ``GROUP_ROWS``, ``MAX_GROUPS``)."""
+    group_rows = GROUP_ROWS if group_rows is None else group_rows
+    most = MAX_GROUPS if most is None else most
+    lengths = sorted(set(q_lens))
+    if len(lengths) == 1:
+        return [list(range(len(q_lens)))]
+    counts = [0] * len(lengths)
+    where = {n: i for i, n in enumerate(lengths)}
+    for n in q_lens:
+        counts[where[n]] += 1
+    before = [0, *accumulate(counts)]  # requests shorter than lengths[i]
+
+    def cost(a: int, b: int) -> int:  # one group of lengths[a:b]
+        return (before[b] - before[a]) * lengths[b - 1]
+
+    # best[g][b]: (cost, cuts) of lengths[:b] in g + 1 groups
+    best = [{b: (cost(0, b), ()) for b in range(1, len(lengths) + 1)}]
+    for groups in range(2, min(most, len(lengths)) + 1):
+        best.append({b: min((best[-1][a][0] + cost(a, b) + group_rows, best[-1][a][1] + (a,))
+                            for a in range(groups - 1, b))
+                     for b in range(groups, len(lengths) + 1)})
+    _, cuts = min(level[len(lengths)] for level in best if len(lengths) in level)
+    bounds = [lengths[c] for c in cuts]  # the shortest length of each group after the first
+    groups: list[list[int]] = [[] for _ in range(len(cuts) + 1)]
+    for r, n in enumerate(q_lens):
+        groups[sum(n >= edge for edge in bounds)].append(r)
+    return groups
+
+
+@dataclass
+class SplitLayout:
+    """Requests grouped by query length (``query_groups``): each group's query rows of the
+    flattened batch ([N_g], ascending) and its own layout."""
+
+    parts: list[tuple[torch.Tensor, PagedLayout]]
+
+
+def split_layout(
+    block_tables: torch.Tensor,  # [R, max_blocks]
+    block_size: int,
+    seq_lens: torch.Tensor,  # [R]
+    positions: torch.Tensor,  # [N] absolute position of each query
+    q_lens: Sequence[int],  # [R] queries of each request (host)
+    key_lens: Sequence[int],  # [R] keys of each request (host)
+) -> PagedLayout | SplitLayout:
+    """The layout of a flattened batch: one ``PagedLayout`` when one group pays, else one
+    per group of query lengths."""
+    device = positions.device
+    groups = query_groups(q_lens)
+    if len(groups) == 1:
+        slots = slot_table(block_tables, max(key_lens), block_size)
+        cu = torch.tensor([0, *accumulate(q_lens)], device=device)
+        return paged_layout(slots, seq_lens, cu, positions, max(q_lens))
+    starts = [0, *accumulate(q_lens)]
+    parts = []
+    for reqs in groups:
+        lens = [q_lens[r] for r in reqs]
+        rows = torch.tensor([i for r in reqs for i in range(starts[r], starts[r + 1])],
+                            device=device)
+        index = torch.tensor(reqs, device=device)
+        slots = slot_table(block_tables.index_select(0, index),
+                           max(key_lens[r] for r in reqs), block_size)
+        cu = torch.tensor([0, *accumulate(lens)], device=device)
+        parts.append((rows, paged_layout(slots, seq_lens.index_select(0, index), cu,
+                                         positions.index_select(0, rows), max(lens))))
+    return SplitLayout(parts)
+
+
 def paged_attention_torch(
     q: torch.Tensor,  # [N, H, head_dim] queries (normed and rotated)
     k_cache: torch.Tensor,  # [num_slots, kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_slots, kv_heads, head_dim]
-    layout: PagedLayout,
+    layout: PagedLayout | SplitLayout,
 ) -> torch.Tensor:  # [N, H, head_dim]
+    if isinstance(layout, SplitLayout):
+        out = q.new_empty(q.shape)
+        for rows, part in layout.parts:
+            out.index_copy_(0, rows, paged_attention_torch(
+                q.index_select(0, rows), k_cache, v_cache, part))
+        return out
     num_req = layout.slots.shape[0]
     if layout.uniform:
         padded_q = q.view(num_req, layout.max_q, *q.shape[1:])  # [R, Q, H, hd]

@@ -154,7 +154,7 @@ class DraftWorker:
             return
         seq_lens = batch.positions[batch.cu[1:] - 1] + 1  # [R]
         attention = PagedAttention(self.kv, batch.block_tables, batch.cu, batch.positions,
-                                   seq_lens, batch.max_q)
+                                   seq_lens)
         h0 = d.fc(batch.features[None].float())  # [1, N, d]
         h = d.step(h0, batch.next_ids[None], batch.positions[None], attention)  # [1, N, d]
         last = h[0, batch.cu[1:] - 1]  # [R, d]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dspark.kernels.paged_attention import paged_attention, paged_layout, slot_table
+from dspark.kernels.paged_attention import paged_attention, split_layout
 from dspark.models.target import TargetModel
 from dspark.workers.allocator import keep_freed_memory
 from dspark.workers.budget import StepCostTable, VerificationPlan
@@ -36,6 +36,10 @@ class VerifyBatch:
     seq_lens: torch.Tensor  # [R] tokens with KV after this forward
     max_q: int
     logit_rows: torch.Tensor  # [M] row indices into N
+    q_lens: list[int] | None = None
+    """Rows of each request, on the host (None: read from ``cu_q``)."""
+    key_lens: list[int] | None = None
+    """``seq_lens`` on the host (None: read from ``seq_lens``)."""
 
     @property
     def num_tokens(self) -> int:
@@ -91,12 +95,17 @@ class PagedAttention:
         cu_q: torch.Tensor,  # [R + 1] row offsets of each request
         positions: torch.Tensor,  # [N] absolute position of each row
         seq_lens: torch.Tensor,  # [R] keys of each request after this forward
-        max_q: int,  # most rows of one request
+        q_lens: list[int] | None = None,  # [R] rows of each request (host)
+        key_lens: list[int] | None = None,  # seq_lens on the host
     ) -> None:
-        width = int(seq_lens.max())  # NOTE: the one host sync of the forward
-        table = slot_table(block_tables, width, kv.block_size)  # [R, S]
-        self.layout = paged_layout(table, seq_lens, cu_q, positions, max_q)
-        self.slots = token_slots(block_tables, self.layout.req_of, positions,
+        # NOTE: the host syncs of the forward, where the batch did not bring its lengths
+        q_lens = q_lens if q_lens is not None else (cu_q[1:] - cu_q[:-1]).tolist()
+        key_lens = key_lens if key_lens is not None else seq_lens.tolist()
+        self.layout = split_layout(block_tables, kv.block_size, seq_lens, positions, q_lens,
+                                   key_lens)  # NOTE: grouped by query length where it pays
+        req_of = torch.repeat_interleave(torch.arange(len(q_lens), device=positions.device),
+                                         cu_q[1:] - cu_q[:-1])
+        self.slots = token_slots(block_tables, req_of, positions,
                                  kv.block_size)  # [N] where this forward's K/V go
         self.kv = kv
 
@@ -179,13 +188,15 @@ class ModelRunner:
             seq_lens=torch.tensor(seq_lens, device=dev),
             max_q=max(len(lay.fed) for lay in layout),
             logit_rows=torch.tensor(logit_rows, device=dev, dtype=torch.long),
+            q_lens=[len(lay.fed) for lay in layout],
+            key_lens=seq_lens,
         )
 
     @torch.no_grad()
     def forward(self, batch: VerifyBatch) -> RunnerOutput:
         self.num_forwards += 1
         attention = PagedAttention(self.kv, batch.block_tables, batch.cu_q, batch.positions,
-                                   batch.seq_lens, batch.max_q)
+                                   batch.seq_lens, batch.q_lens, batch.key_lens)
         layers = self.feature_layers
         out = self.target(
             batch.input_ids[None], positions=batch.positions[None], feature_layers=layers,
@@ -216,6 +227,8 @@ def dummy_batch(
         seq_lens=torch.tensor([context + n for n in sizes], device=device),
         max_q=max(sizes),
         logit_rows=torch.arange(num_tokens, device=device),
+        q_lens=sizes,
+        key_lens=[context + n for n in sizes],
     )
 
 

@@ -6,7 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dspark.kernels.paged_attention import paged_attention_torch, paged_layout, slot_table
+from dspark.kernels.paged_attention import (
+    SplitLayout,
+    paged_attention_torch,
+    paged_layout,
+    query_groups,
+    slot_table,
+    split_layout,
+)
 
 
 # trailing queries per request: ragged (padded layout), and one length for every request
@@ -28,6 +35,46 @@ def test_paged_attention_equals_dense_causal_attention(new):
     out = paged_attention_torch(q, k_cache, v_cache, layout)
     for r, (n, m) in enumerate(zip(lens, new)):
         keys = k_cache[slots[r, :n]].transpose(0, 1)[None]  # [1, kv, n, hd]
+        values = v_cache[slots[r, :n]].transpose(0, 1)[None]
+        mask = torch.arange(n)[None, :] <= torch.arange(n - m, n)[:, None]
+        ref = F.scaled_dot_product_attention(
+            q[cu[r]:cu[r + 1]].transpose(0, 1)[None], keys, values, attn_mask=mask,
+            enable_gqa=True,
+        )[0].transpose(0, 1)
+        torch.testing.assert_close(out[cu[r]:cu[r + 1]], ref)
+
+
+def test_query_groups_split_a_long_run_from_many_short_ones_and_cover_every_request():
+    assert query_groups([3, 3, 3]) == [[0, 1, 2]]
+    assert query_groups([8, 3, 3, 2]) == [[0, 1, 2, 3]]  # little padding: one call
+    assert query_groups([1] * 5 + [8] + [1] * 3) == [[0, 1, 2, 3, 4, 6, 7, 8], [5]]
+    lens = [1] * 20 + [64] + [5, 6, 7, 8] + [1] * 10
+    groups = query_groups(lens)
+    assert len(groups) == 3 and sorted(r for g in groups for r in g) == list(range(len(lens)))
+    assert [sorted({lens[r] for r in g}) for g in groups] == [[1], [5, 6, 7, 8], [64]]
+    assert query_groups(lens, most=2) == [[r for r in range(len(lens)) if lens[r] < 64],
+                                          [20]]
+    assert len(query_groups(lens, group_rows=10_000)) == 1
+
+
+@pytest.mark.parametrize("new", [[1, 1, 6, 1, 1, 1, 1, 1, 1], [1, 5, 1, 12, 2, 1, 1, 1, 1]])
+def test_grouped_layout_equals_dense_causal_attention(new):
+    gen = torch.Generator().manual_seed(1)
+    heads, kv_heads, hd, block = 4, 2, 8, 4
+    lens = [12 + 3 * r + n for r, n in enumerate(new)]  # keys per request, new ones last
+    blocks = -(-max(lens) // block)
+    tables = torch.randperm(len(new) * blocks, generator=gen).view(len(new), blocks)
+    k_cache = torch.randn(len(new) * blocks * block, kv_heads, hd, generator=gen)
+    v_cache = torch.randn(len(new) * blocks * block, kv_heads, hd, generator=gen)
+    q = torch.randn(sum(new), heads, hd, generator=gen)
+    q_pos = torch.cat([torch.arange(n - m, n) for n, m in zip(lens, new)])
+    layout = split_layout(tables, block, torch.tensor(lens), q_pos, new, lens)
+    assert isinstance(layout, SplitLayout) and len(layout.parts) >= 2
+    out = paged_attention_torch(q, k_cache, v_cache, layout)
+    slots = slot_table(tables, max(lens), block)
+    cu = [0, *torch.tensor(new).cumsum(0).tolist()]
+    for r, (n, m) in enumerate(zip(lens, new)):
+        keys = k_cache[slots[r, :n]].transpose(0, 1)[None]
         values = v_cache[slots[r, :n]].transpose(0, 1)[None]
         mask = torch.arange(n)[None, :] <= torch.arange(n - m, n)[:, None]
         ref = F.scaled_dot_product_attention(
