@@ -135,6 +135,10 @@ SYSTEMS = (
     System("dspark-d2-fullvocab", "dspark-d2", "algorithm1", vocab=0),
     # the 2-layer DSpark with MTP-1 beside it for the steps its gate drafts for nobody
     System("dspark-d2-mtp", "dspark-d2", "algorithm1", light="mtp"),
+    # the serving default drafting for every request in every step (no gate)
+    System("dspark-d2-nogate", "dspark-d2", "algorithm1", gating=False),
+    # the serving default when nobody is worth drafting: what its machinery costs
+    System("dspark-d2-idle", "dspark-d2", "algorithm1", margin=float("inf")),
 )
 
 
