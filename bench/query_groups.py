@@ -36,8 +36,8 @@ def verify_batch(sizes: list[int], context: int, block_size: int, vocab: int):
         positions=torch.cat([torch.arange(context, context + n) for n in sizes]),
         cu_q=torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()]),
         block_tables=torch.arange(len(sizes) * blocks).view(len(sizes), blocks),
-        seq_lens=torch.tensor(lens), max_q=max(sizes), logit_rows=torch.arange(sum(sizes)),
-        q_lens=list(sizes), key_lens=lens)
+        seq_lens=torch.tensor(lens), logit_rows=torch.arange(sum(sizes)), q_lens=list(sizes),
+        key_lens=lens)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,7 +68,7 @@ def profile_write_cost(worker: DraftWorker, rows: int, num_blocks: int, repeats:
         positions=torch.arange(rows, device=device),
         cu=torch.tensor([0, rows], device=device),
         block_tables=torch.arange(blocks, device=device)[None],
-        max_q=rows,
+        q_lens=[rows],
     )
     seconds = median_seconds(lambda: worker.extend(batch), repeats, device)
     worker.forget("profile-write")

@@ -61,7 +61,7 @@ class ExtendBatch:
     positions: torch.Tensor  # [N]
     cu: torch.Tensor  # [R + 1]
     block_tables: torch.Tensor  # [R, max_blocks]
-    max_q: int
+    q_lens: list[int]  # [R] rows of each request, on the host
 
 
 class DraftWorker:
@@ -154,7 +154,7 @@ class DraftWorker:
             return
         seq_lens = batch.positions[batch.cu[1:] - 1] + 1  # [R]
         attention = PagedAttention(self.kv, batch.block_tables, batch.cu, batch.positions,
-                                   seq_lens)
+                                   seq_lens, batch.q_lens)
         h0 = d.fc(batch.features[None].float())  # [1, N, d]
         h = d.step(h0, batch.next_ids[None], batch.positions[None], attention)  # [1, N, d]
         last = h[0, batch.cu[1:] - 1]  # [R, d]
@@ -234,7 +234,7 @@ class DraftWorker:
                 positions=torch.tensor(positions, device=dev),
                 cu=torch.tensor(cu, device=dev),
                 block_tables=tables[torch.tensor(table_rows, device=dev)],
-                max_q=max(b - a for a, b in zip(cu, cu[1:])),
+                q_lens=[b - a for a, b in zip(cu, cu[1:])],
             ))
 
     def flush(self, seqs: Sequence[StepSeq], tables: torch.Tensor) -> int:
@@ -283,7 +283,7 @@ class DraftWorker:
             positions=positions,
             cu=F.pad(counts.cumsum(0), (1, 0)),
             block_tables=rows,
-            max_q=max(per),
+            q_lens=list(per),
         ))
 
     def _write_context(self, features: torch.Tensor, positions: torch.Tensor,

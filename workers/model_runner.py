@@ -34,12 +34,9 @@ class VerifyBatch:
     cu_q: torch.Tensor  # [R + 1]
     block_tables: torch.Tensor  # [R, max_blocks]
     seq_lens: torch.Tensor  # [R] tokens with KV after this forward
-    max_q: int
     logit_rows: torch.Tensor  # [M] row indices into N
-    q_lens: list[int] | None = None
-    """Rows of each request, on the host (None: read from ``cu_q``)."""
-    key_lens: list[int] | None = None
-    """``seq_lens`` on the host (None: read from ``seq_lens``)."""
+    q_lens: list[int]  # [R] rows of each request, on the host
+    key_lens: list[int]  # [R] seq_lens on the host
 
     @property
     def num_tokens(self) -> int:
@@ -186,7 +183,6 @@ class ModelRunner:
             cu_q=torch.tensor(cu, device=dev),
             block_tables=tables,
             seq_lens=torch.tensor(seq_lens, device=dev),
-            max_q=max(len(lay.fed) for lay in layout),
             logit_rows=torch.tensor(logit_rows, device=dev, dtype=torch.long),
             q_lens=[len(lay.fed) for lay in layout],
             key_lens=seq_lens,
@@ -225,7 +221,6 @@ def dummy_batch(
         cu_q=cu,
         block_tables=tables,
         seq_lens=torch.tensor([context + n for n in sizes], device=device),
-        max_q=max(sizes),
         logit_rows=torch.arange(num_tokens, device=device),
         q_lens=sizes,
         key_lens=[context + n for n in sizes],

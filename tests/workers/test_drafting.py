@@ -40,7 +40,7 @@ def test_batched_proposals_equal_single_request_sessions(make_model, make_drafte
     req_ids = [str(i) for i in range(len(prompts))]
     worker.extend(ExtendBatch(req_ids, torch.cat(rows), torch.tensor(next_ids),
                               torch.tensor(positions), torch.tensor(cu), table,
-                              max(len(p) for p in prompts)))
+                              [len(p) for p in prompts]))
     got = worker.propose(req_ids, torch.tensor(anchors), torch.tensor([len(p) for p in prompts]),
                          table, cfg.block_size, torch.zeros(3), torch.zeros(3, cfg.block_size))
     for r, want in enumerate(expected):

@@ -23,8 +23,9 @@ def run(runner, blocks, seqs, spans):
         cu_q=torch.tensor(cu),
         block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
         seq_lens=torch.tensor(seq_lens),
-        max_q=max(b - a for a, b in spans),
         logit_rows=torch.arange(len(ids)),
+        q_lens=[b - a for a, b in spans],
+        key_lens=seq_lens,
     ))
 
 
@@ -62,8 +63,9 @@ def test_final_hidden_features_and_logits_at_chosen_rows(make_model):
         cu_q=torch.tensor([0, 6]),
         block_tables=torch.tensor([blocks.table("0").block_ids]),
         seq_lens=torch.tensor([6]),
-        max_q=6,
         logit_rows=torch.tensor([2, 5]),
+        q_lens=[6],
+        key_lens=[6],
     ))
     ref = target(torch.tensor([seq]))
     assert out.features is None  # no feature layers asked
