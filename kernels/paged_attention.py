@@ -71,11 +71,13 @@ def paged_layout(
     cu_q: torch.Tensor,  # [R + 1] query offsets
     q_pos: torch.Tensor,  # [N] absolute position of each query
     max_q: int,  # longest query run of one request
+    num_q: int | None = None,  # N, where known on the host (no read-back on a GPU)
 ) -> PagedLayout:
     num_req, width = slots.shape
     device = slots.device
     q_lens = cu_q[1:] - cu_q[:-1]  # [R]
-    req_of = torch.repeat_interleave(torch.arange(num_req, device=device), q_lens)  # [N]
+    req_of = torch.repeat_interleave(torch.arange(num_req, device=device), q_lens,
+                                     output_size=num_q)  # [N]
     col = torch.arange(q_pos.shape[0], device=device) - cu_q[:-1][req_of]  # [N]
     qpos = torch.full((num_req, max_q), -1, dtype=torch.long, device=device)
     qpos[req_of, col] = q_pos
@@ -89,10 +91,12 @@ def paged_layout(
 
 
 GROUP_ROWS = 16
-"""What one more query group costs, in padded query rows: its own gathers, mask and
-attention call in every layer (a guess the forwards of ``python -m
-dspark.bench.query_groups`` bear out: 7 decoding requests and one with 8 rows, split,
-cost what one group does; docs/engine.md, "Session 25")."""
+"""What one more query group is taken to cost, in padded query rows: its own gathers, mask
+and attention call in every layer. A guess, not a fit: in ``python -m
+dspark.bench.query_groups`` (docs/engine.md, "Session 25") the splits it makes gained
+where a long run stood among many short ones (0.54-0.91 x one group) and did not where
+the padding saved was small (7 decoding requests and one with 8 rows: 1.05, within that
+run's noise of about 5 %)."""
 
 MAX_GROUPS = 3
 
@@ -102,7 +106,7 @@ def query_groups(q_lens: Sequence[int], group_rows: int | None = None,
     """The requests (indices, ascending in each group) split into at most ``most`` groups
     of neighbouring query lengths, so that the padded query rows (each group's requests
     times its longest run) plus ``group_rows`` per group beyond the first are fewest
-    (defaults: ``GROUP_ROWS``, ``MAX_GROUPS``)."""
+    (defaults: ``GROUP_ROWS``, ``MAX_GROUPS``); of equal costs, the fewest groups."""
     group_rows = GROUP_ROWS if group_rows is None else group_rows
     most = MAX_GROUPS if most is None else most
     lengths = sorted(set(q_lens))
@@ -123,7 +127,8 @@ def query_groups(q_lens: Sequence[int], group_rows: int | None = None,
         best.append({b: min((best[-1][a][0] + cost(a, b) + group_rows, best[-1][a][1] + (a,))
                             for a in range(groups - 1, b))
                      for b in range(groups, len(lengths) + 1)})
-    _, cuts = min(level[len(lengths)] for level in best if len(lengths) in level)
+    ends = [level[len(lengths)] for level in best if len(lengths) in level]
+    _, cuts = min(ends, key=lambda end: (end[0], len(end[1])))
     bounds = [lengths[c] for c in cuts]  # the shortest length of each group after the first
     groups: list[list[int]] = [[] for _ in range(len(cuts) + 1)]
     for r, n in enumerate(q_lens):
@@ -154,19 +159,20 @@ def split_layout(
     if len(groups) == 1:
         slots = slot_table(block_tables, max(key_lens), block_size)
         cu = torch.tensor([0, *accumulate(q_lens)], device=device)
-        return paged_layout(slots, seq_lens, cu, positions, max(q_lens))
+        return paged_layout(slots, seq_lens, cu, positions, max(q_lens), sum(q_lens))
     starts = [0, *accumulate(q_lens)]
     parts = []
     for reqs in groups:
         lens = [q_lens[r] for r in reqs]
         rows = torch.tensor([i for r in reqs for i in range(starts[r], starts[r + 1])],
-                            device=device)
-        index = torch.tensor(reqs, device=device)
+                            dtype=torch.long, device=device)
+        index = torch.tensor(reqs, dtype=torch.long, device=device)
         slots = slot_table(block_tables.index_select(0, index),
                            max(key_lens[r] for r in reqs), block_size)
         cu = torch.tensor([0, *accumulate(lens)], device=device)
         parts.append((rows, paged_layout(slots, seq_lens.index_select(0, index), cu,
-                                         positions.index_select(0, rows), max(lens))))
+                                         positions.index_select(0, rows), max(lens),
+                                         sum(lens))))
     return SplitLayout(parts)
 
 

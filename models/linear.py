@@ -32,8 +32,9 @@ SMALL_ROWS = (2, 32)
 
 MIN_WIDENING = 4
 """Only products whose output is at least this many times as wide as their input take
-``W @ x^T``: LM heads, the experts' gate and up projections. Narrow ones (attention q/k/v,
-down projections) measured slower that way at every row count, from memory as in cache."""
+``W @ x^T``: LM heads, the experts' and the drafter's gate and up projections, the draft
+vocabulary head. Narrow ones (attention q/k/v, output and down projections) measured slower
+that way at every row count, from memory as in cache (docs/engine.md, sessions 24-25)."""
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None

@@ -95,13 +95,14 @@ class PagedAttention:
         q_lens: list[int] | None = None,  # [R] rows of each request (host)
         key_lens: list[int] | None = None,  # seq_lens on the host
     ) -> None:
-        # NOTE: the host syncs of the forward, where the batch did not bring its lengths
+        # NOTE: a host read-back of the lengths only where the caller did not bring them (the
+        # drafter's extend: its key lengths); the verify batch brings both
         q_lens = q_lens if q_lens is not None else (cu_q[1:] - cu_q[:-1]).tolist()
         key_lens = key_lens if key_lens is not None else seq_lens.tolist()
         self.layout = split_layout(block_tables, kv.block_size, seq_lens, positions, q_lens,
                                    key_lens)  # NOTE: grouped by query length where it pays
         req_of = torch.repeat_interleave(torch.arange(len(q_lens), device=positions.device),
-                                         cu_q[1:] - cu_q[:-1])
+                                         cu_q[1:] - cu_q[:-1], output_size=sum(q_lens))
         self.slots = token_slots(block_tables, req_of, positions,
                                  kv.block_size)  # [N] where this forward's K/V go
         self.kv = kv

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import combinations
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,30 @@ def test_paged_attention_equals_dense_causal_attention(new):
             enable_gqa=True,
         )[0].transpose(0, 1)
         torch.testing.assert_close(out[cu[r]:cu[r + 1]], ref)
+
+
+def test_query_groups_are_the_cheapest_split_of_sorted_lengths():
+    gen = torch.Generator().manual_seed(2)
+
+    def cost(groups, lens, group_rows):
+        return sum(len(g) * max(lens[r] for r in g) for g in groups) + group_rows * (
+            len(groups) - 1)
+
+    for _ in range(200):
+        lens = torch.randint(1, 12, (int(torch.randint(1, 9, (1,), generator=gen)),),
+                             generator=gen).tolist()
+        group_rows = int(torch.randint(0, 20, (1,), generator=gen))
+        most = int(torch.randint(1, 4, (1,), generator=gen))
+        got = query_groups(lens, group_rows, most)
+        assert sorted(r for g in got for r in g) == list(range(len(lens))) and len(got) <= most
+        # every split of the sorted distinct lengths into at most ``most`` runs
+        distinct = sorted(set(lens))
+        best = min(
+            cost([[r for r in range(len(lens)) if lo <= lens[r] < hi]
+                  for lo, hi in zip((0, *cuts), (*cuts, 99))], lens, group_rows)
+            for k in range(min(most, len(distinct)))
+            for cuts in combinations(distinct[1:], k))
+        assert cost(got, lens, group_rows) == best
 
 
 def test_query_groups_split_a_long_run_from_many_short_ones_and_cover_every_request():

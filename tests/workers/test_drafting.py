@@ -7,12 +7,18 @@ import drafter_oracle
 import pytest
 import torch
 
+from dspark.kernels import paged_attention
 from dspark.workers.block_manager import BlockManager
 from dspark.workers.drafting import DraftWorker, ExtendBatch
 
 
+@pytest.mark.parametrize("group_rows", [paged_attention.GROUP_ROWS, 0])
 @pytest.mark.parametrize("method", ["dspark", "dflash", "eagle3", "mtp"])
-def test_batched_proposals_equal_single_request_sessions(make_model, make_drafter, method):
+def test_batched_proposals_equal_single_request_sessions(make_model, make_drafter, method,
+                                                         monkeypatch, group_rows):
+    # NOTE: group_rows 0 attends each query length apart (EAGLE-3 and MTP-1 extend through
+    # the paged attention)
+    monkeypatch.setattr(paged_attention, "GROUP_ROWS", group_rows)
     target = make_model()
     drafter = make_drafter(target, method)
     cfg = drafter.config

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from dspark.kernels import paged_attention
 from dspark.workers.block_manager import BlockManager
 from dspark.workers.model_runner import ModelRunner, VerifyBatch, profile_step_costs
 
@@ -29,7 +31,11 @@ def run(runner, blocks, seqs, spans):
     ))
 
 
-def test_chunked_paged_forward_equals_the_plain_forward(make_model):
+# NOTE: group_rows 0 splits the requests by query length (3 groups here); the default keeps
+# these small batches in one padded group
+@pytest.mark.parametrize("group_rows", [paged_attention.GROUP_ROWS, 0])
+def test_chunked_paged_forward_equals_the_plain_forward(make_model, monkeypatch, group_rows):
+    monkeypatch.setattr(paged_attention, "GROUP_ROWS", group_rows)
     target = make_model()
     gen = torch.Generator().manual_seed(0)
     seqs = [torch.randint(5, 97, (n,), generator=gen).tolist() for n in (5, 13, 9, 1)]
