@@ -15,8 +15,9 @@ every layer.
 
 *Query groups*: the torch twin pads every request's queries to the longest run of its
 layout, so one request with 8 rows (7 drafts, or a prefill chunk) among 31 decoding ones
-made the attention compute 32 x 8 query rows; a verify forward of 39 tokens cost 1.4 x one
-of 32 (docs/engine.md, "Session 25"). ``query_groups`` splits the requests by query length
+made the attention compute 32 x 8 query rows; a verify forward of those 39 tokens cost
+1.3 x one of 32 one-row requests (``python -m dspark.bench.query_groups``, docs/engine.md,
+"Session 25"). ``query_groups`` splits the requests by query length
 where the padding saved outweighs another attention call.
 """
 

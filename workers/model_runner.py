@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dspark.kernels.paged_attention import paged_attention, split_layout
+from dspark.kernels.paged_attention import PagedLayout, paged_attention, split_layout
 from dspark.models.target import TargetModel
 from dspark.workers.allocator import keep_freed_memory
 from dspark.workers.budget import StepCostTable, VerificationPlan
@@ -92,17 +92,17 @@ class PagedAttention:
         cu_q: torch.Tensor,  # [R + 1] row offsets of each request
         positions: torch.Tensor,  # [N] absolute position of each row
         seq_lens: torch.Tensor,  # [R] keys of each request after this forward
-        q_lens: list[int] | None = None,  # [R] rows of each request (host)
+        q_lens: list[int],  # [R] rows of each request (host)
         key_lens: list[int] | None = None,  # seq_lens on the host
     ) -> None:
-        # NOTE: a host read-back of the lengths only where the caller did not bring them (the
-        # drafter's extend: its key lengths); the verify batch brings both
-        q_lens = q_lens if q_lens is not None else (cu_q[1:] - cu_q[:-1]).tolist()
+        # NOTE: a host read-back only where the caller did not bring the key lengths (the
+        # drafter's extend); the verify batch brings them
         key_lens = key_lens if key_lens is not None else seq_lens.tolist()
         self.layout = split_layout(block_tables, kv.block_size, seq_lens, positions, q_lens,
                                    key_lens)  # NOTE: grouped by query length where it pays
-        req_of = torch.repeat_interleave(torch.arange(len(q_lens), device=positions.device),
-                                         cu_q[1:] - cu_q[:-1], output_size=sum(q_lens))
+        req_of = self.layout.req_of if isinstance(self.layout, PagedLayout) else (
+            torch.repeat_interleave(torch.arange(len(q_lens), device=positions.device),
+                                    cu_q[1:] - cu_q[:-1], output_size=sum(q_lens)))
         self.slots = token_slots(block_tables, req_of, positions,
                                  kv.block_size)  # [N] where this forward's K/V go
         self.kv = kv

@@ -18,6 +18,21 @@ from dspark.kernels.paged_attention import (
 )
 
 
+def assert_dense_causal(out, q, k_cache, v_cache, slots, lens, new):
+    """Each request's rows of ``out`` equal dense causal attention of its ``new`` trailing
+    queries over its ``lens`` keys (at ``slots``)."""
+    cu = [0, *torch.tensor(new).cumsum(0).tolist()]
+    for r, (n, m) in enumerate(zip(lens, new)):
+        keys = k_cache[slots[r, :n]].transpose(0, 1)[None]  # [1, kv, n, hd]
+        values = v_cache[slots[r, :n]].transpose(0, 1)[None]
+        mask = torch.arange(n)[None, :] <= torch.arange(n - m, n)[:, None]
+        ref = F.scaled_dot_product_attention(
+            q[cu[r]:cu[r + 1]].transpose(0, 1)[None], keys, values, attn_mask=mask,
+            enable_gqa=True,
+        )[0].transpose(0, 1)
+        torch.testing.assert_close(out[cu[r]:cu[r + 1]], ref)
+
+
 # trailing queries per request: ragged (padded layout), and one length for every request
 # (decode, or drafts of one length: the padded layout is a view of the queries)
 @pytest.mark.parametrize("new", [[2, 3, 1], [3, 3, 3], [1, 1, 1]])
@@ -35,15 +50,7 @@ def test_paged_attention_equals_dense_causal_attention(new):
     layout = paged_layout(slots, torch.tensor(lens), cu, q_pos, max(new))
     assert layout.uniform == (len(set(new)) == 1)
     out = paged_attention_torch(q, k_cache, v_cache, layout)
-    for r, (n, m) in enumerate(zip(lens, new)):
-        keys = k_cache[slots[r, :n]].transpose(0, 1)[None]  # [1, kv, n, hd]
-        values = v_cache[slots[r, :n]].transpose(0, 1)[None]
-        mask = torch.arange(n)[None, :] <= torch.arange(n - m, n)[:, None]
-        ref = F.scaled_dot_product_attention(
-            q[cu[r]:cu[r + 1]].transpose(0, 1)[None], keys, values, attn_mask=mask,
-            enable_gqa=True,
-        )[0].transpose(0, 1)
-        torch.testing.assert_close(out[cu[r]:cu[r + 1]], ref)
+    assert_dense_causal(out, q, k_cache, v_cache, slots, lens, new)
 
 
 def test_query_groups_are_the_cheapest_split_of_sorted_lengths():
@@ -97,14 +104,5 @@ def test_grouped_layout_equals_dense_causal_attention(new):
     layout = split_layout(tables, block, torch.tensor(lens), q_pos, new, lens)
     assert isinstance(layout, SplitLayout) and len(layout.parts) >= 2
     out = paged_attention_torch(q, k_cache, v_cache, layout)
-    slots = slot_table(tables, max(lens), block)
-    cu = [0, *torch.tensor(new).cumsum(0).tolist()]
-    for r, (n, m) in enumerate(zip(lens, new)):
-        keys = k_cache[slots[r, :n]].transpose(0, 1)[None]
-        values = v_cache[slots[r, :n]].transpose(0, 1)[None]
-        mask = torch.arange(n)[None, :] <= torch.arange(n - m, n)[:, None]
-        ref = F.scaled_dot_product_attention(
-            q[cu[r]:cu[r + 1]].transpose(0, 1)[None], keys, values, attn_mask=mask,
-            enable_gqa=True,
-        )[0].transpose(0, 1)
-        torch.testing.assert_close(out[cu[r]:cu[r + 1]], ref)
+    assert_dense_causal(out, q, k_cache, v_cache, slot_table(tables, max(lens), block), lens,
+                        new)
