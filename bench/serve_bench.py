@@ -34,6 +34,7 @@ from dspark.bench.closed_loop import turn_order
 from dspark.bench.engine_bench import baseline_ratios
 from dspark.bench.paired import paired_ratios
 from dspark.bench.proc_cpu import app_pids, cpu_seconds
+from dspark.bench.replica_engine import engine_numbers, replica_totals
 from dspark.cluster.config import DEFAULT_DRAFTER, ServeConfig
 
 
@@ -344,6 +345,7 @@ def run_systems(urls: dict[str, str], model: str, prompts: Sequence[str],
             num = max(cfg.min_requests, 2 * conc)
             pids = {label: app_pids(label) for label in order}
             cpu = {label: cpu_seconds(p) for label, p in pids.items()}
+            totals = {label: replica_totals(urls[label]) for label in order}
             if cfg.together:
                 cells = asyncio.run(together([urls[label] for label in order], model,
                                              prompts, conc, num, body))
@@ -354,6 +356,11 @@ def run_systems(urls: dict[str, str], model: str, prompts: Sequence[str],
                 if pids[label]:  # NOTE: Linux only (/proc)
                     cell["cpu_ms_per_token"] = (1000 * (cpu_seconds(pids[label]) - cpu[label])
                                                 / max(cell["output_tokens"], 1))
+                # NOTE: the systems' cells run one after another (unless ``together``), so
+                # each replica's counters moved in its own cell only
+                if not cfg.together:
+                    cell.update(engine_numbers(totals[label], replica_totals(urls[label]),
+                                               cell["wall_s"]))
                 raw.append({"round": rnd, "turn": turn, "system": label, "concurrency": conc,
                             **cell})
                 log(f"[{rnd + 1}/{cfg.rounds}] {label:15s} C={conc:2d} per-user "

@@ -10,6 +10,7 @@ from pathlib import Path
 from dspark.bench.engine_bench import ratio_columns
 from dspark.bench.machine import describe, header
 from dspark.bench.paired import paired_markdown
+from dspark.bench.replica_engine import NUMBERS as ENGINE_NUMBERS
 from dspark.bench.serve_bench import PAIRED
 
 
@@ -27,8 +28,8 @@ def _x(row: dict | None, key: str) -> str:
 
 
 def markdown(result: dict) -> str:
-    return "\n".join(system_markdown(result) + paired_table(result.get("paired", []))
-                     + router_markdown(result)
+    return "\n".join(system_markdown(result) + engine_markdown(result)
+                     + paired_table(result.get("paired", [])) + router_markdown(result)
                      + paired_table(result.get("router_paired", []), "router")) + "\n"
 
 
@@ -55,6 +56,25 @@ def system_markdown(result: dict) -> list[str]:
             f"{spread(c, 'ttft_p50', 1000, 0)} | {spread(c, 'ttft_p90', 1000, 0)} | "
             f"{_x(r, 'ttft_p50_vs_no-spec')} / {_x(r, 'ttft_p90_vs_no-spec')} | "
             f"{spread(c, 'tpot_p50', 1000)} |")
+    return lines + [""]
+
+
+def engine_markdown(result: dict) -> list[str]:
+    """Each system's replica engine during its cells (``bench/replica_engine.py``), medians
+    over rounds; empty where no cell has them."""
+    cells = [c for c in result["cells"] if "engine_busy" in c]
+    if not cells:
+        return []
+    lines = ["The replica's engine during each cell, from its own counters (medians over "
+             "rounds): busy is its time in steps over the cell's wall time (the rest it "
+             "waited for requests on the HTTP path); drafted, the share of decoding "
+             "request-steps that drafted; draft share, of its step time.", "",
+             "| system | C | " + " | ".join(h for _, h in ENGINE_NUMBERS) + " |",
+             "|---|---:|" + "---:|" * len(ENGINE_NUMBERS)]
+    for c in cells:
+        lines.append(f"| {c['system']} | {c['concurrency']} | " + " | ".join(
+            f"{c[k]:.2f}" if k != "engine_step_ms" else f"{c[k]:.1f}"
+            for k, _ in ENGINE_NUMBERS) + " |")
     return lines + [""]
 
 

@@ -178,15 +178,21 @@ class ShardMetrics:
             s.phases[phase] += getattr(stats, f"time_{phase}")
 
     def totals(self) -> dict:
-        """The speculation counters since start, in-process (the replica's own count of
-        what the exported counters say once Ray has exported them)."""
+        """The speculation and step counters since start, in-process (the replica's own
+        count of what the exported counters say once Ray has exported them): what
+        ``GET /v1/load`` reports, and ``dspark bench serve`` reads around each cell."""
         with self._lock:
             t = self._totals
             return {"num_drafts": int(t.counts.get("drafts", 0)),
                     "num_draft_tokens": int(t.counts.get("draft_tokens", 0)),
                     "num_accepted_tokens": int(t.counts.get("accepted_tokens", 0)),
                     "accepted_per_position": list(t.per_position),
-                    "num_gated_off": int(t.counts.get("gated_off", 0))}
+                    "num_gated_off": int(t.counts.get("gated_off", 0)),
+                    "num_steps": int(t.counts.get("steps", 0)),
+                    "num_gated_off_steps": int(t.counts.get("gated_off_steps", 0)),
+                    "num_output_tokens": int(t.counts.get("output_tokens", 0)),
+                    "num_prefill_tokens": int(t.counts.get("prefill_tokens", 0)),
+                    "phase_seconds": dict(t.phases)}
 
     # ------------------------------------------------------------------ flush thread
     def flush(self) -> None:

@@ -5,10 +5,12 @@ and cells report the median and spread over rounds, with ratios taken of medians
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from dspark.bench.paired import paired_ratios
+from dspark.bench.replica_engine import engine_numbers, replica_totals
 from dspark.bench.serve_bench import (
     PAIRED,
     ServeBenchConfig,
@@ -23,6 +25,7 @@ from dspark.bench.serve_report import markdown
 
 def test_closed_loop_counts_tokens_and_latencies(served_app):
     url = f"http://{served_app.host}:{served_app.port}"
+    before = replica_totals(url)
     cell = asyncio.run(closed_loop(
         url, served_app.model_name, ["Say hi.", "Count to three."], concurrency=2,
         num_requests=3, make_body=lambda i: {"max_tokens": 8, "ignore_eos": True,
@@ -30,10 +33,25 @@ def test_closed_loop_counts_tokens_and_latencies(served_app):
     assert cell["requests"] == 3 and cell["output_tokens"] == 24
     assert 0 < cell["ttft_p50"] <= cell["ttft_p90"] and cell["tpot_p50"] > 0
     assert cell["aggregate_tps"] > 0 and cell["per_user_tps"] > 0
-    cells = [{"system": s, "concurrency": 2, **cell} for s in ("no-spec", "mtp-1")]
+    # NOTE: the replica's engine counts a step after its last chunk may have left
+    deadline = time.monotonic() + 30
+    while (after := replica_totals(url))["num_output_tokens"] < before["num_output_tokens"] + 24:
+        assert time.monotonic() < deadline, "the replica never counted the cell's 24 tokens"
+        time.sleep(0.1)
+    engine = engine_numbers(before, after, cell["wall_s"])
+    steps = after["num_steps"] - before["num_steps"]
+    # NOTE: 3 requests of 8 tokens, 2 at a time: at least 8 steps, at most one per token
+    # and prompt chunk
+    assert 8 <= steps <= 24 + 3
+    assert engine["engine_tokens_per_step"] == pytest.approx(24 / steps)
+    assert 0 < engine["engine_busy"] <= 1.0 and engine["engine_step_ms"] > 0
+    assert 0 <= engine["engine_drafted"] <= 1 and 0 <= engine["engine_draft_share"] < 1
+    cells = [{"system": s, "concurrency": 2, **cell, **engine} for s in ("no-spec", "mtp-1")]
     result = {"cells": cells, "routers": [], "ratios": ratios(cells)}
     assert result["ratios"][1]["aggregate_vs_no-spec"] == 1.0
-    assert "| mtp-1 | 2 |" in markdown(result)
+    report = markdown(result)
+    assert "| mtp-1 | 2 |" in report and "| busy | step ms |" in report
+    assert engine_numbers(before, None, 1.0) == {} and engine_numbers(before, before, 1.0) == {}
 
 
 def measured(rnd: int, key: str, label: str, conc: int, agg: float, ttft: float,
