@@ -104,6 +104,8 @@ class ServeSystem:
     sample_ratio: float = 1.0
     stream_interval: int = 1
     """Tokens per server-sent event after the first (``ServeConfig.stream_interval``)."""
+    light_drafter: str = "none"
+    """``ServeConfig.light_drafter``: MTP-1 beside the main drafter (``mtp``), or none."""
 
 
 SYSTEMS = (
@@ -126,6 +128,8 @@ SYSTEMS = (
     # the client costs per event, side by side with the one-token default
     ServeSystem("no-spec-s4", "none", "fixed", stream_interval=4),
     ServeSystem("dspark-cluster-s4", DEFAULT_DRAFTER, "cluster", stream_interval=4),
+    # NOTE: the default with MTP-1 as its light lane (``dspark serve --light-drafter mtp``)
+    ServeSystem("dspark-cluster-mtp", DEFAULT_DRAFTER, "cluster", light_drafter="mtp"),
 )
 ROUTERS = ("board", "pow2")
 
@@ -436,7 +440,8 @@ def run_serve_benchmark(base: ServeConfig, prompts: Sequence[str], cfg: ServeBen
                                     cluster=s.label, metrics=s.metrics,
                                     otlp_traces_endpoint=sink.url if s.traced else None,
                                     trace_sample_ratio=s.sample_ratio,
-                                    stream_interval=s.stream_interval)
+                                    stream_interval=s.stream_interval,
+                                    light_drafter=s.light_drafter)
                    for s in systems}
     router_apps = {f"router-{r}": replace(base, drafter=DEFAULT_DRAFTER, budget="cluster",
                                           replicas=2, router=r, cluster=f"router-{r}")
