@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import httpx
 
-PHASES = ("schedule", "draft", "budget", "verify", "sample", "update")
-"""The engine's step phases (``StepStats.time_<phase>``)."""
-
-NUMBERS = (("engine_busy", "busy"), ("engine_step_ms", "step ms"),
-           ("engine_tokens_per_step", "tokens / step"), ("engine_drafted", "drafted"),
-           ("engine_draft_share", "draft share"))
-"""The cell keys this module adds, with their report headers."""
+NUMBERS = (("engine_busy", "busy", 2), ("engine_step_ms", "step ms", 1),
+           ("engine_tokens_per_step", "tokens / step", 2), ("engine_drafted", "drafted", 2),
+           ("engine_draft_share", "draft share", 2))
+"""The cell keys this module adds, with their report headers and digits."""
 
 
 def replica_totals(url: str, timeout_s: float = 30.0) -> dict | None:
@@ -48,8 +45,9 @@ def engine_numbers(before: dict | None, after: dict | None, wall_s: float) -> di
     steps = after["num_steps"] - before["num_steps"]
     if steps <= 0 or wall_s <= 0:
         return {}
-    phases = {p: after["phase_seconds"].get(p, 0.0) - before["phase_seconds"].get(p, 0.0)
-              for p in PHASES}
+    # NOTE: the totals carry every step phase (``cluster/metrics.py``'s ``PHASES``)
+    phases = {p: after["phase_seconds"][p] - before["phase_seconds"][p]
+              for p in after["phase_seconds"]}
     busy = sum(phases.values())
     drafted = after["num_drafts"] - before["num_drafts"]
     decoding = drafted + after["num_gated_off"] - before["num_gated_off"]

@@ -349,7 +349,10 @@ def run_systems(urls: dict[str, str], model: str, prompts: Sequence[str],
             num = max(cfg.min_requests, 2 * conc)
             pids = {label: app_pids(label) for label in order}
             cpu = {label: cpu_seconds(p) for label, p in pids.items()}
-            totals = {label: replica_totals(urls[label]) for label in order}
+            # NOTE: the systems' cells run one after another (unless ``together``), so
+            # each replica's counters move in its own cell only
+            totals = {} if cfg.together else {label: replica_totals(urls[label])
+                                              for label in order}
             if cfg.together:
                 cells = asyncio.run(together([urls[label] for label in order], model,
                                              prompts, conc, num, body))
@@ -360,9 +363,7 @@ def run_systems(urls: dict[str, str], model: str, prompts: Sequence[str],
                 if pids[label]:  # NOTE: Linux only (/proc)
                     cell["cpu_ms_per_token"] = (1000 * (cpu_seconds(pids[label]) - cpu[label])
                                                 / max(cell["output_tokens"], 1))
-                # NOTE: the systems' cells run one after another (unless ``together``), so
-                # each replica's counters moved in its own cell only
-                if not cfg.together:
+                if totals:
                     cell.update(engine_numbers(totals[label], replica_totals(urls[label]),
                                                cell["wall_s"]))
                 raw.append({"round": rnd, "turn": turn, "system": label, "concurrency": conc,

@@ -69,12 +69,11 @@ def engine_markdown(result: dict) -> list[str]:
              "rounds): busy is its time in steps over the cell's wall time (the rest it "
              "waited for requests on the HTTP path); drafted, the share of decoding "
              "request-steps that drafted; draft share, of its step time.", "",
-             "| system | C | " + " | ".join(h for _, h in ENGINE_NUMBERS) + " |",
+             "| system | C | " + " | ".join(h for _, h, _ in ENGINE_NUMBERS) + " |",
              "|---|---:|" + "---:|" * len(ENGINE_NUMBERS)]
     for c in cells:
         lines.append(f"| {c['system']} | {c['concurrency']} | " + " | ".join(
-            f"{c[k]:.2f}" if k != "engine_step_ms" else f"{c[k]:.1f}"
-            for k, _ in ENGINE_NUMBERS) + " |")
+            f"{c[k]:.{digits}f}" for k, _, digits in ENGINE_NUMBERS) + " |")
     return lines + [""]
 
 
