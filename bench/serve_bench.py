@@ -106,6 +106,9 @@ class ServeSystem:
     """Tokens per server-sent event after the first (``ServeConfig.stream_interval``)."""
     light_drafter: str = "none"
     """``ServeConfig.light_drafter``: MTP-1 beside the main drafter (``mtp``), or none."""
+    gating: bool = True
+    """``ServeConfig.draft_gating``: the engine's cost gate picks who drafts (False: every
+    decoding request, every step)."""
 
 
 SYSTEMS = (
@@ -130,6 +133,9 @@ SYSTEMS = (
     ServeSystem("dspark-cluster-s4", DEFAULT_DRAFTER, "cluster", stream_interval=4),
     # NOTE: the default with MTP-1 as its light lane (``dspark serve --light-drafter mtp``)
     ServeSystem("dspark-cluster-mtp", DEFAULT_DRAFTER, "cluster", light_drafter="mtp"),
+    # NOTE: the default drafting for every request in every step (no gate): what drafting
+    # for everyone is worth on the serving path, where a step carries more than in process
+    ServeSystem("dspark-cluster-nogate", DEFAULT_DRAFTER, "cluster", gating=False),
 )
 ROUTERS = ("board", "pow2")
 
@@ -442,7 +448,7 @@ def run_serve_benchmark(base: ServeConfig, prompts: Sequence[str], cfg: ServeBen
                                     otlp_traces_endpoint=sink.url if s.traced else None,
                                     trace_sample_ratio=s.sample_ratio,
                                     stream_interval=s.stream_interval,
-                                    light_drafter=s.light_drafter)
+                                    light_drafter=s.light_drafter, draft_gating=s.gating)
                    for s in systems}
     router_apps = {f"router-{r}": replace(base, drafter=DEFAULT_DRAFTER, budget="cluster",
                                           replicas=2, router=r, cluster=f"router-{r}")

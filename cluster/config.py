@@ -44,6 +44,10 @@ class ServeConfig:
     draft_vocab: int = EngineConfig.draft_vocab
     """DSpark and DFlash draft among this many of the target's most often generated tokens
     (the drafter's draft_vocab.json); 0: the whole vocabulary. Lossless either way."""
+    draft_gating: bool = EngineConfig.draft_gating
+    """With a gated budget (cluster, algorithm1, topk): each step, the engine's cost gate
+    picks which requests draft (false: every decoding request drafts in every step, and
+    the budget alone picks how many of its drafts to verify). Lossless either way."""
     replicas: int = 1
     """TargetShard replicas (ep_size ranks each form one expert-parallel group)."""
     ep_size: int = 1
@@ -197,9 +201,9 @@ class ServeConfig:
         if not isinstance(self.ingress_on_head, bool):
             raise ValueError(f"ingress_on_head must be true or false, got "
                              f"{self.ingress_on_head!r}")
-        if not isinstance(self.calibration_refit, bool):
-            raise ValueError(f"calibration_refit must be true or false, got "
-                             f"{self.calibration_refit!r}")
+        for name in ("calibration_refit", "draft_gating"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     def _check_access(self) -> None:
         if isinstance(self.api_keys, str):  # NOTE: one key from a YAML scalar

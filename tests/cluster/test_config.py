@@ -28,6 +28,7 @@ def test_example_config_loads():
     ({"ingress_on_head": "yes"}, "ingress_on_head must be true or false, got 'yes'"),
     ({"drain_timeout_s": -1}, "drain_timeout_s must be in [0, 3600], got -1"),
     ({"draft_vocab": -5}, "draft_vocab must be >= 0 (0: the whole vocabulary), got -5"),
+    ({"draft_gating": "off"}, "draft_gating must be true or false, got 'off'"),
 ])
 def test_bad_values_name_the_field(data, fragment):
     with pytest.raises(ValueError) as err:
