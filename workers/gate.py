@@ -448,13 +448,12 @@ class CostGate(DraftGate):
     def observe(self, records, lengths, accepted, idle=(), seconds=None, others=0,
                 written=0.0):
         if self.arm is not None and seconds:
-            # NOTE: a try's first step without its deferred rows' writes: it writes every
-            # row since its requests last drafted, once, which later steps of drafting do
-            # not pay again (they write the rows of the steps between, new prompts
-            # included); judged with them, a try where drafting pays could lose and back
-            # off for hundreds of steps
-            if self.arm[1] == "all" and (self.arm[0], "all") not in self.arms.sums:
-                seconds = max(seconds - written, 1e-9)
+            # NOTE: the arms judge a try's first step without its deferred rows' writes
+            # (``spent``; ``step_realism`` below sees the whole step): it writes every row
+            # since its requests last drafted, once, which later steps of drafting do not
+            # pay again; judged with them, a try that pays could lose and back off long
+            spent = seconds if self.arm[1] != "all" or (self.arm[0], "all") in self.arms.sums \
+                else max(seconds - written, 1e-9)
             tokens, requests = len(records) + sum(accepted) + len(idle) + others, 1
             if self.per_plain and (records or idle):
                 # NOTE: a load above 7 spans a power of two of requests, and a step's tokens
@@ -462,8 +461,8 @@ class CostGate(DraftGate):
                 # batch sizes. Per request over the cost model's plain step of as many, a
                 # step of nobody drafting measures about 1
                 requests = len(records) + len(idle)
-                seconds /= self.cost.step_seconds(requests)
-            self.arms.observe(*self.arm, tokens / requests, seconds, sum(lengths))
+                spent /= self.cost.step_seconds(requests)
+            self.arms.observe(*self.arm, tokens / requests, spent, sum(lengths))
         self.arm = None
         self.quiet = 0 if records else self.quiet + 1
         if self.prediction is not None and seconds is not None:

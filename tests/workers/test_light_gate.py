@@ -75,3 +75,23 @@ def test_a_light_gate_measures_nobody_drafting_afresh_while_drafting_wins():
     assert runs[first:first + recheck - 1] == "a" * (recheck - 1)
     assert "a" + "n" * LoadArms.trial + "a" in runs[:60]  # a recheck, and drafting wins
     assert runs[-100:].count("a") <= 2 * LoadArms.trial, runs  # it stops: rare retries
+
+
+def test_a_light_gate_judges_its_step_predictions_by_the_whole_step():
+    """Steps that take what the light gate predicted keep its step realism at 1, drafted
+    or not. Until session 27 the arms' per-request scaling of a step's seconds reached the
+    realism too, which then sat at its clamp (4) whatever the steps took."""
+    g = light()
+    recs = [DraftRecord(0.7, 1.0, count=30) for _ in range(20)]
+    cands = [GateCandidate(r, 1) for r in recs]
+    kinds = set()
+    for _ in range(40):
+        drafted = decide(g, cands, 20)[0]
+        kinds.add(drafted)
+        seconds = g.prediction[1]
+        if drafted:
+            g.observe(recs, [1] * 20, [1] * 20, seconds=seconds)
+        else:
+            g.observe([], [], [], idle=recs, seconds=seconds)
+    assert kinds == {True, False}
+    assert all(abs(v - 1.0) < 1e-9 for v in g.step_realism.values()), g.step_realism
