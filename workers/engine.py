@@ -36,7 +36,13 @@ from dspark.workers.drafting import DraftWorker
 from dspark.workers.engine_config import EngineConfig
 from dspark.workers.expert_parallel import forward_empty
 from dspark.workers.gate import DraftGate, make_gate
-from dspark.workers.lanes import DraftLane, light_lane, observe_lanes, propose_lane
+from dspark.workers.lanes import (
+    DraftLane,
+    lane_order,
+    light_lane,
+    observe_lanes,
+    propose_lane,
+)
 from dspark.workers.model_runner import ModelRunner, profile_step_costs
 from dspark.workers.sampling import sample_step
 from dspark.workers.scheduler import Request, RequestResult, Scheduler, SchedulerConfig
@@ -292,7 +298,7 @@ class Engine:
         """Each lane in turn (``lanes``, ``propose_lane``) until one drafts for someone;
         returns its proposal and the step's block tables (grown by its grants)."""
         self.lane = None
-        for lane in self.lanes if decoding else ():
+        for lane in lane_order(self.lanes, len(decoding), load, prefilling) if decoding else ():
             proposal, tables = propose_lane(self, lane, sched, seqs, decoding, load,
                                             prefilling, tables)
             if proposal is not None:

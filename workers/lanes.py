@@ -32,6 +32,7 @@ from dspark.workers.draft_profile import profile_drafting
 from dspark.workers.drafting import DraftWorker
 from dspark.workers.engine_config import EngineConfig
 from dspark.workers.gate import CostGate, DraftGate, DraftRecord, GateCandidate, make_gate
+from dspark.workers.load_arms import LoadArms
 from dspark.workers.step import DraftProposal, StepSeq, block_tables
 
 LIGHT_MAX_LOAD = 1 << 20
@@ -63,6 +64,20 @@ def light_lane(drafter: Drafter, cfg: EngineConfig, costs: CostModel,
     light_costs = costs.sibling(table, write_row)
     gate = make_gate(1, light_costs, True, cfg, max_load=LIGHT_MAX_LOAD, per_plain=True)
     return DraftLane(worker, gate, light_costs, True)
+
+
+def lane_order(lanes: list[DraftLane], num_decoding: int, other_tokens: float,
+               other_requests: float) -> list[DraftLane]:
+    """The order in which a step asks its lanes: the main lane first, except in a
+    decode-only step of more decoding requests than the main gate's arms cover
+    (``LoadArms.max_load``), where the light lane is asked first. There the main gate
+    chooses request by request and drafts for a few; the light lane's arms then compare
+    everyone drafting with the light drafter against the steps of that choice (its
+    ``none`` arm), not against plain steps alone."""
+    if (len(lanes) > 1 and not other_tokens and not other_requests
+            and LoadArms.load(num_decoding) > LoadArms.max_load):
+        return lanes[::-1]
+    return lanes
 
 
 def propose_lane(engine, lane: DraftLane, sched, seqs: list[StepSeq],

@@ -95,3 +95,17 @@ def test_a_light_gate_judges_its_step_predictions_by_the_whole_step():
             g.observe([], [], [], idle=recs, seconds=seconds)
     assert kinds == {True, False}
     assert all(abs(v - 1.0) < 1e-9 for v in g.step_realism.values()), g.step_realism
+
+
+def test_a_decode_only_step_of_more_requests_than_the_main_arms_cover_asks_the_light_lane_first():
+    """``lane_order``: the main lane first up to ``LoadArms.max_load`` (7 decoding
+    requests) and in any step with a prefill chunk; above, the light lane first."""
+    from dspark.workers.lanes import lane_order
+
+    main, light_lane = object(), object()
+    lanes = [main, light_lane]
+    assert lane_order(lanes, 7, 0, 0) == [main, light_lane]
+    assert lane_order(lanes, 8, 0, 0) == [light_lane, main]
+    assert lane_order(lanes, 64, 0, 0) == [light_lane, main]
+    assert lane_order(lanes, 16, 40, 1) == [main, light_lane]  # a prefill chunk in it
+    assert lane_order([main], 64, 0, 0) == [main]
