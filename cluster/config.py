@@ -30,8 +30,9 @@ class ServeConfig:
     concurrent requests, and tied at 8 and 64 (docs/engine.md, session 16)."""
     light_drafter: str = "none"
     """A one-slot MTP-1 drafter (mtp under checkpoints/drafters, or a path) beside the
-    drafter, for the steps in which the drafter's gate drafts for nobody (loaded steps);
-    its own gate decides who drafts with it (dspark.workers.lanes). none: no light
+    drafter: asked first in decode-only steps of 8 or more decoding requests, else in the
+    steps in which the drafter's gate drafts for nobody; its own gate decides whether
+    everyone drafts with it (dspark.workers.lanes). none: no light
     drafter. Needs a gated budget (cluster, algorithm1 or topk)."""
     budget: str | None = None
     """Verification budget (a ``BudgetMode``): cluster (Algorithm 1 with the expert-parallel

@@ -3,10 +3,11 @@ drafts with it, and the cost model that prices it.
 
 The main lane is the engine's drafter (DSpark by default). A *light* lane (``Engine``'s
 ``light_drafter``: MTP-1, one layer and one slot, whose call costs less than a plain
-token of the target) is asked only in steps where the main lane drafts for nobody: on a
-CPU that is every loaded step, where DSpark's drafting (7 slots through its backbone)
-costs more arithmetic than the tokens it saves (docs/engine.md, session 17). One lane
-drafts a step; each lane's drafter keeps its own paged cache, written late from the
+token of the target) is asked after the main lane, where that drafts for nobody, except
+in loaded decode-only steps (``lane_order``), where it is asked first: on a CPU DSpark's
+drafting (7 slots through its backbone) costs more arithmetic there than the tokens it
+saves (docs/engine.md, session 17), and its gate drafts for a few requests at most. One
+lane drafts a step; each lane's drafter keeps its own paged cache, written late from the
 features every verify forward stores (``DraftWorker``), so a lane that did not draft for
 a while writes the rows since when it next drafts.
 
@@ -47,7 +48,7 @@ class DraftLane:
     gate: DraftGate
     costs: CostModel
     light: bool
-    """The light drafter's lane: asked only when the main lane drafts for nobody; every
+    """The light drafter's lane (asked in the order of ``lane_order``); every
     draft is verified (one slot); records in ``RequestState.light_drafting``."""
 
     def record(self, state: Any) -> DraftRecord:
