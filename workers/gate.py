@@ -452,8 +452,8 @@ class CostGate(DraftGate):
             # (``spent``; ``step_realism`` below sees the whole step): it writes every row
             # since its requests last drafted, once, which later steps of drafting do not
             # pay again; judged with them, a try that pays could lose and back off long
-            spent = seconds if self.arm[1] != "all" or (self.arm[0], "all") in self.arms.sums \
-                else max(seconds - written, 1e-9)
+            first_try = self.arm[1] == "all" and (self.arm[0], "all") not in self.arms.sums
+            spent = max(seconds - written, 1e-9) if first_try else seconds
             tokens, requests = len(records) + sum(accepted) + len(idle) + others, 1
             if self.per_plain and (records or idle):
                 # NOTE: a load above 7 spans a power of two of requests, and a step's tokens
