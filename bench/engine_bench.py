@@ -77,6 +77,8 @@ class System:
     """``EngineConfig.draft_with_prefill``."""
     vocab: int = EngineConfig.draft_vocab
     """``EngineConfig.draft_vocab``."""
+    fit: bool = EngineConfig.draft_fit
+    """``EngineConfig.draft_fit``."""
     light: str | None = None
     """The engine's light drafter (a subdirectory of the drafters directory; ``Engine``'s
     ``light_drafter``), or None."""
@@ -87,7 +89,8 @@ class System:
                 "draft_gating": self.gating, "draft_margin": self.margin,
                 "draft_prior": self.prior, "prefill_weight": self.prefill_weight,
                 "online_costs": self.online_costs, "draft_arms": self.arms,
-                "draft_with_prefill": self.with_prefill, "draft_vocab": self.vocab}
+                "draft_with_prefill": self.with_prefill, "draft_vocab": self.vocab,
+                "draft_fit": self.fit}
 
     def build(self, target: TargetModel, drafters_dir: str | Path, base: EngineConfig,
               seed: int) -> Engine:
@@ -139,6 +142,8 @@ SYSTEMS = (
     System("dspark-d2-nogate", "dspark-d2", "algorithm1", gating=False),
     # the serving default when nobody is worth drafting: what its machinery costs
     System("dspark-d2-idle", "dspark-d2", "algorithm1", margin=float("inf")),
+    # the serving default drafting whole blocks of 7 slots (as until session 28)
+    System("dspark-d2-full", "dspark-d2", "algorithm1", fit=False),
 )
 
 

@@ -42,7 +42,8 @@ class ContextAttention:
             ctx_k, ctx_v = self.ctx_kvs[layer_idx]
             k = torch.cat([ctx_k, k], dim=2)  # [B, kv, S + Q, hd]
             v = torch.cat([ctx_v, v], dim=2)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=True)
+        mask = self.mask if self.mask is None else self.mask[:, :, : q.shape[2]]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 class InjectedAttention(nn.Module):
@@ -75,7 +76,10 @@ class InjectedAttention(nn.Module):
         cos: torch.Tensor,  # [B, 1, Q, head_dim] their positions
         sin: torch.Tensor,
         attention: AttentionBackend,
-    ) -> torch.Tensor:  # [B, Q, d]
+        rows: int | None = None,
+    ) -> torch.Tensor:  # [B, Q, d], or [B, rows, d]
+        """``rows``: only the first ``rows`` tokens of each batch row are queries (every
+        token still gives its key and value); the output has those rows only."""
         bsz, num_q, _ = x.shape
         heads, kv_heads, hd = self.num_heads, self.num_kv_heads, self.head_dim
         # NOTE: one product for q, k and v; q and k normed (each head by its own norm's
@@ -88,8 +92,9 @@ class InjectedAttention(nn.Module):
         qk = norms * rms_normalize(qkv[:, :, : heads + kv_heads], self.q_norm.eps)
         qk = apply_rope(qk.transpose(1, 2), cos, sin)  # [B, H + kv, Q, hd]
         v = qkv[:, :, heads + kv_heads :].transpose(1, 2)  # [B, kv, Q, hd]
-        out = attention.attend(self.layer_idx, qk[:, :heads], qk[:, heads:], v)  # [B, H, Q, hd]
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, num_q, -1))
+        q = qk[:, :heads] if rows is None else qk[:, :heads, :rows]
+        out = attention.attend(self.layer_idx, q, qk[:, heads:], v)  # [B, H, Q or rows, hd]
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, q.shape[2], -1))
 
 
 class DraftLayer(nn.Module):
@@ -102,8 +107,11 @@ class DraftLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, attention: AttentionBackend):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
+    def forward(self, x, cos, sin, attention: AttentionBackend, rows: int | None = None):
+        """``rows``: the output of the first ``rows`` tokens of each batch row only (the
+        others are keys and values; ``InjectedAttention``)."""
+        h = self.self_attn(self.input_layernorm(x), cos, sin, attention, rows)
+        x = (x if rows is None else x[:, :rows]) + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -100,12 +100,13 @@ class ParallelDrafter(DrafterBase):
         return k, both[:, :, :, 1].permute(2, 0, 3, 1, 4)
 
     def draft_blocks(
-        self, anchors: torch.Tensor, anchor_pos: torch.Tensor
+        self, anchors: torch.Tensor, anchor_pos: torch.Tensor, size: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One block per row: anchors [R] at positions anchor_pos [R] -> block ids [R, K]
-        (anchor, then ``<mask>``) and their positions [R, K]."""
+        (anchor, then ``<mask>``) and their positions [R, K]; K is the block size, or
+        ``size`` slots (a block cut short: its slots see only each other)."""
         cfg = self.config
-        block = cfg.block_size
+        block = cfg.block_size if size is None else size
         block_ids = torch.full((anchors.shape[0], block), cfg.mask_token_id, device=anchors.device)
         block_ids[:, 0] = anchors
         block_pos = anchor_pos[:, None] + torch.arange(block, device=anchors.device)
@@ -116,14 +117,21 @@ class ParallelDrafter(DrafterBase):
         block_ids: torch.Tensor,  # [B, Q]
         block_pos: torch.Tensor,  # [B, Q]
         context: AttentionBackend,
-    ) -> torch.Tensor:  # [B, Q, d]
+        rows: int | None = None,
+    ) -> torch.Tensor:  # [B, Q, d], or [B, rows, d]
         """The draft backbone over the blocks (the one layer loop of training, sessions and
         the serving engine); ``context`` supplies each layer's context K/V and the mask:
-        ``ContextAttention`` over tensors, or the engine's paged drafter cache."""
+        ``ContextAttention`` over tensors, or the engine's paged drafter cache.
+
+        ``rows`` (one block per batch row): the hidden of the block's first ``rows`` slots
+        only. The same values as the whole block's first ``rows``: every layer but the last
+        runs every slot (their keys and values feed the next layer), and the last one
+        computes its queries, its attention output and its MLP for those slots alone."""
         x = self.embed_tokens(block_ids)
         cos, sin = self.rotary_emb(block_pos)
-        for layer in self.layers:
-            x = layer(x, cos, sin, context)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, context, rows if i == last else None)
         return self.norm(x)
 
     def train_hidden(

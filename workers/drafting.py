@@ -342,7 +342,9 @@ class DraftWorker:
              torch.ones(num_req, block, block, dtype=torch.bool, device=anchors.device)], -1
         )[:, None]  # [R, 1, K, S + K]
         context = PagedContext(self.kv, table, mask, self._buffers)
-        h = d.run_blocks(block_ids, block_pos, context)[:, :num]  # [R, n, d]
+        # NOTE: the whole block is the trained one (a slot's hidden sees every slot of its
+        # block); the last layer's queries are the ``num`` slots drafted (``rows``)
+        h = d.run_blocks(block_ids, block_pos, context, num if num < block else None)
         markov, vocab = d.markov, None
         if noise is None and (markov is None or markov.kind == "vanilla"):
             vocab, prev = self.vocab, anchors
@@ -427,7 +429,8 @@ class PagedContext:
             out[:, :, :width] = flat.view(num_req, width, *flat.shape[1:]).transpose(1, 2)
         keys[:, :, width:] = k
         values[:, :, width:] = v
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask,
+        return F.scaled_dot_product_attention(q, keys, values,
+                                              attn_mask=self.mask[:, :, : q.shape[2]],
                                               enable_gqa=True)
 
     def _buffer(self, name: str, length: int, like: torch.Tensor) -> torch.Tensor:

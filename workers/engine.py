@@ -157,8 +157,8 @@ class Engine:
         self.budget = make_budget(cfg.budget, self.costs, sts, cfg.threshold, group_load)
         self._gate = make_gate(self.gamma, self.costs, gated, cfg)
         # NOTE: the lanes are asked in order each step; the first that drafts drafts it
-        self.lanes = [DraftLane(self.draft_worker, self._gate, self.costs, False)
-                      ] if self.draft_worker is not None else []
+        self.lanes = [DraftLane(self.draft_worker, self._gate, self.costs, False,
+                                cfg.draft_fit)] if self.draft_worker is not None else []
         if light_drafter is not None:
             self.lanes.append(light_lane(light_drafter, cfg, self.costs, light_cost_table))
         self.light_budget = FixedBudget(self.costs, sts)

@@ -70,6 +70,12 @@ class EngineConfig:
     generated tokens (the ranking in the drafter's ``draft_vocab.json``), which cuts their
     LM head and Markov head to that share of the vocabulary; 0, or a drafter without a
     ranking: the whole vocabulary. Lossless either way (q is zero outside them)."""
+    draft_fit: bool = True
+    """A proposal drafts as many slots as its requests are expected to verify, plus one
+    (``lanes.fitted_slots``): a parallel drafter runs a shorter block, an autoregressive
+    one fewer steps. False: every proposal drafts γ (as until session 28). Lossless either
+    way: the drafts change, so greedy and seeded requests commit the same tokens and the
+    others tokens of the same distribution."""
     prefill_weight: float = 1.0
     """How many decoding requests a prefilling request counts as in the step's cost model
     (the gate and the budget): a longer step delays its first token as it delays their next

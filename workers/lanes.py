@@ -21,6 +21,7 @@ drafts, verification commits the target's tokens.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,9 @@ LIGHT_MAX_LOAD = 1 << 20
 (``CostGate``'s ``max_load``): its call costs less than a plain token, so drafting for
 everyone pays up to high loads, where the per-request prices are too coarse to see it."""
 
+FIT_MIN = 4
+"""The fewest slots of a fitted proposal (``fitted_slots``)."""
+
 
 @dataclass
 class DraftLane:
@@ -50,6 +54,8 @@ class DraftLane:
     light: bool
     """The light drafter's lane (asked in the order of ``lane_order``); every
     draft is verified (one slot); records in ``RequestState.light_drafting``."""
+    fit: bool = False
+    """Proposals of ``fitted_slots`` slots (``EngineConfig.draft_fit``), not γ."""
 
     def record(self, state: Any) -> DraftRecord:
         """A request's record with this lane's drafter (``RequestState``)."""
@@ -98,6 +104,9 @@ def propose_lane(engine, lane: DraftLane, sched, seqs: list[StepSeq],
     picks = [False] * len(able) if declined else gate.choose(
         gate_candidates(able, worker.owed, lane), len(decoding), load, prefilling)
     chosen = [sc for sc, pick in zip(able, picks) if pick]
+    if lane.fit and chosen:
+        most = fitted_slots(gate, [lane.record(s.state) for s, _ in chosen])
+        chosen = [(s, min(c, most)) for s, c in chosen]
     if engine.on_request_step is not None and (chosen or not lane.light):
         engine.gate_notes = gate_notes(lane, decoding, caps, able, picks)
     granted = engine.scheduler.grant_lookahead(
@@ -108,6 +117,17 @@ def propose_lane(engine, lane: DraftLane, sched, seqs: list[StepSeq],
     tables = block_tables(engine.blocks, seqs, engine.device)  # NOTE: grants add blocks
     proposal = worker.propose_step([s for s, _ in chosen], [n for _, n in chosen], tables)
     return dataclasses.replace(proposal, light=lane.light), tables
+
+
+def fitted_slots(gate: DraftGate, records: Sequence[DraftRecord]) -> int:
+    """Slots of a proposal for requests with these records (``EngineConfig.draft_fit``):
+    one more than the most drafts any of them is expected to verify (its record's ℓ_r
+    rounded up; the engine's without one, γ before any drafting). A drafter's call costs
+    its block's rows, and in a loaded step the budget verifies two or three drafts of
+    seven; the extra slot lets ℓ_r grow back by one a step when the load falls (the
+    budget cannot verify more than was drafted, so the records follow what it chose)."""
+    ells = [r.ell if r.ell is not None else gate.ell for r in records]
+    return max(FIT_MIN, math.ceil(max(ells)) + 1)
 
 
 def gate_notes(lane: DraftLane, decoding, caps, able, picks) -> dict[str, tuple[str, int]]:

@@ -123,6 +123,29 @@ def test_training_forward_matches_inference_proposal(make_drafter, make_model, m
         assert logits_train.shape == (7, 97) and conf_train.shape == (7,)
 
 
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_a_block_run_for_its_first_slots_gives_their_hiddens(make_drafter, make_model,
+                                                             num_layers):
+    """``run_blocks(..., rows=n)`` (the engine's proposal of n drafts): the first n slots'
+    hiddens of the whole block, with every slot still a key of every layer."""
+    target = make_model(seed=5)
+    drafter = make_drafter(target, "dspark", num_layers=num_layers)
+    ids = torch.randint(5, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    feats = target(ids, feature_layers=drafter.config.feature_layers).layer_features
+    kv = drafter.context_kv(feats, torch.arange(16).expand(2, 16))
+    block_ids = torch.full((2, 7), MASK_ID)
+    block_ids[:, 0] = ids[:, -1]
+    pos = torch.arange(16, 23).expand(2, 7)
+    whole = drafter.run_blocks(block_ids, pos, ContextAttention(kv, None))
+    for rows in (1, 3, 6):
+        part = drafter.run_blocks(block_ids, pos, ContextAttention(kv, None), rows)
+        assert part.shape == (2, rows, whole.shape[-1])
+        torch.testing.assert_close(part, whole[:, :rows], atol=1e-5, rtol=1e-5)
+    # the slots after the first ones are keys: a block cut to its first slots differs
+    cut = drafter.run_blocks(block_ids[:, :3], pos[:, :3], ContextAttention(kv, None))
+    assert not torch.allclose(cut, whole[:, :3], atol=1e-5)
+
+
 def test_ttt_step_matches_inference_drafting(make_drafter, make_model):
     """EAGLE-3: TTT step s at position t equals drafting from pairs <= t with tokens
     x[t+2..t+s+1] fed back (ground-truth tokens, self-generated hiddens)."""
