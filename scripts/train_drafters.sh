@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Retrain every drafter from scratch on the committed target, then rebuild the acceptance
-# table. Same data (target replies regenerated at T=1) and same epochs for every method.
+# table. Same data (target replies regenerated at T=1) for every method; EPOCHS passes, and
+# LONG_EPOCHS for the serving default (dspark-d2) and MTP-1.
 #   bash scripts/train_drafters.sh            # ~110 min on 2 CPU cores
-# Env: WORK (default runs/drafters), OUT (checkpoints/drafters), EPOCHS (3), RESULTS (docs/results)
+# Env: WORK (default runs/drafters), OUT (checkpoints/drafters), EPOCHS (3), RESULTS (docs/results),
+#      LONG_EPOCHS (6: the serving default dspark-d2 and MTP-1, since session 28)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -10,12 +12,13 @@ export PATH="$PWD/.venv/bin:$PATH"
 WORK=${WORK:-runs/drafters}
 OUT=${OUT:-checkpoints/drafters}
 EPOCHS=${EPOCHS:-3}
+LONG_EPOCHS=${LONG_EPOCHS:-6}
 RESULTS=${RESULTS:-docs/results}
 mkdir -p "$WORK"
 common=(--work-dir "$WORK" --epochs "$EPOCHS" --no-progress)
 
 # MTP-1 first: its call also regenerates the replies and builds the shared feature cache.
-dspark train drafter --method mtp --out "$OUT/mtp" "${common[@]}"
+dspark train drafter --method mtp --out "$OUT/mtp" "${common[@]}" --epochs "$LONG_EPOCHS"
 
 # Two queues of one thread each (two cores).
 queue_a() {
@@ -35,7 +38,7 @@ queue_b() {
   dspark train drafter --method eagle3 --out "$OUT/eagle3" "${common[@]}"
   # 2 backbone layers
   dspark train drafter --method dspark --name dspark-d2 --num-layers 2 --out "$OUT/dspark-d2" \
-    "${common[@]}"
+    "${common[@]}" --epochs "$LONG_EPOCHS"
   dspark train drafter --method dflash --name dflash-d2 --num-layers 2 --out "$OUT/dflash-d2" \
     "${common[@]}"
 }
