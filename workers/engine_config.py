@@ -71,9 +71,9 @@ class EngineConfig:
     LM head and Markov head to that share of the vocabulary; 0, or a drafter without a
     ranking: the whole vocabulary. Lossless either way (q is zero outside them)."""
     draft_fit: bool = True
-    """A proposal drafts as many slots as its requests are expected to verify, plus one
-    (``lanes.fitted_slots``): a parallel drafter runs a shorter block, an autoregressive
-    one fewer steps. False: every proposal drafts γ (as until session 28). Lossless either
+    """In steps of 8 or more decoding requests, a proposal drafts as many slots as its
+    requests are expected to verify, plus one (``lanes.fitted_slots``): a parallel
+    drafter's last layer runs those slots only, an autoregressive one drafts fewer steps. False: every proposal drafts γ (as until session 28). Lossless either
     way: the drafts change, so greedy and seeded requests commit the same tokens and the
     others tokens of the same distribution."""
     prefill_weight: float = 1.0

@@ -104,7 +104,7 @@ def propose_lane(engine, lane: DraftLane, sched, seqs: list[StepSeq],
     picks = [False] * len(able) if declined else gate.choose(
         gate_candidates(able, worker.owed, lane), len(decoding), load, prefilling)
     chosen = [sc for sc, pick in zip(able, picks) if pick]
-    if lane.fit and chosen:
+    if lane.fit and chosen and LoadArms.load(len(decoding)) > LoadArms.max_load:
         most = fitted_slots(gate, [lane.record(s.state) for s, _ in chosen])
         chosen = [(s, min(c, most)) for s, c in chosen]
     if engine.on_request_step is not None and (chosen or not lane.light):
@@ -120,12 +120,14 @@ def propose_lane(engine, lane: DraftLane, sched, seqs: list[StepSeq],
 
 
 def fitted_slots(gate: DraftGate, records: Sequence[DraftRecord]) -> int:
-    """Slots of a proposal for requests with these records (``EngineConfig.draft_fit``):
-    one more than the most drafts any of them is expected to verify (its record's ℓ_r
-    rounded up; the engine's without one, γ before any drafting). A drafter's call costs
-    its block's rows, and in a loaded step the budget verifies two or three drafts of
-    seven; the extra slot lets ℓ_r grow back by one a step when the load falls (the
-    budget cannot verify more than was drafted, so the records follow what it chose)."""
+    """Slots of a proposal for requests with these records (``EngineConfig.draft_fit``),
+    in steps of 8 or more decoding requests (above ``LoadArms.max_load``): one more than
+    the most drafts any of them is expected to verify (its record's ℓ_r rounded up; the
+    engine's without one, γ before any drafting), at least ``FIT_MIN``. A drafter's call
+    costs its block's rows, and in a loaded step the budget verifies two or three drafts
+    of seven. Not below 8 requests: there verifying is cheap and the budget's ℓ_r
+    scatters from 1 to 7, and a cap from the mean of what it verified (it cannot verify
+    more than was drafted) settles below what it would choose (at one request, 4 of 7)."""
     ells = [r.ell if r.ell is not None else gate.ell for r in records]
     return max(FIT_MIN, math.ceil(max(ells)) + 1)
 

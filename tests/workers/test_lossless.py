@@ -186,11 +186,12 @@ def test_per_request_gating_changes_no_output(make_model, make_drafter):
 def test_proposals_fitted_to_what_is_verified_change_no_output(make_model, make_drafter,
                                                                monkeypatch):
     """``draft_fit``: greedy and seeded T=1 requests commit plain decoding's tokens, and
-    the engine drafted fewer slots than γ more often than with whole proposals (the
-    untrained drafter's drafts are rarely verified far, so the records ask for few)."""
+    in the steps of 8 or more decoding requests the engine drafted fewer slots than γ more
+    often than with whole proposals (the untrained drafter's drafts are rarely verified
+    far, so the records ask for few)."""
     target = make_model(seed=2)
     drafter = make_drafter(target, "dspark")
-    batch = prompts(8, target.config.vocab_size, seed=9)
+    batch = prompts(12, target.config.vocab_size, seed=9)
     params = [SamplingParams(temperature=0.0 if i % 2 else 1.0, max_tokens=24, seed=i)
               for i in range(len(batch))]
     want = [list(generate_tokens(target, p, sp)) for p, sp in zip(batch, params)]
@@ -204,7 +205,8 @@ def test_proposals_fitted_to_what_is_verified_change_no_output(make_model, make_
     short = {}
     for fit in (True, False):
         slots.clear()
-        eng = engine(target, drafter, budget="algorithm1", draft_fit=fit)
+        eng = engine(target, drafter, budget="algorithm1", draft_fit=fit, max_num_seqs=12,
+                     draft_gating=False)  # NOTE: everyone drafts every step
         assert eng.generate(batch, params) == want, fit
         short[fit] = sum(n < eng.gamma for n in slots)
     assert short[True] > short[False], short
