@@ -158,16 +158,22 @@ class CoinGate(DraftGate):
         return (torch.rand(len(candidates), generator=self.coins) < self.chance).tolist()
 
 
+def greedy_and_seeded(target, num: int, seed: int):
+    """``num`` prompts, every other one greedy and the others seeded at T=1, and plain
+    decoding's tokens of each: (prompts, params, tokens)."""
+    batch = prompts(num, target.config.vocab_size, seed=seed)
+    params = [SamplingParams(temperature=0.0 if i % 2 else 1.0, max_tokens=24, seed=i)
+              for i in range(len(batch))]
+    return batch, params, [list(generate_tokens(target, p, sp)) for p, sp in zip(batch, params)]
+
+
 def test_per_request_gating_changes_no_output(make_model, make_drafter):
     """Greedy and seeded T=1 requests decoded with a gate that drafts for a random subset
     of requests every step: exactly plain decoding's tokens; steps that draft for some
     requests and not others happened."""
     target = make_model(seed=2)
     drafter = make_drafter(target, "dspark")
-    batch = prompts(10, target.config.vocab_size, seed=8)
-    params = [SamplingParams(temperature=0.0 if i % 2 else 1.0, max_tokens=24, seed=i)
-              for i in range(len(batch))]
-    want = [list(generate_tokens(target, p, sp)) for p, sp in zip(batch, params)]
+    batch, params, want = greedy_and_seeded(target, 10, seed=8)
     eng = engine(target, drafter, budget="algorithm1")
     eng.gate = CoinGate(eng.gamma)
     mixed = []
@@ -191,10 +197,7 @@ def test_proposals_fitted_to_what_is_verified_change_no_output(make_model, make_
     far, so the records ask for few)."""
     target = make_model(seed=2)
     drafter = make_drafter(target, "dspark")
-    batch = prompts(12, target.config.vocab_size, seed=9)
-    params = [SamplingParams(temperature=0.0 if i % 2 else 1.0, max_tokens=24, seed=i)
-              for i in range(len(batch))]
-    want = [list(generate_tokens(target, p, sp)) for p, sp in zip(batch, params)]
+    batch, params, want = greedy_and_seeded(target, 12, seed=9)
     real, slots = DraftWorker.propose, []
 
     def spy(self, *args):
