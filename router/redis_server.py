@@ -25,10 +25,39 @@ import redis
 logger = logging.getLogger(__name__)
 
 
+QUIET_PORTS = (20000, 32767)
+"""Where ``free_port`` looks first: above Ray's worker ports (10002-19999 by default) and
+below the kernel's ephemeral range (32768-60999 by default on Linux), which is where any
+process that binds port 0 gets its port."""
+
+
 def free_port() -> int:
+    """A free loopback TCP port for a server about to start. Taken from ``QUIET_PORTS``
+    when the kernel's ephemeral range lies above it: a port the kernel hands out for port 0
+    could be handed out again before the server binds it (to a process of the Ray cluster
+    that server starts first: a CI run failed so), one picked outside that range cannot."""
+    low, high = QUIET_PORTS
+    if _ephemeral_low() > high:
+        pick = secrets.SystemRandom()
+        for _ in range(64):
+            port = pick.randint(low, high)
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    """The lowest port of the kernel's ephemeral range (0 where it cannot be read)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def redis_binary() -> str:

@@ -139,3 +139,22 @@ def test_the_embedded_redis_dies_with_its_owner_even_on_sigkill():
     while listening():
         assert time.time() < deadline, "the Redis outlived its owner"
         time.sleep(0.05)
+
+
+def test_a_free_port_lies_outside_the_ports_the_kernel_hands_out(monkeypatch):
+    """``free_port`` picks from ``QUIET_PORTS`` where the kernel's ephemeral range lies
+    above it (a process binding port 0 meanwhile cannot take it), and the port binds; else
+    the kernel's own pick."""
+    import socket
+
+    from dspark.router import redis_server
+
+    low, high = redis_server.QUIET_PORTS
+    monkeypatch.setattr(redis_server, "_ephemeral_low", lambda: high + 1)
+    for _ in range(20):
+        port = free_port()
+        assert low <= port <= high
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+    monkeypatch.setattr(redis_server, "_ephemeral_low", lambda: 1024)
+    assert 0 < free_port() < 65536
