@@ -100,13 +100,12 @@ class ParallelDrafter(DrafterBase):
         return k, both[:, :, :, 1].permute(2, 0, 3, 1, 4)
 
     def draft_blocks(
-        self, anchors: torch.Tensor, anchor_pos: torch.Tensor, size: int | None = None
+        self, anchors: torch.Tensor, anchor_pos: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One block per row: anchors [R] at positions anchor_pos [R] -> block ids [R, K]
-        (anchor, then ``<mask>``) and their positions [R, K]; K is the block size, or
-        ``size`` slots (a block cut short: its slots see only each other)."""
+        (anchor, then ``<mask>``) and their positions [R, K]."""
         cfg = self.config
-        block = cfg.block_size if size is None else size
+        block = cfg.block_size
         block_ids = torch.full((anchors.shape[0], block), cfg.mask_token_id, device=anchors.device)
         block_ids[:, 0] = anchors
         block_pos = anchor_pos[:, None] + torch.arange(block, device=anchors.device)

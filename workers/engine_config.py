@@ -73,9 +73,10 @@ class EngineConfig:
     draft_fit: bool = True
     """In steps of 8 or more decoding requests, a proposal drafts as many slots as its
     requests are expected to verify, plus one (``lanes.fitted_slots``): a parallel
-    drafter's last layer runs those slots only, an autoregressive one drafts fewer steps. False: every proposal drafts γ (as until session 28). Lossless either
-    way: the drafts change, so greedy and seeded requests commit the same tokens and the
-    others tokens of the same distribution."""
+    drafter's last layer runs those slots only, an autoregressive one drafts fewer steps.
+    False: every proposal drafts γ (as until session 28). Lossless either way: fewer
+    drafts, the same tokens for greedy and seeded requests and the same distribution for
+    the others."""
     prefill_weight: float = 1.0
     """How many decoding requests a prefilling request counts as in the step's cost model
     (the gate and the budget): a longer step delays its first token as it delays their next
