@@ -9,11 +9,24 @@
 #   5. `dspark bench engine` on the demo checkpoints on the GPU.
 # Results go to $OUT (default runs/gpu-check). Usage: bash bench/gpu_check.sh [cpu]
 # ("cpu" runs a tiny version of the same steps here, to check the script itself).
-set -euo pipefail
+# Each step runs under its own time limit and a failed step does not stop the others; the
+# steps' exit codes and seconds go to $OUT/summary.txt, all output to $OUT/log.txt, and the
+# engine benchmark's files to $OUT/engine.tgz (the device tool brings back at most 8 files).
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-check}
 DEVICE=${1:-cuda}
 mkdir -p "$OUT"
+: >"$OUT/summary.txt"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+step() {  # step NAME SECONDS COMMAND...: run one check under a time limit, record rc and time
+    local name=$1 limit=$2 start=$SECONDS rc
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    timeout --kill-after=10 "$limit" "$@"
+    rc=$?
+    echo "$name rc=$rc seconds=$((SECONDS - start))" | tee -a "$OUT/summary.txt"
+}
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ "$DEVICE" = cpu ] && PY=.venv/bin/python
 # the package layout without installing: dspark.<folder> -> <folder>
@@ -24,18 +37,18 @@ for d in models workers kernels bench training cluster router; do
 done
 export PYTHONPATH="$PKG" RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
 "$PY" -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), file=sys.stderr)"
+[ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 
 if [ "$DEVICE" = cuda ]; then
-    echo "== kernel tests, compiled" | tee "$OUT/kernels.txt"
-    TRITON_INTERPRET=0 "$PY" -P -m pytest -q -p no:cacheprovider --import-mode=importlib \
-        --rootdir="$PWD" tests/kernels 2>&1 | tee -a "$OUT/kernels.txt"
-    SIZES="1,2,4,8,16,32,64,128,256,512,1024"; CONC="1,2,4,8,16,32"; TOKENS=128
+    step "kernel tests, compiled by Triton" 90 env TRITON_INTERPRET=0 "$PY" -P -m pytest -q \
+        -p no:cacheprovider --import-mode=importlib --rootdir="$PWD" tests/kernels
+    SIZES="1,2,4,8,16,32,64,128,256,512,1024"; CONC="1,4,32"; TOKENS=64; LONG=180
 else
-    SIZES="1,4,16"; CONC="1,2"; TOKENS=8
+    SIZES="1,4,16"; CONC="1,2"; TOKENS=8; LONG=120
 fi
 
-echo "== SPS(B) of a larger random MoE target"
-"$PY" -P - "$DEVICE" "$SIZES" "$OUT/sps-large.json" <<'PY'
+step "SPS(B) of a larger random MoE target; drafting cost per request" 130 \
+    "$PY" -P - "$DEVICE" "$SIZES" "$OUT/sps-large.json" <<'PY'
 import json, sys, torch
 from dspark.models.config import TargetConfig
 from dspark.models.target import TargetModel
@@ -51,9 +64,16 @@ cfg = TargetConfig(
     max_position_embeddings=4096 if big else 256,
 )
 dtype = torch.bfloat16 if big else torch.float32
-model = TargetModel(cfg)
-model.init_weights(0)
-model = model.to(device=device, dtype=dtype).eval()
+with torch.device(device):  # built and drawn where it runs: billions of weights
+    model = TargetModel(cfg)
+gen = torch.Generator(device).manual_seed(0)
+with torch.no_grad():
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, 0.02, generator=gen)
+model = model.to(dtype=dtype).eval()
 blocks = 4096 if big else 256
 runner = ModelRunner(model, blocks, 16)
 table = profile_step_costs(runner, sizes, max_requests=64, context=512 if big else 32,
@@ -66,7 +86,8 @@ print(json.dumps({"params_M": model.num_parameters() / 1e6, "dtype": str(dtype),
 from dspark.models.drafter_config import DrafterConfig
 from dspark.models.drafter_checkpoint import build_drafter
 from dspark.models.draft_layers import init_trainable
-from dspark.workers.drafting import DraftWorker, profile_draft_costs
+from dspark.workers.drafting import DraftWorker
+from dspark.workers.draft_profile import profile_draft_costs
 drafters = {}
 for depth in (1, 3):
     dcfg = DrafterConfig.for_target(cfg, "dspark", mask_token_id=4, num_layers=depth)
@@ -84,8 +105,8 @@ json.dump({"params_M": model.num_parameters() / 1e6, "dtype": str(dtype), "rows"
            "drafting": drafters}, open(out, "w"), indent=1)
 PY
 
-echo "== expert-parallel MoE layer over torch.distributed (one-rank group) vs unsharded"
-"$PY" -P - "$DEVICE" "$OUT/ep-layer.json" <<'PY'
+step "expert-parallel MoE layer over torch.distributed (one rank) vs unsharded" 40 \
+    "$PY" -P - "$DEVICE" "$OUT/ep-layer.json" <<'PY'
 import json, socket, sys, torch
 import torch.distributed as dist
 from dspark.models.config import TargetConfig
@@ -113,16 +134,19 @@ dist.destroy_process_group()
 assert err < 1e-4, err
 PY
 
-echo "== a drafter call eager and compiled (torch.compile; CUDA graphs with reduce-overhead)"
 if [ "$DEVICE" = cuda ]; then
-    "$PY" -P -m dspark.bench.compile_probe --device cuda --requests 1,4,16,64 \
-        --modes eager,default,reduce-overhead 2>&1 | tee "$OUT/compile.txt"
+    step "a drafter call eager and compiled (torch.compile; CUDA graphs)" 110 \
+        "$PY" -P -m dspark.bench.compile_probe --device cuda --requests 1,64 \
+        --modes eager,default,reduce-overhead
 else
-    "$PY" -P -m dspark.bench.compile_probe --requests 1 --repeats 3 --modes eager 2>&1 \
-        | tee "$OUT/compile.txt"
+    step "a drafter call eager" 120 "$PY" -P -m dspark.bench.compile_probe --requests 1 \
+        --repeats 3 --modes eager
 fi
 
-echo "== engine benchmark on the demo checkpoints ($DEVICE)"
-"$PY" -P -m dspark.cluster.cli bench engine --device "$DEVICE" --concurrency "$CONC" \
-    --max-tokens "$TOKENS" --out "$OUT/engine" 2>&1 | tee "$OUT/engine.txt"
+# the serving default, its 3-layer sibling, MTP-1 and no speculation; one round, both T
+step "engine benchmark on the demo checkpoints ($DEVICE)" "$LONG" \
+    "$PY" -P -m dspark.cluster.cli bench engine --device "$DEVICE" --concurrency "$CONC" \
+    --max-tokens "$TOKENS" --min-requests 16 --rounds 1 \
+    --systems no-spec,mtp-1,dspark-d2-alg1,dspark-alg1 --out "$OUT/engine"
+tar -czf "$OUT/engine.tgz" -C "$OUT" engine && rm -rf "$OUT/engine"
 rm -rf "$PKG"
