@@ -45,9 +45,7 @@ def stacked_weights(block: SparseMoeBlock) -> tuple[torch.Tensor, torch.Tensor]:
     """The experts' gate and up projections as one [E * 2h, d] weight (expert e's rows
     at e * 2h: gate, then up) and their down projections side by side as [d, E * h],
     cached on the block until any of the weights is replaced or changed in place."""
-    params = [p for e in block.experts for p in (e.gate_proj.weight, e.up_proj.weight,
-                                                 e.down_proj.weight)]
-    key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+    key = weights_key(block)
     cached = block.__dict__.get("_stacked")
     if cached is None or cached[0] != key:
         with torch.no_grad():
@@ -57,3 +55,11 @@ def stacked_weights(block: SparseMoeBlock) -> tuple[torch.Tensor, torch.Tensor]:
         cached = (key, gate_up, down)
         block.__dict__["_stacked"] = cached
     return cached[1], cached[2]
+
+
+def weights_key(block: SparseMoeBlock) -> tuple:
+    """What a copy of the experts' weights was made from: each weight's storage, version
+    (bumped by an in-place change) and dtype."""
+    params = [p for e in block.experts for p in (e.gate_proj.weight, e.up_proj.weight,
+                                                 e.down_proj.weight)]
+    return tuple((p.data_ptr(), p._version, p.dtype) for p in params)

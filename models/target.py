@@ -26,6 +26,7 @@ from torch import nn
 
 from dspark.models.config import TargetConfig
 from dspark.models.dense_experts import dense_experts
+from dspark.models.grouped_experts import grouped_experts, grouped_mm_available
 from dspark.models.kv_cache import AttentionBackend, ContiguousAttention, KVCache
 from dspark.models.linear import Linear, linear
 from dspark.models.stacked import stacked_weight
@@ -174,10 +175,24 @@ class SparseMoeBlock(nn.Module):
     batch's cost there is the count of operations, not their arithmetic
     (``python -m dspark.bench.moe_paths``, docs/engine.md). 0: never."""
 
+    expert_path = "auto"
+    """How the routed experts run: ``auto`` (on a GPU, grouped products; on the CPU, dense
+    up to ``dense_max_tokens`` tokens, else sparse), or ``sparse``, ``dense``, ``grouped``
+    always (the benchmarks' side-by-side runs). Training (grad enabled) runs sparse."""
+
     def combine_experts(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Sum over each token's top-k experts of ``weight * expert(x)``; x: [N, d]."""
-        if (x.shape[0] <= self.dense_max_tokens and x.device.type == "cpu"
-                and not torch.is_grad_enabled()):
+        path = self.expert_path
+        if torch.is_grad_enabled():
+            path = "sparse"
+        elif path == "auto":
+            if x.device.type != "cpu" and grouped_mm_available():
+                path = "grouped"
+            else:
+                path = "dense" if x.shape[0] <= self.dense_max_tokens else "sparse"
+        if path == "grouped":
+            return grouped_experts(self, x, routing)
+        if path == "dense":
             return dense_experts(self, x, routing)
         return self.sparse_experts(x, routing)
 

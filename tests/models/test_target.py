@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from dspark.models.dense_experts import dense_experts
+from dspark.models.grouped_experts import grouped_experts
 from dspark.models.target import SparseMoeBlock
 
 VARIANTS = {
@@ -103,6 +104,35 @@ def test_dense_small_batch_experts_equal_the_sparse_path(make_model, norm):
         assert torch.equal(block.combine_experts(big, block.route(big)),
                            block.sparse_experts(big, block.route(big)))
     assert torch.equal(block.combine_experts(x, routing), block.sparse_experts(x, routing))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_experts_equal_the_sparse_path(make_model, dtype):
+    """The GPU's path (two grouped products over the expert-sorted slots) sums what running
+    each token's routed experts sums, experts with no rows included; its stacked weights
+    follow a weight changed in place, and ``expert_path`` chooses it on any device."""
+    model = make_model(shared_expert_intermediate_size=24).to(dtype)
+    block = model.model.layers[0].mlp
+    gen = torch.Generator().manual_seed(1)
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    with torch.no_grad():
+        for num in (1, 2, 7, 64):
+            x = torch.randn(num, model.config.hidden_size, generator=gen).to(dtype)
+            routing = block.route(x)
+            if num == 1:
+                assert len(routing.expert_ids.unique()) < block.num_experts  # empty groups
+            torch.testing.assert_close(grouped_experts(block, x, routing),
+                                       block.sparse_experts(x, routing), **tol)
+        block.experts[2].up_proj.weight.mul_(-1.5)
+        routing = block.route(x)
+        sparse = block.sparse_experts(x, routing)
+        torch.testing.assert_close(grouped_experts(block, x, routing), sparse, **tol)
+        block.expert_path = "grouped"
+        try:
+            assert torch.equal(block.combine_experts(x, routing), grouped_experts(block, x, routing))
+        finally:
+            del block.expert_path
+        assert torch.equal(block.combine_experts(x, routing), sparse)  # CPU, 64 rows: sparse
 
 
 def test_unnormalised_topk_keeps_softmax_weights(make_model):
