@@ -15,7 +15,8 @@ script) is built and drawn on the device. Measured side by side in one process:
    captured CUDA graph: what kernel launches cost a step of this target.
 
 Random weights: the costs are real, the drafts are not (acceptance needs trained models).
-Results as JSON to ``--out`` and printed.
+With ``--target DIR`` a checkpoint (the demo target) is profiled instead, every expert path
+and ``auto`` (the engine's choice), step 1 only. Results as JSON to ``--out`` and printed.
 """
 
 from __future__ import annotations
@@ -142,14 +143,38 @@ def graph_probe(model, batches) -> list[dict]:
     return rows
 
 
+def checkpoint_costs(args, sizes) -> int:
+    """SPS(B) of a checkpoint's target with each expert path and the engine's own choice."""
+    from dspark.models.generation import load_for_generation
+
+    model, _ = load_for_generation(args.target)
+    model = model.to(args.device).eval()
+    paths = ("sparse", "dense", "grouped", "auto")
+    costs = step_costs(model, sizes, paths, 2048, 128)
+    result = {"device": args.device, "target": args.target, "threads": args.threads,
+              "sps": costs["rows"]}
+    print(f"{'B':>5}" + "".join(f"{p:>10}" for p in paths) + "   ms per forward")
+    for i, row in enumerate(costs["rows"]["sparse"]):
+        print(f"{row['B']:>5}" + "".join(f"{costs['rows'][p][i]['ms']:>10.2f}" for p in paths))
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="torch device (cpu: a tiny target)")
     parser.add_argument("--sizes", default="1,4,16", help="verify batch sizes B")
     parser.add_argument("--out", default="runs/large-target.json", help="JSON results")
+    parser.add_argument("--target", default="", help="a checkpoint to profile instead")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     big = args.device != "cpu"
     sizes = [int(s) for s in args.sizes.split(",")]
+    if args.target:
+        return checkpoint_costs(args, sizes)
     blocks, context = (4096, 512) if big else (256, 32)
     model = build_target(args.device)
     paths = ("sparse", "grouped") if big else ("sparse", "dense", "grouped")

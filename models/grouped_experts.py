@@ -10,7 +10,8 @@ takes about 2 ms.
 Here the token slots are sorted by expert as there, and the experts' gate and up projections
 (stacked [E, 2h, d]) and their down projections (stacked [E, d, h]) are applied by
 ``torch._grouped_mm`` over the sorted rows, whose group ends are the cumulative counts per
-expert, computed on the device. The kernel count per layer does not depend on the batch or
+expert, computed on the device; each token's weighted experts are then summed in slot order
+(no atomic adds: the same sum every run). The kernel count per layer does not depend on the batch or
 the experts it touches, so a forward can be captured in a CUDA graph. Equal to the sparse
 path up to rounding (the same products, other kernels).
 
@@ -51,10 +52,11 @@ def grouped_experts(block: SparseMoeBlock, x: torch.Tensor, routing: Routing) ->
     gate, up = act.chunk(2, dim=-1)
     hidden = F.silu(gate) * up
     expert_out = torch._grouped_mm(hidden, down.transpose(1, 2), offs=ends)  # [N * k, d]
-    expert_out = expert_out * routing.weights.reshape(-1)[order, None]
-    out = torch.zeros_like(x)
-    out.index_add_(0, token_of, expert_out)
-    return out
+    # NOTE: each token's k slots back in token order, summed in a fixed order: no atomic
+    # adds (index_add_ on a GPU), so the sum does not change from run to run
+    slots = expert_out.index_select(0, torch.argsort(order))  # [N * k, d], token-major
+    weighted = slots.view(x.shape[0], block.top_k, -1) * routing.weights[:, :, None]
+    return weighted.sum(1)
 
 
 def grouped_weights(block: SparseMoeBlock) -> tuple[torch.Tensor, torch.Tensor]:

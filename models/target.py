@@ -169,16 +169,19 @@ class SparseMoeBlock(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return Routing(expert_ids=expert_ids, weights=weights.to(x.dtype), probs=probs)
 
-    dense_max_tokens = 48
+    dense_max_tokens = 16
     """Up to this many tokens on the CPU, every expert runs on every token in two linear
     layers (``dense_experts``) instead of one chain of calls per active expert: a small
-    batch's cost there is the count of operations, not their arithmetic
-    (``python -m dspark.bench.moe_paths``, docs/engine.md). 0: never."""
+    batch's cost there is the count of operations, not their arithmetic. Above it the
+    grouped products run (``grouped_experts``), which from 24-32 tokens on cost less than
+    dense and 0.6-0.9 of sparse (``python -m dspark.bench.moe_paths``, docs/engine.md,
+    session 29). 0: never dense."""
 
     expert_path = "auto"
     """How the routed experts run: ``auto`` (on a GPU, grouped products; on the CPU, dense
-    up to ``dense_max_tokens`` tokens, else sparse), or ``sparse``, ``dense``, ``grouped``
-    always (the benchmarks' side-by-side runs). Training (grad enabled) runs sparse."""
+    up to ``dense_max_tokens`` tokens, else grouped; sparse where this torch has no grouped
+    product), or ``sparse``, ``dense``, ``grouped`` always (the benchmarks' side-by-side
+    runs). Training (grad enabled) runs sparse."""
 
     def combine_experts(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Sum over each token's top-k experts of ``weight * expert(x)``; x: [N, d]."""
@@ -186,10 +189,10 @@ class SparseMoeBlock(nn.Module):
         if torch.is_grad_enabled():
             path = "sparse"
         elif path == "auto":
-            if x.device.type != "cpu" and grouped_mm_available():
-                path = "grouped"
+            if x.device.type == "cpu" and x.shape[0] <= self.dense_max_tokens:
+                path = "dense"
             else:
-                path = "dense" if x.shape[0] <= self.dense_max_tokens else "sparse"
+                path = "grouped" if grouped_mm_available() else "sparse"
         if path == "grouped":
             return grouped_experts(self, x, routing)
         if path == "dense":

@@ -99,10 +99,10 @@ def test_dense_small_batch_experts_equal_the_sparse_path(make_model, norm):
         routing = block.route(x)
         torch.testing.assert_close(dense_experts(block, x, routing),
                                    block.sparse_experts(x, routing), atol=1e-5, rtol=1e-4)
-        # NOTE: past dense_max_tokens, and with gradients, the sparse path itself
+        # NOTE: past dense_max_tokens the grouped path, and with gradients the sparse path
         big = torch.randn(block.dense_max_tokens + 1, model.config.hidden_size, generator=gen)
         assert torch.equal(block.combine_experts(big, block.route(big)),
-                           block.sparse_experts(big, block.route(big)))
+                           grouped_experts(block, big, block.route(big)))
     assert torch.equal(block.combine_experts(x, routing), block.sparse_experts(x, routing))
 
 
@@ -127,12 +127,13 @@ def test_grouped_experts_equal_the_sparse_path(make_model, dtype):
         routing = block.route(x)
         sparse = block.sparse_experts(x, routing)
         torch.testing.assert_close(grouped_experts(block, x, routing), sparse, **tol)
-        block.expert_path = "grouped"
+        block.expert_path = "sparse"
         try:
-            assert torch.equal(block.combine_experts(x, routing), grouped_experts(block, x, routing))
+            assert torch.equal(block.combine_experts(x, routing), sparse)
         finally:
             del block.expert_path
-        assert torch.equal(block.combine_experts(x, routing), sparse)  # CPU, 64 rows: sparse
+        # CPU, 64 rows: grouped by default
+        assert torch.equal(block.combine_experts(x, routing), grouped_experts(block, x, routing))
 
 
 def test_unnormalised_topk_keeps_softmax_weights(make_model):
