@@ -8,12 +8,12 @@
 #   compile  one drafter call eager and compiled (torch.compile, and CUDA graphs through its
 #            reduce-overhead mode), side by side (bench/compile_probe.py);
 #   engine   `dspark bench engine` on the demo checkpoints on the GPU.
-# Usage: [ONLY=sps,ep] [OUT=dir] bash bench/gpu_check.sh [cpu]  ("cpu" runs a tiny version of
-# the same steps here, to check the script; ONLY runs the steps named). Results go to $OUT
-# (default runs/gpu-check). Each step runs under its own time limit and a failed step stops
-# no other; the steps' exit codes and seconds go to $OUT/summary.txt, all output to
-# $OUT/log.txt, the engine benchmark's files to $OUT/engine.tgz (the device tool brings back
-# at most 8 files).
+# Usage: [ONLY=sps,ep] [OUT=dir] [CONC=.. ROUNDS=.. SYSTEMS=..] bash bench/gpu_check.sh [cpu]
+# ("cpu" runs a tiny version of the same steps here, to check the script; ONLY runs the steps
+# named; CONC, ROUNDS and SYSTEMS set the engine benchmark's). Results go to $OUT (default
+# runs/gpu-check). Each step runs under its own time limit and a failed step stops no other;
+# the steps' exit codes and seconds go to $OUT/summary.txt, all output to $OUT/log.txt, the
+# engine benchmark's files to $OUT/engine.tgz (the device tool brings back at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-check}
@@ -46,9 +46,9 @@ export PYTHONPATH="$PKG" RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
 if [ "$DEVICE" = cuda ]; then
     step kernels 90 env TRITON_INTERPRET=0 "$PY" -P -m pytest -q \
         -p no:cacheprovider --import-mode=importlib --rootdir="$PWD" tests/kernels
-    SIZES="1,2,4,8,16,32,64,128,256,512,1024"; CONC="1,4,32"; TOKENS=64; LONG=180
+    SIZES="1,2,4,8,16,32,64,128,256,512,1024"; CONC=${CONC:-1,4,32}; TOKENS=64; LONG=180
 else
-    SIZES="1,4,16"; CONC="1,2"; TOKENS=8; LONG=120
+    SIZES="1,4,16"; CONC=${CONC:-1,2}; TOKENS=8; LONG=120
 fi
 
 step sps 150 "$PY" -P -m dspark.bench.large_target --device "$DEVICE" --sizes "$SIZES" \
@@ -94,7 +94,7 @@ fi
 # the serving default, its 3-layer sibling, MTP-1 and no speculation; one round, both T
 step engine "$LONG" \
     "$PY" -P -m dspark.cluster.cli bench engine --device "$DEVICE" --concurrency "$CONC" \
-    --max-tokens "$TOKENS" --min-requests 16 --rounds 1 \
-    --systems no-spec,mtp-1,dspark-d2-alg1,dspark-alg1 --out "$OUT/engine"
+    --max-tokens "$TOKENS" --min-requests 16 --rounds "${ROUNDS:-1}" \
+    --systems "${SYSTEMS:-no-spec,mtp-1,dspark-d2-alg1,dspark-alg1}" --out "$OUT/engine"
 [ -d "$OUT/engine" ] && tar -czf "$OUT/engine.tgz" -C "$OUT" engine && rm -rf "$OUT/engine"
 rm -rf "$PKG"
