@@ -46,7 +46,7 @@ export PYTHONPATH="$PKG" RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
 if [ "$DEVICE" = cuda ]; then
     step kernels 90 env TRITON_INTERPRET=0 "$PY" -P -m pytest -q \
         -p no:cacheprovider --import-mode=importlib --rootdir="$PWD" tests/kernels
-    SIZES="1,2,4,8,16,32,64,128,256,512,1024"; CONC=${CONC:-1,4,32}; TOKENS=64; LONG=180
+    SIZES="1,2,4,8,16,32,64,128,256,512,1024"; CONC=${CONC:-1,4,32}; TOKENS=64; LONG=${LONG:-180}
 else
     SIZES="1,4,16"; CONC=${CONC:-1,2}; TOKENS=8; LONG=120
 fi
