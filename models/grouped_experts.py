@@ -11,7 +11,8 @@ Here the token slots are sorted by expert as there, and the experts' gate and up
 (stacked [E, 2h, d]) and their down projections (stacked [E, d, h]) are applied by
 ``torch._grouped_mm`` over the sorted rows, whose group ends are the cumulative counts per
 expert, computed on the device; each token's weighted experts are then summed in slot order
-(no atomic adds: the same sum every run). The kernel count per layer does not depend on the batch or
+(no atomic adds: the same sum every run). ``expert_rows`` is the same for rows that arrive
+with their expert ids, as an expert-parallel rank's do. The kernel count per layer does not depend on the batch or
 the experts it touches, so a forward can be captured in a CUDA graph. Equal to the sparse
 path up to rounding (the same products, other kernels).
 
@@ -39,24 +40,29 @@ def grouped_mm_available() -> bool:
 
 def grouped_experts(block: SparseMoeBlock, x: torch.Tensor, routing: Routing) -> torch.Tensor:
     """``block.combine_experts(x, routing)`` by grouped products over the sorted slots."""
+    num, top_k = x.shape[0], block.top_k
+    slot_token = torch.arange(num * top_k, device=x.device) // top_k  # token-major slots
+    rows = expert_rows(block, x.index_select(0, slot_token), routing.expert_ids.reshape(-1))
+    # NOTE: each token's k slots summed in a fixed order: no atomic adds (index_add_ on a
+    # GPU), so the sum does not change from run to run
+    return (rows.view(num, top_k, x.shape[1]) * routing.weights[:, :, None]).sum(1)
+
+
+def expert_rows(block: SparseMoeBlock, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Row i of ``x`` through the block's expert ``ids[i]`` (an index into ``block.experts``,
+    which an expert-parallel rank holds its own share of), rows in any order; [R, d]."""
+    if x.shape[0] == 0:
+        return torch.zeros_like(x)
     gate_up, down = grouped_weights(block)  # [E, 2h, d], [E, d, h]
-    flat_ids = routing.expert_ids.reshape(-1)  # [N * k]
-    order = torch.argsort(flat_ids, stable=True)
-    token_of = order // block.top_k  # [N * k] source token of each sorted slot
+    order = torch.argsort(ids, stable=True)
     # NOTE: not bincount, which on CUDA reads the largest id back to the host
-    counts = torch.zeros(block.num_experts, dtype=torch.int32, device=x.device)
-    counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
+    counts = torch.zeros(gate_up.shape[0], dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
     ends = torch.cumsum(counts, 0, dtype=torch.int32)  # group e: rows ends[e-1] .. ends[e]
-    sorted_x = x.index_select(0, token_of)
-    act = torch._grouped_mm(sorted_x, gate_up.transpose(1, 2), offs=ends)  # [N * k, 2h]
-    gate, up = act.chunk(2, dim=-1)
-    hidden = F.silu(gate) * up
-    expert_out = torch._grouped_mm(hidden, down.transpose(1, 2), offs=ends)  # [N * k, d]
-    # NOTE: each token's k slots back in token order, summed in a fixed order: no atomic
-    # adds (index_add_ on a GPU), so the sum does not change from run to run
-    slots = expert_out.index_select(0, torch.argsort(order))  # [N * k, d], token-major
-    weighted = slots.view(x.shape[0], block.top_k, -1) * routing.weights[:, :, None]
-    return weighted.sum(1)
+    act = torch._grouped_mm(x.index_select(0, order), gate_up.transpose(1, 2), offs=ends)
+    gate, up = act.chunk(2, dim=-1)  # [R, h] each
+    out = torch._grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=ends)  # [R, d]
+    return out.index_select(0, torch.argsort(order))  # back in the rows' order
 
 
 def grouped_weights(block: SparseMoeBlock) -> tuple[torch.Tensor, torch.Tensor]:

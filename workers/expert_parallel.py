@@ -10,8 +10,10 @@ Vocabulary:
   rank without work joins each step with an empty batch (``forward_empty``).
 
 NOTE: a token's expert slots are sent in ascending expert order (the owner is monotone in
-the expert id) and come back in the same order, so the weighted sum adds them exactly as
-the unsharded ``SparseMoeBlock.combine_experts`` does.
+the expert id) and come back in the same order; they are put back in top-k order and each
+token's k weighted slots summed in that order, as the unsharded grouped path
+(``models/grouped_experts.py``) sums them. A rank runs its experts on the rows it received
+by the same grouped products (``expert_rows``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dspark.models.grouped_experts import expert_rows, grouped_mm_available
 from dspark.models.target import SparseMoeBlock, TargetModel
 
 
@@ -68,9 +71,11 @@ class ExpertParallelMoE(nn.Module):
         recv_ids = self._exchange(sorted_ids, send_counts, recv_counts) - self.first
         out_rows = self._experts(recv_x, recv_ids)
         back = self._exchange(out_rows, recv_counts, send_counts)  # [N * k, d], sorted order
-        expert_out = back * routing.weights.reshape(-1)[order, None]
-        out = torch.zeros_like(flat)
-        out.index_add_(0, token_of, expert_out)
+        # NOTE: each token's k slots summed in a fixed order, as the unsharded grouped path
+        # does (no atomic adds on a GPU)
+        slots = back.index_select(0, torch.argsort(order))  # [N * k, d], token-major
+        out = (slots.view(*routing.expert_ids.shape, flat.shape[-1])
+               * routing.weights[:, :, None]).sum(1)
         if block.shared_expert is not None:
             out = out + torch.sigmoid(block.shared_expert_gate(flat)) * block.shared_expert(flat)
         return out.reshape(shape)
@@ -81,11 +86,14 @@ class ExpertParallelMoE(nn.Module):
         sync = torch.cuda.synchronize if recv_x.is_cuda and self.timing else (lambda: None)
         sync()
         start = time.perf_counter()
-        out_rows = torch.zeros_like(recv_x)
-        for e, expert in enumerate(self.block.experts):
-            rows = (recv_ids == e).nonzero(as_tuple=True)[0]
-            if rows.numel():
-                out_rows[rows] = expert(recv_x[rows])
+        if grouped_mm_available():
+            out_rows = expert_rows(self.block, recv_x, recv_ids)
+        else:
+            out_rows = torch.zeros_like(recv_x)
+            for e, expert in enumerate(self.block.experts):
+                rows = (recv_ids == e).nonzero(as_tuple=True)[0]
+                if rows.numel():
+                    out_rows[rows] = expert(recv_x[rows])
         if self.timing:
             sync()
             self.seconds += time.perf_counter() - start
