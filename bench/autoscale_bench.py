@@ -104,7 +104,8 @@ def run(args) -> dict:
     from dspark.router.redis_server import EmbeddedRedis, free_port
 
     redis = EmbeddedRedis().start()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
     base = ServeConfig(port=free_port(), redis_url=redis.url, threads=1, replica_cpus=0.5,
                        max_num_seqs=4, replicas=args.min_replicas,
                        min_replicas=args.min_replicas, max_replicas=args.max_replicas,

@@ -106,7 +106,8 @@ def run(rounds: int, max_tokens: int, threads: int) -> dict:
     from dspark.workers.engine import Engine, EngineConfig
 
     torch.set_num_threads(threads)
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
     sink = OtlpSink()
     target, tok = load_for_generation("checkpoints/target")
     prompts = domain_prompts(tok, target.config.max_position_embeddings, max_tokens, 24, 0)

@@ -154,7 +154,9 @@ def ray_cluster():
     """The one local Ray cluster of the suite (loopback only, no dashboard)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    # NOTE: address="local": a new instance always; without it ray.init joins whatever
+    # /tmp/ray/ray_current_cluster names, which a killed `dspark serve` can leave behind
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     yield ray
     from ray import serve

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import torch
@@ -77,7 +78,6 @@ def test_the_two_level_inverse_cdf_draws_the_token_whose_interval_holds_u():
 
 
 def test_pool_paired_pools_every_round_of_every_run(tmp_path, capsys):
-    import json
 
     from dspark.bench.pool_paired import main
 
@@ -121,11 +121,33 @@ def test_compile_probe_times_each_mode_and_names_a_bad_one(capsys, demo_target_d
     assert "needs --device cuda" in capsys.readouterr().err
 
 
-def test_moe_paths_times_both_paths_per_size(capsys, demo_target_dir):
+def test_moe_paths_times_every_path_per_size(capsys, demo_target_dir):
     from dspark.bench.moe_paths import main
 
     assert main(["--target", str(demo_target_dir), "--tokens", "1,8", "--threads", "1",
                  "--repeats", "6"]) == 0
     out = capsys.readouterr().out
-    assert "N  sparse  dense  dense/sparse" in out
-    assert re.search(r"^8 +\d+ +\d+ +[\d.]+$", out, re.M)
+    assert re.search(r"^N +sparse +dense +grouped +dense/sparse +grouped/sparse$", out, re.M)
+    assert re.search(r"^8 +\d+ +\d+ +\d+ +[\d.]+ +[\d.]+$", out, re.M)
+
+
+def test_large_target_profiles_each_expert_path_and_the_drafting_cost(tmp_path, capsys,
+                                                                       demo_target_dir):
+    """`bench/large_target.py` on the CPU (a tiny random target; the GPU's run is in
+    `bench/gpu_check.sh`), and on a checkpoint with the engine's own choice beside the paths."""
+    from dspark.bench.large_target import main
+
+    out = tmp_path / "large.json"
+    assert main(["--sizes", "1,4", "--out", str(out), "--threads", "1"]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["sps"]) == {"sparse", "dense", "grouped"}
+    assert all([r["B"] for r in rows] == [1, 4] for rows in result["sps"].values())
+    assert all(r["ms"] > 0 for rows in result["sps"].values() for r in rows)
+    for depth in ("1", "3"):
+        assert [r["requests"] for r in result["drafting_vs_grouped_step"][depth]] == [1, 2, 4]
+    assert "cuda_graph" not in result
+    capsys.readouterr()
+    assert main(["--target", str(demo_target_dir), "--sizes", "1,32", "--out", str(out),
+                 "--threads", "1"]) == 0
+    assert re.search(r"^ +32( +[\d.]+){4}$", capsys.readouterr().out, re.M)
+    assert set(json.loads(out.read_text())["sps"]) == {"sparse", "dense", "grouped", "auto"}
