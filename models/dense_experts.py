@@ -45,16 +45,25 @@ def stacked_weights(block: SparseMoeBlock) -> tuple[torch.Tensor, torch.Tensor]:
     """The experts' gate and up projections as one [E * 2h, d] weight (expert e's rows
     at e * 2h: gate, then up) and their down projections side by side as [d, E * h],
     cached on the block until any of the weights is replaced or changed in place."""
+    def build():
+        gate_up = torch.cat([torch.cat([e.gate_proj.weight, e.up_proj.weight])
+                             for e in block.experts])
+        return gate_up, torch.cat([e.down_proj.weight for e in block.experts], 1)
+
+    return cached_copy(block, "_stacked", build)
+
+
+def cached_copy(block: SparseMoeBlock, name: str, build):
+    """``build()`` (a copy of the experts' weights in another layout), made without grad and
+    kept on the block under ``name`` until any expert weight is replaced or changed in
+    place."""
     key = weights_key(block)
-    cached = block.__dict__.get("_stacked")
+    cached = block.__dict__.get(name)
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            gate_up = torch.cat([torch.cat([e.gate_proj.weight, e.up_proj.weight])
-                                 for e in block.experts])
-            down = torch.cat([e.down_proj.weight for e in block.experts], 1)
-        cached = (key, gate_up, down)
-        block.__dict__["_stacked"] = cached
-    return cached[1], cached[2]
+            cached = (key, build())
+        block.__dict__[name] = cached
+    return cached[1]
 
 
 def weights_key(block: SparseMoeBlock) -> tuple:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from dspark.models.dense_experts import weights_key
+from dspark.models.dense_experts import cached_copy
 
 if TYPE_CHECKING:
     from dspark.models.target import Routing, SparseMoeBlock
@@ -68,13 +68,9 @@ def expert_rows(block: SparseMoeBlock, x: torch.Tensor, ids: torch.Tensor) -> to
 def grouped_weights(block: SparseMoeBlock) -> tuple[torch.Tensor, torch.Tensor]:
     """The experts' gate and up projections stacked as [E, 2h, d] (gate rows, then up) and
     their down projections as [E, d, h], cached on the block until a weight changes."""
-    key = weights_key(block)
-    cached = block.__dict__.get("_grouped")
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight])
-                                   for e in block.experts])
-            down = torch.stack([e.down_proj.weight for e in block.experts])
-        cached = (key, gate_up, down)
-        block.__dict__["_grouped"] = cached
-    return cached[1], cached[2]
+    def build():
+        gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight])
+                               for e in block.experts])
+        return gate_up, torch.stack([e.down_proj.weight for e in block.experts])
+
+    return cached_copy(block, "_grouped", build)
