@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Retrain every drafter from scratch on the committed target, then rebuild the acceptance
 # table. Same data (target replies regenerated at T=1) for every method; EPOCHS passes, and
-# LONG_EPOCHS for the serving default (dspark-d2) and MTP-1.
+# LONG_EPOCHS for the serving default (dspark-d2), dspark-d1 and MTP-1.
 #   bash scripts/train_drafters.sh            # ~110 min on 2 CPU cores
 # Env: WORK (default runs/drafters), OUT (checkpoints/drafters), EPOCHS (3), RESULTS (docs/results),
-#      LONG_EPOCHS (6: the serving default dspark-d2 and MTP-1, since session 28)
+#      LONG_EPOCHS (6: the serving default dspark-d2 and MTP-1 since session 28, dspark-d1 since 29)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -27,7 +27,7 @@ queue_a() {
     --out "$OUT/dflash-l1" "${common[@]}"
   # drafters sized to the target: 1 backbone layer
   dspark train drafter --method dspark --name dspark-d1 --num-layers 1 --out "$OUT/dspark-d1" \
-    "${common[@]}"
+    "${common[@]}" --epochs "$LONG_EPOCHS"
   dspark train drafter --method dflash --name dflash-d1 --num-layers 1 --out "$OUT/dflash-d1" \
     "${common[@]}"
 }
