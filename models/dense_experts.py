@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dspark.models.linear import linear
+from dspark.models.stacked import cached_layout
 
 if TYPE_CHECKING:
     from dspark.models.target import Routing, SparseMoeBlock
@@ -50,25 +51,10 @@ def stacked_weights(block: SparseMoeBlock) -> tuple[torch.Tensor, torch.Tensor]:
                              for e in block.experts])
         return gate_up, torch.cat([e.down_proj.weight for e in block.experts], 1)
 
-    return cached_copy(block, "_stacked", build)
+    return cached_layout(block, "experts_dense", expert_weights(block), build)
 
 
-def cached_copy(block: SparseMoeBlock, name: str, build):
-    """``build()`` (a copy of the experts' weights in another layout), made without grad and
-    kept on the block under ``name`` until any expert weight is replaced or changed in
-    place."""
-    key = weights_key(block)
-    cached = block.__dict__.get(name)
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            cached = (key, build())
-        block.__dict__[name] = cached
-    return cached[1]
-
-
-def weights_key(block: SparseMoeBlock) -> tuple:
-    """What a copy of the experts' weights was made from: each weight's storage, version
-    (bumped by an in-place change) and dtype."""
-    params = [p for e in block.experts for p in (e.gate_proj.weight, e.up_proj.weight,
-                                                 e.down_proj.weight)]
-    return tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+def expert_weights(block: SparseMoeBlock) -> list[torch.Tensor]:
+    """Every routed expert's gate, up and down projection weights."""
+    return [p for e in block.experts for p in (e.gate_proj.weight, e.up_proj.weight,
+                                               e.down_proj.weight)]

@@ -12,8 +12,8 @@ Here the token slots are sorted by expert as there, and the experts' gate and up
 ``torch._grouped_mm`` over the sorted rows, whose group ends are the cumulative counts per
 expert, computed on the device; each token's weighted experts are then summed in slot order
 (no atomic adds: the same sum every run). ``expert_rows`` is the same for rows that arrive
-with their expert ids, as an expert-parallel rank's do. The kernel count per layer does not depend on the batch or
-the experts it touches, so a forward can be captured in a CUDA graph. Equal to the sparse
+with their expert ids, as an expert-parallel rank's do. The kernel count per layer does not
+depend on the batch or the experts it touches, so a forward can be captured in a CUDA graph. Equal to the sparse
 path up to rounding (the same products, other kernels).
 
 The stacked weights are a copy of the experts' (built on first use, rebuilt when a weight
@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from dspark.models.dense_experts import cached_copy
+from dspark.models.dense_experts import expert_weights
+from dspark.models.stacked import cached_layout
 
 if TYPE_CHECKING:
     from dspark.models.target import Routing, SparseMoeBlock
@@ -42,24 +43,27 @@ def grouped_experts(block: SparseMoeBlock, x: torch.Tensor, routing: Routing) ->
     """``block.combine_experts(x, routing)`` by grouped products over the sorted slots."""
     num, top_k = x.shape[0], block.top_k
     slot_token = torch.arange(num * top_k, device=x.device) // top_k  # token-major slots
-    rows = expert_rows(block, x.index_select(0, slot_token), routing.expert_ids.reshape(-1))
+    rows = expert_rows(block, x, routing.expert_ids.reshape(-1), slot_token)
     # NOTE: each token's k slots summed in a fixed order: no atomic adds (index_add_ on a
     # GPU), so the sum does not change from run to run
     return (rows.view(num, top_k, x.shape[1]) * routing.weights[:, :, None]).sum(1)
 
 
-def expert_rows(block: SparseMoeBlock, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Row i of ``x`` through the block's expert ``ids[i]`` (an index into ``block.experts``,
-    which an expert-parallel rank holds its own share of), rows in any order; [R, d]."""
-    if x.shape[0] == 0:
-        return torch.zeros_like(x)
+def expert_rows(block: SparseMoeBlock, x: torch.Tensor, ids: torch.Tensor,
+                source: torch.Tensor | None = None) -> torch.Tensor:
+    """Row ``source[i]`` of ``x`` (row i without ``source``) through the block's expert
+    ``ids[i]`` (an index into ``block.experts``, which an expert-parallel rank holds its own
+    share of), in any order; [len(ids), d]. The rows are gathered once, in expert order."""
+    if ids.shape[0] == 0:
+        return x.new_zeros((0, x.shape[1]))
     gate_up, down = grouped_weights(block)  # [E, 2h, d], [E, d, h]
     order = torch.argsort(ids, stable=True)
     # NOTE: not bincount, which on CUDA reads the largest id back to the host
     counts = torch.zeros(gate_up.shape[0], dtype=torch.int32, device=x.device)
     counts.scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
     ends = torch.cumsum(counts, 0, dtype=torch.int32)  # group e: rows ends[e-1] .. ends[e]
-    act = torch._grouped_mm(x.index_select(0, order), gate_up.transpose(1, 2), offs=ends)
+    rows = x.index_select(0, order if source is None else source[order])
+    act = torch._grouped_mm(rows, gate_up.transpose(1, 2), offs=ends)
     gate, up = act.chunk(2, dim=-1)  # [R, h] each
     out = torch._grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=ends)  # [R, d]
     return out.index_select(0, torch.argsort(order))  # back in the rows' order
@@ -73,4 +77,4 @@ def grouped_weights(block: SparseMoeBlock) -> tuple[torch.Tensor, torch.Tensor]:
                                for e in block.experts])
         return gate_up, torch.stack([e.down_proj.weight for e in block.experts])
 
-    return cached_copy(block, "_grouped", build)
+    return cached_layout(block, "experts_grouped", expert_weights(block), build)
