@@ -65,20 +65,16 @@ class System:
     """Per-request draft gating (``EngineConfig.draft_gating``; cost-aware budgets only)."""
     margin: float = 1.05
     """``EngineConfig.draft_margin``; ``inf``: nobody drafts but the gate's probes."""
+    # NOTE: these are the ``EngineConfig`` fields draft_prior, prefill_weight, online_costs,
+    # draft_arms, draft_with_prefill, draft_vocab, draft_fit and cuda_graphs (a GPU only)
     prior: float = EngineConfig.draft_prior
-    """``EngineConfig.draft_prior``."""
     prefill_weight: float = EngineConfig.prefill_weight
-    """``EngineConfig.prefill_weight``."""
     online_costs: str = EngineConfig.online_costs
-    """``EngineConfig.online_costs``."""
     arms: bool = EngineConfig.draft_arms
-    """``EngineConfig.draft_arms``."""
     with_prefill: bool = EngineConfig.draft_with_prefill
-    """``EngineConfig.draft_with_prefill``."""
     vocab: int = EngineConfig.draft_vocab
-    """``EngineConfig.draft_vocab``."""
     fit: bool = EngineConfig.draft_fit
-    """``EngineConfig.draft_fit``."""
+    graphs: bool = EngineConfig.cuda_graphs
     light: str | None = None
     """The engine's light drafter (a subdirectory of the drafters directory; ``Engine``'s
     ``light_drafter``), or None."""
@@ -90,7 +86,7 @@ class System:
                 "draft_prior": self.prior, "prefill_weight": self.prefill_weight,
                 "online_costs": self.online_costs, "draft_arms": self.arms,
                 "draft_with_prefill": self.with_prefill, "draft_vocab": self.vocab,
-                "draft_fit": self.fit}
+                "draft_fit": self.fit, "cuda_graphs": self.graphs}
 
     def build(self, target: TargetModel, drafters_dir: str | Path, base: EngineConfig,
               seed: int) -> Engine:
@@ -144,6 +140,10 @@ SYSTEMS = (
     System("dspark-d2-idle", "dspark-d2", "algorithm1", margin=float("inf")),
     # the serving default drafting whole blocks of 7 slots (as until session 28)
     System("dspark-d2-full", "dspark-d2", "algorithm1", fit=False),
+    # on a GPU: no speculation and the serving default with their decode and verify
+    # forwards replayed from CUDA graphs
+    System("no-spec-graphs", None, graphs=True),
+    System("dspark-d2-alg1-graphs", "dspark-d2", "algorithm1", graphs=True),
 )
 
 

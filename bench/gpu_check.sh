@@ -7,7 +7,10 @@
 #   ep       the expert-parallel MoE layer over NCCL (one-rank group) vs the unsharded layer;
 #   compile  one drafter call eager and compiled (torch.compile, and CUDA graphs through its
 #            reduce-overhead mode), side by side (bench/compile_probe.py);
-#   engine   `dspark bench engine` on the demo checkpoints on the GPU.
+#   engine   `dspark bench engine` on the demo checkpoints on the GPU;
+#   graphs   CUDA graphs in the engine (EngineConfig.cuda_graphs): the padded forwards'
+#            tests, the captured graph's among them, then `dspark bench engine` with no
+#            speculation and the serving default each with and without graphs.
 # Usage: [ONLY=sps,ep] [OUT=dir] [CONC=.. ROUNDS=.. SYSTEMS=..] bash bench/gpu_check.sh [cpu]
 # ("cpu" runs a tiny version of the same steps here, to check the script; ONLY runs the steps
 # named; CONC, ROUNDS and SYSTEMS set the engine benchmark's). Results go to $OUT (default
@@ -21,11 +24,12 @@ DEVICE=${1:-cuda}
 mkdir -p "$OUT"
 : >"$OUT/summary.txt"
 exec > >(tee -a "$OUT/log.txt") 2>&1
-ONLY=${ONLY:-kernels,sps,ep,compile,engine}
-step() {  # step NAME SECONDS COMMAND...: run one check under a time limit, record rc and time
+ONLY=${ONLY:-kernels,graphs,sps,ep,compile,engine}
+step() {  # step NAME[:PART] SECONDS COMMAND...: run one check under a time limit, record rc
+    # and time (ONLY names the step, every part of it)
     local name=$1 limit=$2 start=$SECONDS rc
     shift 2
-    [[ ",$ONLY," == *",$name,"* ]] || return 0
+    [[ ",$ONLY," == *",${name%%:*},"* ]] || return 0
     echo "== $name (limit ${limit}s)"
     timeout --kill-after=10 "$limit" "$@"
     rc=$?
@@ -49,6 +53,16 @@ if [ "$DEVICE" = cuda ]; then
     SIZES="1,2,4,8,16,32,64,128,256,512,1024"; CONC=${CONC:-1,4,32}; TOKENS=64; LONG=${LONG:-180}
 else
     SIZES="1,4,16"; CONC=${CONC:-1,2}; TOKENS=8; LONG=120
+fi
+
+step graphs:tests 90 env TRITON_INTERPRET=0 "$PY" -P -m pytest -q -p no:cacheprovider \
+    --import-mode=importlib --rootdir="$PWD" tests/workers/test_graphs.py
+if [ "$DEVICE" = cuda ]; then
+    step graphs:engine 240 \
+        "$PY" -P -m dspark.cluster.cli bench engine --device cuda --concurrency "$CONC" \
+        --max-tokens "$TOKENS" --min-requests 16 --rounds "${ROUNDS:-1}" \
+        --systems no-spec,no-spec-graphs,dspark-d2-alg1,dspark-d2-alg1-graphs --out "$OUT/graphs"
+    [ -d "$OUT/graphs" ] && tar -czf "$OUT/graphs.tgz" -C "$OUT" graphs && rm -rf "$OUT/graphs"
 fi
 
 step sps 150 "$PY" -P -m dspark.bench.large_target --device "$DEVICE" --sizes "$SIZES" \

@@ -49,6 +49,10 @@ class ServeConfig:
     """With a gated budget (cluster, algorithm1, topk): each step, the engine's cost gate
     picks which requests draft (false: every decoding request drafts in every step, and
     the budget alone picks how many of its drafts to verify). Lossless either way."""
+    cuda_graphs: bool = EngineConfig.cuda_graphs
+    """Replay each replica's decode and verify forwards from CUDA graphs, one per bucket of
+    requests, query rows and context blocks (dspark.workers.graphs). Needs replica_gpus > 0
+    and ep_size 1."""
     replicas: int = 1
     """TargetShard replicas (ep_size ranks each form one expert-parallel group)."""
     ep_size: int = 1
@@ -202,9 +206,12 @@ class ServeConfig:
         if not isinstance(self.ingress_on_head, bool):
             raise ValueError(f"ingress_on_head must be true or false, got "
                              f"{self.ingress_on_head!r}")
-        for name in ("calibration_refit", "draft_gating"):
+        for name in ("calibration_refit", "draft_gating", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.cuda_graphs and (self.replica_gpus <= 0 or self.ep_size > 1):
+            raise ValueError(f"cuda_graphs needs replica_gpus > 0 and ep_size 1, got "
+                             f"replica_gpus={self.replica_gpus}, ep_size={self.ep_size}")
 
     def _check_access(self) -> None:
         if isinstance(self.api_keys, str):  # NOTE: one key from a YAML scalar

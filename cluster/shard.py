@@ -125,6 +125,7 @@ class TargetShard:
             budget=cfg.budget_mode, num_speculative_tokens=cfg.num_speculative_tokens,
             max_num_seqs=cfg.max_num_seqs, num_blocks=cfg.num_blocks,
             draft_vocab=cfg.draft_vocab, draft_gating=cfg.draft_gating,
+            cuda_graphs=cfg.cuda_graphs,
         ), light_drafter=light,
             group_load=self.board.group_reader if self.board is not None else None,
             lockstep=group is not None,

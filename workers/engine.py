@@ -115,6 +115,11 @@ class Engine:
         ), self.blocks)
         layers = drafter.config.feature_layers if drafter is not None else ()
         self.runner = ModelRunner(target, cfg.num_blocks, cfg.block_size, layers)
+        if cfg.cuda_graphs:
+            if lockstep:
+                raise ValueError("cuda_graphs is not supported with expert parallelism "
+                                 "(ep_size > 1): its exchanges run between the layers")
+            self.runner.enable_graphs(cfg.max_num_seqs, capture=True)
         self.draft_worker = None
         if drafter is not None:
             self.draft_worker = DraftWorker(drafter, cfg.num_blocks, cfg.block_size,

@@ -77,6 +77,11 @@ class EngineConfig:
     False: every proposal drafts γ (as until session 28). Lossless either way: fewer
     drafts, the same tokens for greedy and seeded requests and the same distribution for
     the others."""
+    cuda_graphs: bool = False
+    """Decode and verify forwards (no prefill chunk) padded to buckets of requests, query
+    rows and context blocks, each bucket replayed from a CUDA graph captured at its first
+    batch (``dspark.workers.graphs``). A CUDA target only, and not with expert
+    parallelism. Off by default until the GPU check has measured it in the engine."""
     prefill_weight: float = 1.0
     """How many decoding requests a prefilling request counts as in the step's cost model
     (the gate and the budget): a longer step delays its first token as it delays their next

@@ -24,6 +24,7 @@ from dspark.models.target import TargetModel
 from dspark.workers.allocator import keep_freed_memory
 from dspark.workers.budget import StepCostTable, VerificationPlan
 from dspark.workers.expert_parallel import timed_layers
+from dspark.workers.graphs import GraphedForward
 from dspark.workers.step import DraftProposal, SeqRows, StepSeq
 
 
@@ -37,6 +38,9 @@ class VerifyBatch:
     logit_rows: torch.Tensor  # [M] row indices into N
     q_lens: list[int]  # [R] rows of each request, on the host
     key_lens: list[int]  # [R] seq_lens on the host
+    all_logits: bool = False
+    """Every row is a logit row, in order (decoding and verifying requests only): the
+    batch may run padded to a bucket (``GraphedForward``)."""
 
     @property
     def num_tokens(self) -> int:
@@ -134,10 +138,23 @@ class ModelRunner:
         self.num_forwards = 0
         param = target.lm_head.weight
         self.device = param.device
+        # NOTE: one block past ``num_blocks``, which the block manager never hands out:
+        # where padded rows write (``GraphedForward``)
         self.kv = PagedKV(
-            cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
+            cfg.num_hidden_layers, num_blocks + 1, block_size, cfg.num_key_value_heads,
             cfg.head_dim, param.dtype, param.device,
         )
+        self.scratch_block = num_blocks
+        self.graphs: GraphedForward | None = None
+        """Qualifying batches padded to buckets (``enable_graphs``); None: all eager."""
+
+    def enable_graphs(self, max_requests: int, capture: bool) -> None:
+        """Run decode and verify batches of up to ``max_requests`` requests padded to
+        buckets: replayed from CUDA graphs (``capture``, a CUDA device) or eagerly."""
+        if capture and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs the target on a CUDA device, got "
+                             f"{self.device.type}")
+        self.graphs = GraphedForward(self, max_requests, capture)
 
     def verify(self, seqs: list[StepSeq], proposal: DraftProposal | None,
                plan: VerificationPlan | None, tables: torch.Tensor
@@ -162,6 +179,7 @@ class ModelRunner:
     @staticmethod
     def _batch(layout: list[SeqRows], tables: torch.Tensor) -> VerifyBatch:
         ids, positions, cu, seq_lens, logit_rows = [], [], [0], [], []
+        all_logits = True
         for lay in layout:
             s, row0 = lay.seq, len(ids)
             ids += lay.fed
@@ -177,6 +195,7 @@ class ModelRunner:
             elif s.samples:
                 first = row0 + len(lay.fed) - 1 if s.prefill else row0
                 logit_rows += range(first, len(ids))
+            all_logits = all_logits and not s.prefill and s.samples
         dev = tables.device
         return VerifyBatch(
             input_ids=torch.tensor(ids, device=dev),
@@ -187,11 +206,16 @@ class ModelRunner:
             logit_rows=torch.tensor(logit_rows, device=dev, dtype=torch.long),
             q_lens=[len(lay.fed) for lay in layout],
             key_lens=seq_lens,
+            all_logits=all_logits,
         )
 
     @torch.no_grad()
     def forward(self, batch: VerifyBatch) -> RunnerOutput:
         self.num_forwards += 1
+        padded = self.graphs.forward(batch) if self.graphs is not None else None
+        if padded is not None:
+            logits, hidden, features, slots = padded
+            return RunnerOutput(logits=logits, features=features, hidden=hidden, slots=slots)
         attention = PagedAttention(self.kv, batch.block_tables, batch.cu_q, batch.positions,
                                    batch.seq_lens, batch.q_lens, batch.key_lens)
         layers = self.feature_layers
@@ -225,6 +249,7 @@ def dummy_batch(
         logit_rows=torch.arange(num_tokens, device=device),
         q_lens=sizes,
         key_lens=[context + n for n in sizes],
+        all_logits=True,
     )
 
 

@@ -22,7 +22,7 @@ ENGINE_SYSTEMS = ("no-spec", "mtp-1", "dflash-g7", "dspark-g7", "dspark-alg1", "
                   "dspark-alg1-times", "dspark-alg1-nogate", "dspark-alg1-noarms",
                   "dspark-alg1-prefill", "dspark-alg1-fullvocab", "dspark-d1-fullvocab",
                   "dspark-d2-fullvocab", "dspark-d2-mtp", "dspark-d2-nogate", "dspark-d2-idle",
-                  "dspark-d2-full")
+                  "dspark-d2-full", "no-spec-graphs", "dspark-d2-alg1-graphs")
 """The labels of ``dspark.bench.engine_bench.SYSTEMS`` (kept here so that ``--help`` needs
 no torch import; a test checks they agree)."""
 

@@ -29,6 +29,9 @@ def test_example_config_loads():
     ({"drain_timeout_s": -1}, "drain_timeout_s must be in [0, 3600], got -1"),
     ({"draft_vocab": -5}, "draft_vocab must be >= 0 (0: the whole vocabulary), got -5"),
     ({"draft_gating": "off"}, "draft_gating must be true or false, got 'off'"),
+    ({"cuda_graphs": True}, "cuda_graphs needs replica_gpus > 0 and ep_size 1, got "
+                            "replica_gpus=0.0, ep_size=1"),
+    ({"cuda_graphs": "yes"}, "cuda_graphs must be true or false, got 'yes'"),
 ])
 def test_bad_values_name_the_field(data, fragment):
     with pytest.raises(ValueError) as err:

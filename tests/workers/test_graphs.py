@@ -1,0 +1,162 @@
+"""Verify batches padded to a bucket (``workers/graphs.py``) give what the eager forward
+gives: the same logits, hidden states, features and KV slots of every real row, the same
+keys and values in every block a request owns, and the same greedy text through the
+engine. On a GPU the captured graph replays it (``test_captured_graph_replays_the_eager_
+forward``, skipped without CUDA; ``bench/gpu_check.sh`` runs it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dspark.models.generation import SamplingParams, generate_tokens
+from dspark.workers.block_manager import BlockManager
+from dspark.workers.budget import StepCostTable
+from dspark.workers.engine import Engine, EngineConfig
+from dspark.workers.graphs import Shape
+from dspark.workers.model_runner import ModelRunner, VerifyBatch
+
+NUM_BLOCKS, BLOCK = 64, 4
+
+
+def batch_of(blocks, seqs, spans, all_logits, device="cpu", extra_blocks=0):
+    """The verify batch of ``seqs[r][a:b]`` for each span; block tables padded with
+    ``extra_blocks`` more columns than the widest table needs."""
+    ids, pos, cu, seq_lens = [], [], [0], []
+    for s, (a, b) in zip(seqs, spans):
+        ids += s[a:b]
+        pos += range(a, b)
+        cu.append(cu[-1] + b - a)
+        seq_lens.append(b)
+    tables = [blocks.table(str(i)).block_ids for i in range(len(seqs))]
+    width = max(len(t) for t in tables) + extra_blocks
+    return VerifyBatch(
+        input_ids=torch.tensor(ids, device=device),
+        positions=torch.tensor(pos, device=device),
+        cu_q=torch.tensor(cu, device=device),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                  device=device),
+        seq_lens=torch.tensor(seq_lens, device=device),
+        logit_rows=torch.arange(len(ids), device=device),
+        q_lens=[b - a for a, b in spans],
+        key_lens=seq_lens,
+        all_logits=all_logits,
+    )
+
+
+def two_runners(model, device="cpu", capture=False):
+    """An eager runner and a padded one over the same target, each with its own cache."""
+    eager = ModelRunner(model, NUM_BLOCKS, BLOCK, feature_layers=(0, 2))
+    padded = ModelRunner(model, NUM_BLOCKS, BLOCK, feature_layers=(0, 2))
+    padded.enable_graphs(max_requests=8, capture=capture)
+    return eager, padded
+
+
+def prefill(runners, blocks, seqs, upto):
+    for runner in runners:
+        out = runner.forward(batch_of(blocks, seqs, [(0, n) for n in upto], False,
+                                      runner.device))
+        assert out.logits.shape[0] == sum(upto)  # NOTE: a prefill batch runs eagerly
+
+
+def assert_same(a, b, num_blocks=NUM_BLOCKS):
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.hidden, b.hidden, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.features, b.features, rtol=1e-5, atol=1e-5)
+    assert torch.equal(a.slots, b.slots)
+
+
+@pytest.mark.parametrize("spans_after, extra_blocks", [
+    ([1, 1, 1], 0),       # a decode step: every request one row, 3 of a 4-request bucket
+    ([1, 4, 2], 0),       # a verify step: runs of 1, 4 and 2 rows padded to 4 each
+    ([3, 1, 8], 5),       # a run of 8 rows; tables wider than the widest request needs
+])
+def test_padded_forward_equals_the_eager_forward(make_model, spans_after, extra_blocks):
+    model = make_model(seed=3)
+    for layer in model.model.layers:  # NOTE: the same expert path for both batch sizes
+        layer.mlp.expert_path = "sparse"
+    gen = torch.Generator().manual_seed(0)
+    context = [9, 14, 5]
+    seqs = [torch.randint(5, 97, (c + n,), generator=gen).tolist()
+            for c, n in zip(context, spans_after)]
+    blocks = BlockManager(NUM_BLOCKS, BLOCK)
+    for i, s in enumerate(seqs):
+        blocks.allocate(str(i), s)
+    eager, padded = two_runners(model)
+    prefill((eager, padded), blocks, seqs, context)
+    spans = [(c, c + n) for c, n in zip(context, spans_after)]
+    batch = batch_of(blocks, seqs, spans, True, extra_blocks=extra_blocks)
+    want = eager.forward(batch)
+    got = padded.forward(batch)
+    assert padded.graphs.replays == 1 and len(padded.graphs.graphs) == 1
+    shape = next(iter(padded.graphs.graphs))
+    assert shape.requests == 4 and shape.queries == {1: 1, 4: 4, 8: 8}[max(spans_after)]
+    assert_same(got, want)
+    # every block a request owns holds the same keys and values; the padded rows wrote
+    # the scratch block only
+    owned = NUM_BLOCKS * BLOCK
+    torch.testing.assert_close(padded.kv.k[:, :owned], eager.kv.k[:, :owned])
+    torch.testing.assert_close(padded.kv.v[:, :owned], eager.kv.v[:, :owned])
+
+
+def test_batches_that_do_not_fit_a_bucket_run_eagerly(make_model):
+    model = make_model(seed=3)
+    runner = ModelRunner(model, NUM_BLOCKS, BLOCK, feature_layers=(0,))
+    runner.enable_graphs(max_requests=8, capture=False)
+    graphs = runner.graphs
+    seqs = [list(range(5, 30))]
+    blocks = BlockManager(NUM_BLOCKS, BLOCK)
+    blocks.allocate("0", seqs[0])
+    assert graphs.shape(batch_of(blocks, seqs, [(0, 20)], True)) is None  # 20 query rows
+    assert graphs.shape(batch_of(blocks, seqs, [(0, 3)], False)) is None  # a prefill
+    assert graphs.shape(batch_of(blocks, seqs, [(24, 25)], True)) == Shape(1, 1, 8)
+    with pytest.raises(ValueError, match="cuda_graphs needs the target on a CUDA device"):
+        runner.enable_graphs(8, capture=True)
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        Engine(model, None, EngineConfig(cuda_graphs=True, block_size=4, num_blocks=64),
+               StepCostTable((1, 8), (100.0, 90.0)))
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_greedy_text_is_the_same_with_padded_forwards(make_model, make_drafter, device):
+    """The engine with speculation, its decode and verify forwards padded (on a GPU:
+    replayed from captured graphs, ``EngineConfig.cuda_graphs``): the same greedy tokens
+    as plain decoding, and most of its forwards were padded ones."""
+    target = make_model(seed=0).to(device)
+    drafter = make_drafter(target, "dspark").to(device)
+    cost = StepCostTable((1, 8, 64), (100.0, 90.0, 40.0))
+    eng = Engine(target, drafter, EngineConfig(
+        block_size=4, num_blocks=400, max_num_seqs=8, budget="algorithm1",
+        draft_gating=False, cuda_graphs=device == "cuda"),
+        cost, StepCostTable((1, 8), (400.0, 300.0)))
+    if device == "cpu":
+        eng.runner.enable_graphs(eng.config.max_num_seqs, capture=False)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(5, 97, (3 + 5 * i,), generator=gen).tolist() for i in range(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=20)
+    got = eng.generate(prompts, params, (7,))
+    assert got == [list(generate_tokens(target, p, params, (7,))) for p in prompts]
+    assert eng.runner.graphs.replays > eng.runner.num_forwards / 2
+
+
+@CUDA
+def test_captured_graph_replays_the_eager_forward(make_model):
+    model = make_model(seed=3).cuda()
+    seqs = [list(range(5, 5 + n)) for n in (12, 20, 7)]
+    blocks = BlockManager(NUM_BLOCKS, BLOCK)
+    for i, s in enumerate(seqs):
+        blocks.allocate(str(i), s)
+    eager, padded = two_runners(model, "cuda", capture=True)
+    prefill((eager, padded), blocks, seqs, [n - 3 for n in (12, 20, 7)])
+    for spans in ([(9, 10), (17, 18), (4, 5)], [(9, 12), (17, 19), (4, 7)]):
+        batch = batch_of(blocks, seqs, spans, True, "cuda")
+        assert_same(padded.forward(batch), eager.forward(batch))
+    assert len(padded.graphs.graphs) == 2 and all(
+        graph is not None for graph, _ in padded.graphs.graphs.values())
+    # a replay with other requests' tables and tokens in the same bucket
+    batch = batch_of(blocks, seqs, [(10, 11), (18, 19), (5, 6)], True, "cuda")
+    assert_same(padded.forward(batch), eager.forward(batch))
+    assert len(padded.graphs.graphs) == 2
