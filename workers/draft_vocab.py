@@ -44,12 +44,18 @@ class DraftVocab:
             return None
         return cls(drafter, ranking[:size])
 
-    def markov_rows(self, anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def markov_rows(self, anchors: torch.Tensor, fresh: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The Markov embedding in draft-vocabulary order, then each anchor's own row
         (an anchor may lie outside the draft vocabulary): [N + R, r], and the anchors' rows
-        in it [R]."""
+        in it [R]. ``fresh``: made anew, not in the buffer kept between calls (a captured
+        CUDA graph must own what it writes)."""
         num = anchors.numel()
         need = self.size + num
+        if fresh:
+            return (torch.cat([self.w1.index_select(0, self.ids),
+                               self.w1.index_select(0, anchors)]),
+                    torch.arange(self.size, need, device=anchors.device))
         if self._rows is None or self._rows.shape[0] < need:
             rows = self.w1.new_empty(self.size + 2 * max(num, 8), self.w1.shape[1])
             torch.index_select(self.w1, 0, self.ids, out=rows[: self.size])

@@ -35,6 +35,7 @@ from dspark.kernels.paged_attention import gather_kv, slot_table
 from dspark.models.autoregressive_drafter import AutoregressiveDrafter
 from dspark.models.drafter_checkpoint import Drafter
 from dspark.models.linear import linear
+from dspark.workers.draft_graphs import GraphedDrafting
 from dspark.workers.draft_vocab import DraftVocab
 from dspark.workers.model_runner import PagedAttention, PagedKV, token_slots
 from dspark.workers.sampling import DraftNoise, draft_noise, draw_drafts
@@ -96,6 +97,8 @@ class DraftWorker:
         self.last_flush = (0, 0.0)
         """(rows, seconds) the last ``propose_step`` wrote before proposing."""
         self._buffers: dict[str, torch.Tensor] = {}
+        self.graphs: GraphedDrafting | None = None
+        """Proposals padded to buckets (``enable_graphs``); None: all eager."""
         self.lazy = lazy
         self.slots = SlotFeatures(num_blocks * block_size, cfg.feature_dim, param.dtype,
                                   param.device) if lazy else None
@@ -186,17 +189,22 @@ class DraftWorker:
         device, cfg = tables.device, self.config
         noise = draft_noise([s.state.sampling for s in seqs], [s.first_position for s in seqs],
                             cfg.block_size, cfg.vocab_size, device, max(caps))
-        out = self.propose(
-            [s.request.req_id for s in seqs],
-            torch.tensor([s.known[0] for s in seqs], device=device),
-            torch.tensor([s.start for s in seqs], device=device),
-            tables.index_select(0, torch.tensor([s.row for s in seqs], device=device)),
-            max(caps),
-            torch.tensor([s.state.params.temperature for s in seqs], device=device),
-            noise.uniforms,
-            noise,
-        )
+        args = (torch.tensor([s.known[0] for s in seqs], device=device),
+                torch.tensor([s.start for s in seqs], device=device),
+                tables.index_select(0, torch.tensor([s.row for s in seqs], device=device)),
+                max(caps),
+                torch.tensor([s.state.params.temperature for s in seqs], device=device),
+                noise.uniforms, noise)
+        padded = self.graphs.propose(max(s.start for s in seqs), *args) if self.graphs else None
+        out = (DraftOutput(*padded, self.vocab) if padded is not None
+               else self.propose([s.request.req_id for s in seqs], *args))
         return DraftProposal(seqs, caps, out.tokens, out.probs, out.conf_logits, out.vocab)
+
+    def enable_graphs(self, max_requests: int, capture: bool) -> None:
+        """A parallel drafter's calls padded to buckets (``GraphedDrafting``): replayed
+        from CUDA graphs (``capture``) or eagerly; an autoregressive one stays eager."""
+        if not self.autoregressive:
+            self.graphs = GraphedDrafting(self, max_requests, capture)
 
     def extend_step(self, layout: list[SeqRows], new_tokens: dict[str, list[int]],
                     features: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor
@@ -332,7 +340,9 @@ class DraftWorker:
         )
 
     def _propose_parallel(self, anchors, context_lens, table, ctx_visible, num, temps, uniforms,
-                          noise):
+                          noise, buffers=None):
+        """``buffers``: the attention's reused buffers (None: the worker's; a captured
+        graph brings its own, and then nothing is taken from a cache between calls)."""
         d, cfg = self.drafter, self.config
         num_req, block = anchors.shape[0], cfg.block_size
         block_ids, block_pos = d.draft_blocks(anchors, context_lens)  # [R, K] each
@@ -341,7 +351,8 @@ class DraftWorker:
             [ctx_visible[:, None, :].expand(-1, block, -1),
              torch.ones(num_req, block, block, dtype=torch.bool, device=anchors.device)], -1
         )[:, None]  # [R, 1, K, S + K]
-        context = PagedContext(self.kv, table, mask, self._buffers)
+        context = PagedContext(self.kv, table, mask,
+                               self._buffers if buffers is None else buffers)
         # NOTE: the whole block is the trained one (a slot's hidden sees every slot of its
         # block); the last layer's queries are the ``num`` slots drafted (``rows``)
         h = d.run_blocks(block_ids, block_pos, context, num if num < block else None)
@@ -350,7 +361,8 @@ class DraftWorker:
             vocab, prev = self.vocab, anchors
             if vocab is not None:  # NOTE: slots draft among the draft vocabulary only
                 logits, w2 = linear(h, vocab.head), vocab.w2
-                w1, prev = vocab.markov_rows(anchors) if markov is not None else (None, prev)
+                w1, prev = (vocab.markov_rows(anchors, fresh=buffers is not None)
+                            if markov is not None else (None, prev))
             else:
                 logits = d.lm_head(h)
                 w1 = markov.w1.weight if markov is not None else None

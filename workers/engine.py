@@ -115,16 +115,16 @@ class Engine:
         ), self.blocks)
         layers = drafter.config.feature_layers if drafter is not None else ()
         self.runner = ModelRunner(target, cfg.num_blocks, cfg.block_size, layers)
-        if cfg.cuda_graphs:
-            if lockstep:
-                raise ValueError("cuda_graphs is not supported with expert parallelism "
-                                 "(ep_size > 1): its exchanges run between the layers")
-            self.runner.enable_graphs(cfg.max_num_seqs, capture=True)
         self.draft_worker = None
         if drafter is not None:
             self.draft_worker = DraftWorker(drafter, cfg.num_blocks, cfg.block_size,
                                             lazy=True, vocab=cfg.draft_vocab)
         self.device = target.lm_head.weight.device
+        if cfg.cuda_graphs:
+            if lockstep:
+                raise ValueError("cuda_graphs is not supported with expert parallelism "
+                                 "(ep_size > 1): its exchanges run between the layers")
+            enable_graphs(self, capture=True)
         self._price(drafter, cost_table, draft_cost_table, light_drafter, light_cost_table,
                     group_load)
         self.lane: DraftLane | None = None
@@ -379,6 +379,15 @@ class Engine:
             for out in self.step().outputs:
                 outputs[out.req_id] += out.new_token_ids
         return [outputs[i] for i in ids]
+
+
+def enable_graphs(engine: Engine, capture: bool) -> None:
+    """The engine's target forwards (decode and verify) and its drafter's calls padded to
+    buckets: replayed from CUDA graphs (``capture``; ``EngineConfig.cuda_graphs``) or
+    eagerly (the CPU tests of the padding)."""
+    engine.runner.enable_graphs(engine.config.max_num_seqs, capture)
+    if engine.draft_worker is not None:
+        engine.draft_worker.enable_graphs(engine.config.max_num_seqs, capture)
 
 
 def record_rounds(proposal: DraftProposal, plan, new_tokens: dict[str, list[int]],
