@@ -107,6 +107,8 @@ class GraphedForward:
         self.graphs: dict[Shape, tuple] = {}
         """Shape -> (graph or None, its outputs: logits, hidden, features, write slots)."""
         self.pool = None
+        self.failures = 0
+        """Buckets whose capture failed (they run padded and eager)."""
         self.replays = 0
         """Batches served from a bucket (captured or eager)."""
 
@@ -133,12 +135,13 @@ class GraphedForward:
         dest = self._fill(batch, shape)  # [N] each real row's padded row
         if shape not in self.graphs:
             self.graphs[shape] = self._build(shape)
-        graph, (logits, hidden, features, slots) = self.graphs[shape]
+        graph, outputs = self.graphs[shape]
         if graph is not None:
             graph.replay()
         else:
-            logits, hidden, features, slots = self._body(shape)
+            outputs = self._body(shape)
         self.replays += 1
+        logits, hidden, features, slots = outputs
         return (logits.index_select(0, dest), hidden.index_select(0, dest),
                 None if features is None else features.index_select(0, dest),
                 slots.index_select(0, dest))
@@ -197,7 +200,7 @@ class GraphedForward:
     def _build(self, shape: Shape) -> tuple:
         """The bucket's graph and its output tensors (no graph: ``capture`` is off)."""
         if not self.capture:
-            return None, (None,) * 4
+            return None, None
         # NOTE: capture runs the forward once on what the buffers hold now (this batch),
         # after a warm-up on a side stream (the weight copies, the allocator's pools);
         # replay then serves this batch too
@@ -210,7 +213,12 @@ class GraphedForward:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            outputs = self._body(shape)
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                outputs = self._body(shape)
+        except Exception:  # NOTE: the bucket then runs padded and eager, as on the CPU
+            logger.exception("capturing a CUDA graph for %s failed; it runs eagerly", shape)
+            self.failures += 1
+            return None, None
         logger.info("captured a CUDA graph for %s (%d graphs)", shape, len(self.graphs) + 1)
         return graph, outputs

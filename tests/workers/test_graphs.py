@@ -194,6 +194,7 @@ def test_greedy_text_is_the_same_with_padded_forwards(make_model, make_drafter, 
     assert got == [list(generate_tokens(target, p, params, (7,))) for p in prompts]
     assert eng.runner.graphs.replays > eng.runner.num_forwards / 2
     assert eng.draft_worker.graphs.replays > 0
+    assert eng.runner.graphs.failures == 0 and eng.draft_worker.graphs.failures == 0
 
 
 @CUDA
