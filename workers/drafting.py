@@ -195,9 +195,10 @@ class DraftWorker:
                 max(caps),
                 torch.tensor([s.state.params.temperature for s in seqs], device=device),
                 noise.uniforms, noise)
-        padded = self.graphs.propose(max(s.start for s in seqs), *args) if self.graphs else None
+        longest = max(s.start for s in seqs)
+        padded = self.graphs.propose(longest, *args) if self.graphs else None
         out = (DraftOutput(*padded, self.vocab) if padded is not None
-               else self.propose([s.request.req_id for s in seqs], *args))
+               else self.propose([s.request.req_id for s in seqs], *args, longest=longest))
         return DraftProposal(seqs, caps, out.tokens, out.probs, out.conf_logits, out.vocab)
 
     def enable_graphs(self, max_requests: int, capture: bool) -> None:
@@ -323,10 +324,12 @@ class DraftWorker:
         temperatures: torch.Tensor,  # [R]
         uniforms: torch.Tensor,  # [R, block size] per-request draws in [0, 1)
         noise: DraftNoise | None = None,
+        longest: int | None = None,
     ) -> DraftOutput:
         """``noise``: coupled rows draw slot k as the Gumbel-max of their distribution under
-        ``noise.gumbel[r, k]`` instead of inverting the CDF at ``uniforms[r, k]``."""
-        width = int(context_lens.max())
+        ``noise.gumbel[r, k]`` instead of inverting the CDF at ``uniforms[r, k]``;
+        ``longest``: ``context_lens.max()`` where the caller knows it (no read-back)."""
+        width = int(context_lens.max()) if longest is None else longest
         table = slot_table(block_tables, width, self.block_size)  # [R, S]
         ctx_visible = torch.arange(width, device=anchors.device)[None] < context_lens[:, None]
         if noise is not None and noise.gumbel is None:

@@ -200,9 +200,9 @@ def test_proposals_fitted_to_what_is_verified_change_no_output(make_model, make_
     batch, params, want = greedy_and_seeded(target, 12, seed=9)
     real, slots = DraftWorker.propose, []
 
-    def spy(self, *args):
+    def spy(self, *args, **kwargs):
         slots.append(args[4])  # drafts per request (``num_tokens``)
-        return real(self, *args)
+        return real(self, *args, **kwargs)
 
     monkeypatch.setattr(DraftWorker, "propose", spy)
     short = {}
