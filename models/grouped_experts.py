@@ -39,6 +39,14 @@ def grouped_mm_available() -> bool:
     return hasattr(torch, "_grouped_mm")
 
 
+def grouped_mm_fast(x: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` runs its own kernel on ``x``'s device and dtype (bf16
+    on an sm90 or sm100 GPU), not the fallback that syncs with the host per call."""
+    if not grouped_mm_available() or x.device.type != "cuda" or x.dtype != torch.bfloat16:
+        return False
+    return torch.cuda.get_device_capability(x.device)[0] in (9, 10)
+
+
 def grouped_experts(block: SparseMoeBlock, x: torch.Tensor, routing: Routing) -> torch.Tensor:
     """``block.combine_experts(x, routing)`` by grouped products over the sorted slots."""
     num, top_k = x.shape[0], block.top_k

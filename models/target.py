@@ -26,7 +26,7 @@ from torch import nn
 
 from dspark.models.config import TargetConfig
 from dspark.models.dense_experts import dense_experts
-from dspark.models.grouped_experts import grouped_experts, grouped_mm_available
+from dspark.models.grouped_experts import grouped_experts, grouped_mm_available, grouped_mm_fast
 from dspark.models.kv_cache import AttentionBackend, ContiguousAttention, KVCache
 from dspark.models.linear import Linear, linear
 from dspark.models.stacked import stacked_weight
@@ -178,8 +178,9 @@ class SparseMoeBlock(nn.Module):
     session 29). 0: never dense."""
 
     expert_path = "auto"
-    """How the routed experts run: ``auto`` (on a GPU, grouped products; on the CPU, dense
-    up to ``dense_max_tokens`` tokens, else grouped; sparse where this torch has no grouped
+    """How the routed experts run: ``auto`` (on a GPU, grouped products in bf16 on sm90 and
+    sm100, dense otherwise, neither with a host sync; on the CPU, dense up to
+    ``dense_max_tokens`` tokens, else grouped; sparse where this torch has no grouped
     product), or ``sparse``, ``dense``, ``grouped`` always (the benchmarks' side-by-side
     runs). Training (grad enabled) runs sparse."""
 
@@ -189,10 +190,14 @@ class SparseMoeBlock(nn.Module):
         if torch.is_grad_enabled():
             path = "sparse"
         elif path == "auto":
-            if x.device.type == "cpu" and x.shape[0] <= self.dense_max_tokens:
-                path = "dense"
+            if x.device.type == "cpu":
+                path = "dense" if x.shape[0] <= self.dense_max_tokens else (
+                    "grouped" if grouped_mm_available() else "sparse")
             else:
-                path = "grouped" if grouped_mm_available() else "sparse"
+                # NOTE: on a GPU torch's grouped product has its own kernel for bf16 on sm90
+                # and sm100 only; elsewhere it falls back to a loop that reads the group
+                # ends back to the host, a sync per layer that a CUDA graph cannot hold
+                path = "grouped" if grouped_mm_fast(x) else "dense"
         if path == "grouped":
             return grouped_experts(self, x, routing)
         if path == "dense":

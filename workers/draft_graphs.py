@@ -29,7 +29,7 @@ import logging
 import torch
 
 from dspark.kernels.paged_attention import slot_table
-from dspark.workers.graphs import REQUEST_BUCKETS, Shape, bucket
+from dspark.workers.graphs import REQUEST_BUCKETS, Shape, bucket, capture_errors
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +60,6 @@ class GraphedDrafting:
         self.graphs: dict[Shape, tuple] = {}
         """Shape -> (graph or None, its outputs: tokens, probs, confidence logits)."""
         self.pool = None
-        self.failures = 0
-        """Buckets whose capture failed (they run padded and eager)."""
         self.replays = 0
 
     def shape(self, num_req: int, longest: int, noise) -> Shape | None:
@@ -141,13 +139,9 @@ class GraphedDrafting:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                outputs = self._body(shape)
-        except Exception:  # NOTE: the bucket then runs padded and eager, as on the CPU
-            logger.exception("capturing a CUDA graph for %s failed; it runs eagerly", shape)
-            self.failures += 1
-            return None, None
+        with capture_errors(shape), torch.cuda.graph(graph, pool=self.pool,
+                                                     capture_error_mode="thread_local"):
+            outputs = self._body(shape)
         logger.info("captured a drafting CUDA graph for %s (%d graphs)", shape,
                     len(self.graphs) + 1)
         return graph, outputs

@@ -43,12 +43,23 @@ def profile_draft_costs(
             torch.zeros(num, device=device),
             torch.zeros(num, worker.config.block_size, device=device),
         )
-        seconds = median_seconds(lambda args=args: worker.propose(*args), repeats, device)
+        seconds = median_seconds(lambda args=args: propose(worker, context, args), repeats,
+                                 device)
         for r in req_ids:
             worker.forget(r)
         sizes.append(num)
         rates.append(1.0 / seconds)
     return StepCostTable(tuple(sizes), tuple(rates))
+
+
+def propose(worker: DraftWorker, longest: int, args: tuple):
+    """One drafting call as the engine makes it: padded to its bucket where the worker's
+    calls are (``DraftWorker.enable_graphs``), so the table prices what runs."""
+    if worker.graphs is not None:
+        padded = worker.graphs.propose(longest, *args[1:], None)
+        if padded is not None:
+            return padded
+    return worker.propose(*args)
 
 
 def profile_write_cost(worker: DraftWorker, rows: int, num_blocks: int, repeats: int = 3

@@ -17,7 +17,14 @@ bucket* and run on static buffers:
   dropped;
 - the forward reads everything it needs from the static buffers (the tables, positions,
   key lengths, which rows are real): the layout is computed inside the graph, so a replay
-  serves any batch of its bucket.
+  serves any batch of its bucket;
+- the graph ends at the final normed hidden states: the LM head runs on the real rows
+  after the replay (one product, and no [rows, vocabulary] output kept per bucket).
+
+The routed experts must not sync with the host inside a capture: on a GPU the ``auto``
+expert path runs the grouped products only where torch has their kernel (bf16 on sm90 and
+sm100), dense ones elsewhere. A capture that fails stops the engine with the bucket named:
+torch's stream and allocator are not left fit to go on.
 
 Only batches whose rows all yield logits qualify (decoding and verifying requests: no
 prefill chunk, no prompt scoring); others, and buckets past ``max_graphs``, run eagerly.
@@ -29,6 +36,7 @@ one.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +65,18 @@ class Shape:
     @property
     def rows(self) -> int:
         return self.requests * self.queries
+
+
+@contextmanager
+def capture_errors(shape: Shape):
+    """A capture that fails says which bucket and what to do. NOTE: not caught: a failed
+    capture leaves torch's current stream and its allocator's capture state behind, so the
+    process cannot go on with graphs (or safely without)."""
+    try:
+        yield
+    except Exception as exc:
+        raise RuntimeError(f"capturing a CUDA graph for {shape} failed ({exc}); serve "
+                           "without cuda_graphs") from exc
 
 
 class StaticAttention:
@@ -105,10 +125,8 @@ class GraphedForward:
         self.buffers = StaticBuffers(self.request_buckets[-1], QUERY_BUCKETS[-1],
                                      self.block_buckets[-1], runner.device)
         self.graphs: dict[Shape, tuple] = {}
-        """Shape -> (graph or None, its outputs: logits, hidden, features, write slots)."""
+        """Shape -> (graph or None, its outputs: hidden, features, write slots)."""
         self.pool = None
-        self.failures = 0
-        """Buckets whose capture failed (they run padded and eager)."""
         self.replays = 0
         """Batches served from a bucket (captured or eager)."""
 
@@ -141,8 +159,11 @@ class GraphedForward:
         else:
             outputs = self._body(shape)
         self.replays += 1
-        logits, hidden, features, slots = outputs
-        return (logits.index_select(0, dest), hidden.index_select(0, dest),
+        hidden, features, slots = outputs
+        hidden = hidden.index_select(0, dest)
+        # NOTE: the LM head runs on the real rows after the replay: one product, and no
+        # [rows, vocabulary] output kept per bucket
+        return (self.runner.target.lm_head(hidden), hidden,
                 None if features is None else features.index_select(0, dest),
                 slots.index_select(0, dest))
 
@@ -174,8 +195,8 @@ class GraphedForward:
         return dest
 
     def _body(self, shape: Shape):
-        """The padded forward on the static buffers: (logits, hidden, features, write
-        slots), one row per padded row."""
+        """The padded forward on the static buffers: (final normed hidden, features,
+        write slots), one row per padded row; the logits are the caller's."""
         buf, bs, runner = self.buffers, self.block_size, self.runner
         rows, device = shape.rows, buf.input_ids.device
         positions = buf.positions[:rows]
@@ -192,10 +213,10 @@ class GraphedForward:
         col = torch.arange(shape.queries, device=device).repeat(shape.requests)
         layout = PagedLayout(slots, req_of, col, visible[:, None], True)
         out = runner.target(buf.input_ids[:rows][None], positions=positions[None],
-                            feature_layers=runner.feature_layers,
+                            feature_layers=runner.feature_layers, compute_logits=False,
                             attention=StaticAttention(runner.kv, write_slots, layout))
         features = out.layer_features[0] if runner.feature_layers else None
-        return out.logits[0], out.hidden_states[0], features, write_slots
+        return out.hidden_states[0], features, write_slots
 
     def _build(self, shape: Shape) -> tuple:
         """The bucket's graph and its output tensors (no graph: ``capture`` is off)."""
@@ -213,12 +234,8 @@ class GraphedForward:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                outputs = self._body(shape)
-        except Exception:  # NOTE: the bucket then runs padded and eager, as on the CPU
-            logger.exception("capturing a CUDA graph for %s failed; it runs eagerly", shape)
-            self.failures += 1
-            return None, None
+        with capture_errors(shape), torch.cuda.graph(graph, pool=self.pool,
+                                                     capture_error_mode="thread_local"):
+            outputs = self._body(shape)
         logger.info("captured a CUDA graph for %s (%d graphs)", shape, len(self.graphs) + 1)
         return graph, outputs
