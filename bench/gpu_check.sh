@@ -66,7 +66,7 @@ if [ "$DEVICE" = cuda ]; then
     [ -d "$OUT/graphs" ] && tar -czf "$OUT/graphs.tgz" -C "$OUT" graphs && rm -rf "$OUT/graphs"
 fi
 
-step sps 150 "$PY" -P -m dspark.bench.large_target --device "$DEVICE" --sizes "$SIZES" \
+step sps 240 "$PY" -P -m dspark.bench.large_target --device "$DEVICE" --sizes "$SIZES" \
     --out "$OUT/large-target.json"
 
 step ep 40 "$PY" -P - "$DEVICE" "$OUT/ep-layer.json" <<'PY'

@@ -12,7 +12,9 @@ script) is built and drawn on the device. Measured side by side in one process:
 2. the drafting call of random DSpark drafters of 1 and 3 layers on this target against the
    requests drafted for, and against a plain step of as many tokens (the default path);
 3. on CUDA, one forward of B single tokens (no KV cache) eager against its replay from a
-   captured CUDA graph: what kernel launches cost a step of this target.
+   captured CUDA graph: what kernel launches cost a step of this target;
+4. 1 and 2 again through the engine's CUDA graphs (``EngineConfig.cuda_graphs``: the verify
+   forwards and the drafting calls padded to buckets and replayed; eager on the CPU).
 
 Random weights: the costs are real, the drafts are not (acceptance needs trained models).
 With ``--target DIR`` a checkpoint (the demo target) is profiled instead, every expert path
@@ -59,14 +61,18 @@ def set_expert_path(model, path: str) -> None:
         layer.mlp.expert_path = path
 
 
-def step_costs(model, sizes, paths, blocks: int, context: int) -> dict:
-    """SPS(B) per expert path: {path: [{B, steps_per_s, ms}]} and the tables themselves."""
+def step_costs(model, sizes, paths, blocks: int, context: int, graphs: bool = False) -> dict:
+    """SPS(B) per expert path: {path: [{B, steps_per_s, ms}]} and the tables themselves;
+    ``graphs``: the engine's padded forwards (``ModelRunner.enable_graphs``), captured in
+    CUDA graphs on a GPU (eager on the CPU, to check this script)."""
     from dspark.workers.model_runner import ModelRunner, profile_step_costs
 
     rows, tables = {}, {}
     for path in paths:
         set_expert_path(model, path)
         runner = ModelRunner(model, blocks, 16)
+        if graphs:
+            runner.enable_graphs(64, capture=model.lm_head.weight.is_cuda)
         table = profile_step_costs(runner, sizes, max_requests=64, context=context,
                                    num_blocks=blocks, repeats=5)
         tables[path] = table
@@ -77,9 +83,11 @@ def step_costs(model, sizes, paths, blocks: int, context: int) -> dict:
     return {"rows": rows, "tables": tables}
 
 
-def drafting_costs(model, table, blocks: int, context: int, max_requests: int) -> dict:
+def drafting_costs(model, table, blocks: int, context: int, max_requests: int,
+                   graphs: bool = False) -> dict:
     """Per drafter depth: drafting ms against the requests drafted for, and that against a
-    plain step of as many tokens (``table``)."""
+    plain step of as many tokens (``table``); ``graphs``: the calls padded to buckets
+    (``DraftWorker.enable_graphs``), captured on a GPU."""
     from dspark.models.draft_layers import init_trainable
     from dspark.models.drafter_checkpoint import build_drafter
     from dspark.models.drafter_config import DrafterConfig
@@ -95,6 +103,8 @@ def drafting_costs(model, table, blocks: int, context: int, max_requests: int) -
         init_trainable(drafter, depth)
         drafter = drafter.to(device=param.device, dtype=param.dtype).eval()
         worker = DraftWorker(drafter, blocks, 16)
+        if graphs:
+            worker.enable_graphs(max_requests, capture=param.is_cuda)
         reqs = [r for r in (1, 2, 4, 8, 16, 32, 64) if r <= max_requests]
         dtable = profile_draft_costs(worker, reqs, context, dcfg.block_size, blocks)
         out[depth] = [{"requests": r, "ms": 1000 / s, "ms_per_request": 1000 / s / r,
@@ -186,6 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     result["drafting_vs_grouped_step"] = drafting_costs(model, default, blocks, context,
                                                         64 if big else 4)
     print(json.dumps(result["drafting_vs_grouped_step"], indent=1), flush=True)
+    # the engine's CUDA graphs (workers/graphs.py, draft_graphs.py): the same tables with
+    # the verify forwards and the drafting calls padded and replayed
+    graphed = step_costs(model, sizes, ("auto",), blocks, context, graphs=True)
+    result["sps_graphs"] = graphed["rows"]["auto"]
+    result["drafting_vs_graphed_step"] = drafting_costs(
+        model, graphed["tables"]["auto"], blocks, context, 64 if big else 4, graphs=True)
+    print(json.dumps({k: result[k] for k in ("sps_graphs", "drafting_vs_graphed_step")},
+                     indent=1), flush=True)
     if args.device.startswith("cuda"):
         set_expert_path(model, "grouped")
         result["cuda_graph"] = graph_probe(model, (1, 8, 64))

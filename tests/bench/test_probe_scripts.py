@@ -145,6 +145,9 @@ def test_large_target_profiles_each_expert_path_and_the_drafting_cost(tmp_path, 
     assert all(r["ms"] > 0 for rows in result["sps"].values() for r in rows)
     for depth in ("1", "3"):
         assert [r["requests"] for r in result["drafting_vs_grouped_step"][depth]] == [1, 2, 4]
+        # the engine's padded calls (CUDA graphs on a GPU; eager here)
+        assert [r["requests"] for r in result["drafting_vs_graphed_step"][depth]] == [1, 2, 4]
+    assert [r["B"] for r in result["sps_graphs"]] == [1, 4]
     assert "cuda_graph" not in result
     capsys.readouterr()
     assert main(["--target", str(demo_target_dir), "--sizes", "1,32", "--out", str(out),
