@@ -18,36 +18,33 @@ requests, W context blocks each) and run on static buffers:
 
 Only calls without coupled (seeded) requests and with the vanilla or no Markov head
 qualify; the attention's buffers and the draft vocabulary's Markov rows are the graph's own
-(``DraftWorker._propose_parallel``'s ``buffers``). Outputs are copied out of the graph's
-memory before the next replay can write it.
+(``DraftWorker._propose_parallel``'s ``buffers``). Its graphs have their own memory pool
+(the target's replays never write it), and its outputs are copied out before its next
+replay can.
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from dspark.kernels.paged_attention import slot_table
-from dspark.workers.graphs import REQUEST_BUCKETS, Shape, bucket, capture_errors
-
-logger = logging.getLogger(__name__)
+from dspark.workers.graphs import Bucketed, Shape, bucket, bucket_sizes
 
 
-class GraphedDrafting:
+class GraphedDrafting(Bucketed):
     """Proposals of a parallel ``DraftWorker`` padded to buckets (module docstring):
     replayed from a CUDA graph captured at a bucket's first call (``capture``), or
     eagerly."""
 
+    label = "drafter's call"
+
     def __init__(self, worker, max_requests: int, capture: bool, max_graphs: int = 32) -> None:
+        super().__init__(capture, max_graphs)
         cfg = worker.config
-        self.worker, self.capture, self.max_graphs = worker, capture, max_graphs
+        self.worker = worker
         self.block_size, self.slots = worker.block_size, cfg.block_size
-        self.request_buckets = [b for b in REQUEST_BUCKETS if b < max_requests] + [
-            bucket(max_requests, REQUEST_BUCKETS) or max_requests]
-        max_blocks = -(-cfg.max_position_embeddings // self.block_size)
-        self.block_buckets = sorted({min(1 << i, max_blocks)
-                                     for i in range(max_blocks.bit_length() + 1)})
+        self.request_buckets, self.block_buckets = bucket_sizes(
+            max_requests, cfg.max_position_embeddings, self.block_size)
         markov = worker.drafter.markov
         self.eligible_head = markov is None or markov.kind == "vanilla"
         device, most = worker.kv.k.device, self.request_buckets[-1]
@@ -57,10 +54,6 @@ class GraphedDrafting:
                                   device=device)  # [most, max_blocks]
         self.temps = torch.ones(most, device=device)  # [most]
         self.uniforms = torch.full((most, self.slots), 0.5, device=device)  # [most, K]
-        self.graphs: dict[Shape, tuple] = {}
-        """Shape -> (graph or None, its outputs: tokens, probs, confidence logits)."""
-        self.pool = None
-        self.replays = 0
 
     def shape(self, num_req: int, longest: int, noise) -> Shape | None:
         """The bucket of a call for ``num_req`` requests whose longest context is
@@ -72,9 +65,7 @@ class GraphedDrafting:
         if requests is None or blocks is None:
             return None
         shape = Shape(requests, 1, blocks)
-        if shape not in self.graphs and len(self.graphs) >= self.max_graphs:
-            return None
-        return shape
+        return shape if self.has_room(shape) else None
 
     def propose(self, longest: int, anchors, context_lens, block_tables, num: int, temps,
                 uniforms, noise) -> tuple | None:
@@ -85,15 +76,7 @@ class GraphedDrafting:
         if shape is None:
             return None
         self._fill(shape, anchors, context_lens, block_tables, temps, uniforms)
-        if shape not in self.graphs:
-            self.graphs[shape] = self._build(shape)
-        graph, outputs = self.graphs[shape]
-        if graph is not None:
-            graph.replay()
-        else:
-            outputs = self._body(shape)
-        self.replays += 1
-        tokens, probs, conf = outputs
+        tokens, probs, conf = self.run(shape)
         return (tokens[:num_req, :num].clone(), probs[:num_req, :num].clone(),
                 None if conf is None else conf[:num_req, :num].clone())
 
@@ -123,25 +106,3 @@ class GraphedDrafting:
             self.anchors[:rows], context_lens, table, visible, self.slots, self.temps[:rows],
             self.uniforms[:rows], None, buffers={})
         return out.tokens, out.probs, out.conf_logits
-
-    def _build(self, shape: Shape) -> tuple:
-        """The bucket's graph and its outputs (no graph: ``capture`` is off)."""
-        if not self.capture:
-            return None, None
-        # NOTE: as ``GraphedForward._build``: warm-up on a side stream, then the capture
-        # into this drafter's own pool (the target's replays never write it)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._body(shape)
-        torch.cuda.current_stream().wait_stream(side)
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with capture_errors(shape), torch.cuda.graph(graph, pool=self.pool,
-                                                     capture_error_mode="thread_local"):
-            outputs = self._body(shape)
-        logger.info("captured a drafting CUDA graph for %s (%d graphs)", shape,
-                    len(self.graphs) + 1)
-        return graph, outputs

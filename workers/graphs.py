@@ -54,6 +54,16 @@ def bucket(value: int, sizes) -> int | None:
     return next((s for s in sizes if s >= value), None)
 
 
+def bucket_sizes(max_requests: int, max_positions: int, block_size: int
+                 ) -> tuple[list[int], list[int]]:
+    """The request buckets up to one that holds ``max_requests``, and the context-block
+    buckets (powers of two) up to ``max_positions``."""
+    requests = [b for b in REQUEST_BUCKETS if b < max_requests] + [
+        bucket(max_requests, REQUEST_BUCKETS) or max_requests]
+    max_blocks = -(-max_positions // block_size)
+    return requests, sorted({min(1 << i, max_blocks) for i in range(max_blocks.bit_length() + 1)})
+
+
 @dataclass(frozen=True)
 class Shape:
     """A bucket: requests, query rows per request, context blocks per request."""
@@ -77,6 +87,63 @@ def capture_errors(shape: Shape):
     except Exception as exc:
         raise RuntimeError(f"capturing a CUDA graph for {shape} failed ({exc}); serve "
                            "without cuda_graphs") from exc
+
+
+class Bucketed:
+    """What the padded runners share (``GraphedForward``, ``GraphedDrafting``): one graph
+    per bucket, captured at its first call (``capture``; into one memory pool per runner)
+    or none (eager), at most ``max_graphs``; ``_body(shape)`` is the padded call on the
+    runner's static buffers."""
+
+    label = "call"
+
+    def __init__(self, capture: bool, max_graphs: int) -> None:
+        self.capture, self.max_graphs = capture, max_graphs
+        self.graphs: dict[Shape, tuple] = {}
+        """Shape -> (graph or None, its outputs)."""
+        self.pool = None
+        self.replays = 0
+        """Calls served padded (replayed or eager)."""
+
+    def has_room(self, shape: Shape) -> bool:
+        return shape in self.graphs or len(self.graphs) < self.max_graphs
+
+    def run(self, shape: Shape) -> tuple:
+        """The outputs of ``_body(shape)`` on what the static buffers hold now."""
+        if shape not in self.graphs:
+            self.graphs[shape] = self._build(shape)
+        graph, outputs = self.graphs[shape]
+        if graph is not None:
+            graph.replay()
+        else:
+            outputs = self._body(shape)
+        self.replays += 1
+        return outputs
+
+    def _body(self, shape: Shape) -> tuple:
+        raise NotImplementedError
+
+    def _build(self, shape: Shape) -> tuple:
+        """The bucket's graph and its outputs (no graph: ``capture`` is off): two warm-up
+        calls on a side stream (the weight copies, Triton's compiles, the allocator's
+        pools), then the capture, which runs nothing (the caller replays it)."""
+        if not self.capture:
+            return None, None
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._body(shape)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with capture_errors(shape), torch.cuda.graph(graph, pool=self.pool,
+                                                     capture_error_mode="thread_local"):
+            outputs = self._body(shape)
+        logger.info("captured a CUDA graph of the %s for %s (%d graphs)", self.label, shape,
+                    len(self.graphs) + 1)
+        return graph, outputs
 
 
 class StaticAttention:
@@ -108,27 +175,22 @@ class StaticBuffers:
         self.seq_lens = torch.ones(max_requests, dtype=torch.long, device=device)
 
 
-class GraphedForward:
+class GraphedForward(Bucketed):
     """Runs qualifying verify batches padded to their bucket (module docstring): replayed
     from a CUDA graph captured at the bucket's first batch (``capture``), or eagerly."""
 
+    label = "target's forward"
+
     def __init__(self, runner, max_requests: int, capture: bool, max_graphs: int = 48) -> None:
+        super().__init__(capture, max_graphs)
         cfg = runner.target.config
-        self.runner, self.capture, self.max_graphs = runner, capture, max_graphs
+        self.runner = runner
         self.block_size = runner.block_size
         self.scratch_block = runner.scratch_block
-        self.request_buckets = [b for b in REQUEST_BUCKETS if b < max_requests] + [
-            bucket(max_requests, REQUEST_BUCKETS) or max_requests]
-        max_blocks = -(-cfg.max_position_embeddings // self.block_size)
-        self.block_buckets = sorted({min(1 << i, max_blocks)
-                                     for i in range(max_blocks.bit_length() + 1)})
+        self.request_buckets, self.block_buckets = bucket_sizes(
+            max_requests, cfg.max_position_embeddings, self.block_size)
         self.buffers = StaticBuffers(self.request_buckets[-1], QUERY_BUCKETS[-1],
                                      self.block_buckets[-1], runner.device)
-        self.graphs: dict[Shape, tuple] = {}
-        """Shape -> (graph or None, its outputs: hidden, features, write slots)."""
-        self.pool = None
-        self.replays = 0
-        """Batches served from a bucket (captured or eager)."""
 
     def shape(self, batch) -> Shape | None:
         """The bucket of ``batch`` (None: it runs eagerly)."""
@@ -140,9 +202,7 @@ class GraphedForward:
         if requests is None or queries is None or blocks is None:
             return None
         shape = Shape(requests, queries, blocks)
-        if shape not in self.graphs and len(self.graphs) >= self.max_graphs:
-            return None
-        return shape
+        return shape if self.has_room(shape) else None
 
     def forward(self, batch) -> tuple | None:
         """(logits, hidden, features, slots) of ``batch``'s rows, as ``ModelRunner.forward``
@@ -151,15 +211,7 @@ class GraphedForward:
         if shape is None:
             return None
         dest = self._fill(batch, shape)  # [N] each real row's padded row
-        if shape not in self.graphs:
-            self.graphs[shape] = self._build(shape)
-        graph, outputs = self.graphs[shape]
-        if graph is not None:
-            graph.replay()
-        else:
-            outputs = self._body(shape)
-        self.replays += 1
-        hidden, features, slots = outputs
+        hidden, features, slots = self.run(shape)
         hidden = hidden.index_select(0, dest)
         # NOTE: the LM head runs on the real rows after the replay: one product, and no
         # [rows, vocabulary] output kept per bucket
@@ -217,25 +269,3 @@ class GraphedForward:
                             attention=StaticAttention(runner.kv, write_slots, layout))
         features = out.layer_features[0] if runner.feature_layers else None
         return out.hidden_states[0], features, write_slots
-
-    def _build(self, shape: Shape) -> tuple:
-        """The bucket's graph and its output tensors (no graph: ``capture`` is off)."""
-        if not self.capture:
-            return None, None
-        # NOTE: capture runs the forward once on what the buffers hold now (this batch),
-        # after a warm-up on a side stream (the weight copies, the allocator's pools);
-        # replay then serves this batch too
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._body(shape)
-        torch.cuda.current_stream().wait_stream(side)
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with capture_errors(shape), torch.cuda.graph(graph, pool=self.pool,
-                                                     capture_error_mode="thread_local"):
-            outputs = self._body(shape)
-        logger.info("captured a CUDA graph for %s (%d graphs)", shape, len(self.graphs) + 1)
-        return graph, outputs
