@@ -18,6 +18,7 @@ Parameter names are exactly Hugging Face's ``Qwen3MoeForCausalLM`` / ``Qwen3ForC
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -137,6 +138,22 @@ class Routing:
     probs: torch.Tensor  # [N, E] full softmax, for the load-balancing loss
 
 
+_sync_free = [False]
+
+
+@contextmanager
+def sync_free_experts():
+    """Within it, the ``auto`` expert path never syncs with the host on a GPU (a CUDA
+    graph's warm-up and capture, ``workers/graphs.py``): dense experts where torch's
+    grouped product has no kernel of its own. NOTE: process-wide; the engine's one thread
+    runs the forwards."""
+    before, _sync_free[0] = _sync_free[0], True
+    try:
+        yield
+    finally:
+        _sync_free[0] = before
+
+
 class SparseMoeBlock(nn.Module):
     """Routed SwiGLU experts behind a softmax top-k router, plus an optional shared expert.
 
@@ -179,7 +196,7 @@ class SparseMoeBlock(nn.Module):
 
     expert_path = "auto"
     """How the routed experts run: ``auto`` (on a GPU, grouped products in bf16 on sm90 and
-    sm100, dense otherwise, neither with a host sync; on the CPU, dense up to
+    sm100, else sparse, or dense within ``sync_free_experts``; on the CPU, dense up to
     ``dense_max_tokens`` tokens, else grouped; sparse where this torch has no grouped
     product), or ``sparse``, ``dense``, ``grouped`` always (the benchmarks' side-by-side
     runs). Training (grad enabled) runs sparse."""
@@ -196,8 +213,10 @@ class SparseMoeBlock(nn.Module):
             else:
                 # NOTE: on a GPU torch's grouped product has its own kernel for bf16 on sm90
                 # and sm100 only; elsewhere it falls back to a loop that reads the group
-                # ends back to the host, a sync per layer that a CUDA graph cannot hold
-                path = "grouped" if grouped_mm_fast(x) else "dense"
+                # ends back to the host, a sync per layer that a CUDA graph cannot hold:
+                # there dense experts (no sync) while graphs are made, sparse otherwise
+                path = "grouped" if grouped_mm_fast(x) else (
+                    "dense" if _sync_free[0] else "sparse")
         if path == "grouped":
             return grouped_experts(self, x, routing)
         if path == "dense":

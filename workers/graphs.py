@@ -23,7 +23,8 @@ bucket* and run on static buffers:
 
 The routed experts must not sync with the host inside a capture: on a GPU the ``auto``
 expert path runs the grouped products only where torch has their kernel (bf16 on sm90 and
-sm100), dense ones elsewhere. A capture that fails stops the engine with the bucket named:
+sm100), and elsewhere dense experts while a graph is warmed up and captured
+(``sync_free_experts``; eager forwards take the sparse path there). A capture that fails stops the engine with the bucket named:
 torch's stream and allocator are not left fit to go on.
 
 Only batches whose rows all yield logits qualify (decoding and verifying requests: no
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from dspark.kernels.paged_attention import PagedLayout, paged_attention, slot_table
+from dspark.models.target import sync_free_experts
 
 logger = logging.getLogger(__name__)
 
@@ -133,14 +135,15 @@ class Bucketed:
             self.pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._body(shape)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with capture_errors(shape), torch.cuda.graph(graph, pool=self.pool,
-                                                     capture_error_mode="thread_local"):
-            outputs = self._body(shape)
+        with sync_free_experts():
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._body(shape)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with capture_errors(shape), torch.cuda.graph(graph, pool=self.pool,
+                                                         capture_error_mode="thread_local"):
+                outputs = self._body(shape)
         logger.info("captured a CUDA graph of the %s for %s (%d graphs)", self.label, shape,
                     len(self.graphs) + 1)
         return graph, outputs
