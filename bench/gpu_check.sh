@@ -11,6 +11,8 @@
 #   graphs   CUDA graphs in the engine (EngineConfig.cuda_graphs): the padded forwards'
 #            tests, the captured graph's among them, then `dspark bench engine` with no
 #            speculation and the serving default each with and without graphs.
+# A device call runs at most 10 minutes: all default steps may not fit in one; run
+# ONLY=graphs,sps first (about 8 minutes on the H200), then ONLY=kernels,engine.
 # Usage: [ONLY=sps,ep] [OUT=dir] [CONC=.. ROUNDS=.. SYSTEMS=..] bash bench/gpu_check.sh [cpu]
 # ("cpu" runs a tiny version of the same steps here, to check the script; ONLY runs the steps
 # named, by default kernels,graphs,sps,engine; CONC, ROUNDS and SYSTEMS set the engine
