@@ -67,6 +67,7 @@ class GraphedDrafting(Bucketed):
         shape = Shape(requests, 1, blocks)
         return shape if self.has_room(shape) else None
 
+    @torch.no_grad()
     def propose(self, longest: int, anchors, context_lens, block_tables, num: int, temps,
                 uniforms, noise) -> tuple | None:
         """(tokens [R, num], probs [R, num, N], confidence logits [R, num] or None) of

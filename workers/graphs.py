@@ -207,6 +207,7 @@ class GraphedForward(Bucketed):
         shape = Shape(requests, queries, blocks)
         return shape if self.has_room(shape) else None
 
+    @torch.no_grad()
     def forward(self, batch) -> tuple | None:
         """(logits, hidden, features, slots) of ``batch``'s rows, as ``ModelRunner.forward``
         gives them; None when it does not qualify."""

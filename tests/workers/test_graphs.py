@@ -103,6 +103,43 @@ def test_padded_forward_equals_the_eager_forward(make_model, spans_after, extra_
     torch.testing.assert_close(padded.kv.v[:, :owned], eager.kv.v[:, :owned])
 
 
+# NOTE: what reads a tensor's values back to the host (a sync on a GPU, which a capture
+# cannot hold)
+HOST_READS = ("item", "tolist", "numpy", "nonzero", "__bool__", "__int__", "__float__",
+              "__index__")
+
+
+@pytest.mark.parametrize("spans_after", [[1, 1, 1], [1, 4, 2], [8, 8, 8]])
+def test_the_padded_forward_reads_nothing_back_from_the_host(make_model, monkeypatch,
+                                                              spans_after):
+    """What a CUDA graph captures (``GraphedForward._body``: the layout, the KV writes, the
+    target's layers, experts dense and grouped) never reads a tensor's values on the host;
+    here on the CPU, with every such read made to raise."""
+    model = make_model(seed=3)
+    seqs = [list(range(5, 5 + n)) for n in (12, 20, 7)]
+    blocks = BlockManager(NUM_BLOCKS, BLOCK)
+    for i, s in enumerate(seqs):
+        blocks.allocate(str(i), s + [0] * 8)
+    runner = ModelRunner(model, NUM_BLOCKS, BLOCK, feature_layers=(0, 2))
+    runner.enable_graphs(max_requests=8, capture=False)
+    spans = [(len(s) - 1, len(s) - 1 + n) for s, n in zip(seqs, spans_after)]
+    padded = [s + [9] * 8 for s in seqs]
+    batch = batch_of(blocks, padded, spans, True)
+    shape = runner.graphs.shape(batch)
+    runner.graphs._fill(batch, shape)
+
+    def read(*args, **kwargs):
+        raise AssertionError("a tensor read back on the host inside the captured region")
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, read)
+    with torch.no_grad():  # NOTE: as the runner calls it
+        for _ in (0, 1):  # NOTE: the second call: every weight copy already cached
+            runner.graphs._body(shape)
+    monkeypatch.undo()
+    assert shape.rows == 4 * max(spans_after)  # 3 requests in a bucket of 4
+
+
 def test_batches_that_do_not_fit_a_bucket_run_eagerly(make_model):
     model = make_model(seed=3)
     runner = ModelRunner(model, NUM_BLOCKS, BLOCK, feature_layers=(0,))
