@@ -90,6 +90,39 @@ def make_drafter():
     return build
 
 
+@pytest.fixture
+def verify_batch():
+    """Builds the model runner's verify batch of ``seqs[r][a:b]`` for each span ``(a, b)``,
+    request r's blocks ``blocks.table(str(r))``: ``verify_batch(blocks, seqs, spans,
+    all_logits=False, device="cpu", extra_blocks=0)``, the block tables padded with
+    ``extra_blocks`` more columns than the widest needs; every row a logit row."""
+    from dspark.workers.model_runner import VerifyBatch
+
+    def build(blocks, seqs, spans, all_logits=False, device="cpu", extra_blocks=0):
+        ids, pos, cu, seq_lens = [], [], [0], []
+        for s, (a, b) in zip(seqs, spans):
+            ids += s[a:b]
+            pos += range(a, b)
+            cu.append(cu[-1] + b - a)
+            seq_lens.append(b)
+        tables = [blocks.table(str(i)).block_ids for i in range(len(seqs))]
+        width = max(len(t) for t in tables) + extra_blocks
+        return VerifyBatch(
+            input_ids=torch.tensor(ids, device=device),
+            positions=torch.tensor(pos, device=device),
+            cu_q=torch.tensor(cu, device=device),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                      device=device),
+            seq_lens=torch.tensor(seq_lens, device=device),
+            logit_rows=torch.arange(len(ids), device=device),
+            q_lens=[b - a for a, b in spans],
+            key_lens=seq_lens,
+            all_logits=all_logits,
+        )
+
+    return build
+
+
 @pytest.fixture(scope="session")
 def corpus():
     """The full corpus at seed 0 (walks the standard library once per session)."""

@@ -17,34 +17,9 @@ from dspark.workers.budget import StepCostTable
 from dspark.workers.drafting import DraftWorker, ExtendBatch
 from dspark.workers.engine import Engine, EngineConfig, enable_graphs
 from dspark.workers.graphs import Shape
-from dspark.workers.model_runner import ModelRunner, VerifyBatch
+from dspark.workers.model_runner import ModelRunner
 
 NUM_BLOCKS, BLOCK = 64, 4
-
-
-def batch_of(blocks, seqs, spans, all_logits, device="cpu", extra_blocks=0):
-    """The verify batch of ``seqs[r][a:b]`` for each span; block tables padded with
-    ``extra_blocks`` more columns than the widest table needs."""
-    ids, pos, cu, seq_lens = [], [], [0], []
-    for s, (a, b) in zip(seqs, spans):
-        ids += s[a:b]
-        pos += range(a, b)
-        cu.append(cu[-1] + b - a)
-        seq_lens.append(b)
-    tables = [blocks.table(str(i)).block_ids for i in range(len(seqs))]
-    width = max(len(t) for t in tables) + extra_blocks
-    return VerifyBatch(
-        input_ids=torch.tensor(ids, device=device),
-        positions=torch.tensor(pos, device=device),
-        cu_q=torch.tensor(cu, device=device),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables],
-                                  device=device),
-        seq_lens=torch.tensor(seq_lens, device=device),
-        logit_rows=torch.arange(len(ids), device=device),
-        q_lens=[b - a for a, b in spans],
-        key_lens=seq_lens,
-        all_logits=all_logits,
-    )
 
 
 def two_runners(model, device="cpu", capture=False):
@@ -55,9 +30,9 @@ def two_runners(model, device="cpu", capture=False):
     return eager, padded
 
 
-def prefill(runners, blocks, seqs, upto):
+def prefill(verify_batch, runners, blocks, seqs, upto):
     for runner in runners:
-        out = runner.forward(batch_of(blocks, seqs, [(0, n) for n in upto], False,
+        out = runner.forward(verify_batch(blocks, seqs, [(0, n) for n in upto], False,
                                       runner.device))
         assert out.logits.shape[0] == sum(upto)  # NOTE: a prefill batch runs eagerly
 
@@ -75,7 +50,7 @@ def assert_same(a, b):
     ([1, 4, 2], 0),       # a verify step: runs of 1, 4 and 2 rows padded to 4 each
     ([3, 1, 8], 5),       # a run of 8 rows; tables wider than the widest request needs
 ])
-def test_padded_forward_equals_the_eager_forward(make_model, spans_after, extra_blocks):
+def test_padded_forward_equals_the_eager_forward(make_model, spans_after, extra_blocks, verify_batch):
     model = make_model(seed=3)
     for layer in model.model.layers:  # NOTE: the same expert path for both batch sizes
         layer.mlp.expert_path = "sparse"
@@ -87,9 +62,9 @@ def test_padded_forward_equals_the_eager_forward(make_model, spans_after, extra_
     for i, s in enumerate(seqs):
         blocks.allocate(str(i), s)
     eager, padded = two_runners(model)
-    prefill((eager, padded), blocks, seqs, context)
+    prefill(verify_batch, (eager, padded), blocks, seqs, context)
     spans = [(c, c + n) for c, n in zip(context, spans_after)]
-    batch = batch_of(blocks, seqs, spans, True, extra_blocks=extra_blocks)
+    batch = verify_batch(blocks, seqs, spans, True, extra_blocks=extra_blocks)
     want = eager.forward(batch)
     got = padded.forward(batch)
     assert padded.graphs.replays == 1 and len(padded.graphs.graphs) == 1
@@ -111,7 +86,7 @@ HOST_READS = ("item", "tolist", "numpy", "nonzero", "__bool__", "__int__", "__fl
 
 @pytest.mark.parametrize("spans_after", [[1, 1, 1], [1, 4, 2], [8, 8, 8]])
 def test_the_padded_forward_reads_nothing_back_from_the_host(make_model, monkeypatch,
-                                                              spans_after):
+                                                              spans_after, verify_batch):
     """What a CUDA graph captures (``GraphedForward._body``: the layout, the KV writes, the
     target's layers, experts dense and grouped) never reads a tensor's values on the host;
     here on the CPU, with every such read made to raise."""
@@ -124,7 +99,7 @@ def test_the_padded_forward_reads_nothing_back_from_the_host(make_model, monkeyp
     runner.enable_graphs(max_requests=8, capture=False)
     spans = [(len(s) - 1, len(s) - 1 + n) for s, n in zip(seqs, spans_after)]
     padded = [s + [9] * 8 for s in seqs]
-    batch = batch_of(blocks, padded, spans, True)
+    batch = verify_batch(blocks, padded, spans, True)
     shape = runner.graphs.shape(batch)
     runner.graphs._fill(batch, shape)
 
@@ -140,7 +115,7 @@ def test_the_padded_forward_reads_nothing_back_from_the_host(make_model, monkeyp
     assert shape.rows == 4 * max(spans_after)  # 3 requests in a bucket of 4
 
 
-def test_batches_that_do_not_fit_a_bucket_run_eagerly(make_model):
+def test_batches_that_do_not_fit_a_bucket_run_eagerly(make_model, verify_batch):
     model = make_model(seed=3)
     runner = ModelRunner(model, NUM_BLOCKS, BLOCK, feature_layers=(0,))
     runner.enable_graphs(max_requests=8, capture=False)
@@ -148,9 +123,9 @@ def test_batches_that_do_not_fit_a_bucket_run_eagerly(make_model):
     seqs = [list(range(5, 30))]
     blocks = BlockManager(NUM_BLOCKS, BLOCK)
     blocks.allocate("0", seqs[0])
-    assert graphs.shape(batch_of(blocks, seqs, [(0, 20)], True)) is None  # 20 query rows
-    assert graphs.shape(batch_of(blocks, seqs, [(0, 3)], False)) is None  # a prefill
-    assert graphs.shape(batch_of(blocks, seqs, [(24, 25)], True)) == Shape(1, 1, 8)
+    assert graphs.shape(verify_batch(blocks, seqs, [(0, 20)], True)) is None  # 20 query rows
+    assert graphs.shape(verify_batch(blocks, seqs, [(0, 3)], False)) is None  # a prefill
+    assert graphs.shape(verify_batch(blocks, seqs, [(24, 25)], True)) == Shape(1, 1, 8)
     with pytest.raises(ValueError, match="cuda_graphs needs the target on a CUDA device"):
         runner.enable_graphs(8, capture=True)
     with pytest.raises(ValueError, match="cuda_graphs"):
@@ -242,20 +217,20 @@ def test_greedy_text_is_the_same_with_padded_forwards(make_model, make_drafter, 
 
 
 @GPU
-def test_captured_graph_replays_the_eager_forward(make_model):
+def test_captured_graph_replays_the_eager_forward(make_model, verify_batch):
     model = make_model(seed=3).cuda()
     seqs = [list(range(5, 5 + n)) for n in (12, 20, 7)]
     blocks = BlockManager(NUM_BLOCKS, BLOCK)
     for i, s in enumerate(seqs):
         blocks.allocate(str(i), s)
     eager, padded = two_runners(model, "cuda", capture=True)
-    prefill((eager, padded), blocks, seqs, [n - 3 for n in (12, 20, 7)])
+    prefill(verify_batch, (eager, padded), blocks, seqs, [n - 3 for n in (12, 20, 7)])
     for spans in ([(9, 10), (17, 18), (4, 5)], [(9, 12), (17, 19), (4, 7)]):
-        batch = batch_of(blocks, seqs, spans, True, "cuda")
+        batch = verify_batch(blocks, seqs, spans, True, "cuda")
         assert_same(padded.forward(batch), eager.forward(batch))
     assert len(padded.graphs.graphs) == 2 and all(
         graph is not None for graph, _ in padded.graphs.graphs.values())
     # a replay with other requests' tables and tokens in the same bucket
-    batch = batch_of(blocks, seqs, [(10, 11), (18, 19), (5, 6)], True, "cuda")
+    batch = verify_batch(blocks, seqs, [(10, 11), (18, 19), (5, 6)], True, "cuda")
     assert_same(padded.forward(batch), eager.forward(batch))
     assert len(padded.graphs.graphs) == 2

@@ -10,31 +10,11 @@ from dspark.workers.block_manager import BlockManager
 from dspark.workers.model_runner import ModelRunner, VerifyBatch, profile_step_costs
 
 
-def run(runner, blocks, seqs, spans):
-    ids, pos, cu, seq_lens = [], [], [0], []
-    for s, (a, b) in zip(seqs, spans):
-        ids += s[a:b]
-        pos += range(a, b)
-        cu.append(cu[-1] + b - a)
-        seq_lens.append(b)
-    tables = [blocks.table(str(i)).block_ids for i in range(len(seqs))]
-    width = max(len(t) for t in tables)
-    return runner.forward(VerifyBatch(
-        input_ids=torch.tensor(ids),
-        positions=torch.tensor(pos),
-        cu_q=torch.tensor(cu),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
-        seq_lens=torch.tensor(seq_lens),
-        logit_rows=torch.arange(len(ids)),
-        q_lens=[b - a for a, b in spans],
-        key_lens=seq_lens,
-    ))
-
-
 # NOTE: group_rows 0 splits the requests by query length (3 groups here); the default keeps
 # these small batches in one padded group
 @pytest.mark.parametrize("group_rows", [paged_attention.GROUP_ROWS, 0])
-def test_chunked_paged_forward_equals_the_plain_forward(make_model, monkeypatch, group_rows):
+def test_chunked_paged_forward_equals_the_plain_forward(make_model, monkeypatch, group_rows,
+                                                         verify_batch):
     monkeypatch.setattr(paged_attention, "GROUP_ROWS", group_rows)
     target = make_model()
     gen = torch.Generator().manual_seed(0)
@@ -44,9 +24,9 @@ def test_chunked_paged_forward_equals_the_plain_forward(make_model, monkeypatch,
         blocks.allocate(str(i), s)
     runner = ModelRunner(target, 64, 4, feature_layers=(0, 1))
     cut = [min(3, len(s) - 1) for s in seqs]
-    run(runner, blocks, seqs, [(0, c) if c else (0, 1) for c in cut])
+    runner.forward(verify_batch(blocks, seqs, [(0, c) if c else (0, 1) for c in cut]))
     spans = [(c, len(s)) if c else (0, 1) for s, c in zip(seqs, cut)]
-    out = run(runner, blocks, seqs, spans)
+    out = runner.forward(verify_batch(blocks, seqs, spans))
     row = 0
     for s, (a, b) in zip(seqs, spans):
         ref = target(torch.tensor([s]), feature_layers=(0, 1))
