@@ -10,12 +10,15 @@
 #   engine   `dspark bench engine` on the demo checkpoints on the GPU;
 #   graphs   CUDA graphs in the engine (EngineConfig.cuda_graphs): the padded forwards'
 #            tests, the captured graph's among them, then `dspark bench engine` with no
-#            speculation and the serving default each with and without graphs.
+#            speculation and the serving default each with and without graphs;
+#   syncs    where an engine step makes the host wait for the GPU: the host-to-device
+#            helpers' test, then every sync of no speculation's and the serving default's
+#            steps counted and placed by torch's sync debug mode (bench/host_syncs.py).
 # A device call runs at most 10 minutes: all default steps may not fit in one; run
-# ONLY=graphs,sps first (about 8 minutes on the H200), then ONLY=kernels,engine.
+# ONLY=graphs,syncs,sps first (about 9 minutes on the H200), then ONLY=kernels,engine.
 # Usage: [ONLY=sps,ep] [OUT=dir] [CONC=.. ROUNDS=.. SYSTEMS=..] bash bench/gpu_check.sh [cpu]
 # ("cpu" runs a tiny version of the same steps here, to check the script; ONLY runs the steps
-# named, by default kernels,graphs,sps,engine; CONC, ROUNDS and SYSTEMS set the engine
+# named, by default kernels,graphs,syncs,sps,engine; CONC, ROUNDS and SYSTEMS set the engine
 # benchmark's). Results go to $OUT (default
 # runs/gpu-check). Each step runs under its own time limit and a failed step stops no other;
 # the steps' exit codes and seconds go to $OUT/summary.txt, all output to $OUT/log.txt, the
@@ -27,7 +30,7 @@ DEVICE=${1:-cuda}
 mkdir -p "$OUT"
 : >"$OUT/summary.txt"
 exec > >(tee -a "$OUT/log.txt") 2>&1
-ONLY=${ONLY:-kernels,graphs,sps,engine}  # ep and compile: measured in session 29
+ONLY=${ONLY:-kernels,graphs,syncs,sps,engine}  # ep and compile: measured in session 29
 step() {  # step NAME[:PART] SECONDS COMMAND...: run one check under a time limit, record rc
     # and time (ONLY names the step, every part of it)
     local name=$1 limit=$2 start=$SECONDS rc
@@ -54,8 +57,9 @@ if [ "$DEVICE" = cuda ]; then
     step kernels 90 env TRITON_INTERPRET=0 "$PY" -P -m pytest -q \
         -p no:cacheprovider --import-mode=importlib --rootdir="$PWD" tests/kernels
     SIZES="1,2,4,8,16,32,64,128,256,512,1024"; CONC=${CONC:-1,4,32}; TOKENS=64; LONG=${LONG:-180}
+    SYNC_CONC=1,32; SYNC_TOKENS=32
 else
-    SIZES="1,4,16"; CONC=${CONC:-1,2}; TOKENS=8; LONG=120
+    SIZES="1,4,16"; CONC=${CONC:-1,2}; TOKENS=8; LONG=120; SYNC_CONC=1,2; SYNC_TOKENS=8
 fi
 
 step graphs:tests 180 env TRITON_INTERPRET=0 "$PY" -P -m pytest -q -p no:cacheprovider \
@@ -67,6 +71,11 @@ if [ "$DEVICE" = cuda ]; then
         --systems no-spec,no-spec-graphs,dspark-d2-alg1,dspark-d2-alg1-graphs --out "$OUT/graphs"
     [ -d "$OUT/graphs" ] && tar -czf "$OUT/graphs.tgz" -C "$OUT" graphs && rm -rf "$OUT/graphs"
 fi
+
+step syncs:tests 60 env TRITON_INTERPRET=0 "$PY" -P -m pytest -q -p no:cacheprovider \
+    --import-mode=importlib --rootdir="$PWD" tests/workers/test_transfers.py
+step syncs:count 90 "$PY" -P -m dspark.bench.host_syncs --device "$DEVICE" \
+    --concurrency "$SYNC_CONC" --max-tokens "$SYNC_TOKENS" --out "$OUT/host-syncs.json"
 
 step sps 240 "$PY" -P -m dspark.bench.large_target --device "$DEVICE" --sizes "$SIZES" \
     --out "$OUT/large-target.json"

@@ -55,7 +55,8 @@ if triton is not None:
 
 
 def accepted_lengths_triton(
-    ratio: torch.Tensor, uniforms: torch.Tensor, cu_num_draft: torch.Tensor
+    ratio: torch.Tensor, uniforms: torch.Tensor, cu_num_draft: torch.Tensor,
+    width: int | None = None,  # the most drafts of one request, where known on the host
 ) -> torch.Tensor:
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -63,7 +64,8 @@ def accepted_lengths_triton(
     out = torch.empty(num_req, dtype=torch.int64, device=ratio.device)
     if num_req == 0:
         return out
-    width = int((cu_num_draft[1:] - cu_num_draft[:-1]).max())
+    if width is None:  # NOTE: a read-back (a sync on a GPU)
+        width = int((cu_num_draft[1:] - cu_num_draft[:-1]).max())
     block = max(16, triton.next_power_of_2(max(width, 1)))
     _accept_kernel[(num_req,)](
         ratio.float().contiguous(),
@@ -76,9 +78,11 @@ def accepted_lengths_triton(
 
 
 def accepted_lengths(
-    ratio: torch.Tensor, uniforms: torch.Tensor, cu_num_draft: torch.Tensor
+    ratio: torch.Tensor, uniforms: torch.Tensor, cu_num_draft: torch.Tensor,
+    width: int | None = None,
 ) -> torch.Tensor:
-    """The kernel on CUDA tensors, the torch twin elsewhere."""
+    """The kernel on CUDA tensors, the torch twin elsewhere. ``width``: the most drafts
+    of one request, where the caller knows it (the kernel then reads nothing back)."""
     if ratio.is_cuda and triton is not None:
-        return accepted_lengths_triton(ratio, uniforms, cu_num_draft)
+        return accepted_lengths_triton(ratio, uniforms, cu_num_draft, width)
     return accepted_lengths_torch(ratio, uniforms, cu_num_draft)

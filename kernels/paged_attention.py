@@ -30,6 +30,8 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
+from dspark.kernels.transfer import device_tensor
+
 
 def slot_table(block_tables: torch.Tensor, num_positions: int, block_size: int) -> torch.Tensor:
     """block_tables [R, max_blocks] -> slots [R, num_positions] of positions 0.."""
@@ -159,18 +161,18 @@ def split_layout(
     groups = query_groups(q_lens)
     if len(groups) == 1:
         slots = slot_table(block_tables, max(key_lens), block_size)
-        cu = torch.tensor([0, *accumulate(q_lens)], device=device)
+        cu = device_tensor([0, *accumulate(q_lens)], device)
         return paged_layout(slots, seq_lens, cu, positions, max(q_lens), sum(q_lens))
     starts = [0, *accumulate(q_lens)]
     parts = []
     for reqs in groups:
         lens = [q_lens[r] for r in reqs]
-        rows = torch.tensor([i for r in reqs for i in range(starts[r], starts[r + 1])],
-                            dtype=torch.long, device=device)
-        index = torch.tensor(reqs, dtype=torch.long, device=device)
+        rows = device_tensor([i for r in reqs for i in range(starts[r], starts[r + 1])],
+                             device, torch.long)
+        index = device_tensor(reqs, device, torch.long)
         slots = slot_table(block_tables.index_select(0, index),
                            max(key_lens[r] for r in reqs), block_size)
-        cu = torch.tensor([0, *accumulate(lens)], device=device)
+        cu = device_tensor([0, *accumulate(lens)], device)
         parts.append((rows, paged_layout(slots, seq_lens.index_select(0, index), cu,
                                          positions.index_select(0, rows), max(lens),
                                          sum(lens))))

@@ -199,4 +199,7 @@ def select_prefixes(
                                group)
     taken = torch.arange(flat.numel(), device=surv.device) < cut
     req_of = order % num_req
-    return torch.bincount(req_of[taken], minlength=num_req)
+    # NOTE: a sum per request by scatter: a masked index or ``bincount`` would read a size
+    # back (a sync on a GPU)
+    return torch.zeros(num_req, dtype=torch.int64, device=surv.device).scatter_add_(
+        0, req_of, taken.long())

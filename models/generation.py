@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 
+from dspark.kernels.transfer import device_tensor
 from dspark.models.checkpoint import load_target
 from dspark.models.target import TargetModel
 from dspark.models.tokenizer import StreamDecoder, Tokenizer
@@ -131,7 +132,7 @@ def softmax_rows(logits: torch.Tensor, temperatures: Sequence[float]) -> torch.T
     if all(t == 1.0 for t in temperatures):
         return torch.softmax(logits.float(), -1)
     shifted = logits.float() - logits.amax(-1, keepdim=True)
-    shifted = shifted / torch.tensor(temperatures, device=logits.device)[:, None]
+    shifted = shifted / device_tensor(temperatures, logits.device)[:, None]
     return torch.softmax(shifted, -1)
 
 
@@ -163,23 +164,22 @@ def process_logits(
     if params.presence_penalty or params.frequency_penalty:
         counts = torch.zeros(rows, vocab, device=logits.device)  # [R, V]
         if output_ids:
-            base = torch.tensor(list(output_ids), device=logits.device)
+            base = device_tensor(list(output_ids), logits.device)
             counts += torch.bincount(base, minlength=vocab)[:vocab].float()
         if rows > 1:
-            extra = torch.tensor(list(extra_ids[: rows - 1]), device=logits.device)
+            extra = device_tensor(list(extra_ids[: rows - 1]), logits.device)
             step = torch.zeros(rows, vocab, device=logits.device)
             step[torch.arange(1, rows, device=logits.device), extra] = 1.0
             counts += step.cumsum(0)
         out -= params.presence_penalty * (counts > 0).float() + params.frequency_penalty * counts
     if params.logit_bias:
         ids = [t for t in params.logit_bias if t < vocab]
-        bias = torch.tensor([params.logit_bias[t] for t in ids], device=logits.device)
-        out[:, torch.tensor(ids, dtype=torch.long, device=logits.device)] += bias
+        bias = device_tensor([params.logit_bias[t] for t in ids], logits.device)
+        out[:, device_tensor(ids, logits.device, torch.long)] += bias
     if params.min_tokens and stop_ids and not params.ignore_eos:
         generated = len(output_ids) + torch.arange(rows, device=logits.device)  # [R]
         early = generated < params.min_tokens
-        stops = torch.tensor([t for t in stop_ids if t < vocab], dtype=torch.long,
-                             device=logits.device)
+        stops = device_tensor([t for t in stop_ids if t < vocab], logits.device, torch.long)
         masked = out[:, stops].masked_fill(early[:, None], float("-inf"))
         out[:, stops] = masked
     return out
@@ -193,7 +193,7 @@ def token_logprobs(
     """(token, its log-probability, the ``top`` most likely (token, log-probability)) per
     row, from the target's raw distribution (before temperature, penalties and top-p)."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
-    ids = torch.tensor(list(token_ids), dtype=torch.long, device=logits.device)
+    ids = device_tensor(list(token_ids), logits.device, torch.long)
     chosen = logp.gather(1, ids[:, None])[:, 0].tolist()
     tops: list[list[tuple[int, float]]] = [[] for _ in token_ids]
     if top:
@@ -281,7 +281,7 @@ def generate_tokens(
         gen.seed()
     cache = model.new_kv_cache(batch_size=1, max_len=context)
     device = model.lm_head.weight.device
-    logits = model(torch.tensor([list(prompt_ids)], device=device), kv_cache=cache).logits[0, -1]
+    logits = model(device_tensor([list(prompt_ids)], device), kv_cache=cache).logits[0, -1]
     output: list[int] = []
     for n in range(budget):
         logits = process_logits(logits[None], params, output, (), stop_ids)[0]
@@ -291,7 +291,7 @@ def generate_tokens(
         if token in stop_ids and not params.ignore_eos:
             return
         if n + 1 < budget:
-            step = torch.tensor([[token]], device=device)
+            step = device_tensor([[token]], device)
             logits = model(step, kv_cache=cache).logits[0, -1]
 
 

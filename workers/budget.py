@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from dspark.kernels.prefix_select import select_prefixes, select_prefixes_host
+from dspark.kernels.transfer import device_tensor
 from dspark.workers.modes import BudgetMode
 
 logger = logging.getLogger(__name__)
@@ -296,12 +297,12 @@ class CostModel:
     @property
     def sizes(self) -> torch.Tensor:
         """The verify table's batch sizes, on the device (the tensor twin's input)."""
-        return torch.tensor(self.verify.table.batch_sizes, device=self.device)
+        return device_tensor(self.verify.table.batch_sizes, self.device)
 
     @property
     def rates(self) -> torch.Tensor:
         """The verify table's steps per second, on the device."""
-        return torch.tensor(self.verify.table.steps_per_second, device=self.device)
+        return device_tensor(self.verify.table.steps_per_second, self.device)
 
 
 @dataclass(frozen=True)
@@ -339,7 +340,7 @@ class BudgetPolicy:
         verifies besides the drafted requests' anchors and drafts; ``other_requests``:
         requests it serves besides them (undrafted decoding, prefilling), each of which a
         longer step delays."""
-        caps_t = torch.tensor(caps, device=self.sts.device)
+        caps_t = device_tensor(caps, self.sts.device, torch.long)
         conf = surv = None
         if conf_logits is not None:
             conf = confidence(conf_logits, self.sts)

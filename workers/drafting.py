@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from dspark.kernels.markov_sample import markov_sample
 from dspark.kernels.paged_attention import gather_kv, slot_table
+from dspark.kernels.transfer import device_tensor
 from dspark.models.autoregressive_drafter import AutoregressiveDrafter
 from dspark.models.drafter_checkpoint import Drafter
 from dspark.models.linear import linear
@@ -151,7 +152,8 @@ class DraftWorker:
         if not self.autoregressive:
             num_req = len(batch.req_ids)
             lens = batch.cu[1:] - batch.cu[:-1]  # [R]
-            req_of = torch.repeat_interleave(torch.arange(num_req, device=lens.device), lens)
+            req_of = torch.repeat_interleave(torch.arange(num_req, device=lens.device), lens,
+                                             output_size=sum(batch.q_lens))
             slots = token_slots(batch.block_tables, req_of, batch.positions, self.block_size)
             self._write_context(batch.features, batch.positions, slots)
             return
@@ -189,11 +191,11 @@ class DraftWorker:
         device, cfg = tables.device, self.config
         noise = draft_noise([s.state.sampling for s in seqs], [s.first_position for s in seqs],
                             cfg.block_size, cfg.vocab_size, device, max(caps))
-        args = (torch.tensor([s.known[0] for s in seqs], device=device),
-                torch.tensor([s.start for s in seqs], device=device),
-                tables.index_select(0, torch.tensor([s.row for s in seqs], device=device)),
+        args = (device_tensor([s.known[0] for s in seqs], device),
+                device_tensor([s.start for s in seqs], device),
+                tables.index_select(0, device_tensor([s.row for s in seqs], device)),
                 max(caps),
-                torch.tensor([s.state.params.temperature for s in seqs], device=device),
+                device_tensor([s.state.params.temperature for s in seqs], device),
                 noise.uniforms, noise)
         longest = max(s.start for s in seqs)
         padded = self.graphs.propose(longest, *args) if self.graphs else None
@@ -238,11 +240,11 @@ class DraftWorker:
         if req_ids:
             self.extend(ExtendBatch(
                 req_ids=req_ids,
-                features=features[torch.tensor(rows, device=dev)],
-                next_ids=torch.tensor(next_ids, device=dev),
-                positions=torch.tensor(positions, device=dev),
-                cu=torch.tensor(cu, device=dev),
-                block_tables=tables[torch.tensor(table_rows, device=dev)],
+                features=features[device_tensor(rows, dev, torch.long)],
+                next_ids=device_tensor(next_ids, dev, torch.long),
+                positions=device_tensor(positions, dev, torch.long),
+                cu=device_tensor(cu, dev),
+                block_tables=tables[device_tensor(table_rows, dev)],
                 q_lens=[b - a for a, b in zip(cu, cu[1:])],
             ))
 
@@ -252,15 +254,16 @@ class DraftWorker:
         if not self.lazy or not seqs:
             return 0
         dev = tables.device
-        rows = tables.index_select(0, torch.tensor([s.row for s in seqs], device=dev))
-        starts = torch.tensor([s.start for s in seqs], device=dev)
+        rows = tables.index_select(0, device_tensor([s.row for s in seqs], dev))
+        starts = device_tensor([s.start for s in seqs], dev)
         if self.autoregressive:
             # NOTE: the pair before the anchor is run whatever its flag: its output is the
             # hidden this request's drafts start from
             last = token_slots(rows, torch.arange(len(seqs), device=dev), starts - 1,
                                self.block_size)
             self.slots.written.index_fill_(0, last, False)
-        slots, positions, counts = self.slots.unwritten(rows, starts, self.block_size)
+        slots, positions, counts = self.slots.unwritten(rows, starts, self.block_size,
+                                                         max(s.start for s in seqs))
         for s in seqs:
             self.upto[s.request.req_id] = s.start
         num = slots.numel()
@@ -288,7 +291,7 @@ class DraftWorker:
         self.extend(ExtendBatch(
             req_ids=[s.request.req_id for s in seqs],
             features=self.slots.features[slots],
-            next_ids=torch.tensor(next_ids, device=dev),
+            next_ids=device_tensor(next_ids, dev, torch.long),
             positions=positions,
             cu=F.pad(counts.cumsum(0), (1, 0)),
             block_tables=rows,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dspark.kernels.transfer import device_tensor
 from dspark.models.drafter_checkpoint import Drafter
 from dspark.models.generation import SamplingParams, token_logprobs
 from dspark.models.target import TargetModel
@@ -394,7 +395,8 @@ def record_rounds(proposal: DraftProposal, plan, new_tokens: dict[str, list[int]
                   before: dict[str, int], on_round) -> None:
     """Each drafted request's round into its stats, and to ``on_round`` (which never fails
     the step) with what it proposed, accepted and committed and its confidences."""
-    conf = proposal.conf_logits.tolist() if proposal.conf_logits is not None else None
+    conf = (proposal.conf_logits.tolist()  # NOTE: a read-back only for an observer
+            if proposal.conf_logits is not None and on_round is not None else None)
     for i, (s, n) in enumerate(zip(proposal.seqs, plan.lengths)):
         accepted = len(new_tokens[s.request.req_id]) - 1
         s.state.spec.record(n, accepted)
@@ -458,7 +460,7 @@ def score_prompts(rows: list[SeqRows], logits: torch.Tensor) -> None:
                   if s.start + k + 1 < len(prompt) and s.start + k not in state.prompt_scores]
         if not wanted:
             continue
-        index = torch.tensor([lay.logit_start + k for k in wanted], device=logits.device)
+        index = device_tensor([lay.logit_start + k for k in wanted], logits.device)
         scores = token_logprobs(logits.index_select(0, index),
                                 [prompt[s.start + k + 1] for k in wanted],
                                 state.params.prompt_logprobs)

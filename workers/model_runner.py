@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from dspark.kernels.paged_attention import PagedLayout, paged_attention, split_layout
+from dspark.kernels.transfer import device_tensor
 from dspark.models.target import TargetModel
 from dspark.workers.allocator import keep_freed_memory
 from dspark.workers.budget import StepCostTable, VerificationPlan
@@ -196,14 +197,18 @@ class ModelRunner:
                 first = row0 + len(lay.fed) - 1 if s.prefill else row0
                 logit_rows += range(first, len(ids))
             all_logits = all_logits and not s.prefill and s.samples
-        dev = tables.device
+        # NOTE: one host-to-device copy of the five index lists, then views of it
+        packed = device_tensor(ids + positions + cu + seq_lens + logit_rows, tables.device,
+                               torch.long)
+        ids_t, pos_t, cu_t, lens_t, rows_t = packed.split(
+            [len(ids), len(positions), len(cu), len(seq_lens), len(logit_rows)])
         return VerifyBatch(
-            input_ids=torch.tensor(ids, device=dev),
-            positions=torch.tensor(positions, device=dev),
-            cu_q=torch.tensor(cu, device=dev),
+            input_ids=ids_t,
+            positions=pos_t,
+            cu_q=cu_t,
             block_tables=tables,
-            seq_lens=torch.tensor(seq_lens, device=dev),
-            logit_rows=torch.tensor(logit_rows, device=dev, dtype=torch.long),
+            seq_lens=lens_t,
+            logit_rows=rows_t,
             q_lens=[len(lay.fed) for lay in layout],
             key_lens=seq_lens,
             all_logits=all_logits,

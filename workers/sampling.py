@@ -35,6 +35,7 @@ import torch
 from dspark.kernels.accept import accepted_lengths
 from dspark.kernels.markov_sample import sample_rows
 from dspark.kernels.row_argmax import row_argmax
+from dspark.kernels.transfer import device_tensor
 from dspark.models.generation import (
     SamplingParams,
     draw_softmax,
@@ -129,18 +130,18 @@ def draft_noise(samplers: Sequence[RequestSampling], first_positions: Sequence[i
     slots = block if slots is None else slots
     draws = [s.stream.take(block) if s.stream is not None else [0.0] * block
              for s in samplers]
-    uniforms = torch.tensor(draws, device=device).view(len(samplers), block)
+    uniforms = device_tensor(draws, device).view(len(samplers), block)
     coupled = [s.coupled for s in samplers]
     gumbel = None
     if any(coupled):
         rows = [r for r, c in enumerate(coupled) if c]
-        seeds = torch.tensor([samplers[r].seed for r in rows], device=device)
-        positions = torch.tensor([first_positions[r] for r in rows], device=device)
+        seeds = device_tensor([samplers[r].seed for r in rows], device)
+        positions = device_tensor([first_positions[r] for r in rows], device)
         positions = (positions[:, None] + torch.arange(slots, device=device)).reshape(-1)
         gumbel = torch.zeros(len(samplers), slots, vocab, device=device)
-        gumbel[torch.tensor(rows, device=device)] = position_gumbel(
+        gumbel[device_tensor(rows, device)] = position_gumbel(
             seeds.repeat_interleave(slots), positions, vocab).view(len(rows), slots, vocab)
-    return DraftNoise(uniforms, gumbel, torch.tensor(coupled, device=device))
+    return DraftNoise(uniforms, gumbel, device_tensor(coupled, device))
 
 
 def draw_drafts(logits: torch.Tensor, temperatures: torch.Tensor, uniforms: torch.Tensor,
@@ -187,7 +188,7 @@ def target_probs(
     if batched:
         if len(batched) == logits.shape[0]:  # every row: no gather, no scatter
             return softmax_rows(logits, temps)
-        rows = torch.tensor(batched, device=logits.device)
+        rows = device_tensor(batched, logits.device)
         probs[rows] = softmax_rows(logits.index_select(0, rows), temps)
     return probs
 
@@ -239,13 +240,14 @@ def verify_tensors(
     chosen = _deterministic_tokens(samplers, first_positions, probs, lens, argmax)  # [M]
     if not any(lens):
         return _plain(samplers, probs, chosen)
-    cu = torch.tensor([0, *lens], device=device).cumsum(0)  # [R + 1] drafts before each
+    cu = device_tensor([0, *lens], device).cumsum(0)  # [R + 1] drafts before each
     starts = cu[:-1] + torch.arange(num_req, device=device)  # [R] its first target row
-    flat = torch.tensor([t for d in draft_ids for t in d], dtype=torch.long, device=device)
+    flat = device_tensor([t for d in draft_ids for t in d], device, torch.long)
     req_of = torch.repeat_interleave(torch.arange(num_req, device=device),
-                                     torch.tensor(lens, dtype=torch.long, device=device))
+                                     device_tensor(lens, device, torch.long),
+                                     output_size=sum(lens))
     target_row = torch.arange(flat.numel(), device=device) + req_of  # [D]
-    deterministic = torch.tensor([s.stream is None for s in samplers], device=device)
+    deterministic = device_tensor([s.stream is None for s in samplers], device)
     # NOTE: deterministic rows accept iff the draft is the target's token (uniform 0 < 1)
     match = (flat == chosen[target_row]).float()
     ratio = probs[target_row, flat] / draft_probs[torch.arange(flat.numel(), device=device), flat].clamp_min(
@@ -255,12 +257,12 @@ def verify_tensors(
     # NOTE: deterministic rows compare 0 < match
     uniforms = [u for s, n in zip(samplers, lens)
                 for u in (s.stream.take(n) if s.stream is not None else [0.0] * n)]
-    accepted = accepted_lengths(ratio, torch.tensor(uniforms, device=device), cu)  # [R]
+    accepted = accepted_lengths(ratio, device_tensor(uniforms, device), cu, max(lens))  # [R]
     tokens = chosen[starts + accepted]
     if random:
         tokens = torch.where(deterministic, tokens, _random_tokens(
             samplers, probs, draft_probs, starts, accepted, cu, lens))
-    accepted_l, tokens_l = accepted.tolist(), tokens.tolist()
+    accepted_l, tokens_l = torch.stack([accepted, tokens]).tolist()  # NOTE: one read-back
     return RejectionOutput(
         accepted_l, [list(d[:a]) + [t] for d, a, t in zip(draft_ids, accepted_l, tokens_l)])
 
@@ -355,12 +357,11 @@ def _plain(samplers, probs, chosen) -> RejectionOutput:
     argmax or Gumbel-max drawn already, or one uniform of its generator)."""
     random = [i for i, s in enumerate(samplers) if s.stream is not None]
     if random:
-        draws = torch.tensor([samplers[i].stream.take(1)[0] for i in random],
-                             device=probs.device)
+        draws = device_tensor([samplers[i].stream.take(1)[0] for i in random], probs.device)
         if len(random) == len(samplers):  # every row draws: no gather, no scatter
             chosen = inverse_cdf(probs, draws)
         else:
-            index = torch.tensor(random, device=probs.device)
+            index = device_tensor(random, probs.device)
             chosen = chosen.index_put((index,), inverse_cdf(probs[index], draws))
     return RejectionOutput([0] * len(samplers), [[t] for t in chosen.tolist()])
 
@@ -368,7 +369,7 @@ def _plain(samplers, probs, chosen) -> RejectionOutput:
 def _plain_softmax(samplers, logits) -> RejectionOutput:
     """``target_probs`` then ``verify`` when every request samples a plain softmax and none
     drafted: the same arithmetic and uniforms (so the same tokens) in a few operations."""
-    draws = torch.tensor([s.stream.take(1)[0] for s in samplers], device=logits.device)
+    draws = device_tensor([s.stream.take(1)[0] for s in samplers], logits.device)
     tokens = draw_softmax(logits, [s.params.temperature for s in samplers], draws)
     return RejectionOutput([0] * len(samplers), [[t] for t in tokens.tolist()])
 
@@ -393,9 +394,9 @@ def _deterministic_tokens(samplers, first_positions, probs, lens, argmax=None
         start += n + 1
     if rows:
         dev = probs.device
-        index = torch.tensor(rows, device=dev)
-        noise = position_gumbel(torch.tensor(seeds, device=dev),
-                                torch.tensor(positions, device=dev), probs.shape[-1])
+        index = device_tensor(rows, dev)
+        noise = position_gumbel(device_tensor(seeds, dev),
+                                device_tensor(positions, dev), probs.shape[-1])
         chosen[index] = gumbel_max(probs[index], noise)
     return chosen
 
@@ -414,11 +415,11 @@ def _random_tokens(samplers, probs, draft_probs, starts, accepted, cu, lens) -> 
     each, drawn after its acceptance uniforms."""
     dist = probs[starts + accepted].float()  # [R, V]
     if draft_probs.shape[0]:
-        rejected = accepted < torch.tensor(lens, device=probs.device)
+        rejected = accepted < device_tensor(lens, probs.device)
         q_rows = (cu[:-1] + accepted).clamp_max(draft_probs.shape[0] - 1)
         dist = torch.where(rejected[:, None], _recovery(dist, draft_probs[q_rows]), dist)
     draws = [s.stream.take(1)[0] if s.stream is not None else 0.0 for s in samplers]
-    return inverse_cdf(dist, torch.tensor(draws, device=probs.device))
+    return inverse_cdf(dist, device_tensor(draws, probs.device))
 
 
 def sample_step(rows: list[SeqRows], proposal: DraftProposal | None, logits: torch.Tensor
@@ -433,7 +434,7 @@ def sample_step(rows: list[SeqRows], proposal: DraftProposal | None, logits: tor
     if any(lay.num_scored for lay in rows):  # keep only the rows tokens are drawn from
         keep = [lay.logit_start + lay.num_scored + k
                 for lay, n in zip(sampling, rows_per) for k in range(n)]
-        logits = logits.index_select(0, torch.tensor(keep, device=logits.device))
+        logits = logits.index_select(0, device_tensor(keep, logits.device))
     raw = logits  # [M, V] what logprobs report
     logits = _process(sampling, logits, rows_per)
     samplers = [lay.seq.state.sampling for lay in sampling]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from dspark.kernels.paged_attention import slot_table
+from dspark.kernels.transfer import device_tensor
 
 
 class SlotFeatures:
@@ -44,12 +45,15 @@ class SlotFeatures:
         self.written.index_fill_(0, slots, False)
 
     def unwritten(self, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                  block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  block_size: int, width: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The slots and positions [M] of the context rows (positions < context_lens[r] of
         each request's table [R, max_blocks]) whose drafter K/V is not written, request by
         request in position order, and how many of them each request has [R]. A slot two
-        requests share (a cached block) is listed once per request."""
-        width = int(context_lens.max()) if context_lens.numel() else 0
+        requests share (a cached block) is listed once per request. ``width``: the longest
+        context where the caller knows it (else it is read back: a sync on a GPU)."""
+        if width is None:
+            width = int(context_lens.max()) if context_lens.numel() else 0
         if width == 0:
             empty = torch.zeros(0, dtype=torch.long, device=self.written.device)
             return empty, empty, torch.zeros_like(context_lens)
@@ -67,7 +71,7 @@ class SlotFeatures:
         prefix-cache hits, in order)."""
         if not block_ids:
             return 0
-        flags = self.written[slot_table(torch.tensor([block_ids], device=self.written.device),
+        flags = self.written[slot_table(device_tensor([block_ids], self.written.device),
                                         len(block_ids) * block_size, block_size)[0]]
         missing = (~flags).nonzero()
         return int(missing[0]) if missing.numel() else flags.numel()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dspark.kernels.transfer import to_device
 from dspark.models.generation import SamplingParams, TokenLogprob
 from dspark.workers.draft_vocab import DraftVocab
 from dspark.workers.gate import DraftRecord
@@ -154,7 +155,7 @@ def block_tables(blocks, seqs: list[StepSeq], device) -> torch.Tensor:
         flat.extend([0] * (width - len(r)))
     if not flat:
         return torch.zeros(len(rows), 0, dtype=torch.long, device=device)
-    return torch.frombuffer(flat, dtype=torch.long).view(len(rows), width).to(device)
+    return to_device(torch.frombuffer(flat, dtype=torch.long).view(len(rows), width), device)
 
 
 @dataclass(frozen=True)
