@@ -73,7 +73,7 @@ if [ "$DEVICE" = cuda ]; then
 fi
 
 step syncs:tests 60 env TRITON_INTERPRET=0 "$PY" -P -m pytest -q -p no:cacheprovider \
-    --import-mode=importlib --rootdir="$PWD" tests/workers/test_transfers.py
+    --import-mode=importlib --rootdir="$PWD" tests/workers/test_host_syncs.py
 step syncs:count 90 "$PY" -P -m dspark.bench.host_syncs --device "$DEVICE" \
     --concurrency "$SYNC_CONC" --max-tokens "$SYNC_TOKENS" --out "$OUT/host-syncs.json"
 

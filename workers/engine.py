@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -45,6 +44,7 @@ from dspark.workers.lanes import (
     propose_lane,
 )
 from dspark.workers.model_runner import ModelRunner, profile_step_costs
+from dspark.workers.phase_clock import PhaseClock
 from dspark.workers.sampling import sample_step
 from dspark.workers.scheduler import Request, RequestResult, Scheduler, SchedulerConfig
 from dspark.workers.stats import RequestStep, RoundRecord, StepStats, request_steps, step_stats
@@ -241,7 +241,7 @@ class Engine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> StepResult:
-        clock = [time.perf_counter()]
+        clock = PhaseClock(self.device, self.config.phase_sync)
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             if self.lockstep:
@@ -260,11 +260,11 @@ class Engine:
                 forward_empty(self.target)
             return self._fail(seqs, exc)
 
-    def _run(self, sched, seqs: list[StepSeq], clock: list[float]) -> StepResult:
+    def _run(self, sched, seqs: list[StepSeq], clock: PhaseClock) -> StepResult:
         """Schedule (done), decide drafting, draft, budget, verify, sample, commit, record;
         ``clock`` gets each stage's end."""
         tables = block_tables(self.blocks, seqs, self.device)
-        clock.append(time.perf_counter())
+        clock.mark()
         load, prefilling = prefill_load(seqs, self.config.prefill_weight)
         self.costs.group = self.budget.group()
         decoding = [s for s in seqs if not s.prefill]
@@ -273,25 +273,25 @@ class Engine:
                 self, sched, seqs, proposal):
             tables = block_tables(self.blocks, seqs, self.device)
             load, prefilling = prefill_load(seqs, self.config.prefill_weight)
-        clock.append(time.perf_counter())
+        clock.mark()
         plan = None
         if proposal is not None:
             undrafted = len(decoding) - len(proposal.seqs)
             budget = self.light_budget if proposal.light else self.budget
             plan = budget.plan(proposal.conf_logits, proposal.caps, load + undrafted,
                                prefilling + undrafted)
-        clock.append(time.perf_counter())
+        clock.mark()
         result, rows, num_rows = self.runner.verify(seqs, proposal, plan, tables)
-        clock.append(time.perf_counter())
+        clock.mark()
         score_prompts(rows, result.logits)
         verified = Verified(*sample_step(rows, proposal, result.logits), num_rows)
-        clock.append(time.perf_counter())
+        clock.mark()
         for lane in self.lanes:
             lane.worker.extend_step(rows, verified.new_tokens,
                                     lane.worker.features_of(result.features, result.hidden),
                                     result.slots, tables)
         outputs = self._commit(sched, seqs, proposal, plan, verified.new_tokens)
-        clock.append(time.perf_counter())
+        clock.mark()
         self._learn(decoding, proposal, plan, verified, clock)
         stats = step_stats(self, sched, seqs, proposal, plan, verified, outputs, clock)
         if self.on_request_step is not None:
@@ -312,7 +312,7 @@ class Engine:
                 return proposal, tables
         return None, tables
 
-    def _learn(self, decoding, proposal, plan, verified: Verified, clock: list[float]) -> None:
+    def _learn(self, decoding, proposal, plan, verified: Verified, clock: PhaseClock) -> None:
         """Refine the cost model (verify forward; drafting = proposing) and every lane's
         gate and per-request records (a lane that did not draft saw its requests decode
         without drafting)."""
@@ -322,15 +322,15 @@ class Engine:
                       clock[-1] - clock[0], written)
         # NOTE: drafting is charged its proposal; the deferred drafter-cache rows the
         # proposal wrote first (``DraftWorker.flush``) are priced per row apart
-        verify, draft = clock[4] - clock[3], clock[2] - clock[1]
-        main = self.lane is not None and not self.lane.light
+        verify, draft = clock.span(3, 4), clock.span(1, 2)  # NOTE: device times on a GPU
+        own, main = max(draft - written, 0.0), self.lane is not None and not self.lane.light
         if self.lane is not None:
             self.lane.costs.observe_write(self.lane.worker.last_flush[0], written)
-        self.costs.observe(verified.num_tokens, verify, len(drafted) if main else 0,
-                           draft - written, clock[-1] - clock[0] - verify - draft)
+        self.costs.observe(verified.num_tokens, verify, len(drafted) if main else 0, own,
+                           max(clock[-1] - clock[0] - verify - draft, 0.0))
         for lane in self.lanes[1:]:
             if lane is self.lane:
-                lane.costs.observe_draft(len(drafted), draft - written)
+                lane.costs.observe_draft(len(drafted), own)
             lane.costs.follow(self.costs)
 
     def _commit(self, sched, seqs: list[StepSeq], proposal: DraftProposal | None, plan,

@@ -82,6 +82,10 @@ class EngineConfig:
     rows and context blocks, each bucket replayed from a CUDA graph captured at its first
     batch (``dspark.workers.graphs``). A CUDA target only, and not with expert
     parallelism. Off by default until the GPU check has measured it in the engine."""
+    phase_sync: bool = False
+    """A diagnostic: on a GPU, wait for the device at the end of every stage of a step, so
+    that each stage's time in ``StepStats`` is its whole cost (its kernels' run included,
+    not only their launch). It makes every step slower; off when serving."""
     prefill_weight: float = 1.0
     """How many decoding requests a prefilling request counts as in the step's cost model
     (the gate and the budget): a longer step delays its first token as it delays their next

@@ -78,6 +78,9 @@ def _add_engine(which: Subparsers) -> None:
              "a subset of the systems, comma-separated")
     add_flag(eng, "--threads", 0, "torch threads (0: torch's default)", type=int)
     add_flag(eng, "--device", "cpu", "torch device of the target and the drafters")
+    add_switch(eng, "--phase-sync", "on a GPU, wait for the device at the end of every stage "
+               "of a step, so that each stage's time (phase_ms) is its whole cost; slower "
+               "steps (EngineConfig.phase_sync, a diagnostic)")
     add_flag(eng, "--out", "runs/bench-engine", "results directory (JSON, markdown, PNGs)")
 
 
@@ -214,6 +217,7 @@ def run_engine(args: argparse.Namespace) -> int:
         write_results,
     )
     from dspark.models.generation import load_for_generation
+    from dspark.workers.engine_config import EngineConfig
 
     temps = tuple(float(t) for t in args.temperatures.split(",") if t.strip())
     cfg = BenchConfig(
@@ -234,8 +238,10 @@ def run_engine(args: argparse.Namespace) -> int:
     target = target.to(args.device).eval()
     context = target.config.max_position_embeddings
     prompts = domain_prompts(tokenizer, context, cfg.max_tokens, args.prompts_per_domain, 0)
+    base = EngineConfig(max_num_seqs=max(32, *cfg.concurrencies), phase_sync=args.phase_sync)
     result = run_benchmark(
-        target, args.drafters, prompts, tokenizer.stop_ids, cfg, [known[s] for s in wanted]
+        target, args.drafters, prompts, tokenizer.stop_ids, cfg, [known[s] for s in wanted],
+        engine_config=base,
     )
     for path in write_results(result, args.out, recorded_command("bench", "engine")):
         print(path)

@@ -4,7 +4,9 @@ from pinned memory without synchronizing the stream, where ``torch.tensor(values
 device=...)`` would drain the GPU's queue at each one. On the CPU: the helpers give what
 torch gives, and a step of every kind (greedy, rejection, coupled, logprobs, penalties,
 drafted and plain) passes no ``device`` to ``torch.tensor`` or ``torch.as_tensor``. On a
-GPU: the helpers make no sync (torch's sync debug mode set to raise)."""
+GPU: the helpers make no sync (torch's sync debug mode set to raise). The step's clock
+(``workers/phase_clock.py``) gives a stage's device time on a GPU without a sync, its host
+time elsewhere."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dspark.kernels.transfer import device_tensor, to_device
 from dspark.models.generation import SamplingParams, generate_tokens
 from dspark.workers.budget import StepCostTable
 from dspark.workers.engine import Engine, EngineConfig
+from dspark.workers.phase_clock import PhaseClock
 
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -85,3 +88,29 @@ def test_the_helpers_do_not_synchronize():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert a.tolist() == [1, 2, 3] and b.tolist() == [0, 1, 2, 3]
+
+
+def test_the_step_clock_on_the_cpu_is_the_host_clock():
+    clock = PhaseClock(torch.device("cpu"), sync=True)  # NOTE: no device to wait for
+    for _ in range(3):
+        clock.mark()
+    assert len(clock) == 4 and list(clock) == sorted(clock) and not clock.events
+    assert clock.span(1, 3) == clock[3] - clock[1]
+
+
+@GPU
+def test_the_step_clock_times_a_stage_on_the_device_without_a_sync():
+    x = torch.randn(2048, 2048, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        clock = PhaseClock(torch.device("cuda"))
+        for _ in range(20):
+            x = x @ x / 2048
+        clock.mark()
+        clock.mark()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    busy, idle = clock.span(0, 1), clock.span(1, 2)
+    assert busy > 0 and idle < busy
