@@ -165,7 +165,10 @@ def process_logits(
         counts = torch.zeros(rows, vocab, device=logits.device)  # [R, V]
         if output_ids:
             base = device_tensor(list(output_ids), logits.device)
-            counts += torch.bincount(base, minlength=vocab)[:vocab].float()
+            # NOTE: a count per token by scatter (``bincount`` reads its size back: a sync
+            # on a GPU)
+            counts += torch.zeros(vocab, device=logits.device).index_add_(
+                0, base, torch.ones(base.shape, device=logits.device))
         if rows > 1:
             extra = device_tensor(list(extra_ids[: rows - 1]), logits.device)
             step = torch.zeros(rows, vocab, device=logits.device)
