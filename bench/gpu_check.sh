@@ -15,7 +15,8 @@
 #            helpers' test, then every sync of no speculation's and the serving default's
 #            steps counted and placed by torch's sync debug mode (bench/host_syncs.py).
 # A device call runs at most 10 minutes: all default steps may not fit in one; run
-# ONLY=graphs,syncs,sps first (about 9 minutes on the H200), then ONLY=kernels,engine.
+# ONLY=graphs,syncs first (at most 9.5 minutes by the steps' limits), then
+# ONLY=sps,kernels,engine.
 # Usage: [ONLY=sps,ep] [OUT=dir] [CONC=.. ROUNDS=.. SYSTEMS=..] bash bench/gpu_check.sh [cpu]
 # ("cpu" runs a tiny version of the same steps here, to check the script; ONLY runs the steps
 # named, by default kernels,graphs,syncs,sps,engine; CONC, ROUNDS and SYSTEMS set the engine
