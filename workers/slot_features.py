@@ -73,5 +73,6 @@ class SlotFeatures:
             return 0
         flags = self.written[slot_table(device_tensor([block_ids], self.written.device),
                                         len(block_ids) * block_size, block_size)[0]]
-        missing = (~flags).nonzero()
-        return int(missing[0]) if missing.numel() else flags.numel()
+        # NOTE: the first unwritten position (argmax: the first maximum), else the count;
+        # one read-back (a sync on a GPU)
+        return int(torch.cat([~flags, flags.new_ones(1)]).int().argmax())
