@@ -9,9 +9,13 @@ requests on the demo checkpoints, and every sync its steps make is counted and p
   synchronizing call (a read of a device tensor's values, a blocking copy from pageable host
   memory, ``nonzero``, ``repeat_interleave`` without ``output_size``...) warns, and the
   warning is attributed to the innermost frame of the project's code;
-- on the CPU (to check the script; nothing there synchronizes) the reads of a tensor's
-  values on the host (``item``, ``tolist``, ``nonzero``, ``bool``, ``int``...) are counted
-  instead, which on a GPU are syncs where the tensor lives on the device.
+- on the CPU (nothing there synchronizes) two things are counted instead: the reads of a
+  tensor's values on the host (``item``, ``tolist``, ``nonzero``, ``bool``, ``int``...),
+  which on a GPU are syncs where the tensor lives on the device, and the calls of
+  ``torch.tensor`` and ``torch.as_tensor`` given a device (``copies`` below), each a
+  blocking copy, so a sync, when that device is a GPU (``kernels/transfer.py``). The CPU's
+  own paths differ from the GPU's in places (verification and the budget read on the host
+  there), so these are the CPU run's counts, not the GPU's.
 
 Per system, temperature and concurrency: steps, syncs per step (drafted and plain steps
 apart), and the places of the syncs with their count per step. JSON to ``--out``, a
@@ -49,11 +53,13 @@ def site(stack: traceback.StackSummary) -> str:
 
 
 class SyncCounter:
-    """Counts syncs (CUDA) or host reads (CPU) while ``active``, by site."""
+    """Counts syncs (CUDA), or host reads and device-given tensor builds (CPU), while
+    ``active``, by site."""
 
     def __init__(self, device: str) -> None:
         self.device = device
         self.sites: collections.Counter[str] = collections.Counter()
+        self.copies = 0
         self.active = False
 
     def note(self) -> None:
@@ -89,13 +95,26 @@ class SyncCounter:
                 return original(*args, **kwargs)
             return read
 
+        builders = {name: getattr(torch, name) for name in ("tensor", "as_tensor")}
+
+        def copying(original):
+            def build(*args, **kwargs):
+                if self.active and kwargs.get("device") is not None:
+                    self.copies += 1
+                return original(*args, **kwargs)
+            return build
+
         for name, original in originals.items():
             setattr(torch.Tensor, name, counted(original))
+        for name, original in builders.items():
+            setattr(torch, name, copying(original))
         try:
             yield self
         finally:
             for name, original in originals.items():
                 setattr(torch.Tensor, name, original)
+            for name, original in builders.items():
+                setattr(torch, name, original)
 
 
 def measure(engine, prompts, stop_ids, concurrency: int, num_requests: int,
@@ -108,29 +127,35 @@ def measure(engine, prompts, stop_ids, concurrency: int, num_requests: int,
                       lambda i: SamplingParams(temperature=temperature, max_tokens=max_tokens))
     per_step = {"drafted": [], "plain": []}
     sites: collections.Counter[str] = collections.Counter()
-    steps = 0
+    steps, copies = 0, {"drafted": [], "plain": []}
     while not loop.done:
         counter.sites.clear()
+        counter.copies = 0
         counter.active = True
         stats = loop.tick()
         counter.active = False
         if stats is None:
             continue
         steps += 1
-        per_step["drafted" if stats.num_draft_tokens else "plain"].append(
-            sum(counter.sites.values()))
+        kind = "drafted" if stats.num_draft_tokens else "plain"
+        per_step[kind].append(sum(counter.sites.values()))
+        copies[kind].append(counter.copies)
         sites.update(counter.sites)
     every = per_step["drafted"] + per_step["plain"]
     return {
         "steps": steps,
         "syncs_per_step": sum(every) / max(len(every), 1),
         "drafted_steps": len(per_step["drafted"]),
-        "syncs_per_drafted_step": (sum(per_step["drafted"]) / len(per_step["drafted"])
-                                   if per_step["drafted"] else None),
-        "syncs_per_plain_step": (sum(per_step["plain"]) / len(per_step["plain"])
-                                 if per_step["plain"] else None),
+        "syncs_per_drafted_step": mean(per_step["drafted"]),
+        "syncs_per_plain_step": mean(per_step["plain"]),
         "sites_per_step": {k: v / max(steps, 1) for k, v in sites.most_common()},
+        "copies_per_drafted_step": mean(copies["drafted"]),
+        "copies_per_plain_step": mean(copies["plain"]),
     }
+
+
+def mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def main(argv=None) -> int:
@@ -192,7 +217,8 @@ def line(row: dict) -> str:
     return (f"{row['system']:<24} T={row['temperature']:g} C={row['concurrency']:<3} "
             f"steps {row['steps']:4d} (drafted {row['drafted_steps']:4d})  per step "
             f"{fmt(row['syncs_per_step'])}  drafted {fmt(row['syncs_per_drafted_step'])}  "
-            f"plain {fmt(row['syncs_per_plain_step'])}")
+            f"plain {fmt(row['syncs_per_plain_step'])}; copies drafted "
+            f"{fmt(row['copies_per_drafted_step'])} plain {fmt(row['copies_per_plain_step'])}")
 
 
 if __name__ == "__main__":
