@@ -21,9 +21,9 @@ B_0 the tokens verified without drafts; o the overhead share), with a 5% margin 
 of not drafting. The gate checks its own cost predictions: step times are scaled by the
 step time it saw over the one it predicted, separately for steps with and without drafting
 (``step_realism``). A request not drafted for ``probe_every`` decoding steps is stale; stale
-requests are probed a few at a time, riding along in steps whose drafter runs anyway, or,
-when nobody drafts, in a probe step after an idle gap that backs off while probes find
-nothing worth drafting (``CostGate._by_records``). A probe refreshes that request's record.
+requests are probed (two at a time up to the arms' loads, all worth probing above), riding
+along in steps whose drafter runs anyway, or, when nobody drafts, in a probe step after an
+idle gap that backs off while probes find nothing worth drafting (``CostGate._by_records``).
 
 Before all that, in a step without a prefill chunk, the gate reads what it measured at this
 load (``LoadArms``, ``EngineConfig.draft_arms``): at up to 7 decoding requests, while steps
@@ -48,8 +48,7 @@ from dspark.workers.engine_config import EngineConfig
 from dspark.workers.load_arms import LoadArms, ewma
 
 MARGIN = 1.05
-"""Drafting must promise this much more throughput than not drafting (a break-even guess
-is not worth the drafter's cost)."""
+"""Drafting must promise this much more throughput than not drafting (not a break-even)."""
 
 
 @dataclass
@@ -149,13 +148,13 @@ class CostGate(DraftGate):
     bounded cost (``choose``)."""
 
     probes_per_step = 2
-    """Stale requests probed in one step, stalest first."""
+    """Stale requests probed in a step, stalest first, up to the arms' loads (above: all worth
+    probing; a step probing two took 1.7-1.8 plain steps at C = 32, 64; docs/engine.md)."""
     max_backoff = 8
     """The drafter's longest idle gap between probe steps, in units of ``probe_every``."""
     max_refresh_backoff = 8
     """Refresh probes (past the longest gap) that find nobody worth drafting double their
-    gap, up to this many times ``max_backoff * probe_every`` steps: while the costs say
-    that drafting never pays, each refresh costs a drafter call and the rows owed."""
+    gap, up to this many times ``max_backoff * probe_every`` steps (each costs a call)."""
     step_realism_alpha = 0.1
     hold = 3
     """Decode-only steps that a priced choice of nobody (no draft, no probe) stands for
@@ -290,17 +289,17 @@ class CostGate(DraftGate):
 
     def _by_records(self, candidates, num_decoding, other_tokens, other_requests=0):
         """Drafters chosen by cost, plus probes: a request undrafted for ``probe_every``
-        steps is stale. Stale requests ride along (``probes_per_step`` of them) in a step
-        whose drafter runs anyway, which costs their rows only; when nobody is chosen, the
+        steps is stale. Stale requests ride along (``probes_per_step``) in a step whose
+        drafter runs anyway, which costs their rows only; when nobody is chosen, the
         drafter runs for probes alone once it has been idle ``gap`` steps, and ``gap``
         doubles (up to ``max_backoff * probe_every``) until a probe finds a request worth
         drafting; a stale request that never drafted is probed after ``probe_every`` idle
         steps of the drafter whatever the gap. Only stale requests that would be drafted
         with a fresh record of every draft accepted are probed (``_worth_probing``; the
-        prior prices a fresh record at the engine's gain), except once the
-        drafter has been idle for the longest gap (``refresh_gap``): then the costs that
-        say drafting never pays are themselves stale, and a probe refreshes them. With no
-        request worth drafting, nearly every step is a plain step."""
+        prior prices a fresh record at the engine's gain), except once the drafter has
+        been idle for the longest gap (``refresh_gap``): then the costs that say drafting
+        never pays are stale too, and a probe refreshes them. Nearly every step is plain
+        where nobody is worth drafting."""
         if not candidates:
             return []
         # NOTE: a request with no record yet takes the engine-wide one; before any drafting
@@ -333,15 +332,16 @@ class CostGate(DraftGate):
         elif not (stale and refresh):
             stale = []
         unseen = bool(stale) and candidates[stale[0]].record.gain is None
-        self.probes = self._probes(bool(chosen), stale, refresh, unseen)
+        most = len(stale) if LoadArms.load(num_decoding) > self.max_load else self.probes_per_step
+        self.probes = self._probes(bool(chosen), stale, refresh, unseen, most)
         self.promised = {id(candidates[i].record): gains[i] for i in chosen - self.probes}
         chosen |= self.probes
         self._predict((bool(chosen), other_requests > 0), candidates, chosen, ells,
                       num_decoding + other_tokens)
         return [i in chosen for i in range(len(candidates))]
 
-    def _probes(self, chosen: bool, stale: list[int], refresh: bool, unseen: bool
-                ) -> set[int]:
+    def _probes(self, chosen: bool, stale: list[int], refresh: bool, unseen: bool,
+                most: int) -> set[int]:
         """The stale candidates (stalest first) probed this step, and the gaps after it:
         riding along where someone is ``chosen``; a refresh; a probe step after ``gap``
         (``unseen``: the stalest never drafted)."""
@@ -355,7 +355,7 @@ class CostGate(DraftGate):
             self.gap = min(2 * self.gap, longest)
         else:
             return set()
-        return set(stale[: self.probes_per_step])
+        return set(stale[:most])
 
     def _predict(self, kind: tuple[bool, bool], candidates, chosen, ells: list[float],
                  base: int) -> None:
