@@ -13,10 +13,11 @@
 #            speculation and the serving default each with and without graphs;
 #   syncs    where an engine step makes the host wait for the GPU: the host-to-device
 #            helpers' test, then every sync of no speculation's and the serving default's
-#            steps counted and placed by torch's sync debug mode (bench/host_syncs.py).
+#            steps counted and placed by torch's sync debug mode (bench/host_syncs.py),
+#            then their stages timed to the end of their kernels (bench engine --phase-sync).
 # A device call runs at most 10 minutes: all default steps may not fit in one; run
-# ONLY=graphs,syncs first (at most 9.5 minutes by the steps' limits), then
-# ONLY=sps,kernels,engine.
+# ONLY=graphs,syncs first (about 7 minutes expected; its steps' limits add up to 11 and a
+# device call stops at 10), then ONLY=sps,kernels,engine with the time left.
 # Usage: [ONLY=sps,ep] [OUT=dir] [CONC=.. ROUNDS=.. SYSTEMS=..] bash bench/gpu_check.sh [cpu]
 # ("cpu" runs a tiny version of the same steps here, to check the script; ONLY runs the steps
 # named, by default kernels,graphs,syncs,sps,engine; CONC, ROUNDS and SYSTEMS set the engine
@@ -77,6 +78,12 @@ step syncs:tests 60 env TRITON_INTERPRET=0 "$PY" -P -m pytest -q -p no:cacheprov
     --import-mode=importlib --rootdir="$PWD" tests/workers/test_host_syncs.py
 step syncs:count 90 "$PY" -P -m dspark.bench.host_syncs --device "$DEVICE" \
     --concurrency "$SYNC_CONC" --max-tokens "$SYNC_TOKENS" --out "$OUT/host-syncs.json"
+# each stage of a step timed to the end of its kernels (EngineConfig.phase_sync): the
+# host's share of a step without the waits that the stages reading values back absorb
+step syncs:phases 90 "$PY" -P -m dspark.cluster.cli bench engine --device "$DEVICE" \
+    --phase-sync --concurrency "$SYNC_CONC" --max-tokens "$SYNC_TOKENS" --min-requests 16 \
+    --rounds 1 --systems no-spec,dspark-d2-alg1 --out "$OUT/phases"
+[ -d "$OUT/phases" ] && tar -czf "$OUT/phases.tgz" -C "$OUT" phases && rm -rf "$OUT/phases"
 
 step sps 240 "$PY" -P -m dspark.bench.large_target --device "$DEVICE" --sizes "$SIZES" \
     --out "$OUT/large-target.json"
