@@ -154,3 +154,26 @@ def test_large_target_profiles_each_expert_path_and_the_drafting_cost(tmp_path, 
                  "--threads", "1"]) == 0
     assert re.search(r"^ +32( +[\d.]+){4}$", capsys.readouterr().out, re.M)
     assert set(json.loads(out.read_text())["sps"]) == {"sparse", "dense", "grouped", "auto"}
+
+
+def test_host_syncs_counts_reads_and_waiting_copies_per_step(tmp_path, capsys,
+                                                             demo_target_dir):
+    """`bench/host_syncs.py` on the CPU (the GPU's run, by torch's sync debug mode, is in
+    `bench/gpu_check.sh`): every step reads its tokens back once at least, and no step
+    builds a tensor on the device from host values in a way that waits (none left)."""
+    from dspark.bench.host_syncs import main
+
+    out = tmp_path / "syncs.json"
+    root = demo_target_dir.parent
+    assert main(["--device", "cpu", "--target", str(demo_target_dir), "--drafters",
+                 str(root / "drafters"), "--systems", "no-spec,dspark-d2-alg1",
+                 "--concurrency", "2", "--temperatures", "0", "--max-tokens", "6",
+                 "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["system"] for r in rows] == ["no-spec", "dspark-d2-alg1"]
+    for row in rows:
+        assert row["steps"] > 0 and row["syncs_per_step"] >= 1.0
+        assert row["copies_per_plain_step"] in (None, 0.0)
+        assert row["copies_per_drafted_step"] in (None, 0.0)
+        assert any("sampling.py" in site for site in row["sites_per_step"])
+    assert "host reads (a CPU run: not syncs) per step" in capsys.readouterr().out
