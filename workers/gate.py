@@ -148,8 +148,8 @@ class CostGate(DraftGate):
     bounded cost (``choose``)."""
 
     probes_per_step = 2
-    """Stale requests probed in a step, stalest first, up to the arms' loads (above: all worth
-    probing; a step probing two took 1.7-1.8 plain steps at C = 32, 64; docs/engine.md)."""
+    """Stale requests probed in a step, stalest first (above the arms' loads all worth
+    probing but in a refresh: two cost 1.7-1.8 plain steps at C = 32, 64; docs/engine.md)."""
     max_backoff = 8
     """The drafter's longest idle gap between probe steps, in units of ``probe_every``."""
     max_refresh_backoff = 8
@@ -332,7 +332,8 @@ class CostGate(DraftGate):
         elif not (stale and refresh):
             stale = []
         unseen = bool(stale) and candidates[stale[0]].record.gain is None
-        most = len(stale) if LoadArms.load(num_decoding) > self.max_load else self.probes_per_step
+        most = (len(stale) if LoadArms.load(num_decoding) > self.max_load and not refresh
+                else self.probes_per_step)  # NOTE: a refresh (nobody pays) probes two
         self.probes = self._probes(bool(chosen), stale, refresh, unseen, most)
         self.promised = {id(candidates[i].record): gains[i] for i in chosen - self.probes}
         chosen |= self.probes
