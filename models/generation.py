@@ -168,7 +168,7 @@ def process_logits(
             # NOTE: a count per token by scatter (``bincount`` reads its size back: a sync
             # on a GPU)
             counts += torch.zeros(vocab, device=logits.device).index_add_(
-                0, base, torch.ones(base.shape, device=logits.device))
+                0, base, torch.ones_like(base, dtype=torch.float))
         if rows > 1:
             extra = device_tensor(list(extra_ids[: rows - 1]), logits.device)
             step = torch.zeros(rows, vocab, device=logits.device)

@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from dspark.bench.host_syncs import HOST_READS  # NOTE: reads a capture cannot hold
 from dspark.models.generation import SamplingParams, generate_tokens
 from dspark.workers.block_manager import BlockManager
 from dspark.workers.budget import StepCostTable
@@ -78,10 +79,6 @@ def test_padded_forward_equals_the_eager_forward(make_model, spans_after, extra_
     torch.testing.assert_close(padded.kv.v[:, :owned], eager.kv.v[:, :owned])
 
 
-# NOTE: what reads a tensor's values back to the host (a sync on a GPU, which a capture
-# cannot hold)
-HOST_READS = ("item", "tolist", "numpy", "nonzero", "__bool__", "__int__", "__float__",
-              "__index__")
 
 
 @pytest.mark.parametrize("spans_after", [[1, 1, 1], [1, 4, 2], [8, 8, 8]])
