@@ -1,0 +1,57 @@
+"""The lane's turn of each step timed (``propose_lane``, and inside it the gate's
+``declines`` and ``choose`` and the worker's ``caps``), per call and per step.
+Usage (repository root): python -P docs/results/probes-s31/gate_calls.py SYSTEM C"""
+
+import collections
+import sys
+import time
+
+import torch
+
+import dspark.workers.engine as engine_module
+from dspark.bench.closed_loop import ClosedLoop
+from dspark.bench.engine_bench import SYSTEMS, domain_prompts
+from dspark.models.generation import SamplingParams, load_for_generation
+from dspark.workers.engine import EngineConfig
+
+torch.set_num_threads(2)
+label, conc = sys.argv[1], int(sys.argv[2])
+known = {s.label: s for s in SYSTEMS}
+target, tok = load_for_generation("checkpoints/target")
+prompts = domain_prompts(tok, target.config.max_position_embeddings, 64, 24, 0)
+eng = known[label].build(target, "checkpoints/drafters", EngineConfig(max_num_seqs=64), 0)
+
+
+def params(i):
+    return SamplingParams(max_tokens=64)
+
+
+loop = ClosedLoop(eng, prompts, tok.stop_ids, conc, conc, params)  # warm-up
+while not loop.done:
+    loop.tick()
+calls, spent = collections.Counter(), collections.Counter()
+
+
+def timed(name, fn):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[name] += time.perf_counter() - start
+            calls[name] += 1
+    return wrapper
+
+
+eng.gate.choose = timed("choose", eng.gate.choose)
+eng.gate.declines = timed("declines", eng.gate.declines)
+eng.draft_worker.caps = timed("caps", eng.draft_worker.caps)
+engine_module.propose_lane = timed("propose_lane", engine_module.propose_lane)
+loop = ClosedLoop(eng, prompts, tok.stop_ids, conc, 4 * conc, params)
+steps = 0
+while not loop.done:
+    steps += loop.tick() is not None
+print("steps", steps)
+for name in calls:
+    print(f"{name:14s} calls {calls[name]:5d}  ms/call {1000 * spent[name] / calls[name]:.3f}"
+          f"  ms/step {1000 * spent[name] / steps:.3f}")
