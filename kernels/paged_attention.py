@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
-import torch.nn.functional as F
 
+from dspark.kernels.attention import attention
 from dspark.kernels.transfer import device_tensor
 
 
@@ -197,12 +197,11 @@ def paged_attention_torch(
     else:
         padded_q = q.new_zeros(num_req, layout.max_q, *q.shape[1:])
         padded_q[layout.req_of, layout.col] = q
-    out = F.scaled_dot_product_attention(
+    out = attention(
         padded_q.transpose(1, 2),  # [R, H, Q, hd]
         gather_kv(k_cache, layout.slots),
         gather_kv(v_cache, layout.slots),
-        attn_mask=layout.visible,
-        enable_gqa=True,
+        layout.visible,
     )  # [R, H, Q, hd]
     if layout.uniform:
         return out.transpose(1, 2).reshape(q.shape)

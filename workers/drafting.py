@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dspark.kernels.attention import attention
 from dspark.kernels.markov_sample import markov_sample
 from dspark.kernels.paged_attention import gather_kv, slot_table
 from dspark.kernels.transfer import device_tensor
@@ -447,9 +448,7 @@ class PagedContext:
             out[:, :, :width] = flat.view(num_req, width, *flat.shape[1:]).transpose(1, 2)
         keys[:, :, width:] = k
         values[:, :, width:] = v
-        return F.scaled_dot_product_attention(q, keys, values,
-                                              attn_mask=self.mask[:, :, : q.shape[2]],
-                                              enable_gqa=True)
+        return attention(q, keys, values, self.mask[:, :, : q.shape[2]])
 
     def _buffer(self, name: str, length: int, like: torch.Tensor) -> torch.Tensor:
         """A reusable [R, kv, length, hd] buffer."""
