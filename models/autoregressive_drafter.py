@@ -48,9 +48,14 @@ class FusedInputLayer(nn.Module):
         cos: torch.Tensor,  # [B, 1, T, head_dim]
         sin: torch.Tensor,
         attention: AttentionBackend,
-    ) -> torch.Tensor:  # [B, T, d]
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # [B, T, d], or [B, len(rows), d]
+        """``rows``: the output at those pairs only (every pair still writes its key and
+        value through ``attention``)."""
         u = torch.cat([self.input_layernorm(emb), self.hidden_norm(h)], -1)  # [B, T, 2d]
-        h = h + self.self_attn(u, cos, sin, attention)
+        if rows is not None:
+            h = h.index_select(1, rows)
+        h = h + self.self_attn(u, cos, sin, attention, rows)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -75,11 +80,13 @@ class AutoregressiveDrafter(DrafterBase):
         tokens: torch.Tensor,  # [B, T]
         positions: torch.Tensor,  # [B, T]
         attention: AttentionBackend,
-    ) -> torch.Tensor:  # [B, T, d] the layer's output at each pair
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # [B, T, d] the layer's output at each pair (at ``rows``' only)
         """The one layer step over T pairs (training-time test, sessions, the engine's extend
-        and drafting); ``attention`` keeps the pairs' K/V and decides what each sees."""
+        and drafting); ``attention`` keeps the pairs' K/V and decides what each sees;
+        ``rows``: the pairs whose output is wanted (``FusedInputLayer``)."""
         cos, sin = self.rotary_emb(positions)
-        return self.layer(h, self.embed_tokens(tokens), cos, sin, attention)
+        return self.layer(h, self.embed_tokens(tokens), cos, sin, attention, rows)
 
     def new_kv_cache(self) -> KVCache:
         """A contiguous cache of the layer's K/V for one request."""

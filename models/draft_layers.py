@@ -76,10 +76,11 @@ class InjectedAttention(nn.Module):
         cos: torch.Tensor,  # [B, 1, Q, head_dim] their positions
         sin: torch.Tensor,
         attention: AttentionBackend,
-        rows: int | None = None,
+        rows: int | torch.Tensor | None = None,
     ) -> torch.Tensor:  # [B, Q, d], or [B, rows, d]
-        """``rows``: only the first ``rows`` tokens of each batch row are queries (every
-        token still gives its key and value); the output has those rows only."""
+        """``rows``: only the first ``rows`` tokens of each batch row are queries, or
+        (a tensor) only the tokens at those indices (every token still gives its key and
+        value); the output has those rows only."""
         bsz, num_q, _ = x.shape
         heads, kv_heads, hd = self.num_heads, self.num_kv_heads, self.head_dim
         # NOTE: one product for q, k and v; q and k normed (each head by its own norm's
@@ -92,7 +93,8 @@ class InjectedAttention(nn.Module):
         qk = norms * rms_normalize(qkv[:, :, : heads + kv_heads], self.q_norm.eps)
         qk = apply_rope(qk.transpose(1, 2), cos, sin)  # [B, H + kv, Q, hd]
         v = qkv[:, :, heads + kv_heads :].transpose(1, 2)  # [B, kv, Q, hd]
-        q = qk[:, :heads] if rows is None else qk[:, :heads, :rows]
+        q = (qk[:, :heads] if rows is None else qk[:, :heads, :rows]
+             if not isinstance(rows, torch.Tensor) else qk[:, :heads].index_select(2, rows))
         out = attention.attend(self.layer_idx, q, qk[:, heads:], v)  # [B, H, Q or rows, hd]
         return self.o_proj(out.transpose(1, 2).reshape(bsz, q.shape[2], -1))
 

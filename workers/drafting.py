@@ -12,7 +12,7 @@ Vocabulary:
 The worker prepares inputs and attention backends and calls the drafter's one forward
 (``ParallelDrafter.run_blocks`` / ``context_kv``, ``AutoregressiveDrafter.step``); it
 copies no layer loop. Its backends: ``PagedContext`` (parallel drafting over the paged
-cache), ``PagedAttention`` of the model runner (EAGLE-3 / MTP-1 extend) and ``DraftPairs``
+cache), ``LastPairsAttention`` of the model runner (EAGLE-3 / MTP-1 extend) and ``DraftPairs``
 (EAGLE-3 / MTP-1 drafting).
 
 NOTE: only committed positions are ever written (rejected drafts never reach the drafter
@@ -39,7 +39,7 @@ from dspark.models.drafter_checkpoint import Drafter
 from dspark.models.linear import linear
 from dspark.workers.draft_graphs import GraphedDrafting
 from dspark.workers.draft_vocab import DraftVocab
-from dspark.workers.model_runner import PagedAttention, PagedKV, token_slots
+from dspark.workers.model_runner import LastPairsAttention, PagedKV, token_slots
 from dspark.workers.sampling import DraftNoise, draft_noise, draw_drafts
 from dspark.workers.slot_features import SlotFeatures
 from dspark.workers.step import DraftProposal, SeqRows, StepSeq
@@ -159,11 +159,13 @@ class DraftWorker:
             self._write_context(batch.features, batch.positions, slots)
             return
         seq_lens = batch.positions[batch.cu[1:] - 1] + 1  # [R]
-        attention = PagedAttention(self.kv, batch.block_tables, batch.cu, batch.positions,
-                                   seq_lens, batch.q_lens)
+        # NOTE: every pair writes its K/V; only each request's last pair's output is read
+        # (its drafts start from it), so only that pair queries and runs the MLP
+        attention = LastPairsAttention(self.kv, batch.block_tables, batch.cu, batch.positions,
+                                       seq_lens, batch.q_lens)
         h0 = d.fc(batch.features[None].float())  # [1, N, d]
-        h = d.step(h0, batch.next_ids[None], batch.positions[None], attention)  # [1, N, d]
-        last = h[0, batch.cu[1:] - 1]  # [R, d]
+        last = d.step(h0, batch.next_ids[None], batch.positions[None], attention,
+                      attention.last)[0]  # [R, d]
         for r, req_id in enumerate(batch.req_ids):
             self.last_h[req_id] = last[r]
 

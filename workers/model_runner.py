@@ -121,6 +121,24 @@ class PagedAttention:
         return out.transpose(0, 1)[None]
 
 
+class LastPairsAttention(PagedAttention):
+    """``PagedAttention`` for a layer run whose output is wanted at each request's last row
+    only (an autoregressive drafter writing its pairs, ``DraftWorker.extend``): every row
+    writes its keys and values, and only the last row of each request queries (the queries
+    ``attend`` is given are those rows', in request order)."""
+
+    def __init__(self, kv: PagedKV, block_tables: torch.Tensor, cu_q: torch.Tensor,
+                 positions: torch.Tensor, seq_lens: torch.Tensor, q_lens: list[int]) -> None:
+        num_req = len(q_lens)
+        last = cu_q[1:] - 1  # [R]
+        super().__init__(kv, block_tables, torch.arange(num_req + 1, device=cu_q.device),
+                         positions.index_select(0, last), seq_lens, [1] * num_req)
+        req_of = torch.repeat_interleave(torch.arange(num_req, device=cu_q.device),
+                                         cu_q[1:] - cu_q[:-1], output_size=sum(q_lens))
+        self.slots = token_slots(block_tables, req_of, positions, kv.block_size)  # [N]
+        self.last = last
+
+
 class ModelRunner:
     """Prepares the paged backend of each verify batch and runs the target's one forward."""
 

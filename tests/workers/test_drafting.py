@@ -12,12 +12,14 @@ from dspark.workers.block_manager import BlockManager
 from dspark.workers.drafting import DraftWorker, ExtendBatch
 
 
-@pytest.mark.parametrize("group_rows", [paged_attention.GROUP_ROWS, 0])
+@pytest.mark.parametrize("group_rows,parts", [(paged_attention.GROUP_ROWS, 1), (0, 1),
+                                              (paged_attention.GROUP_ROWS, 2)])
 @pytest.mark.parametrize("method", ["dspark", "dflash", "eagle3", "mtp"])
 def test_batched_proposals_equal_single_request_sessions(make_model, make_drafter, method,
-                                                         monkeypatch, group_rows):
+                                                         monkeypatch, group_rows, parts):
     # NOTE: group_rows 0 attends each query length apart (EAGLE-3 and MTP-1 extend through
-    # the paged attention)
+    # the paged attention); parts 2 writes each prompt in two extends, so the second reads
+    # keys and values the first wrote for pairs whose output it never computed
     monkeypatch.setattr(paged_attention, "GROUP_ROWS", group_rows)
     target = make_model()
     drafter = make_drafter(target, method)
@@ -44,9 +46,15 @@ def test_batched_proposals_equal_single_request_sessions(make_model, make_drafte
     width = max(len(t) for t in tables)
     table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
     req_ids = [str(i) for i in range(len(prompts))]
-    worker.extend(ExtendBatch(req_ids, torch.cat(rows), torch.tensor(next_ids),
-                              torch.tensor(positions), torch.tensor(cu), table,
-                              [len(p) for p in prompts]))
+    cuts = [[len(p) * k // parts for k in range(parts + 1)] for p in prompts]
+    for k in range(parts):  # each request's rows [cut_k, cut_k+1) in the k-th extend
+        spans = [(cu[r] + c[k], cu[r] + c[k + 1]) for r, c in enumerate(cuts)]
+        take = torch.tensor([i for a, b in spans for i in range(a, b)])
+        lens = [b - a for a, b in spans]
+        worker.extend(ExtendBatch(req_ids, torch.cat(rows)[take], torch.tensor(next_ids)[take],
+                                  torch.tensor(positions)[take],
+                                  torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()]),
+                                  table, lens))
     got = worker.propose(req_ids, torch.tensor(anchors), torch.tensor([len(p) for p in prompts]),
                          table, cfg.block_size, torch.zeros(3), torch.zeros(3, cfg.block_size))
     for r, want in enumerate(expected):
