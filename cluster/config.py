@@ -15,6 +15,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_DRAFTER = "dspark-d2"
 """The drafter ``dspark serve`` decodes with unless told otherwise."""
+LIGHT_AUTO = "auto"
+"""``ServeConfig.light_drafter``'s default: ``AUTO_LIGHT_DRAFTER`` where it applies."""
+AUTO_LIGHT_DRAFTER = "mtp"
+"""The light drafter ``auto`` puts beside a DSpark drafter under a gated budget."""
 
 
 @dataclass(frozen=True)
@@ -28,12 +32,15 @@ class ServeConfig:
     mtp, ...), a path, or none. The default, DSpark with a 2-layer backbone, served the most
     tokens per second per user and in aggregate of the committed drafters at 1 to 4
     concurrent requests, and tied at 8 and 64 (docs/engine.md, session 16)."""
-    light_drafter: str = "none"
+    light_drafter: str = "auto"
     """A one-slot MTP-1 drafter (mtp under checkpoints/drafters, or a path) beside the
     drafter: asked first in decode-only steps of 8 or more decoding requests, else in the
     steps in which the drafter's gate drafts for nobody; its own gate decides whether
-    everyone drafts with it (dspark.workers.lanes). none: no light
-    drafter. Needs a gated budget (cluster, algorithm1 or topk)."""
+    everyone drafts with it (dspark.workers.lanes). auto: mtp beside a drafter with a
+    confidence head (DSpark) under a gated budget at ep_size 1, none otherwise (1.00-1.10
+    x no speculation's tokens/s at 8 to 64 requests where DSpark alone is 0.98-1.02, the
+    same at 1 to 4; docs/engine.md, session 32). none: no light drafter. Named, it needs a
+    gated budget (cluster, algorithm1 or topk)."""
     budget: str | None = None
     """Verification budget (a ``BudgetMode``): cluster (Algorithm 1 with the expert-parallel
     group's load from the board), algorithm1 (local load only), topk, threshold or fixed.
@@ -283,7 +290,18 @@ class ServeConfig:
 
     @property
     def light_drafter_path(self) -> str | None:
-        return drafter_path(self.light_drafter)
+        """The light drafter's checkpoint directory; ``auto``: the committed MTP-1 beside
+        a drafter with a confidence head under a gated budget without expert parallelism
+        (the light lane has not been measured in a lock-step group), else None."""
+        if self.light_drafter != LIGHT_AUTO:
+            return drafter_path(self.light_drafter)
+        gated = (BudgetMode.CLUSTER, BudgetMode.ALGORITHM1, BudgetMode.TOPK)
+        path = drafter_path(AUTO_LIGHT_DRAFTER)
+        if (self.ep_size != 1 or not self.drafter_has_confidence
+                or self.budget_mode not in gated or path is None
+                or not (Path(path) / "config.json").is_file()):
+            return None
+        return path
 
     def to_dict(self) -> dict:
         out = asdict(self)

@@ -257,7 +257,9 @@ def main(cfg: ServeConfig) -> int:
     # leave it unable to authenticate to the cluster it starts.
     if "ray" not in sys.modules:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
-    print(f"starting dspark: model {cfg.model_name}, drafter {cfg.drafter}, budget "
+    light = cfg.light_drafter_path
+    drafters = cfg.drafter + (f" (light: {Path(light).name})" if light else "")
+    print(f"starting dspark: model {cfg.model_name}, drafter {drafters}, budget "
           f"{cfg.effective_budget}, {cfg.replicas} replica(s) ...", file=sys.stderr, flush=True)
     started = time.time()
     try:

@@ -56,6 +56,20 @@ def test_the_budget_defaults_to_what_the_drafter_supports():
     assert ServeConfig(drafter="eagle3", budget="threshold").effective_budget == "threshold"
 
 
+def test_the_light_drafter_is_mtp_beside_dspark_under_a_gated_budget_by_default():
+    mtp = Path(ServeConfig(light_drafter="mtp").light_drafter_path)
+    assert (mtp / "config.json").is_file() and mtp.name == "mtp"
+    assert ServeConfig().light_drafter == "auto"
+    assert ServeConfig().light_drafter_path == str(mtp)
+    assert ServeConfig(drafter="dspark", budget="algorithm1").light_drafter_path == str(mtp)
+    for cfg in (ServeConfig(drafter="eagle3"), ServeConfig(drafter="none"),
+                ServeConfig(budget="fixed"), ServeConfig(light_drafter="none"),
+                ServeConfig(replicas=2, ep_size=2)):
+        assert cfg.light_drafter_path is None, cfg
+    # NOTE: named, it is taken as given (and a fixed budget is then a start-up error)
+    assert ServeConfig(light_drafter="mtp", budget="fixed").light_drafter_path == str(mtp)
+
+
 def test_every_serve_field_is_a_flag_with_its_doc_and_default():
     from dataclasses import fields
 
