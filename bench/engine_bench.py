@@ -132,7 +132,8 @@ SYSTEMS = (
     System("dspark-d1-fullvocab", "dspark-d1", "algorithm1", vocab=0),
     # the serving default (2 layers) drafting over the whole vocabulary
     System("dspark-d2-fullvocab", "dspark-d2", "algorithm1", vocab=0),
-    # the 2-layer DSpark with MTP-1 beside it for the steps its gate drafts for nobody
+    # the 2-layer DSpark with MTP-1 beside it (asked first in loaded steps, else where the
+    # DSpark gate drafts for nobody): what `dspark serve` runs by default since session 32
     System("dspark-d2-mtp", "dspark-d2", "algorithm1", light="mtp"),
     # the serving default drafting for every request in every step (no gate)
     System("dspark-d2-nogate", "dspark-d2", "algorithm1", gating=False),

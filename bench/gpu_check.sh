@@ -125,10 +125,11 @@ else
         --repeats 3 --modes eager
 fi
 
-# the serving default, its 3-layer sibling, MTP-1 and no speculation; one round, both T
+# the serving default (DSpark with MTP-1 beside it), DSpark alone, MTP-1 and no
+# speculation; one round, both T
 step engine "$LONG" \
     "$PY" -P -m dspark.cluster.cli bench engine --device "$DEVICE" --concurrency "$CONC" \
     --max-tokens "$TOKENS" --min-requests 16 --rounds "${ROUNDS:-1}" \
-    --systems "${SYSTEMS:-no-spec,mtp-1,dspark-d2-alg1,dspark-alg1}" --out "$OUT/engine"
+    --systems "${SYSTEMS:-no-spec,mtp-1,dspark-d2-mtp,dspark-d2-alg1}" --out "$OUT/engine"
 [ -d "$OUT/engine" ] && tar -czf "$OUT/engine.tgz" -C "$OUT" engine && rm -rf "$OUT/engine"
 rm -rf "$PKG"

@@ -131,7 +131,8 @@ SYSTEMS = (
     # the client costs per event, side by side with the one-token default
     ServeSystem("no-spec-s4", "none", "fixed", stream_interval=4),
     ServeSystem("dspark-cluster-s4", DEFAULT_DRAFTER, "cluster", stream_interval=4),
-    # NOTE: the default with MTP-1 as its light lane (``dspark serve --light-drafter mtp``)
+    # NOTE: DSpark with MTP-1 as its light lane: what ``dspark serve`` runs by default since
+    # session 32 (``light_drafter`` auto); ``dspark-cluster`` is DSpark alone
     ServeSystem("dspark-cluster-mtp", DEFAULT_DRAFTER, "cluster", light_drafter="mtp"),
     # NOTE: the default drafting for every request in every step (no gate): what drafting
     # for everyone is worth on the serving path, where a step carries more than in process
