@@ -37,7 +37,8 @@ class ServeConfig:
     drafter: asked first in decode-only steps of 8 or more decoding requests, else in the
     steps in which the drafter's gate drafts for nobody; its own gate decides whether
     everyone drafts with it (dspark.workers.lanes). auto: mtp beside a drafter with a
-    confidence head (DSpark) under a gated budget at ep_size 1, none otherwise (1.00-1.10
+    confidence head (DSpark) trained for the same target, under the cost gate and a gated
+    budget, at ep_size 1; none otherwise (1.00-1.10
     x no speculation's tokens/s at 8 to 64 requests where DSpark alone is 0.98-1.02, the
     same at 1 to 4; docs/engine.md, session 32). none: no light drafter. Named, it needs a
     gated budget (cluster, algorithm1 or topk)."""
@@ -274,15 +275,8 @@ class ServeConfig:
     def drafter_has_confidence(self) -> bool:
         """Whether the drafter checkpoint has a confidence head (False without a drafter or
         a readable checkpoint: a missing one fails at start with its own message)."""
-        if self.drafter_path is None:
-            return False
-        import json
-
-        try:
-            config = json.loads((Path(self.drafter_path) / "config.json").read_text())
-        except (OSError, ValueError):
-            return False
-        return bool(config.get("confidence_head"))
+        config = _checkpoint_config(self.drafter_path)
+        return bool(config is not None and config.get("confidence_head"))
 
     @property
     def drafter_path(self) -> str | None:
@@ -297,9 +291,13 @@ class ServeConfig:
             return drafter_path(self.light_drafter)
         gated = (BudgetMode.CLUSTER, BudgetMode.ALGORITHM1, BudgetMode.TOPK)
         path = drafter_path(AUTO_LIGHT_DRAFTER)
-        if (self.ep_size != 1 or not self.drafter_has_confidence
-                or self.budget_mode not in gated or path is None
-                or not (Path(path) / "config.json").is_file()):
+        if (self.ep_size != 1 or not self.draft_gating or not self.drafter_has_confidence
+                or self.budget_mode not in gated or path is None):
+            return None
+        # NOTE: only beside a drafter trained for the same target (the drafter's own check
+        # then vouches for the target): a user's own target and drafter get no light lane
+        light, main = _checkpoint_config(path), _checkpoint_config(self.drafter_path)
+        if light is None or main is None or light.get("target_hash") != main.get("target_hash"):
             return None
         return path
 
@@ -341,6 +339,19 @@ class ServeConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of serve config keys")
         return cls.from_dict(data)
+
+
+def _checkpoint_config(path: str | None) -> dict | None:
+    """A drafter checkpoint's config.json (None: no path, or not readable as JSON)."""
+    if path is None:
+        return None
+    import json
+
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def drafter_path(name: str) -> str | None:

@@ -56,7 +56,9 @@ def test_the_budget_defaults_to_what_the_drafter_supports():
     assert ServeConfig(drafter="eagle3", budget="threshold").effective_budget == "threshold"
 
 
-def test_the_light_drafter_is_mtp_beside_dspark_under_a_gated_budget_by_default():
+def test_the_light_drafter_is_mtp_beside_dspark_under_a_gated_budget_by_default(tmp_path):
+    import json
+
     mtp = Path(ServeConfig(light_drafter="mtp").light_drafter_path)
     assert (mtp / "config.json").is_file() and mtp.name == "mtp"
     assert ServeConfig().light_drafter == "auto"
@@ -64,8 +66,14 @@ def test_the_light_drafter_is_mtp_beside_dspark_under_a_gated_budget_by_default(
     assert ServeConfig(drafter="dspark", budget="algorithm1").light_drafter_path == str(mtp)
     for cfg in (ServeConfig(drafter="eagle3"), ServeConfig(drafter="none"),
                 ServeConfig(budget="fixed"), ServeConfig(light_drafter="none"),
-                ServeConfig(replicas=2, ep_size=2)):
+                ServeConfig(replicas=2, ep_size=2), ServeConfig(draft_gating=False)):
         assert cfg.light_drafter_path is None, cfg
+    # NOTE: a DSpark drafter of another target (a user's own) gets no committed MTP-1
+    own = json.loads((mtp.parent / "dspark-d2" / "config.json").read_text())
+    own["target_hash"] = "0" * 16
+    (tmp_path / "config.json").write_text(json.dumps(own))
+    assert ServeConfig(drafter=str(tmp_path)).drafter_has_confidence
+    assert ServeConfig(drafter=str(tmp_path)).light_drafter_path is None
     # NOTE: named, it is taken as given (and a fixed budget is then a start-up error)
     assert ServeConfig(light_drafter="mtp", budget="fixed").light_drafter_path == str(mtp)
 
