@@ -482,6 +482,9 @@ def _draft_probs(sampling, proposal, probs) -> torch.Tensor:
     if proposal is None or not sum(len(lay.drafts) for lay in sampling):
         return probs.new_zeros(0, probs.shape[-1])
     index = {s.row: i for i, s in enumerate(proposal.seqs)}
-    rows = torch.cat([proposal.probs[index[lay.seq.row], : len(lay.drafts)]
-                      for lay in sampling if lay.drafts])
+    width = proposal.probs.shape[1]
+    # NOTE: one gather of the flattened [R * n, V] rows, not a slice per request and a cat
+    flat = [index[lay.seq.row] * width + k for lay in sampling for k in range(len(lay.drafts))]
+    rows = proposal.probs.reshape(-1, proposal.probs.shape[-1]).index_select(
+        0, device_tensor(flat, probs.device, torch.long))
     return rows if proposal.vocab is None else proposal.vocab.full(rows)
