@@ -24,6 +24,43 @@ from collections import Counter
 from pathlib import Path
 
 
+def timed_calls(fn, name: str, spent: Counter, calls: Counter):
+    """``fn`` wrapped to add its wall time to ``spent[name]`` and count it in
+    ``calls[name]``."""
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[name] += time.perf_counter() - start
+            calls[name] += 1
+    return wrapper
+
+
+def warmed_engine(label: str, concurrency: int, max_tokens: int = 64):
+    """An engine of the benchmark system ``label`` on the demo checkpoints after a warm-up
+    of ``concurrency`` requests: (engine, prompts, tokenizer, params_for), ``params_for``
+    the greedy ``max_tokens`` sampling of every request."""
+    from dspark.bench.closed_loop import ClosedLoop
+    from dspark.bench.engine_bench import SYSTEMS, domain_prompts
+    from dspark.models.generation import SamplingParams, load_for_generation
+    from dspark.workers.engine import EngineConfig
+
+    known = {s.label: s for s in SYSTEMS}
+    target, tok = load_for_generation("checkpoints/target")
+    prompts = domain_prompts(tok, target.config.max_position_embeddings, max_tokens, 24, 0)
+    engine = known[label].build(target, "checkpoints/drafters", EngineConfig(max_num_seqs=64),
+                                0)
+
+    def params_for(i):
+        return SamplingParams(max_tokens=max_tokens)
+
+    loop = ClosedLoop(engine, prompts, tok.stop_ids, concurrency, concurrency, params_for)
+    while not loop.done:
+        loop.tick()
+    return engine, prompts, tok, params_for
+
+
 def audit_gate(engine, loop_args) -> dict:
     from dspark.bench.closed_loop import run_cell
     from dspark.workers.gate import CostGate
@@ -75,14 +112,7 @@ def audit_drafter(engine, loop_args) -> dict:
     spent, calls = Counter(), Counter()
 
     def timed(fn, name):
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent[name] += time.perf_counter() - start
-                calls[name] += 1
-        return wrapper
+        return timed_calls(fn, name, spent, calls)
 
     drafter, worker = engine.draft_worker.drafter, engine.draft_worker
     saved = (drafter.run_blocks, drafter.lm_head.forward, drafting.markov_sample, worker.propose)

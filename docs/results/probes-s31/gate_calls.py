@@ -4,43 +4,21 @@ Usage (repository root): python -P docs/results/probes-s31/gate_calls.py SYSTEM 
 
 import collections
 import sys
-import time
 
 import torch
 
 import dspark.workers.engine as engine_module
 from dspark.bench.closed_loop import ClosedLoop
-from dspark.bench.engine_bench import SYSTEMS, domain_prompts
-from dspark.models.generation import SamplingParams, load_for_generation
-from dspark.workers.engine import EngineConfig
+from dspark.bench.gate_audit import timed_calls, warmed_engine
 
 torch.set_num_threads(2)
 label, conc = sys.argv[1], int(sys.argv[2])
-known = {s.label: s for s in SYSTEMS}
-target, tok = load_for_generation("checkpoints/target")
-prompts = domain_prompts(tok, target.config.max_position_embeddings, 64, 24, 0)
-eng = known[label].build(target, "checkpoints/drafters", EngineConfig(max_num_seqs=64), 0)
-
-
-def params(i):
-    return SamplingParams(max_tokens=64)
-
-
-loop = ClosedLoop(eng, prompts, tok.stop_ids, conc, conc, params)  # warm-up
-while not loop.done:
-    loop.tick()
+eng, prompts, tok, params = warmed_engine(label, conc)
 calls, spent = collections.Counter(), collections.Counter()
 
 
 def timed(name, fn):
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            spent[name] += time.perf_counter() - start
-            calls[name] += 1
-    return wrapper
+    return timed_calls(fn, name, spent, calls)
 
 
 eng.gate.choose = timed("choose", eng.gate.choose)

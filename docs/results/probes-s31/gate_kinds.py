@@ -8,25 +8,11 @@ import sys
 import torch
 
 from dspark.bench.closed_loop import ClosedLoop
-from dspark.bench.engine_bench import SYSTEMS, domain_prompts
-from dspark.models.generation import SamplingParams, load_for_generation
-from dspark.workers.engine import EngineConfig
+from dspark.bench.gate_audit import warmed_engine
 
 torch.set_num_threads(int(sys.argv[3]) if len(sys.argv) > 3 else 1)
 label, conc = sys.argv[1], int(sys.argv[2])
-known = {s.label: s for s in SYSTEMS}
-target, tok = load_for_generation("checkpoints/target")
-prompts = domain_prompts(tok, target.config.max_position_embeddings, 64, 24, 0)
-eng = known[label].build(target, "checkpoints/drafters", EngineConfig(max_num_seqs=64), 0)
-
-
-def params(i):
-    return SamplingParams(max_tokens=64)
-
-
-loop = ClosedLoop(eng, prompts, tok.stop_ids, conc, conc, params)  # warm-up
-while not loop.done:
-    loop.tick()
+eng, prompts, tok, params = warmed_engine(label, conc)
 last = {}
 eng.on_request_step = lambda rows: last.__setitem__("rows", rows)
 loop = ClosedLoop(eng, prompts, tok.stop_ids, conc, 6 * conc, params)
