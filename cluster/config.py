@@ -38,10 +38,10 @@ class ServeConfig:
     steps in which the drafter's gate drafts for nobody; its own gate decides whether
     everyone drafts with it (dspark.workers.lanes). auto: mtp beside a drafter with a
     confidence head (DSpark) trained for the same target, under the cost gate and a gated
-    budget, at ep_size 1; none otherwise (1.00-1.10
-    x no speculation's tokens/s at 8 to 64 requests where DSpark alone is 0.98-1.02, the
-    same at 1 to 4; docs/engine.md, session 32). none: no light drafter. Named, it needs a
-    gated budget (cluster, algorithm1 or topk)."""
+    budget, at ep_size 1; none otherwise (0.98-1.10 x no speculation's tokens/s at 8 to 64
+    requests, 6 of 8 cells at or above 1.0, where DSpark alone is 0.98-1.04, 3 of 8; the
+    same at 1 to 4; docs/engine.md, session 32). none: no light drafter. Named, it needs
+    a gated budget (cluster, algorithm1 or topk)."""
     budget: str | None = None
     """Verification budget (a ``BudgetMode``): cluster (Algorithm 1 with the expert-parallel
     group's load from the board), algorithm1 (local load only), topk, threshold or fixed.

@@ -2,12 +2,12 @@
 
 ``F.scaled_dot_product_attention`` on the CPU runs its flash kernel, which for two or more
 queries per request over many requests is slower than the same arithmetic as two batched
-matrix products: alone, 32 requests x 4 queries x 203 keys took 1.02 against 0.42 ms and
-32 x 7 x 207 1.29 against 0.57 ms (torch 2.13, 2 threads). In a whole forward (its weights
-and caches passing through the CPU's caches between two layers) the gain is smaller and
-starts later: a verify forward of 32 requests x 3 tokens 0.96 x, 64 x 2 0.95 x, 16 x 3
-0.98 x, but 8 x 4 1.02 x and 4 x 4 1.04 x; a 2-layer DSpark drafting call 0.93 x at 32
-requests, 0.96 x at 16, 0.98 x at 8 (7 queries each) and 1.06 x at 4 (docs/engine.md,
+matrix products: alone, 32 requests x 4 queries x 203 keys 0.85 against 0.44 ms (torch
+2.13, 2 threads; ``docs/results/session32-attention/alone.py``). In a whole forward (its
+weights and caches passing through the CPU's caches between two layers) the gain is smaller
+and starts later: from 8 query rows on, a verify forward of 64 requests x 2 tokens 0.95 x and
+32 x 3 0.985 x, but 4 x 4 1.02 x and 8 x 4 1.015 x; a 2-layer DSpark drafting call 0.93-0.94 x
+at 32-64 requests but 1.02 x at 4 (``ab_forward.py --min-rows 8`` there; docs/engine.md,
 session 32). One query per request ties. So ``attention`` takes the matrix products from
 ``MIN_ROWS`` queries in all on, and the flash kernel below.
 

@@ -3,10 +3,12 @@ call with ``kernels/attention.py``'s matrix path (as committed) and with the fla
 everywhere (``MIN_ROWS`` above every batch), the median of 25 calls each.
 
 Run from the repository root: ``python -P docs/results/session32-attention/ab_forward.py``
+(``--min-rows N``: the matrix path from N query rows instead of the committed threshold)
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -38,6 +40,9 @@ def alternate(call) -> tuple[float, float]:
 
 
 def main() -> None:
+    global MATRIX
+    if "--min-rows" in sys.argv:
+        MATRIX = int(sys.argv[sys.argv.index("--min-rows") + 1])
     torch.set_num_threads(2)
     target, _ = load_for_generation("checkpoints/target")
     target.eval()
