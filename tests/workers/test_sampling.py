@@ -156,16 +156,23 @@ def test_a_uniform_stream_is_its_generators_draws_one_by_one_in_order():
     assert got == want
 
 
-def test_the_host_path_commits_what_the_tensor_path_commits():
+@pytest.mark.parametrize("lens, params", [
+    ([7, 0, 3, 5, 1, 2],
+     [SAMPLED, SAMPLED, GREEDY, SAMPLED, GREEDY, SamplingParams(temperature=0.7)]),
+    ([1, 1, 2, 1], [SAMPLED] * 4),  # NOTE: every request drafts (often all rejected)
+])
+def test_the_host_path_commits_what_the_tensor_path_commits(lens, params):
     """``verify_host`` (the CPU's, without coupled requests) against ``verify_tensors``:
     the same accepted drafts and tokens, and each rejection stream left at the same draw,
     over mixed batches of greedy and rejection requests with drafts of every length."""
-    lens = [7, 0, 3, 5, 1, 2]
-    params = [SAMPLED, SAMPLED, GREEDY, SAMPLED, GREEDY, SamplingParams(temperature=0.7)]
+    rows, seen = [i for i, n in enumerate(lens) for _ in range(n)], set()
     for trial in range(40):
         drafts, q, p = random_batch(lens, 7 if trial % 2 else 11, trial)
         if trial % 3 == 0:  # NOTE: drafts equal to the target's argmax: long prefixes
-            q = torch.softmax(p[[i for i, n in enumerate(lens) for _ in range(n)]] * 4, -1)
+            q = torch.softmax(p[rows] * 4, -1)
+        elif trial % 3 == 1:  # NOTE: drafts where the target is unlikely: rejections
+            q = torch.softmax(-p[rows] * 8, -1)
+            drafts = [d.tolist() for d in q.argmax(-1).split(lens)]
         runs = []
         for fn in (verify_host, verify_tensors):
             samplers = [RequestSampling.create(pr, 100 * trial + r)
@@ -176,7 +183,11 @@ def test_the_host_path_commits_what_the_tensor_path_commits():
             after = [s.stream.take(1) if s.stream is not None else None for s in samplers]
             runs.append((out.num_accepted, out.output_ids, after))
         assert runs[0] == runs[1]
+        rejected = sum(a < n for a, n, pr in zip(runs[0][0], lens, params) if pr is SAMPLED)
+        seen.add(rejected == params.count(SAMPLED))  # NOTE: both of ``_next_tokens``' ways
     assert any(a > 0 for a in runs[0][0])
+    assert False in seen
+    assert (True in seen) == all(n for n, pr in zip(lens, params) if pr is SAMPLED)
 
 
 def test_a_plain_softmax_step_draws_what_the_general_path_draws():
