@@ -13,11 +13,13 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 from dspark.cluster.config import ServeConfig
+from dspark.cluster.start_guard import STATUS, SigtermGuard, kill_descendants
 from dspark.workers.modes import BudgetMode
 
 READY_TIMEOUT_S = 900.0
@@ -58,7 +60,7 @@ def quiet_serve_logs():
 
 
 def start(cfg: ServeConfig, num_cpus: float | None = None, app_name: str = "dspark",
-          route_prefix: str = "/"):
+          route_prefix: str = "/", on_ray_init: Callable[[], None] | None = None):
     """Start Ray, Redis (if needed) and the app and return once every replica is up;
     returns (cfg with redis_url, redis or None). On failure everything started is stopped.
 
@@ -85,6 +87,8 @@ def start(cfg: ServeConfig, num_cpus: float | None = None, app_name: str = "dspa
             ray.init(address="local", num_cpus=num_cpus or local_cpus(),
                      include_dashboard=False, log_to_driver=False, configure_logging=False,
                      _metrics_export_port=cfg.metrics_export_port)
+            if on_ray_init is not None:
+                on_ray_init()
         from dspark.cluster import drain
 
         drain.clear(app_name)  # NOTE: an earlier drain of the same app on this cluster
@@ -165,13 +169,37 @@ def stop(redis) -> None:
 
         if ray.is_initialized():
             try:
-                with quiet_serve_logs():
-                    delete_apps(serve)
+                if cluster_answers(ray):
+                    with quiet_serve_logs():
+                        delete_apps(serve)
+                else:  # NOTE: a SIGTERM to the process group ended Ray's processes, not all
+                    end_cluster()
             finally:
                 ray.shutdown()
     finally:
         if redis is not None:
             redis.stop()
+
+
+def cluster_answers(ray, timeout_s: float = 1.0) -> bool:
+    """Whether this process is connected to a cluster whose GCS accepts a connection (a
+    Serve call to a GCS that is gone waits 60 s, then ends the process)."""
+    if not ray.is_initialized():  # NOTE: asking for the runtime context would start one
+        return False
+    host, port = ray.get_runtime_context().gcs_address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def end_cluster() -> None:
+    """Kill what is left of the cluster this process started, the embedded Redis aside: a
+    GCS and raylet that no longer answer, and the actors and workers they started."""
+    from dspark.router.redis_server import EmbeddedRedis
+
+    kill_descendants({r.proc.pid for r in list(EmbeddedRedis.running) if r.proc is not None})
 
 
 def delete_apps(serve, timeout_s: float = 60.0) -> None:
@@ -225,17 +253,31 @@ def failure_reason(exc: BaseException) -> str:
     return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
 
 
-def start_local(cfg: ServeConfig):
+def start_local(cfg: ServeConfig, on_ray_init: Callable[[], None] | None = None):
     """``start`` on a new local cluster, then wait until the app answers over HTTP on its
     port; on any failure everything is stopped before the exception propagates."""
     check_startable(cfg)
-    cfg, redis = start(cfg, num_cpus=local_cpus())
+    cfg, redis = start(cfg, num_cpus=local_cpus(), on_ray_init=on_ray_init)
     try:
         wait_until_answers(app_url(cfg))
     except BaseException:
         stop(redis)
         raise
     return cfg, redis
+
+
+def start_guard() -> SigtermGuard:
+    """SIGTERM stops the start-up as Ctrl-C does, and ends the process when Ray's GCS is
+    gone under a main thread waiting on it (``start_guard`` module)."""
+    import ray
+
+    from dspark.router.redis_server import EmbeddedRedis
+
+    def on_exit():
+        end_cluster()
+        EmbeddedRedis.stop_all()
+
+    return SigtermGuard(lambda: cluster_answers(ray), on_exit).install()
 
 
 def observability_line(cfg: ServeConfig) -> str:
@@ -261,12 +303,29 @@ def main(cfg: ServeConfig) -> int:
     drafters = cfg.drafter + (f" (light: {Path(light).name})" if light else "")
     print(f"starting dspark: model {cfg.model_name}, drafter {drafters}, budget "
           f"{cfg.effective_budget}, {cfg.replicas} replica(s) ...", file=sys.stderr, flush=True)
-    started = time.time()
+    started, guard = time.time(), start_guard()
     try:
-        cfg, redis = start_local(cfg)
+        return serve_until_signal(*start_local(cfg, on_ray_init=guard.handle), started)
+    except (KeyboardInterrupt, SystemExit) as exc:  # NOTE: Ray's own handler, while
+        # ``ray.init`` runs, exits with the signal's number; Ray's calls may raise a plain
+        # KeyboardInterrupt for ``Terminated``
+        end_cluster()  # NOTE: what a ``ray.init`` stopped midway started and left running
+        if not (guard.taken.is_set() or getattr(exc, "code", None) == signal.SIGTERM):
+            raise
+        print("dspark serve: stopped while starting (SIGTERM)", file=sys.stderr, flush=True)
+        return STATUS
     except Exception as exc:
         print(f"dspark serve: cannot start: {failure_reason(exc)}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        guard.close()
+
+
+def serve_until_signal(cfg: ServeConfig, redis, started: float) -> int:
+    """Print where the server answers, wait for SIGINT or SIGTERM, drain (unless Ray's
+    GCS is gone), stop."""
+    import ray
+
     from dspark.router.redis_link import redact
 
     url = app_url(cfg)
@@ -282,7 +341,10 @@ def main(cfg: ServeConfig) -> int:
     try:
         while not signals.acquire(timeout=1.0):
             pass
-        drain_requests(cfg, lambda: signals.acquire(blocking=False))
+        if cluster_answers(ray):
+            drain_requests(cfg, lambda: signals.acquire(blocking=False))
+        else:  # NOTE: a signal to the process group ended Ray's processes too
+            print("no drain: Ray's processes have ended", file=sys.stderr, flush=True)
     finally:
         print("stopping ...", file=sys.stderr, flush=True)
         stop(redis)

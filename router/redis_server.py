@@ -94,6 +94,9 @@ class EmbeddedRedis:
     same port with the same password, whenever it exits without ``stop()``: an empty
     board is filled again by the replicas' next heartbeat."""
 
+    running: set[EmbeddedRedis] = set()
+    """Every one this process started and has not stopped (``stop_all``)."""
+
     def __init__(self, port: int | None = None, password: str | None = None) -> None:
         self.port = port or free_port()
         self.password = password or secrets.token_urlsafe(24)
@@ -108,6 +111,7 @@ class EmbeddedRedis:
         binary = redis_binary()  # NOTE: before the folder exists: a missing binary leaves nothing
         self._stopping.clear()
         self._dir = tempfile.mkdtemp(prefix="dspark-redis-")
+        EmbeddedRedis.running.add(self)
         try:
             self._launch(binary, timeout_s)
         except BaseException:
@@ -171,7 +175,14 @@ class EmbeddedRedis:
             self.proc.kill()
         raise RuntimeError(f"{binary} did not answer on port {self.port} within {timeout_s:.0f} s")
 
+    @classmethod
+    def stop_all(cls) -> None:
+        """Stop every embedded Redis of this process (a process about to end at once)."""
+        for server in list(cls.running):
+            server.stop()
+
     def stop(self) -> None:
+        EmbeddedRedis.running.discard(self)
         self._stopping.set()
         with self._lock:
             if self.proc is not None and self.proc.poll() is None:

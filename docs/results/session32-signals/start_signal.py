@@ -35,9 +35,9 @@ def main() -> None:
     lines = out.splitlines() if verbose else out.splitlines()[-3:]
     print("\n".join("| " + line[:160] for line in lines))
     time.sleep(2)
-    left = subprocess.run(["pgrep", "-f", "raylet|gcs_server|redis-server"],
+    left = subprocess.run(["pgrep", "-f", "raylet|gcs_server|redis-server|ray::|default_worker"],
                           capture_output=True, text=True).stdout.split()
-    print(f"Ray and Redis processes left: {len(left)}")
+    print(f"Ray and Redis processes left (raylet, GCS, Redis, actors, workers): {len(left)}")
 
 
 if __name__ == "__main__":
