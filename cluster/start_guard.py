@@ -78,6 +78,7 @@ class SigtermGuard:
                 return
             if signal.SIGTERM in woken:
                 break
+        remember_descendants()  # NOTE: before the raylet, if signalled too, is gone
         gone = None  # NOTE: since when the GCS has not answered
         while not self.closed.wait(self.POLL_S):
             if self.cluster_live():
@@ -92,10 +93,32 @@ class SigtermGuard:
                 os._exit(STATUS)
 
 
+_SEEN: set[int] = set()
+"""Processes descending from this one when a SIGTERM arrived (``remember_descendants``)."""
+
+
+def remember_descendants() -> None:
+    """Note the processes descending from this one now: a raylet that a signal to the
+    process group ends leaves its workers to the system, no longer this process's."""
+    _SEEN.update(descendants())
+
+
 def kill_descendants(keep: set[int] = frozenset()) -> int:
-    """SIGKILL every process descending from this one but those in ``keep`` and theirs
-    (Linux's /proc; elsewhere none); returns how many. Ray's actors run in process groups
-    of their own under the raylet, so a signal to this process's group does not reach them."""
+    """SIGKILL every process descending from this one but those in ``keep`` and theirs, and
+    those remembered (Linux's /proc; elsewhere none); returns how many. Ray's actors run in
+    process groups of their own under the raylet, so a signal to this process's group does
+    not reach them."""
+    found = (set(descendants(keep)) | _SEEN) - set(keep) - {os.getpid()}
+    for pid in found:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:  # NOTE: gone already
+            continue
+    return len(found)
+
+
+def descendants(keep: set[int] = frozenset()) -> list[int]:
+    """The processes descending from this one, but those in ``keep`` and theirs."""
     parents = {}
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
         try:
@@ -109,9 +132,4 @@ def kill_descendants(keep: set[int] = frozenset()) -> int:
                     if parent in frontier and pid not in keep]
         found += children
         frontier = children
-    for pid in found:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            continue
-    return len(found)
+    return found

@@ -118,7 +118,7 @@ def running(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("to", ["process", "group"])
-@pytest.mark.parametrize("once", ["raylet", "ray::ServeReplica"])  # NOTE: in ``ray.init``;
+@pytest.mark.parametrize("once", ["gcs_server", "ray::ServeReplica"])  # NOTE: in ``ray.init``;
 # connected (Ray's crash handler took SIGTERM there), deploying the app
 def test_sigterm_while_starting_stops_the_server_and_leaves_nothing(tmp_path, to, once):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -176,5 +176,5 @@ def test_sigterm_to_the_group_of_a_ready_server_ends_it_in_seconds(tmp_path):
 
 
 def session(sid: int) -> str:
-    return subprocess.run(["ps", "-o", "pid=,args=", "-s", str(sid)], capture_output=True,
+    return subprocess.run(["ps", "-ww", "-o", "pid=,args=", "-s", str(sid)], capture_output=True,
                           text=True).stdout.strip()
