@@ -305,18 +305,22 @@ def main(cfg: ServeConfig) -> int:
           f"{cfg.effective_budget}, {cfg.replicas} replica(s) ...", file=sys.stderr, flush=True)
     started, guard = time.time(), start_guard()
     try:
-        return serve_until_signal(*start_local(cfg, on_ray_init=guard.handle), started)
-    except (KeyboardInterrupt, SystemExit) as exc:  # NOTE: Ray's own handler, while
-        # ``ray.init`` runs, exits with the signal's number; Ray's calls may raise a plain
-        # KeyboardInterrupt for ``Terminated``
-        end_cluster()  # NOTE: what a ``ray.init`` stopped midway started and left running
-        if not (guard.taken.is_set() or getattr(exc, "code", None) == signal.SIGTERM):
-            raise
-        print("dspark serve: stopped while starting (SIGTERM)", file=sys.stderr, flush=True)
-        return STATUS
-    except Exception as exc:
-        print(f"dspark serve: cannot start: {failure_reason(exc)}", file=sys.stderr, flush=True)
-        return 1
+        try:
+            cfg, redis = start_local(cfg, on_ray_init=guard.handle)
+        except (KeyboardInterrupt, SystemExit) as exc:  # NOTE: Ray's own handler, while
+            # ``ray.init`` runs, exits with the signal's number; Ray's calls may raise a
+            # plain KeyboardInterrupt for ``Terminated``
+            end_cluster()  # NOTE: what a ``ray.init`` stopped midway started and left
+            if not (guard.taken.is_set() or getattr(exc, "code", None) == signal.SIGTERM):
+                raise
+            print("dspark serve: stopped while starting (SIGTERM)", file=sys.stderr,
+                  flush=True)
+            return STATUS
+        except Exception as exc:
+            print(f"dspark serve: cannot start: {failure_reason(exc)}", file=sys.stderr,
+                  flush=True)
+            return 1
+        return serve_until_signal(cfg, redis, started)
     finally:
         guard.close()
 
@@ -328,17 +332,17 @@ def serve_until_signal(cfg: ServeConfig, redis, started: float) -> int:
 
     from dspark.router.redis_link import redact
 
-    url = app_url(cfg)
-    print(f"ready in {time.time() - started:.0f} s: {url}  (OpenAI API: {url}/v1, load board: "
-          f"{redact(cfg.redis_url)})", flush=True)
-    print(curl_example(url, cfg.model_name, bool(cfg.api_keys)), flush=True)
-    print(observability_line(cfg), flush=True)
-    print("Ctrl-C stops the server (twice: without waiting for requests in flight).",
-          file=sys.stderr, flush=True)
     signals = threading.Semaphore(0)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: signals.release())
-    try:
+    try:  # NOTE: the drain's handlers before "ready": a signal from then on drains
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: signals.release())
+        url = app_url(cfg)
+        print(f"ready in {time.time() - started:.0f} s: {url}  (OpenAI API: {url}/v1, load "
+              f"board: {redact(cfg.redis_url)})", flush=True)
+        print(curl_example(url, cfg.model_name, bool(cfg.api_keys)), flush=True)
+        print(observability_line(cfg), flush=True)
+        print("Ctrl-C stops the server (twice: without waiting for requests in flight).",
+              file=sys.stderr, flush=True)
         while not signals.acquire(timeout=1.0):
             pass
         if cluster_answers(ray):
