@@ -4,21 +4,24 @@ Two processes on this machine form one ep_size=2 group over torch.distributed (g
 holds half of the demo target's routed experts, schedules its own requests and exchanges
 tokens with the other at every MoE layer, in lock-step (``workers/expert_parallel.py``).
 Rank 0 keeps ``heavy`` requests in flight, rank 1 ``light`` (closed loop: a finished
-request is replaced at once). Both run the same drafter with Algorithm 1, under two
-budgets that differ only in what they believe a step costs:
+request is replaced at once). The arms (``ARMS``) are engines over the same sharded target:
 
-- ``local`` (``algorithm1``): SPS(B) at this rank's own tokens;
-- ``cluster``: the step priced per rank from what the other rank did in the previous step
-  (its verify tokens and committed tokens, from an all-gather after every step, the
-  freshest the load board can be): the private part of a step at the larger of the two
-  ranks' tokens, the experts' profiled share at the group's tokens per rank, and the
-  other rank's committed tokens in the throughput maximised (``CostModel``).
+- ``no-spec``: no drafter;
+- ``local`` (``algorithm1``): the drafter, its budget pricing SPS(B) at this rank's own
+  tokens;
+- ``cluster``: the drafter, the step priced per rank from what the other rank did in the
+  previous step (its verify tokens and committed tokens, from an all-gather after every
+  step, the freshest the load board can be): the private part of a step at the larger of
+  the two ranks' tokens, the experts' profiled share at the group's tokens per rank, and
+  the other rank's committed tokens in the throughput maximised (``CostModel``);
+- ``local+lane``, ``cluster+lane``: the same with ``light_drafter`` beside the drafter (the
+  light lane of ``dspark serve``'s default, ``Engine``'s ``light_drafter``).
 
-Each round runs ``steps`` lock-step steps of each budget's engine, the two engines
-stepping in turn (which goes first flips every round), each timed on its own clock: the
-machine's slow stretches fall on both alike. Reported per budget (medians over rounds): aggregate tokens/s of the
-group, per-user tokens/s on each rank, mean ℓ_r per drafted request on each rank, and the
-mean step time.
+Each round runs ``steps`` lock-step steps of each arm's engine, the engines stepping in
+turn (the order rotated every round), each timed on its own clock: the machine's slow
+stretches fall on all alike. Reported per arm (medians over rounds): aggregate tokens/s of
+the group, per-user tokens/s on each rank, mean ℓ_r per drafted request on each rank, the
+share of steps that drafted and the mean step time.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ import torch
 
 from dspark.bench.machine import describe, header
 
-BUDGETS = ("local", "cluster")
-MODES = {"local": "algorithm1", "cluster": "cluster"}
+ARMS = {"no-spec": (None, False), "local": ("algorithm1", False),
+        "cluster": ("cluster", False), "local+lane": ("algorithm1", True),
+        "cluster+lane": ("cluster", True)}
+"""Arm -> (budget of its drafter, None: no drafter; whether the light lane runs beside)."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,12 @@ class EpBenchConfig:
     """Sampling temperature of every request."""
     threads: int = 1
     """torch threads per rank."""
+    arms: str = "local,cluster"
+    """The engines compared, comma-separated, of no-spec, local, cluster, local+lane and
+    cluster+lane (the first is the ratios' baseline)."""
+    light_drafter: str = "mtp"
+    """The lane arms' light drafter: a subdirectory of the drafter's parent directory, or a
+    path."""
 
     def __post_init__(self) -> None:
         for name in ("heavy", "light", "steps", "rounds", "max_tokens", "threads"):
@@ -60,6 +71,15 @@ class EpBenchConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        arms = self.arm_list
+        unknown = [a for a in arms if a not in ARMS]
+        if unknown or not arms or len(set(arms)) != len(arms):
+            raise ValueError(f"arms must list distinct arms of {', '.join(ARMS)}, got "
+                             f"{self.arms!r}")
+
+    @property
+    def arm_list(self) -> list[str]:
+        return [a.strip() for a in self.arms.split(",") if a.strip()]
 
 
 def _rank_main(rank: int, port: int, cfg: EpBenchConfig, target_dir: str, drafter_dir: str,
@@ -82,23 +102,32 @@ def _rank_main(rank: int, port: int, cfg: EpBenchConfig, target_dir: str, drafte
                              cfg.max_tokens, 8, rank)
     shard_experts(target, dist.group.WORLD, rank, 2)
     drafter = load_drafter(drafter_dir, target)
-    others = {budget: [GroupLoad()] for budget in BUDGETS}
+    light_dir = Path(drafter_dir).parent / cfg.light_drafter
+    light = load_drafter(light_dir if light_dir.is_dir() else cfg.light_drafter, target) \
+        if any(ARMS[a][1] for a in cfg.arm_list) else None
+    arms = cfg.arm_list
+    others = {arm: [GroupLoad()] for arm in arms}
     engines, cost = {}, None
-    for budget in BUDGETS:
+    for arm in arms:
         # NOTE: both ranks build their engines in the same order: profiling runs target
         # forwards, whose MoE exchanges need both ranks
-        engines[budget] = Engine(
-            target, drafter, EngineConfig(budget=MODES[budget], max_num_seqs=64), cost,
-            lockstep=True, group_load=lambda seen=others[budget]: seen[0])
-        cost = engines[budget].profiled_cost_table
+        budget, lane = ARMS[arm]
+        engines[arm] = Engine(
+            target, drafter if budget else None,
+            EngineConfig(budget=budget or "fixed", max_num_seqs=64), cost,
+            lockstep=True, group_load=lambda seen=others[arm]: seen[0],
+            light_drafter=light if lane else None)
+        cost = engines[arm].profiled_cost_table
     conc = cfg.heavy if rank == 0 else cfg.light
     params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens)
     rows = []
     for rnd in range(cfg.rounds):
-        order = BUDGETS if rnd % 2 == 0 else BUDGETS[::-1]
-        ran = _run({b: engines[b] for b in order}, prompts, tokenizer.stop_ids, conc, params,
+        order = arms[rnd % len(arms):] + arms[:rnd % len(arms)]
+        if rnd // len(arms) % 2:
+            order.reverse()
+        ran = _run({a: engines[a] for a in order}, prompts, tokenizer.stop_ids, conc, params,
                    cfg.steps, others)
-        rows += [{"round": rnd, "budget": b, "rank": rank, **ran[b]} for b in BUDGETS]
+        rows += [{"round": rnd, "budget": a, "rank": rank, **ran[a]} for a in arms]
     gathered = [None, None]
     dist.all_gather_object(gathered, rows)
     if rank == 0:
@@ -147,10 +176,12 @@ def _result(loop) -> dict:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per budget, medians over rounds: the group's aggregate tokens/s (both ranks' tokens
-    over the slower rank's wall time) and each rank's per-user tokens/s and mean ℓ_r."""
-    out = []
-    for budget in BUDGETS:
+    """Per arm (in the order of first appearance), medians over rounds: the group's
+    aggregate tokens/s (both ranks' tokens over the slower rank's wall time) and each
+    rank's per-user tokens/s and mean ℓ_r; ``aggregate_paired``: the median over rounds of
+    the arm's aggregate over the first arm's in the same round."""
+    out, first, arms = [], {}, list(dict.fromkeys(r["budget"] for r in rows))
+    for budget in arms:
         rounds = sorted({r["round"] for r in rows if r["budget"] == budget})
         agg, cells = [], {0: [], 1: []}
         for rnd in rounds:
@@ -159,8 +190,10 @@ def summarize(rows: list[dict]) -> list[dict]:
                        / max(p["wall"] for p in pair.values()))
             for rank, row in pair.items():
                 cells[rank].append(row)
+        first = first or dict(zip(rounds, agg))
         entry = {"budget": budget, "aggregate_tps": statistics.median(agg),
-                 "aggregate_spread": [min(agg), max(agg)]}
+                 "aggregate_spread": [min(agg), max(agg)],
+                 "aggregate_paired": statistics.median(a / first[r] for r, a in zip(rounds, agg))}
         for rank in (0, 1):
             for key in ("per_user_tps", "mean_ell", "step_ms", "shared", "drafted"):
                 entry[f"rank{rank}_{key}"] = statistics.median(c[key] for c in cells[rank])
@@ -169,21 +202,25 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def markdown(summary: list[dict], cfg: EpBenchConfig) -> str:
-    base = next(s for s in summary if s["budget"] == "local")
-    shared = summary[0].get("rank0_shared")
+    base = summary[0]
+    shared = next((s["rank0_shared"] for s in summary if s.get("rank0_shared") is not None),
+                  None)
     lines = [f"ep_size=2, rank 0 with {cfg.heavy} requests in flight, rank 1 with "
-             f"{cfg.light}; T={cfg.temperature:g}, {cfg.steps} steps per budget per round, "
-             f"medians of {cfg.rounds} rounds."
+             f"{cfg.light}; T={cfg.temperature:g}, {cfg.steps} steps per arm per round, "
+             f"medians of {cfg.rounds} rounds; lane arms: `{cfg.light_drafter}` beside the "
+             "drafter."
              + (f" Profiled share of a step in the experts (rank 0): {shared:.2f}."
                 if shared is not None else ""), "",
-             "| budget | aggregate tok/s [min–max] | × local | per-user tok/s rank 0 / 1 | "
-             "mean ℓ rank 0 / 1 | steps drafted rank 0 / 1 | step ms |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"| arm | aggregate tok/s [min–max] | × {base['budget']} | × {base['budget']} "
+             "paired | per-user tok/s rank 0 / 1 | mean ℓ rank 0 / 1 | steps drafted rank 0 / 1 "
+             "| step ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for s in summary:
         lo, hi = s["aggregate_spread"]
         lines.append(
             f"| {s['budget']} | {s['aggregate_tps']:.1f} [{lo:.0f}–{hi:.0f}] | "
             f"{s['aggregate_tps'] / base['aggregate_tps']:.2f} | "
+            f"{s['aggregate_paired']:.3f} | "
             f"{s['rank0_per_user_tps']:.1f} / {s['rank1_per_user_tps']:.1f} | "
             f"{s['rank0_mean_ell']:.2f} / {s['rank1_mean_ell']:.2f} | "
             f"{s['rank0_drafted']:.0%} / {s['rank1_drafted']:.0%} | {s['rank0_step_ms']:.1f} |")

@@ -38,10 +38,11 @@ class ServeConfig:
     steps in which the drafter's gate drafts for nobody; its own gate decides whether
     everyone drafts with it (dspark.workers.lanes). auto: mtp beside a drafter with a
     confidence head (DSpark) trained for the same target, under the cost gate and a gated
-    budget, at ep_size 1; none otherwise (0.98-1.10 x no speculation's tokens/s at 8 to 64
-    requests, 6 of 8 cells at or above 1.0, where DSpark alone is 0.98-1.04, 3 of 8; the
-    same at 1 to 4; docs/engine.md, session 32). none: no light drafter. Named, it needs
-    a gated budget (cluster, algorithm1 or topk)."""
+    budget; none otherwise (0.98-1.10 x no speculation's tokens/s at 8 to 64 requests, 6
+    of 8 cells at or above 1.0, where DSpark alone is 0.98-1.04, 3 of 8; the same at 1 to
+    4; docs/engine.md, session 32; in an ep_size=2 group 1.10-1.14 x at T=1 against
+    1.08-1.11 alone, session 34). none: no light drafter. Named, it needs a gated budget
+    (cluster, algorithm1 or topk)."""
     budget: str | None = None
     """Verification budget (a ``BudgetMode``): cluster (Algorithm 1 with the expert-parallel
     group's load from the board), algorithm1 (local load only), topk, threshold or fixed.
@@ -285,13 +286,14 @@ class ServeConfig:
     @property
     def light_drafter_path(self) -> str | None:
         """The light drafter's checkpoint directory; ``auto``: the committed MTP-1 beside
-        a drafter with a confidence head under a gated budget without expert parallelism
-        (the light lane has not been measured in a lock-step group), else None."""
+        a drafter with a confidence head under a gated budget, at any ep_size (in a
+        lock-step group it measured at or above the drafter alone, docs/engine.md "Session
+        34"), else None."""
         if self.light_drafter != LIGHT_AUTO:
             return drafter_path(self.light_drafter)
         gated = (BudgetMode.CLUSTER, BudgetMode.ALGORITHM1, BudgetMode.TOPK)
         path = drafter_path(AUTO_LIGHT_DRAFTER)
-        if (self.ep_size != 1 or not self.draft_gating or not self.drafter_has_confidence
+        if (not self.draft_gating or not self.drafter_has_confidence
                 or self.budget_mode not in gated or path is None):
             return None
         # NOTE: only beside a drafter trained for the same target (the drafter's own check

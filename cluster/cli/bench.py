@@ -120,7 +120,8 @@ def _add_serve(which: Subparsers) -> None:
 
 def _add_ep(which: Subparsers) -> None:
     ep = which.add_parser(
-        "ep", help="an imbalanced ep_size=2 group: the cluster budget against the local one")
+        "ep", help="an imbalanced ep_size=2 group: the cluster budget against the local one, "
+        "the light lane, no speculation")
     add_flag(ep, "--target", str(DEFAULT_TARGET), "target checkpoint directory",
              shown="checkpoints/target")
     add_flag(ep, "--drafter", "dspark-d1", "drafter under --drafters, or a path")
@@ -134,6 +135,11 @@ def _add_ep(which: Subparsers) -> None:
     add_flag(ep, "--max-tokens", 64, "Output tokens per request.", type=int)
     add_flag(ep, "--temperature", 0.0, "Sampling temperature of every request.", type=float)
     add_flag(ep, "--threads", 1, "torch threads per rank.", type=int)
+    add_flag(ep, "--arms", "local,cluster", "The engines compared, comma-separated, of "
+             "no-spec, local, cluster, local+lane and cluster+lane (the first is the ratios' "
+             "baseline).")
+    add_flag(ep, "--light-drafter", "mtp", "The lane arms' light drafter: a subdirectory of "
+             "the drafter's parent directory, or a path.")
     add_flag(ep, "--out", "runs/bench-ep", "results directory (JSON, markdown)")
 
 
@@ -186,7 +192,8 @@ def run_ep(args: argparse.Namespace) -> int:
 
     cfg = EpBenchConfig(heavy=args.heavy, light=args.light, steps=args.steps,
                         rounds=args.rounds, max_tokens=args.max_tokens,
-                        temperature=args.temperature, threads=args.threads)
+                        temperature=args.temperature, threads=args.threads, arms=args.arms,
+                        light_drafter=args.light_drafter)
     drafter = Path(args.drafters) / args.drafter
     drafter = drafter if drafter.is_dir() else Path(args.drafter)
     result = run_ep_benchmark(cfg, args.target, str(drafter))

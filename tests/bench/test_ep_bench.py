@@ -25,12 +25,26 @@ def test_summary_uses_the_slower_rank_and_medians():
     assert local["aggregate_spread"] == [100.0, 200.0]
     assert cluster["aggregate_tps"] == 400 / 1.6
     assert cluster["rank1_mean_ell"] == 5.0 and local["rank0_mean_ell"] == 2.0
+    # paired: each round's ratio to the first arm (2, 2, 1.25), then their median
+    assert cluster["aggregate_paired"] == 2.0 and local["aggregate_paired"] == 1.0
     table = markdown([local, cluster], EpBenchConfig())
-    assert "| cluster | 250.0 [200–400] | 1.25 |" in table
+    assert "| cluster | 250.0 [200–400] | 1.25 | 2.000 |" in table
     assert "| 0% / 25% | 10.0 |" in table
     assert "share of a step in the experts (rank 0): 0.40." in table
+
+
+def test_the_first_arm_is_the_baseline():
+    rows = [row(0, "no-spec", 0, 300, 2.0, 0.0), row(0, "no-spec", 1, 100, 1.0, 0.0),
+            row(0, "local+lane", 0, 330, 2.0, 1.0), row(0, "local+lane", 1, 110, 1.0, 1.0)]
+    base, lane = summarize(rows)
+    assert base["budget"] == "no-spec" and lane["aggregate_paired"] == 1.1
+    assert "| arm | aggregate tok/s [min–max] | × no-spec | × no-spec paired |" in markdown(
+        [base, lane], EpBenchConfig(arms="no-spec,local+lane"))
 
 
 def test_config_names_the_bad_field():
     with pytest.raises(ValueError, match="light must be >= 1"):
         EpBenchConfig(light=0)
+    for arms in ("local,fast", "", "local,local"):
+        with pytest.raises(ValueError, match="arms must list distinct arms of no-spec, local"):
+            EpBenchConfig(arms=arms)

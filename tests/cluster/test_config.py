@@ -64,9 +64,11 @@ def test_the_light_drafter_is_mtp_beside_dspark_under_a_gated_budget_by_default(
     assert ServeConfig().light_drafter == "auto"
     assert ServeConfig().light_drafter_path == str(mtp)
     assert ServeConfig(drafter="dspark", budget="algorithm1").light_drafter_path == str(mtp)
+    # NOTE: expert-parallel groups too (measured there, docs/engine.md "Session 34")
+    assert ServeConfig(replicas=2, ep_size=2).light_drafter_path == str(mtp)
     for cfg in (ServeConfig(drafter="eagle3"), ServeConfig(drafter="none"),
                 ServeConfig(budget="fixed"), ServeConfig(light_drafter="none"),
-                ServeConfig(replicas=2, ep_size=2), ServeConfig(draft_gating=False)):
+                ServeConfig(draft_gating=False)):
         assert cfg.light_drafter_path is None, cfg
     # NOTE: a DSpark drafter of another target (a user's own) gets no committed MTP-1
     own = json.loads((mtp.parent / "dspark-d2" / "config.json").read_text())

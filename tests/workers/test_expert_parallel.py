@@ -1,7 +1,9 @@
 """Expert parallelism over real torch.distributed (gloo, two processes on loopback): the
 sharded MoE layer equals the unsharded one, an engine rank of an ep_size=2 group produces
-exactly the greedy output of ep_size=1 while the other rank idles in lock-step, and the
-step-cost profile measures the MoE layers' share of a forward."""
+exactly the greedy output of ep_size=1 while the other rank idles in lock-step, the same
+with the light lane beside the drafter (``dspark serve``'s default; the lanes drafting in
+turns) for greedy and seeded T=1 requests, and the step-cost profile measures the MoE
+layers' share of a forward."""
 
 from __future__ import annotations
 
@@ -63,9 +65,38 @@ WORKER = textwrap.dedent('''
             delivered[output.req_id] += output.new_token_ids
         steps += 1
     outputs = [delivered[i] for i in ids]
+    # 4. the light lane (MTP-1) beside the drafter, each lane drafting in turn steps
+    from dspark.workers.gate import DraftGate
+
+    class EveryOther(DraftGate):
+        turn = 0
+        def declines(self, num_decoding, other_tokens, other_requests=0):
+            self.turn += 1
+            return self.turn % 2 == 0
+    light = build_drafter(DrafterConfig.for_target(target.config, "mtp", mask_token_id=4),
+                          target)
+    init_trainable(light, 2, 0.2); light.eval()
+    laned = Engine(target, drafter, EngineConfig(budget="algorithm1", block_size=4,
+                   num_blocks=200, max_num_batched_tokens=64, max_num_seqs=4),
+                   StepCostTable((1, 8, 64), (100.0, 90.0, 40.0)),
+                   StepCostTable((1, 8), (400.0, 300.0)), lockstep=True, light_drafter=light,
+                   light_cost_table=StepCostTable((1, 8), (400.0, 300.0)))
+    laned.gate = EveryOther(laned.gamma)
+    laned.lanes[1].gate = DraftGate(1)
+    lane_params = [SamplingParams(max_tokens=20, temperature=float(i % 2), seed=i)
+                   for i in range(len(prompts))]
+    lane_ids = [laned.add_request(p, sp, (3,)) for p, sp in zip(prompts, lane_params)]
+    lane_out = {i: [] for i in lane_ids}
+    drafted = {"main": 0, "light": 0}
+    while any_rank_busy(laned.has_unfinished(), dist.group.WORLD):
+        for output in laned.step().outputs:
+            lane_out[output.req_id] += output.new_token_ids
+        if laned.lane is not None:
+            drafted["light" if laned.lane.light else "main"] += 1
     with open(out, "w") as f:
         json.dump({"layer_err": layer_err, "prompts": prompts, "outputs": outputs,
-                   "steps": steps, "shared": shared}, f)
+                   "steps": steps, "shared": shared, "drafted": drafted,
+                   "lane_outputs": [lane_out[i] for i in lane_ids]}, f)
     dist.barrier()
     dist.destroy_process_group()
     # NOTE: skip interpreter teardown: rank 0 hosts the TCPStore, whose server thread can
@@ -101,7 +132,13 @@ def test_ep_size_2_equals_ep_size_1(tmp_path, make_model):
         expected = [list(generate_tokens(reference, p, SamplingParams(max_tokens=20), (3,)))
                     for p in res["prompts"]]
         assert res["outputs"] == expected
+        seeded = [list(generate_tokens(reference, p, SamplingParams(
+            max_tokens=20, temperature=float(i % 2), seed=i), (3,)))
+            for i, p in enumerate(res["prompts"])]
+        assert res["lane_outputs"] == seeded
     # lock-step: both ranks ran the same number of steps although rank 1 had less work
     assert results[0]["steps"] == results[1]["steps"]
+    # rank 0's requests drafted with both lanes (rank 1's one request may finish first)
+    assert min(results[0]["drafted"].values()) >= 2, results[0]["drafted"]
     for res in results:  # one share per profiled size, strictly inside the forward
         assert len(res["shared"]) == 2 and all(0.0 < f < 1.0 for f in res["shared"])
