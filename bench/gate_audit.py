@@ -37,6 +37,21 @@ def timed_calls(fn, name: str, spent: Counter, calls: Counter):
     return wrapper
 
 
+def recorded_steps(engine) -> list:
+    """A list that gets the stats of every step ``engine`` takes from now on (its ``step``
+    wrapped; steps that scheduled nothing have none)."""
+    steps, step = [], engine.step
+
+    def recording():
+        result = step()
+        if result.stats:
+            steps.append(result.stats)
+        return result
+
+    engine.step = recording
+    return steps
+
+
 def warmed_engine(label: str, concurrency: int, max_tokens: int = 64):
     """An engine of the benchmark system ``label`` on the demo checkpoints after a warm-up
     of ``concurrency`` requests: (engine, prompts, tokenizer, params_for), ``params_for``

@@ -11,7 +11,7 @@ import sys
 import torch
 
 from dspark.bench.closed_loop import ClosedLoop
-from dspark.bench.gate_audit import warmed_engine
+from dspark.bench.gate_audit import recorded_steps, warmed_engine
 from dspark.models.generation import SamplingParams
 
 PHASES = ("step_time", "time_schedule", "time_draft", "time_budget", "time_verify",
@@ -21,15 +21,7 @@ PHASES = ("step_time", "time_schedule", "time_draft", "time_budget", "time_verif
 def main(concurrency: int) -> None:
     torch.set_num_threads(2)
     engine, prompts, tok, _ = warmed_engine("dspark-d2-mtp", concurrency)
-    steps, step = [], engine.step
-
-    def counted():
-        result = step()
-        if result.stats:
-            steps.append(result.stats)
-        return result
-
-    engine.step = counted
+    steps = recorded_steps(engine)
     loop = ClosedLoop(engine, prompts, tok.stop_ids, concurrency, 4 * concurrency,
                       lambda i: SamplingParams(max_tokens=64, temperature=1.0))
     while not loop.done:
