@@ -28,17 +28,19 @@ CHILD = textwrap.dedent("""
     marker, live, stubborn = Path(sys.argv[1]), sys.argv[2] == "live", sys.argv[3] == "stubborn"
     guard = SigtermGuard(lambda: live, lambda: marker.write_text("on_exit"), grace_s=0.5)
     guard.install()
-    print("ready", flush=True)
-    try:
-        while True:
-            try:
-                time.sleep(30)
-            except Terminated:  # NOTE: a main thread that never finishes (it waits on Ray)
-                if not stubborn:
-                    raise
-    except Terminated:
-        guard.close()
-        sys.exit(7)
+    ready = False
+    while True:
+        # NOTE: "ready" inside the loop: the parent signals as soon as it reads the line,
+        # and the handler can run before the next bytecode, still on the print's line
+        try:
+            if not ready:
+                ready = True
+                print("ready", flush=True)
+            time.sleep(30)
+        except Terminated:  # NOTE: stubborn: a main thread that never finishes (it waits
+            if not stubborn:  # on Ray)
+                guard.close()
+                sys.exit(7)
 """)
 
 

@@ -5,20 +5,16 @@ Run from the repository root: ``python -P docs/results/session33-sampling/gather
 
 from __future__ import annotations
 
-import time
-
 import torch
+
+from dspark.bench.host_ops import median_ms as median_after_one
 
 
 def median_ms(fn, repeats: int = 500) -> float:
-    for _ in range(20):
+    """``bench.host_ops.median_ms`` after 20 warm-up calls (its own one included)."""
+    for _ in range(19):
         fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[len(times) // 2]
+    return median_after_one(fn, repeats)
 
 
 def main() -> None:
