@@ -40,8 +40,8 @@ class ServeConfig:
     confidence head (DSpark) trained for the same target, under the cost gate and a gated
     budget; none otherwise (0.98-1.10 x no speculation's tokens/s at 8 to 64 requests, 6
     of 8 cells at or above 1.0, where DSpark alone is 0.98-1.04, 3 of 8; the same at 1 to
-    4; docs/engine.md, session 32; in an ep_size=2 group 1.10-1.14 x at T=1 against
-    1.08-1.11 alone, session 34). none: no light drafter. Named, it needs a gated budget
+    4; docs/engine.md, session 32; in ep_size=2 groups 1.10-1.14 x at T=1 against
+    1.08-1.12 alone, session 34). none: no light drafter. Named, it needs a gated budget
     (cluster, algorithm1 or topk)."""
     budget: str | None = None
     """Verification budget (a ``BudgetMode``): cluster (Algorithm 1 with the expert-parallel
