@@ -62,8 +62,7 @@ class EpBenchConfig:
     """The engines compared, comma-separated, of no-spec, local, cluster, local+lane and
     cluster+lane (the first is the ratios' baseline)."""
     light_drafter: str = "mtp"
-    """The lane arms' light drafter: a subdirectory of the drafter's parent directory, or a
-    path."""
+    """The lane arms' light drafter: under the drafters directory, or a path."""
 
     def __post_init__(self) -> None:
         for name in ("heavy", "light", "steps", "rounds", "max_tokens", "threads"):
@@ -83,7 +82,7 @@ class EpBenchConfig:
 
 
 def _rank_main(rank: int, port: int, cfg: EpBenchConfig, target_dir: str, drafter_dir: str,
-               out: str) -> None:
+               light_dir: str | None, out: str) -> None:
     import torch.distributed as dist
 
     from dspark.bench.engine_bench import domain_prompts
@@ -102,10 +101,8 @@ def _rank_main(rank: int, port: int, cfg: EpBenchConfig, target_dir: str, drafte
                              cfg.max_tokens, 8, rank)
     shard_experts(target, dist.group.WORLD, rank, 2)
     drafter = load_drafter(drafter_dir, target)
-    light_dir = Path(drafter_dir).parent / cfg.light_drafter
-    light = load_drafter(light_dir if light_dir.is_dir() else cfg.light_drafter, target) \
-        if any(ARMS[a][1] for a in cfg.arm_list) else None
     arms = cfg.arm_list
+    light = load_drafter(light_dir, target) if light_dir is not None else None
     others = {arm: [GroupLoad()] for arm in arms}
     engines, cost = {}, None
     for arm in arms:
@@ -227,8 +224,12 @@ def markdown(summary: list[dict], cfg: EpBenchConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_ep_benchmark(cfg: EpBenchConfig, target_dir: str, drafter_dir: str) -> dict:
-    """Start the two ranks, wait for them, and summarise."""
+def run_ep_benchmark(cfg: EpBenchConfig, target_dir: str, drafter_dir: str,
+                     light_dir: str | None = None) -> dict:
+    """Start the two ranks, wait for them, and summarise (``light_dir``: the lane arms'
+    light drafter, needed when ``cfg`` has lane arms)."""
+    if light_dir is None and any(ARMS[a][1] for a in cfg.arm_list):
+        raise ValueError(f"arms {cfg.arms!r} have the light lane: a light drafter is needed")
     import tempfile
 
     import torch.multiprocessing as mp
@@ -237,8 +238,10 @@ def run_ep_benchmark(cfg: EpBenchConfig, target_dir: str, drafter_dir: str) -> d
 
     with tempfile.TemporaryDirectory() as work:
         raw = Path(work) / "rounds.json"
+        lane = any(ARMS[a][1] for a in cfg.arm_list)
         mp.start_processes(_rank_main, args=(free_port(), cfg, str(target_dir),
-                                             str(drafter_dir), str(raw)),
+                                             str(drafter_dir),
+                                             str(light_dir) if lane else None, str(raw)),
                            nprocs=2, start_method="spawn")
         rows = json.loads(raw.read_text())
     return {"config": asdict(cfg), "rounds": rows, "summary": summarize(rows)}

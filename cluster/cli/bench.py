@@ -138,8 +138,8 @@ def _add_ep(which: Subparsers) -> None:
     add_flag(ep, "--arms", "local,cluster", "The engines compared, comma-separated, of "
              "no-spec, local, cluster, local+lane and cluster+lane (the first is the ratios' "
              "baseline).")
-    add_flag(ep, "--light-drafter", "mtp", "The lane arms' light drafter: a subdirectory of "
-             "the drafter's parent directory, or a path.")
+    add_flag(ep, "--light-drafter", "mtp", "The lane arms' light drafter: under the "
+             "drafters directory, or a path.")
     add_flag(ep, "--out", "runs/bench-ep", "results directory (JSON, markdown)")
 
 
@@ -188,15 +188,27 @@ def run_drift(args: argparse.Namespace) -> int:
 
 
 def run_ep(args: argparse.Namespace) -> int:
-    from dspark.bench.ep_bench import EpBenchConfig, run_ep_benchmark, write_results
+    from dspark.bench.ep_bench import ARMS, EpBenchConfig, run_ep_benchmark, write_results
 
     cfg = EpBenchConfig(heavy=args.heavy, light=args.light, steps=args.steps,
                         rounds=args.rounds, max_tokens=args.max_tokens,
                         temperature=args.temperature, threads=args.threads, arms=args.arms,
                         light_drafter=args.light_drafter)
-    drafter = Path(args.drafters) / args.drafter
-    drafter = drafter if drafter.is_dir() else Path(args.drafter)
-    result = run_ep_benchmark(cfg, args.target, str(drafter))
+
+    def under_drafters(flag: str, name: str) -> str:
+        """A drafter checkpoint under --drafters, or the path itself (checked here, before
+        the ranks start)."""
+        path = Path(args.drafters) / name
+        path = path if path.is_dir() else Path(name)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{flag}: {name!r} is neither a drafter under {args.drafters} nor "
+                             "a drafter checkpoint directory")
+        return str(path)
+
+    lane = any(ARMS[a][1] for a in cfg.arm_list)
+    result = run_ep_benchmark(cfg, args.target, under_drafters("--drafter", args.drafter),
+                              under_drafters("--light-drafter", args.light_drafter)
+                              if lane else None)
     for path in write_results(result, args.out, recorded_command("bench", "ep")):
         print(path)
     return 0

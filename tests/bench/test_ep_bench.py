@@ -48,3 +48,14 @@ def test_config_names_the_bad_field():
     for arms in ("local,fast", "", "local,local"):
         with pytest.raises(ValueError, match="arms must list distinct arms of no-spec, local"):
             EpBenchConfig(arms=arms)
+
+
+def test_a_missing_drafter_is_named_before_the_ranks_start(tmp_path, capsys):
+    from dspark.cluster.cli import main
+
+    args = ["bench", "ep", "--steps", "1", "--rounds", "1", "--out", str(tmp_path)]
+    assert main([*args, "--drafter", "nosuch"]) == 2
+    assert "--drafter: 'nosuch' is neither a drafter under" in capsys.readouterr().err
+    assert main([*args, "--arms", "local+lane", "--light-drafter", "nosuch"]) == 2
+    assert "--light-drafter: 'nosuch' is neither" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # NOTE: nothing ran, nothing written
